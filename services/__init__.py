@@ -1,0 +1,1 @@
+"""Usher services: scheduler, pool, notifier (one package each)."""

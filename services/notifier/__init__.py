@@ -1,0 +1,1 @@
+"""Notifier: live status streams for requests and queues."""

@@ -1,0 +1,1 @@
+"""Pool: the model-server fleet (health, slots, routing, load/unload)."""

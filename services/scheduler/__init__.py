@@ -1,0 +1,1 @@
+"""Scheduler: per-model fair queues on Redis, leases, dedup, timeouts, positions and ETAs."""
