@@ -1,0 +1,25 @@
+"""``python -m services.scheduler``: run one scheduler replica (settings from USHER_* env)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from services.scheduler.app import SchedulerApp
+from services.scheduler.settings import SchedulerSettings
+from usher.config import ConfigError
+from usher.logs import configure_logging
+
+
+def main() -> None:
+    try:
+        settings = SchedulerSettings.from_env()
+    except ConfigError as exc:
+        print(f"usher-scheduler: bad configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    asyncio.run(SchedulerApp(settings).run())
+
+
+if __name__ == "__main__":
+    main()

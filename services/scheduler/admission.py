@@ -1,0 +1,180 @@
+"""What the scheduler checks and derives from a Submit before touching Redis (pure).
+
+``validate_submit`` names every bad field; ``fingerprint`` identifies requests that may
+share one answer; ``prompt_characters`` feeds the token-cost estimate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+from usher.errors import FieldViolation
+from usher.v1 import request_pb2, scheduler_pb2
+
+__all__ = [
+    "AdmissionLimits",
+    "MODEL_NAME",
+    "fingerprint",
+    "is_deterministic",
+    "prompt_characters",
+    "request_kind",
+    "validate_submit",
+]
+
+#: Ollama-style names: "llama3.2", "qwen2.5:0.5b", "library/model:tag", "hf.co/org/repo:Q4".
+#: Braces are excluded because the name becomes a Redis Cluster hash tag.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}(:[A-Za-z0-9._\-]{1,100})?$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+_ROLES = {"system", "user", "assistant", "tool"}
+_MAX_LABELS = 32
+_MAX_QUEUE_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    max_prompt_chars: int = 1_000_000
+    allowed_models: frozenset[str] = frozenset()
+
+
+def request_kind(submit: scheduler_pb2.SubmitRequest) -> request_pb2.RequestKind.ValueType:
+    match submit.WhichOneof("input"):
+        case "chat":
+            return request_pb2.REQUEST_KIND_CHAT
+        case "generate":
+            return request_pb2.REQUEST_KIND_GENERATE
+        case "embed":
+            return request_pb2.REQUEST_KIND_EMBED
+        case _:
+            return request_pb2.REQUEST_KIND_UNSPECIFIED
+
+
+def prompt_characters(submit: scheduler_pb2.SubmitRequest) -> int:
+    """Characters of text the model will read (images are not counted)."""
+    match submit.WhichOneof("input"):
+        case "chat":
+            return sum(len(m.content) for m in submit.chat.messages)
+        case "generate":
+            g = submit.generate
+            return len(g.prompt) + len(g.system) + len(g.suffix)
+        case "embed":
+            return sum(len(text) for text in submit.embed.input)
+        case _:
+            return 0
+
+
+def _check_format(field: str, value: str, out: list[FieldViolation]) -> None:
+    if value in ("", "json"):
+        return
+    try:
+        schema = json.loads(value)
+    except ValueError:
+        out.append(FieldViolation(field, 'must be "", "json" or a JSON schema object'))
+        return
+    if not isinstance(schema, dict):
+        out.append(FieldViolation(field, "a JSON schema must be an object"))
+
+
+def validate_submit(
+    submit: scheduler_pb2.SubmitRequest, limits: AdmissionLimits, now_seconds: float
+) -> list[FieldViolation]:
+    """Every problem with a Submit, each naming its field. Empty means valid."""
+    out: list[FieldViolation] = []
+    if not submit.model:
+        out.append(FieldViolation("model", "is required"))
+    elif not MODEL_NAME.match(submit.model):
+        out.append(FieldViolation(
+            "model", f"{submit.model[:80]!r} is not a model name like 'llama3.2' or 'qwen2.5:0.5b'"
+        ))
+    elif limits.allowed_models and submit.model not in limits.allowed_models:
+        out.append(FieldViolation("model", f"{submit.model!r} is not served here"))
+
+    kind = submit.WhichOneof("input")
+    if kind is None:
+        out.append(FieldViolation("input", "one of chat, generate or embed is required"))
+    elif kind == "chat":
+        messages = submit.chat.messages
+        if not messages:
+            out.append(FieldViolation("chat.messages", "must not be empty"))
+        for i, message in enumerate(messages):
+            if message.role not in _ROLES:
+                out.append(FieldViolation(
+                    f"chat.messages[{i}].role", f"must be one of {', '.join(sorted(_ROLES))}"
+                ))
+        if messages and not any(m.content.strip() or m.images for m in messages):
+            out.append(FieldViolation("chat.messages", "every message is empty"))
+        _check_format("chat.format", submit.chat.format, out)
+    elif kind == "generate":
+        if not submit.generate.prompt.strip() and not submit.generate.images:
+            out.append(FieldViolation("generate.prompt", "must not be empty"))
+        _check_format("generate.format", submit.generate.format, out)
+    else:
+        if not submit.embed.input:
+            out.append(FieldViolation("embed.input", "must not be empty"))
+        for i, text in enumerate(submit.embed.input):
+            if not text.strip():
+                out.append(FieldViolation(f"embed.input[{i}]", "must not be empty"))
+        if submit.embed.dimensions < 0:
+            out.append(FieldViolation("embed.dimensions", "must not be negative"))
+
+    chars = prompt_characters(submit)
+    if chars > limits.max_prompt_chars:
+        out.append(FieldViolation(
+            f"{kind}", f"{chars} characters of input exceed the limit of {limits.max_prompt_chars}"
+        ))
+
+    if submit.priority not in request_pb2.Priority.values():
+        out.append(FieldViolation("priority", f"{submit.priority} is not a priority class (0-5)"))
+    if submit.fallback_policy not in request_pb2.FallbackPolicy.values():
+        out.append(FieldViolation(
+            "fallback_policy", f"{submit.fallback_policy} is not a fallback policy (0-3)"
+        ))
+    if submit.idempotency_key and not _IDEMPOTENCY_KEY.match(submit.idempotency_key):
+        out.append(FieldViolation(
+            "idempotency_key", "must be 1-128 printable ASCII characters without spaces"
+        ))
+    if submit.HasField("queue_timeout"):
+        timeout = submit.queue_timeout.ToTimedelta()
+        if timeout <= timedelta(0) or timeout > _MAX_QUEUE_TIMEOUT:
+            out.append(FieldViolation("queue_timeout", "must be positive and at most 24h"))
+    if submit.HasField("deadline") and submit.deadline.ToMicroseconds() / 1e6 <= now_seconds:
+        out.append(FieldViolation("deadline", "is already past"))
+
+    options = submit.options
+    if options.HasField("temperature") and not 0 <= options.temperature <= 100:
+        out.append(FieldViolation("options.temperature", "must be between 0 and 100"))
+    if options.HasField("num_predict") and options.num_predict < -2:
+        out.append(FieldViolation("options.num_predict", "must be -2, -1 or a token count"))
+    if options.HasField("num_ctx") and options.num_ctx <= 0:
+        out.append(FieldViolation("options.num_ctx", "must be positive"))
+    if options.HasField("top_p") and not 0 <= options.top_p <= 1:
+        out.append(FieldViolation("options.top_p", "must be between 0 and 1"))
+    if options.HasField("top_k") and options.top_k < 0:
+        out.append(FieldViolation("options.top_k", "must not be negative"))
+
+    if len(submit.labels) > _MAX_LABELS:
+        out.append(FieldViolation("labels", f"at most {_MAX_LABELS} labels"))
+    for key in submit.labels:
+        if not key or len(key) > 63:
+            out.append(FieldViolation(f"labels[{key[:20]}]", "keys must be 1-63 characters"))
+    return out
+
+
+def is_deterministic(options: request_pb2.GenerationOptions) -> bool:
+    """Same input, same output: greedy sampling or a fixed seed."""
+    return (options.HasField("temperature") and options.temperature == 0) or options.HasField(
+        "seed"
+    )
+
+
+def fingerprint(submit: scheduler_pb2.SubmitRequest, scope: str) -> str:
+    """Identity of a request's work within ``scope`` (e.g. an organization): model, input, options."""
+    work = scheduler_pb2.SubmitRequest(model=submit.model, options=submit.options)
+    kind = submit.WhichOneof("input")
+    if kind is not None:
+        getattr(work, kind).CopyFrom(getattr(submit, kind))
+    digest = hashlib.sha256(scope.encode() + b"\0" + work.SerializeToString(deterministic=True))
+    return digest.hexdigest()[:32]

@@ -1,0 +1,84 @@
+"""Wiring of one scheduler replica: Redis, store, servicers, reaper, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from services.scheduler.reaper import reap_forever
+from services.scheduler.service import SchedulerAdminServicer, SchedulerServicer
+from services.scheduler.settings import SchedulerSettings
+from services.scheduler.store import QueueDefaults, QueueStore
+from usher.auth import StaticTokenAuthenticator
+from usher.connections import connect_redis
+from usher.logs import get_logger
+from usher.server import GrpcServer, Registration
+from usher.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+__all__ = ["SchedulerApp", "queue_defaults"]
+
+log = get_logger(__name__)
+
+
+def queue_defaults(settings: SchedulerSettings) -> QueueDefaults:
+    return QueueDefaults(
+        max_queue_size=settings.max_queue_size,
+        queue_timeout_ms=int(settings.queue_timeout_seconds * 1000),
+        max_attempts=settings.max_attempts,
+        lease_ms=int(settings.lease_seconds * 1000),
+        parallel=settings.parallel,
+        result_ttl_seconds=settings.result_ttl_seconds,
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        priority_lead=settings.priority_lead,
+        default_output_tokens=settings.default_output_tokens,
+    )
+
+
+@dataclass
+class SchedulerApp:
+    settings: SchedulerSettings
+
+    def __post_init__(self) -> None:
+        self.redis = connect_redis(self.settings.redis_url)
+        self.store = QueueStore(self.redis, queue_defaults(self.settings))
+        auth = StaticTokenAuthenticator(self.settings.tokens)
+        public = SchedulerServicer(self.store, auth, self.settings)
+        admin = SchedulerAdminServicer(self.store, auth, self.settings)
+        names = scheduler_pb2.DESCRIPTOR.services_by_name
+        self.server = GrpcServer(
+            [
+                Registration(
+                    lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(public, s),
+                    names["SchedulerService"].full_name,
+                ),
+                Registration(
+                    lambda s: scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(admin, s),
+                    names["SchedulerAdminService"].full_name,
+                ),
+            ],
+            self.settings.listen,
+            grace_seconds=self.settings.shutdown_grace_seconds,
+        )
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._reaper = asyncio.create_task(
+            reap_forever(self.store, self.settings.reap_interval_seconds)
+        )
+        log.info("scheduler listening", address=self.settings.listen, port=self.server.port)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await self.redis.aclose()
+
+    async def run(self) -> None:
+        await self.start()
+        self.server.install_signal_handlers()
+        await self.server.wait()
+        await self.stop()

@@ -1,0 +1,45 @@
+-- Shared by every script (prepended when loading, after the key header).
+-- ARGV[1] is the model's key base, ARGV[2] the current time in ms.
+local NOW = tonumber(ARGV[2])
+
+local QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, EXPIRED = 1, 2, 3, 4, 5, 6
+local ROUTE_LOCAL, ROUTE_EXTERNAL = 1, 2
+local FALLBACK_AFTER_TIMEOUT = 2
+local EVENTS_MAXLEN = 100000
+local REQUEST_EVENTS_MAXLEN = 10000
+
+local function fmt(x) return string.format('%.17g', x) end
+
+local function is_terminal(state)
+  return state == COMPLETED or state == FAILED or state == CANCELLED or state == EXPIRED
+end
+
+-- Append one event to the model's stream and the request's own stream.
+local function emit(id, kind, state, extra)
+  local fields = {'type', kind, 'id', id, 'state', tostring(state), 'ts', tostring(NOW)}
+  if extra then
+    for i = 1, #extra do fields[#fields + 1] = extra[i] end
+  end
+  redis.call('XADD', K.events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
+  return redis.call('XADD', req_events_key(id), 'MAXLEN', '~', REQUEST_EVENTS_MAXLEN, '*',
+    unpack(fields))
+end
+
+-- Mark a request finished: state, reason, expiry of its keys, dedup entry released.
+local function finish(id, rk, state, reason, ttl)
+  redis.call('HSET', rk, 'state', state, 'finished_ms', NOW, 'error', reason or '')
+  redis.call('HDEL', rk, 'lease_token', 'lease_owner')
+  redis.call('ZREM', K.leases, id)
+  redis.call('ZREM', K.deadlines, id)
+  local fp = redis.call('HGET', rk, 'dedup')
+  if fp and fp ~= '' then
+    local dk = dedup_key(fp)
+    if redis.call('GET', dk) == id then redis.call('DEL', dk) end
+  end
+  local counter = ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled',
+    [EXPIRED] = 'expired'})[state]
+  redis.call('HINCRBY', K.stats, counter, 1)
+  redis.call('EXPIRE', rk, ttl)
+  redis.call('EXPIRE', req_owners_key(id), ttl)
+  redis.call('EXPIRE', req_events_key(id), ttl)
+end

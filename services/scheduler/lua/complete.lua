@@ -1,0 +1,51 @@
+-- Finish a leased request (COMPLETED, FAILED or CANCELLED), fenced by its lease token.
+-- KEYS[1] queue (declares the slot)
+-- ARGV: 1 base, 2 now, 3 id, 4 lease token, 5 state, 6 error, 7 ttl s,
+--       8 actual token cost (-1 = unknown), 9 service ms, 10 tokens/s, 11 output tokens,
+--       12 moving-average alpha, 13.. extra field/value pairs (result, usage)
+-- Returns 1, or -1 when the lease was lost (another dispatcher owns the request now).
+local id, state = ARGV[3], tonumber(ARGV[5])
+local rk = req_key(id)
+if tonumber(redis.call('HGET', rk, 'state')) ~= RUNNING
+    or redis.call('HGET', rk, 'lease_token') ~= ARGV[4] then
+  return -1
+end
+if #ARGV >= 13 then redis.call('HSET', rk, unpack(ARGV, 13)) end
+
+-- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish).
+local actual = tonumber(ARGV[8])
+if actual >= 0 then
+  local flow = redis.call('HGET', rk, 'flow')
+  local estimated = tonumber(redis.call('HGET', rk, 'cost'))
+  local weight = tonumber(redis.call('HGET', rk, 'weight'))
+  redis.call('HINCRBYFLOAT', K.fairness, 'flow:' .. flow, fmt((actual - estimated) / weight))
+end
+
+-- Moving averages of completed work (eta.py: ewma, ewma_variance).
+if state == COMPLETED then
+  local alpha = tonumber(ARGV[12])
+  local service = tonumber(ARGV[9])
+  local mean = tonumber(redis.call('HGET', K.stats, 'service_ms'))
+  if mean then
+    local var = tonumber(redis.call('HGET', K.stats, 'service_var') or '0')
+    local delta = service - mean
+    redis.call('HSET', K.stats, 'service_ms', fmt(mean + alpha * delta),
+      'service_var', fmt((1 - alpha) * (var + alpha * delta * delta)))
+  else
+    redis.call('HSET', K.stats, 'service_ms', fmt(service), 'service_var', '0')
+  end
+  for _, pair in ipairs({{'tokens_per_s', tonumber(ARGV[10])}, {'output_tokens', tonumber(ARGV[11])}}) do
+    if pair[2] > 0 then
+      local old = tonumber(redis.call('HGET', K.stats, pair[1]))
+      redis.call('HSET', K.stats, pair[1], fmt(old and (old + alpha * (pair[2] - old)) or pair[2]))
+    end
+  end
+  local wait = tonumber(redis.call('HGET', rk, 'started_ms')) - tonumber(redis.call('HGET', rk, 'created_ms'))
+  local old_wait = tonumber(redis.call('HGET', K.stats, 'wait_ms'))
+  redis.call('HSET', K.stats, 'wait_ms', fmt(old_wait and (old_wait + alpha * (wait - old_wait)) or wait))
+end
+
+finish(id, rk, state, ARGV[6], tonumber(ARGV[7]))
+emit(id, ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
+  state, {'error', ARGV[6]})
+return 1

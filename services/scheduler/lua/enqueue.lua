@@ -1,0 +1,80 @@
+-- Queue a request atomically: idempotency, dedup, size limit, fair tags, event.
+-- KEYS[1] queue (declares the slot)
+-- ARGV: 1 base, 2 now, 3 id, 4 tenant, 5 flow, 6 weight, 7 cost, 8 class, 9 priority lead,
+--       10 default max queue size, 11 fingerprint ('' = no dedup), 12 idempotency key ('' = none),
+--       13 idempotency ttl s, 14 queue timeout ms (0 = the model's), 15 default max attempts,
+--       16 default queue timeout ms, 17 created ms, 18 deadline ms (0 = none),
+--       19.. field/value pairs of the request hash
+-- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full.
+local id, tenant, flow = ARGV[3], ARGV[4], ARGV[5]
+local weight, cost, class, lead = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
+  tonumber(ARGV[9])
+local fingerprint, idem = ARGV[11], ARGV[12]
+local rk = req_key(id)
+
+local function position_of(rid)
+  local member = redis.call('HGET', req_key(rid), 'member')
+  local rank = member and redis.call('ZRANK', K.queue, member)
+  return rank and (rank + 1) or 0
+end
+
+if idem ~= '' then
+  local earlier = redis.call('GET', idem_key(tenant, idem))
+  if earlier and redis.call('EXISTS', req_key(earlier)) == 1 then
+    return {'replayed', earlier, position_of(earlier), redis.call('ZCARD', K.queue)}
+  end
+end
+if redis.call('EXISTS', rk) == 1 then
+  return {'exists', id, position_of(id), redis.call('ZCARD', K.queue)}
+end
+if fingerprint ~= '' then
+  local live = redis.call('GET', dedup_key(fingerprint))
+  if live then
+    local state = tonumber(redis.call('HGET', req_key(live), 'state'))
+    if state == QUEUED or state == RUNNING then
+      redis.call('SADD', req_owners_key(live), tenant)
+      redis.call('HINCRBY', K.stats, 'deduplicated', 1)
+      if idem ~= '' then redis.call('SET', idem_key(tenant, idem), live, 'EX', ARGV[13]) end
+      return {'dedup', live, position_of(live), redis.call('ZCARD', K.queue)}
+    end
+  end
+end
+
+local length = redis.call('ZCARD', K.queue)
+local limit = tonumber(redis.call('HGET', K.config, 'max_queue_size') or ARGV[10])
+if length >= limit then
+  redis.call('HINCRBY', K.stats, 'rejected', 1)
+  return {'full', '', 0, length}
+end
+
+-- Start-time fair queuing (services/scheduler/fairness.py: enqueue_tags).
+local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
+local flow_finish = tonumber(redis.call('HGET', K.fairness, 'flow:' .. flow) or '0')
+local start = math.max(vtime, flow_finish)
+local score = start + lead * (class - 1)
+redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(start + cost / weight))
+
+local seq = redis.call('INCR', K.sequence)
+local member = string.format('%016d:%s', seq, id)
+local max_attempts = redis.call('HGET', K.config, 'max_attempts') or ARGV[15]
+local timeout = tonumber(ARGV[14])
+if timeout <= 0 then
+  timeout = tonumber(redis.call('HGET', K.config, 'queue_timeout_ms') or ARGV[16])
+end
+local expires = tonumber(ARGV[17]) + timeout
+local deadline = tonumber(ARGV[18])
+if deadline > 0 and deadline < expires then expires = deadline end
+
+redis.call('HSET', rk, unpack(ARGV, 19))
+redis.call('HSET', rk, 'state', QUEUED, 'member', member, 'score', fmt(score), 'start', fmt(start),
+  'cost', fmt(cost), 'weight', fmt(weight), 'flow', flow, 'attempts', 0,
+  'max_attempts', max_attempts, 'expires_ms', expires, 'dedup', fingerprint,
+  'queue_timeout_ms', timeout, 'created_ms', ARGV[17], 'deadline_ms', deadline)
+redis.call('ZADD', K.queue, fmt(score), member)
+redis.call('ZADD', K.deadlines, expires, id)
+redis.call('SADD', req_owners_key(id), tenant)
+if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
+if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
+redis.call('HINCRBY', K.stats, 'submitted', 1)
+emit(id, 'queued', QUEUED)
+return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1}

@@ -1,0 +1,14 @@
+-- Read one request with its owners and current place in the queue, in one round trip.
+-- KEYS[1] queue (declares the slot)
+-- ARGV: 1 base, 2 now, 3 id
+-- Returns {hash as flat list, owners, position (0 when not queued), queue length}.
+local id = ARGV[3]
+local rk = req_key(id)
+local fields = redis.call('HGETALL', rk)
+if #fields == 0 then return nil end
+local position = 0
+if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
+  local rank = redis.call('ZRANK', K.queue, redis.call('HGET', rk, 'member'))
+  if rank then position = rank + 1 end
+end
+return {fields, redis.call('SMEMBERS', req_owners_key(id)), position, redis.call('ZCARD', K.queue)}

@@ -1,0 +1,64 @@
+-- Return requests whose lease expired to their original place, and end (or hand to the
+-- external provider) requests whose queue timeout or deadline passed.
+-- KEYS[1] queue (declares the slot)
+-- ARGV: 1 base, 2 now, 3 batch limit, 4 ttl s
+-- Returns {requeued, dead-lettered, expired, handed to external}.
+local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local requeued, dead, expired, external = 0, 0, 0, 0
+
+for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
+  local rk = req_key(id)
+  redis.call('ZREM', K.leases, id)
+  if tonumber(redis.call('HGET', rk, 'state')) == RUNNING then
+    local attempts = tonumber(redis.call('HGET', rk, 'attempts'))
+    local max_attempts = tonumber(redis.call('HGET', rk, 'max_attempts'))
+    if redis.call('HGET', rk, 'cancel') == '1' then
+      finish(id, rk, CANCELLED, redis.call('HGET', rk, 'cancel_reason') or 'cancelled', ttl)
+      emit(id, 'cancelled', CANCELLED)
+    elseif attempts >= max_attempts then
+      local reason = 'lease expired on all ' .. attempts .. ' attempts'
+      finish(id, rk, FAILED, reason, ttl)
+      redis.call('ZADD', K.dead_letters, NOW, id)
+      redis.call('PERSIST', rk)
+      emit(id, 'failed', FAILED, {'error', reason})
+      dead = dead + 1
+    else
+      redis.call('HSET', rk, 'state', QUEUED)
+      redis.call('HDEL', rk, 'lease_token', 'lease_owner')
+      local lane = K.queue
+      if tonumber(redis.call('HGET', rk, 'route')) == ROUTE_EXTERNAL then lane = K.external end
+      redis.call('ZADD', lane, redis.call('HGET', rk, 'score'), redis.call('HGET', rk, 'member'))
+      local expires = tonumber(redis.call('HGET', rk, 'expires_ms') or '0')
+      if expires > 0 then redis.call('ZADD', K.deadlines, expires, id) end
+      emit(id, 'requeued', QUEUED, {'attempt', tostring(attempts)})
+      requeued = requeued + 1
+    end
+  end
+end
+
+for _, id in ipairs(redis.call('ZRANGE', K.deadlines, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
+  local rk = req_key(id)
+  redis.call('ZREM', K.deadlines, id)
+  if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
+    local member = redis.call('HGET', rk, 'member')
+    local deadline = tonumber(redis.call('HGET', rk, 'deadline_ms') or '0')
+    local fallback = tonumber(redis.call('HGET', rk, 'fallback') or '0')
+    redis.call('ZREM', K.queue, member)
+    if fallback == FALLBACK_AFTER_TIMEOUT and not (deadline > 0 and deadline <= NOW)
+        and tonumber(redis.call('HGET', rk, 'route')) ~= ROUTE_EXTERNAL then
+      redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', deadline)
+      redis.call('ZADD', K.external, redis.call('HGET', rk, 'score'), member)
+      if deadline > 0 then redis.call('ZADD', K.deadlines, deadline, id) end
+      emit(id, 'fallback', QUEUED, {'route', 'external'})
+      external = external + 1
+    else
+      redis.call('ZREM', K.external, member)
+      local reason = 'queue timeout passed'
+      if deadline > 0 and deadline <= NOW then reason = 'deadline passed' end
+      finish(id, rk, EXPIRED, reason, ttl)
+      emit(id, 'expired', EXPIRED, {'error', reason})
+      expired = expired + 1
+    end
+  end
+end
+return {requeued, dead, expired, external}

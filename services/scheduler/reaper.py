@@ -1,0 +1,39 @@
+"""The background loop every scheduler replica runs: requeue requests whose lease expired
+(their dispatcher died) and end or hand off requests whose queue timeout passed.
+
+Each pass is one atomic script per model, so several replicas reaping at once is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.scheduler.store import QueueStore, ReapCounts
+from usher.logs import get_logger
+
+__all__ = ["reap_forever", "reap_once"]
+
+log = get_logger(__name__)
+
+
+async def reap_once(store: QueueStore) -> dict[str, ReapCounts]:
+    done: dict[str, ReapCounts] = {}
+    for model in await store.models():
+        counts = await store.reap(model)
+        if counts != ReapCounts():
+            log.info("reaped", model=model, requeued=counts.requeued,
+                     dead_lettered=counts.dead_lettered, expired=counts.expired,
+                     to_external=counts.to_external)
+        done[model] = counts
+    return done
+
+
+async def reap_forever(store: QueueStore, interval_seconds: float) -> None:
+    while True:
+        try:
+            await reap_once(store)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis away: keep trying, the work is still there.
+            log.warning("reap failed", error=str(exc))
+        await asyncio.sleep(interval_seconds)

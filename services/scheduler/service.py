@@ -1,0 +1,266 @@
+"""gRPC handlers of the scheduler: authenticate, validate, call the store, shape the answer.
+
+Errors are raised as usher.errors types; the shared interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import grpc
+
+from services.scheduler import admission, fairness, records
+from services.scheduler.settings import SchedulerSettings
+from services.scheduler.store import NewRequest, QueueStore, StoredRequest
+from usher.auth import Principal, StaticTokenAuthenticator
+from usher.errors import (
+    AlreadyFinished,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from usher.ids import is_request_id, new_request_id
+from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+__all__ = ["SchedulerAdminServicer", "SchedulerServicer"]
+
+_STATE_NAMES = {v: k.removeprefix("REQUEST_STATE_") for k, v in request_pb2.RequestState.items()}
+_MAX_PAGE = 1000
+
+
+def _check_id(request_id: str) -> None:
+    if not is_request_id(request_id):
+        raise InvalidArgument([FieldViolation("id", f"{request_id[:40]!r} is not a request id")])
+
+
+class _Handlers:
+    def __init__(
+        self, store: QueueStore, auth: StaticTokenAuthenticator, settings: SchedulerSettings
+    ) -> None:
+        self.store = store
+        self.auth = auth
+        self.settings = settings
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Principal:
+        return self.auth.authenticate(context.invocation_metadata())
+
+    async def view(self, stored: StoredRequest, state_override: int | None = None) -> request_pb2.LlmRequest:
+        averages, parallel = await self.store.model_averages(stored.model)
+        return records.to_proto(stored, averages, parallel, state_override)
+
+    async def owned(self, request_id: str, caller: Principal) -> StoredRequest:
+        _check_id(request_id)
+        stored = await self.store.get(request_id)
+        if stored is None:
+            raise NotFound(f"request {request_id} not found")
+        if caller.tenant not in stored.owners and not caller.is_admin:
+            raise PermissionDenied(f"request {request_id} belongs to another caller")
+        return stored
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
+    async def Submit(
+        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitResponse:
+        caller = self.caller(context)
+        now = time.time()
+        limits = admission.AdmissionLimits(
+            self.settings.max_prompt_chars, self.settings.allowed_models
+        )
+        violations = admission.validate_submit(request, limits, now)
+        if violations:
+            raise InvalidArgument(violations)
+        share = self.settings.dedup == "always" or (
+            self.settings.dedup == "deterministic" and admission.is_deterministic(request.options)
+        )
+        new = NewRequest(
+            id=new_request_id(),
+            model=request.model,
+            kind=admission.request_kind(request),
+            user=caller.user,
+            organization=caller.organization,
+            priority=request.priority,
+            fallback=request.fallback_policy,
+            payload=request.SerializeToString(),
+            prompt_tokens=fairness.estimate_tokens(admission.prompt_characters(request)),
+            num_predict=request.options.num_predict if request.options.HasField("num_predict") else None,
+            created_ms=int(now * 1000),
+            deadline_ms=request.deadline.ToMilliseconds() if request.HasField("deadline") else 0,
+            queue_timeout_ms=(
+                request.queue_timeout.ToMilliseconds() if request.HasField("queue_timeout") else None
+            ),
+            idempotency_key=request.idempotency_key,
+            fingerprint=admission.fingerprint(request, caller.organization) if share else "",
+            traceparent=request.traceparent,
+            labels=dict(request.labels),
+        )
+        outcome = await self.store.submit(new)
+        if outcome.status == "full":
+            averages, parallel = await self.store.model_averages(request.model)
+            raise ResourceExhausted(
+                f"the queue for model {request.model!r} is full "
+                f"({outcome.queue_length} waiting); retry later",
+                retry_after_seconds=max(1.0, averages.service_seconds / max(parallel, 1)),
+            )
+        stored = await self.store.inspect(request.model, outcome.request_id)
+        if stored is None:  # finished and expired between the two calls
+            raise NotFound(f"request {outcome.request_id} is gone")
+        return scheduler_pb2.SubmitResponse(
+            request=await self.view(stored),
+            deduplicated=outcome.status == "dedup",
+            replayed=outcome.status == "replayed",
+        )
+
+    async def Get(
+        self, request: scheduler_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetResponse:
+        stored = await self.owned(request.id, self.caller(context))
+        return scheduler_pb2.GetResponse(request=await self.view(stored))
+
+    async def List(
+        self, request: scheduler_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListResponse:
+        caller = self.caller(context)
+        if not 0 <= request.page_size <= _MAX_PAGE:
+            raise InvalidArgument([FieldViolation("page_size", f"must be 0-{_MAX_PAGE}")])
+        offset = 0
+        if request.page_token:
+            try:
+                offset = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
+            except ValueError:
+                raise InvalidArgument(
+                    [FieldViolation("page_token", "is not a token this server gave out")]
+                ) from None
+        for state in request.states:
+            if state not in request_pb2.RequestState.values():
+                raise InvalidArgument([FieldViolation("states", f"{state} is not a request state")])
+        page_size = request.page_size or 50
+        found, more = await self.store.list_for(caller.tenant, offset, page_size)
+        wanted_states = set(request.states)
+        views = [
+            await self.view(stored)
+            for stored in found
+            if (not wanted_states or stored.state in wanted_states)
+            and (not request.model or stored.model == request.model)
+        ]
+        token = base64.urlsafe_b64encode(str(offset + page_size).encode()).decode() if more else ""
+        return scheduler_pb2.ListResponse(requests=views, next_page_token=token)
+
+    async def Cancel(
+        self, request: scheduler_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.CancelResponse:
+        caller = self.caller(context)
+        stored = await self.owned(request.id, caller)
+        reason = request.reason or f"cancelled by {caller.user}"
+        outcome = await self.store.cancel(
+            stored.model, stored.id, caller.tenant, caller.is_admin, reason
+        )
+        if outcome == "notfound":
+            raise NotFound(f"request {request.id} not found")
+        if outcome == "denied":
+            raise PermissionDenied(f"request {request.id} belongs to another caller")
+        if outcome == "finished":
+            raise AlreadyFinished(
+                f"request {request.id} already finished ({_STATE_NAMES[stored.state]})"
+            )
+        if outcome == "detached":
+            # Others share this request: it goes on for them, and ends here for this caller.
+            return scheduler_pb2.CancelResponse(
+                request=await self.view(stored, request_pb2.REQUEST_STATE_CANCELLED)
+            )
+        after = await self.store.inspect(stored.model, stored.id)
+        return scheduler_pb2.CancelResponse(request=await self.view(after or stored))
+
+
+class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _Handlers):
+    def admin(self, context: grpc.aio.ServicerContext) -> Principal:
+        caller = self.caller(context)
+        caller.require_admin()
+        return caller
+
+    async def _config_proto(self, model: str) -> scheduler_pb2.QueueConfig:
+        config = await self.store.config(model)
+        message = scheduler_pb2.QueueConfig(
+            model=model,
+            max_queue_size=config.max_queue_size,
+            max_attempts=config.max_attempts,
+            parallel=config.parallel,
+        )
+        message.queue_timeout.FromMilliseconds(config.queue_timeout_ms)
+        message.lease_duration.FromMilliseconds(config.lease_ms)
+        return message
+
+    async def UpdateQueueConfig(
+        self, request: scheduler_pb2.UpdateQueueConfigRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.UpdateQueueConfigResponse:
+        self.admin(context)
+        problems: list[FieldViolation] = []
+        if not admission.MODEL_NAME.match(request.model):
+            problems.append(FieldViolation("model", "is not a model name"))
+        changes: dict[str, int] = {}
+        for name in ("max_queue_size", "max_attempts", "parallel"):
+            if request.HasField(name):  # type: ignore[arg-type]
+                value = getattr(request, name)
+                if value < 1:
+                    problems.append(FieldViolation(name, "must be at least 1"))
+                changes[name] = value
+        for name, key in (("queue_timeout", "queue_timeout_ms"), ("lease_duration", "lease_ms")):
+            if request.HasField(name):  # type: ignore[arg-type]
+                ms = getattr(request, name).ToMilliseconds()
+                if ms <= 0:
+                    problems.append(FieldViolation(name, "must be positive"))
+                changes[key] = ms
+        if problems:
+            raise InvalidArgument(problems)
+        await self.store.update_config(request.model, changes)
+        return scheduler_pb2.UpdateQueueConfigResponse(config=await self._config_proto(request.model))
+
+    async def GetQueueStats(
+        self, request: scheduler_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetQueueStatsResponse:
+        self.admin(context)
+        models = list(request.models) or await self.store.models()
+        out = []
+        for model in models:
+            counters = await self.store.counters(model)
+            stats = scheduler_pb2.QueueStats(
+                config=await self._config_proto(model),
+                queued=await self.store.queue_length(model),
+                running=await self.store.running_count(model),
+                avg_tokens_per_second=counters.get("tokens_per_s", 0.0),
+                dead_letters=await self.store.dead_letter_count(model),
+            )
+            for name in ("completed", "failed", "cancelled", "expired", "rejected", "deduplicated"):
+                setattr(stats, name, int(counters.get(name, 0)))
+            stats.avg_service_time.FromMilliseconds(int(counters.get("service_ms", 0)))
+            stats.avg_queue_wait.FromMilliseconds(int(counters.get("wait_ms", 0)))
+            out.append(stats)
+        return scheduler_pb2.GetQueueStatsResponse(stats=out)
+
+    async def SetTenantWeight(
+        self, request: scheduler_pb2.SetTenantWeightRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SetTenantWeightResponse:
+        self.admin(context)
+        problems = []
+        if not request.tenant.organization:
+            problems.append(FieldViolation("tenant.organization", "is required"))
+        if not request.weight > 0:
+            problems.append(FieldViolation("weight", "must be positive"))
+        if problems:
+            raise InvalidArgument(problems)
+        await self.store.set_tenant_weight(
+            request.tenant.organization, request.tenant.user, request.weight
+        )
+        return scheduler_pb2.SetTenantWeightResponse(tenant=request.tenant, weight=request.weight)
+
+    async def ListDeadLetters(
+        self, request: scheduler_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListDeadLettersResponse:
+        self.admin(context)
+        if not admission.MODEL_NAME.match(request.model):
+            raise InvalidArgument([FieldViolation("model", "is not a model name")])
+        found = await self.store.dead_letters(request.model, request.page_size or 50)
+        return scheduler_pb2.ListDeadLettersResponse(requests=[await self.view(s) for s in found])

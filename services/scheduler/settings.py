@@ -1,0 +1,89 @@
+"""Scheduler settings, from the environment (every name starts with USHER_)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.scheduler.fairness import DEFAULT_PRIORITY_LEAD
+from usher.auth import Principal, parse_token_map
+from usher.config import ConfigError, env_float, env_int, env_list, env_str
+
+__all__ = ["SchedulerSettings"]
+
+DEDUP_MODES = ("deterministic", "always", "off")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    listen: str = "127.0.0.1:50051"
+    tokens: Mapping[str, Principal] = field(default_factory=dict)
+    #: Per-model defaults; each can be changed at runtime with UpdateQueueConfig.
+    max_queue_size: int = 100
+    queue_timeout_seconds: float = 300.0
+    max_attempts: int = 3
+    lease_seconds: float = 30.0
+    parallel: int = 1
+    #: How long finished requests (and their results and events) stay readable.
+    result_ttl_seconds: int = 86_400
+    idempotency_ttl_seconds: int = 86_400
+    priority_lead: float = DEFAULT_PRIORITY_LEAD
+    #: Output tokens charged for a request before the model's average is known.
+    default_output_tokens: float = 256.0
+    max_prompt_chars: int = 1_000_000
+    allowed_models: frozenset[str] = frozenset()
+    #: deterministic: share identical greedy/seeded requests; always; off.
+    dedup: str = "deterministic"
+    reap_interval_seconds: float = 0.25
+    #: On SIGTERM, how long in-flight calls may take before they are cut off.
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerSettings:
+        d = cls()
+        redis_url = env_str("USHER_REDIS_URL", env_str("REDIS_URL", d.redis_url, env), env)
+        settings = cls(
+            redis_url=redis_url,
+            listen=env_str("USHER_SCHEDULER_LISTEN", d.listen, env),
+            tokens=parse_token_map(env_str("USHER_API_TOKENS", "", env)),
+            max_queue_size=env_int("USHER_QUEUE_MAX_SIZE", d.max_queue_size, env),
+            queue_timeout_seconds=env_float("USHER_QUEUE_TIMEOUT_SECONDS", d.queue_timeout_seconds, env),
+            max_attempts=env_int("USHER_MAX_ATTEMPTS", d.max_attempts, env),
+            lease_seconds=env_float("USHER_LEASE_SECONDS", d.lease_seconds, env),
+            parallel=env_int("USHER_DEFAULT_PARALLEL", d.parallel, env),
+            result_ttl_seconds=env_int("USHER_RESULT_TTL_SECONDS", d.result_ttl_seconds, env),
+            idempotency_ttl_seconds=env_int(
+                "USHER_IDEMPOTENCY_TTL_SECONDS", d.idempotency_ttl_seconds, env
+            ),
+            priority_lead=env_float("USHER_PRIORITY_LEAD_TOKENS", d.priority_lead, env),
+            default_output_tokens=env_float("USHER_DEFAULT_OUTPUT_TOKENS", d.default_output_tokens, env),
+            max_prompt_chars=env_int("USHER_MAX_PROMPT_CHARS", d.max_prompt_chars, env),
+            allowed_models=frozenset(env_list("USHER_ALLOWED_MODELS", [], env)),
+            dedup=env_str("USHER_DEDUP", d.dedup, env),
+            reap_interval_seconds=env_float("USHER_REAP_INTERVAL_SECONDS", d.reap_interval_seconds, env),
+            shutdown_grace_seconds=env_float(
+                "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
+            ),
+            log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        problems = []
+        if self.max_queue_size < 1:
+            problems.append("USHER_QUEUE_MAX_SIZE must be at least 1")
+        if self.queue_timeout_seconds <= 0:
+            problems.append("USHER_QUEUE_TIMEOUT_SECONDS must be positive")
+        if self.max_attempts < 1:
+            problems.append("USHER_MAX_ATTEMPTS must be at least 1")
+        if self.lease_seconds <= 0:
+            problems.append("USHER_LEASE_SECONDS must be positive")
+        if self.dedup not in DEDUP_MODES:
+            problems.append(f"USHER_DEDUP must be one of {', '.join(DEDUP_MODES)}")
+        if not self.tokens:
+            problems.append("USHER_API_TOKENS is empty: no caller could authenticate")
+        if problems:
+            raise ConfigError("; ".join(problems))

@@ -1,0 +1,552 @@
+"""The Redis adapter of the scheduler: one method per Lua script, typed records in and out.
+
+Every change is one atomic script (services/scheduler/lua/, one file each, loaded once and
+called by SHA). Cross-model index keys (id → model, the caller's listing, the model set)
+are pipelined *before* the script in the same round trip, so Redis applies them first and
+a crash in between cannot leave a queued request that Get or List cannot find.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from services.scheduler import fairness
+from services.scheduler.eta import EWMA_ALPHA, ModelAverages
+from usher import keys
+from usher.keys import ModelKeys
+from usher.v1 import request_pb2
+
+__all__ = [
+    "FinishedWork",
+    "Lease",
+    "NewRequest",
+    "QueueDefaults",
+    "QueueStore",
+    "ReapCounts",
+    "StoredRequest",
+    "SubmitOutcome",
+]
+
+QUEUED = request_pb2.REQUEST_STATE_QUEUED
+RUNNING = request_pb2.REQUEST_STATE_RUNNING
+TERMINAL_STATES = frozenset({
+    request_pb2.REQUEST_STATE_COMPLETED,
+    request_pb2.REQUEST_STATE_FAILED,
+    request_pb2.REQUEST_STATE_CANCELLED,
+    request_pb2.REQUEST_STATE_EXPIRED,
+})
+#: A caller's listing keeps its newest entries only.
+TENANT_LISTING_MAX = 10_000
+#: The id → model index outlives the request's own keys by this much (queue time + slack).
+INDEX_SLACK_SECONDS = 2 * 86_400
+#: Tenant weights and model averages are read at most this often per process.
+CACHE_SECONDS = 1.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDefaults:
+    """Per-model limits used until an operator sets the model's own (UpdateQueueConfig)."""
+
+    max_queue_size: int = 100
+    queue_timeout_ms: int = 300_000
+    max_attempts: int = 3
+    lease_ms: int = 30_000
+    parallel: int = 1
+    result_ttl_seconds: int = 86_400
+    idempotency_ttl_seconds: int = 86_400
+    priority_lead: float = fairness.DEFAULT_PRIORITY_LEAD
+    default_output_tokens: float = 256.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    id: str
+    model: str
+    kind: int
+    user: str
+    organization: str
+    priority: int
+    fallback: int
+    payload: bytes
+    prompt_tokens: int
+    num_predict: int | None = None
+    created_ms: int = 0
+    deadline_ms: int = 0
+    queue_timeout_ms: int | None = None
+    idempotency_key: str = ""
+    fingerprint: str = ""
+    traceparent: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tenant(self) -> str:
+        return f"{self.organization}/{self.user}"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    """queued | exists | replayed | dedup | full, with the request's place in its queue."""
+
+    status: str
+    request_id: str
+    position: int
+    queue_length: int
+
+
+def _text(raw: dict[bytes, bytes], name: str, default: str = "") -> str:
+    value = raw.get(name.encode())
+    return default if value is None else value.decode()
+
+
+def _int(raw: dict[bytes, bytes], name: str, default: int = 0) -> int:
+    value = raw.get(name.encode())
+    return default if value is None or value == b"" else int(float(value))
+
+
+def _float(raw: dict[bytes, bytes], name: str, default: float = 0.0) -> float:
+    value = raw.get(name.encode())
+    return default if value is None or value == b"" else float(value)
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """A request as Redis holds it (payload and result still serialized)."""
+
+    id: str
+    model: str
+    kind: int
+    state: int
+    user: str
+    organization: str
+    priority: int
+    fallback: int
+    route: int
+    created_ms: int
+    started_ms: int
+    finished_ms: int
+    deadline_ms: int
+    queue_timeout_ms: int
+    attempts: int
+    max_attempts: int
+    error: str
+    idempotency_key: str
+    cancel_requested: bool
+    labels: dict[str, str]
+    traceparent: str
+    payload: bytes
+    result: bytes
+    usage: bytes
+    prompt_tokens: int
+    cost: float
+    lease_token: str
+    owners: frozenset[str] = frozenset()
+    position: int = 0
+    queue_length: int = 0
+
+    @property
+    def tenant(self) -> str:
+        return f"{self.organization}/{self.user}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_hash(
+        cls,
+        raw: dict[bytes, bytes],
+        owners: frozenset[str] = frozenset(),
+        position: int = 0,
+        queue_length: int = 0,
+    ) -> StoredRequest:
+        return cls(
+            id=_text(raw, "id"),
+            model=_text(raw, "model"),
+            kind=_int(raw, "kind"),
+            state=_int(raw, "state"),
+            user=_text(raw, "user"),
+            organization=_text(raw, "org"),
+            priority=_int(raw, "priority"),
+            fallback=_int(raw, "fallback"),
+            route=_int(raw, "route"),
+            created_ms=_int(raw, "created_ms"),
+            started_ms=_int(raw, "started_ms"),
+            finished_ms=_int(raw, "finished_ms"),
+            deadline_ms=_int(raw, "deadline_ms"),
+            queue_timeout_ms=_int(raw, "queue_timeout_ms"),
+            attempts=_int(raw, "attempts"),
+            max_attempts=_int(raw, "max_attempts"),
+            error=_text(raw, "error"),
+            idempotency_key=_text(raw, "idem"),
+            cancel_requested=_text(raw, "cancel") == "1",
+            labels=json.loads(_text(raw, "labels", "{}")),
+            traceparent=_text(raw, "traceparent"),
+            payload=raw.get(b"payload", b""),
+            result=raw.get(b"result", b""),
+            usage=raw.get(b"usage", b""),
+            prompt_tokens=_int(raw, "prompt_tokens"),
+            cost=_float(raw, "cost"),
+            lease_token=_text(raw, "lease_token"),
+            owners=owners,
+            position=position,
+            queue_length=queue_length,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to run one request until ``expires_ms``, fenced by ``token``."""
+
+    request: StoredRequest
+    token: str
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedWork:
+    """What a dispatcher reports when it finishes a leased request."""
+
+    state: int
+    error: str = ""
+    result: bytes = b""
+    usage: bytes = b""
+    #: Actual prompt + output tokens, to settle the fairness estimate; None when unknown.
+    actual_tokens: int | None = None
+    service_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReapCounts:
+    requeued: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    to_external: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str
+    max_queue_size: int
+    queue_timeout_ms: int
+    max_attempts: int
+    lease_ms: int
+    parallel: int
+
+
+class _Scripts:
+    """The Lua scripts, each prefixed with the key header and the shared library."""
+
+    NAMES = ("enqueue", "claim", "heartbeat", "complete", "cancel", "reap", "inspect")
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        folder = resources.files("services.scheduler") / "lua"
+        prelude = keys.lua_key_header() + (folder / "_lib.lua").read_text()
+        self.by_name: dict[str, AsyncScript] = {
+            name: client.register_script(prelude + (folder / f"{name}.lua").read_text())
+            for name in self.NAMES
+        }
+
+    def __getitem__(self, name: str) -> AsyncScript:
+        return self.by_name[name]
+
+
+class QueueStore:
+    """Per-model fair queues, leases and the request records, on one Redis."""
+
+    def __init__(self, client: aioredis.Redis, defaults: QueueDefaults | None = None) -> None:
+        self.redis = client
+        self.defaults = defaults or QueueDefaults()
+        self._scripts = _Scripts(client)
+        self._weights: dict[str, tuple[float, float]] = {}
+        self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
+
+    async def _run(
+        self, name: str, model: str, args: Sequence[Any], client: Any = None
+    ) -> Any:
+        mk = ModelKeys(model)
+        return await self._scripts[name](
+            keys=[mk.queue], args=[mk.base, now_ms(), *args], client=client or self.redis
+        )
+
+    # ---- submit ---------------------------------------------------------------------------
+
+    async def tenant_weight(self, organization: str, user: str) -> float:
+        tenant = f"{organization}/{user}"
+        cached = self._weights.get(tenant)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1]
+        user_weight, org_weight = await self.redis.hmget(
+            keys.TENANT_WEIGHTS, [tenant, f"{organization}/"]
+        )
+        raw = user_weight or org_weight
+        weight = float(raw) if raw else 1.0
+        self._weights[tenant] = (now + CACHE_SECONDS, weight)
+        return weight
+
+    async def set_tenant_weight(self, organization: str, user: str, weight: float) -> None:
+        await self.redis.hset(keys.TENANT_WEIGHTS, f"{organization}/{user}", repr(weight))
+        self._weights.clear()
+
+    async def submit(self, request: NewRequest) -> SubmitOutcome:
+        """Queue ``request`` (or find the request it repeats or shares) in one round trip."""
+        averages, _ = await self.model_averages(request.model)
+        weight = await self.tenant_weight(request.organization, request.user)
+        klass = fairness.priority_class(request.priority)
+        cost = fairness.estimate_cost(
+            request.prompt_tokens, averages.output_tokens, request.num_predict
+        )
+        created = request.created_ms or now_ms()
+        fields: dict[str, str | int | bytes] = {
+            "id": request.id,
+            "model": request.model,
+            "kind": request.kind,
+            "user": request.user,
+            "org": request.organization,
+            "priority": klass,
+            "fallback": request.fallback,
+            "route": request_pb2.ROUTE_LOCAL,
+            "idem": request.idempotency_key,
+            "traceparent": request.traceparent,
+            "labels": json.dumps(request.labels, sort_keys=True),
+            "prompt_tokens": request.prompt_tokens,
+            "payload": request.payload,
+        }
+        flat: list[str | int | bytes] = []
+        for name, value in fields.items():
+            flat += [name, value]
+        index_ttl = self.defaults.result_ttl_seconds + INDEX_SLACK_SECONDS
+        listing = keys.tenant_requests(request.tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.request_index(request.id), request.model, ex=index_ttl)
+            pipe.zadd(listing, {request.id: created})
+            pipe.zremrangebyrank(listing, 0, -TENANT_LISTING_MAX - 1)
+            pipe.sadd(keys.MODELS, request.model)
+            await self._run(
+                "enqueue",
+                request.model,
+                [
+                    request.id, request.tenant, fairness.flow_key(request.tenant, klass),
+                    repr(weight), repr(cost), klass, repr(self.defaults.priority_lead),
+                    self.defaults.max_queue_size, request.fingerprint,
+                    request.idempotency_key, self.defaults.idempotency_ttl_seconds,
+                    request.queue_timeout_ms or 0, self.defaults.max_attempts,
+                    self.defaults.queue_timeout_ms, created, request.deadline_ms, *flat,
+                ],
+                client=pipe,
+            )
+            replies = await pipe.execute()
+        status, request_id, position, length = replies[-1]
+        outcome = SubmitOutcome(status.decode(), request_id.decode(), int(position), int(length))
+        if outcome.request_id != request.id or outcome.status == "full":
+            # Nothing was stored under the new id: point the caller's listing at the request
+            # they share instead, and drop the unused index entry.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(keys.request_index(request.id))
+                pipe.zrem(listing, request.id)
+                if outcome.request_id and outcome.request_id != request.id:
+                    pipe.zadd(listing, {outcome.request_id: created})
+                await pipe.execute()
+        return outcome
+
+    # ---- read -----------------------------------------------------------------------------
+
+    async def model_of(self, request_id: str) -> str | None:
+        raw = await self.redis.get(keys.request_index(request_id))
+        return raw.decode() if raw else None
+
+    async def get(self, request_id: str) -> StoredRequest | None:
+        model = await self.model_of(request_id)
+        if model is None:
+            return None
+        return await self.inspect(model, request_id)
+
+    async def inspect(self, model: str, request_id: str) -> StoredRequest | None:
+        reply = await self._run("inspect", model, [request_id])
+        if reply is None:
+            return None
+        flat, owners, position, length = reply
+        return StoredRequest.from_hash(
+            _pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
+        )
+
+    async def list_for(
+        self, tenant: str, offset: int, limit: int
+    ) -> tuple[list[StoredRequest], bool]:
+        """The caller's requests, newest first; the flag says whether more follow."""
+        ids = [
+            raw.decode()
+            for raw in await self.redis.zrevrange(
+                keys.tenant_requests(tenant), offset, offset + limit
+            )
+        ]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        if not ids:
+            return [], False
+        models = await self.redis.mget([keys.request_index(i) for i in ids])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            wanted = [(i, m.decode()) for i, m in zip(ids, models, strict=True) if m]
+            for request_id, model in wanted:
+                await self._run("inspect", model, [request_id], client=pipe)
+            replies = await pipe.execute()
+        found = []
+        for reply in replies:
+            if reply is not None:
+                flat, owners, position, length = reply
+                found.append(StoredRequest.from_hash(
+                    _pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
+                ))
+        return found, more
+
+    async def models(self) -> list[str]:
+        return sorted(m.decode() for m in await self.redis.smembers(keys.MODELS))
+
+    async def queue_length(self, model: str) -> int:
+        length: int = await self.redis.zcard(ModelKeys(model).queue)
+        return length
+
+    async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
+        """Moving averages and parallel slots of a model (cached for a second)."""
+        cached = self._averages.get(model)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1], cached[2]
+        mk = ModelKeys(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
+            pipe.hget(mk.config, "parallel")
+            (service, variance, output, tps), parallel = await pipe.execute()
+        averages = ModelAverages(
+            service_seconds=float(service) / 1000 if service else 30.0,
+            service_variance=float(variance) / 1e6 if variance else 0.0,
+            output_tokens=float(output) if output else self.defaults.default_output_tokens,
+            tokens_per_second=float(tps) if tps else 0.0,
+        )
+        slots = int(parallel) if parallel else self.defaults.parallel
+        self._averages[model] = (now + CACHE_SECONDS, averages, slots)
+        return averages, slots
+
+    async def counters(self, model: str) -> dict[str, float]:
+        raw = await self.redis.hgetall(ModelKeys(model).stats)
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    async def running_count(self, model: str) -> int:
+        count: int = await self.redis.zcard(ModelKeys(model).leases)
+        return count
+
+    async def dead_letter_count(self, model: str) -> int:
+        count: int = await self.redis.zcard(ModelKeys(model).dead_letters)
+        return count
+
+    async def dead_letters(self, model: str, limit: int) -> list[StoredRequest]:
+        ids = await self.redis.zrevrange(ModelKeys(model).dead_letters, 0, limit - 1)
+        found = [await self.inspect(model, raw.decode()) for raw in ids]
+        return [r for r in found if r is not None]
+
+    # ---- config ---------------------------------------------------------------------------
+
+    async def config(self, model: str) -> ModelConfig:
+        raw = await self.redis.hgetall(ModelKeys(model).config)
+        d = self.defaults
+        return ModelConfig(
+            model=model,
+            max_queue_size=_int(raw, "max_queue_size", d.max_queue_size),
+            queue_timeout_ms=_int(raw, "queue_timeout_ms", d.queue_timeout_ms),
+            max_attempts=_int(raw, "max_attempts", d.max_attempts),
+            lease_ms=_int(raw, "lease_ms", d.lease_ms),
+            parallel=_int(raw, "parallel", d.parallel),
+        )
+
+    async def update_config(self, model: str, changes: dict[str, int]) -> ModelConfig:
+        if changes:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(ModelKeys(model).config, mapping=changes)
+                pipe.sadd(keys.MODELS, model)
+                await pipe.execute()
+        self._averages.pop(model, None)
+        return await self.config(model)
+
+    # ---- cancel ---------------------------------------------------------------------------
+
+    async def cancel(
+        self, model: str, request_id: str, caller: str, is_admin: bool, reason: str
+    ) -> str:
+        """notfound | denied | finished | detached | cancelled | cancel_requested."""
+        reply = await self._run(
+            "cancel", model,
+            [request_id, caller, "1" if is_admin else "0", reason, self.defaults.result_ttl_seconds],
+        )
+        return str(reply.decode())
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    async def claim(
+        self, model: str, owner: str, lease_ms: int | None = None, external: bool = False
+    ) -> Lease | None:
+        """Take the next request in fair order (or from the external lane) under a lease."""
+        mk = ModelKeys(model)
+        token = secrets.token_hex(8)
+        flat = await self._scripts["claim"](
+            keys=[mk.external if external else mk.queue],
+            args=[
+                mk.base, now_ms(), lease_ms or self.defaults.lease_ms, owner, token,
+                "0" if external else "1",
+            ],
+            client=self.redis,
+        )
+        if not flat:
+            return None
+        return Lease(StoredRequest.from_hash(_pairs(flat)), token, owner)
+
+    async def heartbeat(self, lease: Lease, lease_ms: int | None = None) -> int:
+        """-1: lease lost; 1: cancel requested; 0: carry on."""
+        reply = await self._run(
+            "heartbeat", lease.request.model,
+            [lease.request.id, lease.token, lease_ms or self.defaults.lease_ms],
+        )
+        return int(reply)
+
+    async def finish(self, lease: Lease, work: FinishedWork) -> bool:
+        """Record the outcome; False when the lease was lost and someone else owns it now."""
+        extra: list[str | bytes] = []
+        if work.result:
+            extra += ["result", work.result]
+        if work.usage:
+            extra += ["usage", work.usage]
+        reply = await self._run(
+            "complete", lease.request.model,
+            [
+                lease.request.id, lease.token, work.state, work.error,
+                self.defaults.result_ttl_seconds,
+                -1 if work.actual_tokens is None else work.actual_tokens,
+                repr(work.service_ms), repr(work.tokens_per_second), work.output_tokens,
+                repr(EWMA_ALPHA), *extra,
+            ],
+        )
+        return int(reply) == 1
+
+    async def reap(self, model: str, limit: int = 500) -> ReapCounts:
+        requeued, dead, expired, external = await self._run(
+            "reap", model, [limit, self.defaults.result_ttl_seconds]
+        )
+        return ReapCounts(int(requeued), int(dead), int(expired), int(external))

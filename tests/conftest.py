@@ -1,0 +1,30 @@
+"""Fixtures: one real Redis per test session, a clean keyspace per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from usher.connections import connect_redis
+from usher.testing.redis_server import ExternalRedis, RedisServer, redis_for_tests
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | ExternalRedis]:
+    server = redis_for_tests()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer | ExternalRedis) -> AsyncIterator[aioredis.Redis]:
+    client = connect_redis(redis_server.url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()

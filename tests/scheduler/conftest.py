@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.scheduler.store import QueueDefaults, QueueStore
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> QueueStore:
+    return QueueStore(redis_client, QueueDefaults(max_queue_size=1000))
+
+
+from collections.abc import AsyncIterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import grpc  # noqa: E402
+
+from services.scheduler.app import SchedulerApp  # noqa: E402
+from services.scheduler.settings import SchedulerSettings  # noqa: E402
+from usher.auth import parse_token_map  # noqa: E402
+from usher.testing import free_port  # noqa: E402
+from usher.testing.redis_server import ExternalRedis, RedisServer  # noqa: E402
+from usher.v1 import scheduler_pb2_grpc  # noqa: E402
+
+TOKENS = "alice-token=alice@acme,bob-token=bob@acme,carol-token=carol@globex,root-token=root@ops:admin"
+
+
+@dataclass
+class SchedulerClient:
+    channel: grpc.aio.Channel
+    scheduler: scheduler_pb2_grpc.SchedulerServiceStub
+    admin: scheduler_pb2_grpc.SchedulerAdminServiceStub
+    app: SchedulerApp
+
+    @staticmethod
+    def auth(user: str) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {user}-token"),)
+
+
+@pytest.fixture
+async def scheduler(
+    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+) -> AsyncIterator[SchedulerClient]:
+    port = free_port()
+    settings = SchedulerSettings(
+        redis_url=redis_server.url,
+        listen=f"127.0.0.1:{port}",
+        tokens=parse_token_map(TOKENS),
+        max_queue_size=50,
+        reap_interval_seconds=0.05,
+        shutdown_grace_seconds=0.5,
+    )
+    app = SchedulerApp(settings)
+    await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield SchedulerClient(
+            channel,
+            scheduler_pb2_grpc.SchedulerServiceStub(channel),
+            scheduler_pb2_grpc.SchedulerAdminServiceStub(channel),
+            app,
+        )
+    finally:
+        await channel.close()
+        await app.stop()

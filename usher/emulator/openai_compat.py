@@ -1,0 +1,483 @@
+"""Ollama's OpenAI-compatible endpoints (``/v1/*``), as its ``middleware/openai.go``
+renders them: the same scheduling as the native API, OpenAI-shaped bodies, SSE
+streams ending in ``data: [DONE]``, and errors wrapped as
+``{"error": {"message", "type", "param", "code"}}``.
+
+Faithful quirk: an error in the middle of an SSE stream is not reported; Ollama
+emits one empty delta chunk and ends the stream without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import random
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from usher.emulator import protocol
+from usher.emulator.config import ModelSpec
+from usher.emulator.engine import (
+    ApiError,
+    Crash,
+    Done,
+    Drop,
+    GenerationJob,
+    Metrics,
+    StreamError,
+    Tokens,
+)
+from usher.emulator.httputil import abort_connection, dumps, json_response, start_stream
+from usher.emulator.native import NativeApi, display_name
+from usher.emulator.scheduler import Lease
+
+__all__ = ["OpenAIApi", "openai_error"]
+
+SSE = "text/event-stream"
+_FINGERPRINT = "fp_ollama"
+
+
+def openai_error(status: int, message: str) -> web.Response:
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return json_response(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}}, status
+    )
+
+
+def _go_type(value: object) -> str:
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "float64"
+    if isinstance(value, dict):
+        return "map[string]interface {}"
+    return type(value).__name__
+
+
+def _usage(m: Metrics) -> dict[str, int]:
+    return {
+        "prompt_tokens": m.prompt_eval_count,
+        "completion_tokens": m.eval_count,
+        "total_tokens": m.prompt_eval_count + m.eval_count,
+    }
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {dumps(obj)}\n\n".encode()
+
+
+class OpenAIApi:
+    """The ``/v1`` routes of one instance, layered on the native handlers."""
+
+    def __init__(self, native: NativeApi) -> None:
+        self.native = native
+        self.engine = native.engine
+
+    def register(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model:.+}", self.retrieve_model)
+
+    async def _respond(
+        self, handler: Callable[[], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        stats = self.engine.stats
+        stats.requests_received += 1
+        try:
+            return await handler()
+        except ApiError as exc:
+            stats.requests_failed += 1
+            return openai_error(exc.status, exc.message)
+
+    # -- models -----------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {
+                "id": spec.name,
+                "object": "model",
+                "created": int(spec.modified_at.timestamp()),
+                "owned_by": "library",
+            }
+            for spec in self.engine.config.models
+        ]
+        # Go marshals an empty (nil) slice as null.
+        return json_response({"object": "list", "data": data or None})
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        spec = self.engine.resolve(name)
+        if spec is None:
+            return openai_error(404, f"model '{display_name(name)}' not found")
+        return json_response(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(spec.modified_at.timestamp()),
+                "owned_by": "library",
+            }
+        )
+
+    # -- chat -------------------------------------------------------------------
+
+    def _messages(self, raw: list[Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for msg in raw:
+            if not isinstance(msg, Mapping):
+                raise ApiError(400, "json: cannot unmarshal "
+                               f"{protocol.json_kind(msg)} into Go struct field "
+                               "ChatCompletionRequest.messages of type openai.Message")
+            role = str(msg.get("role") or "").lower()
+            content = msg.get("content")
+            if isinstance(content, str):
+                out.append({"role": role, "content": content})
+            elif isinstance(content, list):
+                for part in content:
+                    if not isinstance(part, Mapping):
+                        raise ApiError(400, "invalid message format")
+                    kind = part.get("type")
+                    if kind == "text":
+                        if not isinstance(part.get("text"), str):
+                            raise ApiError(400, "invalid message format")
+                        out.append({"role": role, "content": part["text"]})
+                    elif kind in ("image_url", "input_audio"):
+                        out.append({"role": role, "content": ""})
+                    else:
+                        raise ApiError(400, "invalid message format")
+            elif msg.get("tool_calls") is not None:
+                out.append({"role": role, "content": ""})
+            else:
+                raise ApiError(400, f"invalid message content type: {_go_type(content)}")
+        return out
+
+    @staticmethod
+    def _format(body: Mapping[str, Any]) -> object:
+        rf = body.get("response_format")
+        if not isinstance(rf, Mapping):
+            return None
+        kind = str(rf.get("type") or "").strip().lower()
+        if kind == "json_object":
+            return "json"
+        if kind == "json_schema":
+            schema = rf.get("json_schema")
+            if isinstance(schema, Mapping):
+                return schema.get("schema")
+        return None
+
+    @staticmethod
+    def _common(body: Mapping[str, Any], struct_name: str) -> tuple[bool, bool, int | None, int]:
+        stream = protocol.typed_field(body, struct_name, "stream", "bool", "bool") is True
+        opts = protocol.typed_field(body, struct_name, "stream_options", "object",
+                                    "openai.StreamOptions")
+        include_usage = bool(isinstance(opts, Mapping) and opts.get("include_usage") is True)
+        max_tokens = protocol.typed_field(body, struct_name, "max_tokens", "number", "int")
+        seed = protocol.typed_field(body, struct_name, "seed", "number", "int")
+        return (
+            stream,
+            include_usage,
+            int(max_tokens) if max_tokens is not None else None,
+            int(seed) if seed is not None else 0,
+        )
+
+    def _spec(self, name: str) -> ModelSpec:
+        return self.native._resolve(name, empty=ApiError(400, "model is required"))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+
+        async def run() -> web.StreamResponse:
+            s = "ChatCompletionRequest"
+            body = protocol.decode_body(await request.read(), s)
+            model = protocol.str_field(body, s, "model")
+            raw_messages = protocol.typed_field(body, s, "messages", "array", "[]openai.Message")
+            stream, include_usage, max_tokens, seed = self._common(body, s)
+            if not raw_messages:
+                raise ApiError(400, "[] is too short - 'messages'")
+            messages = self._messages(raw_messages)
+            spec = self._spec(model)
+            self.native._fail_if_armed()
+            if "completion" not in spec.capabilities:
+                raise ApiError(400, f"{protocol.go_quote(model)} does not support chat")
+            engine = self.engine
+            num_ctx = engine.default_num_ctx(spec, None)
+            lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=None, slot=True)
+            try:
+                job = GenerationJob(
+                    spec=spec,
+                    key=protocol.prompt_key(spec, "chat", json.dumps(messages)),
+                    prompt_tokens=protocol.chat_prompt_tokens(messages),
+                    num_predict=max_tokens,
+                    seed=seed,
+                    format=self._format(body),
+                    started=started,
+                )
+                return await self._render_chat(request, spec, model, job, stream=stream,
+                                               include_usage=include_usage, lease=lease)
+            finally:
+                engine.release(lease)
+
+        return await self._respond(run)
+
+    async def _render_chat(
+        self,
+        request: web.Request,
+        spec: ModelSpec,
+        model: str,
+        job: GenerationJob,
+        *,
+        stream: bool,
+        include_usage: bool,
+        lease: Lease,
+    ) -> web.StreamResponse:
+        engine = self.engine
+        model_stats = engine.stats.model(spec.name)
+        cid = f"chatcmpl-{random.randrange(999)}"
+        created = int(time.time())
+        resp: web.StreamResponse | None = None
+        first = True
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": _FINGERPRINT,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        events = engine.generate(job, lease)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Tokens):
+                    if not stream:
+                        continue
+                    parts = []
+                    for text in event.texts:
+                        delta = {"role": "assistant", "content": text} if first else {
+                            "content": text}
+                        first = False
+                        parts.append(_sse(chunk(delta, None)))
+                    if resp is None:
+                        resp = await start_stream(request, SSE)
+                    await resp.write(b"".join(parts))
+                elif isinstance(event, Done):
+                    model_stats.completed += 1
+                    engine.stats.requests_served += 1
+                    if not stream:
+                        return json_response(
+                            {
+                                "id": cid,
+                                "object": "chat.completion",
+                                "created": created,
+                                "model": model,
+                                "system_fingerprint": _FINGERPRINT,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "message": {"role": "assistant", "content": event.text},
+                                        "finish_reason": event.done_reason or None,
+                                    }
+                                ],
+                                "usage": _usage(event.metrics),
+                            }
+                        )
+                    out = []
+                    if first:  # an empty completion still opens with a role chunk
+                        out.append(_sse(chunk({"role": "assistant", "content": ""}, None)))
+                    finish = chunk({}, event.done_reason or "stop")
+                    out.append(_sse(finish))
+                    if include_usage:
+                        out.append(_sse({**finish, "choices": [], "usage": _usage(event.metrics)}))
+                    out.append(b"data: [DONE]\n\n")
+                    if resp is None:
+                        resp = await start_stream(request, SSE)
+                    await resp.write(b"".join(out))
+                    await resp.write_eof()
+                    return resp
+                elif isinstance(event, StreamError):
+                    model_stats.failed += 1
+                    if resp is None:
+                        raise ApiError(500, event.message)
+                    engine.stats.requests_failed += 1
+                    # Ollama's ChatWriter decodes the error line as an empty chunk.
+                    await resp.write(_sse(chunk({"content": ""}, None)))
+                    await resp.write_eof()
+                    return resp
+                elif isinstance(event, (Drop, Crash)):
+                    model_stats.failed += 1
+                    engine.stats.requests_failed += 1
+                    await abort_connection(request, engine, crash=isinstance(event, Crash))
+        raise ApiError(500, "generation ended without a result")
+
+    # -- completions --------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+
+        async def run() -> web.StreamResponse:
+            s = "CompletionRequest"
+            body = protocol.decode_body(await request.read(), s)
+            model = protocol.str_field(body, s, "model")
+            prompt = protocol.str_field(body, s, "prompt")
+            stream, include_usage, max_tokens, seed = self._common(body, s)
+            spec = self.native._resolve(model, empty=ApiError(404, f"model '{model}' not found"))
+            self.native._fail_if_armed()
+            if "completion" not in spec.capabilities:
+                raise ApiError(400, f"{protocol.go_quote(model)} does not support generate")
+            engine = self.engine
+            num_ctx = engine.default_num_ctx(spec, None)
+            lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=None,
+                                         slot=bool(prompt))
+            try:
+                cid = f"cmpl-{random.randrange(999)}"
+                usage0 = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+                def chunk(text: str, finish: str | None) -> dict[str, Any]:
+                    out: dict[str, Any] = {
+                        "id": cid,
+                        "object": "text_completion",
+                        "created": int(time.time()),
+                        "choices": [{"text": text, "index": 0, "finish_reason": finish}],
+                        "model": model,
+                        "system_fingerprint": _FINGERPRINT,
+                    }
+                    if include_usage:
+                        out["usage"] = usage0
+                    return out
+
+                def complete(text: str, finish: str, metrics: Metrics) -> web.Response:
+                    return json_response(
+                        {
+                            "id": cid,
+                            "object": "text_completion",
+                            "created": int(time.time()),
+                            "model": model,
+                            "system_fingerprint": _FINGERPRINT,
+                            "choices": [{"text": text, "index": 0, "finish_reason": finish}],
+                            "usage": _usage(metrics),
+                        }
+                    )
+
+                if not prompt:  # Ollama's load shortcut, rendered as a completion
+                    engine.stats.requests_served += 1
+                    if not stream:
+                        return complete("", "load", Metrics())
+                    resp = await start_stream(request, SSE)
+                    await resp.write(_sse(chunk("", "load")) + b"data: [DONE]\n\n")
+                    await resp.write_eof()
+                    return resp
+                job = GenerationJob(
+                    spec=spec,
+                    key=protocol.prompt_key(spec, "generate", "", prompt, None, ""),
+                    prompt_tokens=protocol.chat_prompt_tokens([{"content": prompt}]),
+                    num_predict=max_tokens,
+                    seed=seed,
+                    started=started,
+                )
+                model_stats = engine.stats.model(spec.name)
+                sresp: web.StreamResponse | None = None
+                events = engine.generate(job, lease)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Tokens):
+                            if stream:
+                                if sresp is None:
+                                    sresp = await start_stream(request, SSE)
+                                await sresp.write(b"".join(_sse(chunk(t, None))
+                                                           for t in event.texts))
+                        elif isinstance(event, Done):
+                            model_stats.completed += 1
+                            engine.stats.requests_served += 1
+                            if not stream:
+                                return complete(event.text, event.done_reason, event.metrics)
+                            last = chunk("", event.done_reason)
+                            out = [_sse(last)]
+                            if include_usage:
+                                out.append(_sse({**last, "choices": [],
+                                                 "usage": _usage(event.metrics)}))
+                            out.append(b"data: [DONE]\n\n")
+                            if sresp is None:
+                                sresp = await start_stream(request, SSE)
+                            await sresp.write(b"".join(out))
+                            await sresp.write_eof()
+                            return sresp
+                        elif isinstance(event, StreamError):
+                            model_stats.failed += 1
+                            if sresp is None:
+                                raise ApiError(500, event.message)
+                            engine.stats.requests_failed += 1
+                            await sresp.write(_sse(chunk("", None)))
+                            await sresp.write_eof()
+                            return sresp
+                        elif isinstance(event, (Drop, Crash)):
+                            model_stats.failed += 1
+                            engine.stats.requests_failed += 1
+                            await abort_connection(request, engine,
+                                                   crash=isinstance(event, Crash))
+                raise ApiError(500, "generation ended without a result")
+            finally:
+                engine.release(lease)
+
+        return await self._respond(run)
+
+    # -- embeddings -----------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+
+        async def run() -> web.StreamResponse:
+            s = "EmbedRequest"
+            body = protocol.decode_body(await request.read(), s)
+            model = protocol.str_field(body, s, "model")
+            fmt = protocol.str_field(body, s, "encoding_format")
+            dims = protocol.typed_field(body, s, "dimensions", "number", "int")
+            if fmt and fmt.lower() not in ("float", "base64"):
+                raise ApiError(
+                    400,
+                    f"Invalid value for 'encoding_format' = {fmt}. "
+                    "Supported values: ['float', 'base64'].",
+                )
+            raw = body.get("input")
+            if raw == "":
+                raw = [""]
+            if raw is None or (isinstance(raw, list) and not raw):
+                raise ApiError(400, "invalid input")
+            if isinstance(raw, str):
+                inputs = [raw]
+            elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+                inputs = list(raw)
+            else:
+                raise ApiError(400, "invalid input type")
+            spec = self.native._resolve(model, empty=ApiError(404, f"model '{model}' not found"))
+            self.native._fail_if_armed()
+            result = await self.native.embed_core(
+                spec, model, inputs, None, None, int(dims) if dims else None, started
+            )
+            data = []
+            for i, vec in enumerate(result["embeddings"]):
+                value: Any = vec
+                if fmt.lower() == "base64":
+                    value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+                data.append({"object": "embedding", "embedding": value, "index": i})
+            tokens = result.get("prompt_eval_count", 0)
+            return json_response(
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": model,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                }
+            )
+
+        return await self._respond(run)

@@ -1,0 +1,173 @@
+"""Domain errors and their gRPC statuses, with google.rpc details (BadRequest, RetryInfo).
+
+Services raise these; ``ErrorMappingInterceptor`` turns them into statuses, so handlers
+stay free of status plumbing and every error says which field or limit was at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.exceptions
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+__all__ = [
+    "AlreadyFinished",
+    "ErrorMappingInterceptor",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "UsherError",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class UsherError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details():
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+class InvalidArgument(UsherError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = list(violations)
+
+    def details(self) -> list[any_pb2.Any]:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        return [_pack(bad)]
+
+
+class Unauthenticated(UsherError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(UsherError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(UsherError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyFinished(UsherError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(UsherError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(UsherError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(max(1, round(self.retry_after_seconds * 1000)))
+        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+
+
+
+
+def _to_error(exc: Exception) -> UsherError | None:
+    if isinstance(exc, UsherError):
+        return exc
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return Unavailable("the queue store is unreachable; retry shortly")
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return Unavailable("the queue store is loading its data; retry shortly")
+    return None
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns UsherError (and Redis outages) raised by unary handlers into gRPC statuses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            inner: Handler = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except Exception as exc:
+                    error = _to_error(exc)
+                    if error is None:
+                        raise
+                    await context.abort_with_status(error.to_status())
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except Exception as exc:
+                    error = _to_error(exc)
+                    if error is None:
+                        raise
+                    await context.abort_with_status(error.to_status())
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

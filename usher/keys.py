@@ -1,0 +1,133 @@
+"""Every Redis key Usher uses, in one place.
+
+Keys of one model share the hash tag ``{model}`` so that each Lua script touches a single
+Redis Cluster slot. Scripts get the model's key base (``usher:{model}:``) and build the
+same names from ``lua_key_header()``, which is rendered from the suffixes below, so the
+names exist only here. Keys that span models (the id → model index, tenant listings, the
+model set) are written before the scripts run, so a crash in between leaves only a dangling
+index entry and never an unindexed request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "MODELS",
+    "TENANT_WEIGHTS",
+    "ModelKeys",
+    "lua_key_header",
+    "request_index",
+    "tenant_requests",
+]
+
+PREFIX = "usher"
+
+#: SET of every model that has ever had a queue.
+MODELS = f"{PREFIX}:models"
+#: HASH "org/user" or "org/" → weight (float as text).
+TENANT_WEIGHTS = f"{PREFIX}:tenant-weights"
+
+# Per-model keys: base + suffix. What each holds:
+_MODEL_SUFFIXES = {
+    # ZSET member "<seq>:<id>" → fair-order score, lowest first.
+    "queue": "queue",
+    # ZSET request id → lease expiry (ms) of requests being run.
+    "leases": "leases",
+    # ZSET request id → when its queue timeout or deadline passes (ms) while queued.
+    "deadlines": "deadlines",
+    # ZSET member → score of requests handed to the external provider.
+    "external": "external",
+    # ZSET request id → when it was dead-lettered (ms).
+    "dead_letters": "dead",
+    # HASH of runtime-updatable limits (max_queue_size, queue_timeout_ms, ...).
+    "config": "config",
+    # HASH "vtime" → queue virtual time; "flow:<tenant>|<class>" → flow finish tag.
+    "fairness": "fairness",
+    # HASH of counters and moving averages.
+    "stats": "stats",
+    # STRING arrival counter.
+    "sequence": "seq",
+    # STREAM of every state change of this model's requests.
+    "events": "events",
+}
+# Per-request keys: base + REQUEST + id [+ suffix].
+_REQUEST = "req:"
+_REQUEST_EVENTS = ":events"
+_REQUEST_OWNERS = ":owners"
+_DEDUP = "dedup:"
+_IDEMPOTENCY = "idem:"
+
+
+def request_index(request_id: str) -> str:
+    """STRING request id → model name, so Get/Cancel/Watch can find the model's keys."""
+    return f"{PREFIX}:request-model:{request_id}"
+
+
+def tenant_requests(tenant: str) -> str:
+    """ZSET of a caller's ("org/user") request ids scored by creation time (ms), for List."""
+    return f"{PREFIX}:tenant:{tenant}:requests"
+
+
+def model_base(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}:"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """The keys of one model's queue, all in the same hash slot."""
+
+    model: str
+
+    @property
+    def base(self) -> str:
+        return model_base(self.model)
+
+    def _k(self, name: str) -> str:
+        return self.base + _MODEL_SUFFIXES[name]
+
+    queue = property(lambda self: self._k("queue"))
+    leases = property(lambda self: self._k("leases"))
+    deadlines = property(lambda self: self._k("deadlines"))
+    external = property(lambda self: self._k("external"))
+    dead_letters = property(lambda self: self._k("dead_letters"))
+    config = property(lambda self: self._k("config"))
+    fairness = property(lambda self: self._k("fairness"))
+    stats = property(lambda self: self._k("stats"))
+    sequence = property(lambda self: self._k("sequence"))
+    events = property(lambda self: self._k("events"))
+
+    def request(self, request_id: str) -> str:
+        """HASH of one request: metadata, payload, result."""
+        return f"{self.base}{_REQUEST}{request_id}"
+
+    def request_events(self, request_id: str) -> str:
+        """STREAM of one request's events (states, tokens), for resumable watches."""
+        return f"{self.request(request_id)}{_REQUEST_EVENTS}"
+
+    def request_owners(self, request_id: str) -> str:
+        """SET of "org/user" callers sharing one (deduplicated) request."""
+        return f"{self.request(request_id)}{_REQUEST_OWNERS}"
+
+    def dedup(self, fingerprint: str) -> str:
+        """STRING fingerprint of a deterministic live request → its id."""
+        return f"{self.base}{_DEDUP}{fingerprint}"
+
+    def idempotency(self, tenant: str, key: str) -> str:
+        """STRING (caller, idempotency key) → request id."""
+        return f"{self.base}{_IDEMPOTENCY}{tenant}:{key}"
+
+
+def lua_key_header() -> str:
+    """Lua that defines the same key names from ARGV[1] (the model's key base)."""
+    lines = ["local BASE = ARGV[1]", "local K = {"]
+    lines += [f"  {name} = BASE .. '{suffix}'," for name, suffix in _MODEL_SUFFIXES.items()]
+    lines += [
+        "}",
+        f"local function req_key(id) return BASE .. '{_REQUEST}' .. id end",
+        f"local function req_events_key(id) return req_key(id) .. '{_REQUEST_EVENTS}' end",
+        f"local function req_owners_key(id) return req_key(id) .. '{_REQUEST_OWNERS}' end",
+        f"local function dedup_key(fp) return BASE .. '{_DEDUP}' .. fp end",
+        f"local function idem_key(t, k) return BASE .. '{_IDEMPOTENCY}' .. t .. ':' .. k end",
+    ]
+    return "\n".join(lines) + "\n"
