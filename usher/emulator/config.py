@@ -182,13 +182,31 @@ CATALOG: dict[str, ModelSpec] = {
         _spec("qwen2.5:1.5b", 986_061_892, "1.5B", "qwen2", "Q4_K_M", 32768, 1536),
         _spec("qwen2.5:7b", 4_683_087_332, "7.6B", "qwen2", "Q4_K_M", 32768, 3584),
         _spec("mistral:7b", 4_113_301_824, "7.2B", "llama", "Q4_0", 32768, 4096),
-        _spec("gemma3:1b", 815_319_791, "999.89M", "gemma3", "Q4_K_M", 32768, 1152, ("completion",)),
+        _spec(
+            "gemma3:1b", 815_319_791, "999.89M", "gemma3", "Q4_K_M", 32768, 1152, ("completion",)
+        ),
         _spec("phi3:mini", 2_176_178_913, "3.8B", "phi3", "Q4_0", 131072, 3072, ("completion",)),
-        _spec("nomic-embed-text:latest", 274_302_450, "137M", "nomic-bert", "F16", 2048, 768,
-              ("embedding",)),
+        _spec(
+            "nomic-embed-text:latest",
+            274_302_450,
+            "137M",
+            "nomic-bert",
+            "F16",
+            2048,
+            768,
+            ("embedding",),
+        ),
         _spec("all-minilm:latest", 45_960_996, "23M", "bert", "F16", 512, 384, ("embedding",)),
-        _spec("mxbai-embed-large:latest", 669_615_493, "334M", "bert", "F16", 512, 1024,
-              ("embedding",)),
+        _spec(
+            "mxbai-embed-large:latest",
+            669_615_493,
+            "334M",
+            "bert",
+            "F16",
+            512,
+            1024,
+            ("embedding",),
+        ),
     )
 }
 
@@ -288,8 +306,9 @@ class FaultConfig:
                 if not isinstance(value, str):
                     raise ValueError(f"{key} must be a string")
             elif key in _FAULT_INT_OR_NONE:
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                          or value < 0):
+                if value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 0
+                ):
                     raise ValueError(f"{key} must be a non-negative integer or null")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key} must be a non-negative integer")
@@ -323,11 +342,14 @@ class EmulatorConfig:
     #: Label used in logs and stats (defaults to the URL once started).
     name: str = ""
     version: str = "0.32.15"
-    #: Decode speed; ``0`` is "instant" mode: no sleeping anywhere (benchmarks).
+    #: Decode speed; ``0`` is "instant": tokens are produced without any pacing.
+    #: Each delay below is independent; set all three to 0 (CLI ``--instant``) for a
+    #: zero-delay benchmark mode that never sleeps.
     tokens_per_second: float = 50.0
-    #: Prompt evaluation time before the first token, seconds.
+    #: Prompt evaluation time before the first token, seconds (0: none).
     time_to_first_token: float = 0.05
-    #: Time to load a model, charged as load_duration (per-model override in ModelSpec).
+    #: Time to load a model, charged as load_duration (0: none; per-model override
+    #: in ModelSpec).
     load_time: float = 0.5
     #: OLLAMA_NUM_PARALLEL: concurrent requests per loaded model.
     num_parallel: int = 1
@@ -356,7 +378,14 @@ class EmulatorConfig:
 
     @property
     def instant(self) -> bool:
+        """Tokens are not paced (tokens_per_second <= 0)."""
         return self.tokens_per_second <= 0
+
+    def make_instant(self) -> None:
+        """Zero-delay mode: no load time, no prompt evaluation time, no pacing."""
+        self.tokens_per_second = 0.0
+        self.time_to_first_token = 0.0
+        self.load_time = 0.0
 
     @property
     def loaded_models_limit(self) -> int:

@@ -120,6 +120,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.stats)
         self._on_crash = on_crash
         self._fault_event = asyncio.Event()
+        self.closing = False
 
     # -- models ---------------------------------------------------------------
 
@@ -127,8 +128,9 @@ class Engine:
         return self.config.find_model(name)
 
     def default_num_ctx(self, spec: ModelSpec, requested: int | None) -> int:
-        return spec.effective_num_ctx(requested if requested is not None
-                                      else self.config.default_num_ctx)
+        return spec.effective_num_ctx(
+            requested if requested is not None else self.config.default_num_ctx
+        )
 
     # -- faults ---------------------------------------------------------------
 
@@ -138,8 +140,14 @@ class Engine:
         self._fault_event = asyncio.Event()
 
     async def wait_while(self, predicate: Callable[[], bool]) -> None:
-        while predicate():
+        while predicate() and not self.closing:
             await self._fault_event.wait()
+
+    async def close(self) -> None:
+        """Release requests parked by faults and stop the scheduler."""
+        self.closing = True
+        self.faults_changed()
+        await self.scheduler.close()
 
     async def wait_unhung(self) -> None:
         await self.wait_while(lambda: self.config.faults.hang)
@@ -196,7 +204,7 @@ class Engine:
         cfg = self.config
         faults = cfg.faults
         loaded = time.perf_counter()
-        if not cfg.instant and cfg.time_to_first_token > 0:
+        if cfg.time_to_first_token > 0:
             await asyncio.sleep(cfg.time_to_first_token)
         first = time.perf_counter()
         tokens, reason = self.plan_tokens(job)
@@ -264,7 +272,7 @@ class Engine:
     ) -> tuple[list[list[float]], int]:
         """Vectors and prompt token count; takes one prompt-eval time of work."""
         cfg = self.config
-        if not cfg.instant and cfg.time_to_first_token > 0:
+        if cfg.time_to_first_token > 0:
             await asyncio.sleep(cfg.time_to_first_token)
         dim = cfg.embedding_dim_for(spec)
         vectors = []

@@ -149,8 +149,9 @@ class NativeApi:
             if not p.prompt and p.keep_alive == 0:
                 engine.scheduler.expire(spec.name)
                 engine.stats.requests_served += 1
-                return json_response(protocol.generate_final(p.model, text="",
-                                                              done_reason="unload"))
+                return json_response(
+                    protocol.generate_final(p.model, text="", done_reason="unload")
+                )
             if p.raw and (p.template or p.system or p.context is not None):
                 raise ApiError(400, "raw mode does not support template, system, or context")
             self._check_think(spec, p.model, p.think)
@@ -158,17 +159,20 @@ class NativeApi:
                 raise ApiError(400, f"{protocol.go_quote(p.model)} does not support generate")
             opts = protocol.parse_options(p.options)
             num_ctx = engine.default_num_ctx(spec, opts.num_ctx)
-            lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=p.keep_alive,
-                                         slot=bool(p.prompt))
+            lease = await engine.acquire(
+                spec, num_ctx=num_ctx, keep_alive=p.keep_alive, slot=bool(p.prompt)
+            )
             try:
                 if not p.prompt:
                     engine.stats.requests_served += 1
-                    return json_response(protocol.generate_final(p.model, text="",
-                                                                  done_reason="load"))
+                    return json_response(
+                        protocol.generate_final(p.model, text="", done_reason="load")
+                    )
                 job = GenerationJob(
                     spec=spec,
-                    key=protocol.prompt_key(spec, "generate", p.system, p.prompt, p.context,
-                                            p.suffix),
+                    key=protocol.prompt_key(
+                        spec, "generate", p.system, p.prompt, p.context, p.suffix
+                    ),
                     prompt_tokens=protocol.generate_prompt_tokens(p),
                     num_predict=opts.num_predict,
                     seed=opts.seed or 0,
@@ -178,9 +182,13 @@ class NativeApi:
 
                 def final(done: Done, text: str) -> dict[str, Any]:
                     context = None if p.raw else textgen.token_ids(p.prompt + done.text)
-                    return protocol.generate_final(p.model, text=text,
-                                                   done_reason=done.done_reason,
-                                                   metrics=done.metrics, context=context)
+                    return protocol.generate_final(
+                        p.model,
+                        text=text,
+                        done_reason=done.done_reason,
+                        metrics=done.metrics,
+                        context=context,
+                    )
 
                 return await self._render(
                     request,
@@ -213,13 +221,13 @@ class NativeApi:
                 raise ApiError(400, f"{protocol.go_quote(p.model)} does not support chat")
             opts = protocol.parse_options(p.options)
             num_ctx = engine.default_num_ctx(spec, opts.num_ctx)
-            lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=p.keep_alive,
-                                         slot=bool(p.messages))
+            lease = await engine.acquire(
+                spec, num_ctx=num_ctx, keep_alive=p.keep_alive, slot=bool(p.messages)
+            )
             try:
                 if not p.messages:
                     engine.stats.requests_served += 1
-                    return json_response(protocol.chat_final(p.model, text="",
-                                                              done_reason="load"))
+                    return json_response(protocol.chat_final(p.model, text="", done_reason="load"))
                 job = GenerationJob(
                     spec=spec,
                     key=protocol.prompt_key(spec, "chat", json.dumps(p.messages)),
@@ -300,8 +308,9 @@ class NativeApi:
             p = protocol.parse_embed(body)
             spec = self._resolve(p.model, empty=ApiError(404, f"model '{p.model}' not found"))
             self._fail_if_armed()
-            result = await self.embed_core(spec, p.model, p.inputs, p.options, p.keep_alive,
-                                           p.dimensions, started)
+            result = await self.embed_core(
+                spec, p.model, p.inputs, p.options, p.keep_alive, p.dimensions, started
+            )
             return json_response(result)
 
         return await self._respond(run)
@@ -320,8 +329,9 @@ class NativeApi:
         engine = self.engine
         opts = protocol.parse_options(options)
         num_ctx = engine.default_num_ctx(spec, opts.num_ctx)
-        lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=keep_alive,
-                                     slot=bool(inputs))
+        lease = await engine.acquire(
+            spec, num_ctx=num_ctx, keep_alive=keep_alive, slot=bool(inputs)
+        )
         try:
             loaded = time.perf_counter()
             if not inputs:
@@ -349,11 +359,19 @@ class NativeApi:
                 raise ApiError(400, "invalid model name")
             spec = self.engine.resolve(p.model)
             if spec is None:
-                raise ApiError(404, f"model {protocol.go_quote(p.model)} not found, "
-                                    "try pulling it first")
+                raise ApiError(
+                    404, f"model {protocol.go_quote(p.model)} not found, try pulling it first"
+                )
             self._fail_if_armed()
-            result = await self.embed_core(spec, p.model, [p.prompt] if p.prompt else [],
-                                           p.options, p.keep_alive, None, time.perf_counter())
+            result = await self.embed_core(
+                spec,
+                p.model,
+                [p.prompt] if p.prompt else [],
+                p.options,
+                p.keep_alive,
+                None,
+                time.perf_counter(),
+            )
             vectors = result["embeddings"]
             return json_response({"embedding": vectors[0] if vectors else []})
 

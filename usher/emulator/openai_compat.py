@@ -134,9 +134,12 @@ class OpenAIApi:
         out: list[dict[str, Any]] = []
         for msg in raw:
             if not isinstance(msg, Mapping):
-                raise ApiError(400, "json: cannot unmarshal "
-                               f"{protocol.json_kind(msg)} into Go struct field "
-                               "ChatCompletionRequest.messages of type openai.Message")
+                raise ApiError(
+                    400,
+                    "json: cannot unmarshal "
+                    f"{protocol.json_kind(msg)} into Go struct field "
+                    "ChatCompletionRequest.messages of type openai.Message",
+                )
             role = str(msg.get("role") or "").lower()
             content = msg.get("content")
             if isinstance(content, str):
@@ -177,8 +180,9 @@ class OpenAIApi:
     @staticmethod
     def _common(body: Mapping[str, Any], struct_name: str) -> tuple[bool, bool, int | None, int]:
         stream = protocol.typed_field(body, struct_name, "stream", "bool", "bool") is True
-        opts = protocol.typed_field(body, struct_name, "stream_options", "object",
-                                    "openai.StreamOptions")
+        opts = protocol.typed_field(
+            body, struct_name, "stream_options", "object", "openai.StreamOptions"
+        )
         include_usage = bool(isinstance(opts, Mapping) and opts.get("include_usage") is True)
         max_tokens = protocol.typed_field(body, struct_name, "max_tokens", "number", "int")
         seed = protocol.typed_field(body, struct_name, "seed", "number", "int")
@@ -221,8 +225,15 @@ class OpenAIApi:
                     format=self._format(body),
                     started=started,
                 )
-                return await self._render_chat(request, spec, model, job, stream=stream,
-                                               include_usage=include_usage, lease=lease)
+                return await self._render_chat(
+                    request,
+                    spec,
+                    model,
+                    job,
+                    stream=stream,
+                    include_usage=include_usage,
+                    lease=lease,
+                )
             finally:
                 engine.release(lease)
 
@@ -264,8 +275,9 @@ class OpenAIApi:
                         continue
                     parts = []
                     for text in event.texts:
-                        delta = {"role": "assistant", "content": text} if first else {
-                            "content": text}
+                        delta = (
+                            {"role": "assistant", "content": text} if first else {"content": text}
+                        )
                         first = False
                         parts.append(_sse(chunk(delta, None)))
                     if resp is None:
@@ -337,8 +349,7 @@ class OpenAIApi:
                 raise ApiError(400, f"{protocol.go_quote(model)} does not support generate")
             engine = self.engine
             num_ctx = engine.default_num_ctx(spec, None)
-            lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=None,
-                                         slot=bool(prompt))
+            lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=None, slot=bool(prompt))
             try:
                 cid = f"cmpl-{random.randrange(999)}"
                 usage0 = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -394,8 +405,9 @@ class OpenAIApi:
                             if stream:
                                 if sresp is None:
                                     sresp = await start_stream(request, SSE)
-                                await sresp.write(b"".join(_sse(chunk(t, None))
-                                                           for t in event.texts))
+                                await sresp.write(
+                                    b"".join(_sse(chunk(t, None)) for t in event.texts)
+                                )
                         elif isinstance(event, Done):
                             model_stats.completed += 1
                             engine.stats.requests_served += 1
@@ -404,8 +416,9 @@ class OpenAIApi:
                             last = chunk("", event.done_reason)
                             out = [_sse(last)]
                             if include_usage:
-                                out.append(_sse({**last, "choices": [],
-                                                 "usage": _usage(event.metrics)}))
+                                out.append(
+                                    _sse({**last, "choices": [], "usage": _usage(event.metrics)})
+                                )
                             out.append(b"data: [DONE]\n\n")
                             if sresp is None:
                                 sresp = await start_stream(request, SSE)
@@ -423,8 +436,7 @@ class OpenAIApi:
                         elif isinstance(event, (Drop, Crash)):
                             model_stats.failed += 1
                             engine.stats.requests_failed += 1
-                            await abort_connection(request, engine,
-                                                   crash=isinstance(event, Crash))
+                            await abort_connection(request, engine, crash=isinstance(event, Crash))
                 raise ApiError(500, "generation ended without a result")
             finally:
                 engine.release(lease)

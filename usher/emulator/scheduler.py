@@ -205,8 +205,8 @@ class Scheduler:
         now = utcnow()
         out = []
         for r in self._runners.values():
-            exp = r.expires if (r.refs == 0 and r.expires is not None) else expires_at(
-                now, r.session
+            exp = (
+                r.expires if (r.refs == 0 and r.expires is not None) else expires_at(now, r.session)
             )
             out.append(
                 LoadedModel(
@@ -286,8 +286,9 @@ class Scheduler:
         if waiter.slot:
             runner.busy += 1
             self._stats.started(runner.spec.name)
-        return Lease(model=runner.spec.name, num_ctx=runner.num_ctx, slot=waiter.slot,
-                     _runner=runner)
+        return Lease(
+            model=runner.spec.name, num_ctx=runner.num_ctx, slot=waiter.slot, _runner=runner
+        )
 
     def _remove_waiter(self, waiter: _Waiter) -> None:
         with contextlib.suppress(ValueError):
@@ -366,7 +367,7 @@ class Scheduler:
                     break
                 await self._drain_and_unload(victim, "evict")
             seconds = spec.load_seconds if spec.load_seconds is not None else self._config.load_time
-            if seconds > 0 and not self._config.instant:
+            if seconds > 0:
                 await asyncio.sleep(seconds)
             session = keep_alive if keep_alive is not None else self._config.default_keep_alive
             runner = _Runner(
@@ -381,7 +382,7 @@ class Scheduler:
             self._runners[spec.name] = runner
             self._stats.loads += 1
             self._stats.model(spec.name).loads += 1
-        except ModelLoadError as exc:
+        except Exception as exc:  # a failed load fails its waiters, never strands them
             for waiter in list(self._waiters):
                 if waiter.spec.name == spec.name and waiter.num_ctx == num_ctx:
                     self._remove_waiter(waiter)

@@ -84,11 +84,13 @@ class _AdminApi:
         try:
             body = await request.json() if request.can_read_body else {}
         except ValueError:
-            raise web.HTTPBadRequest(text='{"error":"invalid JSON"}',
-                                     content_type="application/json") from None
+            raise web.HTTPBadRequest(
+                text='{"error":"invalid JSON"}', content_type="application/json"
+            ) from None
         if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text='{"error":"expected a JSON object"}',
-                                     content_type="application/json")
+            raise web.HTTPBadRequest(
+                text='{"error":"expected a JSON object"}', content_type="application/json"
+            )
         return body
 
     async def get_stats(self, request: web.Request) -> web.Response:
@@ -255,9 +257,7 @@ class EmulatorServer:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        self.config.faults.hang = False  # let parked requests go
-        self.engine.faults_changed()
-        await self.engine.scheduler.close()
+        await self.engine.close()
         await runner.cleanup()
 
     async def crash(self) -> None:
@@ -277,7 +277,7 @@ class EmulatorServer:
                 transport = handler.transport
                 if transport is not None:
                     transport.abort()
-        await self.engine.scheduler.close()
+        await self.engine.close()
         await runner.cleanup()
 
     def crash_soon(self) -> None:

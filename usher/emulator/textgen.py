@@ -26,8 +26,7 @@ __all__ = [
     "truncate_embedding",
 ]
 
-WORDS: tuple[str, ...] = tuple(
-    """
+_WORD_TEXT = """
     the of and to in is that for it as with was on be by this are from at or an have
     not which but they one all were there their been has more when will would what so
     if can out about up into than them only other new some time could these two may
@@ -38,8 +37,8 @@ WORDS: tuple[str, ...] = tuple(
     us great old year off come since against go came right used take three light sky
     blue river stone signal model queue token answer system network memory cloud
     garden morning silver window harbor engine little quiet bright simple careful
-    """.split()
-)
+"""
+WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))  # unique, ordered
 
 _VOCAB = 128_000  # token ids stay in a Llama-3-sized vocabulary
 
@@ -137,9 +136,7 @@ def token_ids(text: str, seed: int = 0) -> list[int]:
     """Stable pseudo token ids for ``text`` (``context`` of /api/generate)."""
     n = count_tokens(text)
     chunk = max(1, math.ceil(len(text) / n)) if n else 1
-    return [
-        _seed_int("tok", text[i * chunk : (i + 1) * chunk], seed) % _VOCAB for i in range(n)
-    ]
+    return [_seed_int("tok", text[i * chunk : (i + 1) * chunk], seed) % _VOCAB for i in range(n)]
 
 
 def embedding(text: str, dim: int, seed: int = 0) -> list[float]:
@@ -155,4 +152,3 @@ def truncate_embedding(vec: Sequence[float], dims: int) -> list[float]:
     head = list(vec[:dims])
     norm = math.sqrt(sum(v * v for v in head)) or 1.0
     return [v / norm for v in head]
-

@@ -1,0 +1,1 @@
+"""Tests of the Ollama emulator (``usher.emulator``)."""
