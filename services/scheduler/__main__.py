@@ -18,7 +18,12 @@ def main() -> None:
         print(f"usher-scheduler: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    asyncio.run(SchedulerApp(settings).run())
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: SchedulerSettings) -> None:
+    # Built inside the running loop: grpc.aio binds its server to the loop that creates it.
+    await SchedulerApp(settings).run()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 from services.scheduler.reaper import reap_forever
@@ -61,20 +60,20 @@ class SchedulerApp:
             grace_seconds=self.settings.shutdown_grace_seconds,
         )
         self._reaper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         await self.server.start()
         self._reaper = asyncio.create_task(
-            reap_forever(self.store, self.settings.reap_interval_seconds)
+            reap_forever(self.store, self.settings.reap_interval_seconds, self._stopping)
         )
         log.info("scheduler listening", address=self.settings.listen, port=self.server.port)
 
     async def stop(self) -> None:
         await self.server.stop()
+        self._stopping.set()
         if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await self._reaper
         await self.redis.aclose()
 
     async def run(self) -> None:

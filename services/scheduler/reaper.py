@@ -7,6 +7,7 @@ Each pass is one atomic script per model, so several replicas reaping at once is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from services.scheduler.store import QueueStore, ReapCounts
 from usher.logs import get_logger
@@ -28,12 +29,13 @@ async def reap_once(store: QueueStore) -> dict[str, ReapCounts]:
     return done
 
 
-async def reap_forever(store: QueueStore, interval_seconds: float) -> None:
-    while True:
+async def reap_forever(store: QueueStore, interval_seconds: float, stop: asyncio.Event) -> None:
+    """Reap every ``interval_seconds`` until ``stop`` is set. Stopping by event rather than
+    by cancelling lets a pass finish its script instead of abandoning a Redis call midway."""
+    while not stop.is_set():
         try:
             await reap_once(store)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # Redis away: keep trying, the work is still there.
             log.warning("reap failed", error=str(exc))
-        await asyncio.sleep(interval_seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_seconds)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from services.scheduler import fairness
 from services.scheduler.eta import EWMA_ALPHA, ModelAverages
@@ -279,13 +281,29 @@ class QueueStore:
         self._weights: dict[str, tuple[float, float]] = {}
         self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
 
-    async def _run(
-        self, name: str, model: str, args: Sequence[Any], client: Any = None
-    ) -> Any:
+    async def _run(self, name: str, model: str, args: Sequence[Any]) -> Any:
         mk = ModelKeys(model)
-        return await self._scripts[name](
-            keys=[mk.queue], args=[mk.base, now_ms(), *args], client=client or self.redis
-        )
+        return await self._scripts[name](keys=[mk.queue], args=[mk.base, now_ms(), *args])
+
+    def _queue_script(self, pipe: Pipeline, name: str, model: str, args: Sequence[Any]) -> None:
+        """Add a script call to a pipeline by SHA (no per-call SCRIPT EXISTS round trip)."""
+        mk = ModelKeys(model)
+        pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
+
+    async def _execute(self, build: Callable[[Pipeline], None]) -> list[Any]:
+        """Run a pipeline; if Redis lost its script cache (a restart), load and run it again.
+        Every command in our pipelines is safe to repeat."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    return list(await pipe.execute())
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            for script in self._scripts.by_name.values():
+                await self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     # ---- submit ---------------------------------------------------------------------------
 
@@ -336,12 +354,14 @@ class QueueStore:
             flat += [name, value]
         index_ttl = self.defaults.result_ttl_seconds + INDEX_SLACK_SECONDS
         listing = keys.tenant_requests(request.tenant)
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             pipe.set(keys.request_index(request.id), request.model, ex=index_ttl)
             pipe.zadd(listing, {request.id: created})
             pipe.zremrangebyrank(listing, 0, -TENANT_LISTING_MAX - 1)
             pipe.sadd(keys.MODELS, request.model)
-            await self._run(
+            self._queue_script(
+                pipe,
                 "enqueue",
                 request.model,
                 [
@@ -352,9 +372,9 @@ class QueueStore:
                     request.queue_timeout_ms or 0, self.defaults.max_attempts,
                     self.defaults.queue_timeout_ms, created, request.deadline_ms, *flat,
                 ],
-                client=pipe,
             )
-            replies = await pipe.execute()
+
+        replies = await self._execute(build)
         status, request_id, position, length = replies[-1]
         outcome = SubmitOutcome(status.decode(), request_id.decode(), int(position), int(length))
         if outcome.request_id != request.id or outcome.status == "full":
@@ -404,11 +424,13 @@ class QueueStore:
         if not ids:
             return [], False
         models = await self.redis.mget([keys.request_index(i) for i in ids])
-        async with self.redis.pipeline(transaction=False) as pipe:
-            wanted = [(i, m.decode()) for i, m in zip(ids, models, strict=True) if m]
+        wanted = [(i, m.decode()) for i, m in zip(ids, models, strict=True) if m]
+
+        def build(pipe: Pipeline) -> None:
             for request_id, model in wanted:
-                await self._run("inspect", model, [request_id], client=pipe)
-            replies = await pipe.execute()
+                self._queue_script(pipe, "inspect", model, [request_id])
+
+        replies = await self._execute(build)
         found = []
         for reply in replies:
             if reply is not None:
