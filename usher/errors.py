@@ -6,15 +6,17 @@ stay free of status plumbing and every error says which field or limit was at fa
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 import redis.exceptions
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from usher.grpc_types import Context, MethodHandler
 
 __all__ = [
     "AlreadyFinished",
@@ -50,7 +52,7 @@ class UsherError(Exception):
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
         for detail in self.details():
             status.details.append(detail)
-        return rpc_status.to_status(status)
+        return cast(grpc.Status, rpc_status.to_status(status))
 
 
 def _pack(message: Any) -> any_pb2.Any:
@@ -69,7 +71,9 @@ class InvalidArgument(UsherError):
     def details(self) -> list[any_pb2.Any]:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in self.violations
             ]
         )
@@ -109,8 +113,6 @@ class ResourceExhausted(UsherError):
         return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
 
 
-
-
 def _to_error(exc: Exception) -> UsherError | None:
     if isinstance(exc, UsherError):
         return exc
@@ -121,7 +123,10 @@ def _to_error(exc: Exception) -> UsherError | None:
     return None
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# grpc.aio handlers are coroutines (or async generators), though the stubs type
+# RpcMethodHandler's attributes for sync grpc.
+Handler: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
+StreamHandler: TypeAlias = "Callable[[Any, Context], AsyncIterator[Any]]"
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -129,16 +134,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         if handler.unary_unary is not None:
-            inner: Handler = handler.unary_unary
+            inner = cast("Handler", handler.unary_unary)
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Any, context: Context) -> Any:
                 try:
                     return await inner(request, context)
                 except Exception as exc:
@@ -153,9 +158,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream = cast("StreamHandler", handler.unary_stream)
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 try:
                     async for item in inner_stream(request, context):
                         yield item

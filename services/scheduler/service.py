@@ -8,8 +8,6 @@ from __future__ import annotations
 import base64
 import time
 
-import grpc
-
 from services.scheduler import admission, fairness, records
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import NewRequest, QueueStore, StoredRequest
@@ -22,12 +20,15 @@ from usher.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from usher.grpc_types import Context
 from usher.ids import is_request_id, new_request_id
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SchedulerAdminServicer", "SchedulerServicer"]
 
-_STATE_NAMES = {v: k.removeprefix("REQUEST_STATE_") for k, v in request_pb2.RequestState.items()}
+_STATE_NAMES: dict[int, str] = {
+    v: k.removeprefix("REQUEST_STATE_") for k, v in request_pb2.RequestState.items()
+}
 _MAX_PAGE = 1000
 
 
@@ -44,10 +45,12 @@ class _Handlers:
         self.auth = auth
         self.settings = settings
 
-    def caller(self, context: grpc.aio.ServicerContext) -> Principal:
+    def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
 
-    async def view(self, stored: StoredRequest, state_override: int | None = None) -> request_pb2.LlmRequest:
+    async def view(
+        self, stored: StoredRequest, state_override: int | None = None
+    ) -> request_pb2.LlmRequest:
         averages, parallel = await self.store.model_averages(stored.model)
         return records.to_proto(stored, averages, parallel, state_override)
 
@@ -63,7 +66,7 @@ class _Handlers:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
     async def Submit(
-        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.SubmitRequest, context: Context
     ) -> scheduler_pb2.SubmitResponse:
         caller = self.caller(context)
         now = time.time()
@@ -86,11 +89,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             fallback=request.fallback_policy,
             payload=request.SerializeToString(),
             prompt_tokens=fairness.estimate_tokens(admission.prompt_characters(request)),
-            num_predict=request.options.num_predict if request.options.HasField("num_predict") else None,
+            num_predict=request.options.num_predict
+            if request.options.HasField("num_predict")
+            else None,
             created_ms=int(now * 1000),
             deadline_ms=request.deadline.ToMilliseconds() if request.HasField("deadline") else 0,
             queue_timeout_ms=(
-                request.queue_timeout.ToMilliseconds() if request.HasField("queue_timeout") else None
+                request.queue_timeout.ToMilliseconds()
+                if request.HasField("queue_timeout")
+                else None
             ),
             idempotency_key=request.idempotency_key,
             fingerprint=admission.fingerprint(request, caller.organization) if share else "",
@@ -115,13 +122,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         )
 
     async def Get(
-        self, request: scheduler_pb2.GetRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.GetRequest, context: Context
     ) -> scheduler_pb2.GetResponse:
         stored = await self.owned(request.id, self.caller(context))
         return scheduler_pb2.GetResponse(request=await self.view(stored))
 
     async def List(
-        self, request: scheduler_pb2.ListRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.ListRequest, context: Context
     ) -> scheduler_pb2.ListResponse:
         caller = self.caller(context)
         if not 0 <= request.page_size <= _MAX_PAGE:
@@ -150,7 +157,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         return scheduler_pb2.ListResponse(requests=views, next_page_token=token)
 
     async def Cancel(
-        self, request: scheduler_pb2.CancelRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.CancelRequest, context: Context
     ) -> scheduler_pb2.CancelResponse:
         caller = self.caller(context)
         stored = await self.owned(request.id, caller)
@@ -176,7 +183,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
 
 
 class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _Handlers):
-    def admin(self, context: grpc.aio.ServicerContext) -> Principal:
+    def admin(self, context: Context) -> Principal:
         caller = self.caller(context)
         caller.require_admin()
         return caller
@@ -194,7 +201,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         return message
 
     async def UpdateQueueConfig(
-        self, request: scheduler_pb2.UpdateQueueConfigRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.UpdateQueueConfigRequest, context: Context
     ) -> scheduler_pb2.UpdateQueueConfigResponse:
         self.admin(context)
         problems: list[FieldViolation] = []
@@ -202,7 +209,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
             problems.append(FieldViolation("model", "is not a model name"))
         changes: dict[str, int] = {}
         for name in ("max_queue_size", "max_attempts", "parallel"):
-            if request.HasField(name):  # type: ignore[arg-type]
+            if request.HasField(name):
                 value = getattr(request, name)
                 if value < 1:
                     problems.append(FieldViolation(name, "must be at least 1"))
@@ -216,10 +223,12 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         if problems:
             raise InvalidArgument(problems)
         await self.store.update_config(request.model, changes)
-        return scheduler_pb2.UpdateQueueConfigResponse(config=await self._config_proto(request.model))
+        return scheduler_pb2.UpdateQueueConfigResponse(
+            config=await self._config_proto(request.model)
+        )
 
     async def GetQueueStats(
-        self, request: scheduler_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.GetQueueStatsRequest, context: Context
     ) -> scheduler_pb2.GetQueueStatsResponse:
         self.admin(context)
         models = list(request.models) or await self.store.models()
@@ -241,7 +250,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         return scheduler_pb2.GetQueueStatsResponse(stats=out)
 
     async def SetTenantWeight(
-        self, request: scheduler_pb2.SetTenantWeightRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.SetTenantWeightRequest, context: Context
     ) -> scheduler_pb2.SetTenantWeightResponse:
         self.admin(context)
         problems = []
@@ -257,7 +266,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         return scheduler_pb2.SetTenantWeightResponse(tenant=request.tenant, weight=request.weight)
 
     async def ListDeadLetters(
-        self, request: scheduler_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+        self, request: scheduler_pb2.ListDeadLettersRequest, context: Context
     ) -> scheduler_pb2.ListDeadLettersResponse:
         self.admin(context)
         if not admission.MODEL_NAME.match(request.model):

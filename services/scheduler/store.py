@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+from redis.typing import EncodableT, FieldT
 
 from services.scheduler import fairness
 from services.scheduler.eta import EWMA_ALPHA, ModelAverages
@@ -40,12 +41,14 @@ __all__ = [
 
 QUEUED = request_pb2.REQUEST_STATE_QUEUED
 RUNNING = request_pb2.REQUEST_STATE_RUNNING
-TERMINAL_STATES = frozenset({
-    request_pb2.REQUEST_STATE_COMPLETED,
-    request_pb2.REQUEST_STATE_FAILED,
-    request_pb2.REQUEST_STATE_CANCELLED,
-    request_pb2.REQUEST_STATE_EXPIRED,
-})
+TERMINAL_STATES = frozenset(
+    {
+        request_pb2.REQUEST_STATE_COMPLETED,
+        request_pb2.REQUEST_STATE_FAILED,
+        request_pb2.REQUEST_STATE_CANCELLED,
+        request_pb2.REQUEST_STATE_EXPIRED,
+    }
+)
 #: A caller's listing keeps its newest entries only.
 TENANT_LISTING_MAX = 10_000
 #: The id → model index outlives the request's own keys by this much (queue time + slack).
@@ -106,6 +109,11 @@ class SubmitOutcome:
     request_id: str
     position: int
     queue_length: int
+
+
+def _decode(reply: bytes | str) -> str:
+    """A reply as text. Our client keeps ``decode_responses=False``, so replies are bytes."""
+    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 def _text(raw: dict[bytes, bytes], name: str, default: str = "") -> str:
@@ -305,6 +313,14 @@ class QueueStore:
                 await self.redis.script_load(script.script)
         raise AssertionError("unreachable")
 
+    # Typed reads: our client keeps decode_responses=False, so members and fields are bytes.
+
+    async def _zrevrange(self, key: str, start: int, end: int) -> list[bytes]:
+        return cast("list[bytes]", await self.redis.zrevrange(key, start, end))
+
+    async def _hgetall(self, key: str) -> dict[bytes, bytes]:
+        return cast("dict[bytes, bytes]", await self.redis.hgetall(key))
+
     # ---- submit ---------------------------------------------------------------------------
 
     async def tenant_weight(self, organization: str, user: str) -> float:
@@ -365,12 +381,23 @@ class QueueStore:
                 "enqueue",
                 request.model,
                 [
-                    request.id, request.tenant, fairness.flow_key(request.tenant, klass),
-                    repr(weight), repr(cost), klass, repr(self.defaults.priority_lead),
-                    self.defaults.max_queue_size, request.fingerprint,
-                    request.idempotency_key, self.defaults.idempotency_ttl_seconds,
-                    request.queue_timeout_ms or 0, self.defaults.max_attempts,
-                    self.defaults.queue_timeout_ms, created, request.deadline_ms, *flat,
+                    request.id,
+                    request.tenant,
+                    fairness.flow_key(request.tenant, klass),
+                    repr(weight),
+                    repr(cost),
+                    klass,
+                    repr(self.defaults.priority_lead),
+                    self.defaults.max_queue_size,
+                    request.fingerprint,
+                    request.idempotency_key,
+                    self.defaults.idempotency_ttl_seconds,
+                    request.queue_timeout_ms or 0,
+                    self.defaults.max_attempts,
+                    self.defaults.queue_timeout_ms,
+                    created,
+                    request.deadline_ms,
+                    *flat,
                 ],
             )
 
@@ -392,7 +419,7 @@ class QueueStore:
 
     async def model_of(self, request_id: str) -> str | None:
         raw = await self.redis.get(keys.request_index(request_id))
-        return raw.decode() if raw else None
+        return _decode(raw) if raw else None
 
     async def get(self, request_id: str) -> StoredRequest | None:
         model = await self.model_of(request_id)
@@ -415,16 +442,14 @@ class QueueStore:
         """The caller's requests, newest first; the flag says whether more follow."""
         ids = [
             raw.decode()
-            for raw in await self.redis.zrevrange(
-                keys.tenant_requests(tenant), offset, offset + limit
-            )
+            for raw in await self._zrevrange(keys.tenant_requests(tenant), offset, offset + limit)
         ]
         more = len(ids) > limit
         ids = ids[:limit]
         if not ids:
             return [], False
         models = await self.redis.mget([keys.request_index(i) for i in ids])
-        wanted = [(i, m.decode()) for i, m in zip(ids, models, strict=True) if m]
+        wanted = [(i, _decode(m)) for i, m in zip(ids, models, strict=True) if m]
 
         def build(pipe: Pipeline) -> None:
             for request_id, model in wanted:
@@ -435,13 +460,18 @@ class QueueStore:
         for reply in replies:
             if reply is not None:
                 flat, owners, position, length = reply
-                found.append(StoredRequest.from_hash(
-                    _pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
-                ))
+                found.append(
+                    StoredRequest.from_hash(
+                        _pairs(flat),
+                        frozenset(o.decode() for o in owners),
+                        int(position),
+                        int(length),
+                    )
+                )
         return found, more
 
     async def models(self) -> list[str]:
-        return sorted(m.decode() for m in await self.redis.smembers(keys.MODELS))
+        return sorted(_decode(m) for m in await self.redis.smembers(keys.MODELS))
 
     async def queue_length(self, model: str) -> int:
         length: int = await self.redis.zcard(ModelKeys(model).queue)
@@ -469,7 +499,7 @@ class QueueStore:
         return averages, slots
 
     async def counters(self, model: str) -> dict[str, float]:
-        raw = await self.redis.hgetall(ModelKeys(model).stats)
+        raw = await self._hgetall(ModelKeys(model).stats)
         return {k.decode(): float(v) for k, v in raw.items()}
 
     async def running_count(self, model: str) -> int:
@@ -481,14 +511,14 @@ class QueueStore:
         return count
 
     async def dead_letters(self, model: str, limit: int) -> list[StoredRequest]:
-        ids = await self.redis.zrevrange(ModelKeys(model).dead_letters, 0, limit - 1)
+        ids = await self._zrevrange(ModelKeys(model).dead_letters, 0, limit - 1)
         found = [await self.inspect(model, raw.decode()) for raw in ids]
         return [r for r in found if r is not None]
 
     # ---- config ---------------------------------------------------------------------------
 
     async def config(self, model: str) -> ModelConfig:
-        raw = await self.redis.hgetall(ModelKeys(model).config)
+        raw = await self._hgetall(ModelKeys(model).config)
         d = self.defaults
         return ModelConfig(
             model=model,
@@ -501,8 +531,9 @@ class QueueStore:
 
     async def update_config(self, model: str, changes: dict[str, int]) -> ModelConfig:
         if changes:
+            mapping: dict[FieldT, EncodableT] = dict(changes.items())
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(ModelKeys(model).config, mapping=changes)
+                pipe.hset(ModelKeys(model).config, mapping=mapping)
                 pipe.sadd(keys.MODELS, model)
                 await pipe.execute()
         self._averages.pop(model, None)
@@ -515,8 +546,15 @@ class QueueStore:
     ) -> str:
         """notfound | denied | finished | detached | cancelled | cancel_requested."""
         reply = await self._run(
-            "cancel", model,
-            [request_id, caller, "1" if is_admin else "0", reason, self.defaults.result_ttl_seconds],
+            "cancel",
+            model,
+            [
+                request_id,
+                caller,
+                "1" if is_admin else "0",
+                reason,
+                self.defaults.result_ttl_seconds,
+            ],
         )
         return str(reply.decode())
 
@@ -531,7 +569,11 @@ class QueueStore:
         flat = await self._scripts["claim"](
             keys=[mk.external if external else mk.queue],
             args=[
-                mk.base, now_ms(), lease_ms or self.defaults.lease_ms, owner, token,
+                mk.base,
+                now_ms(),
+                lease_ms or self.defaults.lease_ms,
+                owner,
+                token,
                 "0" if external else "1",
             ],
             client=self.redis,
@@ -543,7 +585,8 @@ class QueueStore:
     async def heartbeat(self, lease: Lease, lease_ms: int | None = None) -> int:
         """-1: lease lost; 1: cancel requested; 0: carry on."""
         reply = await self._run(
-            "heartbeat", lease.request.model,
+            "heartbeat",
+            lease.request.model,
             [lease.request.id, lease.token, lease_ms or self.defaults.lease_ms],
         )
         return int(reply)
@@ -556,13 +599,20 @@ class QueueStore:
         if work.usage:
             extra += ["usage", work.usage]
         reply = await self._run(
-            "complete", lease.request.model,
+            "complete",
+            lease.request.model,
             [
-                lease.request.id, lease.token, work.state, work.error,
+                lease.request.id,
+                lease.token,
+                work.state,
+                work.error,
                 self.defaults.result_ttl_seconds,
                 -1 if work.actual_tokens is None else work.actual_tokens,
-                repr(work.service_ms), repr(work.tokens_per_second), work.output_tokens,
-                repr(EWMA_ALPHA), *extra,
+                repr(work.service_ms),
+                repr(work.tokens_per_second),
+                work.output_tokens,
+                repr(EWMA_ALPHA),
+                *extra,
             ],
         )
         return int(reply) == 1

@@ -23,14 +23,16 @@ from usher.testing import free_port  # noqa: E402
 from usher.testing.redis_server import ExternalRedis, RedisServer  # noqa: E402
 from usher.v1 import scheduler_pb2_grpc  # noqa: E402
 
-TOKENS = "alice-token=alice@acme,bob-token=bob@acme,carol-token=carol@globex,root-token=root@ops:admin"
+TOKENS = (
+    "alice-token=alice@acme,bob-token=bob@acme,carol-token=carol@globex,root-token=root@ops:admin"
+)
 
 
 @dataclass
 class SchedulerClient:
     channel: grpc.aio.Channel
-    scheduler: scheduler_pb2_grpc.SchedulerServiceStub
-    admin: scheduler_pb2_grpc.SchedulerAdminServiceStub
+    scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+    admin: scheduler_pb2_grpc.SchedulerAdminServiceAsyncStub
     app: SchedulerApp
 
     @staticmethod

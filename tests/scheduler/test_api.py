@@ -14,7 +14,9 @@ from usher.v1 import request_pb2, scheduler_pb2
 A = SchedulerClient.auth
 
 
-async def submit(client: SchedulerClient, user: str = "alice", **kw: object) -> scheduler_pb2.SubmitResponse:
+async def submit(
+    client: SchedulerClient, user: str = "alice", **kw: object
+) -> scheduler_pb2.SubmitResponse:
     request = kw.pop("request", None) or generate_submit()
     assert isinstance(request, scheduler_pb2.SubmitRequest)
     for name, value in kw.items():
@@ -23,7 +25,7 @@ async def submit(client: SchedulerClient, user: str = "alice", **kw: object) -> 
 
 
 def details(error: grpc.aio.AioRpcError) -> list[object]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None
     out: list[object] = []
     for any_detail in status.details:
@@ -43,7 +45,9 @@ async def test_submit_answers_position_and_eta(scheduler: SchedulerClient) -> No
     assert second.request.tenant.user == "alice" and second.request.tenant.organization == "acme"
     eta = second.request.eta
     assert eta.max.ToMilliseconds() >= eta.min.ToMilliseconds() > 0
-    got = await scheduler.scheduler.Get(scheduler_pb2.GetRequest(id=first.request.id), metadata=A("alice"))
+    got = await scheduler.scheduler.Get(
+        scheduler_pb2.GetRequest(id=first.request.id), metadata=A("alice")
+    )
     assert got.request.position.position == 1
     assert got.request.position.queue_length == 2
 
@@ -53,27 +57,91 @@ async def test_unauthenticated_calls_are_refused(scheduler: SchedulerClient) -> 
         await scheduler.scheduler.Submit(generate_submit())
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await scheduler.scheduler.Submit(generate_submit(), metadata=(("authorization", "Bearer nope"),))
+        await scheduler.scheduler.Submit(
+            generate_submit(), metadata=(("authorization", "Bearer nope"),)
+        )
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 BAD_INPUTS = [
-    ("model", scheduler_pb2.SubmitRequest(model="bad model!", generate=request_pb2.GenerateInput(prompt="x"))),
-    ("model", scheduler_pb2.SubmitRequest(model="{slot}", generate=request_pb2.GenerateInput(prompt="x"))),
+    (
+        "model",
+        scheduler_pb2.SubmitRequest(
+            model="bad model!", generate=request_pb2.GenerateInput(prompt="x")
+        ),
+    ),
+    (
+        "model",
+        scheduler_pb2.SubmitRequest(model="{slot}", generate=request_pb2.GenerateInput(prompt="x")),
+    ),
     ("model", scheduler_pb2.SubmitRequest(generate=request_pb2.GenerateInput(prompt="x"))),
     ("input", scheduler_pb2.SubmitRequest(model="llama3.2")),
-    ("generate.prompt", scheduler_pb2.SubmitRequest(model="llama3.2", generate=request_pb2.GenerateInput(prompt="   "))),
+    (
+        "generate.prompt",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2", generate=request_pb2.GenerateInput(prompt="   ")
+        ),
+    ),
     ("chat.messages", scheduler_pb2.SubmitRequest(model="llama3.2", chat=request_pb2.ChatInput())),
-    ("chat.messages[0].role", scheduler_pb2.SubmitRequest(
-        model="llama3.2", chat=request_pb2.ChatInput(messages=[request_pb2.ChatMessage(role="robot", content="hi")]))),
-    ("embed.input[1]", scheduler_pb2.SubmitRequest(model="llama3.2", embed=request_pb2.EmbedInput(input=["a", ""]))),
-    ("generate", scheduler_pb2.SubmitRequest(model="llama3.2", generate=request_pb2.GenerateInput(prompt="x" * 1_000_001))),
-    ("priority", scheduler_pb2.SubmitRequest(model="llama3.2", generate=request_pb2.GenerateInput(prompt="x"), priority=-1)),  # type: ignore[arg-type]
-    ("priority", scheduler_pb2.SubmitRequest(model="llama3.2", generate=request_pb2.GenerateInput(prompt="x"), priority=9)),  # type: ignore[arg-type]
-    ("generate.format", scheduler_pb2.SubmitRequest(model="llama3.2", generate=request_pb2.GenerateInput(prompt="x", format="yaml"))),
-    ("idempotency_key", scheduler_pb2.SubmitRequest(model="llama3.2", generate=request_pb2.GenerateInput(prompt="x"), idempotency_key="has space")),
-    ("options.temperature", scheduler_pb2.SubmitRequest(
-        model="llama3.2", generate=request_pb2.GenerateInput(prompt="x"), options=request_pb2.GenerationOptions(temperature=-1))),
+    (
+        "chat.messages[0].role",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            chat=request_pb2.ChatInput(
+                messages=[request_pb2.ChatMessage(role="robot", content="hi")]
+            ),
+        ),
+    ),
+    (
+        "embed.input[1]",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2", embed=request_pb2.EmbedInput(input=["a", ""])
+        ),
+    ),
+    (
+        "generate",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2", generate=request_pb2.GenerateInput(prompt="x" * 1_000_001)
+        ),
+    ),
+    (
+        "priority",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            generate=request_pb2.GenerateInput(prompt="x"),
+            priority=-1,  # type: ignore[arg-type]
+        ),
+    ),
+    (
+        "priority",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            generate=request_pb2.GenerateInput(prompt="x"),
+            priority=9,  # type: ignore[arg-type]
+        ),
+    ),
+    (
+        "generate.format",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2", generate=request_pb2.GenerateInput(prompt="x", format="yaml")
+        ),
+    ),
+    (
+        "idempotency_key",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            generate=request_pb2.GenerateInput(prompt="x"),
+            idempotency_key="has space",
+        ),
+    ),
+    (
+        "options.temperature",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            generate=request_pb2.GenerateInput(prompt="x"),
+            options=request_pb2.GenerationOptions(temperature=-1),
+        ),
+    ),
 ]
 
 
@@ -115,21 +183,32 @@ async def test_other_tenants_cannot_see_or_cancel(scheduler: SchedulerClient) ->
     mine = await submit(scheduler, "alice")
     for user in ("bob", "carol"):
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await scheduler.scheduler.Get(scheduler_pb2.GetRequest(id=mine.request.id), metadata=A(user))
+            await scheduler.scheduler.Get(
+                scheduler_pb2.GetRequest(id=mine.request.id), metadata=A(user)
+            )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await scheduler.scheduler.Cancel(scheduler_pb2.CancelRequest(id=mine.request.id), metadata=A(user))
+            await scheduler.scheduler.Cancel(
+                scheduler_pb2.CancelRequest(id=mine.request.id), metadata=A(user)
+            )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     listed = await scheduler.scheduler.List(scheduler_pb2.ListRequest(), metadata=A("bob"))
     assert list(listed.requests) == []
-    admin_view = await scheduler.scheduler.Get(scheduler_pb2.GetRequest(id=mine.request.id), metadata=A("root"))
+    admin_view = await scheduler.scheduler.Get(
+        scheduler_pb2.GetRequest(id=mine.request.id), metadata=A("root")
+    )
     assert admin_view.request.id == mine.request.id
 
 
 async def test_list_pages_own_requests_newest_first(scheduler: SchedulerClient) -> None:
-    ids = [(await submit(scheduler, request=generate_submit(prompt=f"p{i}"))).request.id for i in range(5)]
+    ids = [
+        (await submit(scheduler, request=generate_submit(prompt=f"p{i}"))).request.id
+        for i in range(5)
+    ]
     await submit(scheduler, "bob")
-    page = await scheduler.scheduler.List(scheduler_pb2.ListRequest(page_size=3), metadata=A("alice"))
+    page = await scheduler.scheduler.List(
+        scheduler_pb2.ListRequest(page_size=3), metadata=A("alice")
+    )
     assert [r.id for r in page.requests] == ids[::-1][:3]
     rest = await scheduler.scheduler.List(
         scheduler_pb2.ListRequest(page_size=3, page_token=page.next_page_token), metadata=A("alice")
@@ -142,11 +221,14 @@ async def test_cancel_queued_removes_it_at_once(scheduler: SchedulerClient) -> N
     first = await submit(scheduler)
     second = await submit(scheduler, request=generate_submit(prompt="two"))
     cancelled = await scheduler.scheduler.Cancel(
-        scheduler_pb2.CancelRequest(id=first.request.id, reason="changed my mind"), metadata=A("alice")
+        scheduler_pb2.CancelRequest(id=first.request.id, reason="changed my mind"),
+        metadata=A("alice"),
     )
     assert cancelled.request.state == request_pb2.REQUEST_STATE_CANCELLED
     assert cancelled.request.error == "changed my mind"
-    moved = await scheduler.scheduler.Get(scheduler_pb2.GetRequest(id=second.request.id), metadata=A("alice"))
+    moved = await scheduler.scheduler.Get(
+        scheduler_pb2.GetRequest(id=second.request.id), metadata=A("alice")
+    )
     assert (moved.request.position.position, moved.request.position.queue_length) == (1, 1)
 
 
@@ -154,7 +236,9 @@ async def test_cancel_running_signals_the_dispatcher(scheduler: SchedulerClient)
     sent = await submit(scheduler)
     lease = await scheduler.app.store.claim("llama3.2", "dispatcher-1")
     assert lease is not None
-    answer = await scheduler.scheduler.Cancel(scheduler_pb2.CancelRequest(id=sent.request.id), metadata=A("alice"))
+    answer = await scheduler.scheduler.Cancel(
+        scheduler_pb2.CancelRequest(id=sent.request.id), metadata=A("alice")
+    )
     assert answer.request.state == request_pb2.REQUEST_STATE_RUNNING
     assert answer.request.cancel_requested
     assert await scheduler.app.store.heartbeat(lease) == 1
@@ -168,14 +252,17 @@ async def test_cancel_finished_is_failed_precondition(scheduler: SchedulerClient
     assert lease is not None
     await scheduler.app.store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await scheduler.scheduler.Cancel(scheduler_pb2.CancelRequest(id=sent.request.id), metadata=A("alice"))
+        await scheduler.scheduler.Cancel(
+            scheduler_pb2.CancelRequest(id=sent.request.id), metadata=A("alice")
+        )
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "COMPLETED" in (info.value.details() or "")
 
 
 async def test_full_queue_is_resource_exhausted_with_retry_info(scheduler: SchedulerClient) -> None:
     await scheduler.admin.UpdateQueueConfig(
-        scheduler_pb2.UpdateQueueConfigRequest(model="llama3.2", max_queue_size=2), metadata=A("root")
+        scheduler_pb2.UpdateQueueConfigRequest(model="llama3.2", max_queue_size=2),
+        metadata=A("root"),
     )
     await submit(scheduler, request=generate_submit(prompt="1"))
     await submit(scheduler, request=generate_submit(prompt="2"))
@@ -189,7 +276,8 @@ async def test_full_queue_is_resource_exhausted_with_retry_info(scheduler: Sched
     assert len(listed.requests) == 2
     # Raising the limit at runtime admits it.
     await scheduler.admin.UpdateQueueConfig(
-        scheduler_pb2.UpdateQueueConfigRequest(model="llama3.2", max_queue_size=3), metadata=A("root")
+        scheduler_pb2.UpdateQueueConfigRequest(model="llama3.2", max_queue_size=3),
+        metadata=A("root"),
     )
     third = await submit(scheduler, request=generate_submit(prompt="3"))
     assert third.request.position.position == 3
@@ -209,23 +297,35 @@ async def test_identical_deterministic_requests_share_one(scheduler: SchedulerCl
     second = await submit(scheduler, "bob", request=generate_submit(prompt="same", temperature=0))
     assert second.deduplicated and second.request.id == first.request.id
     # bob can now see it; carol (another organization) gets her own.
-    seen = await scheduler.scheduler.Get(scheduler_pb2.GetRequest(id=first.request.id), metadata=A("bob"))
+    seen = await scheduler.scheduler.Get(
+        scheduler_pb2.GetRequest(id=first.request.id), metadata=A("bob")
+    )
     assert seen.request.id == first.request.id
     third = await submit(scheduler, "carol", request=generate_submit(prompt="same", temperature=0))
     assert not third.deduplicated
-    sampled = await submit(scheduler, "bob", request=generate_submit(prompt="same", temperature=0.8))
+    sampled = await submit(
+        scheduler, "bob", request=generate_submit(prompt="same", temperature=0.8)
+    )
     assert not sampled.deduplicated
     # bob leaving does not cancel alice's request.
-    left = await scheduler.scheduler.Cancel(scheduler_pb2.CancelRequest(id=first.request.id), metadata=A("bob"))
+    left = await scheduler.scheduler.Cancel(
+        scheduler_pb2.CancelRequest(id=first.request.id), metadata=A("bob")
+    )
     assert left.request.state == request_pb2.REQUEST_STATE_CANCELLED
-    still = await scheduler.scheduler.Get(scheduler_pb2.GetRequest(id=first.request.id), metadata=A("alice"))
+    still = await scheduler.scheduler.Get(
+        scheduler_pb2.GetRequest(id=first.request.id), metadata=A("alice")
+    )
     assert still.request.state == request_pb2.REQUEST_STATE_QUEUED
 
 
 async def test_admin_methods_need_the_admin_role(scheduler: SchedulerClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await scheduler.admin.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(), metadata=A("alice"))
+        await scheduler.admin.GetQueueStats(
+            scheduler_pb2.GetQueueStatsRequest(), metadata=A("alice")
+        )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     await submit(scheduler)
-    stats = await scheduler.admin.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(), metadata=A("root"))
+    stats = await scheduler.admin.GetQueueStats(
+        scheduler_pb2.GetQueueStatsRequest(), metadata=A("root")
+    )
     assert [(s.config.model, s.queued) for s in stats.stats] == [("llama3.2", 1)]

@@ -53,7 +53,7 @@ def scheduler_process(redis_url: str, port: int, tmp_log: str) -> ServiceProcess
 
 
 @contextlib.asynccontextmanager
-async def stub_for(port: int) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceStub]:
+async def stub_for(port: int) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -95,7 +95,9 @@ async def assert_all_present(redis_url: str, ids: list[str]) -> None:
         await client.aclose()
 
 
-async def test_sigkill_the_scheduler_mid_load_loses_nothing(own_redis: RedisServer, tmp_path: object) -> None:
+async def test_sigkill_the_scheduler_mid_load_loses_nothing(
+    own_redis: RedisServer, tmp_path: object
+) -> None:
     port = free_port()
     log = os.path.join(str(tmp_path), "scheduler.log")
     accepted: list[str] = []
@@ -103,7 +105,9 @@ async def test_sigkill_the_scheduler_mid_load_loses_nothing(own_redis: RedisServ
     process = scheduler_process(own_redis.url, port, log).start()
     try:
         stop = asyncio.Event()
-        load = [asyncio.create_task(submit_until(port, stop, accepted, refused, w)) for w in range(8)]
+        load = [
+            asyncio.create_task(submit_until(port, stop, accepted, refused, w)) for w in range(8)
+        ]
         for _round in range(3):
             await asyncio.sleep(0.4 + random.random() * 0.3)
             process.kill()  # SIGKILL mid-load
@@ -143,7 +147,9 @@ asyncio.run(main())
 """
 
 
-async def test_a_killed_dispatcher_leaves_leases_that_come_back(own_redis: RedisServer, tmp_path: object) -> None:
+async def test_a_killed_dispatcher_leaves_leases_that_come_back(
+    own_redis: RedisServer, tmp_path: object
+) -> None:
     port = free_port()
     process = scheduler_process(own_redis.url, port, os.path.join(str(tmp_path), "s.log")).start()
     try:
@@ -152,7 +158,7 @@ async def test_a_killed_dispatcher_leaves_leases_that_come_back(own_redis: Redis
                 (await stub.Submit(generate_submit(prompt=f"job {i}"), metadata=AUTH)).request.id
                 for i in range(20)
             ]
-            holder = subprocess.Popen(
+            holder = subprocess.Popen(  # noqa: ASYNC220 (started once, killed below)
                 [sys.executable, "-c", LEASE_HOLDER, own_redis.url], stdout=subprocess.PIPE
             )
             assert holder.stdout is not None
@@ -172,14 +178,18 @@ async def test_a_killed_dispatcher_leaves_leases_that_come_back(own_redis: Redis
         process.terminate()
 
 
-async def test_redis_restart_loses_no_accepted_request(own_redis: RedisServer, tmp_path: object) -> None:
+async def test_redis_restart_loses_no_accepted_request(
+    own_redis: RedisServer, tmp_path: object
+) -> None:
     port = free_port()
     process = scheduler_process(own_redis.url, port, os.path.join(str(tmp_path), "s.log")).start()
     accepted: list[str] = []
     refused: list[str] = []
     try:
         stop = asyncio.Event()
-        load = [asyncio.create_task(submit_until(port, stop, accepted, refused, w)) for w in range(8)]
+        load = [
+            asyncio.create_task(submit_until(port, stop, accepted, refused, w)) for w in range(8)
+        ]
         await asyncio.sleep(0.5)
         own_redis.kill()  # SIGKILL Redis mid-load; AOF (fsync always) holds every ack
         await asyncio.sleep(0.3)
