@@ -49,7 +49,7 @@ def parse_token_map(spec: str) -> dict[str, Principal]:
         user, at, org = who.partition("@")
         if not sep or not at or not token or not user or not org:
             raise ConfigError(
-                f"USHER_API_TOKENS entry {entry.split('=')[0][:4]}…: expected token=user@org[:roles]"
+                f"USHER_API_TOKENS entry {token[:4]}...: expected token=user@org[:roles]"
             )
         tokens[token] = Principal(user, org, frozenset(r for r in roles.split("+") if r))
     return tokens

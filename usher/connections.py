@@ -10,15 +10,21 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 __all__ = ["connect_redis"]
 
 
-def connect_redis(url: str, retry_seconds: float = 5.0) -> aioredis.Redis:
+def connect_redis(
+    url: str, retry_seconds: float = 5.0, max_connections: int = 64
+) -> aioredis.Redis:
     """A client that rides out a short Redis restart (AOF reload) by retrying.
 
     Retrying is safe for Usher's writes because each script is idempotent in the request id
-    it is given (a repeated enqueue finds the request already there).
+    it is given (a repeated enqueue finds the request already there). The pool blocks (up to
+    5 s) rather than failing when every connection is busy, so a burst of calls queues
+    briefly instead of erroring.
     """
     attempts = max(1, int(retry_seconds / 0.25))
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=5,
         decode_responses=False,
         health_check_interval=10,
         socket_connect_timeout=2,
@@ -26,3 +32,4 @@ def connect_redis(url: str, retry_seconds: float = 5.0) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),
         retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
     )
+    return aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)

@@ -16,8 +16,8 @@ from usher.errors import FieldViolation
 from usher.v1 import request_pb2, scheduler_pb2
 
 __all__ = [
-    "AdmissionLimits",
     "MODEL_NAME",
+    "AdmissionLimits",
     "fingerprint",
     "is_deterministic",
     "prompt_characters",
@@ -86,9 +86,12 @@ def validate_submit(
     if not submit.model:
         out.append(FieldViolation("model", "is required"))
     elif not MODEL_NAME.match(submit.model):
-        out.append(FieldViolation(
-            "model", f"{submit.model[:80]!r} is not a model name like 'llama3.2' or 'qwen2.5:0.5b'"
-        ))
+        out.append(
+            FieldViolation(
+                "model",
+                f"{submit.model[:80]!r} is not a model name like 'llama3.2' or 'qwen2.5:0.5b'",
+            )
+        )
     elif limits.allowed_models and submit.model not in limits.allowed_models:
         out.append(FieldViolation("model", f"{submit.model!r} is not served here"))
 
@@ -101,9 +104,11 @@ def validate_submit(
             out.append(FieldViolation("chat.messages", "must not be empty"))
         for i, message in enumerate(messages):
             if message.role not in _ROLES:
-                out.append(FieldViolation(
-                    f"chat.messages[{i}].role", f"must be one of {', '.join(sorted(_ROLES))}"
-                ))
+                out.append(
+                    FieldViolation(
+                        f"chat.messages[{i}].role", f"must be one of {', '.join(sorted(_ROLES))}"
+                    )
+                )
         if messages and not any(m.content.strip() or m.images for m in messages):
             out.append(FieldViolation("chat.messages", "every message is empty"))
         _check_format("chat.format", submit.chat.format, out)
@@ -122,20 +127,27 @@ def validate_submit(
 
     chars = prompt_characters(submit)
     if chars > limits.max_prompt_chars:
-        out.append(FieldViolation(
-            f"{kind}", f"{chars} characters of input exceed the limit of {limits.max_prompt_chars}"
-        ))
+        out.append(
+            FieldViolation(
+                f"{kind}",
+                f"{chars} characters of input exceed the limit of {limits.max_prompt_chars}",
+            )
+        )
 
     if submit.priority not in request_pb2.Priority.values():
         out.append(FieldViolation("priority", f"{submit.priority} is not a priority class (0-5)"))
     if submit.fallback_policy not in request_pb2.FallbackPolicy.values():
-        out.append(FieldViolation(
-            "fallback_policy", f"{submit.fallback_policy} is not a fallback policy (0-3)"
-        ))
+        out.append(
+            FieldViolation(
+                "fallback_policy", f"{submit.fallback_policy} is not a fallback policy (0-3)"
+            )
+        )
     if submit.idempotency_key and not _IDEMPOTENCY_KEY.match(submit.idempotency_key):
-        out.append(FieldViolation(
-            "idempotency_key", "must be 1-128 printable ASCII characters without spaces"
-        ))
+        out.append(
+            FieldViolation(
+                "idempotency_key", "must be 1-128 printable ASCII characters without spaces"
+            )
+        )
     if submit.HasField("queue_timeout"):
         timeout = submit.queue_timeout.ToTimedelta()
         if timeout <= timedelta(0) or timeout > _MAX_QUEUE_TIMEOUT:
@@ -171,7 +183,7 @@ def is_deterministic(options: request_pb2.GenerationOptions) -> bool:
 
 
 def fingerprint(submit: scheduler_pb2.SubmitRequest, scope: str) -> str:
-    """Identity of a request's work within ``scope`` (e.g. an organization): model, input, options."""
+    """Identity of a request's work (model, input, options) within ``scope``, e.g. an org."""
     work = scheduler_pb2.SubmitRequest(model=submit.model, options=submit.options)
     kind = submit.WhichOneof("input")
     if kind is not None:

@@ -52,7 +52,9 @@ class SchedulerApp:
                     names["SchedulerService"].full_name,
                 ),
                 Registration(
-                    lambda s: scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(admin, s),
+                    lambda s: scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(
+                        admin, s
+                    ),
                     names["SchedulerAdminService"].full_name,
                 ),
             ],

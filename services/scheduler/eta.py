@@ -4,7 +4,7 @@ The scheduler keeps, per model, exponentially weighted moving averages of servic
 its variance, output tokens and tokens/s from completed requests. A queued request at
 position p with k parallel slots starts after about (p - 1) / k full services plus the
 remainder of the one in progress; the range widens with the service time's coefficient of
-variation, so a model with steady requests gets a tight "2–3 minutes" and an erratic one an
+variation, so a model with steady requests gets a tight "2-3 minutes" and an erratic one an
 honest wide range.
 """
 
@@ -38,7 +38,9 @@ def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> fl
 
 
 def ewma_variance(
-    previous_var: float | None, previous_mean: float | None, sample: float,
+    previous_var: float | None,
+    previous_mean: float | None,
+    sample: float,
     alpha: float = EWMA_ALPHA,
 ) -> float:
     """Next exponentially weighted variance (West's incremental form)."""

@@ -134,7 +134,11 @@ class FairQueue:
     def push(self, tenant: str, cost: float, klass: int = NORMAL_CLASS) -> QueuedItem:
         key = flow_key(tenant, klass)
         tags = enqueue_tags(
-            self.vtime, self.finish.get(key, 0.0), cost, self.weights.get(tenant, 1.0), klass,
+            self.vtime,
+            self.finish.get(key, 0.0),
+            cost,
+            self.weights.get(tenant, 1.0),
+            klass,
             self.lead,
         )
         self.finish[key] = tags.finish

@@ -22,9 +22,14 @@ async def reap_once(store: QueueStore) -> dict[str, ReapCounts]:
     for model in await store.models():
         counts = await store.reap(model)
         if counts != ReapCounts():
-            log.info("reaped", model=model, requeued=counts.requeued,
-                     dead_lettered=counts.dead_lettered, expired=counts.expired,
-                     to_external=counts.to_external)
+            log.info(
+                "reaped",
+                model=model,
+                requeued=counts.requeued,
+                dead_lettered=counts.dead_lettered,
+                expired=counts.expired,
+                to_external=counts.to_external,
+            )
         done[model] = counts
     return done
 

@@ -49,7 +49,9 @@ class SchedulerSettings:
             listen=env_str("USHER_SCHEDULER_LISTEN", d.listen, env),
             tokens=parse_token_map(env_str("USHER_API_TOKENS", "", env)),
             max_queue_size=env_int("USHER_QUEUE_MAX_SIZE", d.max_queue_size, env),
-            queue_timeout_seconds=env_float("USHER_QUEUE_TIMEOUT_SECONDS", d.queue_timeout_seconds, env),
+            queue_timeout_seconds=env_float(
+                "USHER_QUEUE_TIMEOUT_SECONDS", d.queue_timeout_seconds, env
+            ),
             max_attempts=env_int("USHER_MAX_ATTEMPTS", d.max_attempts, env),
             lease_seconds=env_float("USHER_LEASE_SECONDS", d.lease_seconds, env),
             parallel=env_int("USHER_DEFAULT_PARALLEL", d.parallel, env),
@@ -58,11 +60,15 @@ class SchedulerSettings:
                 "USHER_IDEMPOTENCY_TTL_SECONDS", d.idempotency_ttl_seconds, env
             ),
             priority_lead=env_float("USHER_PRIORITY_LEAD_TOKENS", d.priority_lead, env),
-            default_output_tokens=env_float("USHER_DEFAULT_OUTPUT_TOKENS", d.default_output_tokens, env),
+            default_output_tokens=env_float(
+                "USHER_DEFAULT_OUTPUT_TOKENS", d.default_output_tokens, env
+            ),
             max_prompt_chars=env_int("USHER_MAX_PROMPT_CHARS", d.max_prompt_chars, env),
             allowed_models=frozenset(env_list("USHER_ALLOWED_MODELS", [], env)),
             dedup=env_str("USHER_DEDUP", d.dedup, env),
-            reap_interval_seconds=env_float("USHER_REAP_INTERVAL_SECONDS", d.reap_interval_seconds, env),
+            reap_interval_seconds=env_float(
+                "USHER_REAP_INTERVAL_SECONDS", d.reap_interval_seconds, env
+            ),
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
             ),

@@ -7,7 +7,9 @@ from usher.ids import new_request_id
 from usher.v1 import request_pb2, scheduler_pb2
 
 
-def generate_submit(model: str = "llama3.2", prompt: str = "hello", **options: float) -> scheduler_pb2.SubmitRequest:
+def generate_submit(
+    model: str = "llama3.2", prompt: str = "hello", **options: float
+) -> scheduler_pb2.SubmitRequest:
     submit = scheduler_pb2.SubmitRequest(
         model=model, generate=request_pb2.GenerateInput(prompt=prompt)
     )

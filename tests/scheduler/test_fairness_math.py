@@ -36,7 +36,7 @@ def test_backlogged_equal_tenants_get_equal_service(arrivals: list[tuple[str, fl
     queue = FairQueue()
     for tenant, cost in arrivals:
         queue.push(tenant, cost)
-    served: dict[str, float] = {t: 0.0 for t in "abc"}
+    served: dict[str, float] = dict.fromkeys("abc", 0.0)
     backlog = {t: sum(c for x, c in arrivals if x == t) for t in "abc"}
     max_cost = max(c for _, c in arrivals)
     while len(queue):
@@ -71,7 +71,9 @@ def test_a_light_tenant_waits_behind_at_most_one_request_per_heavy_tenant(
     cost=st.floats(min_value=10, max_value=2000),
     lead=st.floats(min_value=100, max_value=50_000),
 )
-def test_low_priority_ages_past_later_high_priority_work(highs: int, cost: float, lead: float) -> None:
+def test_low_priority_ages_past_later_high_priority_work(
+    highs: int, cost: float, lead: float
+) -> None:
     """A low request is served once ``2 * lead`` of later high-class work has been served:
     however long the stream of high requests, it never starves."""
     queue = FairQueue(lead=lead)

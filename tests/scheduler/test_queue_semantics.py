@@ -77,7 +77,10 @@ async def test_expired_lease_returns_the_request_to_its_place(store: QueueStore)
     back = await store.get(first.id)
     assert back is not None
     assert (back.state, back.position, back.queue_length, back.attempts) == (
-        request_pb2.REQUEST_STATE_QUEUED, 1, 3, 1,
+        request_pb2.REQUEST_STATE_QUEUED,
+        1,
+        3,
+        1,
     )
     # The dead dispatcher's lease is fenced: it cannot finish or heartbeat any more.
     assert not await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
@@ -154,10 +157,16 @@ async def test_completion_updates_the_averages_used_for_eta(store: QueueStore) -
         await store.submit(new_request())
         lease = await store.claim(MODEL, "d")
         assert lease is not None
-        await store.finish(lease, FinishedWork(
-            state=request_pb2.REQUEST_STATE_COMPLETED, actual_tokens=300,
-            service_ms=seconds * 1000, tokens_per_second=40, output_tokens=200,
-        ))
+        await store.finish(
+            lease,
+            FinishedWork(
+                state=request_pb2.REQUEST_STATE_COMPLETED,
+                actual_tokens=300,
+                service_ms=seconds * 1000,
+                tokens_per_second=40,
+                output_tokens=200,
+            ),
+        )
     store._averages.clear()
     averages, _ = await store.model_averages(MODEL)
     assert averages.service_seconds == 12.0  # 10 + 0.2 * (20 - 10)
@@ -165,7 +174,9 @@ async def test_completion_updates_the_averages_used_for_eta(store: QueueStore) -
     assert averages.service_variance > 0
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.lists(
         st.tuples(

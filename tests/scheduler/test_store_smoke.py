@@ -15,6 +15,15 @@ async def test_submit_claim_finish(store: QueueStore) -> None:
     assert got.position == 1
     lease = await store.claim("llama3.2", "test")
     assert lease is not None and lease.request.id == req.id
-    assert await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED, actual_tokens=150, service_ms=1000, output_tokens=50, tokens_per_second=50))
+    assert await store.finish(
+        lease,
+        FinishedWork(
+            state=request_pb2.REQUEST_STATE_COMPLETED,
+            actual_tokens=150,
+            service_ms=1000,
+            output_tokens=50,
+            tokens_per_second=50,
+        ),
+    )
     got = await store.get(req.id)
     assert got is not None and got.state == request_pb2.REQUEST_STATE_COMPLETED

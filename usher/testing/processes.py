@@ -20,11 +20,15 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process exited with {process.returncode} before listening on {port}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -37,7 +41,11 @@ class ServiceProcess:
     """``python -m <module>`` with the given environment, listening on ``port``."""
 
     def __init__(
-        self, module: str, port: int, env: Mapping[str, str], args: Sequence[str] = (),
+        self,
+        module: str,
+        port: int,
+        env: Mapping[str, str],
+        args: Sequence[str] = (),
         log_path: str | None = None,
     ) -> None:
         self.module = module
@@ -51,7 +59,9 @@ class ServiceProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
-            env=self.env, stdout=out, stderr=out,
+            env=self.env,
+            stdout=out,
+            stderr=out,
         )
         wait_for_port(self.port, timeout, self.process)
         return self

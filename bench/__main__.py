@@ -1,0 +1,23 @@
+"""``python -m bench [scenario ...]``: run benchmark scenarios, one JSON line each."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from bench import scheduler_bench
+
+SCENARIOS = {"scheduler": scheduler_bench.run}
+
+
+def main() -> None:
+    chosen = sys.argv[1:] or list(SCENARIOS)
+    unknown = [name for name in chosen if name not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {sorted(SCENARIOS)}")
+    for name in chosen:
+        asyncio.run(SCENARIOS[name]())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from usher import messages
+
+
+def test_the_products_own_examples() -> None:
+    assert (
+        messages.position_message(3, 7, 130, 170)
+        == "You are #3 of 7 in the queue • Estimated wait: 2–3 minutes"
+    )
+    assert messages.progress_message(0.8) == "Processing is 80% complete • Almost ready!"
+    assert messages.ready_message(45) == "Your response is ready! Processing took 45 seconds."
+
+
+def test_wait_phrases() -> None:
+    assert messages.wait_phrase(5, 40) == "less than a minute"
+    assert messages.wait_phrase(60, 100) == "1–2 minutes"
+    assert messages.wait_phrase(120, 120) == "2 minutes"
+    assert messages.wait_phrase(4000, 7000) == "1–2 hours"
+
+
+@given(st.floats(0, 1e6), st.floats(0, 1e6))
+def test_wait_phrase_is_always_words(a: float, b: float) -> None:
+    phrase = messages.wait_phrase(a, b)
+    assert phrase and "-1" not in phrase and "0 minutes" not in phrase
