@@ -32,4 +32,4 @@ def connect_redis(
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),
         retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
     )
-    return aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
+    return aioredis.Redis.from_pool(pool)

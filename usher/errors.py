@@ -21,6 +21,7 @@ from usher.grpc_types import Context, MethodHandler
 __all__ = [
     "AlreadyFinished",
     "ErrorMappingInterceptor",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -28,6 +29,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "UpstreamFailed",
     "UsherError",
 ]
 
@@ -92,8 +94,18 @@ class NotFound(UsherError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class AlreadyFinished(UsherError):
+class FailedPrecondition(UsherError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyFinished(FailedPrecondition):
+    """The request already reached a terminal state."""
+
+
+class UpstreamFailed(UsherError):
+    """A model server failed after output had started: the stream ends with this error."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 class Unavailable(UsherError):

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 
 __all__ = [
     "MODELS",
+    "POOL_DRAINING",
+    "POOL_INSTANCES",
+    "POOL_PLACEMENT_LOCK",
+    "POOL_WEIGHTS",
     "TENANT_WEIGHTS",
+    "InstanceKeys",
     "ModelKeys",
     "lua_key_header",
+    "pool_model_stats",
     "request_index",
     "tenant_requests",
 ]
@@ -131,3 +137,46 @@ def lua_key_header() -> str:
         f"local function idem_key(t, k) return BASE .. '{_IDEMPOTENCY}' .. t .. ':' .. k end",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---- Pool ------------------------------------------------------------------------------------
+# Slot keys of one instance share the hash tag {pool:<instance>}, so reserving checks and
+# takes a slot in one script on one Cluster slot.
+
+#: HASH instance id → serialized InstanceConfig registered at runtime (shared by replicas).
+POOL_INSTANCES = f"{PREFIX}:pool:instances"
+#: SET of instance ids that take no new work.
+POOL_DRAINING = f"{PREFIX}:pool:draining"
+#: HASH instance id → weight set at runtime (overrides the configured one).
+POOL_WEIGHTS = f"{PREFIX}:pool:weights"
+#: STRING held by the replica that runs the placement pass (SET NX PX).
+POOL_PLACEMENT_LOCK = f"{PREFIX}:pool:placement-lock"
+
+
+def pool_model_stats(model: str) -> str:
+    """HASH of counters and moving averages of one model across the fleet."""
+    return f"{PREFIX}:pool:model-stats:{model}"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKeys:
+    """Slot accounting of one model-server instance."""
+
+    instance: str
+
+    @property
+    def base(self) -> str:
+        return f"{PREFIX}:pool:{{{self.instance}}}:"
+
+    @property
+    def slots(self) -> str:
+        """ZSET slot id → lease expiry (ms), every model."""
+        return f"{self.base}slots"
+
+    def model_slots(self, model: str) -> str:
+        """ZSET slot id → lease expiry (ms), one model."""
+        return f"{self.base}model-slots:{model}"
+
+    def slot(self, slot_id: str) -> str:
+        """HASH of one slot: model, holder, route; expires with the lease."""
+        return f"{self.base}slot:{slot_id}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from services.scheduler.dispatcher import Dispatcher, DispatchSettings
 from services.scheduler.reaper import reap_forever
 from services.scheduler.service import SchedulerAdminServicer, SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
@@ -61,21 +62,36 @@ class SchedulerApp:
             self.settings.listen,
             grace_seconds=self.settings.shutdown_grace_seconds,
         )
-        self._reaper: asyncio.Task[None] | None = None
+        self.dispatcher: Dispatcher | None = None
+        if self.settings.pool_address:
+            self.dispatcher = Dispatcher(
+                self.store,
+                DispatchSettings(
+                    self.settings.pool_address,
+                    self.settings.service_token,
+                    concurrency=self.settings.dispatch_concurrency,
+                ),
+            )
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         await self.server.start()
-        self._reaper = asyncio.create_task(
-            reap_forever(self.store, self.settings.reap_interval_seconds, self._stopping)
+        self._tasks.append(
+            asyncio.create_task(
+                reap_forever(self.store, self.settings.reap_interval_seconds, self._stopping)
+            )
         )
+        if self.dispatcher is not None:
+            self._tasks.append(asyncio.create_task(self.dispatcher.run(self._stopping)))
         log.info("scheduler listening", address=self.settings.listen, port=self.server.port)
 
     async def stop(self) -> None:
         await self.server.stop()
         self._stopping.set()
-        if self._reaper is not None:
-            await self._reaper
+        await asyncio.gather(*self._tasks)
+        if self.dispatcher is not None:
+            await self.dispatcher.aclose()
         await self.redis.aclose()
 
     async def run(self) -> None:

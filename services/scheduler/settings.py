@@ -36,6 +36,12 @@ class SchedulerSettings:
     #: deterministic: share identical greedy/seeded requests; always; off.
     dedup: str = "deterministic"
     reap_interval_seconds: float = 0.25
+    #: The Pool's gRPC address; empty = this replica only queues (no dispatching).
+    pool_address: str = ""
+    #: The token this replica presents to the Pool (a principal with the "service" role).
+    service_token: str = ""
+    #: Requests this replica runs at once.
+    dispatch_concurrency: int = 16
     #: On SIGTERM, how long in-flight calls may take before they are cut off.
     shutdown_grace_seconds: float = 10.0
     log_level: str = "info"
@@ -69,6 +75,9 @@ class SchedulerSettings:
             reap_interval_seconds=env_float(
                 "USHER_REAP_INTERVAL_SECONDS", d.reap_interval_seconds, env
             ),
+            pool_address=env_str("USHER_POOL_ADDRESS", d.pool_address, env),
+            service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
+            dispatch_concurrency=env_int("USHER_DISPATCH_CONCURRENCY", d.dispatch_concurrency, env),
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
             ),
@@ -89,6 +98,10 @@ class SchedulerSettings:
             problems.append("USHER_LEASE_SECONDS must be positive")
         if self.dedup not in DEDUP_MODES:
             problems.append(f"USHER_DEDUP must be one of {', '.join(DEDUP_MODES)}")
+        if self.pool_address and not self.service_token:
+            problems.append("USHER_SERVICE_TOKEN is needed to call the pool at USHER_POOL_ADDRESS")
+        if self.dispatch_concurrency < 1:
+            problems.append("USHER_DISPATCH_CONCURRENCY must be at least 1")
         if not self.tokens:
             problems.append("USHER_API_TOKENS is empty: no caller could authenticate")
         if problems:

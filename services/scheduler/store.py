@@ -265,7 +265,17 @@ class ModelConfig:
 class _Scripts:
     """The Lua scripts, each prefixed with the key header and the shared library."""
 
-    NAMES = ("enqueue", "claim", "heartbeat", "complete", "cancel", "reap", "inspect")
+    NAMES = (
+        "enqueue",
+        "claim",
+        "heartbeat",
+        "complete",
+        "cancel",
+        "reap",
+        "inspect",
+        "requeue",
+        "progress",
+    )
 
     def __init__(self, client: aioredis.Redis) -> None:
         folder = resources.files("services.scheduler") / "lua"
@@ -616,6 +626,25 @@ class QueueStore:
             ],
         )
         return int(reply) == 1
+
+    async def requeue(self, lease: Lease, reason: str, count_attempt: bool = False) -> bool:
+        """Give a leased request back to its original place (False when the lease was lost)."""
+        reply = await self._run(
+            "requeue",
+            lease.request.model,
+            [lease.request.id, lease.token, "1" if count_attempt else "0", reason],
+        )
+        return int(reply) == 1
+
+    async def progress(self, lease: Lease, kind: str, fields: dict[str, str | int | float]) -> bool:
+        """Append a progress/token event to the request's stream (False: lease lost)."""
+        flat: list[str | int | float] = []
+        for name, value in fields.items():
+            flat += [name, value]
+        reply = await self._run(
+            "progress", lease.request.model, [lease.request.id, lease.token, kind, *flat]
+        )
+        return bool(reply != -1)
 
     async def reap(self, model: str, limit: int = 500) -> ReapCounts:
         requeued, dead, expired, external = await self._run(

@@ -14,15 +14,19 @@ local function is_terminal(state)
   return state == COMPLETED or state == FAILED or state == CANCELLED or state == EXPIRED
 end
 
--- Append one event to the model's stream and the request's own stream.
+-- Append one event to the request's own stream (for replay), then to the model's stream
+-- (for live fan-out) carrying the request stream's entry id as 'eid', the resume token.
 local function emit(id, kind, state, extra)
   local fields = {'type', kind, 'id', id, 'state', tostring(state), 'ts', tostring(NOW)}
   if extra then
     for i = 1, #extra do fields[#fields + 1] = extra[i] end
   end
-  redis.call('XADD', K.events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
-  return redis.call('XADD', req_events_key(id), 'MAXLEN', '~', REQUEST_EVENTS_MAXLEN, '*',
+  local eid = redis.call('XADD', req_events_key(id), 'MAXLEN', '~', REQUEST_EVENTS_MAXLEN, '*',
     unpack(fields))
+  fields[#fields + 1] = 'eid'
+  fields[#fields + 1] = eid
+  redis.call('XADD', K.events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
+  return eid
 end
 
 -- Mark a request finished: state, reason, expiry of its keys, dedup entry released.

@@ -1,0 +1,129 @@
+"""Wiring of one Notifier replica: the shared event reader, the badge board, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.notifier.badges import BadgeBoard
+from services.notifier.fanout import Fanout
+from services.notifier.service import NotifierServicer
+from services.scheduler.store import QueueDefaults, QueueStore
+from usher.auth import Principal, StaticTokenAuthenticator, parse_token_map
+from usher.config import ConfigError, env_float, env_str
+from usher.connections import connect_redis
+from usher.logs import get_logger
+from usher.server import GrpcServer, Registration
+from usher.v1 import notifier_pb2, notifier_pb2_grpc, pool_pb2, pool_pb2_grpc
+
+__all__ = ["NotifierApp", "NotifierSettings"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NotifierSettings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    listen: str = "127.0.0.1:50053"
+    tokens: Mapping[str, Principal] = field(default_factory=dict)
+    #: Where to ask for each model's capacity (slots); empty = the scheduler's setting.
+    pool_address: str = ""
+    service_token: str = ""
+    #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
+    external_alternative: str = ""
+    position_interval_seconds: float = 0.2
+    badge_interval_seconds: float = 1.0
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NotifierSettings:
+        d = cls()
+        settings = cls(
+            redis_url=env_str("USHER_REDIS_URL", env_str("REDIS_URL", d.redis_url, env), env),
+            listen=env_str("USHER_NOTIFIER_LISTEN", d.listen, env),
+            tokens=parse_token_map(env_str("USHER_API_TOKENS", "", env)),
+            pool_address=env_str("USHER_POOL_ADDRESS", d.pool_address, env),
+            service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
+            external_alternative=env_str("USHER_EXTERNAL_ALTERNATIVE", d.external_alternative, env),
+            position_interval_seconds=env_float(
+                "USHER_POSITION_INTERVAL_SECONDS", d.position_interval_seconds, env
+            ),
+            badge_interval_seconds=env_float(
+                "USHER_BADGE_INTERVAL_SECONDS", d.badge_interval_seconds, env
+            ),
+            shutdown_grace_seconds=env_float(
+                "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
+            ),
+            log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
+        )
+        if not settings.tokens:
+            raise ConfigError("USHER_API_TOKENS is empty: no caller could authenticate")
+        if settings.pool_address and not settings.service_token:
+            raise ConfigError("USHER_SERVICE_TOKEN is needed to ask the pool at USHER_POOL_ADDRESS")
+        return settings
+
+
+class NotifierApp:
+    def __init__(self, settings: NotifierSettings) -> None:
+        self.settings = settings
+        self.redis = connect_redis(settings.redis_url)
+        self.store = QueueStore(self.redis, QueueDefaults())
+        self.fanout = Fanout(self.redis, settings.position_interval_seconds)
+        self._channel: grpc.aio.Channel | None = None
+        capacity = None
+        if settings.pool_address:
+            self._channel = grpc.aio.insecure_channel(settings.pool_address)
+            pool = pool_pb2_grpc.PoolServiceStub(self._channel)
+            metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+            async def capacity_from_pool(models: Sequence[str]) -> dict[str, int]:
+                reply = await pool.GetModelStats(
+                    pool_pb2.GetModelStatsRequest(models=list(models)), metadata=metadata, timeout=2
+                )
+                return {s.model: s.capacity for s in reply.stats}
+
+            capacity = capacity_from_pool
+        self.board = BadgeBoard(
+            self.store, capacity, settings.external_alternative, settings.badge_interval_seconds
+        )
+        servicer = NotifierServicer(
+            self.store, self.fanout, self.board, StaticTokenAuthenticator(settings.tokens)
+        )
+        self.server = GrpcServer(
+            [
+                Registration(
+                    lambda s: notifier_pb2_grpc.add_NotifierServiceServicer_to_server(servicer, s),
+                    notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name,
+                )
+            ],
+            settings.listen,
+            grace_seconds=settings.shutdown_grace_seconds,
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._tasks = [
+            asyncio.create_task(self.fanout.run(self._stop)),
+            asyncio.create_task(self.board.run(self._stop)),
+        ]
+        log.info("notifier listening", address=self.settings.listen, port=self.server.port)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.server.stop()
+        await asyncio.gather(*self._tasks)
+        if self._channel is not None:
+            await self._channel.close()
+        await self.redis.aclose()
+
+    async def run(self) -> None:
+        await self.start()
+        self.server.install_signal_handlers()
+        await self.server.wait()
+        await self.stop()

@@ -1,0 +1,171 @@
+"""What a watcher is told, as pure functions: events → updates, queue numbers → badges.
+
+The thresholds are the product's: available (a slot is free), short (1–2 waiting, under 2
+minutes), medium (3–5, 2–5 minutes), long (more than 5, or over 5 minutes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from services.scheduler.eta import Estimate, ModelAverages, queued_eta
+from usher import messages
+from usher.v1 import notifier_pb2, request_pb2
+
+__all__ = [
+    "EVENT_KINDS",
+    "BadgeInputs",
+    "badge",
+    "is_terminal_kind",
+    "level_for",
+    "progress_fraction",
+    "request_message",
+    "suggest",
+]
+
+K = notifier_pb2
+#: Stream event type (written by the scheduler's scripts) → update kind.
+EVENT_KINDS: Mapping[str, int] = {
+    "queued": K.UPDATE_KIND_QUEUED,
+    "running": K.UPDATE_KIND_RUNNING,
+    "started": K.UPDATE_KIND_RUNNING,
+    "tokens": K.UPDATE_KIND_PROGRESS,
+    "completed": K.UPDATE_KIND_COMPLETED,
+    "failed": K.UPDATE_KIND_FAILED,
+    "cancelled": K.UPDATE_KIND_CANCELLED,
+    "expired": K.UPDATE_KIND_EXPIRED,
+    "requeued": K.UPDATE_KIND_REQUEUED,
+    "fallback": K.UPDATE_KIND_FALLBACK,
+    "cancel_requested": K.UPDATE_KIND_CANCEL_REQUESTED,
+}
+_TERMINAL = {
+    K.UPDATE_KIND_COMPLETED,
+    K.UPDATE_KIND_FAILED,
+    K.UPDATE_KIND_CANCELLED,
+    K.UPDATE_KIND_EXPIRED,
+}
+SHORT_MAX_QUEUED, MEDIUM_MAX_QUEUED = 2, 5
+SHORT_MAX_SECONDS, MEDIUM_MAX_SECONDS = 120.0, 300.0
+
+
+def is_terminal_kind(kind: int) -> bool:
+    return kind in _TERMINAL
+
+
+def progress_fraction(tokens: int, expected_tokens: float) -> float:
+    """Fraction done from tokens so far; never claims 100% before the end."""
+    if expected_tokens <= 0:
+        return 0.0
+    return min(0.99, tokens / expected_tokens)
+
+
+def request_message(request: request_pb2.LlmRequest, kind: int, fraction: float = 0.0) -> str:
+    """The sentence for a request's current status."""
+    state = request.state
+    if state == request_pb2.REQUEST_STATE_QUEUED:
+        if request.route == request_pb2.ROUTE_EXTERNAL:
+            return (
+                "Local processing is taking longer than expected. "
+                "Switching to an external provider."
+            )
+        if request.position.position:
+            return messages.position_message(
+                request.position.position,
+                request.position.queue_length,
+                request.eta.min.ToMilliseconds() / 1000,
+                request.eta.max.ToMilliseconds() / 1000,
+            )
+        return "Your request has been queued for secure local processing"
+    if state == request_pb2.REQUEST_STATE_RUNNING:
+        if kind == K.UPDATE_KIND_CANCEL_REQUESTED:
+            return "Cancelling your request…"
+        if kind == K.UPDATE_KIND_PROGRESS and fraction > 0:
+            return messages.progress_message(fraction)
+        return "Your request is now being processed by the local AI model"
+    if state == request_pb2.REQUEST_STATE_COMPLETED:
+        took = (request.finished_at.ToMilliseconds() - request.started_at.ToMilliseconds()) / 1000
+        return messages.ready_message(max(took, 0.0))
+    if state == request_pb2.REQUEST_STATE_CANCELLED:
+        return (
+            f"Your request was cancelled ({request.error})"
+            if request.error
+            else "Your request was cancelled"
+        )
+    if state == request_pb2.REQUEST_STATE_EXPIRED:
+        return f"Your request expired: {request.error}"
+    if state == request_pb2.REQUEST_STATE_FAILED:
+        return f"Your request failed: {request.error}"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class BadgeInputs:
+    model: str
+    queued: int
+    running: int
+    capacity: int
+    averages: ModelAverages
+    max_queue_size: int
+
+
+def level_for(queued: int, free_slot: bool, wait: Estimate) -> int:
+    if queued == 0 and free_slot:
+        return K.QUEUE_LEVEL_AVAILABLE
+    if queued > MEDIUM_MAX_QUEUED or wait.max_seconds > MEDIUM_MAX_SECONDS:
+        return K.QUEUE_LEVEL_LONG
+    if queued > SHORT_MAX_QUEUED or wait.max_seconds > SHORT_MAX_SECONDS:
+        return K.QUEUE_LEVEL_MEDIUM
+    return K.QUEUE_LEVEL_SHORT
+
+
+def suggest(
+    model: str, badges: Sequence[notifier_pb2.QueueBadge], external_alternative: str
+) -> tuple[str, str]:
+    """(suggested model, sentence) for a long queue: the least busy local model that is not
+    long itself, else the external alternative."""
+    calmer = [
+        b
+        for b in badges
+        if b.model != model and b.level in (K.QUEUE_LEVEL_AVAILABLE, K.QUEUE_LEVEL_SHORT)
+    ]
+    if calmer:
+        best = min(calmer, key=lambda b: (b.level, b.wait.max.ToMilliseconds(), b.model))
+        return best.model, f"Consider {best.model} for faster results"
+    if external_alternative:
+        return external_alternative, f"Consider {external_alternative} for faster results"
+    return "", ""
+
+
+def badge(inputs: BadgeInputs) -> notifier_pb2.QueueBadge:
+    capacity = max(inputs.capacity, 0)
+    free_slot = capacity > inputs.running
+    wait = (
+        Estimate(0.0, 0.0)
+        if inputs.queued == 0 and free_slot
+        else queued_eta(inputs.queued + 1, max(capacity, 1), inputs.averages)
+    )
+    level = level_for(inputs.queued, free_slot, wait)
+    full = inputs.queued >= inputs.max_queue_size
+    if level == K.QUEUE_LEVEL_AVAILABLE:
+        label = f"{inputs.model} (Available now)"
+    elif full:
+        phrase = messages.wait_phrase(wait.min_seconds, wait.max_seconds)
+        label = f"{inputs.model} (Queue full - {phrase} wait)"
+    elif level == K.QUEUE_LEVEL_LONG:
+        minutes = max(5, round(wait.max_seconds / 60))
+        label = f"{inputs.model} ({inputs.queued} in queue - {minutes}+ min wait)"
+    else:
+        label = f"{inputs.model} ({inputs.queued} in queue)"
+    result = notifier_pb2.QueueBadge(
+        model=inputs.model,
+        queued=inputs.queued,
+        running=inputs.running,
+        capacity=capacity,
+        level=level,  # type: ignore[arg-type]
+        label=label,
+        queue_full=full,
+    )
+    result.wait.min.FromMilliseconds(round(wait.min_seconds * 1000))
+    result.wait.max.FromMilliseconds(round(wait.max_seconds * 1000))
+    return result

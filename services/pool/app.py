@@ -1,0 +1,91 @@
+"""Wiring of one Pool replica: registry, health loop, placement loop, slots, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from services.pool.config import PoolSettings
+from services.pool.placer import place_forever
+from services.pool.registry import Registry
+from services.pool.service import FleetRouter, PoolAdminServicer, PoolServicer
+from services.pool.slots import SlotStore
+from services.pool.stats import PoolStats
+from usher.auth import StaticTokenAuthenticator
+from usher.connections import connect_redis
+from usher.logs import get_logger
+from usher.server import GrpcServer, Registration
+from usher.v1 import pool_pb2, pool_pb2_grpc
+
+__all__ = ["PoolApp"]
+
+log = get_logger(__name__)
+
+
+class PoolApp:
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.redis = connect_redis(settings.redis_url)
+        self.registry = Registry(settings, self.redis)
+        self.slots = SlotStore(self.redis, lease_ms=int(settings.slot_lease_seconds * 1000))
+        self.router = FleetRouter(self.registry, self.slots, settings)
+        auth = StaticTokenAuthenticator(settings.tokens)
+        public = PoolServicer(self.router, PoolStats(self.redis), auth, settings)
+        admin = PoolAdminServicer(self.registry, auth)
+        names = pool_pb2.DESCRIPTOR.services_by_name
+        self.server = GrpcServer(
+            [
+                Registration(
+                    lambda s: pool_pb2_grpc.add_PoolServiceServicer_to_server(public, s),
+                    names["PoolService"].full_name,
+                ),
+                Registration(
+                    lambda s: pool_pb2_grpc.add_PoolAdminServiceServicer_to_server(admin, s),
+                    names["PoolAdminService"].full_name,
+                ),
+            ],
+            settings.listen,
+            grace_seconds=settings.shutdown_grace_seconds,
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _health_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.registry.sync_shared()
+                await self.registry.check_all()
+            except Exception as exc:  # Redis away: keep the last known state and retry.
+                log.warning("health pass failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.health_interval_seconds)
+
+    async def start(self) -> None:
+        await self.registry.sync_shared()
+        await self.registry.check_all()
+        await self.server.start()
+        self._tasks = [
+            asyncio.create_task(self._health_forever()),
+            asyncio.create_task(
+                place_forever(self.registry, self.settings.placement_interval_seconds, self._stop)
+            ),
+        ]
+        log.info(
+            "pool listening",
+            address=self.settings.listen,
+            port=self.server.port,
+            instances=len(self.registry.instances),
+        )
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self.registry.aclose()
+        await self.redis.aclose()
+
+    async def run(self) -> None:
+        await self.start()
+        self.server.install_signal_handlers()
+        await self.server.wait()
+        await self.stop()

@@ -1,0 +1,282 @@
+"""What one Pool replica knows about each instance: health, circuits, models, recent speed.
+
+Configured instances come from settings; instances registered at runtime, drains and weight
+changes live in Redis so every replica sees them. Health, circuits and latency are each
+replica's own observations (as a load balancer's outlier detection is), refreshed by the
+health loop every few seconds and by every request's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from services.pool.circuit import CircuitBreaker
+from services.pool.config import InstanceSpec, PoolSettings
+from services.pool.placement import InstanceView, LoadedInfo
+from services.pool.routing import Candidate
+from services.pool.slots import SlotUsage
+from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError, make_upstream
+from services.scheduler.eta import ewma
+from usher import keys
+from usher.logs import get_logger
+from usher.v1 import pool_pb2
+
+__all__ = ["InstanceState", "Registry"]
+
+log = get_logger(__name__)
+
+#: Weight of the newest sample in an instance's latency and error-rate averages.
+ALPHA = 0.2
+
+
+@dataclass
+class InstanceState:
+    spec: InstanceSpec
+    upstream: Upstream
+    circuit: CircuitBreaker
+    model_circuits: dict[str, CircuitBreaker] = field(default_factory=dict)
+    healthy: bool = False
+    last_error: str = ""
+    last_checked: float = 0.0
+    available: dict[str, int] = field(default_factory=dict)  # model → size in bytes
+    loaded: dict[str, LoadedModelInfo] = field(default_factory=dict)
+    last_used: dict[str, float] = field(default_factory=dict)
+    latency: float | None = None
+    error_rate: float = 0.0
+    weight: float = 1.0
+    draining: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def model_circuit(self, model: str, make: Callable[[], CircuitBreaker]) -> CircuitBreaker:
+        if model not in self.model_circuits:
+            self.model_circuits[model] = make()
+        return self.model_circuits[model]
+
+    def serves(self, model: str) -> bool:
+        if self.spec.allowed_models and model not in self.spec.allowed_models:
+            return False
+        # OpenAI-compatible servers load on their own; trust their /v1/models list when known.
+        return model in self.available or (self.spec.kind == "openai" and not self.available)
+
+    def is_loaded(self, model: str) -> bool:
+        return self.spec.kind == "openai" or model in self.loaded
+
+    def view(self) -> InstanceView:
+        now = time.time()
+        return InstanceView(
+            id=self.id,
+            healthy=self.healthy,
+            draining=self.draining,
+            memory_budget_bytes=self.spec.memory_budget_bytes,
+            max_loaded_models=self.spec.max_loaded_models,
+            loaded=tuple(
+                LoadedInfo(
+                    model=name,
+                    size_bytes=info.size_bytes,
+                    last_used=self.last_used.get(name, now),
+                    active=0,
+                    num_ctx=info.context_length,
+                )
+                for name, info in self.loaded.items()
+            ),
+            available_models=frozenset(self.available),
+            allowed_models=self.spec.allowed_models,
+            preload=frozenset(self.spec.preload),
+            external=self.spec.external,
+        )
+
+
+class Registry:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        client: aioredis.Redis,
+        upstream_factory: Callable[[InstanceSpec], Upstream] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = client
+        self._make_upstream = upstream_factory or _default_upstream
+        self.instances: dict[str, InstanceState] = {}
+        self._configured = {spec.id for spec in settings.instances}
+        for spec in settings.instances:
+            self._add(spec)
+
+    def new_circuit(self) -> CircuitBreaker:
+        s = self.settings
+        return CircuitBreaker(
+            failure_threshold=s.circuit_failure_threshold,
+            failure_window_seconds=s.circuit_failure_window_seconds,
+            open_seconds=s.circuit_open_seconds,
+        )
+
+    def _add(self, spec: InstanceSpec) -> InstanceState:
+        state = InstanceState(
+            spec, self._make_upstream(spec), self.new_circuit(), weight=spec.weight
+        )
+        self.instances[spec.id] = state
+        return state
+
+    async def _drop(self, instance_id: str) -> None:
+        state = self.instances.pop(instance_id, None)
+        if state is not None:
+            await state.upstream.aclose()
+
+    async def register(self, spec: InstanceSpec) -> InstanceState:
+        """Add or replace a runtime instance, for every replica (via Redis) and here now."""
+        await self.redis.hset(keys.POOL_INSTANCES, spec.id, spec.to_proto().SerializeToString())
+        await self._drop(spec.id)
+        state = self._add(spec)
+        await self.check(state)
+        return state
+
+    async def deregister(self, instance_id: str) -> bool:
+        removed = int(await self.redis.hdel(keys.POOL_INSTANCES, instance_id))
+        known = instance_id in self.instances
+        if instance_id not in self._configured:
+            await self._drop(instance_id)
+        return bool(removed) or known
+
+    async def set_draining(self, instance_id: str, draining: bool) -> None:
+        if draining:
+            await self.redis.sadd(keys.POOL_DRAINING, instance_id)
+        else:
+            await self.redis.srem(keys.POOL_DRAINING, instance_id)
+        self.instances[instance_id].draining = draining
+
+    async def set_weight(self, instance_id: str, weight: float) -> None:
+        await self.redis.hset(keys.POOL_WEIGHTS, instance_id, repr(weight))
+        self.instances[instance_id].weight = weight
+
+    async def sync_shared(self) -> None:
+        """Pick up runtime registrations, drains and weights made through any replica."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.POOL_INSTANCES)
+            pipe.smembers(keys.POOL_DRAINING)
+            pipe.hgetall(keys.POOL_WEIGHTS)
+            registered, draining, weights = cast(
+                tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes]],
+                tuple(await pipe.execute()),
+            )
+        runtime = {
+            k.decode(): InstanceSpec.from_proto(pool_pb2.InstanceConfig.FromString(v))
+            for k, v in registered.items()
+        }
+        for instance_id, spec in runtime.items():
+            current = self.instances.get(instance_id)
+            if current is None or current.spec != spec:
+                await self._drop(instance_id)
+                self._add(spec)
+        for instance_id in list(self.instances):
+            if instance_id not in runtime and instance_id not in self._configured:
+                await self._drop(instance_id)
+        drained = {d.decode() for d in draining}
+        overrides = {k.decode(): float(v) for k, v in weights.items()}
+        for state in self.instances.values():
+            state.draining = state.id in drained
+            state.weight = overrides.get(state.id, state.spec.weight)
+
+    async def check(self, state: InstanceState) -> None:
+        """One health check: liveness, models offered, models loaded."""
+        upstream = state.upstream
+        timeout = self.settings.health_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                await upstream.health()
+                models = await upstream.list_models()
+                loaded = await upstream.loaded_models()
+        except (UpstreamError, TimeoutError) as exc:
+            if state.healthy:
+                log.warning("instance unhealthy", instance=state.id, error=str(exc))
+            state.healthy = False
+            state.last_error = str(exc) or type(exc).__name__
+        else:
+            if not state.healthy:
+                log.info("instance healthy", instance=state.id, models=len(models))
+            state.healthy = True
+            state.last_error = ""
+            state.available = {m.name: m.size_bytes for m in models}
+            state.loaded = {m.name: m for m in loaded}
+        state.last_checked = time.time()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(s) for s in list(self.instances.values())))
+
+    def record(self, state: InstanceState, model: str, ok: bool, latency: float | None) -> None:
+        """Feed one request's outcome into circuits and the instance's recent averages."""
+        now = time.monotonic()
+        circuit = state.model_circuit(model, self.new_circuit)
+        if ok:
+            state.circuit.record_success(now)
+            circuit.record_success(now)
+            state.last_used[model] = time.time()
+        else:
+            state.circuit.record_failure(now)
+            circuit.record_failure(now)
+        state.error_rate = ewma(state.error_rate, 0.0 if ok else 1.0, ALPHA)
+        if latency is not None:
+            state.latency = ewma(state.latency, latency, ALPHA)
+
+    def mark_unreachable(self, state: InstanceState, error: str) -> None:
+        """A connection failure takes an instance out of rotation at once, not at next check."""
+        state.healthy = False
+        state.last_error = error
+
+    def candidates(
+        self, model: str, usage: dict[str, SlotUsage], external: bool, exclude: Iterable[str] = ()
+    ) -> list[Candidate]:
+        now = time.monotonic()
+        skipped = set(exclude)
+        out = []
+        for state in self.instances.values():
+            if state.spec.external != external or state.id in skipped:
+                continue
+            used = usage.get(state.id, SlotUsage(0, 0))
+            circuit = state.model_circuits.get(model)
+            size = state.available.get(model, 0)
+            out.append(
+                Candidate(
+                    instance=state.id,
+                    weight=state.weight,
+                    healthy=state.healthy,
+                    circuit_allows=state.circuit.would_allow(now)
+                    and (circuit is None or circuit.would_allow(now)),
+                    draining=state.draining,
+                    serves_model=state.serves(model),
+                    model_loaded=state.is_loaded(model),
+                    needs_reload=False,
+                    free_slots=max(0, state.spec.parallel - used.model_active),
+                    active=used.total_active,
+                    parallel=state.spec.parallel,
+                    latency_seconds=state.latency or 0.0,
+                    error_rate=state.error_rate,
+                    can_load=state.is_loaded(model) or _fits(state, size),
+                    external=state.spec.external,
+                )
+            )
+        return out
+
+    async def aclose(self) -> None:
+        for state in self.instances.values():
+            await state.upstream.aclose()
+
+
+def _fits(state: InstanceState, size: int) -> bool:
+    from services.pool.placement import evictions_to_fit
+
+    return evictions_to_fit(state.view(), size, time.time()) is not None
+
+
+def _default_upstream(spec: InstanceSpec) -> Upstream:
+    import os
+
+    api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+    return make_upstream(spec.kind, spec.base_url, api_key=api_key)

@@ -1,0 +1,487 @@
+"""gRPC handlers of the Pool: slots (Reserve/Release), the Generate proxy, fleet status, admin.
+
+Routing decisions are pure (routing.py); this module gathers their inputs (registry state,
+slot usage from Redis), acts on the decision, and streams the model server's output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from services.pool import routing
+from services.pool.config import InstanceSpec, PoolSettings
+from services.pool.registry import InstanceState, Registry
+from services.pool.slots import SlotGrant, SlotStore
+from services.pool.stats import PoolStats
+from services.pool.upstream import Delta, Done, ModelNotFound, Started, UpstreamError
+from services.scheduler.records import duration_from_seconds
+from usher.auth import Principal, StaticTokenAuthenticator
+from usher.config import ConfigError
+from usher.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    UpstreamFailed,
+)
+from usher.grpc_types import Context
+from usher.logs import get_logger
+from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2
+
+__all__ = ["SERVICE_ROLE", "PoolAdminServicer", "PoolServicer"]
+
+log = get_logger(__name__)
+
+#: The role a caller needs to reserve slots and run requests (the scheduler's dispatchers).
+SERVICE_ROLE = "service"
+MAX_WAIT_SECONDS = 60.0
+DEFAULT_WAIT_SECONDS = 10.0
+#: How often a waiting Reserve looks again when no local release woke it.
+POLL_SECONDS = 0.05
+
+
+class FleetRouter:
+    """Reserve slots by routing decision; shared by Reserve and Generate's failover."""
+
+    def __init__(self, registry: Registry, slots: SlotStore, settings: PoolSettings) -> None:
+        self.registry = registry
+        self.slots = slots
+        self.strategy = routing.Strategy(settings.strategy)
+        self._rotation = itertools.count()
+        self.freed = asyncio.Condition()
+
+    async def try_reserve(
+        self,
+        model: str,
+        holder: str,
+        external: bool,
+        exclude: set[str] | frozenset[str] = frozenset(),
+    ) -> SlotGrant | None:
+        instances = [s.id for s in self.registry.instances.values() if s.spec.external == external]
+        if not instances:
+            return None
+        usage = await self.slots.usage(instances, model)
+        candidates = self.registry.candidates(model, usage, external, exclude)
+        for choice in routing.rank(candidates, self.strategy, rotation=next(self._rotation)):
+            state = self.registry.instances.get(choice.instance)
+            if state is None:
+                continue
+            limit = state.spec.parallel * max(1, state.spec.max_loaded_models)
+            grant = await self.slots.try_reserve(
+                choice.instance,
+                model,
+                state.spec.parallel,
+                limit if state.spec.max_loaded_models else 0,
+                holder,
+                request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
+            )
+            if grant is not None:
+                return grant
+        return None
+
+    async def reserve(
+        self, models: list[str], holder: str, external: bool, wait: float
+    ) -> SlotGrant | None:
+        deadline = time.monotonic() + wait
+        start = next(self._rotation)
+        while True:
+            # Rotate which model is tried first so one busy model cannot shadow the others.
+            for i in range(len(models)):
+                model = models[(start + i) % len(models)]
+                grant = await self.try_reserve(model, holder, external)
+                if grant is not None:
+                    return grant
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            async with self.freed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.freed.wait(), min(POLL_SECONDS, remaining))
+
+    async def release(self, grant: SlotGrant) -> None:
+        await self.slots.release(grant)
+        async with self.freed:
+            self.freed.notify_all()
+
+
+def _require(principal: Principal, *roles: str) -> None:
+    if principal.is_admin or any(role in principal.roles for role in roles):
+        return
+    raise PermissionDenied(f"this method needs the {' or '.join(roles)} role")
+
+
+def _slot_proto(grant: SlotGrant, lease_ms: int) -> pool_pb2.Slot:
+    slot = pool_pb2.Slot(id=grant.id, model=grant.model, instance=grant.instance)
+    slot.route = grant.route  # type: ignore[assignment]
+    slot.expires_at.FromMilliseconds(int(time.time() * 1000) + lease_ms)
+    return slot
+
+
+def _struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
+    if not value:
+        return None
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def status_of(state: InstanceState, active: int = 0) -> pool_pb2.InstanceStatus:
+    now = time.monotonic()
+    status = pool_pb2.InstanceStatus(
+        config=state.spec.to_proto(),
+        health=pool_pb2.INSTANCE_HEALTH_HEALTHY
+        if state.healthy
+        else pool_pb2.INSTANCE_HEALTH_UNHEALTHY,
+        circuit=state.circuit.state(now).to_proto(),
+        draining=state.draining,
+        active=active,
+        parallel=state.spec.parallel,
+        recent_error_rate=state.error_rate,
+        last_error=state.last_error,
+        available_models=sorted(state.available),
+    )
+    status.config.weight = state.weight
+    for info in state.loaded.values():
+        loaded = status.loaded.add(
+            name=info.name,
+            size_bytes=info.size_bytes,
+            size_vram_bytes=info.size_vram_bytes,
+            context_length=info.context_length,
+        )
+        if info.expires_at is not None:
+            loaded.expires_at.FromDatetime(info.expires_at)
+    if state.latency is not None:
+        status.recent_latency.CopyFrom(duration_from_seconds(state.latency))
+    if state.last_checked:
+        status.last_checked.FromMilliseconds(int(state.last_checked * 1000))
+    return status
+
+
+class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
+    def __init__(
+        self,
+        router: FleetRouter,
+        stats: PoolStats,
+        auth: StaticTokenAuthenticator,
+        settings: PoolSettings,
+    ) -> None:
+        self.router = router
+        self.registry = router.registry
+        self.stats = stats
+        self.auth = auth
+        self.settings = settings
+
+    def caller(self, context: Context) -> Principal:
+        return self.auth.authenticate(context.invocation_metadata())
+
+    async def Reserve(
+        self, request: pool_pb2.ReserveRequest, context: Context
+    ) -> pool_pb2.ReserveResponse:
+        _require(self.caller(context), SERVICE_ROLE)
+        if not request.models:
+            raise InvalidArgument([FieldViolation("models", "name at least one model")])
+        wait = (
+            request.wait.ToMilliseconds() / 1000
+            if request.HasField("wait")
+            else DEFAULT_WAIT_SECONDS
+        )
+        if not 0 <= wait <= MAX_WAIT_SECONDS:
+            raise InvalidArgument([FieldViolation("wait", f"must be 0-{MAX_WAIT_SECONDS:.0f}s")])
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.0, min(wait, remaining - 0.2))
+        external = request.route == request_pb2.ROUTE_EXTERNAL
+        grant = await self.router.reserve(list(request.models), request.holder, external, wait)
+        if grant is None:
+            return pool_pb2.ReserveResponse()
+        return pool_pb2.ReserveResponse(slot=_slot_proto(grant, self.router.slots.lease_ms))
+
+    async def Release(
+        self, request: pool_pb2.ReleaseRequest, context: Context
+    ) -> pool_pb2.ReleaseResponse:
+        _require(self.caller(context), SERVICE_ROLE)
+        grant = await self._lookup(request.slot_id)
+        if grant is not None:
+            await self.router.release(grant)
+        return pool_pb2.ReleaseResponse()
+
+    async def _lookup(self, slot_id: str) -> SlotGrant | None:
+        try:
+            return await self.router.slots.lookup(slot_id)
+        except ValueError:
+            raise InvalidArgument(
+                [FieldViolation("slot_id", f"{slot_id[:60]!r} is not a slot id")]
+            ) from None
+
+    async def Generate(
+        self, request: pool_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[pool_pb2.GenerateResponse]:
+        _require(self.caller(context), SERVICE_ROLE)
+        if request.WhichOneof("input") is None:
+            raise InvalidArgument(
+                [FieldViolation("input", "one of chat, generate or embed is required")]
+            )
+        grant = await self._lookup(request.slot_id)
+        if grant is None:
+            raise FailedPrecondition(
+                f"slot {request.slot_id} expired or was released; reserve again"
+            )
+        if grant.model != request.model:
+            raise InvalidArgument(
+                [FieldViolation("model", f"slot {grant.id} is for {grant.model}")]
+            )
+        renewer = asyncio.create_task(self._keep_alive(grant))
+        held = [grant]
+        try:
+            async for event in self._run_with_failover(request, held):
+                yield event
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            for slot in held:
+                await self.router.release(slot)
+
+    async def _keep_alive(self, grant: SlotGrant) -> None:
+        interval = self.router.slots.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            await self.router.slots.renew(grant)
+
+    async def _run_with_failover(
+        self, request: pool_pb2.GenerateRequest, held: list[SlotGrant]
+    ) -> AsyncIterator[pool_pb2.GenerateResponse]:
+        """Run on the granted instance; before the first token, fail over to another instance,
+        then down the model's fallback chain. After it, an error ends the stream cleanly."""
+        grant = held[0]
+        external = grant.route == request_pb2.ROUTE_EXTERNAL
+        chain = [request.model, *self.settings.fallback_models.get(request.model, ())]
+        tried: set[str] = set()
+        last_error = "no instance could run the request"
+        for model in chain:
+            current: SlotGrant | None = grant if model == request.model else None
+            while True:
+                if current is None:
+                    current = await self.router.try_reserve(model, grant.holder, external, tried)
+                    if current is None:
+                        break
+                    held.append(current)
+                tried.add(current.instance)
+                state = self.registry.instances.get(current.instance)
+                if state is None:
+                    current = None
+                    continue
+                try:
+                    async for event in self._stream(state, model, request, current):
+                        yield event
+                    return
+                except ModelNotFound as error:
+                    last_error = str(error)
+                    current = None
+                    continue
+                except UpstreamError as error:
+                    if not error.before_first_token:
+                        raise UpstreamFailed(
+                            f"model server {state.id} failed mid-answer: {error}"
+                        ) from error
+                    last_error = f"{state.id}: {error}"
+                    if error.status is None:
+                        self.registry.mark_unreachable(state, str(error))
+                    log.warning("failing over", instance=state.id, model=model, error=str(error))
+                    current = None
+            tried.clear()
+        await self.stats.record_failure(request.model)
+        raise Unavailable(f"no instance could run {request.model}: {last_error}")
+
+    async def _stream(
+        self, state: InstanceState, model: str, request: pool_pb2.GenerateRequest, grant: SlotGrant
+    ) -> AsyncIterator[pool_pb2.GenerateResponse]:
+        upstream_request = pool_pb2.GenerateRequest()
+        upstream_request.CopyFrom(request)
+        upstream_request.model = (
+            self.settings.external_models.get(model, model) if state.spec.external else model
+        )
+        started_at = time.monotonic()
+        first_token: float | None = None
+        sent_started = False
+        try:
+            async with contextlib.aclosing(
+                state.upstream.generate(upstream_request, traceparent=request.traceparent)
+            ) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        sent_started = True
+                        yield pool_pb2.GenerateResponse(
+                            started=pool_pb2.GenerationStarted(
+                                instance=state.id, model=model, loaded_model=event.loaded_model
+                            )
+                        )
+                    elif isinstance(event, Delta):
+                        if first_token is None:
+                            first_token = time.monotonic() - started_at
+                        if request.stream:
+                            delta = pool_pb2.TokenDelta(
+                                text=event.text, completion_tokens=event.completion_tokens
+                            )
+                            message = _struct(event.message)
+                            if message is not None:
+                                delta.message.CopyFrom(message)
+                            yield pool_pb2.GenerateResponse(delta=delta)
+                    elif isinstance(event, Done):
+                        if not sent_started:
+                            yield pool_pb2.GenerateResponse(
+                                started=pool_pb2.GenerationStarted(instance=state.id, model=model)
+                            )
+                        self.registry.record(state, model, True, first_token or event.total_seconds)
+                        await self.stats.record_done(model, state.id, event)
+                        yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
+        except UpstreamError:
+            self.registry.record(state, model, False, None)
+            raise
+
+    @staticmethod
+    def _done(event: Done, model: str, instance: str) -> pool_pb2.GenerationDone:
+        result = request_pb2.RequestResult(
+            text=event.text,
+            done_reason=event.done_reason,
+            served_by_model=model,
+            served_by_instance=instance,
+        )
+        message = _struct(event.message)
+        if message is not None:
+            result.message.CopyFrom(message)
+        for vector in event.embeddings:
+            result.embeddings.add(values=vector)
+        usage = request_pb2.Usage(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            tokens_per_second=(
+                event.completion_tokens / event.eval_seconds if event.eval_seconds > 0 else 0.0
+            ),
+        )
+        usage.processing.CopyFrom(duration_from_seconds(event.total_seconds))
+        usage.load.CopyFrom(duration_from_seconds(event.load_seconds))
+        return pool_pb2.GenerationDone(result=result, usage=usage)
+
+    async def ListInstances(
+        self, request: pool_pb2.ListInstancesRequest, context: Context
+    ) -> pool_pb2.ListInstancesResponse:
+        self.caller(context)
+        states = list(self.registry.instances.values())
+        usage = await self.router.slots.usage([s.id for s in states], "")
+        return pool_pb2.ListInstancesResponse(
+            instances=[status_of(s, usage[s.id].total_active) for s in states]
+        )
+
+    async def GetModelStats(
+        self, request: pool_pb2.GetModelStatsRequest, context: Context
+    ) -> pool_pb2.GetModelStatsResponse:
+        self.caller(context)
+        return pool_pb2.GetModelStatsResponse(
+            stats=await self.stats.model_stats(
+                list(request.models), self.registry, self.router.slots
+            )
+        )
+
+
+class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
+    def __init__(self, registry: Registry, auth: StaticTokenAuthenticator) -> None:
+        self.registry = registry
+        self.auth = auth
+
+    def admin(self, context: Context) -> None:
+        self.auth.authenticate(context.invocation_metadata()).require_admin()
+
+    def known(self, instance_id: str) -> InstanceState:
+        state = self.registry.instances.get(instance_id)
+        if state is None:
+            raise NotFound(f"no instance {instance_id!r}")
+        return state
+
+    async def RegisterInstance(
+        self, request: pool_pb2.RegisterInstanceRequest, context: Context
+    ) -> pool_pb2.RegisterInstanceResponse:
+        self.admin(context)
+        try:
+            spec = InstanceSpec.from_proto(request.config)
+        except ConfigError as error:
+            raise InvalidArgument([FieldViolation("config", str(error))]) from None
+        state = await self.registry.register(spec)
+        return pool_pb2.RegisterInstanceResponse(instance=status_of(state))
+
+    async def DeregisterInstance(
+        self, request: pool_pb2.DeregisterInstanceRequest, context: Context
+    ) -> pool_pb2.DeregisterInstanceResponse:
+        self.admin(context)
+        if not await self.registry.deregister(request.id):
+            raise NotFound(f"no instance {request.id!r}")
+        return pool_pb2.DeregisterInstanceResponse()
+
+    async def DrainInstance(
+        self, request: pool_pb2.DrainInstanceRequest, context: Context
+    ) -> pool_pb2.DrainInstanceResponse:
+        self.admin(context)
+        self.known(request.id)
+        await self.registry.set_draining(request.id, request.drain)
+        return pool_pb2.DrainInstanceResponse(instance=status_of(self.known(request.id)))
+
+    async def SetInstanceWeight(
+        self, request: pool_pb2.SetInstanceWeightRequest, context: Context
+    ) -> pool_pb2.SetInstanceWeightResponse:
+        self.admin(context)
+        self.known(request.id)
+        if not request.weight > 0:
+            raise InvalidArgument([FieldViolation("weight", "must be positive")])
+        await self.registry.set_weight(request.id, request.weight)
+        return pool_pb2.SetInstanceWeightResponse(instance=status_of(self.known(request.id)))
+
+    async def ResetCircuit(
+        self, request: pool_pb2.ResetCircuitRequest, context: Context
+    ) -> pool_pb2.ResetCircuitResponse:
+        self.admin(context)
+        state = self.known(request.id)
+        if request.model:
+            circuit = state.model_circuits.get(request.model)
+            if circuit is not None:
+                circuit.reset()
+        else:
+            state.circuit.reset()
+            for circuit in state.model_circuits.values():
+                circuit.reset()
+        return pool_pb2.ResetCircuitResponse(instance=status_of(state))
+
+    async def LoadModel(
+        self, request: pool_pb2.LoadModelRequest, context: Context
+    ) -> pool_pb2.LoadModelResponse:
+        self.admin(context)
+        state = self.known(request.id)
+        keep_alive = (
+            request.keep_alive.ToMilliseconds() / 1000 if request.HasField("keep_alive") else None
+        )
+        try:
+            await state.upstream.load(request.model, keep_alive_seconds=keep_alive)
+        except UpstreamError as error:
+            raise Unavailable(f"{state.id} could not load {request.model}: {error}") from None
+        await self.registry.check(state)
+        return pool_pb2.LoadModelResponse(instance=status_of(state))
+
+    async def UnloadModel(
+        self, request: pool_pb2.UnloadModelRequest, context: Context
+    ) -> pool_pb2.UnloadModelResponse:
+        self.admin(context)
+        state = self.known(request.id)
+        try:
+            await state.upstream.unload(request.model)
+        except UpstreamError as error:
+            raise Unavailable(f"{state.id} could not unload {request.model}: {error}") from None
+        await self.registry.check(state)
+        return pool_pb2.UnloadModelResponse(instance=status_of(state))

@@ -1,0 +1,270 @@
+"""Dispatchers: the loops in every scheduler replica that move requests from queue to model.
+
+Each loop waits for the Pool to grant a slot (Reserve, a long poll) for a model that has
+queued work, claims that model's next request in fair order under a lease, runs it through
+Pool.Generate, appends its tokens to the request's event stream, and finishes it. A
+heartbeat keeps the lease and carries cancellation: a cancel seen there (or a lost lease)
+closes the Generate stream, which stops the model server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import grpc
+
+from services.scheduler.records import duration_from_seconds
+from services.scheduler.store import FinishedWork, Lease, QueueStore
+from usher import keys
+from usher.keys import ModelKeys
+from usher.logs import get_logger
+from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
+
+__all__ = ["DispatchSettings", "Dispatcher"]
+
+log = get_logger(__name__)
+
+COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
+FAILED = request_pb2.REQUEST_STATE_FAILED
+CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    pool_address: str
+    service_token: str
+    #: Requests this replica runs at once (across models).
+    concurrency: int = 16
+    reserve_wait_seconds: float = 5.0
+    #: Tokens are appended to a request's stream at most this often, batched.
+    token_flush_seconds: float = 0.05
+
+
+class _Cancelled(Exception):
+    """The request was cancelled or its lease lost while running."""
+
+    def __init__(self, lost: bool) -> None:
+        super().__init__("lease lost" if lost else "cancelled")
+        self.lost = lost
+
+
+class Dispatcher:
+    def __init__(self, store: QueueStore, settings: DispatchSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._metadata = (("authorization", f"Bearer {settings.service_token}"),)
+        self._channel = grpc.aio.insecure_channel(settings.pool_address)
+        self._pool = pool_pb2_grpc.PoolServiceStub(self._channel)
+        self._demand: tuple[float, list[str], list[str]] = (0.0, [], [])
+        self._demand_lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def models_with_work(self) -> tuple[list[str], list[str]]:
+        """Models with queued local work, and with work waiting for the external provider.
+        Read at most every 20 ms per replica, however many loops ask."""
+        async with self._demand_lock:
+            at, local, external = self._demand
+            if time.monotonic() - at < 0.02:
+                return local, external
+            models = sorted(
+                m.decode() for m in cast(set[bytes], await self.store.redis.smembers(keys.MODELS))
+            )
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.zcard(ModelKeys(model).queue)
+                    pipe.zcard(ModelKeys(model).external)
+                counts = cast(list[int], await pipe.execute())
+            local = [m for i, m in enumerate(models) if counts[2 * i]]
+            external = [m for i, m in enumerate(models) if counts[2 * i + 1]]
+            self._demand = (time.monotonic(), local, external)
+            return local, external
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loops = [
+            asyncio.create_task(self._loop(stop, external=i % 8 == 7))
+            for i in range(self.settings.concurrency)
+        ]
+        await asyncio.gather(*loops)
+
+    async def _loop(self, stop: asyncio.Event, external: bool) -> None:
+        while not stop.is_set():
+            try:
+                worked = await self.dispatch_one(external)
+            except grpc.aio.AioRpcError as error:
+                log.warning("pool unreachable", code=error.code().name, details=error.details())
+                worked = False
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("dispatch failed")
+                worked = False
+                await asyncio.sleep(0.5)
+            if not worked:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.02)
+
+    async def dispatch_one(self, external: bool = False) -> bool:
+        local, waiting_external = await self.models_with_work()
+        models = waiting_external if external else local
+        if not models:
+            return False
+        reply = await self._pool.Reserve(
+            pool_pb2.ReserveRequest(
+                models=models,
+                holder=self.holder,
+                route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
+                wait=duration_from_seconds(self.settings.reserve_wait_seconds),
+            ),
+            metadata=self._metadata,
+            timeout=self.settings.reserve_wait_seconds + 5,
+        )
+        if not reply.HasField("slot"):
+            return False
+        slot = reply.slot
+        lease = await self.store.claim(slot.model, self.holder, external=external)
+        if lease is None:  # another replica took the last request first
+            await self._pool.Release(
+                pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata
+            )
+            return False
+        await self.run_request(lease, slot)
+        return True
+
+    async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> None:
+        submit = scheduler_pb2.SubmitRequest.FromString(lease.request.payload)
+        generate = pool_pb2.GenerateRequest(
+            slot_id=slot.id,
+            request_id=lease.request.id,
+            model=slot.model,
+            options=submit.options,
+            traceparent=lease.request.traceparent,
+            stream=True,
+        )
+        kind = submit.WhichOneof("input")
+        if kind is not None:
+            getattr(generate, kind).CopyFrom(getattr(submit, kind))
+        timeout = None
+        if lease.request.deadline_ms:
+            timeout = max(0.1, lease.request.deadline_ms / 1000 - time.time())
+        call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
+        started = time.monotonic()
+        watcher = asyncio.create_task(self._heartbeat(lease))
+        runner = asyncio.create_task(self._consume(lease, call, started))
+        done, _ = await asyncio.wait({watcher, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done and not runner.done():
+            call.cancel()  # closes the stream: the Pool stops the model server's work
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await runner
+            stop = watcher.result()
+            if not stop.lost:
+                reason = lease.request.error or "cancelled while running"
+                await self.store.finish(lease, FinishedWork(state=CANCELLED, error=reason))
+            return
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, _Cancelled):
+            await watcher
+        work_or_error = runner.result()
+        if isinstance(work_or_error, FinishedWork):
+            await self.store.finish(lease, work_or_error)
+            return
+        await self._handle_error(lease, work_or_error)
+
+    async def _heartbeat(self, lease: Lease) -> _Cancelled:
+        interval = self.store.defaults.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            verdict = await self.store.heartbeat(lease)
+            if verdict != 0:
+                return _Cancelled(lost=verdict == -1)
+
+    async def _consume(
+        self,
+        lease: Lease,
+        call: grpc.aio.UnaryStreamCall[pool_pb2.GenerateRequest, pool_pb2.GenerateResponse],
+        started: float,
+    ) -> FinishedWork | grpc.aio.AioRpcError:
+        pending: list[str] = []
+        tokens = 0
+        last_flush = time.monotonic()
+        try:
+            async for event in call:
+                reply = event
+                which = reply.WhichOneof("event")
+                if which == "started":
+                    await self.store.progress(
+                        lease,
+                        "started",
+                        {
+                            "instance": reply.started.instance,
+                            "served_model": reply.started.model,
+                        },
+                    )
+                elif which == "delta":
+                    pending.append(reply.delta.text)
+                    tokens = int(reply.delta.completion_tokens) or tokens + 1
+                    if time.monotonic() - last_flush >= self.settings.token_flush_seconds:
+                        await self._flush(lease, pending, tokens)
+                        pending = []
+                        last_flush = time.monotonic()
+                elif which == "done":
+                    if pending:
+                        await self._flush(lease, pending, tokens)
+                    return _finished(lease, reply.done, time.monotonic() - started)
+        except grpc.aio.AioRpcError as error:
+            return error
+        return cast(grpc.aio.AioRpcError, _StreamEnded())
+
+    async def _flush(self, lease: Lease, pending: Sequence[str], tokens: int) -> None:
+        await self.store.progress(lease, "tokens", {"text": "".join(pending), "tokens": tokens})
+
+    async def _handle_error(self, lease: Lease, error: grpc.aio.AioRpcError) -> None:
+        code = error.code()
+        details = error.details() or code.name
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
+            # Nothing reached the user yet: back to its place, to be tried again.
+            await self.store.requeue(lease, details, count_attempt=True)
+            return
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            await self.store.finish(
+                lease, FinishedWork(state=FAILED, error="deadline passed while running")
+            )
+            return
+        await self.store.finish(lease, FinishedWork(state=FAILED, error=details))
+
+
+class _StreamEnded(grpc.aio.AioRpcError):
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="the pool closed the stream without a result",
+        )
+
+
+def _finished(lease: Lease, done: pool_pb2.GenerationDone, seconds: float) -> FinishedWork:
+    usage = request_pb2.Usage()
+    usage.CopyFrom(done.usage)
+    waited = max(0, lease.request.started_ms - lease.request.created_ms) / 1000
+    usage.queue_wait.CopyFrom(duration_from_seconds(waited))
+    prompt = int(usage.prompt_tokens) or lease.request.prompt_tokens
+    output = int(usage.completion_tokens)
+    return FinishedWork(
+        state=COMPLETED,
+        result=done.result.SerializeToString(),
+        usage=usage.SerializeToString(),
+        actual_tokens=prompt + output,
+        service_ms=seconds * 1000,
+        tokens_per_second=usage.tokens_per_second,
+        output_tokens=output,
+    )

@@ -1,0 +1,375 @@
+"""The Pool as a real gRPC server on a socket, with real Redis and an emulated Ollama fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from services.pool.app import PoolApp
+from services.pool.config import InstanceSpec, PoolSettings
+from services.pool.placer import place_once
+from services.pool.routing import Strategy
+from tests.pool.conftest import fast_emulator_config
+from usher import keys
+from usher.auth import parse_token_map
+from usher.emulator import EmulatorFleet, model_spec
+from usher.keys import ModelKeys
+from usher.testing import free_port
+from usher.testing.redis_server import ExternalRedis, RedisServer
+from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2
+
+TOKENS = "svc-token=scheduler@usher:service,root-token=root@ops:admin,alice-token=alice@acme"
+SVC = (("authorization", "Bearer svc-token"),)
+ROOT = (("authorization", "Bearer root-token"),)
+MODEL = "llama3.2:1b"
+
+
+@dataclass
+class RunningPool:
+    app: PoolApp
+    stub: pool_pb2_grpc.PoolServiceAsyncStub
+    admin: pool_pb2_grpc.PoolAdminServiceAsyncStub
+    channel: grpc.aio.Channel
+
+
+def settings_for(redis_url: str, urls: Sequence[str], **overrides: Any) -> PoolSettings:
+    instances = tuple(
+        InstanceSpec(id=f"ollama-{i}", base_url=url, kind="ollama", parallel=2)
+        for i, url in enumerate(urls)
+    )
+    base = PoolSettings(
+        instances=instances,
+        listen=f"127.0.0.1:{free_port()}",
+        redis_url=redis_url,
+        tokens=parse_token_map(TOKENS),
+        health_interval_seconds=0.2,
+        health_timeout_seconds=1.0,
+        placement_interval_seconds=3600,
+        shutdown_grace_seconds=0.5,
+        circuit_failure_threshold=3,
+        circuit_open_seconds=0.3,
+    )
+    return replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_pool(settings: PoolSettings) -> AsyncIterator[RunningPool]:
+    app = PoolApp(settings)
+    await app.start()
+    channel = grpc.aio.insecure_channel(settings.listen)
+    try:
+        yield RunningPool(
+            app,
+            pool_pb2_grpc.PoolServiceStub(channel),
+            pool_pb2_grpc.PoolAdminServiceStub(channel),
+            channel,
+        )
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+@pytest.fixture
+def make_pool(
+    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningPool]]:
+    def make(
+        urls: Sequence[str], **overrides: Any
+    ) -> contextlib.AbstractAsyncContextManager[RunningPool]:
+        return running_pool(settings_for(redis_server.url, urls, **overrides))
+
+    return make
+
+
+def generate_request(
+    slot: pool_pb2.Slot, prompt: str = "hello", **options: Any
+) -> pool_pb2.GenerateRequest:
+    request = pool_pb2.GenerateRequest(
+        slot_id=slot.id,
+        request_id="r1",
+        model=slot.model,
+        generate=request_pb2.GenerateInput(prompt=prompt),
+        stream=True,
+    )
+    for name, value in options.items():
+        setattr(request.options, name, value)
+    return request
+
+
+async def reserve(pool: RunningPool, model: str = MODEL, wait: float = 2.0) -> pool_pb2.Slot:
+    request = pool_pb2.ReserveRequest(models=[model], holder="test")
+    request.wait.FromMilliseconds(int(wait * 1000))
+    reply = await pool.stub.Reserve(request, metadata=SVC)
+    assert reply.HasField("slot"), "no slot granted"
+    return reply.slot
+
+
+async def run(
+    pool: RunningPool, model: str = MODEL, prompt: str = "hello"
+) -> list[pool_pb2.GenerateResponse]:
+    slot = await reserve(pool, model)
+    return [r async for r in pool.stub.Generate(generate_request(slot, prompt), metadata=SVC)]
+
+
+async def test_reserve_then_generate_streams_tokens_and_a_result(make_pool: Any) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        events = await run(pool)
+        kinds = [e.WhichOneof("event") for e in events]
+        assert kinds[0] == "started" and kinds[-1] == "done"
+        assert "delta" in kinds
+        done = events[-1].done
+        assert done.result.text == "".join(e.delta.text for e in events if e.HasField("delta"))
+        assert done.result.served_by_instance == "ollama-0"
+        assert done.usage.completion_tokens > 0
+        stats = await pool.stub.GetModelStats(
+            pool_pb2.GetModelStatsRequest(models=[MODEL]), metadata=SVC
+        )
+        assert stats.stats[0].processed == 1
+        assert stats.stats[0].active == 0  # the slot was released
+
+
+async def test_callers_need_the_service_role(make_pool: Any) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.stub.Reserve(
+                pool_pb2.ReserveRequest(models=[MODEL]),
+                metadata=(("authorization", "Bearer alice-token"),),
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.stub.Reserve(pool_pb2.ReserveRequest(models=[MODEL]))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_affinity_routes_to_the_instance_that_has_the_model_loaded(make_pool: Any) -> None:
+    config = fast_emulator_config(load_time=0.05)
+    async with EmulatorFleet([config, config, config]) as fleet, make_pool(fleet.urls) as pool:
+        for _ in range(12):
+            await run(pool)
+        loads = [server.stats.loads for server in fleet]
+        assert sum(loads) == 1, loads
+    # The same workload round-robin loads the model everywhere.
+    async with (
+        EmulatorFleet([config, config, config]) as fleet,
+        make_pool(fleet.urls, strategy=Strategy.WEIGHTED_ROUND_ROBIN) as pool,
+    ):
+        for _ in range(12):
+            await run(pool)
+        assert sum(server.stats.loads for server in fleet) == 3
+
+
+async def test_failure_before_the_first_token_fails_over(make_pool: Any) -> None:
+    config = fast_emulator_config()
+    async with EmulatorFleet([config, config]) as fleet, make_pool(fleet.urls) as pool:
+        await run(pool)  # loads on one instance; affinity keeps choosing it
+        busy = next(i for i, s in enumerate(fleet) if s.stats.loads)
+        fleet[busy].set_faults(fail_next=1, fail_status=500)
+        events = await run(pool)
+        assert events[-1].done.result.served_by_instance == f"ollama-{1 - busy}"
+
+
+async def test_an_instance_that_dies_leaves_rotation_and_work_goes_elsewhere(
+    make_pool: Any,
+) -> None:
+    config = fast_emulator_config()
+    async with EmulatorFleet([config, config]) as fleet, make_pool(fleet.urls) as pool:
+        await run(pool)
+        busy = next(i for i, s in enumerate(fleet) if s.stats.loads)
+        await fleet[busy].crash()
+        events = await run(pool)
+        assert events[-1].done.result.served_by_instance == f"ollama-{1 - busy}"
+        listed = await pool.stub.ListInstances(pool_pb2.ListInstancesRequest(), metadata=SVC)
+        health = {i.config.id: i.health for i in listed.instances}
+        assert health[f"ollama-{busy}"] == pool_pb2.INSTANCE_HEALTH_UNHEALTHY
+        await fleet[busy].restart()
+        for _ in range(50):
+            listed = await pool.stub.ListInstances(pool_pb2.ListInstancesRequest(), metadata=SVC)
+            if all(i.health == pool_pb2.INSTANCE_HEALTH_HEALTHY for i in listed.instances):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the instance did not come back into rotation")
+
+
+async def test_an_error_mid_stream_ends_the_stream_cleanly(make_pool: Any) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        fleet[0].set_faults(error_after_tokens=3, error_message="model runner crashed")
+        slot = await reserve(pool)
+        seen: list[str] = []
+
+        async def consume() -> None:
+            async for event in pool.stub.Generate(generate_request(slot), metadata=SVC):
+                seen.append(event.WhichOneof("event") or "")
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await consume()
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        assert "model runner crashed" in (info.value.details() or "")
+        assert "delta" in seen
+        usage = await pool.app.slots.usage(["ollama-0"], MODEL)
+        assert usage["ollama-0"].model_active == 0
+
+
+async def test_circuit_opens_on_failures_and_recovers(make_pool: Any) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        fleet[0].set_faults(fail_next=3, fail_status=500)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await run(pool)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        listed = await pool.stub.ListInstances(pool_pb2.ListInstancesRequest(), metadata=SVC)
+        assert listed.instances[0].circuit == pool_pb2.CIRCUIT_STATE_OPEN
+        request = pool_pb2.ReserveRequest(models=[MODEL])
+        request.wait.FromMilliseconds(100)
+        assert not (await pool.stub.Reserve(request, metadata=SVC)).HasField("slot")
+        await asyncio.sleep(0.35)  # open period over: half-open admits a trial
+        events = await run(pool)
+        assert events[-1].HasField("done")
+        listed = await pool.stub.ListInstances(pool_pb2.ListInstancesRequest(), metadata=SVC)
+        assert listed.instances[0].circuit == pool_pb2.CIRCUIT_STATE_CLOSED
+
+
+async def test_slot_limits_hold_with_two_pool_replicas(make_pool: Any) -> None:
+    config = fast_emulator_config(tokens_per_second=400, num_parallel=4)
+    async with EmulatorFleet([config]) as fleet:
+        async with make_pool(fleet.urls) as first, make_pool(fleet.urls) as second:
+
+            async def worker(pool: RunningPool) -> None:
+                for _ in range(6):
+                    await run(pool)
+
+            await asyncio.gather(*(worker(p) for p in (first, second) for _ in range(5)))
+        stats = fleet[0].stats
+        assert stats.requests_served == 60
+        assert stats.models[MODEL].in_flight_max == 2  # parallel=2 per model on the instance
+
+
+async def test_closing_the_stream_stops_the_upstream(make_pool: Any) -> None:
+    config = fast_emulator_config(tokens_per_second=40, output_tokens=(400, 400))
+    async with EmulatorFleet([config]) as fleet, make_pool(fleet.urls) as pool:
+        slot = await reserve(pool)
+        call = pool.stub.Generate(generate_request(slot), metadata=SVC)
+        deltas = 0
+        async for event in call:
+            if event.HasField("delta"):
+                deltas += 1
+                if deltas == 2:
+                    break
+        call.cancel()
+        for _ in range(50):
+            if fleet[0].stats.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert fleet[0].stats.in_flight == 0
+        assert fleet[0].stats.tokens_generated < 100
+        usage = await pool.app.slots.usage(["ollama-0"], MODEL)
+        assert usage["ollama-0"].model_active == 0
+
+
+async def test_fallback_model_serves_when_the_model_is_missing(make_pool: Any) -> None:
+    config = fast_emulator_config(models=[model_spec("llama3.2:1b")])
+    async with (
+        EmulatorFleet([config]) as fleet,
+        make_pool(fleet.urls, fallback_models={"llama3.1:70b": ("llama3.2:1b",)}) as pool,
+    ):
+        # The big model is not on the fleet; its slot is asked for by name, then the chain serves.
+        grant = await pool.app.slots.try_reserve("ollama-0", "llama3.1:70b", 2, 0, "test", 1)
+        assert grant is not None
+        request = pool_pb2.GenerateRequest(
+            slot_id=grant.id, model="llama3.1:70b", generate=request_pb2.GenerateInput(prompt="hi")
+        )
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.result.served_by_model == "llama3.2:1b"
+
+
+async def test_demand_loads_models_and_evicts_lru_to_fit_memory(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
+    config = fast_emulator_config(models=small, memory_budget=int(1.5 * 1024**3))
+    async with (
+        EmulatorFleet([config]) as fleet,
+        make_pool(fleet.urls, idle_unload_seconds=3600) as pool,
+    ):
+        await run(pool, "llama3.2:1b")  # loaded, now idle
+        await redis_client.sadd(keys.MODELS, "qwen2.5:0.5b")
+        await redis_client.zadd(ModelKeys("qwen2.5:0.5b").queue, {"0000000000000001:X": 1})
+        state = pool.app.registry.instances["ollama-0"]
+        state.last_used["llama3.2:1b"] = 0  # long idle
+        await pool.app.registry.check(state)
+        actions = await place_once(pool.app.registry)
+        assert [(a.kind, a.model) for a in actions] == [
+            ("unload", "llama3.2:1b"),
+            ("load", "qwen2.5:0.5b"),
+        ]
+        assert set(state.loaded) == {"qwen2.5:0.5b"}
+
+
+async def test_admin_registers_drains_and_weights_instances(make_pool: Any) -> None:
+    async with (
+        EmulatorFleet([fast_emulator_config(), fast_emulator_config()]) as fleet,
+        make_pool(fleet.urls[:1]) as pool,
+    ):
+        config = pool_pb2.InstanceConfig(
+            id="late",
+            base_url=fleet.urls[1],
+            kind=pool_pb2.INSTANCE_KIND_OLLAMA,
+            weight=2,
+            parallel=1,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.admin.RegisterInstance(
+                pool_pb2.RegisterInstanceRequest(config=config), metadata=SVC
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        added = await pool.admin.RegisterInstance(
+            pool_pb2.RegisterInstanceRequest(config=config), metadata=ROOT
+        )
+        assert added.instance.health == pool_pb2.INSTANCE_HEALTH_HEALTHY
+        bad = pool_pb2.InstanceConfig(
+            id="bad", base_url="ftp://x", kind=pool_pb2.INSTANCE_KIND_OLLAMA
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.admin.RegisterInstance(
+                pool_pb2.RegisterInstanceRequest(config=bad), metadata=ROOT
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "base_url" in (info.value.details() or "")
+        await pool.admin.DrainInstance(
+            pool_pb2.DrainInstanceRequest(id="ollama-0", drain=True), metadata=ROOT
+        )
+        events = await run(pool)
+        assert events[-1].done.result.served_by_instance == "late"
+        weighted = await pool.admin.SetInstanceWeight(
+            pool_pb2.SetInstanceWeightRequest(id="late", weight=5), metadata=ROOT
+        )
+        assert weighted.instance.config.weight == 5
+
+
+def test_bad_instance_config_is_a_clear_error_at_start() -> None:
+    env = {
+        **os.environ,
+        "USHER_INSTANCES": "gpu1=http://h:11434;weight=-2",
+        "USHER_API_TOKENS": TOKENS,
+    }
+    env.pop("USHER_POOL_CONFIG", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.pool"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "bad configuration" in done.stderr and "weight" in done.stderr and "gpu1" in done.stderr
