@@ -1,0 +1,511 @@
+"""Upstream adapters: the thin HTTP layer between the Pool and one model server.
+
+An ``Upstream`` talks to exactly one server, either Ollama's native API
+(``upstream_ollama.OllamaUpstream``) or an OpenAI-compatible one such as vLLM, the
+llama.cpp server, LM Studio or an external provider (``upstream_openai.OpenAIUpstream``).
+Build one with ``make_upstream(kind, base_url)``.
+
+``generate()`` turns a ``pool_pb2.GenerateRequest`` into a stream of events::
+
+    Started(loaded_model)                       # the server answered (headers)
+    Delta(text, completion_tokens, message)     # zero or more
+    Done(text, done_reason, usage, timings...)  # exactly one, last
+
+Failures raise ``UpstreamError``. Two flags tell the Pool what it may do next:
+
+* ``before_first_token``: no ``Delta`` was yielded yet, so nothing reached the caller.
+* ``retryable``: trying another instance now may succeed. It is only ever true
+  before the first token (a retry after output would duplicate it), and false for
+  the request's own faults (400, 404, 422...).
+
+The upstream always streams (``stream: true``) whatever ``GenerateRequest.stream``
+says: streaming gives the first-byte signal, bounded memory, and lets a cancelled
+caller stop the server's work. The Pool decides which deltas to forward.
+
+Stopping early: the stream is an async generator that holds the HTTP response
+open; ``aclose()`` it (``contextlib.aclosing`` or ``aclose_events``) and the
+connection is closed, which makes Ollama / vLLM / llama.cpp abandon the request.
+Breaking out of ``async for`` also closes it once the generator is garbage
+collected, but only ``aclose()`` is immediate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, Self, runtime_checkable
+
+import httpx
+from google.protobuf import json_format, struct_pb2
+
+from usher.v1 import pool_pb2
+
+__all__ = [
+    "Delta",
+    "Done",
+    "Event",
+    "HttpUpstream",
+    "LoadedModelInfo",
+    "ModelNotFound",
+    "Started",
+    "Upstream",
+    "UpstreamError",
+    "UpstreamModel",
+    "aclose_events",
+    "error_text",
+    "keep_alive_value",
+    "make_upstream",
+    "parse_timestamp",
+    "plain_json",
+    "status_is_retryable",
+    "struct_to_dict",
+]
+
+# -- events and model info --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamModel:
+    """A model the server can serve (``/api/tags`` or ``/v1/models``)."""
+
+    name: str
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModelInfo:
+    """A model resident in the server's memory (``/api/ps``)."""
+
+    name: str
+    size_bytes: int
+    size_vram_bytes: int
+    #: When its keep-alive runs out; None when unknown. Far future = "forever".
+    expires_at: datetime | None
+    context_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The server accepted the request and began answering (2xx headers).
+
+    ``loaded_model`` is True only when the adapter knows a model load happened
+    before the answer. Neither Ollama nor OpenAI-compatible servers say so at the
+    first byte, so both adapters report False; Ollama's load time arrives later in
+    ``Done.load_seconds``, and the Pool, which tracks what is loaded where, knows
+    better anyway.
+    """
+
+    loaded_model: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output. ``completion_tokens`` counts output chunks so far (servers send
+    about one token per chunk). ``message`` holds the non-text parts of a chat
+    delta (tool calls, thinking) in the server's JSON shape, else None."""
+
+    text: str
+    completion_tokens: int
+    message: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The final event. ``text`` is the whole output; ``message`` the assembled
+    assistant message of a chat (with tool calls) or None; ``embeddings`` the
+    vectors of an embed request. Durations are seconds."""
+
+    text: str
+    done_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_seconds: float
+    load_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    message: dict[str, Any] | None = None
+    embeddings: list[list[float]] = field(default_factory=list)
+
+
+Event = Started | Delta | Done
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def status_is_retryable(status: int | None) -> bool:
+    """Could another instance succeed where this status failed?
+
+    ``None`` is a transport failure (refused, reset, timeout). 408/425/429 and 5xx
+    (including Ollama's 503 "server busy") are the server's state, not the
+    request's; other 4xx would fail anywhere.
+    """
+    return status is None or status in (408, 425, 429) or status >= 500
+
+
+class UpstreamError(Exception):
+    """A call to a model server failed.
+
+    ``status``: the HTTP status, or None for transport failures (and for errors
+    reported inside a 200 stream, where it is 200). ``upstream_message``: the
+    server's own error text (Ollama's ``"error"``, OpenAI's ``error.message``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        before_first_token: bool = True,
+        retryable: bool | None = None,
+        upstream_message: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.before_first_token = before_first_token
+        if retryable is None:
+            retryable = status_is_retryable(status)
+        # A retry after output reached the caller would duplicate it.
+        self.retryable = retryable and before_first_token
+        self.upstream_message = upstream_message
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, status={self.status}, "
+            f"before_first_token={self.before_first_token}, retryable={self.retryable})"
+        )
+
+
+class ModelNotFound(UpstreamError):
+    """The server does not have the model (HTTP 404). Not retryable here; the
+    Pool may still route the model to an instance that lists it."""
+
+    def __init__(self, message: str, *, upstream_message: str = "") -> None:
+        super().__init__(
+            message,
+            status=404,
+            before_first_token=True,
+            retryable=False,
+            upstream_message=upstream_message,
+        )
+
+
+def error_text(body: bytes | str, limit: int = 500) -> str:
+    """The human message in an error body, whatever the server's dialect:
+    Ollama ``{"error": "..."}``, OpenAI ``{"error": {"message": ...}}``, vLLM
+    ``{"object": "error", "message": ...}``, FastAPI ``{"detail": ...}``, or text."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:limit]
+    if isinstance(data, Mapping):
+        err = data.get("error")
+        if isinstance(err, str):
+            return err[:limit]
+        if isinstance(err, Mapping):
+            msg = err.get("message")
+            return (msg if isinstance(msg, str) else json.dumps(err))[:limit]
+        for key in ("message", "detail"):
+            value = data.get(key)
+            if isinstance(value, str):
+                return value[:limit]
+            if value is not None:
+                return json.dumps(value)[:limit]
+    return text.strip()[:limit]
+
+
+# -- small helpers shared by the adapters ------------------------------------------------
+
+
+def plain_json(value: Any) -> Any:
+    """Protobuf ``Struct`` numbers are doubles; give integral ones back as ints so
+    ``{"num_gpu": 1}`` is sent as ``1``, not ``1.0`` (Go ints reject fractions)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_json(v) for v in value]
+    return value
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A ``google.protobuf.Struct`` as plain JSON-ready Python."""
+    out = plain_json(json_format.MessageToDict(value))
+    assert isinstance(out, dict)
+    return out
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """RFC 3339 from a Go server (nanoseconds, ``Z``); None for empty / zero time."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    # Go prints up to 9 fractional digits; datetime keeps microseconds (6).
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return None if parsed.year <= 1 else parsed
+
+
+async def aclose_events(events: AsyncIterator[Event]) -> None:
+    """Stop a ``generate()`` stream now (closes its HTTP response)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def keep_alive_value(seconds: float) -> int | float:
+    """Seconds as Ollama's ``keep_alive`` number; negative means forever."""
+    if math.isinf(seconds) or seconds < 0:
+        return -1
+    return int(seconds) if float(seconds).is_integer() else seconds
+
+
+# -- the interface ----------------------------------------------------------------------
+
+
+@runtime_checkable
+class Upstream(Protocol):
+    """One model server. Every method raises ``UpstreamError`` on failure."""
+
+    kind: str
+    base_url: str
+
+    async def health(self) -> None:
+        """Cheap liveness probe (Ollama ``GET /``, OpenAI ``GET /v1/models``)."""
+        ...
+
+    async def list_models(self) -> list[UpstreamModel]: ...
+
+    async def loaded_models(self) -> list[LoadedModelInfo]:
+        """What is resident now; ``[]`` when the server cannot say."""
+        ...
+
+    async def load(
+        self, model: str, keep_alive_seconds: float | None = None, num_ctx: int | None = None
+    ) -> float:
+        """Load ``model`` (no-op where unsupported); returns the seconds it took."""
+        ...
+
+    async def unload(self, model: str) -> None: ...
+
+    def generate(
+        self,
+        request: pool_pb2.GenerateRequest,
+        *,
+        keep_alive_seconds: float | None = None,
+        traceparent: str = "",
+    ) -> AsyncGenerator[Event, None]:
+        """Run one request; see the module docstring for the event order.
+
+        An async generator, so ``contextlib.aclosing`` / ``aclose()`` stop it."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# -- the shared HTTP plumbing --------------------------------------------------------------
+
+
+def _describe_transport_error(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timeout"
+    if isinstance(exc, httpx.PoolTimeout):
+        return "timed out waiting for a free connection"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "read timeout"
+    if isinstance(exc, httpx.WriteTimeout):
+        return "write timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({exc or 'refused'})"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"connection dropped ({exc or 'peer closed the connection'})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class HttpUpstream:
+    """What both adapters share: one pooled ``httpx.AsyncClient`` per server, the
+    timeouts, and the mapping of HTTP failures to ``UpstreamError``."""
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 300.0,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"User-Agent": "usher-pool"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=connect_timeout,
+                # Between bytes: covers a model load before the first byte.
+                read=read_timeout,
+                write=read_timeout,
+                # A full local pool means we are over capacity: fail fast, retry elsewhere.
+                pool=connect_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+            ),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def headers(self, traceparent: str = "") -> dict[str, str]:
+        return {"traceparent": traceparent} if traceparent else {}
+
+    def transport_error(
+        self, exc: httpx.TransportError, path: str, *, before_first_token: bool
+    ) -> UpstreamError:
+        return UpstreamError(
+            f"{self.kind} {self.url(path)}: {_describe_transport_error(exc)}",
+            status=None,
+            before_first_token=before_first_token,
+        )
+
+    def status_error(self, status: int, body: bytes, path: str) -> UpstreamError:
+        text = error_text(body) or httpx.codes.get_reason_phrase(status)
+        message = f"{self.kind} {self.url(path)}: HTTP {status}: {text}"
+        if status == 404:
+            return ModelNotFound(message, upstream_message=text)
+        return UpstreamError(message, status=status, upstream_message=text)
+
+    def protocol_error(self, what: str, path: str, *, before_first_token: bool) -> UpstreamError:
+        # Garbage from the server is its fault: retryable (if nothing was streamed yet).
+        return UpstreamError(
+            f"{self.kind} {self.url(path)}: {what}",
+            status=None,
+            before_first_token=before_first_token,
+            retryable=True,
+        )
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        traceparent: str = "",
+    ) -> Any:
+        """One non-streaming call; returns the decoded JSON body."""
+        try:
+            resp = await self._client.request(
+                method, self.url(path), json=body, headers=self.headers(traceparent)
+            )
+        except httpx.TransportError as exc:
+            raise self.transport_error(exc, path, before_first_token=True) from exc
+        if not resp.is_success:
+            raise self.status_error(resp.status_code, resp.content, path)
+        try:
+            return resp.json()
+        except ValueError:
+            raise self.protocol_error(
+                f"invalid JSON body: {resp.text[:200]!r}", path, before_first_token=True
+            ) from None
+
+    async def request_ok(self, path: str) -> httpx.Response:
+        """GET that only has to succeed (health probes)."""
+        try:
+            resp = await self._client.get(self.url(path))
+        except httpx.TransportError as exc:
+            raise self.transport_error(exc, path, before_first_token=True) from exc
+        if not resp.is_success:
+            raise self.status_error(resp.status_code, resp.content, path)
+        return resp
+
+    async def open_stream(
+        self, path: str, body: Mapping[str, Any], *, traceparent: str = ""
+    ) -> httpx.Response:
+        """POST and return the response once its headers arrived with a 2xx status.
+        The caller must ``aclose()`` it; closing early drops the connection, which
+        is how the server learns the caller went away."""
+        request = self._client.build_request(
+            "POST", self.url(path), json=body, headers=self.headers(traceparent)
+        )
+        try:
+            resp = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise self.transport_error(exc, path, before_first_token=True) from exc
+        if resp.is_success:
+            return resp
+        try:
+            content = await resp.aread()
+        except httpx.TransportError:
+            content = b""
+        finally:
+            await resp.aclose()
+        raise self.status_error(resp.status_code, content, path)
+
+
+def make_upstream(
+    kind: str,
+    base_url: str,
+    *,
+    api_key: str | None = None,
+    connect_timeout: float = 2.0,
+    read_timeout: float = 300.0,
+    max_connections: int = 256,
+    standard_only: bool = False,
+) -> Upstream:
+    """An adapter for ``kind`` ``"ollama"`` or ``"openai"`` at ``base_url``.
+
+    ``api_key`` is sent as ``Authorization: Bearer``. ``standard_only`` (OpenAI
+    kind) sends only fields of OpenAI's own API, dropping ``top_k`` and the
+    ``extra`` options that local servers accept but strict providers reject.
+    """
+    # Imported here: the adapter modules import this one.
+    from services.pool.upstream_ollama import OllamaUpstream
+    from services.pool.upstream_openai import OpenAIUpstream
+
+    normalized = kind.strip().lower()
+    common: dict[str, Any] = {
+        "api_key": api_key,
+        "connect_timeout": connect_timeout,
+        "read_timeout": read_timeout,
+        "max_connections": max_connections,
+    }
+    if normalized == "ollama":
+        return OllamaUpstream(base_url, **common)
+    if normalized == "openai":
+        return OpenAIUpstream(base_url, standard_only=standard_only, **common)
+    raise ValueError(f"unknown upstream kind {kind!r} (expected 'ollama' or 'openai')")

