@@ -18,6 +18,8 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     )
     numeric = logging.getLevelName(level.upper())
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
+    # One line per upstream HTTP call is noise at info level.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

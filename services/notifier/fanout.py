@@ -95,6 +95,7 @@ class Fanout:
         self._dirty: set[str] = set()
         self._last_ids: dict[str, str] = {}
         self._changed = asyncio.Event()
+        self._started = False
         self.delivered = 0
 
     # ---- subscriptions ----------------------------------------------------------------------
@@ -127,9 +128,16 @@ class Fanout:
         return sorted(m.decode() for m in cast(set[bytes], await self.redis.smembers(keys.MODELS)))
 
     async def _start_positions(self, models: Iterable[str]) -> None:
-        """New models are read from their current end: watchers get history by replay."""
+        """Models known at start are read from their current end (watchers get history by
+        replay); a model that appears later is read from its beginning, so the events
+        written before this replica noticed it still reach its watchers."""
+        first_scan = not self._started
+        self._started = True
         for model in models:
             if model in self._last_ids:
+                continue
+            if not first_scan:
+                self._last_ids[model] = "0-0"
                 continue
             stream = ModelKeys(model).events
             last = cast(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ from typing import cast
 
 from services.notifier import updates
 from services.notifier.badges import BadgeBoard
-from services.notifier.fanout import Fanout, PositionChange, Subscriber, stream_id_key
+from services.notifier.fanout import Event, Fanout, PositionChange, Subscriber, stream_id_key
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
 from usher.auth import Principal, StaticTokenAuthenticator
@@ -18,11 +19,21 @@ from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDe
 from usher.grpc_types import Context
 from usher.ids import is_request_id
 from usher.keys import ModelKeys
+from usher.logs import get_logger
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2
 
 __all__ = ["NotifierServicer"]
 
 K = notifier_pb2
+log = get_logger(__name__)
+_TERMINAL_KIND = {
+    request_pb2.REQUEST_STATE_COMPLETED: K.UPDATE_KIND_COMPLETED,
+    request_pb2.REQUEST_STATE_FAILED: K.UPDATE_KIND_FAILED,
+    request_pb2.REQUEST_STATE_CANCELLED: K.UPDATE_KIND_CANCELLED,
+    request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
+}
+#: A watcher that has heard nothing for this long checks the request's stream itself.
+IDLE_CHECK_SECONDS = 2.0
 _STREAM_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
 
 
@@ -79,13 +90,6 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         )
         return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
 
-    async def _latest_event(self, model: str, request_id: str) -> str:
-        raw = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await self.store.redis.xrevrange(ModelKeys(model).request_events(request_id), count=1),
-        )
-        return raw[0][0].decode() if raw else "0-0"
-
     async def Watch(
         self, request: notifier_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[notifier_pb2.WatchResponse]:
@@ -120,13 +124,38 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 if updates.is_terminal_kind(response.kind):
                     return
         else:
-            last = await self._latest_event(stored.model, stored.id)
-            yield self._response(K.UPDATE_KIND_SNAPSHOT, view, last if last != "0-0" else "")
+            # A new watcher gets the status now plus all output so far, in one message.
+            history = await self._replay(stored.model, stored.id, "0-0")
+            last = history[-1][0] if history else "0-0"
+            so_far = [f for _, f in history if f.get("type") == "tokens"]
+            text = "".join(f.get("text", "") for f in so_far)
+            tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
+            if history and history[-1][1].get("state") != str(stored.state):
+                # It moved on between the two reads: show it as of the last event read.
+                fresh = await self.store.inspect(stored.model, stored.id)
+                if fresh is not None:
+                    stored, view = fresh, await self._view(fresh)
+            # A finished request's snapshot is its final update, so every watch ends on one.
+            kind = _TERMINAL_KIND.get(view.state, K.UPDATE_KIND_SNAPSHOT)
+            yield self._response(
+                kind,
+                view,
+                last if history else "",
+                text_delta=text,
+                completion_tokens=tokens,
+                progress=updates.progress_fraction(tokens, expected) if tokens else 0.0,
+            )
         subscriber.position = (view.position.position, view.position.queue_length)
         if stored.is_terminal:
             return
         while True:
-            item = await subscriber.queue.get()
+            item: Event | PositionChange | None
+            try:
+                item = await asyncio.wait_for(subscriber.queue.get(), IDLE_CHECK_SECONDS)
+            except TimeoutError:
+                # Quiet for a while: make sure nothing was missed (a reader restart, a race).
+                subscriber.lagged = True
+                item = None
             if subscriber.lagged:
                 # The watcher fell behind and events were dropped: replay from the last one sent.
                 subscriber.lagged = False
@@ -140,6 +169,8 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                     yield response
                     if updates.is_terminal_kind(response.kind):
                         return
+                continue
+            if item is None:
                 continue
             if isinstance(item, PositionChange):
                 if view.state != request_pb2.REQUEST_STATE_QUEUED:

@@ -152,8 +152,8 @@ def badge(inputs: BadgeInputs) -> notifier_pb2.QueueBadge:
     elif full:
         phrase = messages.wait_phrase(wait.min_seconds, wait.max_seconds)
         label = f"{inputs.model} (Queue full - {phrase} wait)"
-    elif level == K.QUEUE_LEVEL_LONG:
-        minutes = max(5, round(wait.max_seconds / 60))
+    elif level == K.QUEUE_LEVEL_LONG and wait.max_seconds > MEDIUM_MAX_SECONDS:
+        minutes = round(wait.max_seconds / 60)
         label = f"{inputs.model} ({inputs.queued} in queue - {minutes}+ min wait)"
     else:
         label = f"{inputs.model} ({inputs.queued} in queue)"

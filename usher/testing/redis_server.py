@@ -53,6 +53,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        os.makedirs(self.data_dir, exist_ok=True)
         args = [
             redis_server_binary(),
             "--port",

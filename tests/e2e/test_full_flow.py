@@ -1,0 +1,166 @@
+"""The whole path with every service a separate process: submit → queue → pool → model
+server → tokens → watcher, against an emulated Ollama fleet and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from usher.testing.stack import LocalStack, StackConfig
+from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+pytestmark = pytest.mark.slow
+K = notifier_pb2
+
+
+def auth(user: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {user}-token"),)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    config = StackConfig(
+        emulator_args=(
+            "--fleet",
+            "2",
+            "--tokens-per-second",
+            "300",
+            "--load-time",
+            "0.05",
+            "--parallel",
+            "2",
+            "--output-tokens",
+            "20:40",
+        ),
+        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8"},
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+@pytest.fixture
+async def clients(
+    stack: LocalStack,
+) -> AsyncIterator[
+    tuple[scheduler_pb2_grpc.SchedulerServiceAsyncStub, notifier_pb2_grpc.NotifierServiceAsyncStub]
+]:
+    scheduler_channel = grpc.aio.insecure_channel(stack.scheduler_address)
+    notifier_channel = grpc.aio.insecure_channel(stack.notifier_address)
+    yield (
+        scheduler_pb2_grpc.SchedulerServiceStub(scheduler_channel),
+        notifier_pb2_grpc.NotifierServiceStub(notifier_channel),
+    )
+    await scheduler_channel.close()
+    await notifier_channel.close()
+
+
+def generate(prompt: str, model: str = "llama3.2:1b") -> scheduler_pb2.SubmitRequest:
+    return scheduler_pb2.SubmitRequest(
+        model=model, generate=request_pb2.GenerateInput(prompt=prompt)
+    )
+
+
+async def watch_all(
+    notifier: notifier_pb2_grpc.NotifierServiceAsyncStub,
+    request_id: str,
+    user: str = "alice",
+    last: str = "",
+) -> list[notifier_pb2.WatchResponse]:
+    return [
+        update
+        async for update in notifier.Watch(
+            notifier_pb2.WatchRequest(id=request_id, last_event_id=last),
+            metadata=auth(user),
+            timeout=60,
+        )
+    ]
+
+
+async def test_a_request_travels_the_whole_path(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    submitted = await scheduler.Submit(generate("Tell me about queues"), metadata=auth("alice"))
+    updates = await watch_all(notifier, submitted.request.id)
+    kinds = [u.kind for u in updates]
+    assert kinds[0] == K.UPDATE_KIND_SNAPSHOT
+    assert kinds[-1] == K.UPDATE_KIND_COMPLETED
+    assert K.UPDATE_KIND_PROGRESS in kinds
+    final = updates[-1]
+    text = "".join(u.text_delta for u in updates)
+    assert final.request.result.text == text and text
+    assert final.message.startswith("Your response is ready! Processing took")
+    assert final.request.usage.completion_tokens > 0
+    assert final.request.result.served_by_instance.startswith("ollama-")
+    event_ids = [u.event_id for u in updates if u.event_id]
+    assert len(event_ids) == len(set(event_ids))
+
+
+async def test_a_dropped_watch_resumes_without_gaps_or_repeats(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    submitted = await scheduler.Submit(
+        generate("A long answer please " * 3), metadata=auth("alice")
+    )
+    first: list[notifier_pb2.WatchResponse] = []
+    call = notifier.Watch(
+        notifier_pb2.WatchRequest(id=submitted.request.id), metadata=auth("alice")
+    )
+    async for update in call:
+        first.append(update)
+        if update.kind == K.UPDATE_KIND_PROGRESS or update.kind == K.UPDATE_KIND_COMPLETED:
+            break
+    call.cancel()  # the connection drops mid-answer
+    last = [u.event_id for u in first if u.event_id][-1]
+    rest = await watch_all(notifier, submitted.request.id, last=last)
+    everything = [*first, *rest]
+    ids = [u.event_id for u in everything if u.event_id]
+    assert len(ids) == len(set(ids)), "an event was delivered twice"
+    assert everything[-1].kind == K.UPDATE_KIND_COMPLETED
+    assert "".join(u.text_delta for u in everything) == everything[-1].request.result.text
+
+
+async def test_only_the_owner_may_watch(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    submitted = await scheduler.Submit(generate("private"), metadata=auth("alice"))
+    for user in ("bob", "carol"):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch_all(notifier, submitted.request.id, user=user)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await watch_all(notifier, submitted.request.id, user="admin"))[
+        -1
+    ].request.id == submitted.request.id
+
+
+async def test_a_thousand_watchers_each_see_every_update(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    ids = [
+        (await scheduler.Submit(generate(f"question {i}"), metadata=auth("bob"))).request.id
+        for i in range(100)
+    ]
+    watchers = [
+        watch_all(notifier, request_id, user="bob") for request_id in ids for _ in range(10)
+    ]
+    results = await asyncio.gather(*watchers)
+    assert len(results) == 1000
+    for i in range(len(ids)):
+        group = results[i * 10 : (i + 1) * 10]
+        for updates in group:
+            assert updates[-1].kind == K.UPDATE_KIND_COMPLETED
+            assert "".join(u.text_delta for u in updates) == updates[-1].request.result.text
+        # Watchers that started together saw the same text: nothing was dropped for some.
+        assert len({updates[-1].request.result.text for updates in group}) == 1
+
+
+async def test_queue_badges_stream(clients: tuple) -> None:  # type: ignore[type-arg]
+    _, notifier = clients
+    call = notifier.WatchQueues(
+        notifier_pb2.WatchQueuesRequest(models=["llama3.2:1b"]), metadata=auth("alice")
+    )
+    async for update in call:
+        (badge,) = update.badges
+        assert badge.model == "llama3.2:1b"
+        assert badge.capacity == 4  # two instances, two slots each
+        assert badge.label.startswith("llama3.2:1b (")
+        break
+    call.cancel()

@@ -1,0 +1,175 @@
+"""The whole system on one machine, each part its own process: Redis, model servers, Pool,
+Scheduler and Notifier. Used by ``make up``, the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from usher.emulator import EmulatorProcess
+from usher.testing.processes import ServiceProcess, free_port
+from usher.testing.redis_server import RedisServer
+
+__all__ = ["DEFAULT_TOKENS", "LocalStack", "StackConfig"]
+
+#: Demo callers: three tenants, an operator, and the identity services use with each other.
+DEFAULT_TOKENS = (
+    "alice-token=alice@acme,bob-token=bob@acme,carol-token=carol@globex,"
+    "admin-token=ops@usher:admin,service-token=scheduler@usher:service"
+)
+SERVICE_TOKEN = "service-token"
+
+
+@dataclass
+class StackConfig:
+    state_dir: str = ""
+    #: Use this Redis instead of starting one.
+    redis_url: str = ""
+    redis_appendfsync: str = "everysec"
+    #: Real model servers (Ollama URLs); empty = start an emulated fleet.
+    ollama_urls: Sequence[str] = ()
+    emulator_args: Sequence[str] = ("--fleet", "2", "--tokens-per-second", "60", "--parallel", "2")
+    #: Options added to every instance of USHER_INSTANCES; slots must match the servers'.
+    instance_options: str = ";parallel=2"
+    tokens: str = DEFAULT_TOKENS
+    scheduler_env: Mapping[str, str] = field(default_factory=dict)
+    pool_env: Mapping[str, str] = field(default_factory=dict)
+    notifier_env: Mapping[str, str] = field(default_factory=dict)
+    log_level: str = "warning"
+    scheduler_replicas: int = 1
+    notifier_replicas: int = 1
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        self.state_dir = Path(self.config.state_dir or tempfile.mkdtemp(prefix="usher-stack-"))
+        self.redis: RedisServer | None = None
+        self.emulators: EmulatorProcess | None = None
+        self.model_urls: list[str] = list(self.config.ollama_urls)
+        self.redis_url = self.config.redis_url
+        self.pool: ServiceProcess | None = None
+        self.schedulers: list[ServiceProcess] = []
+        self.notifiers: list[ServiceProcess] = []
+
+    def _common(self) -> dict[str, str]:
+        return {
+            "USHER_REDIS_URL": self.redis_url,
+            "USHER_API_TOKENS": self.config.tokens,
+            "USHER_SERVICE_TOKEN": SERVICE_TOKEN,
+            "USHER_LOG_LEVEL": self.config.log_level,
+            "USHER_SHUTDOWN_GRACE_SECONDS": "2",
+        }
+
+    def _log(self, name: str) -> str:
+        return str(self.state_dir / f"{name}.log")
+
+    @property
+    def pool_address(self) -> str:
+        assert self.pool is not None
+        return f"127.0.0.1:{self.pool.port}"
+
+    @property
+    def scheduler_address(self) -> str:
+        return f"127.0.0.1:{self.schedulers[0].port}"
+
+    @property
+    def notifier_address(self) -> str:
+        return f"127.0.0.1:{self.notifiers[0].port}"
+
+    def start_model_servers(self) -> None:
+        if self.model_urls:
+            return
+        self.emulators = EmulatorProcess(list(self.config.emulator_args))
+        self.model_urls = self.emulators.start()
+
+    def start_pool(self) -> ServiceProcess:
+        port = self.pool.port if self.pool is not None else free_port()
+        instances = ",".join(
+            f"ollama-{i}={url}{self.config.instance_options}"
+            for i, url in enumerate(self.model_urls)
+        )
+        self.pool = ServiceProcess(
+            "services.pool",
+            port,
+            {
+                **self._common(),
+                "USHER_POOL_LISTEN": f"127.0.0.1:{port}",
+                "USHER_INSTANCES": instances,
+                **self.config.pool_env,
+            },
+            log_path=self._log("pool"),
+        ).start()
+        return self.pool
+
+    def start_scheduler(self, index: int = 0) -> ServiceProcess:
+        port = self.schedulers[index].port if index < len(self.schedulers) else free_port()
+        process = ServiceProcess(
+            "services.scheduler",
+            port,
+            {
+                **self._common(),
+                "USHER_SCHEDULER_LISTEN": f"127.0.0.1:{port}",
+                "USHER_POOL_ADDRESS": self.pool_address,
+                "USHER_DEFAULT_PARALLEL": "2",
+                **self.config.scheduler_env,
+            },
+            log_path=self._log(f"scheduler-{index}"),
+        ).start()
+        if index < len(self.schedulers):
+            self.schedulers[index] = process
+        else:
+            self.schedulers.append(process)
+        return process
+
+    def start_notifier(self, index: int = 0) -> ServiceProcess:
+        port = self.notifiers[index].port if index < len(self.notifiers) else free_port()
+        process = ServiceProcess(
+            "services.notifier",
+            port,
+            {
+                **self._common(),
+                "USHER_NOTIFIER_LISTEN": f"127.0.0.1:{port}",
+                "USHER_POOL_ADDRESS": self.pool_address,
+                **self.config.notifier_env,
+            },
+            log_path=self._log(f"notifier-{index}"),
+        ).start()
+        if index < len(self.notifiers):
+            self.notifiers[index] = process
+        else:
+            self.notifiers.append(process)
+        return process
+
+    def start(self) -> LocalStack:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.redis = RedisServer(
+                data_dir=str(self.state_dir / "redis"), appendfsync=self.config.redis_appendfsync
+            ).start()
+            self.redis_url = self.redis.url
+        self.start_model_servers()
+        self.start_pool()
+        for i in range(self.config.scheduler_replicas):
+            self.start_scheduler(i)
+        for i in range(self.config.notifier_replicas):
+            self.start_notifier(i)
+        return self
+
+    def stop(self) -> None:
+        for process in [*self.notifiers, *self.schedulers]:
+            process.terminate(timeout=5)
+        if self.pool is not None:
+            self.pool.terminate(timeout=5)
+        if self.emulators is not None:
+            self.emulators.terminate()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
