@@ -71,7 +71,10 @@ class FleetRouter:
             return None
         usage = await self.slots.usage(instances, model)
         candidates = self.registry.candidates(model, usage, external, exclude)
-        for choice in routing.rank(candidates, self.strategy, rotation=next(self._rotation)):
+        ranked = routing.rank(
+            candidates, self.strategy, rotation=next(self._rotation), external=external
+        )
+        for choice in ranked:
             state = self.registry.instances.get(choice.instance)
             if state is None:
                 continue

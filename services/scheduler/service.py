@@ -14,6 +14,7 @@ from services.scheduler.store import NewRequest, QueueStore, StoredRequest
 from usher.auth import Principal, StaticTokenAuthenticator
 from usher.errors import (
     AlreadyFinished,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -180,6 +181,30 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             )
         after = await self.store.inspect(stored.model, stored.id)
         return scheduler_pb2.CancelResponse(request=await self.view(after or stored))
+
+
+    async def SwitchProvider(
+        self, request: scheduler_pb2.SwitchProviderRequest, context: Context
+    ) -> scheduler_pb2.SwitchProviderResponse:
+        caller = self.caller(context)
+        stored = await self.owned(request.id, caller)
+        outcome = await self.store.switch_to_external(
+            stored.model, stored.id, caller.tenant, caller.is_admin
+        )
+        if outcome == "notfound":
+            raise NotFound(f"request {request.id} not found")
+        if outcome == "denied":
+            raise PermissionDenied(f"request {request.id} belongs to another caller")
+        if outcome == "local_only":
+            raise FailedPrecondition(
+                f"request {request.id} is local-only: it never leaves the local fleet"
+            )
+        if outcome == "not_queued":
+            raise FailedPrecondition(
+                f"request {request.id} is {_STATE_NAMES[stored.state]}, not waiting in the queue"
+            )
+        after = await self.store.inspect(stored.model, stored.id)
+        return scheduler_pb2.SwitchProviderResponse(request=await self.view(after or stored))
 
 
 class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _Handlers):

@@ -275,6 +275,7 @@ class _Scripts:
         "inspect",
         "requeue",
         "progress",
+        "switch",
     )
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -565,6 +566,16 @@ class QueueStore:
                 reason,
                 self.defaults.result_ttl_seconds,
             ],
+        )
+        return str(reply.decode())
+
+    async def switch_to_external(
+        self, model: str, request_id: str, caller: str, is_admin: bool
+    ) -> str:
+        """notfound | denied | local_only | not_queued | already | switched."""
+        reply = await self._run(
+            "switch", model,
+            [request_id, caller, "1" if is_admin else "0", self.defaults.queue_timeout_ms],
         )
         return str(reply.decode())
 

@@ -36,6 +36,7 @@ def stack() -> Iterator[LocalStack]:
             "20:40",
         ),
         scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8"},
+        external_provider=True,
     )
     with LocalStack(config) as running:
         yield running
@@ -164,3 +165,32 @@ async def test_queue_badges_stream(clients: tuple) -> None:  # type: ignore[type
         assert badge.label.startswith("llama3.2:1b (")
         break
     call.cancel()
+
+
+async def test_a_user_can_switch_a_waiting_request_to_the_external_provider(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    for i in range(30):  # keep the local fleet busy
+        await scheduler.Submit(generate(f"busy {i}"), metadata=auth("carol"))
+    waiting = await scheduler.Submit(generate("in a hurry"), metadata=auth("carol"))
+    switched = await scheduler.SwitchProvider(
+        scheduler_pb2.SwitchProviderRequest(id=waiting.request.id), metadata=auth("carol")
+    )
+    assert switched.request.route == request_pb2.ROUTE_EXTERNAL
+    updates = await watch_all(notifier, waiting.request.id, user="carol")
+    assert updates[-1].kind == K.UPDATE_KIND_COMPLETED
+    assert updates[-1].request.result.served_by_instance == "external"
+
+
+async def test_queue_timeout_falls_back_to_the_external_provider(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    for i in range(30):
+        await scheduler.Submit(generate(f"busy again {i}"), metadata=auth("carol"))
+    request = generate("will time out locally")
+    request.fallback_policy = request_pb2.FALLBACK_POLICY_AFTER_TIMEOUT
+    request.queue_timeout.FromMilliseconds(300)
+    # Behind carol's own backlog (a new tenant would be served ahead of it: fair queuing).
+    waiting = await scheduler.Submit(request, metadata=auth("carol"))
+    updates = await watch_all(notifier, waiting.request.id, user="carol")
+    assert K.UPDATE_KIND_FALLBACK in [u.kind for u in updates]
+    assert updates[-1].kind == K.UPDATE_KIND_COMPLETED
+    assert updates[-1].request.result.served_by_instance == "external"

@@ -329,3 +329,37 @@ async def test_admin_methods_need_the_admin_role(scheduler: SchedulerClient) -> 
         scheduler_pb2.GetQueueStatsRequest(), metadata=A("root")
     )
     assert [(s.config.model, s.queued) for s in stats.stats] == [("llama3.2", 1)]
+
+
+async def test_switch_provider_moves_a_queued_request_to_the_external_lane(
+    scheduler: SchedulerClient,
+) -> None:
+    first = await submit(scheduler)
+    second = await submit(scheduler, request=generate_submit(prompt="two"))
+    moved = await scheduler.scheduler.SwitchProvider(
+        scheduler_pb2.SwitchProviderRequest(id=first.request.id), metadata=A("alice")
+    )
+    assert moved.request.route == request_pb2.ROUTE_EXTERNAL
+    assert moved.request.state == request_pb2.REQUEST_STATE_QUEUED
+    behind = await scheduler.scheduler.Get(
+        scheduler_pb2.GetRequest(id=second.request.id), metadata=A("alice")
+    )
+    assert behind.request.position.position == 1
+    lease = await scheduler.app.store.claim("llama3.2", "external", external=True)
+    assert lease is not None and lease.request.id == first.request.id
+
+
+async def test_switch_provider_refuses_local_only_and_running(scheduler: SchedulerClient) -> None:
+    local = await submit(scheduler, fallback_policy=request_pb2.FALLBACK_POLICY_LOCAL_ONLY)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await scheduler.scheduler.SwitchProvider(
+            scheduler_pb2.SwitchProviderRequest(id=local.request.id), metadata=A("alice")
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "local-only" in (info.value.details() or "")
+    await scheduler.app.store.claim("llama3.2", "d")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await scheduler.scheduler.SwitchProvider(
+            scheduler_pb2.SwitchProviderRequest(id=local.request.id), metadata=A("alice")
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

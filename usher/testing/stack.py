@@ -33,6 +33,8 @@ class StackConfig:
     emulator_args: Sequence[str] = ("--fleet", "2", "--tokens-per-second", "60", "--parallel", "2")
     #: Options added to every instance of USHER_INSTANCES; slots must match the servers'.
     instance_options: str = ";parallel=2"
+    #: Also register the first model server's OpenAI-compatible API as the external provider.
+    external_provider: bool = False
     tokens: str = DEFAULT_TOKENS
     scheduler_env: Mapping[str, str] = field(default_factory=dict)
     pool_env: Mapping[str, str] = field(default_factory=dict)
@@ -91,6 +93,8 @@ class LocalStack:
             f"ollama-{i}={url}{self.config.instance_options}"
             for i, url in enumerate(self.model_urls)
         )
+        if self.config.external_provider:
+            instances += f",external={self.model_urls[0]};kind=openai;external=true;parallel=4"
         self.pool = ServiceProcess(
             "services.pool",
             port,

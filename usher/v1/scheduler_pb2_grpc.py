@@ -56,6 +56,11 @@ class SchedulerServiceStub:
                 request_serializer=usher_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_scheduler__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.SwitchProvider = channel.unary_unary(
+                '/usher.v1.SchedulerService/SwitchProvider',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -92,6 +97,14 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwitchProvider(self, request, context):
+        """Move a QUEUED request to the external provider now (the user chose speed over locality).
+        FAILED_PRECONDITION for local-only requests and requests no longer queued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=usher_dot_v1_dot_scheduler__pb2.CancelRequest.FromString,
                     response_serializer=usher_dot_v1_dot_scheduler__pb2.CancelResponse.SerializeToString,
+            ),
+            'SwitchProvider': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchProvider,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +244,33 @@ class SchedulerService:
             '/usher.v1.SchedulerService/Cancel',
             usher_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
             usher_dot_v1_dot_scheduler__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchProvider(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerService/SwitchProvider',
+            usher_dot_v1_dot_scheduler__pb2.SwitchProviderRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.SwitchProviderResponse.FromString,
             options,
             channel_credentials,
             insecure,

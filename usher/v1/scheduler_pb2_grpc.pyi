@@ -45,6 +45,10 @@ class SchedulerServiceStub:
     """The caller's requests, newest first."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelRequest, _scheduler_pb2.CancelResponse]
     """QUEUED: removed at once. RUNNING: cancel signalled to the dispatcher. Finished: FAILED_PRECONDITION."""
+    SwitchProvider: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SwitchProviderRequest, _scheduler_pb2.SwitchProviderResponse]
+    """Move a QUEUED request to the external provider now (the user chose speed over locality).
+    FAILED_PRECONDITION for local-only requests and requests no longer queued.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -63,6 +67,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """The caller's requests, newest first."""
     Cancel: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelRequest, _scheduler_pb2.CancelResponse]  # type: ignore[assignment]
     """QUEUED: removed at once. RUNNING: cancel signalled to the dispatcher. Finished: FAILED_PRECONDITION."""
+    SwitchProvider: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SwitchProviderRequest, _scheduler_pb2.SwitchProviderResponse]  # type: ignore[assignment]
+    """Move a QUEUED request to the external provider now (the user chose speed over locality).
+    FAILED_PRECONDITION for local-only requests and requests no longer queued.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts requests into per-model queues and answers where they stand.
@@ -102,6 +110,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.CancelResponse, _abc.Awaitable[_scheduler_pb2.CancelResponse]]:
         """QUEUED: removed at once. RUNNING: cancel signalled to the dispatcher. Finished: FAILED_PRECONDITION."""
+
+    @_abc_1.abstractmethod
+    def SwitchProvider(
+        self,
+        request: _scheduler_pb2.SwitchProviderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.SwitchProviderResponse, _abc.Awaitable[_scheduler_pb2.SwitchProviderResponse]]:
+        """Move a QUEUED request to the external provider now (the user chose speed over locality).
+        FAILED_PRECONDITION for local-only requests and requests no longer queued.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

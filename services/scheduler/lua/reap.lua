@@ -46,9 +46,12 @@ for _, id in ipairs(redis.call('ZRANGE', K.deadlines, '-inf', NOW, 'BYSCORE', 'L
     redis.call('ZREM', K.queue, member)
     if fallback == FALLBACK_AFTER_TIMEOUT and not (deadline > 0 and deadline <= NOW)
         and tonumber(redis.call('HGET', rk, 'route')) ~= ROUTE_EXTERNAL then
-      redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', deadline)
+      -- The external lane gets one more queue timeout, so nothing waits there forever.
+      local expires = NOW + tonumber(redis.call('HGET', rk, 'queue_timeout_ms'))
+      if deadline > 0 and deadline < expires then expires = deadline end
+      redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', expires)
       redis.call('ZADD', K.external, redis.call('HGET', rk, 'score'), member)
-      if deadline > 0 then redis.call('ZADD', K.deadlines, deadline, id) end
+      redis.call('ZADD', K.deadlines, expires, id)
       emit(id, 'fallback', QUEUED, {'route', 'external'})
       external = external + 1
     else
