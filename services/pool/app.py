@@ -67,7 +67,9 @@ class PoolApp:
         self._tasks = [
             asyncio.create_task(self._health_forever()),
             asyncio.create_task(
-                place_forever(self.registry, self.settings.placement_interval_seconds, self._stop)
+                place_forever(
+                    self.registry, self.slots, self.settings.placement_interval_seconds, self._stop
+                )
             ),
         ]
         log.info(

@@ -16,6 +16,7 @@ from typing import cast
 
 from services.pool.placement import Action, plan
 from services.pool.registry import Registry
+from services.pool.slots import SlotStore
 from services.pool.upstream import UpstreamError
 from usher import keys
 from usher.keys import ModelKeys
@@ -40,7 +41,18 @@ async def demand(registry: Registry) -> dict[str, int]:
     return {m: int(n) for m, n in zip(models, lengths, strict=True) if n}
 
 
-async def place_once(registry: Registry) -> list[Action]:
+async def running_per_model(registry: Registry, slots: SlotStore) -> dict[str, dict[str, int]]:
+    """instance → model → requests running now, for every loaded model."""
+    loaded = {model for state in registry.instances.values() for model in state.loaded}
+    ids = list(registry.instances)
+    out: dict[str, dict[str, int]] = {i: {} for i in ids}
+    for model in loaded:
+        for instance, usage in (await slots.usage(ids, model)).items():
+            out[instance][model] = usage.model_active
+    return out
+
+
+async def place_once(registry: Registry, slots: SlotStore) -> list[Action]:
     token = secrets.token_hex(8)
     if not await registry.redis.set(keys.POOL_PLACEMENT_LOCK, token, nx=True, px=30_000):
         return []
@@ -53,10 +65,11 @@ async def place_once(registry: Registry) -> list[Action]:
         sizes: dict[str, int] = {}
         for state in states:
             sizes.update(state.available)
+        running = await running_per_model(registry, slots)
         actions = plan(
             await demand(registry),
             sizes,
-            [s.view() for s in states],
+            [s.view(running.get(s.id)) for s in states],
             time.time(),
             idle_unload_seconds=registry.settings.idle_unload_seconds,
             scale_out_queue_length=registry.settings.scale_out_queue_length,
@@ -92,10 +105,12 @@ async def place_once(registry: Registry) -> list[Action]:
             await registry.redis.delete(keys.POOL_PLACEMENT_LOCK)
 
 
-async def place_forever(registry: Registry, interval_seconds: float, stop: asyncio.Event) -> None:
+async def place_forever(
+    registry: Registry, slots: SlotStore, interval_seconds: float, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         try:
-            await place_once(registry)
+            await place_once(registry, slots)
         except Exception as exc:  # Redis or an instance away: try again next pass.
             log.warning("placement pass failed", error=str(exc))
         with contextlib.suppress(TimeoutError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -70,8 +70,11 @@ class InstanceState:
     def is_loaded(self, model: str) -> bool:
         return self.spec.kind == "openai" or model in self.loaded
 
-    def view(self) -> InstanceView:
+    def view(self, active: Mapping[str, int] | None = None) -> InstanceView:
+        """What placement needs to know; ``active`` counts running requests per model, so
+        a busy model is never chosen for eviction."""
         now = time.time()
+        running = active or {}
         return InstanceView(
             id=self.id,
             healthy=self.healthy,
@@ -83,7 +86,7 @@ class InstanceState:
                     model=name,
                     size_bytes=info.size_bytes,
                     last_used=self.last_used.get(name, now),
-                    active=0,
+                    active=running.get(name, 0),
                     num_ctx=info.context_length,
                 )
                 for name, info in self.loaded.items()
@@ -111,12 +114,7 @@ class Registry:
             self._add(spec)
 
     def new_circuit(self) -> CircuitBreaker:
-        s = self.settings
-        return CircuitBreaker(
-            failure_threshold=s.circuit_failure_threshold,
-            failure_window_seconds=s.circuit_failure_window_seconds,
-            open_seconds=s.circuit_open_seconds,
-        )
+        return CircuitBreaker.from_config(self.settings.circuit)
 
     def _add(self, spec: InstanceSpec) -> InstanceState:
         state = InstanceState(
@@ -218,6 +216,11 @@ class Registry:
             state.circuit.record_success(now)
             circuit.record_success(now)
             state.last_used[model] = time.time()
+            if model not in state.loaded and state.spec.kind == "ollama":
+                # It just answered, so it is loaded now: route to it without waiting for
+                # the next /api/ps poll (which fills in the real size and expiry).
+                size = state.available.get(model, 0)
+                state.loaded[model] = LoadedModelInfo(model, size, size, None)
         else:
             state.circuit.record_failure(now)
             circuit.record_failure(now)

@@ -267,7 +267,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         then down the model's fallback chain. After it, an error ends the stream cleanly."""
         grant = held[0]
         external = grant.route == request_pb2.ROUTE_EXTERNAL
-        chain = [request.model, *self.settings.fallback_models.get(request.model, ())]
+        chain = [request.model, *self.settings.fallback_chain(request.model)]
         tried: set[str] = set()
         last_error = "no instance could run the request"
         for model in chain:

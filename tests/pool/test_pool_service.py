@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,9 +43,17 @@ class RunningPool:
     channel: grpc.aio.Channel
 
 
-def settings_for(redis_url: str, urls: Sequence[str], **overrides: Any) -> PoolSettings:
+def settings_for(
+    redis_url: str, urls: Sequence[str], memory_budget_bytes: int = 0, **overrides: Any
+) -> PoolSettings:
     instances = tuple(
-        InstanceSpec(id=f"ollama-{i}", base_url=url, kind="ollama", parallel=2)
+        InstanceSpec(
+            id=f"ollama-{i}",
+            base_url=url,
+            kind="ollama",
+            parallel=2,
+            memory_budget_bytes=memory_budget_bytes,
+        )
         for i, url in enumerate(urls)
     )
     base = PoolSettings(
@@ -299,15 +308,17 @@ async def test_demand_loads_models_and_evicts_lru_to_fit_memory(
     config = fast_emulator_config(models=small, memory_budget=int(1.5 * 1024**3))
     async with (
         EmulatorFleet([config]) as fleet,
-        make_pool(fleet.urls, idle_unload_seconds=3600) as pool,
+        make_pool(
+            fleet.urls, idle_unload_seconds=3600, memory_budget_bytes=int(1.5 * 1024**3)
+        ) as pool,
     ):
-        await run(pool, "llama3.2:1b")  # loaded, now idle
+        await run(pool, "llama3.2:1b")  # loaded, now idle (not yet past the idle TTL)
         await redis_client.sadd(keys.MODELS, "qwen2.5:0.5b")
         await redis_client.zadd(ModelKeys("qwen2.5:0.5b").queue, {"0000000000000001:X": 1})
         state = pool.app.registry.instances["ollama-0"]
-        state.last_used["llama3.2:1b"] = 0  # long idle
+        state.last_used["llama3.2:1b"] = time.time() - 60  # idle a minute: evictable, not expired
         await pool.app.registry.check(state)
-        actions = await place_once(pool.app.registry)
+        actions = await place_once(pool.app.registry, pool.app.slots)
         assert [(a.kind, a.model) for a in actions] == [
             ("unload", "llama3.2:1b"),
             ("load", "qwen2.5:0.5b"),
@@ -373,3 +384,27 @@ def test_bad_instance_config_is_a_clear_error_at_start() -> None:
     )
     assert done.returncode == 2
     assert "bad configuration" in done.stderr and "weight" in done.stderr and "gpu1" in done.stderr
+
+
+async def test_placement_never_evicts_a_model_that_is_running(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
+    config = fast_emulator_config(models=small, memory_budget=int(1.5 * 1024**3))
+    async with (
+        EmulatorFleet([config]) as fleet,
+        make_pool(
+            fleet.urls, idle_unload_seconds=3600, memory_budget_bytes=int(1.5 * 1024**3)
+        ) as pool,
+    ):
+        await run(pool, "llama3.2:1b")
+        held = await reserve(pool, "llama3.2:1b")  # a request is running on it now
+        await redis_client.sadd(keys.MODELS, "qwen2.5:0.5b")
+        await redis_client.zadd(ModelKeys("qwen2.5:0.5b").queue, {"0000000000000001:X": 1})
+        state = pool.app.registry.instances["ollama-0"]
+        state.last_used["llama3.2:1b"] = time.time() - 60
+        assert await place_once(pool.app.registry, pool.app.slots) == []
+        assert set(state.loaded) == {"llama3.2:1b"}
+        await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=held.id), metadata=SVC)
+        actions = await place_once(pool.app.registry, pool.app.slots)
+        assert [a.kind for a in actions] == ["unload", "load"]
