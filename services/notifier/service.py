@@ -127,7 +127,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             # A new watcher gets the status now plus all output so far, in one message.
             history = await self._replay(stored.model, stored.id, "0-0")
             last = history[-1][0] if history else "0-0"
-            so_far = [f for _, f in history if f.get("type") == "tokens"]
+            so_far = _current_attempt_tokens([f for _, f in history])
             text = "".join(f.get("text", "") for f in so_far)
             tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
             if history and history[-1][1].get("state") != str(stored.state):
@@ -261,3 +261,14 @@ def _as_stored(stored: StoredRequest, change: PositionChange) -> StoredRequest:
         position=change.position,
         queue_length=change.queue_length,
     )
+
+
+def _current_attempt_tokens(events: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Token events of the latest attempt: a requeued request's earlier output is void."""
+    out: list[dict[str, str]] = []
+    for fields in events:
+        if fields.get("type") in ("running", "requeued"):
+            out = []
+        elif fields.get("type") == "tokens":
+            out.append(fields)
+    return out

@@ -70,6 +70,7 @@ class SchedulerApp:
                     self.settings.pool_address,
                     self.settings.service_token,
                     concurrency=self.settings.dispatch_concurrency,
+                    drain_seconds=max(0.0, self.settings.shutdown_grace_seconds - 2),
                 ),
             )
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,8 +88,9 @@ class SchedulerApp:
         log.info("scheduler listening", address=self.settings.listen, port=self.server.port)
 
     async def stop(self) -> None:
-        await self.server.stop()
+        # Stop claiming (and start the drain clock) while the server finishes its calls.
         self._stopping.set()
+        await self.server.stop()
         await asyncio.gather(*self._tasks)
         if self.dispatcher is not None:
             await self.dispatcher.aclose()

@@ -45,6 +45,9 @@ class DispatchSettings:
     reserve_wait_seconds: float = 5.0
     #: Tokens are appended to a request's stream at most this often, batched.
     token_flush_seconds: float = 0.05
+    #: On shutdown, how long running requests may take to finish before they are handed
+    #: back to the queue (at their original place) for another replica.
+    drain_seconds: float = 8.0
 
 
 class _Cancelled(Exception):
@@ -65,6 +68,7 @@ class Dispatcher:
         self._pool = pool_pb2_grpc.PoolServiceStub(self._channel)
         self._demand: tuple[float, list[str], list[str]] = (0.0, [], [])
         self._demand_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -90,6 +94,7 @@ class Dispatcher:
             return local, external
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         loops = [
             asyncio.create_task(self._loop(stop, external=i % 8 == 7))
             for i in range(self.settings.concurrency)
@@ -159,7 +164,19 @@ class Dispatcher:
         started = time.monotonic()
         watcher = asyncio.create_task(self._heartbeat(lease))
         runner = asyncio.create_task(self._consume(lease, call, started))
-        done, _ = await asyncio.wait({watcher, runner}, return_when=asyncio.FIRST_COMPLETED)
+        drain = asyncio.create_task(self._drain_deadline())
+        done, _ = await asyncio.wait({watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        if drain in done and not runner.done():
+            # Shutting down and it is still running: stop it and hand it back, uncounted.
+            call.cancel()
+            runner.cancel()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, _Cancelled):
+                await runner
+                await watcher
+            await self.store.requeue(lease, "scheduler replica shutting down", count_attempt=False)
+            return
         if watcher in done and not runner.done():
             call.cancel()  # closes the stream: the Pool stops the model server's work
             runner.cancel()
@@ -167,8 +184,8 @@ class Dispatcher:
                 await runner
             stop = watcher.result()
             if not stop.lost:
-                reason = lease.request.error or "cancelled while running"
-                await self.store.finish(lease, FinishedWork(state=CANCELLED, error=reason))
+                # An empty error lets the store record the reason given with the cancel.
+                await self.store.finish(lease, FinishedWork(state=CANCELLED))
             return
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, _Cancelled):
@@ -178,6 +195,10 @@ class Dispatcher:
             await self.store.finish(lease, work_or_error)
             return
         await self._handle_error(lease, work_or_error)
+
+    async def _drain_deadline(self) -> None:
+        await self._stop.wait()
+        await asyncio.sleep(self.settings.drain_seconds)
 
     async def _heartbeat(self, lease: Lease) -> _Cancelled:
         interval = self.store.defaults.lease_ms / 3000

@@ -182,7 +182,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         after = await self.store.inspect(stored.model, stored.id)
         return scheduler_pb2.CancelResponse(request=await self.view(after or stored))
 
-
     async def SwitchProvider(
         self, request: scheduler_pb2.SwitchProviderRequest, context: Context
     ) -> scheduler_pb2.SwitchProviderResponse:

@@ -574,7 +574,8 @@ class QueueStore:
     ) -> str:
         """notfound | denied | local_only | not_queued | already | switched."""
         reply = await self._run(
-            "switch", model,
+            "switch",
+            model,
             [request_id, caller, "1" if is_admin else "0", self.defaults.queue_timeout_ms],
         )
         return str(reply.decode())

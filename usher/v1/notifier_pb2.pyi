@@ -41,7 +41,9 @@ class _UpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateKind
     UPDATE_KIND_CANCELLED: _UpdateKind.ValueType  # 8
     UPDATE_KIND_EXPIRED: _UpdateKind.ValueType  # 9
     UPDATE_KIND_REQUEUED: _UpdateKind.ValueType  # 10
-    """Back in the queue at its original place (its dispatcher died or could not run it)."""
+    """Back in the queue at its original place (its dispatcher died or could not run it).
+    Output streamed so far is void: the request runs again from the start.
+    """
     UPDATE_KIND_FALLBACK: _UpdateKind.ValueType  # 11
     """Handed to the external provider."""
     UPDATE_KIND_CANCEL_REQUESTED: _UpdateKind.ValueType  # 12
@@ -63,7 +65,9 @@ UPDATE_KIND_FAILED: UpdateKind.ValueType  # 7
 UPDATE_KIND_CANCELLED: UpdateKind.ValueType  # 8
 UPDATE_KIND_EXPIRED: UpdateKind.ValueType  # 9
 UPDATE_KIND_REQUEUED: UpdateKind.ValueType  # 10
-"""Back in the queue at its original place (its dispatcher died or could not run it)."""
+"""Back in the queue at its original place (its dispatcher died or could not run it).
+Output streamed so far is void: the request runs again from the start.
+"""
 UPDATE_KIND_FALLBACK: UpdateKind.ValueType  # 11
 """Handed to the external provider."""
 UPDATE_KIND_CANCEL_REQUESTED: UpdateKind.ValueType  # 12

@@ -45,7 +45,11 @@ if state == COMPLETED then
   redis.call('HSET', K.stats, 'wait_ms', fmt(old_wait and (old_wait + alpha * (wait - old_wait)) or wait))
 end
 
-finish(id, rk, state, ARGV[6], tonumber(ARGV[7]))
+local reason = ARGV[6]
+if state == CANCELLED and reason == '' then
+  reason = redis.call('HGET', rk, 'cancel_reason') or 'cancelled'
+end
+finish(id, rk, state, reason, tonumber(ARGV[7]))
 emit(id, ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
-  state, {'error', ARGV[6]})
+  state, {'error', reason})
 return 1

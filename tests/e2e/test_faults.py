@@ -1,0 +1,108 @@
+"""Faults with the whole system running: SIGKILL a Scheduler or the Pool mid-run, restart
+Redis (AOF, fsync always) — every accepted request still completes, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from usher.testing.stack import LocalStack, StackConfig
+from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+pytestmark = pytest.mark.slow
+ALICE = (("authorization", "Bearer alice-token"),)
+COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
+
+
+@pytest.fixture
+def stack() -> Iterator[LocalStack]:
+    config = StackConfig(
+        redis_appendfsync="always",
+        emulator_args=(
+            "--fleet", "2", "--tokens-per-second", "150", "--load-time", "0.05",
+            "--parallel", "2", "--output-tokens", "30:60",
+        ),
+        scheduler_env={"USHER_LEASE_SECONDS": "1.5", "USHER_REAP_INTERVAL_SECONDS": "0.1"},
+        pool_env={"USHER_POOL_SLOT_LEASE_SECONDS": "3"},
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+async def submit_many(stack: LocalStack, n: int) -> list[str]:
+    async with grpc.aio.insecure_channel(stack.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        return [
+            (await stub.Submit(
+                scheduler_pb2.SubmitRequest(
+                    model="llama3.2:1b", generate=request_pb2.GenerateInput(prompt=f"job {i}")
+                ),
+                metadata=ALICE,
+            )).request.id
+            for i in range(n)
+        ]
+
+
+async def states(stack: LocalStack, ids: list[str]) -> dict[str, int]:
+    async with grpc.aio.insecure_channel(stack.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        out: dict[str, int] = {}
+        for request_id in ids:
+            try:
+                reply = await stub.Get(scheduler_pb2.GetRequest(id=request_id), metadata=ALICE, timeout=2)
+                out[request_id] = reply.request.state
+            except grpc.aio.AioRpcError:
+                out[request_id] = -1
+        return out
+
+
+async def wait_running(stack: LocalStack, ids: list[str]) -> None:
+    for _ in range(100):
+        if request_pb2.REQUEST_STATE_RUNNING in (await states(stack, ids[:8])).values():
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("nothing started running")
+
+
+async def wait_all_completed(stack: LocalStack, ids: list[str], seconds: float = 60) -> dict[str, int]:
+    deadline = time.monotonic() + seconds
+    current: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        current = await states(stack, ids)
+        if all(state == COMPLETED for state in current.values()):
+            return current
+        await asyncio.sleep(0.25)
+    stuck = {k: v for k, v in current.items() if v != COMPLETED}
+    pytest.fail(f"{len(stuck)} of {len(ids)} requests never completed: {stuck}")
+
+
+async def test_sigkill_a_scheduler_mid_run(stack: LocalStack) -> None:
+    ids = await submit_many(stack, 30)
+    await wait_running(stack, ids)
+    stack.schedulers[0].kill()  # its leases expire; the work goes back to its place
+    stack.start_scheduler(0)
+    await wait_all_completed(stack, ids)
+
+
+async def test_sigkill_the_pool_mid_run(stack: LocalStack) -> None:
+    ids = await submit_many(stack, 30)
+    await wait_running(stack, ids)
+    assert stack.pool is not None
+    stack.pool.kill()  # in-flight streams break: dispatchers hand their requests back
+    await asyncio.sleep(0.5)
+    stack.start_pool()
+    await wait_all_completed(stack, ids)
+
+
+async def test_restart_redis_mid_run(stack: LocalStack) -> None:
+    ids = await submit_many(stack, 30)
+    await wait_running(stack, ids)
+    assert stack.redis is not None
+    stack.redis.kill()
+    await asyncio.sleep(0.5)
+    stack.redis.start()
+    await wait_all_completed(stack, ids)
