@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "MODELS",
+    "POOL_CAPACITY",
     "POOL_DRAINING",
     "POOL_INSTANCES",
     "POOL_PLACEMENT_LOCK",
@@ -149,6 +150,9 @@ POOL_INSTANCES = f"{PREFIX}:pool:instances"
 POOL_DRAINING = f"{PREFIX}:pool:draining"
 #: HASH instance id → weight set at runtime (overrides the configured one).
 POOL_WEIGHTS = f"{PREFIX}:pool:weights"
+#: HASH model → slots the healthy fleet offers for it now (written by the Pool's health
+#: pass, read by the Scheduler for ETAs and by the Notifier for badges).
+POOL_CAPACITY = f"{PREFIX}:pool:capacity"
 #: STRING held by the replica that runs the placement pass (SET NX PX).
 POOL_PLACEMENT_LOCK = f"{PREFIX}:pool:placement-lock"
 

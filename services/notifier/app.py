@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import grpc
 
 from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
@@ -17,7 +15,7 @@ from usher.config import ConfigError, env_float, env_str
 from usher.connections import connect_redis
 from usher.logs import get_logger
 from usher.server import GrpcServer, Registration
-from usher.v1 import notifier_pb2, notifier_pb2_grpc, pool_pb2, pool_pb2_grpc
+from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
 __all__ = ["NotifierApp", "NotifierSettings"]
 
@@ -29,9 +27,6 @@ class NotifierSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     listen: str = "127.0.0.1:50053"
     tokens: Mapping[str, Principal] = field(default_factory=dict)
-    #: Where to ask for each model's capacity (slots); empty = the scheduler's setting.
-    pool_address: str = ""
-    service_token: str = ""
     #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
     external_alternative: str = ""
     position_interval_seconds: float = 0.2
@@ -46,8 +41,6 @@ class NotifierSettings:
             redis_url=env_str("USHER_REDIS_URL", env_str("REDIS_URL", d.redis_url, env), env),
             listen=env_str("USHER_NOTIFIER_LISTEN", d.listen, env),
             tokens=parse_token_map(env_str("USHER_API_TOKENS", "", env)),
-            pool_address=env_str("USHER_POOL_ADDRESS", d.pool_address, env),
-            service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
             external_alternative=env_str("USHER_EXTERNAL_ALTERNATIVE", d.external_alternative, env),
             position_interval_seconds=env_float(
                 "USHER_POSITION_INTERVAL_SECONDS", d.position_interval_seconds, env
@@ -62,8 +55,6 @@ class NotifierSettings:
         )
         if not settings.tokens:
             raise ConfigError("USHER_API_TOKENS is empty: no caller could authenticate")
-        if settings.pool_address and not settings.service_token:
-            raise ConfigError("USHER_SERVICE_TOKEN is needed to ask the pool at USHER_POOL_ADDRESS")
         return settings
 
 
@@ -73,22 +64,9 @@ class NotifierApp:
         self.redis = connect_redis(settings.redis_url)
         self.store = QueueStore(self.redis, QueueDefaults())
         self.fanout = Fanout(self.redis, settings.position_interval_seconds)
-        self._channel: grpc.aio.Channel | None = None
-        capacity = None
-        if settings.pool_address:
-            self._channel = grpc.aio.insecure_channel(settings.pool_address)
-            pool = pool_pb2_grpc.PoolServiceStub(self._channel)
-            metadata = (("authorization", f"Bearer {settings.service_token}"),)
-
-            async def capacity_from_pool(models: Sequence[str]) -> dict[str, int]:
-                reply = await pool.GetModelStats(
-                    pool_pb2.GetModelStatsRequest(models=list(models)), metadata=metadata, timeout=2
-                )
-                return {s.model: s.capacity for s in reply.stats}
-
-            capacity = capacity_from_pool
+        # Capacity per model comes from the Pool through Redis (usher.keys.POOL_CAPACITY).
         self.board = BadgeBoard(
-            self.store, capacity, settings.external_alternative, settings.badge_interval_seconds
+            self.store, None, settings.external_alternative, settings.badge_interval_seconds
         )
         servicer = NotifierServicer(
             self.store, self.fanout, self.board, StaticTokenAuthenticator(settings.tokens)
@@ -118,8 +96,6 @@ class NotifierApp:
         self._stop.set()
         await self.server.stop()
         await asyncio.gather(*self._tasks)
-        if self._channel is not None:
-            await self._channel.close()
         await self.redis.aclose()
 
     async def run(self) -> None:

@@ -207,6 +207,26 @@ class Registry:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(s) for s in list(self.instances.values())))
+        await self.publish_capacity()
+
+    def capacity(self) -> dict[str, int]:
+        """Slots per model that healthy, undrained local instances offer now."""
+        slots: dict[str, int] = {}
+        for state in self.instances.values():
+            if not state.healthy or state.draining or state.spec.external:
+                continue
+            for model in state.available:
+                if state.serves(model):
+                    slots[model] = slots.get(model, 0) + state.spec.parallel
+        return slots
+
+    async def publish_capacity(self) -> None:
+        slots = self.capacity()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.POOL_CAPACITY)
+            if slots:
+                pipe.hset(keys.POOL_CAPACITY, mapping=dict(slots.items()))
+            await pipe.execute()
 
     def record(self, state: InstanceState, model: str, ok: bool, latency: float | None) -> None:
         """Feed one request's outcome into circuits and the instance's recent averages."""

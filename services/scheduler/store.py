@@ -489,7 +489,8 @@ class QueueStore:
         return length
 
     async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
-        """Moving averages and parallel slots of a model (cached for a second)."""
+        """Moving averages and parallel slots of a model (cached for a second). Slots are
+        the operator's setting if any, else what the Pool last reported, else the default."""
         cached = self._averages.get(model)
         now = time.monotonic()
         if cached and cached[0] > now:
@@ -498,14 +499,15 @@ class QueueStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
             pipe.hget(mk.config, "parallel")
-            (service, variance, output, tps), parallel = await pipe.execute()
+            pipe.hget(keys.POOL_CAPACITY, model)
+            (service, variance, output, tps), parallel, capacity = await pipe.execute()
         averages = ModelAverages(
             service_seconds=float(service) / 1000 if service else 30.0,
             service_variance=float(variance) / 1e6 if variance else 0.0,
             output_tokens=float(output) if output else self.defaults.default_output_tokens,
             tokens_per_second=float(tps) if tps else 0.0,
         )
-        slots = int(parallel) if parallel else self.defaults.parallel
+        slots = int(parallel or capacity or 0) or self.defaults.parallel
         self._averages[model] = (now + CACHE_SECONDS, averages, slots)
         return averages, slots
 
