@@ -11,9 +11,10 @@ from services.notifier.fanout import Fanout
 from services.notifier.service import NotifierServicer
 from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import Principal, StaticTokenAuthenticator, parse_token_map
-from usher.config import ConfigError, env_float, env_str
+from usher.config import ConfigError, env_float, env_int, env_str
 from usher.connections import connect_redis
 from usher.logs import get_logger
+from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -32,6 +33,8 @@ class NotifierSettings:
     position_interval_seconds: float = 0.2
     badge_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 10.0
+    #: Port of the Prometheus /metrics endpoint; 0 = off.
+    metrics_port: int = 0
     log_level: str = "info"
 
     @classmethod
@@ -51,6 +54,7 @@ class NotifierSettings:
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
             ),
+            metrics_port=env_int("USHER_METRICS_PORT", d.metrics_port, env),
             log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
         )
         if not settings.tokens:
@@ -85,6 +89,7 @@ class NotifierApp:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        serve_metrics(self.settings.metrics_port)
         await self.server.start()
         self._tasks = [
             asyncio.create_task(self.fanout.run(self._stop)),

@@ -21,7 +21,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from usher import keys
+from usher import keys, metrics
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 
@@ -167,6 +167,9 @@ class Fanout:
         return count
 
     def dispatch(self, event: Event) -> None:
+        stamp = event.fields.get("ts")
+        if stamp:
+            metrics.FANOUT_LAG.observe(max(0.0, time.time() - int(stamp) / 1000))
         for subscriber in self._by_request.get(event.fields.get("id", ""), ()):
             subscriber.offer(event)
             self.delivered += 1

@@ -7,13 +7,14 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 from services.notifier import updates
 from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Event, Fanout, PositionChange, Subscriber, stream_id_key
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
+from usher import metrics
 from usher.auth import Principal, StaticTokenAuthenticator
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from usher.grpc_types import Context
@@ -77,6 +78,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             **extra,  # type: ignore[arg-type]
         )
         response.at.FromMilliseconds(int(time.time() * 1000))
+        metrics.WATCH_UPDATES.labels(notifier_pb2.UpdateKind.Name(cast(Any, kind))).inc()
         return response
 
     async def _replay(
@@ -101,10 +103,12 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         stored = await self._owned(request.id, caller)
         # Subscribe before reading history so nothing falls between the two.
         subscriber = self.fanout.subscribe(stored.id, stored.model)
+        metrics.WATCHERS.inc()
         try:
             async for response in self._watch(stored, subscriber, request.last_event_id):
                 yield response
         finally:
+            metrics.WATCHERS.dec()
             self.fanout.unsubscribe(subscriber)
 
     async def _watch(

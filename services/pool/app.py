@@ -11,9 +11,11 @@ from services.pool.registry import Registry
 from services.pool.service import FleetRouter, PoolAdminServicer, PoolServicer
 from services.pool.slots import SlotStore
 from services.pool.stats import PoolStats
+from usher import metrics
 from usher.auth import StaticTokenAuthenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
+from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
 from usher.v1 import pool_pb2, pool_pb2_grpc
 
@@ -55,12 +57,20 @@ class PoolApp:
             try:
                 await self.registry.sync_shared()
                 await self.registry.check_all()
+                await self._publish_slot_use()
             except Exception as exc:  # Redis away: keep the last known state and retry.
                 log.warning("health pass failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.health_interval_seconds)
 
+    async def _publish_slot_use(self) -> None:
+        ids = list(self.registry.instances)
+        for model in {m for s in self.registry.instances.values() for m in s.loaded}:
+            for instance, usage in (await self.slots.usage(ids, model)).items():
+                metrics.SLOTS_IN_USE.labels(instance, model).set(usage.model_active)
+
     async def start(self) -> None:
+        serve_metrics(self.settings.metrics_port)
         await self.registry.sync_shared()
         await self.registry.check_all()
         await self.server.start()

@@ -371,6 +371,8 @@ class PoolSettings:
     slot_lease_seconds: float = 30.0
     #: On SIGTERM, how long in-flight calls may take before they are cut off.
     shutdown_grace_seconds: float = 10.0
+    #: Port of the Prometheus /metrics endpoint; 0 = off.
+    metrics_port: int = 0
     #: model → models to try instead, in order (e.g. a smaller one when it cannot load).
     fallback_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: model → the external provider's model for requests sent to the external lane.
@@ -709,6 +711,7 @@ ENV_INTS = {
     "circuit_failure_threshold": "USHER_CIRCUIT_FAILURE_THRESHOLD",
     "circuit_half_open_max_calls": "USHER_CIRCUIT_HALF_OPEN_MAX_CALLS",
     "scale_out_queue_length": "USHER_POOL_SCALE_OUT_QUEUE_LENGTH",
+    "metrics_port": "USHER_METRICS_PORT",
 }
 ENV_STRINGS = {
     "listen": "USHER_POOL_LISTEN",

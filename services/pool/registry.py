@@ -23,7 +23,7 @@ from services.pool.routing import Candidate
 from services.pool.slots import SlotUsage
 from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError, make_upstream
 from services.scheduler.eta import ewma
-from usher import keys
+from usher import keys, metrics
 from usher.logs import get_logger
 from usher.v1 import pool_pb2
 
@@ -31,6 +31,7 @@ __all__ = ["InstanceState", "Registry"]
 
 log = get_logger(__name__)
 
+_CIRCUIT_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 #: Weight of the newest sample in an instance's latency and error-rate averages.
 ALPHA = 0.2
 
@@ -204,6 +205,12 @@ class Registry:
             state.available = {m.name: m.size_bytes for m in models}
             state.loaded = {m.name: m for m in loaded}
         state.last_checked = time.time()
+        metrics.INSTANCE_UP.labels(state.id).set(1 if state.healthy else 0)
+        metrics.MODELS_LOADED.labels(state.id).set(len(state.loaded))
+        metrics.SLOTS_TOTAL.labels(state.id).set(state.spec.parallel)
+        metrics.CIRCUIT_STATE.labels(state.id).set(
+            _CIRCUIT_LEVEL[state.circuit.state(time.monotonic()).value]
+        )
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(s) for s in list(self.instances.values())))
@@ -245,6 +252,9 @@ class Registry:
             state.circuit.record_failure(now)
             circuit.record_failure(now)
         state.error_rate = ewma(state.error_rate, 0.0 if ok else 1.0, ALPHA)
+        metrics.POOL_REQUESTS.labels(state.id, model, "ok" if ok else "error").inc()
+        if ok and latency is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(state.id, model).observe(latency)
         if latency is not None:
             state.latency = ewma(state.latency, latency, ALPHA)
 

@@ -13,6 +13,7 @@ from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import StaticTokenAuthenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
+from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
 from usher.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -77,6 +78,7 @@ class SchedulerApp:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
+        serve_metrics(self.settings.metrics_port)
         await self.server.start()
         self._tasks.append(
             asyncio.create_task(

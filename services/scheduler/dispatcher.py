@@ -22,7 +22,7 @@ import grpc
 
 from services.scheduler.records import duration_from_seconds
 from services.scheduler.store import FinishedWork, Lease, QueueStore
-from usher import keys
+from usher import keys, metrics
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
@@ -141,6 +141,8 @@ class Dispatcher:
                 pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata
             )
             return False
+        waited = max(0, lease.request.started_ms - lease.request.created_ms) / 1000
+        metrics.QUEUE_WAIT.labels(slot.model).observe(waited)
         await self.run_request(lease, slot)
         return True
 
@@ -186,6 +188,7 @@ class Dispatcher:
             if not stop.lost:
                 # An empty error lets the store record the reason given with the cancel.
                 await self.store.finish(lease, FinishedWork(state=CANCELLED))
+                metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
             return
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, _Cancelled):
@@ -193,6 +196,10 @@ class Dispatcher:
         work_or_error = runner.result()
         if isinstance(work_or_error, FinishedWork):
             await self.store.finish(lease, work_or_error)
+            metrics.REQUESTS.labels(lease.request.model, "completed").inc()
+            metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(
+                work_or_error.service_ms / 1000
+            )
             return
         await self._handle_error(lease, work_or_error)
 
@@ -255,6 +262,7 @@ class Dispatcher:
             # Nothing reached the user yet: back to its place, to be tried again.
             await self.store.requeue(lease, details, count_attempt=True)
             return
+        metrics.REQUESTS.labels(lease.request.model, "failed").inc()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             await self.store.finish(
                 lease, FinishedWork(state=FAILED, error="deadline passed while running")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 
 from services.scheduler.store import QueueStore, ReapCounts
+from usher import metrics
 from usher.logs import get_logger
 
 __all__ = ["reap_forever", "reap_once"]
@@ -21,6 +22,10 @@ async def reap_once(store: QueueStore) -> dict[str, ReapCounts]:
     done: dict[str, ReapCounts] = {}
     for model in await store.models():
         counts = await store.reap(model)
+        if counts.expired:
+            metrics.REQUESTS.labels(model, "expired").inc(counts.expired)
+        if counts.dead_lettered:
+            metrics.REQUESTS.labels(model, "failed").inc(counts.dead_lettered)
         if counts != ReapCounts():
             log.info(
                 "reaped",
@@ -34,12 +39,25 @@ async def reap_once(store: QueueStore) -> dict[str, ReapCounts]:
     return done
 
 
+async def refresh_gauges(store: QueueStore) -> None:
+    """Queue depth, running and limit per model, for /metrics."""
+    for model in await store.models():
+        config = await store.config(model)
+        metrics.QUEUE_DEPTH.labels(model).set(await store.queue_length(model))
+        metrics.QUEUE_RUNNING.labels(model).set(await store.running_count(model))
+        metrics.QUEUE_LIMIT.labels(model).set(config.max_queue_size)
+
+
 async def reap_forever(store: QueueStore, interval_seconds: float, stop: asyncio.Event) -> None:
     """Reap every ``interval_seconds`` until ``stop`` is set. Stopping by event rather than
     by cancelling lets a pass finish its script instead of abandoning a Redis call midway."""
+    passes = 0
     while not stop.is_set():
         try:
             await reap_once(store)
+            passes += 1
+            if passes % max(1, round(2 / interval_seconds)) == 0:  # gauges about every 2 s
+                await refresh_gauges(store)
         except Exception as exc:  # Redis away: keep trying, the work is still there.
             log.warning("reap failed", error=str(exc))
         with contextlib.suppress(TimeoutError):

@@ -11,6 +11,7 @@ import time
 from services.scheduler import admission, fairness, records
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import NewRequest, QueueStore, StoredRequest
+from usher import metrics
 from usher.auth import Principal, StaticTokenAuthenticator
 from usher.errors import (
     AlreadyFinished,
@@ -31,6 +32,13 @@ _STATE_NAMES: dict[int, str] = {
     v: k.removeprefix("REQUEST_STATE_") for k, v in request_pb2.RequestState.items()
 }
 _MAX_PAGE = 1000
+_SUBMIT_RESULTS = {
+    "queued": "queued",
+    "exists": "queued",
+    "dedup": "deduplicated",
+    "replayed": "replayed",
+    "full": "rejected",
+}
 
 
 def _check_id(request_id: str) -> None:
@@ -106,7 +114,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             labels=dict(request.labels),
         )
         outcome = await self.store.submit(new)
+        metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
+        if outcome.status == "dedup":
+            metrics.DEDUP_HITS.labels(request.model).inc()
         if outcome.status == "full":
+            metrics.REJECTED.labels(request.model, "queue_full").inc()
             averages, parallel = await self.store.model_averages(request.model)
             raise ResourceExhausted(
                 f"the queue for model {request.model!r} is full "
@@ -179,6 +191,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             return scheduler_pb2.CancelResponse(
                 request=await self.view(stored, request_pb2.REQUEST_STATE_CANCELLED)
             )
+        if outcome == "cancelled":
+            metrics.REQUESTS.labels(stored.model, "cancelled").inc()
         after = await self.store.inspect(stored.model, stored.id)
         return scheduler_pb2.CancelResponse(request=await self.view(after or stored))
 

@@ -42,6 +42,8 @@ class SchedulerSettings:
     service_token: str = ""
     #: Requests this replica runs at once.
     dispatch_concurrency: int = 16
+    #: Port of the Prometheus /metrics endpoint; 0 = off.
+    metrics_port: int = 0
     #: On SIGTERM, how long in-flight calls may take before they are cut off.
     shutdown_grace_seconds: float = 10.0
     log_level: str = "info"
@@ -78,6 +80,7 @@ class SchedulerSettings:
             pool_address=env_str("USHER_POOL_ADDRESS", d.pool_address, env),
             service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
             dispatch_concurrency=env_int("USHER_DISPATCH_CONCURRENCY", d.dispatch_concurrency, env),
+            metrics_port=env_int("USHER_METRICS_PORT", d.metrics_port, env),
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
             ),

@@ -23,8 +23,16 @@ def stack() -> Iterator[LocalStack]:
     config = StackConfig(
         redis_appendfsync="always",
         emulator_args=(
-            "--fleet", "2", "--tokens-per-second", "150", "--load-time", "0.05",
-            "--parallel", "2", "--output-tokens", "30:60",
+            "--fleet",
+            "2",
+            "--tokens-per-second",
+            "150",
+            "--load-time",
+            "0.05",
+            "--parallel",
+            "2",
+            "--output-tokens",
+            "30:60",
         ),
         scheduler_env={"USHER_LEASE_SECONDS": "1.5", "USHER_REAP_INTERVAL_SECONDS": "0.1"},
         pool_env={"USHER_POOL_SLOT_LEASE_SECONDS": "3"},
@@ -37,12 +45,14 @@ async def submit_many(stack: LocalStack, n: int) -> list[str]:
     async with grpc.aio.insecure_channel(stack.scheduler_address) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         return [
-            (await stub.Submit(
-                scheduler_pb2.SubmitRequest(
-                    model="llama3.2:1b", generate=request_pb2.GenerateInput(prompt=f"job {i}")
-                ),
-                metadata=ALICE,
-            )).request.id
+            (
+                await stub.Submit(
+                    scheduler_pb2.SubmitRequest(
+                        model="llama3.2:1b", generate=request_pb2.GenerateInput(prompt=f"job {i}")
+                    ),
+                    metadata=ALICE,
+                )
+            ).request.id
             for i in range(n)
         ]
 
@@ -53,7 +63,9 @@ async def states(stack: LocalStack, ids: list[str]) -> dict[str, int]:
         out: dict[str, int] = {}
         for request_id in ids:
             try:
-                reply = await stub.Get(scheduler_pb2.GetRequest(id=request_id), metadata=ALICE, timeout=2)
+                reply = await stub.Get(
+                    scheduler_pb2.GetRequest(id=request_id), metadata=ALICE, timeout=2
+                )
                 out[request_id] = reply.request.state
             except grpc.aio.AioRpcError:
                 out[request_id] = -1
@@ -68,7 +80,9 @@ async def wait_running(stack: LocalStack, ids: list[str]) -> None:
     pytest.fail("nothing started running")
 
 
-async def wait_all_completed(stack: LocalStack, ids: list[str], seconds: float = 60) -> dict[str, int]:
+async def wait_all_completed(
+    stack: LocalStack, ids: list[str], seconds: float = 60
+) -> dict[str, int]:
     deadline = time.monotonic() + seconds
     current: dict[str, int] = {}
     while time.monotonic() < deadline:

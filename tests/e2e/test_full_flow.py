@@ -37,6 +37,7 @@ def stack() -> Iterator[LocalStack]:
         ),
         scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8"},
         external_provider=True,
+        metrics=True,
     )
     with LocalStack(config) as running:
         yield running
@@ -194,3 +195,44 @@ async def test_queue_timeout_falls_back_to_the_external_provider(clients: tuple)
     assert K.UPDATE_KIND_FALLBACK in [u.kind for u in updates]
     assert updates[-1].kind == K.UPDATE_KIND_COMPLETED
     assert updates[-1].request.result.served_by_instance == "external"
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_metrics_are_exposed_and_move_under_load(stack: LocalStack, clients: tuple) -> None:  # type: ignore[type-arg]
+    import httpx
+
+    scheduler, notifier = clients
+    async with httpx.AsyncClient() as http:
+        before = (await http.get(stack.metrics_urls["scheduler-0"])).text
+        ids = [
+            (await scheduler.Submit(generate(f"metered {i}"), metadata=auth("bob"))).request.id
+            for i in range(5)
+        ]
+        for request_id in ids:
+            await watch_all(notifier, request_id, user="bob")
+        after = (await http.get(stack.metrics_urls["scheduler-0"])).text
+        pool = (await http.get(stack.metrics_urls["pool"])).text
+        notifier_metrics = (await http.get(stack.metrics_urls["notifier-0"])).text
+    model = {"model": "llama3.2:1b"}
+    assert (
+        _sample(after, "usher_submitted_total", **model)
+        >= _sample(before, "usher_submitted_total", **model) + 5
+    )
+    assert _sample(after, "usher_requests_total", outcome="completed") > _sample(
+        before, "usher_requests_total", outcome="completed"
+    )
+    assert _sample(after, "usher_queue_wait_seconds_count", **model) > 0
+    assert _sample(pool, "usher_pool_instance_up") == 3  # two local instances and the external one
+    assert _sample(pool, "usher_pool_requests_total", outcome="ok") >= 5
+    assert _sample(notifier_metrics, "usher_notifier_updates_total") > 0
+    assert "process_resident_memory_bytes" in after

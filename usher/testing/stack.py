@@ -35,6 +35,8 @@ class StackConfig:
     instance_options: str = ";parallel=2"
     #: Also register the first model server's OpenAI-compatible API as the external provider.
     external_provider: bool = False
+    #: Serve /metrics from each service on a free port (see LocalStack.metrics_urls).
+    metrics: bool = False
     tokens: str = DEFAULT_TOKENS
     scheduler_env: Mapping[str, str] = field(default_factory=dict)
     pool_env: Mapping[str, str] = field(default_factory=dict)
@@ -55,6 +57,8 @@ class LocalStack:
         self.pool: ServiceProcess | None = None
         self.schedulers: list[ServiceProcess] = []
         self.notifiers: list[ServiceProcess] = []
+        #: service name ("pool", "scheduler-0", "notifier-0") → its /metrics URL.
+        self.metrics_urls: dict[str, str] = {}
 
     def _common(self) -> dict[str, str]:
         return {
@@ -64,6 +68,14 @@ class LocalStack:
             "USHER_LOG_LEVEL": self.config.log_level,
             "USHER_SHUTDOWN_GRACE_SECONDS": "2",
         }
+
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        if not self.config.metrics:
+            return {}
+        if name not in self.metrics_urls:
+            self.metrics_urls[name] = f"http://127.0.0.1:{free_port()}/metrics"
+        port = self.metrics_urls[name].rsplit(":", 1)[1].split("/")[0]
+        return {"USHER_METRICS_PORT": port}
 
     def _log(self, name: str) -> str:
         return str(self.state_dir / f"{name}.log")
@@ -102,6 +114,7 @@ class LocalStack:
                 **self._common(),
                 "USHER_POOL_LISTEN": f"127.0.0.1:{port}",
                 "USHER_INSTANCES": instances,
+                **self._metrics_env("pool"),
                 **self.config.pool_env,
             },
             log_path=self._log("pool"),
@@ -118,6 +131,7 @@ class LocalStack:
                 "USHER_SCHEDULER_LISTEN": f"127.0.0.1:{port}",
                 "USHER_POOL_ADDRESS": self.pool_address,
                 "USHER_DEFAULT_PARALLEL": "2",
+                **self._metrics_env(f"scheduler-{index}"),
                 **self.config.scheduler_env,
             },
             log_path=self._log(f"scheduler-{index}"),
@@ -137,6 +151,7 @@ class LocalStack:
                 **self._common(),
                 "USHER_NOTIFIER_LISTEN": f"127.0.0.1:{port}",
                 "USHER_POOL_ADDRESS": self.pool_address,
+                **self._metrics_env(f"notifier-{index}"),
                 **self.config.notifier_env,
             },
             log_path=self._log(f"notifier-{index}"),
