@@ -6,8 +6,20 @@ import logging
 import sys
 
 import structlog
+from opentelemetry import trace
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["add_trace_ids", "configure_logging", "get_logger"]
+
+
+def add_trace_ids(
+    _logger: object, _method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """Put the current span's trace_id and span_id on the line, to join logs and traces."""
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        event["trace_id"] = format(span.trace_id, "032x")
+        event["span_id"] = format(span.span_id, "016x")
+    return event
 
 
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
@@ -24,6 +36,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            add_trace_ids,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,

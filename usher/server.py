@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from usher import tracing
 from usher.errors import ErrorMappingInterceptor
 from usher.logs import get_logger
 
@@ -38,7 +39,7 @@ class GrpcServer:
         grace_seconds: float = 10.0,
     ) -> None:
         self._server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[*tracing.server_interceptors(), ErrorMappingInterceptor()],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -8,6 +8,7 @@ import sys
 from services.notifier.app import NotifierApp, NotifierSettings
 from usher.config import ConfigError
 from usher.logs import configure_logging
+from usher.tracing import configure_tracing
 
 
 def main() -> None:
@@ -17,6 +18,7 @@ def main() -> None:
         print(f"usher-notifier: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    configure_tracing("usher-notifier")
     asyncio.run(_serve(settings))
 
 

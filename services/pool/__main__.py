@@ -9,6 +9,7 @@ from services.pool.app import PoolApp
 from services.pool.config import PoolSettings, load_pool_settings
 from usher.config import ConfigError
 from usher.logs import configure_logging
+from usher.tracing import configure_tracing
 
 
 def main() -> None:
@@ -18,6 +19,7 @@ def main() -> None:
         print(f"usher-pool: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    configure_tracing("usher-pool")
     asyncio.run(_serve(settings))
 
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 import httpx
 from google.protobuf import json_format, struct_pb2
 
+from usher import tracing
 from usher.v1 import pool_pb2
 
 __all__ = [
@@ -373,6 +374,8 @@ class HttpUpstream:
             transport=transport,
             follow_redirects=False,
         )
+        # Carries the trace on to the model server when tracing is on.
+        tracing.instrument_httpx(self._client)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r})"

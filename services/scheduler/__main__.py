@@ -9,6 +9,7 @@ from services.scheduler.app import SchedulerApp
 from services.scheduler.settings import SchedulerSettings
 from usher.config import ConfigError
 from usher.logs import configure_logging
+from usher.tracing import configure_tracing
 
 
 def main() -> None:
@@ -18,6 +19,7 @@ def main() -> None:
         print(f"usher-scheduler: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    configure_tracing("usher-scheduler")
     asyncio.run(_serve(settings))
 
 

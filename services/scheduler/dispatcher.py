@@ -22,7 +22,7 @@ import grpc
 
 from services.scheduler.records import duration_from_seconds
 from services.scheduler.store import FinishedWork, Lease, QueueStore
-from usher import keys, metrics
+from usher import keys, metrics, tracing
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
@@ -64,7 +64,9 @@ class Dispatcher:
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._metadata = (("authorization", f"Bearer {settings.service_token}"),)
-        self._channel = grpc.aio.insecure_channel(settings.pool_address)
+        self._channel = grpc.aio.insecure_channel(
+            settings.pool_address, interceptors=tracing.client_interceptors()
+        )
         self._pool = pool_pb2_grpc.PoolServiceStub(self._channel)
         self._demand: tuple[float, list[str], list[str]] = (0.0, [], [])
         self._demand_lock = asyncio.Lock()
@@ -143,7 +145,17 @@ class Dispatcher:
             return False
         waited = max(0, lease.request.started_ms - lease.request.created_ms) / 1000
         metrics.QUEUE_WAIT.labels(slot.model).observe(waited)
-        await self.run_request(lease, slot)
+        with tracing.consumer_span(
+            "usher.dispatch",
+            lease.request.traceparent,
+            {
+                "messaging.system": "redis",
+                "usher.model": slot.model,
+                "usher.request_id": lease.request.id,
+                "usher.instance": slot.instance,
+            },
+        ):
+            await self.run_request(lease, slot)
         return True
 
     async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> None:
@@ -153,7 +165,7 @@ class Dispatcher:
             request_id=lease.request.id,
             model=slot.model,
             options=submit.options,
-            traceparent=lease.request.traceparent,
+            traceparent=tracing.current_traceparent() or lease.request.traceparent,
             stream=True,
         )
         kind = submit.WhichOneof("input")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import replace
+
+from opentelemetry.trace import SpanKind
 
 from services.scheduler import admission, fairness, records
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import NewRequest, QueueStore, StoredRequest
-from usher import metrics
+from usher import metrics, tracing
 from usher.auth import Principal, StaticTokenAuthenticator
 from usher.errors import (
     AlreadyFinished,
@@ -113,7 +116,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             traceparent=request.traceparent,
             labels=dict(request.labels),
         )
-        outcome = await self.store.submit(new)
+        with tracing.tracer(__name__).start_as_current_span(
+            "usher.enqueue",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "usher.model": request.model,
+                "usher.request_id": new.id,
+            },
+        ):
+            # The trace continues from here when a dispatcher claims the request.
+            traceparent = tracing.current_traceparent() or request.traceparent
+            outcome = await self.store.submit(replace(new, traceparent=traceparent))
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
         if outcome.status == "dedup":
             metrics.DEDUP_HITS.labels(request.model).inc()
