@@ -90,6 +90,7 @@ class NotifierApp:
 
     async def start(self) -> None:
         serve_metrics(self.settings.metrics_port)
+        await self.fanout.prime()
         await self.server.start()
         self._tasks = [
             asyncio.create_task(self.fanout.run(self._stop)),

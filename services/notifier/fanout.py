@@ -145,6 +145,11 @@ class Fanout:
             )
             self._last_ids[model] = last[0][0].decode() if last else "0-0"
 
+    async def prime(self) -> None:
+        """Note where every model's stream ends now. Called before the server takes Watch
+        calls, so nothing a watcher's snapshot did not include can fall before the reader."""
+        await self._start_positions(await self._models())
+
     async def read_once(self, block_ms: int = 1000) -> int:
         models = await self._models()
         await self._start_positions(models)

@@ -153,6 +153,8 @@ def status_of(state: InstanceState, active: int = 0) -> pool_pb2.InstanceStatus:
         available_models=sorted(state.available),
     )
     status.config.weight = state.weight
+    for model, circuit in state.model_circuits.items():
+        status.model_circuits[model] = circuit.state(now).to_proto()
     for info in state.loaded.values():
         loaded = status.loaded.add(
             name=info.name,

@@ -270,8 +270,14 @@ class Dispatcher:
     async def _handle_error(self, lease: Lease, error: grpc.aio.AioRpcError) -> None:
         code = error.code()
         details = error.details() or code.name
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
-            # Nothing reached the user yet: back to its place, to be tried again.
+        retryable = (
+            grpc.StatusCode.UNAVAILABLE,  # no instance could run it
+            grpc.StatusCode.FAILED_PRECONDITION,  # its slot expired
+            grpc.StatusCode.ABORTED,  # its model server died mid-answer
+        )
+        if code in retryable and lease.request.attempts < lease.request.max_attempts:
+            # Back to its original place, to run again elsewhere; watchers are told to
+            # discard any partial output (the requeued event).
             await self.store.requeue(lease, details, count_attempt=True)
             return
         metrics.REQUESTS.labels(lease.request.model, "failed").inc()

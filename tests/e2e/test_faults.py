@@ -120,3 +120,35 @@ async def test_restart_redis_mid_run(stack: LocalStack) -> None:
     await asyncio.sleep(0.5)
     stack.redis.start()
     await wait_all_completed(stack, ids)
+
+
+async def test_a_model_server_dying_mid_answer_fails_over(stack: LocalStack) -> None:
+    import httpx
+
+    from usher.v1 import notifier_pb2, notifier_pb2_grpc
+
+    ids = await submit_many(stack, 12)
+    await wait_running(stack, ids)
+    async with httpx.AsyncClient() as http:
+        # The first instance crashes after a few more tokens of whatever it is running.
+        await http.post(f"{stack.model_urls[0]}/_emulator/faults", json={"crash_after_tokens": 3})
+    await wait_all_completed(stack, ids)
+    async with grpc.aio.insecure_channel(stack.scheduler_address) as channel:
+        scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        attempts = [
+            (await scheduler.Get(scheduler_pb2.GetRequest(id=i), metadata=ALICE)).request.attempts
+            for i in ids
+        ]
+    assert max(attempts) >= 2, "no request was caught by the crash"
+    # A watcher of any request sees one coherent answer: output of a failed attempt is void.
+    async with grpc.aio.insecure_channel(stack.notifier_address) as channel:
+        notifier = notifier_pb2_grpc.NotifierServiceStub(channel)
+        for request_id in ids:
+            updates = [
+                u
+                async for u in notifier.Watch(
+                    notifier_pb2.WatchRequest(id=request_id), metadata=ALICE
+                )
+            ]
+            assert updates[-1].kind == notifier_pb2.UPDATE_KIND_COMPLETED
+            assert updates[-1].text_delta == updates[-1].request.result.text

@@ -236,3 +236,22 @@ async def test_metrics_are_exposed_and_move_under_load(stack: LocalStack, client
     assert _sample(pool, "usher_pool_requests_total", outcome="ok") >= 5
     assert _sample(notifier_metrics, "usher_notifier_updates_total") > 0
     assert "process_resident_memory_bytes" in after
+
+
+async def test_notifier_replicas_work_side_by_side(stack: LocalStack, clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, first = clients
+    if len(stack.notifiers) < 2:
+        stack.start_notifier(1)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.notifiers[1].port}")
+    second = notifier_pb2_grpc.NotifierServiceStub(channel)
+    ids = [
+        (await scheduler.Submit(generate(f"replicated {i}"), metadata=auth("bob"))).request.id
+        for i in range(10)
+    ]
+    both = await asyncio.gather(
+        *(watch_all(n, request_id, user="bob") for request_id in ids for n in (first, second))
+    )
+    await channel.close()
+    for a, b in zip(both[::2], both[1::2], strict=True):
+        assert a[-1].kind == b[-1].kind == K.UPDATE_KIND_COMPLETED
+        assert "".join(u.text_delta for u in a) == "".join(u.text_delta for u in b)

@@ -12,19 +12,22 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from services.pool.config import InstanceSpec
 from services.pool.upstream import Delta, Done, Event, Started, Upstream, make_upstream
+from tests.pool.test_pool_service import SVC, reserve, running_pool, settings_for
+from usher.testing import free_port
+from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.v1 import pool_pb2, request_pb2
 
 pytestmark = pytest.mark.slow
@@ -61,12 +64,6 @@ def require_llama_cpp_server() -> None:
             f"installed by the project: pip install 'llama-cpp-python[server]' ({exc})",
             pytrace=False,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +252,28 @@ async def test_real_cancel_frees_server(
     )
     # Had the cancelled answer run on, the next request would wait `remaining` first.
     assert waited < baseline.end + remaining / 2
+
+
+async def test_real_model_through_the_pool(
+    llama_server: LlamaServer, redis_server: RedisServer | ExternalRedis, redis_client: object
+) -> None:
+    """Reserve a slot and stream a real answer through the Pool's gRPC API."""
+    settings = replace(
+        settings_for(redis_server.url, []),
+        instances=(
+            InstanceSpec(id="llamacpp", base_url=llama_server.url, kind="openai", parallel=1),
+        ),
+    )
+    async with running_pool(settings) as pool:
+        slot = await reserve(pool, llama_server.model, wait=5)
+        assert slot.instance == "llamacpp"
+        request = chat(llama_server.model, "Name three colours.", max_tokens=24)
+        request.slot_id = slot.id
+        request.stream = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+    deltas = [e.delta.text for e in events if e.HasField("delta")]
+    done = events[-1].done
+    assert len(deltas) > 3
+    assert done.result.text == "".join(deltas) and done.result.text.strip()
+    assert done.result.served_by_instance == "llamacpp"
+    assert done.usage.completion_tokens > 0

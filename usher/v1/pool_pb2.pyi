@@ -186,6 +186,26 @@ Global___LoadedModel: _TypeAlias = LoadedModel  # noqa: Y015
 class InstanceStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ModelCircuitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: Global___CircuitState.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___CircuitState.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONFIG_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     CIRCUIT_FIELD_NUMBER: _builtins.int
@@ -198,6 +218,7 @@ class InstanceStatus(_message.Message):
     LAST_CHECKED_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     AVAILABLE_MODELS_FIELD_NUMBER: _builtins.int
+    MODEL_CIRCUITS_FIELD_NUMBER: _builtins.int
     health: Global___InstanceHealth.ValueType
     circuit: Global___CircuitState.ValueType
     draining: _builtins.bool
@@ -217,6 +238,10 @@ class InstanceStatus(_message.Message):
     def last_checked(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def available_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def model_circuits(self) -> _containers.ScalarMap[_builtins.str, Global___CircuitState.ValueType]:
+        """Circuits of (this instance, model) pairs that have seen traffic."""
+
     def __init__(
         self,
         *,
@@ -232,10 +257,11 @@ class InstanceStatus(_message.Message):
         last_checked: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
         available_models: _abc.Iterable[_builtins.str] | None = ...,
+        model_circuits: _abc.Mapping[_builtins.str, Global___CircuitState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "last_checked", b"last_checked", "recent_latency", b"recent_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "available_models", b"available_models", "circuit", b"circuit", "config", b"config", "draining", b"draining", "health", b"health", "last_checked", b"last_checked", "last_error", b"last_error", "loaded", b"loaded", "parallel", b"parallel", "recent_error_rate", b"recent_error_rate", "recent_latency", b"recent_latency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "available_models", b"available_models", "circuit", b"circuit", "config", b"config", "draining", b"draining", "health", b"health", "last_checked", b"last_checked", "last_error", b"last_error", "loaded", b"loaded", "model_circuits", b"model_circuits", "parallel", b"parallel", "recent_error_rate", b"recent_error_rate", "recent_latency", b"recent_latency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
