@@ -1,7 +1,17 @@
 """Who is calling: bearer tokens in gRPC metadata → a principal (user, organization, roles).
 
-For now a static token map (``USHER_API_TOKENS="token=user@org[:role+role],..."``). The
-tenant of every request comes from here, never from a request body.
+Two kinds of credentials, both ``authorization: Bearer <credential>``:
+
+* static API keys (``USHER_API_TOKENS="key=user@org[:role+role],..."``, or the same lines
+  in the file named by ``USHER_API_TOKENS_FILE``, e.g. a mounted Kubernetes Secret);
+* JWTs signed with HS256 (``USHER_JWT_SECRET``) or RS256 (``USHER_JWT_PUBLIC_KEY``, PEM
+  text or a path), checked for expiry and, when set, ``USHER_JWT_AUDIENCE`` and
+  ``USHER_JWT_ISSUER``. The user is ``sub``; the organization and roles come from the claims
+  named by ``USHER_JWT_ORG_CLAIM`` (default ``org``) and ``USHER_JWT_ROLES_CLAIM``
+  (default ``roles``).
+
+The tenant of every request comes from here, never from a request body. Services call each
+other with their own identity (a key or token with the ``service`` role).
 """
 
 from __future__ import annotations
@@ -9,13 +19,26 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from usher.config import ConfigError
+import jwt
+
+from usher.config import ConfigError, env_str
 from usher.errors import PermissionDenied, Unauthenticated
 
-__all__ = ["ADMIN_ROLE", "Principal", "StaticTokenAuthenticator", "parse_token_map"]
+__all__ = [
+    "ADMIN_ROLE",
+    "SERVICE_ROLE",
+    "Authenticator",
+    "JwtVerifier",
+    "Principal",
+    "load_token_map",
+    "parse_token_map",
+]
 
 ADMIN_ROLE = "admin"
+#: The role of Usher's own services calling each other.
+SERVICE_ROLE = "service"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +78,98 @@ def parse_token_map(spec: str) -> dict[str, Principal]:
     return tokens
 
 
-class StaticTokenAuthenticator:
-    """Maps ``authorization: Bearer <token>`` metadata to a principal."""
+def load_token_map(env: Mapping[str, str] | None = None) -> dict[str, Principal]:
+    """API keys from USHER_API_TOKENS and the file named by USHER_API_TOKENS_FILE."""
+    spec = env_str("USHER_API_TOKENS", "", env)
+    path = env_str("USHER_API_TOKENS_FILE", "", env)
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"USHER_API_TOKENS_FILE={path}: {exc.strerror}") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        spec = ",".join([spec, *lines]) if spec else ",".join(lines)
+    return parse_token_map(spec)
 
-    def __init__(self, tokens: Mapping[str, Principal]) -> None:
+
+@dataclass(frozen=True)
+class JwtVerifier:
+    """Checks a JWT's signature and claims and turns it into a principal."""
+
+    key: str
+    algorithm: str
+    audience: str = ""
+    issuer: str = ""
+    org_claim: str = "org"
+    roles_claim: str = "roles"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JwtVerifier | None:
+        secret = env_str("USHER_JWT_SECRET", "", env)
+        public = env_str("USHER_JWT_PUBLIC_KEY", "", env)
+        if secret and public:
+            raise ConfigError(
+                "set USHER_JWT_SECRET (HS256) or USHER_JWT_PUBLIC_KEY (RS256), not both"
+            )
+        if not secret and not public:
+            return None
+        if public and not public.lstrip().startswith("-----BEGIN"):
+            try:
+                public = Path(public).read_text()
+            except OSError as exc:
+                raise ConfigError(f"USHER_JWT_PUBLIC_KEY={public}: {exc.strerror}") from None
+        return cls(
+            key=secret or public,
+            algorithm="HS256" if secret else "RS256",
+            audience=env_str("USHER_JWT_AUDIENCE", "", env),
+            issuer=env_str("USHER_JWT_ISSUER", "", env),
+            org_claim=env_str("USHER_JWT_ORG_CLAIM", "org", env),
+            roles_claim=env_str("USHER_JWT_ROLES_CLAIM", "roles", env),
+        )
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=[self.algorithm],
+                audience=self.audience or None,
+                issuer=self.issuer or None,
+                options={"require": ["exp", "sub"], "verify_aud": bool(self.audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}") from None
+        org = claims.get(self.org_claim)
+        if not isinstance(org, str) or not org:
+            raise Unauthenticated(f"token has no {self.org_claim!r} claim")
+        roles = claims.get(self.roles_claim, [])
+        if isinstance(roles, str):
+            roles = roles.split()
+        return Principal(str(claims["sub"]), org, frozenset(str(r) for r in roles))
+
+
+class Authenticator:
+    """Maps ``authorization: Bearer <credential>`` metadata to a principal."""
+
+    def __init__(
+        self, tokens: Mapping[str, Principal], jwt_verifier: JwtVerifier | None = None
+    ) -> None:
         self._tokens = dict(tokens)
+        self._jwt = jwt_verifier
+
+    @classmethod
+    def from_env(
+        cls, tokens: Mapping[str, Principal], env: Mapping[str, str] | None = None
+    ) -> Authenticator:
+        verifier = JwtVerifier.from_env(env)
+        if not tokens and verifier is None:
+            raise ConfigError(
+                "no credentials configured: set USHER_API_TOKENS(_FILE) or USHER_JWT_SECRET / "
+                "USHER_JWT_PUBLIC_KEY, or no caller could authenticate"
+            )
+        return cls(tokens, verifier)
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         header = _bearer(metadata or ())
@@ -68,6 +178,8 @@ class StaticTokenAuthenticator:
         for token, principal in self._tokens.items():
             if hmac.compare_digest(token.encode(), header.encode()):
                 return principal
+        if self._jwt is not None and header.count(".") == 2:
+            return self._jwt.verify(header)
         raise Unauthenticated("unknown token")
 
 

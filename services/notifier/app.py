@@ -10,8 +10,8 @@ from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
 from services.notifier.service import NotifierServicer
 from services.scheduler.store import QueueDefaults, QueueStore
-from usher.auth import Principal, StaticTokenAuthenticator, parse_token_map
-from usher.config import ConfigError, env_float, env_int, env_str
+from usher.auth import Authenticator, Principal, load_token_map
+from usher.config import env_float, env_int, env_str
 from usher.connections import connect_redis
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
@@ -43,7 +43,7 @@ class NotifierSettings:
         settings = cls(
             redis_url=env_str("USHER_REDIS_URL", env_str("REDIS_URL", d.redis_url, env), env),
             listen=env_str("USHER_NOTIFIER_LISTEN", d.listen, env),
-            tokens=parse_token_map(env_str("USHER_API_TOKENS", "", env)),
+            tokens=load_token_map(env),
             external_alternative=env_str("USHER_EXTERNAL_ALTERNATIVE", d.external_alternative, env),
             position_interval_seconds=env_float(
                 "USHER_POSITION_INTERVAL_SECONDS", d.position_interval_seconds, env
@@ -57,8 +57,6 @@ class NotifierSettings:
             metrics_port=env_int("USHER_METRICS_PORT", d.metrics_port, env),
             log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
         )
-        if not settings.tokens:
-            raise ConfigError("USHER_API_TOKENS is empty: no caller could authenticate")
         return settings
 
 
@@ -73,7 +71,7 @@ class NotifierApp:
             self.store, None, settings.external_alternative, settings.badge_interval_seconds
         )
         servicer = NotifierServicer(
-            self.store, self.fanout, self.board, StaticTokenAuthenticator(settings.tokens)
+            self.store, self.fanout, self.board, Authenticator.from_env(settings.tokens)
         )
         self.server = GrpcServer(
             [

@@ -15,7 +15,7 @@ from services.notifier.fanout import Event, Fanout, PositionChange, Subscriber, 
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
 from usher import metrics
-from usher.auth import Principal, StaticTokenAuthenticator
+from usher.auth import Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from usher.grpc_types import Context
 from usher.ids import is_request_id
@@ -40,7 +40,7 @@ _STREAM_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     def __init__(
-        self, store: QueueStore, fanout: Fanout, board: BadgeBoard, auth: StaticTokenAuthenticator
+        self, store: QueueStore, fanout: Fanout, board: BadgeBoard, auth: Authenticator
     ) -> None:
         self.store = store
         self.fanout = fanout

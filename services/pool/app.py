@@ -12,7 +12,7 @@ from services.pool.service import FleetRouter, PoolAdminServicer, PoolServicer
 from services.pool.slots import SlotStore
 from services.pool.stats import PoolStats
 from usher import metrics
-from usher.auth import StaticTokenAuthenticator
+from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
@@ -31,7 +31,7 @@ class PoolApp:
         self.registry = Registry(settings, self.redis)
         self.slots = SlotStore(self.redis, lease_ms=int(settings.slot_lease_seconds * 1000))
         self.router = FleetRouter(self.registry, self.slots, settings)
-        auth = StaticTokenAuthenticator(settings.tokens)
+        auth = Authenticator.from_env(settings.tokens)
         public = PoolServicer(self.router, PoolStats(self.redis), auth, settings)
         admin = PoolAdminServicer(self.registry, auth)
         names = pool_pb2.DESCRIPTOR.services_by_name

@@ -63,7 +63,7 @@ import yaml
 
 from services.pool.circuit import CircuitConfig
 from services.pool.routing import Strategy
-from usher.auth import Principal, parse_token_map
+from usher.auth import Principal, load_token_map
 from usher.config import ConfigError, env_float, env_int, env_str
 from usher.v1 import pool_pb2
 
@@ -825,7 +825,7 @@ def load_pool_settings(
     values["redis_url"] = env_str(
         "USHER_REDIS_URL", env_str("REDIS_URL", redis_default, environ), environ
     )
-    values["tokens"] = parse_token_map(env_str("USHER_API_TOKENS", "", environ))
+    values["tokens"] = load_token_map(environ)
 
     strategy = env_str("USHER_POOL_STRATEGY", "", environ)
     strategy_source = "USHER_POOL_STRATEGY"

@@ -22,7 +22,7 @@ from services.pool.slots import SlotGrant, SlotStore
 from services.pool.stats import PoolStats
 from services.pool.upstream import Delta, Done, ModelNotFound, Started, UpstreamError
 from services.scheduler.records import duration_from_seconds
-from usher.auth import Principal, StaticTokenAuthenticator
+from usher.auth import Authenticator, Principal
 from usher.config import ConfigError
 from usher.errors import (
     FailedPrecondition,
@@ -176,7 +176,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         self,
         router: FleetRouter,
         stats: PoolStats,
-        auth: StaticTokenAuthenticator,
+        auth: Authenticator,
         settings: PoolSettings,
     ) -> None:
         self.router = router
@@ -399,7 +399,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
 
 
 class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
-    def __init__(self, registry: Registry, auth: StaticTokenAuthenticator) -> None:
+    def __init__(self, registry: Registry, auth: Authenticator) -> None:
         self.registry = registry
         self.auth = auth
 

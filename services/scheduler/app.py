@@ -10,7 +10,7 @@ from services.scheduler.reaper import reap_forever
 from services.scheduler.service import SchedulerAdminServicer, SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import QueueDefaults, QueueStore
-from usher.auth import StaticTokenAuthenticator
+from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
@@ -43,7 +43,7 @@ class SchedulerApp:
     def __post_init__(self) -> None:
         self.redis = connect_redis(self.settings.redis_url)
         self.store = QueueStore(self.redis, queue_defaults(self.settings))
-        auth = StaticTokenAuthenticator(self.settings.tokens)
+        auth = Authenticator.from_env(self.settings.tokens)
         public = SchedulerServicer(self.store, auth, self.settings)
         admin = SchedulerAdminServicer(self.store, auth, self.settings)
         names = scheduler_pb2.DESCRIPTOR.services_by_name

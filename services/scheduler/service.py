@@ -15,7 +15,7 @@ from services.scheduler import admission, fairness, records
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import NewRequest, QueueStore, StoredRequest
 from usher import metrics, tracing
-from usher.auth import Principal, StaticTokenAuthenticator
+from usher.auth import Authenticator, Principal
 from usher.errors import (
     AlreadyFinished,
     FailedPrecondition,
@@ -50,9 +50,7 @@ def _check_id(request_id: str) -> None:
 
 
 class _Handlers:
-    def __init__(
-        self, store: QueueStore, auth: StaticTokenAuthenticator, settings: SchedulerSettings
-    ) -> None:
+    def __init__(self, store: QueueStore, auth: Authenticator, settings: SchedulerSettings) -> None:
         self.store = store
         self.auth = auth
         self.settings = settings

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.scheduler.fairness import DEFAULT_PRIORITY_LEAD
-from usher.auth import Principal, parse_token_map
+from usher.auth import Principal, load_token_map
 from usher.config import ConfigError, env_float, env_int, env_list, env_str
 
 __all__ = ["SchedulerSettings"]
@@ -55,7 +55,7 @@ class SchedulerSettings:
         settings = cls(
             redis_url=redis_url,
             listen=env_str("USHER_SCHEDULER_LISTEN", d.listen, env),
-            tokens=parse_token_map(env_str("USHER_API_TOKENS", "", env)),
+            tokens=load_token_map(env),
             max_queue_size=env_int("USHER_QUEUE_MAX_SIZE", d.max_queue_size, env),
             queue_timeout_seconds=env_float(
                 "USHER_QUEUE_TIMEOUT_SECONDS", d.queue_timeout_seconds, env
@@ -105,7 +105,5 @@ class SchedulerSettings:
             problems.append("USHER_SERVICE_TOKEN is needed to call the pool at USHER_POOL_ADDRESS")
         if self.dispatch_concurrency < 1:
             problems.append("USHER_DISPATCH_CONCURRENCY must be at least 1")
-        if not self.tokens:
-            problems.append("USHER_API_TOKENS is empty: no caller could authenticate")
         if problems:
             raise ConfigError("; ".join(problems))

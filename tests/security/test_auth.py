@@ -1,0 +1,80 @@
+"""Authentication: API keys and JWTs (HS256, RS256) become principals; anything else is refused."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from usher.auth import Authenticator, JwtVerifier, Principal, load_token_map
+from usher.config import ConfigError
+from usher.errors import Unauthenticated
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def hs256(secret: str = "s3cret", **claims: object) -> str:
+    body = {"sub": "alice", "org": "acme", "roles": ["admin"], "exp": time.time() + 60, **claims}
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+def test_api_keys_from_env_and_a_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "tokens"
+    secret.write_text("# mounted from a Secret\nfile-key=bob@globex:service\n")
+    tokens = load_token_map(
+        {"USHER_API_TOKENS": "env-key=alice@acme", "USHER_API_TOKENS_FILE": str(secret)}
+    )
+    auth = Authenticator(tokens)
+    assert auth.authenticate(bearer("env-key")) == Principal("alice", "acme")
+    assert auth.authenticate(bearer("file-key")).roles == frozenset({"service"})
+    with pytest.raises(Unauthenticated, match="unknown token"):
+        auth.authenticate(bearer("nope"))
+    with pytest.raises(Unauthenticated, match="missing"):
+        auth.authenticate([])
+
+
+def test_hs256_tokens() -> None:
+    verifier = JwtVerifier.from_env({"USHER_JWT_SECRET": "s3cret", "USHER_JWT_AUDIENCE": "usher"})
+    assert verifier is not None
+    auth = Authenticator({}, verifier)
+    principal = auth.authenticate(bearer(hs256(aud="usher")))
+    assert (principal.user, principal.organization, principal.is_admin) == ("alice", "acme", True)
+    with pytest.raises(Unauthenticated, match="expired"):
+        auth.authenticate(bearer(hs256(aud="usher", exp=time.time() - 10)))
+    with pytest.raises(Unauthenticated, match="invalid token"):
+        auth.authenticate(bearer(hs256("wrong-secret", aud="usher")))
+    with pytest.raises(Unauthenticated, match="invalid token"):
+        auth.authenticate(bearer(hs256(aud="someone-else")))
+    with pytest.raises(Unauthenticated, match="'org'"):
+        auth.authenticate(bearer(hs256(aud="usher", org="")))
+
+
+def test_rs256_tokens_with_a_public_key_file(tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    verifier = JwtVerifier.from_env({"USHER_JWT_PUBLIC_KEY": str(public)})
+    assert verifier is not None and verifier.algorithm == "RS256"
+    token = jwt.encode(
+        {"sub": "svc", "org": "usher", "roles": "service", "exp": time.time() + 60},
+        key,
+        algorithm="RS256",
+    )
+    assert Authenticator({}, verifier).authenticate(bearer(token)).roles == frozenset({"service"})
+
+
+def test_some_credential_must_be_configured() -> None:
+    with pytest.raises(ConfigError, match="no credentials"):
+        Authenticator.from_env({}, {})
+    with pytest.raises(ConfigError, match="not both"):
+        JwtVerifier.from_env({"USHER_JWT_SECRET": "a", "USHER_JWT_PUBLIC_KEY": "-----BEGIN x"})
