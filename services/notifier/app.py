@@ -13,6 +13,7 @@ from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import Authenticator, Principal, load_token_map
 from usher.config import env_float, env_int, env_str
 from usher.connections import connect_redis
+from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
@@ -64,7 +65,7 @@ class NotifierApp:
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.redis = connect_redis(settings.redis_url)
-        self.store = QueueStore(self.redis, QueueDefaults())
+        self.store = QueueStore(self.redis, QueueDefaults(), sealer_from_env())
         self.fanout = Fanout(self.redis, settings.position_interval_seconds)
         # Capacity per model comes from the Pool through Redis (usher.keys.POOL_CAPACITY).
         self.board = BadgeBoard(

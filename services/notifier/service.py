@@ -62,6 +62,9 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise PermissionDenied(f"request {request_id} belongs to another caller")
         return stored
 
+    def _text(self, fields: dict[str, str], request_id: str) -> str:
+        return self.store.sealer.open_text(fields.get("text", ""), request_id)
+
     async def _view(self, stored: StoredRequest) -> request_pb2.LlmRequest:
         averages, parallel = await self.store.model_averages(stored.model)
         return records.to_proto(stored, averages, parallel)
@@ -132,7 +135,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             history = await self._replay(stored.model, stored.id, "0-0")
             last = history[-1][0] if history else "0-0"
             so_far = _current_attempt_tokens([f for _, f in history])
-            text = "".join(f.get("text", "") for f in so_far)
+            text = "".join(self._text(f, stored.id) for f in so_far)
             tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
             if history and history[-1][1].get("state") != str(stored.state):
                 # It moved on between the two reads: show it as of the last event read.
@@ -219,7 +222,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 kind,
                 view,
                 event_id,
-                text_delta=fields.get("text", ""),
+                text_delta=self._text(fields, stored.id),
                 completion_tokens=tokens,
                 progress=fraction,
             )

@@ -12,6 +12,7 @@ from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import Authenticator
 from usher.connections import connect_redis
+from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
@@ -42,7 +43,7 @@ class SchedulerApp:
 
     def __post_init__(self) -> None:
         self.redis = connect_redis(self.settings.redis_url)
-        self.store = QueueStore(self.redis, queue_defaults(self.settings))
+        self.store = QueueStore(self.redis, queue_defaults(self.settings), sealer_from_env())
         auth = Authenticator.from_env(self.settings.tokens)
         public = SchedulerServicer(self.store, auth, self.settings)
         admin = SchedulerAdminServicer(self.store, auth, self.settings)

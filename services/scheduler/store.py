@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from redis.typing import EncodableT, FieldT
 from services.scheduler import fairness
 from services.scheduler.eta import EWMA_ALPHA, ModelAverages
 from usher import keys
+from usher.crypto import NullSealer
 from usher.keys import ModelKeys
 from usher.v1 import request_pb2
 
@@ -293,12 +294,34 @@ class _Scripts:
 class QueueStore:
     """Per-model fair queues, leases and the request records, on one Redis."""
 
-    def __init__(self, client: aioredis.Redis, defaults: QueueDefaults | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        defaults: QueueDefaults | None = None,
+        sealer: NullSealer | None = None,
+    ) -> None:
         self.redis = client
         self.defaults = defaults or QueueDefaults()
+        #: Encrypts prompts and results at rest (a NullSealer when no key is configured).
+        self.sealer = sealer or NullSealer()
         self._scripts = _Scripts(client)
         self._weights: dict[str, tuple[float, float]] = {}
         self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
+
+    def _stored(
+        self,
+        raw: dict[bytes, bytes],
+        owners: frozenset[str] = frozenset(),
+        position: int = 0,
+        queue_length: int = 0,
+    ) -> StoredRequest:
+        """A request read from Redis, its prompt and result decrypted."""
+        stored = StoredRequest.from_hash(raw, owners, position, queue_length)
+        return replace(
+            stored,
+            payload=self.sealer.open(stored.payload, stored.id),
+            result=self.sealer.open(stored.result, stored.id) if stored.result else b"",
+        )
 
     async def _run(self, name: str, model: str, args: Sequence[Any]) -> Any:
         mk = ModelKeys(model)
@@ -374,7 +397,7 @@ class QueueStore:
             "traceparent": request.traceparent,
             "labels": json.dumps(request.labels, sort_keys=True),
             "prompt_tokens": request.prompt_tokens,
-            "payload": request.payload,
+            "payload": self.sealer.seal(request.payload, request.id),
         }
         flat: list[str | int | bytes] = []
         for name, value in fields.items():
@@ -443,7 +466,7 @@ class QueueStore:
         if reply is None:
             return None
         flat, owners, position, length = reply
-        return StoredRequest.from_hash(
+        return self._stored(
             _pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
         )
 
@@ -472,7 +495,7 @@ class QueueStore:
             if reply is not None:
                 flat, owners, position, length = reply
                 found.append(
-                    StoredRequest.from_hash(
+                    self._stored(
                         _pairs(flat),
                         frozenset(o.decode() for o in owners),
                         int(position),
@@ -604,7 +627,7 @@ class QueueStore:
         )
         if not flat:
             return None
-        return Lease(StoredRequest.from_hash(_pairs(flat)), token, owner)
+        return Lease(self._stored(_pairs(flat)), token, owner)
 
     async def heartbeat(self, lease: Lease, lease_ms: int | None = None) -> int:
         """-1: lease lost; 1: cancel requested; 0: carry on."""
@@ -619,7 +642,7 @@ class QueueStore:
         """Record the outcome; False when the lease was lost and someone else owns it now."""
         extra: list[str | bytes] = []
         if work.result:
-            extra += ["result", work.result]
+            extra += ["result", self.sealer.seal(work.result, lease.request.id)]
         if work.usage:
             extra += ["usage", work.usage]
         reply = await self._run(
@@ -654,6 +677,8 @@ class QueueStore:
         """Append a progress/token event to the request's stream (False: lease lost)."""
         flat: list[str | int | float] = []
         for name, value in fields.items():
+            if name == "text":  # generated output is a result: sealed like one
+                value = self.sealer.seal_text(str(value), lease.request.id)
             flat += [name, value]
         reply = await self._run(
             "progress", lease.request.model, [lease.request.id, lease.token, kind, *flat]

@@ -4,6 +4,7 @@ server → tokens → watcher, against an emulated Ollama fleet and a real Redis
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -14,6 +15,7 @@ from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.slow
 K = notifier_pb2
+KEYS = "k1:" + base64.b64encode(bytes(range(32))).decode()
 
 
 def auth(user: str) -> tuple[tuple[str, str]]:
@@ -35,7 +37,9 @@ def stack() -> Iterator[LocalStack]:
             "--output-tokens",
             "20:40",
         ),
-        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8"},
+        # Everything here also runs with prompts and results encrypted at rest.
+        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8", "USHER_ENCRYPTION_KEYS": KEYS},
+        notifier_env={"USHER_ENCRYPTION_KEYS": KEYS},
         external_provider=True,
         metrics=True,
     )
@@ -255,3 +259,28 @@ async def test_notifier_replicas_work_side_by_side(stack: LocalStack, clients: t
     for a, b in zip(both[::2], both[1::2], strict=True):
         assert a[-1].kind == b[-1].kind == K.UPDATE_KIND_COMPLETED
         assert "".join(u.text_delta for u in a) == "".join(u.text_delta for u in b)
+
+
+async def test_prompts_and_results_are_ciphertext_in_redis(
+    stack: LocalStack, clients: tuple
+) -> None:  # type: ignore[type-arg]
+    import redis.asyncio as aioredis
+
+    from usher.keys import ModelKeys
+
+    scheduler, notifier = clients
+    submitted = await scheduler.Submit(generate("a very private question"), metadata=auth("alice"))
+    updates = await watch_all(notifier, submitted.request.id)
+    assert updates[-1].request.result.text  # watchers read plaintext
+    client = aioredis.Redis.from_url(stack.redis_url)
+    keys = ModelKeys("llama3.2:1b")
+    stored = await client.hgetall(keys.request(submitted.request.id))
+    events = await client.xrange(keys.request_events(submitted.request.id))
+    await client.aclose()
+    assert b"private" not in stored[b"payload"]
+    assert updates[-1].request.result.text.encode()[:12] not in stored[b"result"]
+    assert all(
+        not value.startswith(updates[-1].request.result.text[:8].encode())
+        for _, fields in events
+        for value in fields.values()
+    )
