@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator, Iterator
+from typing import cast
 
 import grpc
 import pytest
@@ -262,8 +263,9 @@ async def test_notifier_replicas_work_side_by_side(stack: LocalStack, clients: t
 
 
 async def test_prompts_and_results_are_ciphertext_in_redis(
-    stack: LocalStack, clients: tuple
-) -> None:  # type: ignore[type-arg]
+    stack: LocalStack,
+    clients: tuple,  # type: ignore[type-arg]
+) -> None:
     import redis.asyncio as aioredis
 
     from usher.keys import ModelKeys
@@ -274,8 +276,11 @@ async def test_prompts_and_results_are_ciphertext_in_redis(
     assert updates[-1].request.result.text  # watchers read plaintext
     client = aioredis.Redis.from_url(stack.redis_url)
     keys = ModelKeys("llama3.2:1b")
-    stored = await client.hgetall(keys.request(submitted.request.id))
-    events = await client.xrange(keys.request_events(submitted.request.id))
+    stored = cast(dict[bytes, bytes], await client.hgetall(keys.request(submitted.request.id)))
+    events = cast(
+        list[tuple[bytes, dict[bytes, bytes]]],
+        await client.xrange(keys.request_events(submitted.request.id)),
+    )
     await client.aclose()
     assert b"private" not in stored[b"payload"]
     assert updates[-1].request.result.text.encode()[:12] not in stored[b"result"]

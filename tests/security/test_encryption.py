@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,7 +27,7 @@ async def test_payloads_results_and_tokens_are_ciphertext(redis_client: aioredis
     request = new_request()
     await store.submit(request)
     keys = ModelKeys(request.model)
-    raw_payload = await redis_client.hget(keys.request(request.id), "payload")
+    raw_payload = cast(bytes | None, await redis_client.hget(keys.request(request.id), "payload"))
     assert raw_payload is not None and b"hello" not in raw_payload
     assert raw_payload.startswith(b"ug1")
     lease = await store.claim(request.model, "d")
@@ -36,9 +37,12 @@ async def test_payloads_results_and_tokens_are_ciphertext(redis_client: aioredis
     await store.finish(
         lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED, result=result)
     )
-    raw_result = await redis_client.hget(keys.request(request.id), "result")
+    raw_result = cast(bytes | None, await redis_client.hget(keys.request(request.id), "result"))
     assert raw_result is not None and b"secret" not in raw_result
-    events = await redis_client.xrange(keys.request_events(request.id))
+    events = cast(
+        list[tuple[bytes, dict[bytes, bytes]]],
+        await redis_client.xrange(keys.request_events(request.id)),
+    )
     assert all(b"secret" not in value for _, fields in events for value in fields.values())
     stored = await store.get(request.id)
     assert (
