@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from usher import tracing
 from usher.errors import ErrorMappingInterceptor
 from usher.logs import get_logger
+from usher.tls import ServerTls
 
 __all__ = ["GrpcServer", "Registration"]
 
@@ -37,6 +38,7 @@ class GrpcServer:
         registrations: Sequence[Registration],
         address: str,
         grace_seconds: float = 10.0,
+        tls: ServerTls | None = None,
     ) -> None:
         self._server = grpc.aio.server(
             interceptors=[*tracing.server_interceptors(), ErrorMappingInterceptor()],
@@ -57,7 +59,10 @@ class GrpcServer:
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         self._names = names
-        self.port = self._server.add_insecure_port(address)
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self._stopped = asyncio.Event()

@@ -17,6 +17,7 @@ from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
+from usher.tls import ServerTls
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
 __all__ = ["NotifierApp", "NotifierSettings"]
@@ -83,6 +84,7 @@ class NotifierApp:
             ],
             settings.listen,
             grace_seconds=settings.shutdown_grace_seconds,
+            tls=ServerTls.from_env(),
         )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -17,6 +17,7 @@ from usher.connections import connect_redis
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
+from usher.tls import ServerTls
 from usher.v1 import pool_pb2, pool_pb2_grpc
 
 __all__ = ["PoolApp"]
@@ -48,6 +49,7 @@ class PoolApp:
             ],
             settings.listen,
             grace_seconds=settings.shutdown_grace_seconds,
+            tls=ServerTls.from_env(),
         )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

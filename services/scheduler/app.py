@@ -16,6 +16,7 @@ from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
 from usher.server import GrpcServer, Registration
+from usher.tls import ServerTls
 from usher.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SchedulerApp", "queue_defaults"]
@@ -63,6 +64,7 @@ class SchedulerApp:
             ],
             self.settings.listen,
             grace_seconds=self.settings.shutdown_grace_seconds,
+            tls=ServerTls.from_env(),
         )
         self.dispatcher: Dispatcher | None = None
         if self.settings.pool_address:

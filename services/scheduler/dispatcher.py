@@ -25,6 +25,7 @@ from services.scheduler.store import FinishedWork, Lease, QueueStore
 from usher import keys, metrics, tracing
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 
 __all__ = ["DispatchSettings", "Dispatcher"]
@@ -64,8 +65,8 @@ class Dispatcher:
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._metadata = (("authorization", f"Bearer {settings.service_token}"),)
-        self._channel = grpc.aio.insecure_channel(
-            settings.pool_address, interceptors=tracing.client_interceptors()
+        self._channel = open_channel(
+            settings.pool_address, ClientTls.from_env(), tracing.client_interceptors()
         )
         self._pool = pool_pb2_grpc.PoolServiceStub(self._channel)
         self._demand: tuple[float, list[str], list[str]] = (0.0, [], [])

@@ -19,7 +19,7 @@ def bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-def hs256(secret: str = "s3cret", **claims: object) -> str:
+def hs256(secret: str = "a-long-enough-test-secret-of-32-bytes!", **claims: object) -> str:
     body = {"sub": "alice", "org": "acme", "roles": ["admin"], "exp": time.time() + 60, **claims}
     return jwt.encode(body, secret, algorithm="HS256")
 
@@ -40,7 +40,12 @@ def test_api_keys_from_env_and_a_secret_file(tmp_path: Path) -> None:
 
 
 def test_hs256_tokens() -> None:
-    verifier = JwtVerifier.from_env({"USHER_JWT_SECRET": "s3cret", "USHER_JWT_AUDIENCE": "usher"})
+    verifier = JwtVerifier.from_env(
+        {
+            "USHER_JWT_SECRET": "a-long-enough-test-secret-of-32-bytes!",
+            "USHER_JWT_AUDIENCE": "usher",
+        }
+    )
     assert verifier is not None
     auth = Authenticator({}, verifier)
     principal = auth.authenticate(bearer(hs256(aud="usher")))
@@ -48,7 +53,7 @@ def test_hs256_tokens() -> None:
     with pytest.raises(Unauthenticated, match="expired"):
         auth.authenticate(bearer(hs256(aud="usher", exp=time.time() - 10)))
     with pytest.raises(Unauthenticated, match="invalid token"):
-        auth.authenticate(bearer(hs256("wrong-secret", aud="usher")))
+        auth.authenticate(bearer(hs256("a-different-secret-also-32-bytes-long", aud="usher")))
     with pytest.raises(Unauthenticated, match="invalid token"):
         auth.authenticate(bearer(hs256(aud="someone-else")))
     with pytest.raises(Unauthenticated, match="'org'"):
