@@ -13,15 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AUDIT",
     "MODELS",
     "POOL_CAPACITY",
     "POOL_DRAINING",
     "POOL_INSTANCES",
     "POOL_PLACEMENT_LOCK",
     "POOL_WEIGHTS",
+    "TENANT_LIMITS",
     "TENANT_WEIGHTS",
     "InstanceKeys",
     "ModelKeys",
+    "TenantKeys",
     "lua_key_header",
     "pool_model_stats",
     "request_index",
@@ -34,6 +37,10 @@ PREFIX = "usher"
 MODELS = f"{PREFIX}:models"
 #: HASH "org/user" or "org/" → weight (float as text).
 TENANT_WEIGHTS = f"{PREFIX}:tenant-weights"
+#: HASH "org/user" or "org/" → JSON limits (requests/min, tokens/min, concurrency, cap).
+TENANT_LIMITS = f"{PREFIX}:tenant-limits"
+#: STREAM of audit events (who, what, when, outcome).
+AUDIT = f"{PREFIX}:audit"
 
 # Per-model keys: base + suffix. What each holds:
 _MODEL_SUFFIXES = {
@@ -74,6 +81,23 @@ def request_index(request_id: str) -> str:
 def tenant_requests(tenant: str) -> str:
     """ZSET of a caller's ("org/user") request ids scored by creation time (ms), for List."""
     return f"{PREFIX}:tenant:{tenant}:requests"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeys:
+    """Rate-limit state of one caller ("org/user"), in one hash slot."""
+
+    tenant: str
+
+    @property
+    def buckets(self) -> str:
+        """HASH of token-bucket levels (requests, tokens) and when they were last set."""
+        return f"{PREFIX}:tenant:{{{self.tenant}}}:buckets"
+
+    @property
+    def live(self) -> str:
+        """ZSET request id → when the entry lapses (ms): the caller's live requests."""
+        return f"{PREFIX}:tenant:{{{self.tenant}}}:live"
 
 
 def model_base(model: str) -> str:

@@ -39,9 +39,12 @@ class GrpcServer:
         address: str,
         grace_seconds: float = 10.0,
         tls: ServerTls | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self._server = grpc.aio.server(
-            interceptors=[*tracing.server_interceptors(), ErrorMappingInterceptor()],
+            # Outermost first: tracing sees everything; the given interceptors (audit) see
+            # domain errors before they become statuses.
+            interceptors=[*tracing.server_interceptors(), ErrorMappingInterceptor(), *interceptors],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),

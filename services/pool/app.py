@@ -12,6 +12,7 @@ from services.pool.service import FleetRouter, PoolAdminServicer, PoolServicer
 from services.pool.slots import SlotStore
 from services.pool.stats import PoolStats
 from usher import metrics
+from usher.audit import AuditInterceptor, AuditLog
 from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
@@ -33,6 +34,7 @@ class PoolApp:
         self.slots = SlotStore(self.redis, lease_ms=int(settings.slot_lease_seconds * 1000))
         self.router = FleetRouter(self.registry, self.slots, settings)
         auth = Authenticator.from_env(settings.tokens)
+        self.audit = AuditLog(self.redis)
         public = PoolServicer(self.router, PoolStats(self.redis), auth, settings)
         admin = PoolAdminServicer(self.registry, auth)
         names = pool_pb2.DESCRIPTOR.services_by_name
@@ -50,6 +52,7 @@ class PoolApp:
             settings.listen,
             grace_seconds=settings.shutdown_grace_seconds,
             tls=ServerTls.from_env(),
+            interceptors=[AuditInterceptor(self.audit, auth.authenticate)],
         )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,6 +99,7 @@ class PoolApp:
         self._stop.set()
         await asyncio.gather(*self._tasks)
         await self.registry.aclose()
+        await self.audit.aclose()
         await self.redis.aclose()
 
     async def run(self) -> None:

@@ -6,10 +6,12 @@ import asyncio
 from dataclasses import dataclass
 
 from services.scheduler.dispatcher import Dispatcher, DispatchSettings
+from services.scheduler.quotas import Quotas
 from services.scheduler.reaper import reap_forever
 from services.scheduler.service import SchedulerAdminServicer, SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import QueueDefaults, QueueStore
+from usher.audit import AuditInterceptor, AuditLog
 from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
@@ -46,8 +48,10 @@ class SchedulerApp:
         self.redis = connect_redis(self.settings.redis_url)
         self.store = QueueStore(self.redis, queue_defaults(self.settings), sealer_from_env())
         auth = Authenticator.from_env(self.settings.tokens)
-        public = SchedulerServicer(self.store, auth, self.settings)
-        admin = SchedulerAdminServicer(self.store, auth, self.settings)
+        self.quotas = Quotas(self.redis, self.settings.tenant_limits)
+        self.audit = AuditLog(self.redis)
+        public = SchedulerServicer(self.store, auth, self.settings, self.quotas, self.audit)
+        admin = SchedulerAdminServicer(self.store, auth, self.settings, self.quotas, self.audit)
         names = scheduler_pb2.DESCRIPTOR.services_by_name
         self.server = GrpcServer(
             [
@@ -65,11 +69,13 @@ class SchedulerApp:
             self.settings.listen,
             grace_seconds=self.settings.shutdown_grace_seconds,
             tls=ServerTls.from_env(),
+            interceptors=[AuditInterceptor(self.audit, auth.authenticate)],
         )
         self.dispatcher: Dispatcher | None = None
         if self.settings.pool_address:
             self.dispatcher = Dispatcher(
                 self.store,
+                self.quotas,
                 DispatchSettings(
                     self.settings.pool_address,
                     self.settings.service_token,
@@ -99,6 +105,7 @@ class SchedulerApp:
         await asyncio.gather(*self._tasks)
         if self.dispatcher is not None:
             await self.dispatcher.aclose()
+        await self.audit.aclose()
         await self.redis.aclose()
 
     async def run(self) -> None:

@@ -20,6 +20,7 @@ from typing import cast
 
 import grpc
 
+from services.scheduler.quotas import Quotas
 from services.scheduler.records import duration_from_seconds
 from services.scheduler.store import FinishedWork, Lease, QueueStore
 from usher import keys, metrics, tracing
@@ -60,8 +61,9 @@ class _Cancelled(Exception):
 
 
 class Dispatcher:
-    def __init__(self, store: QueueStore, settings: DispatchSettings) -> None:
+    def __init__(self, store: QueueStore, quotas: Quotas, settings: DispatchSettings) -> None:
         self.store = store
+        self.quotas = quotas
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._metadata = (("authorization", f"Bearer {settings.service_token}"),)
@@ -157,6 +159,9 @@ class Dispatcher:
             },
         ):
             await self.run_request(lease, slot)
+        # Whatever the outcome, it no longer counts toward the caller's concurrency quota
+        # (a requeued request is charged again only if it is resubmitted, never twice).
+        await self.quotas.release(lease.request.tenant, lease.request.id)
         return True
 
     async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> None:

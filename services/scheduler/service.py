@@ -6,15 +6,18 @@ Errors are raised as usher.errors types; the shared interceptor turns them into 
 from __future__ import annotations
 
 import base64
+import re
 import time
 from dataclasses import replace
 
 from opentelemetry.trace import SpanKind
 
 from services.scheduler import admission, fairness, records
+from services.scheduler.quotas import Limits, Quotas
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import NewRequest, QueueStore, StoredRequest
 from usher import metrics, tracing
+from usher.audit import AuditLog
 from usher.auth import Authenticator, Principal
 from usher.errors import (
     AlreadyFinished,
@@ -50,10 +53,19 @@ def _check_id(request_id: str) -> None:
 
 
 class _Handlers:
-    def __init__(self, store: QueueStore, auth: Authenticator, settings: SchedulerSettings) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        auth: Authenticator,
+        settings: SchedulerSettings,
+        quotas: Quotas,
+        audit: AuditLog,
+    ) -> None:
         self.store = store
         self.auth = auth
         self.settings = settings
+        self.quotas = quotas
+        self.audit = audit
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -86,6 +98,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         violations = admission.validate_submit(request, limits, now)
         if violations:
             raise InvalidArgument(violations)
+        tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
         share = self.settings.dedup == "always" or (
             self.settings.dedup == "deterministic" and admission.is_deterministic(request.options)
         )
@@ -95,7 +108,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             kind=admission.request_kind(request),
             user=caller.user,
             organization=caller.organization,
-            priority=request.priority,
+            priority=tenant_limits.capped(fairness.priority_class(request.priority)),
             fallback=request.fallback_policy,
             payload=request.SerializeToString(),
             prompt_tokens=fairness.estimate_tokens(admission.prompt_characters(request)),
@@ -114,6 +127,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             traceparent=request.traceparent,
             labels=dict(request.labels),
         )
+        await self._admit(new, tenant_limits)
         with tracing.tracer(__name__).start_as_current_span(
             "usher.enqueue",
             kind=SpanKind.PRODUCER,
@@ -127,6 +141,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             traceparent = tracing.current_traceparent() or request.traceparent
             outcome = await self.store.submit(replace(new, traceparent=traceparent))
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
+        self.audit.record(
+            caller.tenant,
+            "submit",
+            outcome.request_id or request.model,
+            "ok" if outcome.status != "full" else "queue_full",
+            outcome.status,
+        )
+        if outcome.status != "queued" and not tenant_limits.unlimited:
+            # Nothing new was queued for this caller: give back what admission charged.
+            await self.quotas.release(new.tenant, new.id, self._cost(new))
         if outcome.status == "dedup":
             metrics.DEDUP_HITS.labels(request.model).inc()
         if outcome.status == "full":
@@ -145,6 +169,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             deduplicated=outcome.status == "dedup",
             replayed=outcome.status == "replayed",
         )
+
+    def _cost(self, new: NewRequest) -> float:
+        averages = self.store.cached_averages(new.model)
+        return fairness.estimate_cost(new.prompt_tokens, averages.output_tokens, new.num_predict)
+
+    async def _admit(self, new: NewRequest, limits: Limits) -> None:
+        if limits.unlimited:
+            return
+        await self.store.model_averages(new.model)  # warms the cache _cost reads
+        timeout = new.queue_timeout_ms or self.store.defaults.queue_timeout_ms
+        verdict = await self.quotas.admit(
+            new.tenant, new.id, self._cost(new), limits, new.created_ms + timeout
+        )
+        if not verdict.admitted:
+            metrics.REJECTED.labels(new.model, verdict.reason).inc()
+            self.audit.record(new.tenant, "submit", new.model, "rate_limited", verdict.reason)
+            what = {
+                "concurrency": f"{limits.max_concurrent} requests at once",
+                "requests_per_minute": f"{limits.requests_per_minute} requests per minute",
+                "tokens_per_minute": f"{limits.tokens_per_minute} tokens per minute",
+            }[verdict.reason]
+            raise ResourceExhausted(
+                f"rate limit: at most {what} for {new.tenant}; retry later",
+                retry_after_seconds=verdict.retry_after_seconds,
+            )
 
     async def Get(
         self, request: scheduler_pb2.GetRequest, context: Context
@@ -203,8 +252,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             return scheduler_pb2.CancelResponse(
                 request=await self.view(stored, request_pb2.REQUEST_STATE_CANCELLED)
             )
+        self.audit.record(caller.tenant, "cancel", stored.id, outcome)
         if outcome == "cancelled":
             metrics.REQUESTS.labels(stored.model, "cancelled").inc()
+            await self.quotas.release(stored.tenant, stored.id)
         after = await self.store.inspect(stored.model, stored.id)
         return scheduler_pb2.CancelResponse(request=await self.view(after or stored))
 
@@ -216,6 +267,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         outcome = await self.store.switch_to_external(
             stored.model, stored.id, caller.tenant, caller.is_admin
         )
+        self.audit.record(caller.tenant, "switch_provider", stored.id, outcome)
         if outcome == "notfound":
             raise NotFound(f"request {request.id} not found")
         if outcome == "denied":
@@ -234,6 +286,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
 
 class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _Handlers):
     def admin(self, context: Context) -> Principal:
+        # Every admin call is audited by usher.audit.AuditInterceptor, outcome included.
         caller = self.caller(context)
         caller.require_admin()
         return caller
@@ -248,6 +301,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         )
         message.queue_timeout.FromMilliseconds(config.queue_timeout_ms)
         message.lease_duration.FromMilliseconds(config.lease_ms)
+        message.paused = config.paused
         return message
 
     async def UpdateQueueConfig(
@@ -323,3 +377,89 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
             raise InvalidArgument([FieldViolation("model", "is not a model name")])
         found = await self.store.dead_letters(request.model, request.page_size or 50)
         return scheduler_pb2.ListDeadLettersResponse(requests=[await self.view(s) for s in found])
+
+    async def RetryDeadLetter(
+        self, request: scheduler_pb2.RetryDeadLetterRequest, context: Context
+    ) -> scheduler_pb2.RetryDeadLetterResponse:
+        self.admin(context)
+        _check_id(request.id)
+        model = await self.store.model_of(request.id)
+        outcome = (
+            "notfound" if model is None else await self.store.retry_dead_letter(model, request.id)
+        )
+        if model is None or outcome == "notfound":
+            raise NotFound(f"request {request.id} not found")
+        if outcome == "not_dead":
+            raise FailedPrecondition(f"request {request.id} is not in the dead-letter list")
+        stored = await self.store.inspect(model, request.id)
+        if stored is None:
+            raise NotFound(f"request {request.id} not found")
+        return scheduler_pb2.RetryDeadLetterResponse(request=await self.view(stored))
+
+    async def SetTenantLimits(
+        self, request: scheduler_pb2.SetTenantLimitsRequest, context: Context
+    ) -> scheduler_pb2.SetTenantLimitsResponse:
+        self.admin(context)
+        given = request.limits
+        problems = []
+        if not request.tenant.organization:
+            problems.append(FieldViolation("tenant.organization", "is required"))
+        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent"):
+            if getattr(given, name) < 0:
+                problems.append(FieldViolation(f"limits.{name}", "must not be negative"))
+        if given.priority_cap not in request_pb2.Priority.values():
+            problems.append(FieldViolation("limits.priority_cap", "is not a priority class (0-5)"))
+        if problems:
+            raise InvalidArgument(problems)
+        limits = Limits(
+            given.requests_per_minute,
+            given.tokens_per_minute,
+            given.max_concurrent,
+            given.priority_cap,
+        )
+        await self.quotas.set_limits(request.tenant.organization, request.tenant.user, limits)
+        return scheduler_pb2.SetTenantLimitsResponse(tenant=request.tenant, limits=given)
+
+    async def PauseQueue(
+        self, request: scheduler_pb2.PauseQueueRequest, context: Context
+    ) -> scheduler_pb2.PauseQueueResponse:
+        self.admin(context)
+        if not admission.MODEL_NAME.match(request.model):
+            raise InvalidArgument([FieldViolation("model", "is not a model name")])
+        await self.store.set_paused(request.model, request.paused)
+        return scheduler_pb2.PauseQueueResponse(config=await self._config_proto(request.model))
+
+    async def DrainQueue(
+        self, request: scheduler_pb2.DrainQueueRequest, context: Context
+    ) -> scheduler_pb2.DrainQueueResponse:
+        self.admin(context)
+        if not admission.MODEL_NAME.match(request.model):
+            raise InvalidArgument([FieldViolation("model", "is not a model name")])
+        reason = request.reason or "the queue was emptied for maintenance"
+        drained = await self.store.drain(request.model, f"emergency drain: {reason}")
+        metrics.REQUESTS.labels(request.model, "cancelled").inc(drained)
+        return scheduler_pb2.DrainQueueResponse(drained=drained)
+
+    async def ListAuditEvents(
+        self, request: scheduler_pb2.ListAuditEventsRequest, context: Context
+    ) -> scheduler_pb2.ListAuditEventsResponse:
+        self.admin(context)
+        if not 0 <= request.page_size <= _MAX_PAGE:
+            raise InvalidArgument([FieldViolation("page_size", f"must be 0-{_MAX_PAGE}")])
+        if request.before_id and not re.match(r"^\d{1,15}-\d{1,15}$", request.before_id):
+            raise InvalidArgument([FieldViolation("before_id", "is not an audit event id")])
+        await self.audit.flush()
+        entries = await self.audit.recent(request.page_size or 100, request.before_id)
+        events = []
+        for entry in entries:
+            event = scheduler_pb2.AuditEvent(
+                id=entry.id,
+                actor=entry.actor,
+                action=entry.action,
+                target=entry.target,
+                outcome=entry.outcome,
+                detail=entry.detail,
+            )
+            event.at.FromMilliseconds(entry.at_ms)
+            events.append(event)
+        return scheduler_pb2.ListAuditEventsResponse(events=events)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.scheduler.fairness import DEFAULT_PRIORITY_LEAD
+from services.scheduler.quotas import Limits
 from usher.auth import Principal, load_token_map
 from usher.config import ConfigError, env_float, env_int, env_list, env_str
 
@@ -42,6 +43,8 @@ class SchedulerSettings:
     service_token: str = ""
     #: Requests this replica runs at once.
     dispatch_concurrency: int = 16
+    #: Limits of every tenant without its own (SetTenantLimits); 0 = unlimited.
+    tenant_limits: Limits = field(default_factory=Limits)
     #: Port of the Prometheus /metrics endpoint; 0 = off.
     metrics_port: int = 0
     #: On SIGTERM, how long in-flight calls may take before they are cut off.
@@ -80,6 +83,11 @@ class SchedulerSettings:
             pool_address=env_str("USHER_POOL_ADDRESS", d.pool_address, env),
             service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
             dispatch_concurrency=env_int("USHER_DISPATCH_CONCURRENCY", d.dispatch_concurrency, env),
+            tenant_limits=Limits(
+                requests_per_minute=env_int("USHER_TENANT_REQUESTS_PER_MINUTE", 0, env),
+                tokens_per_minute=env_int("USHER_TENANT_TOKENS_PER_MINUTE", 0, env),
+                max_concurrent=env_int("USHER_TENANT_MAX_CONCURRENT", 0, env),
+            ),
             metrics_port=env_int("USHER_METRICS_PORT", d.metrics_port, env),
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env

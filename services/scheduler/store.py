@@ -261,6 +261,7 @@ class ModelConfig:
     max_attempts: int
     lease_ms: int
     parallel: int
+    paused: bool = False
 
 
 class _Scripts:
@@ -277,6 +278,8 @@ class _Scripts:
         "requeue",
         "progress",
         "switch",
+        "drain",
+        "retry",
     )
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -511,6 +514,13 @@ class QueueStore:
         length: int = await self.redis.zcard(ModelKeys(model).queue)
         return length
 
+    def cached_averages(self, model: str) -> ModelAverages:
+        """The averages last read for ``model`` (defaults when never read)."""
+        cached = self._averages.get(model)
+        if cached is None:
+            return ModelAverages(30.0, output_tokens=self.defaults.default_output_tokens)
+        return cached[1]
+
     async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
         """Moving averages and parallel slots of a model (cached for a second). Slots are
         the operator's setting if any, else what the Pool last reported, else the default."""
@@ -563,7 +573,27 @@ class QueueStore:
             max_attempts=_int(raw, "max_attempts", d.max_attempts),
             lease_ms=_int(raw, "lease_ms", d.lease_ms),
             parallel=_int(raw, "parallel", d.parallel),
+            paused=_int(raw, "paused") == 1,
         )
+
+    async def set_paused(self, model: str, paused: bool) -> ModelConfig:
+        await self.update_config(model, {"paused": 1 if paused else 0})
+        return await self.config(model)
+
+    async def drain(self, model: str, reason: str) -> int:
+        """End every queued request of the model with ``reason``; how many were ended."""
+        total = 0
+        while True:
+            drained = int(
+                await self._run("drain", model, [reason, 500, self.defaults.result_ttl_seconds])
+            )
+            total += drained
+            if drained == 0:
+                return total
+
+    async def retry_dead_letter(self, model: str, request_id: str) -> str:
+        """notfound | not_dead | retried."""
+        return str((await self._run("retry", model, [request_id])).decode())
 
     async def update_config(self, model: str, changes: dict[str, int]) -> ModelConfig:
         if changes:

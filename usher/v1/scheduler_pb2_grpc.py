@@ -312,6 +312,31 @@ class SchedulerAdminServiceStub:
                 request_serializer=usher_dot_v1_dot_scheduler__pb2.ListDeadLettersRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_scheduler__pb2.ListDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.RetryDeadLetter = channel.unary_unary(
+                '/usher.v1.SchedulerAdminService/RetryDeadLetter',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.RetryDeadLetterRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.RetryDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.SetTenantLimits = channel.unary_unary(
+                '/usher.v1.SchedulerAdminService/SetTenantLimits',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.SetTenantLimitsRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.SetTenantLimitsResponse.FromString,
+                _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/usher.v1.SchedulerAdminService/PauseQueue',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.DrainQueue = channel.unary_unary(
+                '/usher.v1.SchedulerAdminService/DrainQueue',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.DrainQueueRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.DrainQueueResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/usher.v1.SchedulerAdminService/ListAuditEvents',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerAdminServiceServicer:
@@ -343,6 +368,41 @@ class SchedulerAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryDeadLetter(self, request, context):
+        """Put a dead-lettered request back in its queue at its original place, attempts reset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantLimits(self, request, context):
+        """Rate limits, concurrency quota and priority cap of a tenant (or an organization's default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseQueue(self, request, context):
+        """Stop (or resume) dispatching a model's queue; submissions are still accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainQueue(self, request, context):
+        """Emergency: end every queued request of a model with a reason its watchers see.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Who did what, when, with what outcome: admin actions and queue operations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -365,6 +425,31 @@ def add_SchedulerAdminServiceServicer_to_server(servicer, server):
                     servicer.ListDeadLetters,
                     request_deserializer=usher_dot_v1_dot_scheduler__pb2.ListDeadLettersRequest.FromString,
                     response_serializer=usher_dot_v1_dot_scheduler__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RetryDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryDeadLetter,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.RetryDeadLetterRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.RetryDeadLetterResponse.SerializeToString,
+            ),
+            'SetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantLimits,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.SetTenantLimitsRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.SetTenantLimitsResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.PauseQueueRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'DrainQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainQueue,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.DrainQueueRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.DrainQueueResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +561,141 @@ class SchedulerAdminService:
             '/usher.v1.SchedulerAdminService/ListDeadLetters',
             usher_dot_v1_dot_scheduler__pb2.ListDeadLettersRequest.SerializeToString,
             usher_dot_v1_dot_scheduler__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerAdminService/RetryDeadLetter',
+            usher_dot_v1_dot_scheduler__pb2.RetryDeadLetterRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.RetryDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerAdminService/SetTenantLimits',
+            usher_dot_v1_dot_scheduler__pb2.SetTenantLimitsRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.SetTenantLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerAdminService/PauseQueue',
+            usher_dot_v1_dot_scheduler__pb2.PauseQueueRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerAdminService/DrainQueue',
+            usher_dot_v1_dot_scheduler__pb2.DrainQueueRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.DrainQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerAdminService/ListAuditEvents',
+            usher_dot_v1_dot_scheduler__pb2.ListAuditEventsRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -135,6 +135,16 @@ class SchedulerAdminServiceStub:
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueStatsRequest, _scheduler_pb2.GetQueueStatsResponse]
     SetTenantWeight: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SetTenantWeightRequest, _scheduler_pb2.SetTenantWeightResponse]
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListDeadLettersRequest, _scheduler_pb2.ListDeadLettersResponse]
+    RetryDeadLetter: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RetryDeadLetterRequest, _scheduler_pb2.RetryDeadLetterResponse]
+    """Put a dead-lettered request back in its queue at its original place, attempts reset."""
+    SetTenantLimits: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SetTenantLimitsRequest, _scheduler_pb2.SetTenantLimitsResponse]
+    """Rate limits, concurrency quota and priority cap of a tenant (or an organization's default)."""
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PauseQueueRequest, _scheduler_pb2.PauseQueueResponse]
+    """Stop (or resume) dispatching a model's queue; submissions are still accepted."""
+    DrainQueue: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainQueueRequest, _scheduler_pb2.DrainQueueResponse]
+    """Emergency: end every queued request of a model with a reason its watchers see."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListAuditEventsRequest, _scheduler_pb2.ListAuditEventsResponse]
+    """Who did what, when, with what outcome: admin actions and queue operations."""
 
 @_typing.type_check_only
 class SchedulerAdminServiceAsyncStub(SchedulerAdminServiceStub):
@@ -146,6 +156,16 @@ class SchedulerAdminServiceAsyncStub(SchedulerAdminServiceStub):
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueStatsRequest, _scheduler_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     SetTenantWeight: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SetTenantWeightRequest, _scheduler_pb2.SetTenantWeightResponse]  # type: ignore[assignment]
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListDeadLettersRequest, _scheduler_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    RetryDeadLetter: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RetryDeadLetterRequest, _scheduler_pb2.RetryDeadLetterResponse]  # type: ignore[assignment]
+    """Put a dead-lettered request back in its queue at its original place, attempts reset."""
+    SetTenantLimits: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SetTenantLimitsRequest, _scheduler_pb2.SetTenantLimitsResponse]  # type: ignore[assignment]
+    """Rate limits, concurrency quota and priority cap of a tenant (or an organization's default)."""
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PauseQueueRequest, _scheduler_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """Stop (or resume) dispatching a model's queue; submissions are still accepted."""
+    DrainQueue: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainQueueRequest, _scheduler_pb2.DrainQueueResponse]  # type: ignore[assignment]
+    """Emergency: end every queued request of a model with a reason its watchers see."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListAuditEventsRequest, _scheduler_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Who did what, when, with what outcome: admin actions and queue operations."""
 
 class SchedulerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator controls over queues. Every method needs the admin role."""
@@ -178,5 +198,45 @@ class SchedulerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.ListDeadLettersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ListDeadLettersResponse, _abc.Awaitable[_scheduler_pb2.ListDeadLettersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RetryDeadLetter(
+        self,
+        request: _scheduler_pb2.RetryDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RetryDeadLetterResponse, _abc.Awaitable[_scheduler_pb2.RetryDeadLetterResponse]]:
+        """Put a dead-lettered request back in its queue at its original place, attempts reset."""
+
+    @_abc_1.abstractmethod
+    def SetTenantLimits(
+        self,
+        request: _scheduler_pb2.SetTenantLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.SetTenantLimitsResponse, _abc.Awaitable[_scheduler_pb2.SetTenantLimitsResponse]]:
+        """Rate limits, concurrency quota and priority cap of a tenant (or an organization's default)."""
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _scheduler_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.PauseQueueResponse, _abc.Awaitable[_scheduler_pb2.PauseQueueResponse]]:
+        """Stop (or resume) dispatching a model's queue; submissions are still accepted."""
+
+    @_abc_1.abstractmethod
+    def DrainQueue(
+        self,
+        request: _scheduler_pb2.DrainQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DrainQueueResponse, _abc.Awaitable[_scheduler_pb2.DrainQueueResponse]]:
+        """Emergency: end every queued request of a model with a reason its watchers see."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _scheduler_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListAuditEventsResponse, _abc.Awaitable[_scheduler_pb2.ListAuditEventsResponse]]:
+        """Who did what, when, with what outcome: admin actions and queue operations."""
 
 def add_SchedulerAdminServiceServicer_to_server(servicer: SchedulerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,8 @@
 -- ARGV: 1 base, 2 now, 3 lease ms, 4 owner, 5 lease token, 6 advance virtual time (1/0)
 -- Returns the claimed request hash as a flat field/value list, or nil when the queue is empty.
 local source = KEYS[1]
+-- An operator paused this model's dispatching (PauseQueue): nothing is claimed.
+if redis.call('HGET', K.config, 'paused') == '1' then return nil end
 for _ = 1, 100 do
   local head = redis.call('ZRANGE', source, 0, 0)
   if #head == 0 then return nil end

@@ -1,0 +1,194 @@
+"""One HTTP request's life in Usher: Submit to the Scheduler, Watch on the Notifier until
+the request ends, Cancel when the client goes away.
+
+``RequestFlow.events()`` turns the Notifier's updates into three events for the
+renderers: ``Started`` (the request left the queue; its queue wait is known), ``Text``
+(new output) and ``Finished`` (completed, with result and usage). A request that ends
+otherwise (expired, failed, cancelled) raises ``GatewayError``.
+
+Output is delivered exactly once although the Watch may be resumed (a Notifier restart:
+the stream continues from the last event id) and the request may be run again (REQUEUED:
+its output so far is void and it restarts from the beginning). After a restart only text
+beyond what the client already has is passed on, as long as the new run agrees with it; a
+new run that says something else cannot be streamed (the client has the other words), so
+the answer ends with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from services.gateway.backend import Backend, bearer
+from services.gateway.translation import (
+    GatewayError,
+    error_from_request,
+    error_from_rpc,
+    queue_wait_ms,
+)
+from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
+
+__all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "rpc_error"]
+
+K = notifier_pb2
+_TERMINAL = frozenset(
+    {K.UPDATE_KIND_COMPLETED, K.UPDATE_KIND_FAILED, K.UPDATE_KIND_CANCELLED, K.UPDATE_KIND_EXPIRED}
+)
+_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+_MAX_RESUMES = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    request: request_pb2.LlmRequest
+    queue_wait_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request: request_pb2.LlmRequest
+
+
+FlowEvent = Started | Text | Finished
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, model: str = "") -> GatewayError:
+    trailing = exc.trailing_metadata()
+    pairs = [(str(k), v) for k, v in trailing] if trailing else []
+    return error_from_rpc(exc.code(), exc.details() or "", pairs, model=model)
+
+
+class RequestFlow:
+    def __init__(
+        self,
+        backend: Backend,
+        token: str,
+        submit: scheduler_pb2.SubmitRequest,
+        *,
+        deadline_seconds: float | None = None,
+    ) -> None:
+        self.backend = backend
+        self.token = token
+        self.submit_request = submit
+        self.model = submit.model
+        self.request_id = ""
+        self.finished = False
+        self._deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
+        self._cancel_sent = False
+
+    def _remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.001, self._deadline - time.monotonic())
+
+    async def submit(self) -> scheduler_pb2.SubmitResponse:
+        timeout = self.backend.settings.rpc_timeout_seconds
+        remaining = self._remaining()
+        try:
+            reply = await self.backend.scheduler.Submit(
+                self.submit_request,
+                metadata=bearer(self.token),
+                timeout=min(timeout, remaining) if remaining is not None else timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, self.model) from None
+        self.request_id = reply.request.id
+        return reply
+
+    def cancel_soon(self, reason: str) -> None:
+        """Cancel the request (once) in the background: its client is gone."""
+        if self.request_id and not self.finished and not self._cancel_sent:
+            self._cancel_sent = True
+            self.backend.spawn(self.backend.cancel(self.request_id, self.token, reason))
+
+    async def events(self) -> AsyncIterator[FlowEvent]:
+        last_event_id = ""
+        started = False
+        emitted = ""  # text the consumer already has
+        attempt = ""  # text of the current run
+        resumes = 0
+        while True:
+            call = self.backend.notifier.Watch(
+                notifier_pb2.WatchRequest(id=self.request_id, last_event_id=last_event_id),
+                metadata=bearer(self.token),
+                timeout=self._remaining(),
+            )
+            try:
+                async for update in call:
+                    resumes = 0
+                    if update.event_id:
+                        last_event_id = update.event_id
+                    kind = update.kind
+                    request = update.request
+                    if kind in (K.UPDATE_KIND_REQUEUED, K.UPDATE_KIND_RUNNING):
+                        attempt = ""  # a new run starts from the beginning
+                    if not started and (
+                        request.state == request_pb2.REQUEST_STATE_RUNNING
+                        or kind in (K.UPDATE_KIND_PROGRESS, K.UPDATE_KIND_COMPLETED)
+                    ):
+                        started = True
+                        yield Started(request, queue_wait_ms(request))
+                    if update.text_delta and kind != K.UPDATE_KIND_REQUEUED:
+                        attempt += update.text_delta
+                        fresh = self._beyond(emitted, attempt)
+                        if fresh:
+                            emitted += fresh
+                            yield Text(fresh)
+                    if kind in _TERMINAL:
+                        self.finished = True
+                        error = error_from_request(request)
+                        if error is not None:
+                            raise error
+                        fresh = self._beyond(emitted, request.result.text)
+                        if fresh:
+                            yield Text(fresh)
+                        yield Finished(request)
+                        return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.cancel_soon("the client's deadline passed")
+                    raise GatewayError(
+                        504,
+                        "timeout",
+                        "Request timed out. Please try again with a shorter prompt or later.",
+                        model=self.model,
+                    ) from None
+                if code not in _RESUMABLE or resumes >= _MAX_RESUMES:
+                    raise rpc_error(exc, self.model) from None
+            finally:
+                call.cancel()
+            # The stream ended without a final update or broke: resume after the last event.
+            resumes += 1
+            if resumes > _MAX_RESUMES:
+                raise GatewayError(
+                    502, "upstream_error", "the status stream ended early", model=self.model
+                )
+            await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
+
+    def _beyond(self, emitted: str, attempt: str) -> str:
+        """Text of ``attempt`` past what was ``emitted``; an error when they disagree."""
+        if len(attempt) <= len(emitted):
+            if emitted.startswith(attempt):
+                return ""
+        elif attempt.startswith(emitted):
+            return attempt[len(emitted) :]
+        self.cancel_soon("a restarted run diverged from the output already sent")
+        raise GatewayError(
+            502,
+            "restarted",
+            "the model server failed and the request ran again with a different answer; "
+            "the streamed output is incomplete, please retry",
+            model=self.model,
+        )

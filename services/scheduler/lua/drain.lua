@@ -1,0 +1,18 @@
+-- Emergency drain: end queued requests of a model (both lanes) with a reason watchers see.
+-- KEYS[1] queue (declares the slot)
+-- ARGV: 1 base, 2 now, 3 reason, 4 batch limit, 5 ttl s
+-- Returns how many were drained in this call (call again until 0).
+local drained = 0
+for _, lane in ipairs({K.queue, K.external}) do
+  for _, member in ipairs(redis.call('ZRANGE', lane, 0, tonumber(ARGV[4]) - 1)) do
+    redis.call('ZREM', lane, member)
+    local id = string.sub(member, 18)
+    local rk = req_key(id)
+    if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
+      finish(id, rk, CANCELLED, ARGV[3], tonumber(ARGV[5]))
+      emit(id, 'cancelled', CANCELLED, {'error', ARGV[3]})
+      drained = drained + 1
+    end
+  end
+end
+return drained
