@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from usher import tracing
+from usher.config import ConfigError
 from usher.errors import ErrorMappingInterceptor
-from usher.logs import get_logger
+from usher.logs import configure_logging, get_logger
 from usher.tls import ServerTls
 
-__all__ = ["GrpcServer", "Registration"]
+__all__ = ["GrpcServer", "Registration", "run_service"]
 
 log = get_logger(__name__)
 
@@ -90,3 +93,33 @@ class GrpcServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+class _Settings(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+class _App(Protocol):
+    async def run(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def run_service(prog: str, load: Callable[[], S], make_app: Callable[[S], _App]) -> None:
+    """The ``python -m services.X`` entry point: settings from the environment (a bad one
+    exits 2 with the variable named), logging and tracing, then serve until SIGTERM."""
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(f"{prog}: bad configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    tracing.configure_tracing(prog)
+
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio binds its server to the loop creating it.
+        await make_app(settings).run()
+
+    asyncio.run(serve())
