@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/buf lint
 	./scripts/buf_breaking.sh
 	./scripts/gen_protos.sh --check
+	./scripts/validate_deploy.sh
 
 ## Regenerate the committed Python stubs from proto/.
 protos: $(STAMP)
