@@ -165,7 +165,9 @@ class Backend:
         ]
         now = time.monotonic()
         stale = [
-            s for s in wanted if now - self._tags.get(s.config.id, (-1e9, {}))[0] > _TAGS_TTL_SECONDS
+            s
+            for s in wanted
+            if now - self._tags.get(s.config.id, (-1e9, {}))[0] > _TAGS_TTL_SECONDS
         ]
         if stale:
             answers = await asyncio.gather(*(self._fetch_tags(s) for s in stale))
@@ -178,10 +180,14 @@ class Backend:
                 merged.setdefault(model, entry)
         return merged
 
-    async def _fetch_tags(self, status: pool_pb2.InstanceStatus) -> dict[str, dict[str, Any]] | None:
+    async def _fetch_tags(
+        self, status: pool_pb2.InstanceStatus
+    ) -> dict[str, dict[str, Any]] | None:
         assert self.http is not None
         try:
-            reply = await self.http.get(status.config.base_url.rstrip("/") + "/api/tags", timeout=1.0)
+            reply = await self.http.get(
+                status.config.base_url.rstrip("/") + "/api/tags", timeout=1.0
+            )
             reply.raise_for_status()
             data = reply.json()
         except (httpx.HTTPError, ValueError):

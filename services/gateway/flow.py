@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -32,7 +32,7 @@ from services.gateway.translation import (
 )
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
 
-__all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "rpc_error"]
+__all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "continuation", "rpc_error"]
 
 K = notifier_pb2
 _TERMINAL = frozenset(
@@ -61,6 +61,14 @@ class Finished:
 
 
 FlowEvent = Started | Text | Finished
+
+
+def continuation(emitted: str, attempt: str) -> str | None:
+    """Text of ``attempt`` beyond what was already ``emitted`` ("" when it has not caught
+    up yet); None when the two disagree (a restarted run said something else)."""
+    if len(attempt) <= len(emitted):
+        return "" if emitted.startswith(attempt) else None
+    return attempt[len(emitted) :] if attempt.startswith(emitted) else None
 
 
 def rpc_error(exc: grpc.aio.AioRpcError, model: str = "") -> GatewayError:
@@ -95,16 +103,28 @@ class RequestFlow:
     async def submit(self) -> scheduler_pb2.SubmitResponse:
         timeout = self.backend.settings.rpc_timeout_seconds
         remaining = self._remaining()
-        try:
-            reply = await self.backend.scheduler.Submit(
+        call = asyncio.ensure_future(
+            self.backend.scheduler.Submit(
                 self.submit_request,
                 metadata=bearer(self.token),
                 timeout=min(timeout, remaining) if remaining is not None else timeout,
             )
+        )
+        try:
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The client left while the Submit was on its way: cancel what it queued.
+            call.add_done_callback(self._cancel_after_submit)
+            raise
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, self.model) from None
         self.request_id = reply.request.id
         return reply
+
+    def _cancel_after_submit(self, call: asyncio.Future[scheduler_pb2.SubmitResponse]) -> None:
+        if not call.cancelled() and call.exception() is None:
+            self.request_id = call.result().request.id
+            self.cancel_soon("the client disconnected")
 
     def cancel_soon(self, reason: str) -> None:
         """Cancel the request (once) in the background: its client is gone."""
@@ -112,7 +132,7 @@ class RequestFlow:
             self._cancel_sent = True
             self.backend.spawn(self.backend.cancel(self.request_id, self.token, reason))
 
-    async def events(self) -> AsyncIterator[FlowEvent]:
+    async def events(self) -> AsyncGenerator[FlowEvent, None]:
         last_event_id = ""
         started = False
         emitted = ""  # text the consumer already has
@@ -178,12 +198,9 @@ class RequestFlow:
             await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
 
     def _beyond(self, emitted: str, attempt: str) -> str:
-        """Text of ``attempt`` past what was ``emitted``; an error when they disagree."""
-        if len(attempt) <= len(emitted):
-            if emitted.startswith(attempt):
-                return ""
-        elif attempt.startswith(emitted):
-            return attempt[len(emitted) :]
+        fresh = continuation(emitted, attempt)
+        if fresh is not None:
+            return fresh
         self.cancel_soon("a restarted run diverged from the output already sent")
         raise GatewayError(
             502,

@@ -1,13 +1,12 @@
 """The gateway's Prometheus metrics, in a registry of its own, served at ``GET /metrics``.
 
-| metric | labels | meaning |
-|---|---|---|
-| ``usher_gateway_requests_total`` | route, method, status | HTTP requests answered (499: the client left) |
-| ``usher_gateway_request_seconds`` | route | time to the end of the answer (streams included) |
-| ``usher_gateway_in_flight`` | route | requests being answered now |
-| ``usher_gateway_queue_wait_seconds`` | api | queue wait of requests that started |
-| ``usher_gateway_disconnects_total`` | route | clients that left early (their request was cancelled) |
-| ``usher_gateway_errors_total`` | code | error answers by machine-readable code |
+* ``usher_gateway_requests_total{route, method, status}``: HTTP requests answered
+  (status 499: the client left first);
+* ``usher_gateway_request_seconds{route}``: time to the end of the answer, streams included;
+* ``usher_gateway_in_flight{route}``: requests being answered now;
+* ``usher_gateway_queue_wait_seconds{api}``: queue wait of requests that started;
+* ``usher_gateway_disconnects_total{route}``: clients that left early (request cancelled);
+* ``usher_gateway_errors_total{code}``: error answers by machine-readable code.
 
 Plus the standard ``process_*`` and ``python_*`` collectors.
 """

@@ -1,21 +1,24 @@
 """Gateway settings, from the environment (every name starts with USHER_).
 
-| variable | default | meaning |
-|---|---|---|
-| ``USHER_GATEWAY_LISTEN`` | ``127.0.0.1:8080`` | HTTP address |
-| ``USHER_SCHEDULER_ADDRESS`` | ``127.0.0.1:50051`` | Scheduler gRPC address |
-| ``USHER_NOTIFIER_ADDRESS`` | ``127.0.0.1:50053`` | Notifier gRPC address |
-| ``USHER_POOL_ADDRESS`` | ``127.0.0.1:50052`` | Pool gRPC address (model catalogue, fleet stats) |
-| ``USHER_SERVICE_TOKEN`` | — | the gateway's own identity for Pool reads |
-| ``USHER_GATEWAY_ADMIN_TOKEN`` | — | admin token for ``/queue/stats`` and ``/health`` reads; when unset those endpoints forward the caller's bearer token (which must then be an admin's) |
-| ``USHER_GATEWAY_DEFAULT_TOKEN`` | — | tenant token used when a client sends no ``Authorization`` header (see below) |
-| ``USHER_GATEWAY_RPC_TIMEOUT_SECONDS`` | 10 | deadline of each unary gRPC call |
-| ``USHER_GATEWAY_MODEL_CACHE_SECONDS`` | 2 | how long the fleet's model list is reused |
-| ``USHER_GATEWAY_MAX_BODY_BYTES`` | 64 MiB | largest request body (images are base64 in JSON) |
-| ``USHER_GATEWAY_OLLAMA_VERSION`` | ``0.12.0`` | what ``GET /api/version`` answers |
-| ``USHER_DEFAULT_PARALLEL`` / ``USHER_QUEUE_MAX_SIZE`` | 1 / 100 | defaults shown by ``/queue/stats`` (the Scheduler's own variables, so one ConfigMap gives both the same figures) |
-| ``USHER_SHUTDOWN_GRACE_SECONDS`` | 10 | how long in-flight HTTP requests may finish on SIGTERM |
-| ``USHER_LOG_LEVEL`` | ``info`` | |
+* ``USHER_GATEWAY_LISTEN`` (``127.0.0.1:8080``): the HTTP address.
+* ``USHER_SCHEDULER_ADDRESS`` (``127.0.0.1:50051``), ``USHER_NOTIFIER_ADDRESS``
+  (``127.0.0.1:50053``), ``USHER_POOL_ADDRESS`` (``127.0.0.1:50052``): the services.
+* ``USHER_SERVICE_TOKEN``: the gateway's own identity for Pool reads (model catalogue,
+  fleet statistics).
+* ``USHER_GATEWAY_ADMIN_TOKEN``: an admin token for the ``/queue/stats`` reads (the
+  Scheduler's GetQueueStats is admin-only). Unset: ``/queue/stats`` forwards the caller's
+  bearer token, which must then be an admin's. The ``/admin/*`` endpoints always use the
+  caller's own token, so only admins can change anything.
+* ``USHER_GATEWAY_DEFAULT_TOKEN``: the tenant token used when a client sends no
+  ``Authorization`` header (see below).
+* ``USHER_GATEWAY_RPC_TIMEOUT_SECONDS`` (10): deadline of each unary gRPC call.
+* ``USHER_GATEWAY_MODEL_CACHE_SECONDS`` (2): how long the fleet's model list is reused.
+* ``USHER_GATEWAY_MAX_BODY_BYTES`` (64 MiB): the largest body (images travel as base64).
+* ``USHER_GATEWAY_OLLAMA_VERSION`` (``0.12.0``): what ``GET /api/version`` answers.
+* ``USHER_DEFAULT_PARALLEL`` (1), ``USHER_QUEUE_MAX_SIZE`` (100): the defaults
+  ``/queue/stats`` shows; the Scheduler's own variables, so one ConfigMap gives both.
+* ``USHER_SHUTDOWN_GRACE_SECONDS`` (10): how long in-flight answers may finish on SIGTERM.
+* ``USHER_LOG_LEVEL`` (``info``).
 
 TLS to the services uses ``usher.tls`` (``USHER_TLS_CA``, ``USHER_TLS_CLIENT_CERT``, ...).
 
@@ -94,6 +97,11 @@ class GatewaySettings:
     def check(self) -> None:
         """Raise ConfigError naming the first bad setting."""
         split_listen(self.listen)
+        if not self.service_token and not self.admin_token:
+            raise ConfigError(
+                "USHER_SERVICE_TOKEN is needed to read the fleet from the Pool at "
+                "USHER_POOL_ADDRESS (or set USHER_GATEWAY_ADMIN_TOKEN)"
+            )
         if self.rpc_timeout_seconds <= 0:
             raise ConfigError("USHER_GATEWAY_RPC_TIMEOUT_SECONDS must be positive")
         if self.model_cache_seconds < 0:

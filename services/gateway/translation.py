@@ -143,9 +143,7 @@ class GatewayError(Exception):
 
 
 def bad_request(field_name: str, description: str) -> GatewayError:
-    return GatewayError(
-        400, "invalid_request", f"{field_name}: {description}", field=field_name
-    )
+    return GatewayError(400, "invalid_request", f"{field_name}: {description}", field=field_name)
 
 
 def http_field(proto_field: str) -> str:
@@ -806,9 +804,10 @@ def result_message(request: request_pb2.LlmRequest) -> dict[str, Any]:
     if request.result.HasField("message"):
         message = plain_json(json_format.MessageToDict(request.result.message))
         if isinstance(message, dict):
-            message.setdefault("role", "assistant")
-            message["content"] = request.result.text or str(message.get("content") or "")
-            return message
+            server_content = str(message.pop("content", "") or "")
+            content = request.result.text or server_content
+            role = str(message.pop("role", "") or "assistant")
+            return {"role": role, "content": content, **message}
     return {"role": "assistant", "content": request.result.text}
 
 

@@ -129,9 +129,7 @@ def ps_body(
     for status in _local(instances):
         for loaded in status.loaded:
             expires = (
-                loaded.expires_at.ToDatetime(tzinfo=UTC)
-                if loaded.HasField("expires_at")
-                else None
+                loaded.expires_at.ToDatetime(tzinfo=UTC) if loaded.HasField("expires_at") else None
             )
             entry = merged.get(loaded.name)
             if entry is None:
@@ -152,7 +150,9 @@ def ps_body(
             entry["instances"].append(status.config.id)
             entry["size"] = max(entry["size"], int(loaded.size_bytes))
             entry["size_vram"] = max(entry["size_vram"], int(loaded.size_vram_bytes))
-            if expires is not None and (entry["expires_at"] is None or expires > entry["expires_at"]):
+            if expires is not None and (
+                entry["expires_at"] is None or expires > entry["expires_at"]
+            ):
                 entry["expires_at"] = expires
     models = []
     for name in sorted(merged):
@@ -211,13 +211,17 @@ def model_queue_stats(
     *,
     uptime_seconds: float,
     baseline: StatsBaseline | None = None,
+    default_queue_limit: int = 0,
 ) -> dict[str, Any]:
-    """One model in the Guard Proxy's ``/queue/stats`` shape (plus a few Usher extras)."""
+    """One model in the Guard Proxy's ``/queue/stats`` shape (plus a few Usher extras).
+
+    A model the Scheduler has not seen yet (no ``queue``) shows the default queue limit.
+    """
     base = baseline or StatsBaseline()
     parallel = int(fleet.capacity) if fleet is not None and fleet.capacity else 0
     if not parallel and queue is not None:
         parallel = int(queue.config.parallel)
-    limit = int(queue.config.max_queue_size) if queue is not None else 0
+    limit = int(queue.config.max_queue_size) if queue is not None else default_queue_limit
     if queue is not None:
         active, queued = int(queue.running), int(queue.queued)
     elif fleet is not None:
@@ -275,6 +279,7 @@ def queue_stats_body(
             by_fleet.get(model),
             uptime_seconds=uptime_seconds,
             baseline=baselines.get(model),
+            default_queue_limit=default_queue_limit,
         )
         for model in sorted(set(by_queue) | set(by_fleet))
     }

@@ -148,6 +148,9 @@ class Dispatcher:
             return False
         waited = max(0, lease.request.started_ms - lease.request.created_ms) / 1000
         metrics.QUEUE_WAIT.labels(slot.model).observe(waited)
+        if lease.request.promised_wait_ms and lease.request.attempts == 1:
+            promised = lease.request.promised_wait_ms / 1000
+            metrics.ETA_ERROR.labels(slot.model).observe(abs(waited - promised))
         with tracing.consumer_span(
             "usher.dispatch",
             lease.request.traceparent,

@@ -164,8 +164,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         stored = await self.store.inspect(request.model, outcome.request_id)
         if stored is None:  # finished and expired between the two calls
             raise NotFound(f"request {outcome.request_id} is gone")
+        view = await self.view(stored)
+        if outcome.status == "queued" and view.HasField("eta"):
+            # Remember the wait promised now, to measure the estimate's error at dispatch.
+            promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
+            await self.store.remember_promised_wait(stored.model, stored.id, promised)
         return scheduler_pb2.SubmitResponse(
-            request=await self.view(stored),
+            request=view,
             deduplicated=outcome.status == "dedup",
             replayed=outcome.status == "replayed",
         )

@@ -167,6 +167,8 @@ class StoredRequest:
     prompt_tokens: int
     cost: float
     lease_token: str
+    #: The wait (ms) promised when it was queued; 0 when none was.
+    promised_wait_ms: int = 0
     owners: frozenset[str] = frozenset()
     position: int = 0
     queue_length: int = 0
@@ -215,6 +217,7 @@ class StoredRequest:
             prompt_tokens=_int(raw, "prompt_tokens"),
             cost=_float(raw, "cost"),
             lease_token=_text(raw, "lease_token"),
+            promised_wait_ms=_int(raw, "promised_wait_ms"),
             owners=owners,
             position=position,
             queue_length=queue_length,
@@ -453,6 +456,9 @@ class QueueStore:
         return outcome
 
     # ---- read -----------------------------------------------------------------------------
+
+    async def remember_promised_wait(self, model: str, request_id: str, wait_ms: int) -> None:
+        await self.redis.hset(ModelKeys(model).request(request_id), "promised_wait_ms", wait_ms)
 
     async def model_of(self, request_id: str) -> str | None:
         raw = await self.redis.get(keys.request_index(request_id))

@@ -237,6 +237,7 @@ async def test_metrics_are_exposed_and_move_under_load(stack: LocalStack, client
         before, "usher_requests_total", outcome="completed"
     )
     assert _sample(after, "usher_queue_wait_seconds_count", **model) > 0
+    assert _sample(after, "usher_eta_error_seconds_count", **model) > 0
     assert _sample(pool, "usher_pool_instance_up") == 3  # two local instances and the external one
     assert _sample(pool, "usher_pool_requests_total", outcome="ok") >= 5
     assert _sample(notifier_metrics, "usher_notifier_updates_total") > 0

@@ -1,0 +1,778 @@
+"""The gateway's aiohttp application: Ollama- and OpenAI-compatible routes, the Guard
+Proxy's queue and ops endpoints, and ``/metrics``.
+
+Every model request is Submitted to the Scheduler and its output read from the Notifier
+(``flow.RequestFlow``); nothing here queues or schedules. Response headers are sent once
+the request leaves the queue, so a queue timeout is still a proper 504 (Ollama, too, sends
+nothing until the model answers); they carry ``X-Usher-Request-Id`` and
+``X-Usher-Queue-Wait-Ms``. A client that disconnects, streaming or not, queued or running,
+has its request cancelled.
+
+Routes:
+
+* Ollama: ``GET|HEAD /``, ``GET /api/version``, ``GET /api/tags``, ``GET /api/ps``,
+  ``POST /api/show``, ``POST /api/chat``, ``/api/generate``, ``/api/embed``,
+  ``/api/embeddings``; ``/api/pull|push|create|copy|delete`` answer 501.
+* OpenAI: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``,
+  ``GET /v1/models/{model}``.
+* Ops: ``GET /queue/stats[?model=]``, ``GET /queue/memory``, ``GET /health``,
+  ``POST /admin/queue/update``, ``POST /admin/queue/reset``, ``GET /metrics``.
+
+Request headers: ``Authorization: Bearer <token>`` (the tenant; the default token when
+absent and configured), ``X-Usher-Priority`` (critical|high|normal|low|batch),
+``X-Usher-Fallback`` (none|after_timeout|local_only), ``X-Usher-Queue-Timeout`` and
+``X-Usher-Deadline`` (seconds), ``Idempotency-Key``, ``traceparent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import psutil  # type: ignore[import-untyped]  # psutil ships no stubs
+from aiohttp import web
+
+from services.gateway import translation as tr
+from services.gateway import views
+from services.gateway.backend import Backend, bearer
+from services.gateway.flow import Finished, RequestFlow, Started, Text, rpc_error
+from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from services.gateway.settings import GatewaySettings, split_listen
+from services.pool.config import auto_parallel
+from usher.logs import get_logger
+from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
+
+__all__ = ["BACKEND", "METRICS", "Gateway", "build_app", "serve"]
+
+log = get_logger(__name__)
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+BACKEND = web.AppKey("backend", Backend)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+#: A backstop: ``serve`` also has aiohttp cancel the handler of a dropped connection.
+_DISCONNECT_POLL_SECONDS = 0.5
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Parser = Callable[[Mapping[str, Any]], tr.Parsed]
+
+
+def _dumps(body: Any) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        text=_dumps(body),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+        headers=dict(headers or {}),
+    )
+
+
+def _line(body: Any) -> bytes:
+    return (_dumps(body) + "\n").encode()
+
+
+def _event(body: Any) -> bytes:
+    return f"data: {_dumps(body)}\n\n".encode()
+
+
+async def _disconnected(request: web.Request) -> None:
+    """Returns once the client's connection is gone."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
+
+
+@dataclass
+class Exchange:
+    """One HTTP request being answered."""
+
+    request: web.Request
+    api: tr.Api
+    model: str = ""
+    flow: RequestFlow | None = None
+    response: web.StreamResponse | None = None
+
+    @property
+    def route(self) -> str:
+        resource = self.request.match_info.route.resource
+        return resource.canonical if resource is not None else "unmatched"
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, backend: Backend, metrics: GatewayMetrics):
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+
+    def register(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/", self.root)
+        r.add_get("/api/version", self.version)
+        r.add_get("/api/tags", self.tags)
+        r.add_get("/api/ps", self.ps)
+        r.add_post("/api/show", self.show)
+        r.add_post("/api/chat", self.ollama_chat)
+        r.add_post("/api/generate", self.ollama_generate)
+        r.add_post("/api/embed", self.ollama_embed)
+        r.add_post("/api/embeddings", self.ollama_embeddings)
+        for name in ("pull", "push", "create", "copy", "delete"):
+            r.add_route("*", f"/api/{name}", self.not_supported)
+        r.add_post("/v1/chat/completions", self.openai_chat)
+        r.add_post("/v1/embeddings", self.openai_embeddings)
+        r.add_get("/v1/models", self.openai_models)
+        r.add_get("/v1/models/{model:.+}", self.openai_model)
+        r.add_get("/queue/stats", self.queue_stats)
+        r.add_get("/queue/memory", self.queue_memory)
+        r.add_get("/health", self.health)
+        r.add_post("/admin/queue/update", self.admin_update)
+        r.add_post("/admin/queue/reset", self.admin_reset)
+        r.add_get("/metrics", self.prometheus)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _error(self, ex: Exchange, error: tr.GatewayError) -> web.Response:
+        self.metrics.errors.labels(error.code).inc()
+        error.with_model(ex.model)
+        headers: dict[str, str] = {}
+        retry_after = error.retry_after_header()
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        if ex.flow is not None and ex.flow.request_id:
+            headers["X-Usher-Request-Id"] = ex.flow.request_id
+        if error.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="usher"'
+        if ex.api == "openai":
+            return json_response(tr.openai_error_body(error), tr.openai_status(error), headers)
+        return json_response(tr.ollama_error_body(error), error.status, headers)
+
+    def _token(self, request: web.Request, *, allow_default: bool = True) -> str:
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credential.strip():
+            return credential.strip()
+        if allow_default and self.settings.default_token:
+            return self.settings.default_token
+        raise tr.GatewayError(401, "unauthorized", "missing 'Authorization: Bearer <token>' header")
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise tr.GatewayError(
+                413,
+                "too_large",
+                f"the body is larger than {self.settings.max_body_bytes} bytes",
+                field="body",
+            ) from None
+        return tr.decode_json(raw)
+
+    async def _start(self, ex: Exchange, parsed: tr.Parsed) -> RequestFlow:
+        """Check, resolve the model, Submit; the flow is ready to be watched."""
+        controls = tr.parse_controls(ex.request.headers)
+        token = self._token(ex.request)
+        resolved = await self.backend.resolve_model(parsed.model)
+        if resolved is None:
+            raise self._not_found(ex, parsed.model)
+        parsed.submit.model = resolved
+        tr.apply_controls(parsed.submit, controls, time.time())
+        flow = RequestFlow(
+            self.backend, token, parsed.submit, deadline_seconds=controls.deadline_seconds
+        )
+        ex.flow = flow
+        await flow.submit()
+        return flow
+
+    def _not_found(self, ex: Exchange, model: str) -> tr.GatewayError:
+        if ex.request.path == "/api/embeddings":
+            message = f'model "{model}" not found, try pulling it first'
+        else:
+            message = f"model '{model}' not found"
+        return tr.GatewayError(404, "model_not_found", message, field="model", model=model)
+
+    async def _guard(
+        self, ex: Exchange, work: Coroutine[Any, Any, web.StreamResponse]
+    ) -> web.StreamResponse:
+        """Run ``work``; if the client leaves first, stop it and cancel the request."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(ex.request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # aiohttp cancelled the handler: the client left
+            task.cancel()
+            self._left(ex)
+            raise
+        finally:
+            gone.cancel()
+        if task.done():
+            try:
+                return task.result()
+            except ConnectionResetError:
+                self._left(ex)
+                return ex.response or web.Response(status=499)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+            await task
+        self._left(ex)
+        return ex.response or web.Response(status=499)
+
+    def _left(self, ex: Exchange) -> None:
+        self.metrics.disconnects.labels(ex.route).inc()
+        if ex.flow is not None:
+            ex.flow.cancel_soon("the client disconnected")
+
+    async def _open(self, ex: Exchange, content_type: str, started: Started) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": content_type,
+                "X-Usher-Request-Id": started.request.id,
+                "X-Usher-Queue-Wait-Ms": str(started.queue_wait_ms),
+            }
+        )
+        if content_type == SSE:
+            response.headers["Cache-Control"] = "no-cache"
+        await response.prepare(ex.request)
+        ex.response = response
+        return response
+
+    def _observe_wait(self, api: str, wait_ms: int) -> None:
+        self.metrics.queue_wait.labels(api).observe(wait_ms / 1000)
+
+    async def _finished(self, ex: Exchange, flow: RequestFlow) -> request_pb2.LlmRequest:
+        """Wait for the request's end (non-streaming answers)."""
+        async with contextlib.aclosing(flow.events()) as events:
+            async for event in events:
+                if isinstance(event, Started):
+                    self._observe_wait(ex.api, event.queue_wait_ms)
+                elif isinstance(event, Finished):
+                    return event.request
+        raise tr.GatewayError(502, "upstream_error", "the request ended without a result")
+
+    def _headers(self, request: request_pb2.LlmRequest) -> dict[str, str]:
+        return {
+            "X-Usher-Request-Id": request.id,
+            "X-Usher-Queue-Wait-Ms": str(tr.queue_wait_ms(request)),
+        }
+
+    async def _model_request(
+        self,
+        request: web.Request,
+        api: tr.Api,
+        parse: Parser,
+        answer: Callable[[Exchange, tr.Parsed, RequestFlow], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        ex = Exchange(request, api)
+        try:
+            parsed = parse(await self._body(request))
+            ex.model = parsed.model
+            if parsed.shortcut:
+                if await self.backend.resolve_model(parsed.model) is None:
+                    raise self._not_found(ex, parsed.model)
+                return json_response(
+                    tr.ollama_shortcut_final(parsed.kind, parsed.model, parsed.shortcut)
+                )
+            flow = await self._start(ex, parsed)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        except grpc.aio.AioRpcError as exc:
+            return self._error(ex, rpc_error(exc, ex.model))
+        return await self._guard(ex, self._answer_or_error(ex, parsed, flow, answer))
+
+    async def _answer_or_error(
+        self,
+        ex: Exchange,
+        parsed: tr.Parsed,
+        flow: RequestFlow,
+        answer: Callable[[Exchange, tr.Parsed, RequestFlow], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        try:
+            return await answer(ex, parsed, flow)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+
+    # -- Ollama: models --------------------------------------------------------------------
+
+    async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(request, "ollama", tr.ollama_chat, self._ollama_text)
+
+    async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(request, "ollama", tr.ollama_generate, self._ollama_text)
+
+    async def ollama_embed(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(request, "ollama", tr.ollama_embed, self._embedding)
+
+    async def ollama_embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(request, "ollama", tr.ollama_embeddings, self._embedding)
+
+    async def _ollama_text(
+        self, ex: Exchange, parsed: tr.Parsed, flow: RequestFlow
+    ) -> web.StreamResponse:
+        if not parsed.stream:
+            done = await self._finished(ex, flow)
+            body = tr.ollama_final(parsed.kind, parsed.model, done, stream=False)
+            return json_response(body, headers=self._headers(done))
+        response: web.StreamResponse | None = None
+        try:
+            async with contextlib.aclosing(flow.events()) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        self._observe_wait("ollama", event.queue_wait_ms)
+                        response = await self._open(ex, NDJSON, event)
+                    elif isinstance(event, Text):
+                        assert response is not None
+                        await response.write(
+                            _line(tr.ollama_chunk(parsed.kind, parsed.model, event.text))
+                        )
+                    else:
+                        assert response is not None
+                        final = tr.ollama_final(
+                            parsed.kind, parsed.model, event.request, stream=True
+                        )
+                        await response.write(_line(final))
+        except tr.GatewayError as error:
+            if response is None:
+                raise
+            # Headers are gone: Ollama reports a failure mid-stream as an error line.
+            self.metrics.errors.labels(error.code).inc()
+            await response.write(_line({"error": error.message, "code": error.code}))
+        assert response is not None
+        await response.write_eof()
+        return response
+
+    async def _embedding(
+        self, ex: Exchange, parsed: tr.Parsed, flow: RequestFlow
+    ) -> web.StreamResponse:
+        done = await self._finished(ex, flow)
+        body: dict[str, Any]
+        if ex.api == "openai":
+            body = tr.openai_embeddings_response(parsed.model, done, parsed.encoding_format)
+        elif parsed.kind == "embeddings":
+            body = tr.ollama_embeddings_response(done)
+        else:
+            body = tr.ollama_embed_response(parsed.model, done)
+        return json_response(body, headers=self._headers(done))
+
+    # -- Ollama: metadata ----------------------------------------------------------------
+
+    async def root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running", content_type="text/plain")
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response({"version": self.settings.ollama_version})
+
+    async def _fleet(self, ex: Exchange) -> list[pool_pb2.InstanceStatus]:
+        try:
+            return await self.backend.instances()
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc) from None
+
+    async def tags(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "ollama")
+        try:
+            instances = await self._fleet(ex)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        metadata = await self.backend.tag_metadata(instances)
+        return json_response(views.tags_body(instances, metadata))
+
+    async def ps(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "ollama")
+        try:
+            instances = await self._fleet(ex)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        metadata = await self.backend.tag_metadata(instances)
+        return json_response(views.ps_body(instances, metadata))
+
+    async def show(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "ollama")
+        try:
+            body = await self._body(request)
+            name = body.get("model") or body.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise tr.GatewayError(400, "invalid_request", tr.EMPTY_MODEL, field="model")
+            ex.model = name
+            instances = await self._fleet(ex)
+            resolved = views.resolve_model(name, views.catalogue(instances))
+            if resolved is None:
+                raise self._not_found(ex, name)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        answer = await self.backend.show(resolved, {"verbose": bool(body.get("verbose"))})
+        return json_response(answer or views.synthesized_show(resolved, instances))
+
+    async def not_supported(self, request: web.Request) -> web.Response:
+        return self._error(
+            Exchange(request, "ollama"),
+            tr.GatewayError(
+                501,
+                "not_implemented",
+                f"{request.path} is not offered by the Usher gateway; "
+                "manage models on the instances (the Pool places and loads them)",
+            ),
+        )
+
+    # -- OpenAI --------------------------------------------------------------------------
+
+    async def openai_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(request, "openai", tr.openai_chat, self._openai_chat)
+
+    async def openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(request, "openai", tr.openai_embeddings, self._embedding)
+
+    async def _openai_chat(
+        self, ex: Exchange, parsed: tr.Parsed, flow: RequestFlow
+    ) -> web.StreamResponse:
+        completion_id = f"chatcmpl-{flow.request_id}"
+        created = int(time.time())
+        if not parsed.stream:
+            done = await self._finished(ex, flow)
+            body = tr.openai_completion(completion_id, created, parsed.model, done)
+            return json_response(body, headers=self._headers(done))
+
+        def chunk(delta: Mapping[str, Any], finish: str | None = None) -> bytes:
+            return _event(tr.openai_chunk(completion_id, created, parsed.model, delta, finish))
+
+        response: web.StreamResponse | None = None
+        try:
+            async with contextlib.aclosing(flow.events()) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        self._observe_wait("openai", event.queue_wait_ms)
+                        response = await self._open(ex, SSE, event)
+                        await response.write(chunk({"role": "assistant", "content": ""}))
+                    elif isinstance(event, Text):
+                        assert response is not None
+                        await response.write(chunk({"content": event.text}))
+                    else:
+                        assert response is not None
+                        done = event.request
+                        calls = tr.openai_tool_calls(tr.result_message(done), done.id)
+                        out = [chunk({"tool_calls": calls})] if calls else []
+                        out.append(
+                            chunk({}, tr.finish_reason(done.result.done_reason, bool(calls)))
+                        )
+                        if parsed.include_usage:
+                            usage = tr.openai_chunk(completion_id, created, parsed.model, {})
+                            usage["choices"] = []
+                            usage["usage"] = tr.openai_usage(done)
+                            out.append(_event(usage))
+                        out.append(b"data: [DONE]\n\n")
+                        await response.write(b"".join(out))
+        except tr.GatewayError as error:
+            if response is None:
+                raise
+            self.metrics.errors.labels(error.code).inc()
+            await response.write(_event(tr.openai_error_body(error)))
+        assert response is not None
+        await response.write_eof()
+        return response
+
+    async def openai_models(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "openai")
+        try:
+            instances = await self._fleet(ex)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        return json_response(views.openai_models_body(instances))
+
+    async def openai_model(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "openai")
+        name = request.match_info["model"]
+        try:
+            instances = await self._fleet(ex)
+            resolved = views.resolve_model(name, views.catalogue(instances))
+            if resolved is None:
+                raise self._not_found(ex, name)
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        return json_response({"id": resolved, "object": "model", "created": 0, "owned_by": "usher"})
+
+    # -- queue and ops -------------------------------------------------------------------
+
+    def _stats_token(self, request: web.Request) -> str:
+        return self.settings.admin_token or self._token(request, allow_default=False)
+
+    async def queue_stats(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "ollama")
+        wanted = request.query.get("model", "").strip()
+        try:
+            token = self._stats_token(request)
+            models: list[str] = []
+            if wanted:
+                ex.model = wanted
+                resolved = await self.backend.resolve_model(wanted)
+                if resolved is None:
+                    raise self._not_found(ex, wanted)
+                models = [resolved]
+            try:
+                queues = await self.backend.admin.GetQueueStats(
+                    scheduler_pb2.GetQueueStatsRequest(models=models),
+                    metadata=bearer(token),
+                    timeout=self.settings.rpc_timeout_seconds,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, wanted) from None
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        try:
+            fleet = list(
+                (
+                    await self.backend.pool.GetModelStats(
+                        pool_pb2.GetModelStatsRequest(models=models),
+                        metadata=bearer(self.backend.pool_token),
+                        timeout=self.settings.rpc_timeout_seconds,
+                    )
+                ).stats
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("pool_stats_unavailable", code=exc.code().name)
+            fleet = []
+        body = views.queue_stats_body(
+            list(queues.stats),
+            fleet,
+            default_parallel=self.settings.default_parallel,
+            default_queue_limit=self.settings.default_queue_limit,
+            uptime_seconds=time.time() - self.backend.started_at,
+            baselines=self.backend.baselines,
+        )
+        if models:
+            return json_response(body["models"].get(models[0], {"model": models[0]}))
+        return json_response(body)
+
+    @staticmethod
+    def _memory() -> dict[str, Any]:
+        memory = psutil.virtual_memory()
+        return views.memory_body(
+            int(memory.total),
+            int(memory.available),
+            int(memory.used),
+            float(memory.percent),
+            auto_parallel(int(memory.available)),
+        )
+
+    async def queue_memory(self, request: web.Request) -> web.Response:
+        return json_response(self._memory())
+
+    async def health(self, request: web.Request) -> web.Response:
+        services = await self.backend.health()
+        fleet: dict[str, Any] = {}
+        total_models = 0
+        try:
+            instances = await self.backend.instances()
+            local = [s for s in instances if not s.config.external]
+            healthy = [s for s in local if s.health == pool_pb2.INSTANCE_HEALTH_HEALTHY]
+            fleet = {
+                "instances": len(local),
+                "healthy": len(healthy),
+                "slots_per_model": sum(int(s.parallel) for s in healthy),
+                "active": sum(int(s.active) for s in local),
+            }
+            total_models = len(views.catalogue(instances))
+        except grpc.aio.AioRpcError:
+            fleet = {"error": "the pool cannot be reached"}
+        ok = all(state == "serving" for state in services.values())
+        body = {
+            "status": "healthy" if ok else "degraded",
+            "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+            "uptime_seconds": int(time.time() - self.backend.started_at),
+            "concurrency": {
+                "default_parallel": self.settings.default_parallel,
+                "default_queue_limit": self.settings.default_queue_limit,
+                "total_models": total_models,
+                "memory": self._memory(),
+            },
+            "services": services,
+            "fleet": fleet,
+        }
+        return json_response(body, 200 if ok else 503)
+
+    async def admin_update(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "ollama")
+        try:
+            token = self._token(request, allow_default=False)
+            body = await self._body(request)
+            model = body.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise tr.bad_request("model", "is required")
+            ex.model = model
+            resolved = await self.backend.resolve_model(model.strip()) or model.strip()
+            update = scheduler_pb2.UpdateQueueConfigRequest(model=resolved)
+            changed = False
+            for name, field in (
+                ("parallel_limit", "parallel"),
+                ("queue_limit", "max_queue_size"),
+                ("max_attempts", "max_attempts"),
+            ):
+                value = body.get(name)
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise tr.bad_request(name, "must be a positive integer")
+                setattr(update, field, value)
+                changed = True
+            timeout = body.get("queue_timeout", body.get("request_timeout"))
+            if timeout is not None:
+                if (
+                    isinstance(timeout, bool)
+                    or not isinstance(timeout, int | float)
+                    or timeout <= 0
+                ):
+                    raise tr.bad_request("queue_timeout", "must be a positive number of seconds")
+                update.queue_timeout.FromMilliseconds(round(timeout * 1000))
+                changed = True
+            if not changed:
+                raise tr.bad_request(
+                    "body", "set parallel_limit, queue_limit, queue_timeout or max_attempts"
+                )
+            try:
+                reply = await self.backend.admin.UpdateQueueConfig(
+                    update, metadata=bearer(token), timeout=self.settings.rpc_timeout_seconds
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, resolved) from None
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        config = reply.config
+        return json_response(
+            {
+                "status": "updated",
+                "model": config.model,
+                "parallel_limit": config.parallel,
+                "queue_limit": config.max_queue_size,
+                "queue_timeout": config.queue_timeout.ToMilliseconds() / 1000,
+                "max_attempts": config.max_attempts,
+                "note": "parallel_limit is the Scheduler's figure for ETAs; how many requests "
+                "run at once is each instance's parallel setting in the Pool",
+            }
+        )
+
+    async def admin_reset(self, request: web.Request) -> web.Response:
+        ex = Exchange(request, "ollama")
+        try:
+            token = self._token(request, allow_default=False)
+            raw = await request.read()
+            body = tr.decode_json(raw) if raw.strip() else {}
+            model = body.get("model")
+            if model is not None and not isinstance(model, str):
+                raise tr.bad_request("model", "must be a string")
+            models = [model] if model else []
+            try:
+                # An admin-only call: it both checks the caller and reads the counters.
+                stats = await self.backend.admin.GetQueueStats(
+                    scheduler_pb2.GetQueueStatsRequest(models=models),
+                    metadata=bearer(token),
+                    timeout=self.settings.rpc_timeout_seconds,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, model or "") from None
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        reset = []
+        for item in stats.stats:
+            self.backend.baselines[item.config.model] = views.StatsBaseline(
+                processed=int(item.completed), rejected=int(item.rejected)
+            )
+            reset.append(item.config.model)
+        return json_response(
+            {
+                "status": "reset",
+                "models": reset,
+                "scope": "gateway",
+                "note": "total_processed and total_rejected count from now on in this "
+                "gateway's /queue/stats; the Scheduler's own counters and averages are kept",
+            }
+        )
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _metrics_middleware(metrics: GatewayMetrics) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.in_flight.labels(route).inc()
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            metrics.in_flight.labels(route).dec()
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+def build_app(
+    settings: GatewaySettings,
+    backend: Backend | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> web.Application:
+    """The application; its backend starts and stops with it."""
+    backend = backend or Backend(settings)
+    metrics = metrics or GatewayMetrics()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[_metrics_middleware(metrics)]
+    )
+    app[BACKEND] = backend
+    app[METRICS] = metrics
+    Gateway(settings, backend, metrics).register(app)
+
+    async def start(_: web.Application) -> None:
+        await backend.start()
+
+    async def stop(_: web.Application) -> None:
+        await backend.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Listen until SIGTERM / SIGINT; in-flight answers get the shutdown grace period."""
+    app = build_app(settings)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        access_log=None,
+    )
+    await runner.setup()
+    host, port = split_listen(settings.listen)
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("gateway_listening", listen=settings.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway_stopping")
+        await runner.cleanup()
