@@ -44,6 +44,8 @@ class StackConfig:
     log_level: str = "warning"
     scheduler_replicas: int = 1
     notifier_replicas: int = 1
+    #: Also start the HTTP gateway (services.gateway) in front of the services.
+    gateway: bool = False
 
 
 class LocalStack:
@@ -59,6 +61,7 @@ class LocalStack:
         self.notifiers: list[ServiceProcess] = []
         #: service name ("pool", "scheduler-0", "notifier-0") → its /metrics URL.
         self.metrics_urls: dict[str, str] = {}
+        self.gateway: ServiceProcess | None = None
 
     def _common(self) -> dict[str, str]:
         return {
@@ -92,6 +95,15 @@ class LocalStack:
     @property
     def notifier_address(self) -> str:
         return f"127.0.0.1:{self.notifiers[0].port}"
+
+    @property
+    def gateway_address(self) -> str:
+        assert self.gateway is not None
+        return f"127.0.0.1:{self.gateway.port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_address}"
 
     def start_model_servers(self) -> None:
         if self.model_urls:
@@ -162,6 +174,26 @@ class LocalStack:
             self.notifiers.append(process)
         return process
 
+    def start_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        """The HTTP gateway, a client of the first Scheduler and Notifier and of the Pool;
+        ``env`` adds or overrides settings (e.g. USHER_GATEWAY_DEFAULT_TOKEN)."""
+        port = self.gateway.port if self.gateway is not None else free_port()
+        self.gateway = ServiceProcess(
+            "services.gateway",
+            port,
+            {
+                **self._common(),
+                "USHER_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+                "USHER_SCHEDULER_ADDRESS": self.scheduler_address,
+                "USHER_NOTIFIER_ADDRESS": self.notifier_address,
+                "USHER_POOL_ADDRESS": self.pool_address,
+                "USHER_GATEWAY_ADMIN_TOKEN": "admin-token",
+                **(env or {}),
+            },
+            log_path=self._log("gateway"),
+        ).start()
+        return self.gateway
+
     def start(self) -> LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
@@ -175,9 +207,13 @@ class LocalStack:
             self.start_scheduler(i)
         for i in range(self.config.notifier_replicas):
             self.start_notifier(i)
+        if self.config.gateway:
+            self.start_gateway()
         return self
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.terminate(timeout=5)
         for process in [*self.notifiers, *self.schedulers]:
             process.terminate(timeout=5)
         if self.pool is not None:
