@@ -53,6 +53,9 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
+                # Thousands of watchers reconnect at once after a restart: let them queue.
+                ("grpc.server.max_pending_requests", 20_000),
+                ("grpc.server.max_pending_requests_hard_limit", 40_000),
             ],
         )
         self._grace = grace_seconds

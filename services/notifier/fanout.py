@@ -60,8 +60,10 @@ class Event:
         return self.fields.get("eid", "")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PositionChange:
+    """The latest place of a queued request; updated in place while not yet sent."""
+
     position: int
     queue_length: int
 
@@ -79,11 +81,23 @@ class Subscriber:
     position: tuple[int, int] = (0, 0)
     wants_positions: bool = True
 
+    #: A position change waiting in the queue, to update rather than queue another.
+    unsent_position: PositionChange | None = None
+
     def offer(self, item: Event | PositionChange) -> None:
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.lagged = True
+
+    def offer_position(self, position: int, queue_length: int) -> None:
+        """Only the newest place matters: a slow watcher gets one update, not a backlog."""
+        if self.unsent_position is not None:
+            self.unsent_position.position = position
+            self.unsent_position.queue_length = queue_length
+            return
+        self.unsent_position = PositionChange(position, queue_length)
+        self.offer(self.unsent_position)
 
 
 class Fanout:
@@ -197,7 +211,7 @@ class Fanout:
                 if current != subscriber.position:
                     subscriber.position = current
                     if position:
-                        subscriber.offer(PositionChange(position, length))
+                        subscriber.offer_position(position, length)
 
     async def _ranks(self, model: str, request_ids: set[str]) -> dict[str, int]:
         """1-based positions of the given requests ("" → queue length)."""

@@ -34,7 +34,7 @@ _TERMINAL_KIND = {
     request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
 }
 #: A watcher that has heard nothing for this long checks the request's stream itself.
-IDLE_CHECK_SECONDS = 2.0
+IDLE_CHECK_SECONDS = 30.0
 _STREAM_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
 
 
@@ -180,6 +180,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             if item is None:
                 continue
             if isinstance(item, PositionChange):
+                subscriber.unsent_position = None
                 if view.state != request_pb2.REQUEST_STATE_QUEUED:
                     continue
                 view.position.position = item.position

@@ -47,6 +47,8 @@ MAX_WAIT_SECONDS = 60.0
 DEFAULT_WAIT_SECONDS = 10.0
 #: How often a waiting Reserve looks again when no local release woke it.
 POLL_SECONDS = 0.05
+#: Token deltas are sent to the dispatcher at most this often, batched.
+COALESCE_SECONDS = 0.02
 
 
 class FleetRouter:
@@ -127,6 +129,17 @@ def _slot_proto(grant: SlotGrant, lease_ms: int) -> pool_pb2.Slot:
     slot.route = grant.route  # type: ignore[assignment]
     slot.expires_at.FromMilliseconds(int(time.time() * 1000) + lease_ms)
     return slot
+
+
+def _delta(batch: list[Delta]) -> pool_pb2.GenerateResponse:
+    """One message for several token deltas (the last one's non-text part, if any)."""
+    delta = pool_pb2.TokenDelta(
+        text="".join(d.text for d in batch), completion_tokens=batch[-1].completion_tokens
+    )
+    message = _struct(batch[-1].message)
+    if message is not None:
+        delta.message.CopyFrom(message)
+    return pool_pb2.GenerateResponse(delta=delta)
 
 
 def _struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
@@ -318,6 +331,8 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         started_at = time.monotonic()
         first_token: float | None = None
         sent_started = False
+        pending: list[Delta] = []
+        last_sent = started_at
         try:
             async with contextlib.aclosing(
                 state.upstream.generate(upstream_request, traceparent=request.traceparent)
@@ -334,14 +349,17 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                         if first_token is None:
                             first_token = time.monotonic() - started_at
                         if request.stream:
-                            delta = pool_pb2.TokenDelta(
-                                text=event.text, completion_tokens=event.completion_tokens
-                            )
-                            message = _struct(event.message)
-                            if message is not None:
-                                delta.message.CopyFrom(message)
-                            yield pool_pb2.GenerateResponse(delta=delta)
+                            pending.append(event)
+                            # Tokens go out in batches (one message per COALESCE_SECONDS):
+                            # a message per token costs more than the token is worth.
+                            now = time.monotonic()
+                            if event.message or now - last_sent >= COALESCE_SECONDS:
+                                yield _delta(pending)
+                                pending, last_sent = [], now
                     elif isinstance(event, Done):
+                        if pending:
+                            yield _delta(pending)
+                            pending = []
                         if not sent_started:
                             yield pool_pb2.GenerateResponse(
                                 started=pool_pb2.GenerationStarted(instance=state.id, model=model)
@@ -349,8 +367,10 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                         self.registry.record(state, model, True, first_token or event.total_seconds)
                         await self.stats.record_done(model, state.id, event)
                         yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
-        except UpstreamError:
+        except UpstreamError as error:
             self.registry.record(state, model, False, None)
+            if pending and not error.before_first_token:
+                yield _delta(pending)  # what was generated before the failure still counts
             raise
 
     @staticmethod

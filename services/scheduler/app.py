@@ -83,6 +83,8 @@ class SchedulerApp:
                     drain_seconds=max(0.0, self.settings.shutdown_grace_seconds - 2),
                 ),
             )
+        if self.dispatcher is not None:
+            public.on_queued = self.dispatcher.notify_work
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 

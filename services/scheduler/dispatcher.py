@@ -33,6 +33,8 @@ __all__ = ["DispatchSettings", "Dispatcher"]
 
 log = get_logger(__name__)
 
+#: How often an idle loop looks for work queued through other replicas.
+IDLE_POLL_SECONDS = 0.05
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
@@ -71,15 +73,19 @@ class Dispatcher:
             settings.pool_address, ClientTls.from_env(), tracing.client_interceptors()
         )
         self._pool = pool_pb2_grpc.PoolServiceStub(self._channel)
-        self._demand: tuple[float, list[str], list[str]] = (0.0, [], [])
+        self._demand: tuple[float, dict[str, int], dict[str, int]] = (0.0, {}, {})
+        #: Loops waiting in Reserve now, local and external: never more than there is work.
+        self._reserving = {False: 0, True: 0}
         self._demand_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        #: Set when this replica queued work: idle loops start at once instead of polling.
+        self._work = asyncio.Event()
 
     async def aclose(self) -> None:
         await self._channel.close()
 
-    async def models_with_work(self) -> tuple[list[str], list[str]]:
-        """Models with queued local work, and with work waiting for the external provider.
+    async def models_with_work(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Queued requests per model, local and waiting for the external provider.
         Read at most every 20 ms per replica, however many loops ask."""
         async with self._demand_lock:
             at, local, external = self._demand
@@ -93,10 +99,20 @@ class Dispatcher:
                     pipe.zcard(ModelKeys(model).queue)
                     pipe.zcard(ModelKeys(model).external)
                 counts = cast(list[int], await pipe.execute())
-            local = [m for i, m in enumerate(models) if counts[2 * i]]
-            external = [m for i, m in enumerate(models) if counts[2 * i + 1]]
+            local = {m: int(counts[2 * i]) for i, m in enumerate(models) if counts[2 * i]}
+            external = {
+                m: int(counts[2 * i + 1]) for i, m in enumerate(models) if counts[2 * i + 1]
+            }
             self._demand = (time.monotonic(), local, external)
             return local, external
+
+    def notify_work(self, model: str, external: bool = False) -> None:
+        """A request was just queued here: wake the idle loops (other replicas' loops find
+        it on their next look)."""
+        at, local, waiting = self._demand
+        counts = waiting if external else local
+        counts[model] = counts.get(model, 0) + 1
+        self._work.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -120,23 +136,30 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             if not worked:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.02)
+                    await asyncio.wait_for(self._work.wait(), IDLE_POLL_SECONDS)
+                self._work.clear()
 
     async def dispatch_one(self, external: bool = False) -> bool:
         local, waiting_external = await self.models_with_work()
-        models = waiting_external if external else local
-        if not models:
+        work = waiting_external if external else local
+        # Only as many loops wait for slots as there are requests to run: a herd of idle
+        # loops reserving (then releasing) slots for one request costs dozens of scripts.
+        if not work or self._reserving[external] >= sum(work.values()):
             return False
-        reply = await self._pool.Reserve(
-            pool_pb2.ReserveRequest(
-                models=models,
-                holder=self.holder,
-                route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
-                wait=duration_from_seconds(self.settings.reserve_wait_seconds),
-            ),
-            metadata=self._metadata,
-            timeout=self.settings.reserve_wait_seconds + 5,
-        )
+        self._reserving[external] += 1
+        try:
+            reply = await self._pool.Reserve(
+                pool_pb2.ReserveRequest(
+                    models=sorted(work),
+                    holder=self.holder,
+                    route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
+                    wait=duration_from_seconds(self.settings.reserve_wait_seconds),
+                ),
+                metadata=self._metadata,
+                timeout=self.settings.reserve_wait_seconds + 5,
+            )
+        finally:
+            self._reserving[external] -= 1
         if not reply.HasField("slot"):
             return False
         slot = reply.slot

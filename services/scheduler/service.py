@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from opentelemetry.trace import SpanKind
@@ -66,6 +67,8 @@ class _Handlers:
         self.settings = settings
         self.quotas = quotas
         self.audit = audit
+        #: Called with the model when a request is queued (wakes local dispatchers).
+        self.on_queued: Callable[[str], None] | None = None
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -141,6 +144,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             traceparent = tracing.current_traceparent() or request.traceparent
             outcome = await self.store.submit(replace(new, traceparent=traceparent))
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
+        if outcome.status == "queued" and self.on_queued is not None:
+            self.on_queued(request.model)
         self.audit.record(
             caller.tenant,
             "submit",
