@@ -109,7 +109,7 @@ class Dispatcher:
     def notify_work(self, model: str, external: bool = False) -> None:
         """A request was just queued here: wake the idle loops (other replicas' loops find
         it on their next look)."""
-        at, local, waiting = self._demand
+        _, local, waiting = self._demand
         counts = waiting if external else local
         counts[model] = counts.get(model, 0) + 1
         self._work.set()
