@@ -31,8 +31,10 @@ collected, but only ``aclose()`` is immediate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -455,6 +457,60 @@ class HttpUpstream:
         if not resp.is_success:
             raise self.status_error(resp.status_code, resp.content, path)
         return resp
+
+    # What each kind of server defines: how a request becomes a call, how its answer reads.
+
+    def build(
+        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def is_embedding(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def stream_events(
+        self, resp: httpx.Response, path: str, started: float
+    ) -> AsyncGenerator[Event, None]:
+        raise NotImplementedError
+
+    def embed_done(self, data: Any, raw: bytes, path: str, started: float) -> Done:
+        raise NotImplementedError
+
+    async def generate(
+        self,
+        request: pool_pb2.GenerateRequest,
+        *,
+        keep_alive_seconds: float | None = None,
+        traceparent: str = "",
+    ) -> AsyncGenerator[Event, None]:
+        path, body = self.build(request, keep_alive_seconds)
+        started = time.perf_counter()
+        resp = await self.open_stream(path, body, traceparent=traceparent)
+        try:
+            yield Started(loaded_model=False)
+            if self.is_embedding(path):
+                raw = await self.read_body(resp, path)
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    raise self.protocol_error(
+                        f"invalid JSON body: {raw[:200]!r}", path, before_first_token=True
+                    ) from None
+                yield self.embed_done(data, raw, path, started)
+                return
+            events = self.stream_events(resp, path, started)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        finally:
+            # An early exit closes the connection, and the server stops generating.
+            await resp.aclose()
+
+    async def read_body(self, resp: httpx.Response, path: str) -> bytes:
+        try:
+            return await resp.aread()
+        except httpx.TransportError as exc:
+            raise self.transport_error(exc, path, before_first_token=True) from exc
 
     async def open_stream(
         self, path: str, body: Mapping[str, Any], *, traceparent: str = ""

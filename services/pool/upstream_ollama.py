@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator
@@ -26,7 +25,6 @@ from services.pool.upstream import (
     Event,
     HttpUpstream,
     LoadedModelInfo,
-    Started,
     UpstreamError,
     UpstreamModel,
     keep_alive_value,
@@ -163,7 +161,7 @@ class OllamaUpstream(HttpUpstream):
     # -- inference ------------------------------------------------------------------
 
     def build(
-        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None
+        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None = None
     ) -> tuple[str, dict[str, Any]]:
         """(path, JSON body) for a request."""
         options, top = ollama_options(request.options)
@@ -218,40 +216,15 @@ class OllamaUpstream(HttpUpstream):
             body["stream"] = True
         return path, body
 
-    async def generate(
-        self,
-        request: pool_pb2.GenerateRequest,
-        *,
-        keep_alive_seconds: float | None = None,
-        traceparent: str = "",
-    ) -> AsyncGenerator[Event, None]:
-        path, body = self.build(request, keep_alive_seconds)
-        started = time.perf_counter()
-        resp = await self.open_stream(path, body, traceparent=traceparent)
-        try:
-            yield Started(loaded_model=False)
-            if path == "/api/embed":
-                yield await self._embed_result(resp, path, started)
-                return
-            events = self._ndjson(resp, path, started, chat=path == "/api/chat")
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield event
-        finally:
-            # Early exit closes the connection: Ollama then cancels the request.
-            await resp.aclose()
+    def is_embedding(self, path: str) -> bool:
+        return path == "/api/embed"
 
-    async def _embed_result(self, resp: httpx.Response, path: str, started: float) -> Done:
-        try:
-            raw = await resp.aread()
-        except httpx.TransportError as exc:
-            raise self.transport_error(exc, path, before_first_token=True) from exc
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise self.protocol_error(
-                f"invalid JSON body: {raw[:200]!r}", path, before_first_token=True
-            ) from None
+    def stream_events(
+        self, resp: httpx.Response, path: str, started: float
+    ) -> AsyncGenerator[Event, None]:
+        return self._ndjson(resp, path, started, chat=path == "/api/chat")
+
+    def embed_done(self, data: Any, raw: bytes, path: str, started: float) -> Done:
         vectors = data.get("embeddings") or []
         return Done(
             text="",

@@ -28,7 +28,6 @@ Base URL: a bare ``http://host:port`` gets ``/v1`` appended; a URL with a path
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import struct
 import time
@@ -45,7 +44,6 @@ from services.pool.upstream import (
     Event,
     HttpUpstream,
     LoadedModelInfo,
-    Started,
     UpstreamError,
     UpstreamModel,
     error_text,
@@ -232,7 +230,9 @@ class OpenAIUpstream(HttpUpstream):
 
     # -- inference ------------------------------------------------------------------
 
-    def build(self, request: pool_pb2.GenerateRequest) -> tuple[str, dict[str, Any]]:
+    def build(
+        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """(path, JSON body) for a request."""
         options = openai_options(request.options, standard_only=self.standard_only)
         stream = {"stream": True, "stream_options": {"include_usage": True}}
@@ -284,39 +284,19 @@ class OpenAIUpstream(HttpUpstream):
         parts += [{"type": "image_url", "image_url": {"url": image_url(i)}} for i in images]
         return {"role": role, "content": parts}
 
-    async def generate(
-        self,
-        request: pool_pb2.GenerateRequest,
-        *,
-        keep_alive_seconds: float | None = None,
-        traceparent: str = "",
-    ) -> AsyncGenerator[Event, None]:
-        path, body = self.build(request)
-        started = time.perf_counter()
-        resp = await self.open_stream(path, body, traceparent=traceparent)
-        try:
-            yield Started(loaded_model=False)
-            if path == "/embeddings":
-                yield await self._embed_result(resp, path, started)
-                return
-            events = self._sse(resp, path, started, chat=path == "/chat/completions")
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield event
-        finally:
-            # Early exit closes the connection: the server stops generating.
-            await resp.aclose()
+    def is_embedding(self, path: str) -> bool:
+        return path == "/embeddings"
 
-    async def _embed_result(self, resp: httpx.Response, path: str, started: float) -> Done:
+    def stream_events(
+        self, resp: httpx.Response, path: str, started: float
+    ) -> AsyncGenerator[Event, None]:
+        return self._sse(resp, path, started, chat=path == "/chat/completions")
+
+    def embed_done(self, data: Any, raw: bytes, path: str, started: float) -> Done:
         try:
-            raw = await resp.aread()
-        except httpx.TransportError as exc:
-            raise self.transport_error(exc, path, before_first_token=True) from exc
-        try:
-            data = json.loads(raw)
             items = sorted(data["data"], key=lambda d: _int(d.get("index")))
             vectors = [self._vector(item["embedding"]) for item in items]
-        except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        except (KeyError, TypeError, AttributeError, struct.error):
             raise self.protocol_error(
                 f"invalid embeddings body: {raw[:200]!r}", path, before_first_token=True
             ) from None
