@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AUDIT",
+    "CANCELS",
     "MODELS",
     "POOL_CAPACITY",
     "POOL_DRAINING",
@@ -41,6 +42,9 @@ TENANT_WEIGHTS = f"{PREFIX}:tenant-weights"
 TENANT_LIMITS = f"{PREFIX}:tenant-limits"
 #: STREAM of audit events (who, what, when, outcome).
 AUDIT = f"{PREFIX}:audit"
+#: Pub/sub CHANNEL of request ids whose cancel was asked for while running: the owning
+#: dispatcher stops at once (the flag its heartbeat reads remains the reliable path).
+CANCELS = f"{PREFIX}:cancels"
 
 # Per-model keys: base + suffix. What each holds:
 _MODEL_SUFFIXES = {

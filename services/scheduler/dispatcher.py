@@ -76,6 +76,8 @@ class Dispatcher:
         self._demand: tuple[float, dict[str, int], dict[str, int]] = (0.0, {}, {})
         #: Loops waiting in Reserve now, local and external: never more than there is work.
         self._reserving = {False: 0, True: 0}
+        #: Request id → event that wakes its heartbeat (set when its cancel is announced).
+        self._cancel_nudges: dict[str, asyncio.Event] = {}
         self._demand_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         #: Set when this replica queued work: idle loops start at once instead of polling.
@@ -120,6 +122,7 @@ class Dispatcher:
             asyncio.create_task(self._loop(stop, external=i % 8 == 7))
             for i in range(self.settings.concurrency)
         ]
+        loops.append(asyncio.create_task(self._listen_for_cancels(stop)))
         await asyncio.gather(*loops)
 
     async def _loop(self, stop: asyncio.Event, external: bool) -> None:
@@ -253,11 +256,38 @@ class Dispatcher:
 
     async def _heartbeat(self, lease: Lease) -> _Cancelled:
         interval = self.store.defaults.lease_ms / 3000
-        while True:
-            await asyncio.sleep(interval)
-            verdict = await self.store.heartbeat(lease)
-            if verdict != 0:
-                return _Cancelled(lost=verdict == -1)
+        nudged = self._cancel_nudges.setdefault(lease.request.id, asyncio.Event())
+        try:
+            while True:
+                # Wake early when a cancel is announced; the flag read here decides.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(nudged.wait(), interval)
+                nudged.clear()
+                verdict = await self.store.heartbeat(lease)
+                if verdict != 0:
+                    return _Cancelled(lost=verdict == -1)
+        finally:
+            self._cancel_nudges.pop(lease.request.id, None)
+
+    async def _listen_for_cancels(self, stop: asyncio.Event) -> None:
+        """Nudge the heartbeat of a request running here as soon as its cancel is
+        published, instead of up to a third of a lease later."""
+        while not stop.is_set():
+            try:
+                async with self.store.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(keys.CANCELS)
+                    while not stop.is_set():
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=0.5
+                        )
+                        if message is not None:
+                            nudged = self._cancel_nudges.get(message["data"].decode())
+                            if nudged is not None:
+                                nudged.set()
+            except Exception as exc:  # Redis away: heartbeats still carry cancels
+                log.warning("cancel channel lost", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _consume(
         self,

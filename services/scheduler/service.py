@@ -17,7 +17,7 @@ from services.scheduler import admission, fairness, records
 from services.scheduler.quotas import Limits, Quotas
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import NewRequest, QueueStore, StoredRequest
-from usher import metrics, tracing
+from usher import keys, metrics, tracing
 from usher.audit import AuditLog
 from usher.auth import Authenticator, Principal
 from usher.errors import (
@@ -266,6 +266,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         if outcome == "cancelled":
             metrics.REQUESTS.labels(stored.model, "cancelled").inc()
             await self.quotas.release(stored.tenant, stored.id)
+        elif outcome == "cancel_requested":
+            await self.store.redis.publish(keys.CANCELS, stored.id)
         after = await self.store.inspect(stored.model, stored.id)
         return scheduler_pb2.CancelResponse(request=await self.view(after or stored))
 
