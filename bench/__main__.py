@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bench import e2e_bench, gateway_bench, notifier_bench, pool_bench, scheduler_bench
+from bench import (
+    e2e_bench,
+    fairness_bench,
+    gateway_bench,
+    notifier_bench,
+    pool_bench,
+    scheduler_bench,
+)
 
 SCENARIOS = {
     "scheduler": scheduler_bench.run,
@@ -13,6 +20,7 @@ SCENARIOS = {
     "e2e": e2e_bench.run,
     "notifier": notifier_bench.run,
     "gateway": gateway_bench.run,
+    "fairness": fairness_bench.run,
 }
 
 
