@@ -7,6 +7,7 @@ import sys
 
 from bench import (
     e2e_bench,
+    eta_bench,
     fairness_bench,
     gateway_bench,
     notifier_bench,
@@ -21,6 +22,7 @@ SCENARIOS = {
     "notifier": notifier_bench.run,
     "gateway": gateway_bench.run,
     "fairness": fairness_bench.run,
+    "eta": eta_bench.run,
 }
 
 
