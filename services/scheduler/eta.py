@@ -58,6 +58,9 @@ class ModelAverages:
     service_variance: float = 0.0
     output_tokens: float = 256.0
     tokens_per_second: float = 0.0
+    #: The queue's fair clock (fairness.py) and how fast it has been moving (tokens/s).
+    virtual_time: float = 0.0
+    virtual_pace: float = 0.0
 
     @property
     def spread(self) -> float:
@@ -79,12 +82,21 @@ class Estimate:
         return (self.min_seconds + self.max_seconds) / 2
 
 
-def queued_eta(position: int, parallel: int, averages: ModelAverages) -> Estimate:
-    """Time until a request at 1-based ``position`` starts, with ``parallel`` slots serving."""
+def queued_eta(
+    position: int, parallel: int, averages: ModelAverages, start_tag: float | None = None
+) -> Estimate:
+    """Time until a request at 1-based ``position`` starts, with ``parallel`` slots serving.
+
+    The place in line is a lower bound: under fair queuing, other tenants' later arrivals
+    can be served first. When the request's start tag is known, the time for the queue's
+    fair clock to reach it, at its recent pace, accounts for them; the later of the two wins.
+    """
     if position < 1:
         raise ValueError("position is 1-based")
     slots = max(1, parallel)
     expected = ((position - 1) / slots + 0.5) * averages.service_seconds
+    if start_tag is not None and averages.virtual_pace > 0 and start_tag > averages.virtual_time:
+        expected = max(expected, (start_tag - averages.virtual_time) / averages.virtual_pace)
     spread = averages.spread
     return Estimate(expected * (1 - spread), expected * (1 + spread))
 

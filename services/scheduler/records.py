@@ -30,7 +30,7 @@ def eta_for(
 ) -> Estimate | None:
     """Until start while queued; until finish while running; None once finished."""
     if stored.state == QUEUED and stored.position > 0:
-        return queued_eta(stored.position, parallel, averages)
+        return queued_eta(stored.position, parallel, averages, stored.start)
     if stored.state == RUNNING:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         elapsed = max(0.0, (now - stored.started_ms) / 1000)

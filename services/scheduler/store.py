@@ -169,6 +169,8 @@ class StoredRequest:
     lease_token: str
     #: The wait (ms) promised when it was queued; 0 when none was.
     promised_wait_ms: int = 0
+    #: Its fair start tag (fairness.py), for the ETA.
+    start: float = 0.0
     owners: frozenset[str] = frozenset()
     position: int = 0
     queue_length: int = 0
@@ -218,6 +220,7 @@ class StoredRequest:
             cost=_float(raw, "cost"),
             lease_token=_text(raw, "lease_token"),
             promised_wait_ms=_int(raw, "promised_wait_ms"),
+            start=_float(raw, "start"),
             owners=owners,
             position=position,
             queue_length=queue_length,
@@ -539,12 +542,20 @@ class QueueStore:
             pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
             pipe.hget(mk.config, "parallel")
             pipe.hget(keys.POOL_CAPACITY, model)
-            (service, variance, output, tps), parallel, capacity = await pipe.execute()
+            pipe.hmget(mk.fairness, ["vtime", "vpace"])
+            (
+                (service, variance, output, tps),
+                parallel,
+                capacity,
+                (vtime, vpace),
+            ) = await pipe.execute()
         averages = ModelAverages(
             service_seconds=float(service) / 1000 if service else 30.0,
             service_variance=float(variance) / 1e6 if variance else 0.0,
             output_tokens=float(output) if output else self.defaults.default_output_tokens,
             tokens_per_second=float(tps) if tps else 0.0,
+            virtual_time=float(vtime) if vtime else 0.0,
+            virtual_pace=float(vpace) if vpace else 0.0,
         )
         slots = int(parallel or capacity or 0) or self.defaults.parallel
         self._averages[model] = (now + CACHE_SECONDS, averages, slots)

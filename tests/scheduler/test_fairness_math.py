@@ -156,3 +156,14 @@ def test_ewma_stays_within_the_samples(samples: list[float]) -> None:
     assert mean is not None and var is not None
     assert min(samples) - 1e-9 <= mean <= max(samples) + 1e-9
     assert var >= 0
+
+
+def test_eta_counts_other_tenants_served_first() -> None:
+    """Third in line, but its start tag is 9,000 tokens ahead of a fair clock moving at
+    1,000 tokens/s: other tenants will be served first, so about 9 s, not 2.5 s."""
+    model = eta.ModelAverages(service_seconds=1.0, virtual_time=1_000, virtual_pace=1_000)
+    by_place = eta.queued_eta(3, 1, model)
+    with_clock = eta.queued_eta(3, 1, model, start_tag=10_000)
+    assert by_place.mid_seconds == pytest.approx(2.5)
+    assert with_clock.mid_seconds == pytest.approx(9.0)
+    assert eta.queued_eta(3, 1, model, start_tag=500).mid_seconds == pytest.approx(2.5)
