@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from bench import (
+    chaos_bench,
     e2e_bench,
     eta_bench,
     fairness_bench,
@@ -23,6 +24,7 @@ SCENARIOS = {
     "gateway": gateway_bench.run,
     "fairness": fairness_bench.run,
     "eta": eta_bench.run,
+    "chaos": chaos_bench.run,
 }
 
 
