@@ -10,6 +10,7 @@ from bench import (
     e2e_bench,
     eta_bench,
     fairness_bench,
+    fleet_bench,
     gateway_bench,
     notifier_bench,
     pool_bench,
@@ -27,6 +28,7 @@ SCENARIOS = {
     "eta": eta_bench.run,
     "chaos": chaos_bench.run,
     "real": real_bench.run,
+    "fleet": fleet_bench.run,
 }
 
 

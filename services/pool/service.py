@@ -47,6 +47,8 @@ MAX_WAIT_SECONDS = 60.0
 DEFAULT_WAIT_SECONDS = 10.0
 #: How often a waiting Reserve looks again when no local release woke it.
 POLL_SECONDS = 0.05
+#: How long a Reserve waits for a warm slot before loading the model elsewhere (affinity).
+AFFINITY_GRACE_SECONDS = 3.0
 #: Token deltas are sent to the dispatcher at most this often, batched.
 COALESCE_SECONDS = 0.02
 
@@ -67,7 +69,10 @@ class FleetRouter:
         holder: str,
         external: bool,
         exclude: set[str] | frozenset[str] = frozenset(),
+        allow_cold: bool = True,
     ) -> SlotGrant | None:
+        """A slot on the best instance that can run ``model`` now; with ``allow_cold``
+        false, only where the model is already loaded (when it is loaded anywhere)."""
         instances = [s.id for s in self.registry.instances.values() if s.spec.external == external]
         if not instances:
             return None
@@ -76,6 +81,8 @@ class FleetRouter:
         ranked = routing.rank(
             candidates, self.strategy, rotation=next(self._rotation), external=external
         )
+        if not allow_cold and any(c.model_loaded and c.healthy for c in candidates):
+            ranked = [c for c in ranked if c.model_loaded]
         for choice in ranked:
             state = self.registry.instances.get(choice.instance)
             if state is None:
@@ -96,13 +103,20 @@ class FleetRouter:
     async def reserve(
         self, models: list[str], holder: str, external: bool, wait: float
     ) -> SlotGrant | None:
-        deadline = time.monotonic() + wait
+        began = time.monotonic()
+        deadline = began + wait
         start = next(self._rotation)
         while True:
+            # A load costs seconds; a warm slot usually frees sooner. So for a short grace
+            # period only instances that have the model loaded are taken (when any has it);
+            # spreading a busy model wider is placement's job (scale-out on queue length).
+            allow_cold = self.strategy != routing.Strategy.AFFINITY or (
+                time.monotonic() - began >= AFFINITY_GRACE_SECONDS
+            )
             # Rotate which model is tried first so one busy model cannot shadow the others.
             for i in range(len(models)):
                 model = models[(start + i) % len(models)]
-                grant = await self.try_reserve(model, holder, external)
+                grant = await self.try_reserve(model, holder, external, allow_cold=allow_cold)
                 if grant is not None:
                     return grant
             remaining = deadline - time.monotonic()
