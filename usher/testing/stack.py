@@ -35,6 +35,9 @@ class StackConfig:
     instance_options: str = ";parallel=2"
     #: Also register the first model server's OpenAI-compatible API as the external provider.
     external_provider: bool = False
+    #: Run this many model servers, each its own process (killable one by one); 0 = one
+    #: process with the fleet of emulator_args.
+    model_server_processes: int = 0
     #: Serve /metrics from each service on a free port (see LocalStack.metrics_urls).
     metrics: bool = False
     tokens: str = DEFAULT_TOKENS
@@ -54,6 +57,7 @@ class LocalStack:
         self.state_dir = Path(self.config.state_dir or tempfile.mkdtemp(prefix="usher-stack-"))
         self.redis: RedisServer | None = None
         self.emulators: EmulatorProcess | None = None
+        self.model_servers: list[EmulatorProcess] = []
         self.model_urls: list[str] = list(self.config.ollama_urls)
         self.redis_url = self.config.redis_url
         self.pool: ServiceProcess | None = None
@@ -108,8 +112,25 @@ class LocalStack:
     def start_model_servers(self) -> None:
         if self.model_urls:
             return
+        if self.config.model_server_processes:
+            # One emulated server per process on a fixed port, so each can be killed and
+            # brought back at the same address.
+            args = list(self.config.emulator_args)
+            if "--fleet" in args:
+                at = args.index("--fleet")
+                del args[at : at + 2]
+            for _ in range(self.config.model_server_processes):
+                port = free_port()
+                self.model_servers.append(EmulatorProcess([*args, "--port", str(port)]))
+                self.model_urls += self.model_servers[-1].start()
+            return
         self.emulators = EmulatorProcess(list(self.config.emulator_args))
         self.model_urls = self.emulators.start()
+
+    def restart_model_server(self, index: int) -> None:
+        """Bring back a killed model server (model_server_processes mode) on its port."""
+        self.model_servers[index] = EmulatorProcess(self.model_servers[index].args)
+        self.model_servers[index].start()
 
     def start_pool(self) -> ServiceProcess:
         port = self.pool.port if self.pool is not None else free_port()
@@ -220,6 +241,8 @@ class LocalStack:
             self.pool.terminate(timeout=5)
         if self.emulators is not None:
             self.emulators.terminate()
+        for server in self.model_servers:
+            server.terminate()
         if self.redis is not None:
             self.redis.stop()
 
