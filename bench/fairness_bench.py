@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.stats import emit, percentile
 from services.scheduler.store import FinishedWork, NewRequest, QueueDefaults, QueueStore
@@ -122,9 +123,11 @@ async def run() -> None:
     ]
     light = Tenant("light", 60, (100, 200), request_pb2.PRIORITY_HIGH, gap_seconds=0.1)
     window = 5.0
+    served: dict[str, dict[str, float]] = {}
     with RedisServer(appendfsync="everysec") as redis:
         for mode in ("fifo", "fair", "fair+priority"):
             result = await _run(redis.url, [*backlogged, light], mode, window)
+            served[mode] = result.served
             shares = [result.served[t.name] for t in backlogged]
             waits = result.waits["light"]
             emit(
@@ -141,3 +144,34 @@ async def run() -> None:
                 note="Jain's index over served tokens of the three backlogged tenants; "
                 "fair+priority: heavy is BATCH, light is HIGH",
             )
+    _plot(served)
+
+
+def _plot(served: dict[str, dict[str, float]]) -> None:
+    """Served tokens per tenant, one group of bars per mode (bench/results/fairness.png)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    modes = list(served)
+    tenants = list(next(iter(served.values())))
+    figure, axis = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(tenants)
+    for t, tenant in enumerate(tenants):
+        axis.bar(
+            [m + t * width for m in range(len(modes))],
+            [served[mode][tenant] for mode in modes],
+            width,
+            label=tenant,
+        )
+    axis.set_xticks([m + width * (len(tenants) - 1) / 2 for m in range(len(modes))], modes)
+    axis.set_ylabel("tokens served in the window")
+    axis.set_title("Who gets served: FIFO vs fair queuing vs fair + priorities")
+    axis.legend()
+    figure.savefig(results / "fairness.png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
