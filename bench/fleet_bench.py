@@ -1,12 +1,13 @@
 """Usher against a naive round-robin proxy on the same emulated fleet and workload.
 
-The fleet: three Ollama instances, memory for two of the four models each, loads cost
-0.4 s. The workload: a seeded sequence of requests over the four models with skewed
-popularity, sent in bursts by 24 concurrent clients. The naive path sends each request to
-the next instance in turn (each Ollama queues what it cannot run, FIFO); Usher queues
-fairly, routes to instances that have the model loaded and counts slots itself. Reported:
-throughput, p50/p99 end-to-end latency, model loads and evictions (from the emulators), and
-a bar chart in bench/results/fleet.png when matplotlib is installed."""
+The fleet: three different Ollama instances (memory for 3, 2 and 1 of the four models;
+120, 200 and 320 tokens/s; 3, 2 and 1 slots per model); loads cost 0.4 s. The workload: a
+seeded sequence of requests over the four models with skewed popularity, sent in bursts by
+24 concurrent clients. The naive path sends each request to the next instance in turn (each
+Ollama queues what it cannot run, FIFO); Usher queues fairly, routes to instances that have
+the model loaded and counts slots itself. Reported: throughput, p50/p99 end-to-end latency,
+model loads and evictions (from the emulators), and a bar chart in bench/results/fleet.png
+when matplotlib is installed."""
 
 from __future__ import annotations
 
@@ -36,25 +37,28 @@ def _workload() -> list[str]:
 
 
 def _config() -> StackConfig:
+    """Three different servers: a big slow one, a mid one, a small fast one."""
     models = ",".join(f"{m}@1GiB" for m in MODELS)
-    return StackConfig(
-        emulator_args=(
-            "--fleet",
-            "3",
-            "--models",
-            models,
+    common = ("--models", models, "--load-time", "0.4", "--output-tokens", "20:60")
+
+    def server(memory: str, speed: int, slots: int) -> tuple[tuple[str, ...], str]:
+        args = (
+            *common,
             "--memory",
-            "2.5GiB",
-            "--load-time",
-            "0.4",
+            memory,
             "--tokens-per-second",
-            "200",
-            "--output-tokens",
-            "20:60",
+            str(speed),
             "--parallel",
-            "2",
+            str(slots),
+        )
+        return args, f";parallel={slots};memory={memory}"
+
+    return StackConfig(
+        model_servers=(
+            server("3.5GiB", 120, 3),
+            server("2.5GiB", 200, 2),
+            server("1.5GiB", 320, 1),
         ),
-        instance_options=";parallel=2;memory=2.5GiB",
         scheduler_env={"USHER_QUEUE_MAX_SIZE": "10000", "USHER_DISPATCH_CONCURRENCY": "16"},
     )
 

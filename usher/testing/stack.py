@@ -38,6 +38,9 @@ class StackConfig:
     #: Run this many model servers, each its own process (killable one by one); 0 = one
     #: process with the fleet of emulator_args.
     model_server_processes: int = 0
+    #: Different model servers, each its own process: (emulator args, instance options).
+    #: Overrides emulator_args / instance_options / model_server_processes when set.
+    model_servers: Sequence[tuple[Sequence[str], str]] = ()
     #: Serve /metrics from each service on a free port (see LocalStack.metrics_urls).
     metrics: bool = False
     tokens: str = DEFAULT_TOKENS
@@ -112,6 +115,12 @@ class LocalStack:
     def start_model_servers(self) -> None:
         if self.model_urls:
             return
+        if self.config.model_servers:
+            for args, _options in self.config.model_servers:
+                port = free_port()
+                self.model_servers.append(EmulatorProcess([*args, "--port", str(port)]))
+                self.model_urls += self.model_servers[-1].start()
+            return
         if self.config.model_server_processes:
             # One emulated server per process on a fixed port, so each can be killed and
             # brought back at the same address.
@@ -134,9 +143,14 @@ class LocalStack:
 
     def start_pool(self) -> ServiceProcess:
         port = self.pool.port if self.pool is not None else free_port()
+        options = (
+            [opts for _args, opts in self.config.model_servers]
+            if self.config.model_servers
+            else [self.config.instance_options] * len(self.model_urls)
+        )
         instances = ",".join(
-            f"ollama-{i}={url}{self.config.instance_options}"
-            for i, url in enumerate(self.model_urls)
+            f"ollama-{i}={url}{opts}"
+            for i, (url, opts) in enumerate(zip(self.model_urls, options, strict=True))
         )
         if self.config.external_provider:
             instances += f",external={self.model_urls[0]};kind=openai;external=true;parallel=4"
