@@ -31,6 +31,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from usher.structs import dict_to_struct, plain_json
 from usher.v1 import request_pb2, scheduler_pb2
 
 __all__ = [
@@ -482,12 +483,6 @@ def _images(value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(dict(value))
-    return message
-
-
 def _format(value: Any, where: str = "format") -> str:
     """Ollama's ``format``: "json", a JSON schema object, or nothing."""
     if value is None or value == "":
@@ -528,7 +523,7 @@ def _ollama_options(raw: Any, top: Mapping[str, Any]) -> request_pb2.GenerationO
         if top.get(key) is not None:
             extra[key] = top[key]
     if extra:
-        options.extra.CopyFrom(_struct(extra))
+        options.extra.CopyFrom(dict_to_struct(extra))
     return options
 
 
@@ -560,7 +555,7 @@ def _tools(raw: Any) -> list[struct_pb2.Struct]:
         return []
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
         raise bad_request("tools", "must be a list of objects")
-    return [_struct(t) for t in raw]
+    return [dict_to_struct(t) for t in raw]
 
 
 def ollama_chat(body: Mapping[str, Any]) -> Parsed:
@@ -742,7 +737,7 @@ def openai_chat(body: Mapping[str, Any]) -> Parsed:
     for key, value in extra.items():
         _number(value, key)
     if extra:
-        options.extra.CopyFrom(_struct(extra))
+        options.extra.CopyFrom(dict_to_struct(extra))
     stream = _bool(body, "stream", False)
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
@@ -786,17 +781,6 @@ def openai_embeddings(body: Mapping[str, Any]) -> Parsed:
 
 
 # -- answers: shared ---------------------------------------------------------------------
-
-
-def plain_json(value: Any) -> Any:
-    """Protobuf Struct numbers are doubles: integral ones come back as ints."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_json(v) for v in value]
-    return value
 
 
 def result_message(request: request_pb2.LlmRequest) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from usher.errors import (
 )
 from usher.grpc_types import Context
 from usher.logs import get_logger
+from usher.structs import dict_to_struct
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2
 
 __all__ = ["SERVICE_ROLE", "PoolAdminServicer", "PoolServicer"]
@@ -157,11 +158,7 @@ def _delta(batch: list[Delta]) -> pool_pb2.GenerateResponse:
 
 
 def _struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
-    if not value:
-        return None
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
+    return dict_to_struct(value) if value else None
 
 
 def status_of(state: InstanceState, active: int = 0) -> pool_pb2.InstanceStatus:

@@ -41,9 +41,9 @@ from datetime import datetime
 from typing import Any, Protocol, Self, runtime_checkable
 
 import httpx
-from google.protobuf import json_format, struct_pb2
 
 from usher import tracing
+from usher.structs import plain_json, struct_to_dict
 from usher.v1 import pool_pb2
 
 __all__ = [
@@ -223,25 +223,6 @@ def error_text(body: bytes | str, limit: int = 500) -> str:
 
 
 # -- small helpers shared by the adapters ------------------------------------------------
-
-
-def plain_json(value: Any) -> Any:
-    """Protobuf ``Struct`` numbers are doubles; give integral ones back as ints so
-    ``{"num_gpu": 1}`` is sent as ``1``, not ``1.0`` (Go ints reject fractions)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_json(v) for v in value]
-    return value
-
-
-def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    """A ``google.protobuf.Struct`` as plain JSON-ready Python."""
-    out = plain_json(json_format.MessageToDict(value))
-    assert isinstance(out, dict)
-    return out
 
 
 def parse_timestamp(value: object) -> datetime | None:
