@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from usher import tracing
+from usher import eventloop, tracing
 from usher.config import ConfigError
 from usher.errors import ErrorMappingInterceptor
 from usher.logs import configure_logging, get_logger
@@ -125,4 +125,4 @@ def run_service(prog: str, load: Callable[[], S], make_app: Callable[[S], _App])
         # Built inside the running loop: grpc.aio binds its server to the loop creating it.
         await make_app(settings).run()
 
-    asyncio.run(serve())
+    eventloop.run(serve())

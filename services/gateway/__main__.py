@@ -3,11 +3,11 @@ USHER_* env, see ``services.gateway.settings``)."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.gateway.app import serve
 from services.gateway.settings import GatewaySettings
+from usher import eventloop
 from usher.config import ConfigError
 from usher.logs import configure_logging
 from usher.tracing import configure_tracing
@@ -23,7 +23,7 @@ def main() -> None:
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
     configure_tracing("usher-gateway")
-    asyncio.run(serve(settings))
+    eventloop.run(serve(settings))
 
 
 if __name__ == "__main__":

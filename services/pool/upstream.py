@@ -487,6 +487,16 @@ class HttpUpstream:
             # An early exit closes the connection, and the server stops generating.
             await resp.aclose()
 
+    @staticmethod
+    async def finish_lines(lines: AsyncIterator[str], limit: int = 64) -> None:
+        """Read what follows the final event (usually nothing but the end of the chunked
+        body), so the connection goes back to the pool for the next request instead of
+        being closed half-read: a new TCP connection per request otherwise. A server that
+        keeps talking past ``limit`` lines just loses its connection."""
+        with contextlib.suppress(StopAsyncIteration, httpx.HTTPError, httpx.StreamError):
+            for _ in range(limit):
+                await anext(lines)
+
     async def read_body(self, resp: httpx.Response, path: str) -> bytes:
         try:
             return await resp.aread()

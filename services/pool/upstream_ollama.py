@@ -295,7 +295,9 @@ class OllamaUpstream(HttpUpstream):
             if obj.get("done"):
                 if piece:  # a non-streamed answer carries the text in the final line
                     parts.append(piece)
-                yield self._done(obj, "".join(parts), chunks, started, chat, thinking, tool_calls)
+                done = self._done(obj, "".join(parts), chunks, started, chat, thinking, tool_calls)
+                await self.finish_lines(lines)
+                yield done
                 return
             if piece or extra:
                 parts.append(piece)

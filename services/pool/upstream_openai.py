@@ -335,6 +335,7 @@ class OpenAIUpstream(HttpUpstream):
             if event is not None:
                 name, data = event
                 if data.strip() == "[DONE]":
+                    await self.finish_lines(lines)
                     break
                 delta = self._apply(name, data, path, state, chat)
                 if delta is not None:

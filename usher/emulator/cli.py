@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from usher import eventloop
 from usher.emulator.config import EmulatorConfig
 from usher.emulator.server import CrashMode, EmulatorServer
 
@@ -226,5 +227,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fleet < 1:
         print("usher.emulator: --fleet must be at least 1", file=sys.stderr)
         return 2
-    asyncio.run(_serve(config, args.fleet, args.access_log))
+    eventloop.run(_serve(config, args.fleet, args.access_log))
     return 0
