@@ -10,6 +10,7 @@ closes the Generate stream, which stops the model server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -33,8 +34,10 @@ __all__ = ["DispatchSettings", "Dispatcher"]
 
 log = get_logger(__name__)
 
-#: How often an idle loop looks for work queued through other replicas.
+#: How often a replica looks for work queued through other replicas.
 IDLE_POLL_SECONDS = 0.05
+#: Longest an idle loop sleeps unwoken (a safety net: work wakes loops one at a time).
+IDLE_REST_SECONDS = 1.0
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
@@ -80,8 +83,13 @@ class Dispatcher:
         self._cancel_nudges: dict[str, asyncio.Event] = {}
         self._demand_lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        #: Set when this replica queued work: idle loops start at once instead of polling.
-        self._work = asyncio.Event()
+        #: Idle loops, local and external, each parked on a future. Work wakes one loop,
+        #: and a loop that finds more work than loops reserving wakes the next: a chain,
+        #: not a herd of every idle loop waking for each request.
+        self._idle: dict[bool, collections.deque[asyncio.Future[None]]] = {
+            False: collections.deque(),
+            True: collections.deque(),
+        }
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -114,7 +122,44 @@ class Dispatcher:
         _, local, waiting = self._demand
         counts = waiting if external else local
         counts[model] = counts.get(model, 0) + 1
-        self._work.set()
+        self._wake_one(external)
+
+    def _wake_one(self, external: bool) -> None:
+        idle = self._idle[external]
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _rest(self, external: bool) -> None:
+        """Park an idle loop until work wakes it."""
+        waiter = asyncio.get_running_loop().create_future()
+        idle = self._idle[external]
+        idle.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, IDLE_REST_SECONDS)
+        finally:
+            with contextlib.suppress(ValueError):
+                idle.remove(waiter)
+
+    async def _poll_for_work(self, stop: asyncio.Event) -> None:
+        """Wake an idle loop when work queued through another replica waits here."""
+        while not stop.is_set():
+            await asyncio.sleep(IDLE_POLL_SECONDS)
+            try:
+                local, external = await self.models_with_work()
+            except Exception as exc:  # Redis away: the loops' own errors report it
+                log.debug("work poll failed", error=str(exc))
+                continue
+            for is_external, work in ((False, local), (True, external)):
+                if self._idle[is_external] and sum(work.values()) > self._reserving[is_external]:
+                    self._wake_one(is_external)
+        for idle in self._idle.values():  # shutting down: no loop waits out its rest
+            for waiter in idle:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -123,6 +168,7 @@ class Dispatcher:
             for i in range(self.settings.concurrency)
         ]
         loops.append(asyncio.create_task(self._listen_for_cancels(stop)))
+        loops.append(asyncio.create_task(self._poll_for_work(stop)))
         await asyncio.gather(*loops)
 
     async def _loop(self, stop: asyncio.Event, external: bool) -> None:
@@ -138,9 +184,7 @@ class Dispatcher:
                 worked = False
                 await asyncio.sleep(0.5)
             if not worked:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), IDLE_POLL_SECONDS)
-                self._work.clear()
+                await self._rest(external)
 
     async def dispatch_one(self, external: bool = False) -> bool:
         local, waiting_external = await self.models_with_work()
@@ -150,6 +194,8 @@ class Dispatcher:
         if not work or self._reserving[external] >= sum(work.values()):
             return False
         self._reserving[external] += 1
+        if sum(work.values()) > self._reserving[external]:
+            self._wake_one(external)  # more work than loops on it: start the next loop
         try:
             reply = await self._pool.Reserve(
                 pool_pb2.ReserveRequest(
