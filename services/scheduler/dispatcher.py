@@ -15,7 +15,6 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -23,14 +22,14 @@ import grpc
 
 from services.scheduler.quotas import Quotas
 from services.scheduler.records import duration_from_seconds
-from services.scheduler.store import FinishedWork, Lease, QueueStore
+from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
 from usher import keys, metrics, tracing
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 
-__all__ = ["DispatchSettings", "Dispatcher"]
+__all__ = ["DispatchSettings", "Dispatcher", "ProgressBuffer"]
 
 log = get_logger(__name__)
 
@@ -258,7 +257,8 @@ class Dispatcher:
         call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
         started = time.monotonic()
         watcher = asyncio.create_task(self._heartbeat(lease))
-        runner = asyncio.create_task(self._consume(lease, call, started))
+        progress = ProgressBuffer(self.store, lease, self.settings.token_flush_seconds)
+        runner = asyncio.create_task(self._consume(call, progress, lease, started))
         drain = asyncio.create_task(self._drain_deadline())
         done, _ = await asyncio.wait({watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
@@ -270,6 +270,7 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, _Cancelled):
                 await runner
                 await watcher
+            await progress.close()  # to be run again from the start: partial output is moot
             await self.store.requeue(lease, "scheduler replica shutting down", count_attempt=False)
             return
         if watcher in done and not runner.done():
@@ -277,6 +278,7 @@ class Dispatcher:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await runner
+            await progress.close()
             stop = watcher.result()
             if not stop.lost:
                 # An empty error lets the store record the reason given with the cancel.
@@ -287,13 +289,15 @@ class Dispatcher:
         with contextlib.suppress(asyncio.CancelledError, _Cancelled):
             await watcher
         work_or_error = runner.result()
+        pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
-            await self.store.finish(lease, work_or_error)
+            await self.store.finish(lease, work_or_error, pending)
             metrics.REQUESTS.labels(lease.request.model, "completed").inc()
             metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(
                 work_or_error.service_ms / 1000
             )
             return
+        await self.store.progress_events(lease, pending)  # what it said before it failed
         await self._handle_error(lease, work_or_error)
 
     async def _drain_deadline(self) -> None:
@@ -337,43 +341,23 @@ class Dispatcher:
 
     async def _consume(
         self,
-        lease: Lease,
         call: grpc.aio.UnaryStreamCall[pool_pb2.GenerateRequest, pool_pb2.GenerateResponse],
+        progress: ProgressBuffer,
+        lease: Lease,
         started: float,
     ) -> FinishedWork | grpc.aio.AioRpcError:
-        pending: list[str] = []
-        tokens = 0
-        last_flush = time.monotonic()
         try:
-            async for event in call:
-                reply = event
+            async for reply in call:
                 which = reply.WhichOneof("event")
                 if which == "started":
-                    await self.store.progress(
-                        lease,
-                        "started",
-                        {
-                            "instance": reply.started.instance,
-                            "served_model": reply.started.model,
-                        },
-                    )
+                    progress.started(reply.started.instance, reply.started.model)
                 elif which == "delta":
-                    pending.append(reply.delta.text)
-                    tokens = int(reply.delta.completion_tokens) or tokens + 1
-                    if time.monotonic() - last_flush >= self.settings.token_flush_seconds:
-                        await self._flush(lease, pending, tokens)
-                        pending = []
-                        last_flush = time.monotonic()
+                    progress.tokens(reply.delta.text, int(reply.delta.completion_tokens))
                 elif which == "done":
-                    if pending:
-                        await self._flush(lease, pending, tokens)
                     return _finished(lease, reply.done, time.monotonic() - started)
         except grpc.aio.AioRpcError as error:
             return error
         return cast(grpc.aio.AioRpcError, _StreamEnded())
-
-    async def _flush(self, lease: Lease, pending: Sequence[str], tokens: int) -> None:
-        await self.store.progress(lease, "tokens", {"text": "".join(pending), "tokens": tokens})
 
     async def _handle_error(self, lease: Lease, error: grpc.aio.AioRpcError) -> None:
         code = error.code()
@@ -395,6 +379,71 @@ class Dispatcher:
             )
             return
         await self.store.finish(lease, FinishedWork(state=FAILED, error=details))
+
+
+class ProgressBuffer:
+    """Output on its way to a running request's stream. The model server's "started" note
+    and its tokens go out together at most every ``interval`` seconds (a timer flushes what
+    waits), and what is pending when the answer completes goes out in the same round trip
+    as the completion: a short answer costs one script call, not three."""
+
+    def __init__(self, store: QueueStore, lease: Lease, interval: float) -> None:
+        self._store = store
+        self._lease = lease
+        self._interval = interval
+        self._started: ProgressEvent | None = None
+        self._text: list[str] = []
+        self._count = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+
+    def started(self, instance: str, served_model: str) -> None:
+        self._started = ("started", {"instance": instance, "served_model": served_model})
+        self._schedule()
+
+    def tokens(self, text: str, completion_tokens: int) -> None:
+        self._text.append(text)
+        self._count = completion_tokens or self._count + 1
+        self._schedule()
+
+    def take(self) -> list[ProgressEvent]:
+        """The pending events, in order; the buffer is empty afterwards."""
+        events: list[ProgressEvent] = []
+        if self._started is not None:
+            events.append(self._started)
+            self._started = None
+        if self._text:
+            events.append(("tokens", {"text": "".join(self._text), "tokens": self._count}))
+            self._text = []
+        return events
+
+    async def close(self) -> list[ProgressEvent]:
+        """Stop the timer, let a flush under way land, and hand back what is left."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await self._flushing
+        return self.take()
+
+    def _schedule(self) -> None:
+        if self._timer is None and (self._flushing is None or self._flushing.done()):
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._flushing = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            await self._store.progress_events(self._lease, self.take())
+        except Exception as exc:  # Redis away: the completion carries the output anyway
+            log.warning("progress not written", request_id=self._lease.request.id, error=str(exc))
+        finally:
+            if self._started is not None or self._text:
+                # More arrived while writing: its own window starts now.
+                self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
 
 
 class _StreamEnded(grpc.aio.AioRpcError):

@@ -33,6 +33,7 @@ __all__ = [
     "FinishedWork",
     "Lease",
     "NewRequest",
+    "ProgressEvent",
     "QueueDefaults",
     "QueueStore",
     "ReapCounts",
@@ -234,6 +235,10 @@ class Lease:
     request: StoredRequest
     token: str
     owner: str
+
+
+#: One event for a running request's stream: its type ("started", "tokens") and fields.
+ProgressEvent = tuple[str, dict[str, str | int | float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,31 +690,40 @@ class QueueStore:
         )
         return int(reply)
 
-    async def finish(self, lease: Lease, work: FinishedWork) -> bool:
-        """Record the outcome; False when the lease was lost and someone else owns it now."""
+    async def finish(
+        self, lease: Lease, work: FinishedWork, progress: Sequence[ProgressEvent] = ()
+    ) -> bool:
+        """Record the outcome; False when the lease was lost and someone else owns it now.
+        ``progress`` still unwritten goes first, in the same round trip."""
         extra: list[str | bytes] = []
         if work.result:
             extra += ["result", self.sealer.seal(work.result, lease.request.id)]
         if work.usage:
             extra += ["usage", work.usage]
-        reply = await self._run(
-            "complete",
-            lease.request.model,
-            [
-                lease.request.id,
-                lease.token,
-                work.state,
-                work.error,
-                self.defaults.result_ttl_seconds,
-                -1 if work.actual_tokens is None else work.actual_tokens,
-                repr(work.service_ms),
-                repr(work.tokens_per_second),
-                work.output_tokens,
-                repr(EWMA_ALPHA),
-                *extra,
-            ],
-        )
-        return int(reply) == 1
+
+        def build(pipe: Pipeline) -> None:
+            self._queue_progress(pipe, lease, progress)
+            self._queue_script(
+                pipe,
+                "complete",
+                lease.request.model,
+                [
+                    lease.request.id,
+                    lease.token,
+                    work.state,
+                    work.error,
+                    self.defaults.result_ttl_seconds,
+                    -1 if work.actual_tokens is None else work.actual_tokens,
+                    repr(work.service_ms),
+                    repr(work.tokens_per_second),
+                    work.output_tokens,
+                    repr(EWMA_ALPHA),
+                    *extra,
+                ],
+            )
+
+        replies = await self._execute(build)
+        return int(replies[-1]) == 1
 
     async def requeue(self, lease: Lease, reason: str, count_attempt: bool = False) -> bool:
         """Give a leased request back to its original place (False when the lease was lost)."""
@@ -722,15 +736,28 @@ class QueueStore:
 
     async def progress(self, lease: Lease, kind: str, fields: dict[str, str | int | float]) -> bool:
         """Append a progress/token event to the request's stream (False: lease lost)."""
-        flat: list[str | int | float] = []
-        for name, value in fields.items():
-            if name == "text":  # generated output is a result: sealed like one
-                value = self.sealer.seal_text(str(value), lease.request.id)
-            flat += [name, value]
-        reply = await self._run(
-            "progress", lease.request.model, [lease.request.id, lease.token, kind, *flat]
-        )
-        return bool(reply != -1)
+        return await self.progress_events(lease, [(kind, fields)])
+
+    async def progress_events(self, lease: Lease, events: Sequence[ProgressEvent]) -> bool:
+        """Append progress/token events to the request's stream in one round trip (False:
+        the lease was lost)."""
+        if not events:
+            return True
+        replies = await self._execute(lambda pipe: self._queue_progress(pipe, lease, events))
+        return all(reply != -1 for reply in replies)
+
+    def _queue_progress(
+        self, pipe: Pipeline, lease: Lease, events: Sequence[ProgressEvent]
+    ) -> None:
+        for kind, fields in events:
+            flat: list[str | int | float] = []
+            for name, value in fields.items():
+                if name == "text":  # generated output is a result: sealed like one
+                    value = self.sealer.seal_text(str(value), lease.request.id)
+                flat += [name, value]
+            self._queue_script(
+                pipe, "progress", lease.request.model, [lease.request.id, lease.token, kind, *flat]
+            )
 
     async def reap(self, model: str, limit: int = 500) -> ReapCounts:
         requeued, dead, expired, external = await self._run(
