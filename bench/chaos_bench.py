@@ -1,17 +1,22 @@
 """Chaos: a steady stream of requests while the Scheduler, the Pool, the Notifier and Redis
 (AOF, appendfsync always) are SIGKILLed and restarted at random. Reports accepted vs
 finished (must be equal: nothing lost), duplicate events delivered to watchers (must be 0)
-and how long each kind of outage lasted for clients (recovery time)."""
+and how long each outage lasted for clients (recovery time); bench/results/chaos.png shows
+completions per second with each kill marked."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
 
-from bench.stats import emit, percentile
+from bench import plots
+from bench.stats import percentile
 from clients.aio import AsyncUsherClient
 from clients.errors import UsherError
 from clients.retry import RetryPolicy
@@ -21,7 +26,15 @@ MODEL = "llama3.2:1b"
 VICTIMS = ("scheduler", "pool", "notifier", "redis", "model server")
 
 
-async def run(total: int = 1000, per_second: float = 40.0) -> None:
+@dataclass(frozen=True)
+class Kill:
+    victim: str
+    #: Seconds since the run began.
+    at: float
+    recovery: float
+
+
+async def run(total: int = 1000, per_second: float = 40.0) -> dict[str, Any]:
     config = StackConfig(
         redis_appendfsync="always",
         model_server_processes=2,
@@ -53,14 +66,16 @@ async def run(total: int = 1000, per_second: float = 40.0) -> None:
             retry=RetryPolicy(max_total_wait=120.0, max_attempts=200, max_backoff=1.0),
         )
         accepted: list[str] = []
+        accepted_at: list[float] = []
         events: dict[str, list[str]] = {}
-        recoveries: dict[str, list[float]] = defaultdict(list)
+        kills: list[Kill] = []
         done_submitting = asyncio.Event()
 
         async def submit_all() -> None:
             for i in range(total):
                 submission = await client.submit(MODEL, f"chaos {i}")
                 accepted.append(submission.request.id)
+                accepted_at.append(time.monotonic() - began)
                 if i % 20 == 0:
                     watchers.append(asyncio.create_task(watch(submission.request.id)))
                 await asyncio.sleep(1 / per_second)
@@ -101,7 +116,7 @@ async def run(total: int = 1000, per_second: float = 40.0) -> None:
                     break
                 except UsherError:
                     await asyncio.sleep(0.05)
-            recoveries[victim].append(time.monotonic() - started)
+            kills.append(Kill(victim, started - began, time.monotonic() - started))
 
         async def chaos() -> None:
             # Every kind of victim in turn, in a shuffled order, at random intervals.
@@ -115,8 +130,10 @@ async def run(total: int = 1000, per_second: float = 40.0) -> None:
 
         watchers: list[asyncio.Task[None]] = []
         began = time.monotonic()
+        began_wall = time.time()
         await asyncio.gather(submit_all(), chaos())
         finished: dict[str, str] = {}
+        finished_at: list[float] = []  # seconds since began, of the completed ones
         deadline = time.monotonic() + 180
         while len(finished) < len(accepted) and time.monotonic() < deadline:
             for request_id in accepted:
@@ -124,26 +141,88 @@ async def run(total: int = 1000, per_second: float = 40.0) -> None:
                     request = await client.get(request_id)
                     if request.state.name in ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED"):
                         finished[request_id] = request.state.name
+                        if request.state.name == "COMPLETED" and request.finished_at:
+                            finished_at.append(request.finished_at.timestamp() - began_wall)
             await asyncio.sleep(0.5)
         await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 60)
         await client.close()
-    outcomes: dict[str, int] = defaultdict(int)
-    for state in finished.values():
-        outcomes[state] += 1
+        seconds = time.monotonic() - began
+    outcomes = Counter(finished.values())
     duplicates = sum(len(ids) - len(set(ids)) for ids in events.values())
-    all_recoveries = [r for rs in recoveries.values() for r in rs]
-    emit(
-        "chaos.kill_restart",
-        requests_accepted=len(accepted),
-        requests_finished=len(finished),
-        lost=len(accepted) - len(finished),
-        outcomes=dict(outcomes),
-        watched_requests=len(events),
-        duplicate_events_delivered=duplicates,
-        kills={victim: len(rs) for victim, rs in recoveries.items()},
-        recovery_p50_s=percentile(all_recoveries, 50) if all_recoveries else None,
-        recovery_max_s=max(all_recoveries) if all_recoveries else None,
-        recovery_max_by_victim_s={v: round(max(rs), 2) for v, rs in recoveries.items()},
-        seconds=time.monotonic() - began,
-        note="a model server stays down 2 s before it returns; the others restart at once",
+    by_victim: dict[str, list[float]] = defaultdict(list)
+    for kill in kills:
+        by_victim[kill.victim].append(kill.recovery)
+    recoveries = [kill.recovery for kill in kills]
+    saved: list[str] = []
+    _plot(accepted_at, finished_at, kills, saved)
+    return {
+        "requests_accepted": len(accepted),
+        "requests_completed": outcomes["COMPLETED"],
+        "all_accepted_completed": outcomes["COMPLETED"] == len(accepted),
+        "lost": len(accepted) - len(finished),
+        "outcomes": dict(outcomes),
+        "watched_requests": len(events),
+        "duplicate_events_delivered": duplicates,
+        "kills": [{"victim": k.victim, "at_s": k.at, "recovery_s": k.recovery} for k in kills],
+        "recovery_by_victim_s": {
+            victim: {"kills": len(rs), "p50": percentile(rs, 50), "max": max(rs)}
+            for victim, rs in sorted(by_victim.items())
+        },
+        "recovery_p50_s": percentile(recoveries, 50) if recoveries else None,
+        "recovery_max_s": max(recoveries) if recoveries else None,
+        "run_seconds": seconds,
+        "note": "recovery = from the kill until a client call goes through again; a model "
+        "server stays down 2 s before it returns, the others restart at once; duplicates "
+        "counted over the watched requests (every 20th)",
+        "plots": saved,
+    }
+
+
+def _plot(
+    accepted_at: list[float], finished_at: list[float], kills: list[Kill], saved: list[str]
+) -> None:
+    """Requests accepted and completed per second, each kill marked by its victim."""
+    end = math.ceil(max([*accepted_at, *finished_at, 1.0]))
+    seconds = list(range(end + 1))
+
+    def per_second(times: list[float]) -> list[int]:
+        counts = Counter(int(t) for t in times if t >= 0)
+        return [counts[s] for s in seconds]
+
+    colors = dict(
+        zip(VICTIMS, ("tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:olive"), strict=True)
     )
+    with plots.figure(
+        "chaos",
+        size=(15, 5),
+        title="Chaos: completions per second while services are SIGKILLed and restarted",
+        saved=saved,
+    ) as (axis,):
+        axis.bar(seconds, per_second(finished_at), 1.0, align="edge", alpha=0.6, label="completed")
+        axis.step(
+            seconds,
+            per_second(accepted_at),
+            where="post",
+            color="black",
+            linewidth=1,
+            label="accepted",
+        )
+        top = axis.get_ylim()[1]
+        for kill in kills:
+            color = colors.get(kill.victim, "tab:gray")
+            axis.axvline(kill.at, color=color, linestyle="--", linewidth=1.2)
+            axis.axvspan(kill.at, kill.at + kill.recovery, color=color, alpha=0.15)
+            axis.text(
+                kill.at,
+                top * 0.98,
+                f" {kill.victim}",
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+                color=color,
+            )
+        axis.set_xlabel("seconds since the run began")
+        axis.set_ylabel("requests per second")
+        axis.set_xlim(0, end)
+        axis.legend(loc="upper right", fontsize=8)

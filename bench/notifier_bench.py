@@ -1,5 +1,5 @@
-"""Notifier figures: update fan-out latency with 10,000 concurrent Watch streams on one
-Notifier, and the Notifier's memory and CPU while they are open.
+"""10,000 concurrent Watch streams on one Notifier (part of the ``scale`` scenario): update
+fan-out latency, and the Notifier's memory and CPU while they are open.
 
 Redis, a Scheduler (with no Pool, so nothing dispatches) and one Notifier run as processes.
 2,500 requests wait in five models' queues; four client processes each watch every request
@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import psutil  # type: ignore[import-untyped]
 
-from bench.stats import emit, percentile
+from bench.stats import goal, percentile
 from services.scheduler.store import FinishedWork, Lease, QueueDefaults, QueueStore
 from usher.connections import connect_redis
 from usher.testing import RedisServer, ServiceProcess, free_port
@@ -218,6 +218,14 @@ def _ms(samples: Sequence[float], q: float) -> float:
     return percentile(samples, q) * 1000
 
 
+@dataclass
+class Fanout:
+    """Figures per phase, and the latency samples (seconds) of each kind of update."""
+
+    figures: dict[str, Any]
+    samples: dict[str, list[float]]
+
+
 async def fanout_latency(
     requests: int = 2500,
     processes: int = 4,
@@ -225,7 +233,7 @@ async def fanout_latency(
     cancel_rate: float = 50.0,
     token_events: int = 1000,
     token_rate: float = 100.0,
-) -> None:
+) -> Fanout:
     watchers = requests * processes
     context = multiprocessing.get_context("spawn")
     with (
@@ -372,75 +380,75 @@ async def fanout_latency(
         undelivered += report.opened - len(report.terminal)
     progress = [received - sent for r in reports for sent, received in r.progress]
     moving_positions = sum(moving_started <= t < moving_ended for r in reports for t in r.positions)
-    common: dict[str, Any] = {
-        "watchers": watchers,
-        "watchers_opened": sum(r.opened for r in reports),
-        "client_processes": processes,
-        "requests": requests,
-        "models": len(MODELS),
+    figures: dict[str, Any] = {
+        "watchers": {
+            "watchers": watchers,
+            "opened": sum(r.opened for r in reports),
+            "client_processes": processes,
+            "requests": requests,
+            "models": len(MODELS),
+            "open_seconds": open_seconds,
+            "opens_per_second": watchers / open_seconds,
+            "rss_before_mb": rss_before / 2**20,
+            "rss_with_watchers_mb": rss_open / 2**20,
+            "rss_per_watcher_kb": (rss_open - rss_before) / watchers / 1024,
+            "rss_streaming_mb": rss_streaming / 2**20,
+            "rss_end_mb": rss_end / 2**20,
+            "idle_cpu_percent": idle_cpu,
+            "watch_failures": sum(r.failed for r in reports),
+            "watch_errors": dict(
+                sum((r.errors for r in reports), collections.Counter()).most_common(3)
+            ),
+            "never_finished": undelivered,
+            "note": "idle = every stream open, nothing happening",
+        },
+        "position_storm": {
+            "cancels": len(cancel_sent),
+            "cancel_rate_per_s": cancel_rate,
+            "cancelled_updates": len(cancel_latency),
+            "p50_ms": _ms(cancel_latency, 50),
+            "p99_ms": _ms(cancel_latency, 99),
+            "max_ms": _ms(cancel_latency, 100),
+            "p99_from_redis_event_ms": _ms(cancel_from_event, 99),
+            "position_updates": moving_positions,
+            "position_updates_per_s": moving_positions / moving_seconds,
+            "notifier_cpu_percent": moving_cpu,
+            "note": "requests cancelled from the queues' heads: latency of CANCELLED from the "
+            "Cancel call; every cancel moves all queued watchers of that model, whose "
+            "positions are pushed every 0.2 s",
+        },
+        "token_fanout": {
+            "running_updates": sum(r.running for r in reports),
+            "token_events": token_events,
+            "token_rate_per_s": token_rate,
+            "progress_updates": len(progress),
+            "p50_ms": _ms(progress, 50),
+            "p99_ms": _ms(progress, 99),
+            "max_ms": _ms(progress, 100),
+            "notifier_cpu_percent": streaming_cpu,
+            "note": f"each token event reaches the {processes} watchers of its request; "
+            "latency from the append (send time carried in the text)",
+        },
+        "completion_burst": {
+            "completed_requests": len(finish_sent),
+            "completed_updates": len(complete_latency),
+            "send_seconds": burst_send_seconds,
+            "p50_ms": _ms(complete_latency, 50),
+            "p99_ms": _ms(complete_latency, 99),
+            "max_ms": _ms(complete_latency, 100),
+            "p99_from_redis_event_ms": _ms(complete_from_event, 99),
+            "notifier_cpu_percent": burst_cpu,
+            "note": "every running request finished at once; latency of COMPLETED from the "
+            "finish call",
+        },
+        "goals": {
+            "token_fanout_p99_ms": goal(_ms(progress, 99), 100, at_most=True),
+            "position_storm_p99_ms": goal(_ms(cancel_latency, 99), 100, at_most=True),
+        },
     }
-    emit(
-        "notifier.watchers",
-        **common,
-        open_seconds=open_seconds,
-        opens_per_second=watchers / open_seconds,
-        rss_before_mb=rss_before / 2**20,
-        rss_with_watchers_mb=rss_open / 2**20,
-        rss_per_watcher_kb=(rss_open - rss_before) / watchers / 1024,
-        rss_streaming_mb=rss_streaming / 2**20,
-        rss_end_mb=rss_end / 2**20,
-        idle_cpu_percent=idle_cpu,
-        watch_failures=sum(r.failed for r in reports),
-        watch_errors=dict(sum((r.errors for r in reports), collections.Counter()).most_common(3)),
-        never_finished=undelivered,
-        note="idle = every stream open, nothing happening",
-    )
-    emit(
-        "notifier.moving_queue",
-        **common,
-        cancels=len(cancel_sent),
-        cancel_rate_per_s=cancel_rate,
-        cancelled_updates=len(cancel_latency),
-        p50_ms=_ms(cancel_latency, 50),
-        p99_ms=_ms(cancel_latency, 99),
-        max_ms=_ms(cancel_latency, 100),
-        p99_from_redis_event_ms=_ms(cancel_from_event, 99),
-        position_updates=moving_positions,
-        position_updates_per_s=moving_positions / moving_seconds,
-        notifier_cpu_percent=moving_cpu,
-        goal_p99_ms=100,
-        note="latency of CANCELLED from the Cancel call; every cancel moves all queued "
-        "watchers of that model, whose positions are pushed every 0.2 s",
-    )
-    emit(
-        "notifier.streaming",
-        **common,
-        running_updates=sum(r.running for r in reports),
-        token_events=token_events,
-        token_rate_per_s=token_rate,
-        progress_updates=len(progress),
-        p50_ms=_ms(progress, 50),
-        p99_ms=_ms(progress, 99),
-        max_ms=_ms(progress, 100),
-        notifier_cpu_percent=streaming_cpu,
-        goal_p99_ms=100,
-        note="each token event reaches the 4 watchers of its request; latency from the "
-        "append (send time carried in the text)",
-    )
-    emit(
-        "notifier.completion_burst",
-        **common,
-        completed_requests=len(finish_sent),
-        completed_updates=len(complete_latency),
-        send_seconds=burst_send_seconds,
-        p50_ms=_ms(complete_latency, 50),
-        p99_ms=_ms(complete_latency, 99),
-        max_ms=_ms(complete_latency, 100),
-        p99_from_redis_event_ms=_ms(complete_from_event, 99),
-        notifier_cpu_percent=burst_cpu,
-        note="every running request finished at once; latency of COMPLETED from the finish call",
-    )
-
-
-async def run() -> None:
-    await fanout_latency()
+    samples = {
+        "token": progress,
+        "position storm (cancel)": cancel_latency,
+        "completion burst": complete_latency,
+    }
+    return Fanout(figures, samples)

@@ -1,17 +1,21 @@
 """A real model: llama.cpp (llama-cpp-python) serving SmolLM2-135M, called directly through
 its OpenAI-compatible API and through Usher (SDK → Scheduler → Pool → llama.cpp, tokens back
-through the Notifier). Time to first token and tokens/s, one request at a time."""
+through the Notifier). Time to first token and tokens/s, one request at a time; plot in
+bench/results/real.png. Skipped (a summary saying why) when llama-cpp-python or the model
+package is not installed."""
 
 from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import httpx
 
-from bench.stats import emit, percentile
+from bench import plots
+from bench.stats import percentile
 from clients.aio import AsyncUsherClient
-from usher.testing.llamacpp import running_llama_server
+from usher.testing.llamacpp import LlamaServerError, running_llama_server
 from usher.testing.stack import LocalStack, StackConfig
 
 PROMPTS = [f"Write two sentences about the number {n}." for n in range(12)]
@@ -56,7 +60,12 @@ async def _through_usher(
     return first, time.perf_counter() - started, pieces
 
 
-async def run() -> None:
+#: (time to first token, total, tokens) of one request, seconds.
+Run = tuple[float, float, int]
+
+
+async def measure() -> tuple[float, list[Run], list[Run]]:
+    """Server start-up seconds, then each prompt directly and each through Usher."""
     # llama-cpp-python interrupts a streaming answer when any other request arrives (the
     # Pool's health checks too) unless told not to.
     with running_llama_server(
@@ -72,20 +81,63 @@ async def run() -> None:
             direct = [await _direct(server.url, server.model, p) for p in PROMPTS]
             usher = [await _through_usher(client, server.model, p) for p in PROMPTS]
             await client.close()
+    return server.startup_seconds, direct, usher
+
+
+async def run() -> dict[str, Any]:
+    try:
+        startup, direct, usher = await measure()
+    except LlamaServerError as exc:
+        return {"skipped": str(exc)}
     # Greedy decoding of the same prompts: both paths produce the same tokens, so the
     # direct path's counts serve for both (Usher's stream arrives in batches of text).
-    tokens = sum(n for _, _, n in direct)
-    for name, runs in (("direct", direct), ("usher", usher)):
+    tokens = [n for _, _, n in direct]
+    paths = {"direct": direct, "usher": usher}
+    rates = {
+        name: [n / total for n, (_, total, _) in zip(tokens, runs, strict=True)]
+        for name, runs in paths.items()
+    }
+    summary: dict[str, Any] = {"requests": len(PROMPTS), "server_startup_s": startup}
+    for name, runs in paths.items():
         ttft = [first for first, _, _ in runs]
-        emit(
-            "real.llama_cpp",
-            path=name,
-            requests=len(runs),
-            server_startup_s=server.startup_seconds,
-            ttft_p50_ms=percentile(ttft, 50) * 1000,
-            ttft_p90_ms=percentile(ttft, 90) * 1000,
-            total_p50_ms=percentile([total for _, total, _ in runs], 50) * 1000,
-            tokens_per_second=tokens / sum(total for _, total, _ in runs),
-            note="SmolLM2-135M Q4_1 on 2 CPU cores, greedy, 48 tokens at most; usher = from SDK "
-            "submit to the last token through Scheduler, Pool and Notifier",
-        )
+        summary[name] = {
+            "ttft_p50_ms": percentile(ttft, 50) * 1000,
+            "ttft_p90_ms": percentile(ttft, 90) * 1000,
+            "total_p50_ms": percentile([total for _, total, _ in runs], 50) * 1000,
+            "tokens_per_second": sum(tokens) / sum(total for _, total, _ in runs),
+        }
+    summary["added_ttft_p50_ms"] = (
+        summary["usher"]["ttft_p50_ms"] - summary["direct"]["ttft_p50_ms"]
+    )
+    summary["usher_over_direct_tokens_per_second"] = (
+        summary["usher"]["tokens_per_second"] / summary["direct"]["tokens_per_second"]
+    )
+    summary["note"] = (
+        "SmolLM2-135M Q4_1 on the machine's CPU cores, greedy, 48 tokens at most; usher = from "
+        "SDK submit to the last token through Scheduler, Pool and Notifier"
+    )
+    saved: list[str] = []
+    _plot(paths, rates, saved)
+    summary["plots"] = saved
+    return summary
+
+
+def _plot(paths: dict[str, list[Run]], rates: dict[str, list[float]], saved: list[str]) -> None:
+    """Time to first token and tokens/s per request, direct vs through Usher."""
+    names = list(paths)
+    with plots.figure(
+        "real",
+        1,
+        2,
+        size=(12, 4.5),
+        title=f"A real model (SmolLM2-135M, llama.cpp), {len(PROMPTS)} requests each way",
+        saved=saved,
+    ) as (ttft, speed):
+        ttft.boxplot([[first * 1000 for first, _, _ in paths[n]] for n in names], showmeans=True)
+        ttft.set_xticks(range(1, len(names) + 1), names)
+        ttft.set_ylabel("time to first token (ms)")
+        ttft.set_title("time to first token")
+        speed.boxplot([rates[n] for n in names], showmeans=True)
+        speed.set_xticks(range(1, len(names) + 1), names)
+        speed.set_ylabel("tokens/s (per request)")
+        speed.set_title("generation speed, submit to last token")

@@ -1,6 +1,7 @@
-"""Pool figures: how long a routing decision takes, how many model loads affinity saves
-over weighted round robin on a memory-bound fleet, and how fully the Pool keeps a saturated
-fleet's slots busy without ever granting more than an instance allows."""
+"""Routing (the Pool on its own; an extra scenario, ``routing``): how long a routing decision
+takes, how many model loads affinity saves over weighted round robin on a memory-bound
+fleet, and how fully the Pool keeps a saturated fleet's slots busy without ever granting
+more than an instance allows."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, cast
 import grpc
 import httpx
 
-from bench.stats import emit, percentile
+from bench.stats import goal, percentile
 from services.pool import routing
 from services.pool.app import PoolApp
 from services.pool.config import InstanceSpec, PoolSettings
@@ -152,8 +153,9 @@ def _candidate_set(rng: random.Random, n: int) -> list[Candidate]:
     return out
 
 
-def routing_decision(sizes: Sequence[int] = (3, 10, 20), decisions: int = 20_000) -> None:
+def routing_decision(sizes: Sequence[int] = (3, 10, 20), decisions: int = 20_000) -> dict[str, Any]:
     rng = random.Random(11)
+    out: dict[str, Any] = {}
     for n in sizes:
         sets = [_candidate_set(rng, n) for _ in range(500)]
         figures: dict[str, Any] = {}
@@ -167,14 +169,10 @@ def routing_decision(sizes: Sequence[int] = (3, 10, 20), decisions: int = 20_000
                 samples.append(clock() - started)
             figures[f"{strategy.value}_p50_us"] = _us(samples, 50)
             figures[f"{strategy.value}_p99_us"] = _us(samples, 99)
-        emit(
-            "pool.routing.rank",
-            instances=n,
-            decisions_per_strategy=decisions,
-            **figures,
-            goal_p99_us=1000,
-            note="pure routing.rank over random realistic candidate sets, GC on",
-        )
+        out[f"{n}_instances"] = figures
+    out["decisions_per_strategy"] = decisions
+    out["note"] = "pure routing.rank over random realistic candidate sets, GC on"
+    return out
 
 
 async def try_reserve_path(
@@ -182,13 +180,14 @@ async def try_reserve_path(
     sizes: Sequence[int] = (3, 10, 20),
     iterations: int = 2000,
     rpc_iterations: int = 1000,
-) -> None:
+) -> dict[str, Any]:
     """FleetRouter.try_reserve in a started PoolApp over real Redis: one usage pipeline, the
     candidates, the ranking and the reserve script; plus the same decision through gRPC."""
     models = ["llama3.2:1b", "qwen2.5:0.5b", "gemma3:1b"]
     config = EmulatorConfig(models=[model_spec(m) for m in models])
     config.make_instant()
     parallel = 4
+    out: dict[str, Any] = {}
     for n in sizes:
         rng = random.Random(n)
         async with EmulatorFleet(n, config=config) as fleet:
@@ -252,24 +251,25 @@ async def try_reserve_path(
                     if slot is None:
                         raise RuntimeError("Reserve granted nothing")
                     await stub.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=SVC)
-        emit(
-            "pool.routing.try_reserve",
-            instances=n,
-            iterations=iterations,
-            try_reserve_p50_us=_us(total, 50),
-            try_reserve_p99_us=_us(total, 99),
-            release_p50_us=_us(release, 50),
-            usage_pipeline_p50_us=_us(usage_t, 50),
-            candidates_p50_us=_us(candidates_t, 50),
-            candidates_p99_us=_us(candidates_t, 99),
-            rank_p50_us=_us(rank_t, 50),
-            rank_p99_us=_us(rank_t, 99),
-            reserve_script_p50_us=_us(script_t, 50),
-            grpc_reserve_p50_us=_us(rpc, 50),
-            grpc_reserve_p99_us=_us(rpc, 99),
-            note="in-process PoolApp + real Redis; the decision itself is candidates + rank, "
-            "the rest are two Redis round trips",
-        )
+        out[f"{n}_instances"] = {
+            "try_reserve_p50_us": _us(total, 50),
+            "try_reserve_p99_us": _us(total, 99),
+            "release_p50_us": _us(release, 50),
+            "usage_pipeline_p50_us": _us(usage_t, 50),
+            "candidates_p50_us": _us(candidates_t, 50),
+            "candidates_p99_us": _us(candidates_t, 99),
+            "rank_p50_us": _us(rank_t, 50),
+            "rank_p99_us": _us(rank_t, 99),
+            "reserve_script_p50_us": _us(script_t, 50),
+            "grpc_reserve_p50_us": _us(rpc, 50),
+            "grpc_reserve_p99_us": _us(rpc, 99),
+        }
+    out["iterations"] = iterations
+    out["note"] = (
+        "in-process PoolApp + real Redis; the decision itself is candidates + rank, the rest "
+        "are two Redis round trips"
+    )
+    return out
 
 
 # ---- 2. model loads: affinity vs weighted round robin ---------------------------------------
@@ -380,25 +380,25 @@ async def _run_workload(
     }
 
 
-async def loads_affinity_vs_wrr(redis: RedisServer, instances: int = 4) -> None:
+async def loads_affinity_vs_wrr(redis: RedisServer, instances: int = 4) -> dict[str, Any]:
     workload = mixed_workload()
     shares = {m: sum(a.model == m for a in workload) for m in LOAD_MODELS}
-    for strategy in (Strategy.AFFINITY, Strategy.WEIGHTED_ROUND_ROBIN):
-        figures = await _run_workload(redis, strategy, workload, instances)
-        emit(
-            "pool.loads",
-            strategy=strategy.value,
-            instances=instances,
-            slots_per_instance=2,
-            models=len(LOAD_MODELS),
-            models_fitting_per_instance=2,
-            requests=len(workload),
-            requests_per_model=list(shares.values()),
-            emulated_load_s=0.3,
-            **figures,
-            note="same seeded sequence (Zipf s=1.2, Poisson 25/s + a 12-request burst for "
-            "one model every 2 s); latency = Reserve + Generate from arrival",
-        )
+    out: dict[str, Any] = {
+        strategy.value: await _run_workload(redis, strategy, workload, instances)
+        for strategy in (Strategy.AFFINITY, Strategy.WEIGHTED_ROUND_ROBIN)
+    }
+    out.update(
+        instances=instances,
+        slots_per_instance=2,
+        models=len(LOAD_MODELS),
+        models_fitting_per_instance=2,
+        requests=len(workload),
+        requests_per_model=list(shares.values()),
+        emulated_load_s=0.3,
+        note="same seeded sequence (Zipf s=1.2, Poisson 25/s + a 12-request burst for one "
+        "model every 2 s); latency = Reserve + Generate from arrival",
+    )
+    return out
 
 
 # ---- 3. slot utilization under saturation ---------------------------------------------------
@@ -417,7 +417,7 @@ async def slot_utilization(
     warmup_s: float = 2.0,
     seconds: float = 10.0,
     tokens_per_second: float = 80.0,
-) -> None:
+) -> dict[str, Any]:
     models = ("llama3.2:1b", "qwen2.5:0.5b")
     per_instance_limit = parallel * len(models)
     total_slots = instances * per_instance_limit
@@ -516,48 +516,62 @@ async def slot_utilization(
     model_in_flight_max = max(
         int(m["in_flight_max"]) for s in final for m in cast(dict[str, Any], s["models"]).values()
     )
-    emit(
-        "pool.slots",
-        instances=instances,
-        models=len(models),
-        per_model_limit=parallel,
-        per_instance_limit=per_instance_limit,
-        total_slots=total_slots,
-        workers=workers,
-        seconds=seconds,
-        mean_generation_ms=20 / tokens_per_second * 1000 + 20,
-        samples=len(busy_redis),
-        utilization_redis=sum(busy_redis) / len(busy_redis) / total_slots,
-        utilization_upstream=sum(busy_upstream) / len(busy_upstream) / total_slots,
-        max_slots_per_instance_model=max_model_slots,
-        max_slots_per_instance=max_instance_slots,
-        max_upstream_outstanding_per_instance=max_upstream_outstanding,
-        upstream_in_flight_max_per_model=model_in_flight_max,
-        upstream_in_flight_max_per_instance=max(int(s["in_flight_max"]) for s in final),
-        upstream_queue_depth_max=max(int(s["queue_depth_max"]) for s in final),
-        limits_respected=max_model_slots <= parallel
+    return {
+        "instances": instances,
+        "models": len(models),
+        "per_model_limit": parallel,
+        "per_instance_limit": per_instance_limit,
+        "total_slots": total_slots,
+        "workers": workers,
+        "seconds": seconds,
+        "mean_generation_ms": 20 / tokens_per_second * 1000 + 20,
+        "samples": len(busy_redis),
+        "utilization_redis": sum(busy_redis) / len(busy_redis) / total_slots,
+        "utilization_upstream": sum(busy_upstream) / len(busy_upstream) / total_slots,
+        "max_slots_per_instance_model": max_model_slots,
+        "max_slots_per_instance": max_instance_slots,
+        "max_upstream_outstanding_per_instance": max_upstream_outstanding,
+        "upstream_in_flight_max_per_model": model_in_flight_max,
+        "upstream_in_flight_max_per_instance": max(int(s["in_flight_max"]) for s in final),
+        "upstream_queue_depth_max": max(int(s["queue_depth_max"]) for s in final),
+        "limits_respected": max_model_slots <= parallel
         and max_instance_slots <= per_instance_limit
         and max_upstream_outstanding <= per_instance_limit
         and model_in_flight_max <= parallel,
-        requests_per_second=completed / elapsed,
-        p50_ms=_ms(latencies, 50),
-        p99_ms=_ms(latencies, 99),
-        reserve_wait_p50_ms=_ms(reserve_waits, 50),
-        reserve_wait_p99_ms=_ms(reserve_waits, 99),
-        pool_and_client_process_cpu_percent=100 * (cpu_after - cpu_before) / elapsed,
-        note="slot usage sampled every 50 ms from Redis (granted) and from the emulators "
+        "requests_per_second": completed / elapsed,
+        "p50_ms": _ms(latencies, 50),
+        "p99_ms": _ms(latencies, 99),
+        "reserve_wait_p50_ms": _ms(reserve_waits, 50),
+        "reserve_wait_p99_ms": _ms(reserve_waits, 99),
+        "pool_and_client_process_cpu_percent": 100 * (cpu_after - cpu_before) / elapsed,
+        "note": "slot usage sampled every 50 ms from Redis (granted) and from the emulators "
         "(running); upstream outstanding = running + waiting in the emulator's own queue",
-    )
+    }
 
 
-async def run() -> None:
+async def run() -> dict[str, Any]:
     configure_logging("warning")
     gc.collect()
-    routing_decision()
+    rank = routing_decision()
     with RedisServer(appendfsync="everysec") as redis:
-        await try_reserve_path(redis)
-        await loads_affinity_vs_wrr(redis)
-        # Slow generations (about 1 s): what the slot protocol itself leaves idle.
-        await slot_utilization(redis, tokens_per_second=20.0)
-        # Fast ones (about 0.27 s): the same with this process near one full core.
-        await slot_utilization(redis, tokens_per_second=80.0)
+        try_reserve = await try_reserve_path(redis)
+        loads = await loads_affinity_vs_wrr(redis)
+        slots = {
+            # Slow generations (about 1 s): what the slot protocol itself leaves idle.
+            "slow": await slot_utilization(redis, tokens_per_second=20.0),
+            # Fast ones (about 0.27 s): the same with this process near one full core.
+            "fast": await slot_utilization(redis, tokens_per_second=80.0),
+        }
+    return {
+        "rank": rank,
+        "try_reserve": try_reserve,
+        "loads": loads,
+        "slots": slots,
+        "goals": {
+            "rank_p99_us_20_instances": goal(
+                max(v for k, v in rank["20_instances"].items() if k.endswith("_p99_us")),
+                1000,
+                at_most=True,
+            ),
+        },
+    }

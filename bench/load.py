@@ -1,0 +1,218 @@
+"""Closed-loop load against a running stack, three ways in: the model server directly (HTTP),
+the gRPC trio (Submit, then Watch until the final update) and the HTTP gateway; and what the
+stack's processes spend meanwhile (CPU seconds, resident memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import psutil  # type: ignore[import-untyped]
+
+from bench.stats import latency_ms
+from usher.testing.stack import LocalStack
+from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+__all__ = [
+    "MODEL",
+    "USERS",
+    "Call",
+    "Load",
+    "Trio",
+    "closed_loop",
+    "http_client",
+    "http_generate",
+    "rss_mb",
+    "stack_pids",
+]
+
+MODEL = "llama3.2:1b"
+USERS = ("alice", "bob", "carol")
+TERMINAL = frozenset(
+    {
+        notifier_pb2.UPDATE_KIND_COMPLETED,
+        notifier_pb2.UPDATE_KIND_FAILED,
+        notifier_pb2.UPDATE_KIND_CANCELLED,
+        notifier_pb2.UPDATE_KIND_EXPIRED,
+    }
+)
+
+#: One request of worker ``w`` (its ``n``-th): True when it completed.
+Call = Callable[[int, int], Awaitable[bool]]
+
+
+def auth(user: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {user}-token"),)
+
+
+def prompt(worker: int, n: int) -> str:
+    return f"worker {worker} question {n}: tell me about fair queues"
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+
+def stack_pids(stack: LocalStack) -> dict[str, int]:
+    """Process id of each part of a LocalStack that runs: scheduler, pool, notifier, gateway,
+    redis and the emulated model servers."""
+    pids: dict[str, int] = {}
+    for name, proc in (
+        ("scheduler", stack.schedulers[0].process if stack.schedulers else None),
+        ("pool", stack.pool.process if stack.pool else None),
+        ("notifier", stack.notifiers[0].process if stack.notifiers else None),
+        ("gateway", stack.gateway.process if stack.gateway else None),
+        ("redis", stack.redis.process if stack.redis else None),
+    ):
+        if proc is not None:
+            pids[name] = proc.pid
+    if stack.emulators is not None:
+        pids["emulator"] = stack.emulators.pid
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def rss_mb(pids: Mapping[str, int]) -> dict[str, float]:
+    """Resident memory of each process, in MiB."""
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+    return out
+
+
+# ---- the closed loop ------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    concurrency: int
+    seconds: float
+    latencies: list[float]
+    failures: int
+    #: CPU seconds each process spent during the run ("client" = this process).
+    cpu: dict[str, float]
+
+    @property
+    def requests_per_second(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def figures(self, cpu: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "requests_per_second": self.requests_per_second,
+            **latency_ms(self.latencies),
+            "completed": len(self.latencies),
+            "failed": self.failures,
+        }
+        if cpu:
+            done = max(1, len(self.latencies))
+            out["cpu_ms_per_request"] = {k: v * 1000 / done for k, v in self.cpu.items()}
+            out["cpu_ms_per_request_total"] = sum(self.cpu.values()) * 1000 / done
+        return out
+
+
+async def closed_loop(
+    call: Call, concurrency: int, seconds: float, pids: Mapping[str, int] | None = None
+) -> Load:
+    """``concurrency`` workers, each sending its next request when the previous one ended,
+    for ``seconds``; CPU of ``pids`` (and of this process) over the same span."""
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal failures
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+            started = time.perf_counter()
+            if await call(w, n):
+                latencies.append(time.perf_counter() - started)
+            else:
+                failures += 1
+
+    watched = dict(pids or {})
+    before = {name: cpu_seconds(pid) for name, pid in watched.items()}
+    own = time.process_time()
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in watched.items()}
+    cpu["client"] = time.process_time() - own
+    return Load(concurrency, elapsed, latencies, failures, cpu)
+
+
+# ---- the ways in ----------------------------------------------------------------------------
+
+
+class Trio:
+    """Submit to the Scheduler, then Watch on the Notifier until the final update."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self._channels = [
+            grpc.aio.insecure_channel(stack.scheduler_address),
+            grpc.aio.insecure_channel(stack.notifier_address),
+        ]
+        self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._channels[0])
+        self.notifier = notifier_pb2_grpc.NotifierServiceStub(self._channels[1])
+
+    async def __call__(self, worker: int, n: int) -> bool:
+        user = USERS[worker % len(USERS)]
+        try:
+            submitted = await self.scheduler.Submit(
+                scheduler_pb2.SubmitRequest(
+                    model=MODEL, generate=request_pb2.GenerateInput(prompt=prompt(worker, n))
+                ),
+                metadata=auth(user),
+                timeout=30,
+            )
+            async for update in self.notifier.Watch(
+                notifier_pb2.WatchRequest(id=submitted.request.id), metadata=auth(user), timeout=60
+            ):
+                if update.kind in TERMINAL:
+                    return update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
+        except grpc.aio.AioRpcError:
+            return False
+        return False
+
+    async def aclose(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+def http_generate(client: httpx.AsyncClient, url: str, with_token: bool) -> Call:
+    """Ollama's ``POST /api/generate`` (stream false) at ``url``: the model server itself, or
+    the gateway (then as one of the demo tenants, by worker)."""
+
+    async def call(worker: int, n: int) -> bool:
+        headers = (
+            {"Authorization": f"Bearer {USERS[worker % len(USERS)]}-token"} if with_token else {}
+        )
+        body = {"model": MODEL, "prompt": prompt(worker, n), "stream": False}
+        try:
+            reply = await client.post(f"{url}/api/generate", json=body, headers=headers)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    return call
+
+
+def http_client(concurrency: int) -> httpx.AsyncClient:
+    """One keep-alive connection per worker."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(timeout=60, limits=limits)

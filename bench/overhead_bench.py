@@ -1,0 +1,156 @@
+"""Overhead: what Usher costs on top of the model server. One stack (Redis, Scheduler, Pool,
+Notifier, the HTTP gateway, an emulated fleet in zero-delay mode, 8 tokens per answer), three
+ways in, side by side at concurrency 1 and 32:
+
+* **direct**: Ollama's ``POST /api/generate`` (stream false) to the emulator itself;
+* **trio**: gRPC Submit, then Watch on the Notifier until COMPLETED;
+* **gateway**: the same Ollama call to the HTTP gateway (gateway → Scheduler → Pool →
+  emulator, the answer back through the Notifier).
+
+Reported per path and concurrency: requests/s, p50/p95/p99 latency, and CPU ms per request of
+every process; the ratios to direct and the latency added. Every process shares the
+machine's cores, so throughput is bounded by the CPU each request costs in all of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import plots
+from bench.load import Call, Load, Trio, closed_loop, http_client, http_generate, stack_pids
+from bench.stats import goal
+from usher.testing.stack import LocalStack, StackConfig
+
+PATHS = ("direct", "trio", "gateway")
+CONCURRENCY = (1, 32)
+#: Seconds of measurement per (path, concurrency): the direct path is steady sooner.
+SECONDS = {
+    1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0},
+    32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0},
+}
+GOAL_REQUESTS_PER_SECOND = 1000.0
+GOAL_ADDED_P50_MS = 3.0
+
+
+def stack_config() -> StackConfig:
+    return StackConfig(
+        emulator_args=("--fleet", "2", "--instant", "--parallel", "64", "--output-tokens", "8:8"),
+        instance_options=";parallel=64",
+        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "64", "USHER_QUEUE_MAX_SIZE": "100000"},
+        redis_appendfsync="everysec",
+        gateway=True,
+    )
+
+
+async def measure() -> dict[int, dict[str, Load]]:
+    loads: dict[int, dict[str, Load]] = {c: {} for c in CONCURRENCY}
+    with LocalStack(stack_config()) as stack:
+        pids = stack_pids(stack)
+        trio = Trio(stack)
+        async with http_client(max(CONCURRENCY)) as http:
+            calls: dict[str, Call] = {
+                "direct": http_generate(http, stack.model_urls[0], with_token=False),
+                "trio": trio,
+                "gateway": http_generate(http, stack.gateway_url, with_token=True),
+            }
+            # Warm up: connections, script caches, the model load, the averages.
+            for call in calls.values():
+                await closed_loop(call, 8, 1.5)
+            for concurrency in CONCURRENCY:
+                for path in PATHS:
+                    seconds = SECONDS[concurrency][path]
+                    loads[concurrency][path] = await closed_loop(
+                        calls[path], concurrency, seconds, pids
+                    )
+        await trio.aclose()
+    return loads
+
+
+def summarize(loads: dict[int, dict[str, Load]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for concurrency, by_path in loads.items():
+        figures = {path: load.figures() for path, load in by_path.items()}
+        direct = figures["direct"]
+        section: dict[str, Any] = dict(figures)
+        for path in ("trio", "gateway"):
+            section[f"{path}_over_direct_rps"] = (
+                figures[path]["requests_per_second"] / direct["requests_per_second"]
+            )
+            section[f"{path}_added_ms"] = {
+                q: figures[path][f"{q}_ms"] - direct[f"{q}_ms"] for q in ("p50", "p95", "p99")
+            }
+        summary[f"c{concurrency}"] = section
+    top, one = f"c{max(CONCURRENCY)}", f"c{min(CONCURRENCY)}"
+    summary["goals"] = {
+        f"trio_requests_per_second_{top}": goal(
+            summary[top]["trio"]["requests_per_second"], GOAL_REQUESTS_PER_SECOND, at_most=False
+        ),
+        f"gateway_requests_per_second_{top}": goal(
+            summary[top]["gateway"]["requests_per_second"], GOAL_REQUESTS_PER_SECOND, at_most=False
+        ),
+        f"trio_added_p50_ms_{one}": goal(
+            summary[one]["trio_added_ms"]["p50"], GOAL_ADDED_P50_MS, at_most=True
+        ),
+        f"gateway_added_p50_ms_{one}": goal(
+            summary[one]["gateway_added_ms"]["p50"], GOAL_ADDED_P50_MS, at_most=True
+        ),
+    }
+    summary["note"] = (
+        "closed loop, emulator in zero-delay mode (8 tokens); cpu_ms_per_request counts every "
+        "process of the stack and this client, all on the same cores"
+    )
+    return summary
+
+
+def plot(loads: dict[int, dict[str, Load]], saved: list[str]) -> None:
+    """Per concurrency (a row each): requests/s, p50/p99 latency, CPU ms per request."""
+    with plots.figure(
+        "overhead",
+        len(CONCURRENCY),
+        3,
+        size=(17, 4.5 * len(CONCURRENCY)),
+        title="Usher's overhead: the model server directly vs through the trio vs the gateway",
+        saved=saved,
+    ) as axes:
+        for row, concurrency in enumerate(CONCURRENCY):
+            by_path = loads[concurrency]
+            rps, latency, cpu = axes[3 * row : 3 * row + 3]
+            plots.bars(
+                rps,
+                PATHS,
+                {"requests/s": [by_path[p].requests_per_second for p in PATHS]},
+                ylabel="requests/s",
+                title=f"throughput, concurrency {concurrency}",
+                fmt="{:.0f}",
+            )
+            figures = {p: by_path[p].figures(cpu=False) for p in PATHS}
+            plots.bars(
+                latency,
+                PATHS,
+                {q: [figures[p][f"{q}_ms"] for p in PATHS] for q in ("p50", "p99")},
+                ylabel="latency (ms)",
+                title=f"latency, concurrency {concurrency}",
+                fmt="{:.1f}",
+            )
+            processes = sorted({name for p in PATHS for name in by_path[p].cpu})
+            bottom = [0.0] * len(PATHS)
+            for name in processes:
+                per_request = [
+                    by_path[p].cpu.get(name, 0.0) * 1000 / max(1, len(by_path[p].latencies))
+                    for p in PATHS
+                ]
+                cpu.bar(PATHS, per_request, 0.6, bottom=bottom, label=name)
+                bottom = [b + v for b, v in zip(bottom, per_request, strict=True)]
+            for x, total in enumerate(bottom):
+                cpu.annotate(f"{total:.2f}", (x, total), ha="center", va="bottom", fontsize=8)
+            cpu.set_ylabel("CPU ms per request")
+            cpu.set_title(f"CPU per request by process, concurrency {concurrency}")
+            cpu.legend(fontsize=7, ncols=2)
+
+
+async def run() -> dict[str, Any]:
+    loads = await measure()
+    summary = summarize(loads)
+    saved: list[str] = []
+    plot(loads, saved)
+    summary["plots"] = saved
+    return summary
