@@ -7,6 +7,7 @@ slot usage from Redis), acts on the decision, and streams the model server's out
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import time
@@ -62,7 +63,32 @@ class FleetRouter:
         self.slots = slots
         self.strategy = routing.Strategy(settings.strategy)
         self._rotation = itertools.count()
-        self.freed = asyncio.Condition()
+        #: Reserves waiting for a slot here, oldest first, with the models each asks for.
+        #: A release wakes one of them (the oldest that wants the freed slot's model), not
+        #: every waiter: each wakeup costs a round of scripts.
+        self._waiting: collections.deque[tuple[frozenset[str], asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        #: Slots granted here lately (id → grant, when it was granted): the Generate that
+        #: follows a Reserve on this replica needs no Redis read to find its slot.
+        self._granted: dict[str, tuple[SlotGrant, float]] = {}
+
+    def _remember(self, grant: SlotGrant) -> None:
+        now = time.monotonic()
+        fresh_for = self.slots.lease_ms / 2000  # well inside the slot's lease
+        while self._granted:  # oldest first: drop grants nobody came back for
+            oldest = next(iter(self._granted))
+            if now - self._granted[oldest][1] < fresh_for:
+                break
+            del self._granted[oldest]
+        self._granted[grant.id] = (grant, now)
+
+    def take_granted(self, slot_id: str) -> SlotGrant | None:
+        """A slot this replica granted moments ago (then forgotten: it is in use)."""
+        entry = self._granted.pop(slot_id, None)
+        if entry is None or time.monotonic() - entry[1] >= self.slots.lease_ms / 2000:
+            return None
+        return entry[0]
 
     async def try_reserve(
         self,
@@ -98,6 +124,7 @@ class FleetRouter:
                 request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
             )
             if grant is not None:
+                self._remember(grant)
                 return grant
         return None
 
@@ -123,14 +150,31 @@ class FleetRouter:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            async with self.freed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.freed.wait(), min(POLL_SECONDS, remaining))
+            # Slots freed through other replicas are found by polling.
+            await self._wait_for_release(frozenset(models), min(POLL_SECONDS, remaining))
+
+    async def _wait_for_release(self, models: frozenset[str], timeout: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (models, waiter)
+        self._waiting.append(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(entry)
 
     async def release(self, grant: SlotGrant) -> None:
         await self.slots.release(grant)
-        async with self.freed:
-            self.freed.notify_all()
+        # The oldest waiter for this model; else the oldest at all (a freed slot can make
+        # room on its instance for another model).
+        chosen = next((e for e in self._waiting if grant.model in e[0]), None)
+        if chosen is None and self._waiting:
+            chosen = self._waiting[0]
+        if chosen is not None:
+            self._waiting.remove(chosen)
+            if not chosen[1].done():
+                chosen[1].set_result(None)
 
 
 def _require(principal: Principal, *roles: str) -> None:
@@ -244,6 +288,9 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         return pool_pb2.ReleaseResponse()
 
     async def _lookup(self, slot_id: str) -> SlotGrant | None:
+        granted = self.router.take_granted(slot_id)
+        if granted is not None:
+            return granted
         try:
             return await self.router.slots.lookup(slot_id)
         except ValueError:
@@ -376,8 +423,9 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                                 started=pool_pb2.GenerationStarted(instance=state.id, model=model)
                             )
                         self.registry.record(state, model, True, first_token or event.total_seconds)
-                        await self.stats.record_done(model, state.id, event)
                         yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
+                        # After the answer is on its way: the caller doesn't wait for this.
+                        await self.stats.record_done(model, state.id, event)
         except UpstreamError as error:
             self.registry.record(state, model, False, None)
             if pending and not error.before_first_token:
