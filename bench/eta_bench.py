@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from bench import plots
+from bench.load import auth as _auth
 from bench.stats import goal, percentile
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -25,10 +26,6 @@ USERS = ("alice", "bob", "carol")
 #: Waits shorter than this are "starts now" to a person; percentage errors on them mislead.
 MIN_WAIT_SECONDS = 1.0
 GOAL_MEDIAN_APE_PERCENT = 20.0
-
-
-def _auth(user: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {user}-token"),)
 
 
 async def run(requests: int = 160) -> dict[str, Any]:
@@ -106,6 +103,8 @@ def _plot(pairs: list[tuple[float, float]], saved: list[str]) -> None:
     with plots.figure("eta", 1, 2, size=(13, 5.5), saved=saved) as (scatter, errors):
         judged = [(p, a) for p, a in pairs if a >= MIN_WAIT_SECONDS]
         short = [(p, a) for p, a in pairs if a < MIN_WAIT_SECONDS]
+        # A few wild promises would squash the rest: those sit on the top edge as triangles.
+        top = 1.1 * max([a for _, a in pairs] + [percentile([p for p, _ in pairs], 95)])
         scatter.scatter([a for _, a in judged], [p for p, _ in judged], s=12, label="judged")
         scatter.scatter(
             [a for _, a in short],
@@ -114,7 +113,17 @@ def _plot(pairs: list[tuple[float, float]], saved: list[str]) -> None:
             color="lightgray",
             label=f"wait < {MIN_WAIT_SECONDS:g} s (not judged)",
         )
-        top = max(max(a, p) for p, a in pairs) * 1.05
+        beyond = [(p, a) for p, a in pairs if p > top]
+        if beyond:
+            scatter.scatter(
+                [a for _, a in beyond],
+                [top] * len(beyond),
+                marker="^",
+                color="tab:red",
+                label=f"promised more than {top:.0f} s ({len(beyond)})",
+            )
+        scatter.set_xlim(0, top)
+        scatter.set_ylim(0, top * 1.02)
         scatter.plot([0, top], [0, top], linestyle="--", linewidth=1, color="black")
         scatter.fill_between(
             [0, top], [0, top * 0.8], [0, top * 1.2], color="tab:green", alpha=0.1, label="±20 %"

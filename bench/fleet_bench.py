@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from bench import plots
+from bench.load import emulator_stats
 from bench.stats import latency_ms
 from clients.aio import AsyncUsherClient
 from usher.testing.stack import LocalStack, StackConfig
@@ -67,11 +68,6 @@ def _config() -> StackConfig:
         model_servers=tuple(server(*spec) for spec in SERVERS),
         scheduler_env={"USHER_QUEUE_MAX_SIZE": "10000", "USHER_DISPATCH_CONCURRENCY": "16"},
     )
-
-
-async def _emulator_stats(http: httpx.AsyncClient, urls: Sequence[str]) -> list[dict[str, Any]]:
-    replies = await asyncio.gather(*(http.get(f"{url}/_emulator/stats") for url in urls))
-    return [dict(reply.json()) for reply in replies]
 
 
 @dataclass
@@ -120,7 +116,7 @@ async def _drive(send: Send, work: list[str], urls: Sequence[str]) -> Outcome:
 
     async def sampler(http: httpx.AsyncClient) -> None:
         while not done.is_set():
-            stats = await _emulator_stats(http, urls)
+            stats = await emulator_stats(http, urls)
             outcome.running.append(sum(int(s["in_flight"]) for s in stats))
             await asyncio.sleep(0.1)
 
@@ -133,7 +129,7 @@ async def _drive(send: Send, work: list[str], urls: Sequence[str]) -> Outcome:
         outcome.seconds = time.perf_counter() - began
         done.set()
         await sampling
-        stats = await _emulator_stats(http, urls)
+        stats = await emulator_stats(http, urls)
     outcome.loads = sum(int(s["loads"]) for s in stats)
     outcome.evictions = sum(int(s["evictions"]) for s in stats)
     return outcome

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,9 @@ __all__ = [
     "Call",
     "Load",
     "Trio",
+    "auth",
     "closed_loop",
+    "emulator_stats",
     "http_client",
     "http_generate",
     "rss_mb",
@@ -82,6 +84,12 @@ def cpu_seconds(pid: int) -> float:
     except psutil.Error:
         return 0.0
     return float(times.user + times.system)
+
+
+async def emulator_stats(http: httpx.AsyncClient, urls: Sequence[str]) -> list[dict[str, Any]]:
+    """Each emulated model server's counters (``GET /_emulator/stats``)."""
+    replies = await asyncio.gather(*(http.get(f"{url}/_emulator/stats") for url in urls))
+    return [dict(reply.json()) for reply in replies]
 
 
 def rss_mb(pids: Mapping[str, int]) -> dict[str, float]:

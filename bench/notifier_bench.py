@@ -33,6 +33,8 @@ from typing import Any
 import grpc
 import psutil  # type: ignore[import-untyped]
 
+from bench.load import TERMINAL, USERS
+from bench.load import auth as _auth
 from bench.stats import goal, percentile
 from services.scheduler.store import FinishedWork, Lease, QueueDefaults, QueueStore
 from usher.connections import connect_redis
@@ -42,18 +44,10 @@ from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2
 
 K = notifier_pb2
 MODELS = tuple(f"bench-notify-{i}" for i in range(5))
-USERS = ("alice", "bob", "carol")
-TERMINAL = frozenset(
-    {K.UPDATE_KIND_COMPLETED, K.UPDATE_KIND_FAILED, K.UPDATE_KIND_CANCELLED, K.UPDATE_KIND_EXPIRED}
-)
 CHANNELS_PER_PROCESS = 8
 #: Streams a client process opens at once (waiting for each one's snapshot): a burst of
 #: thousands of new calls makes gRPC cancel some before the server takes them.
 OPENING_AT_ONCE = 200
-
-
-def _auth(user: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {user}-token"),)
 
 
 # ---- the watcher processes ------------------------------------------------------------------

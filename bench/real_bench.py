@@ -141,3 +141,7 @@ def _plot(paths: dict[str, list[Run]], rates: dict[str, list[float]], saved: lis
         speed.set_xticks(range(1, len(names) + 1), names)
         speed.set_ylabel("tokens/s (per request)")
         speed.set_title("generation speed, submit to last token")
+        for axis in (ttft, speed):
+            axis.plot([], [], "^", color="tab:green", label="mean")
+            axis.plot([], [], "-", color="tab:orange", label="median (box: quartiles)")
+            axis.legend(fontsize=8)

@@ -17,6 +17,7 @@ from typing import Any, cast
 import grpc
 import httpx
 
+from bench.load import emulator_stats
 from bench.stats import goal, percentile
 from services.pool import routing
 from services.pool.app import PoolApp
@@ -404,11 +405,6 @@ async def loads_affinity_vs_wrr(redis: RedisServer, instances: int = 4) -> dict[
 # ---- 3. slot utilization under saturation ---------------------------------------------------
 
 
-async def _emulator_stats(client: httpx.AsyncClient, urls: Sequence[str]) -> list[dict[str, Any]]:
-    replies = await asyncio.gather(*(client.get(f"{u}/_emulator/stats") for u in urls))
-    return [cast(dict[str, Any], r.json()) for r in replies]
-
-
 async def slot_utilization(
     redis: RedisServer,
     instances: int = 3,
@@ -487,7 +483,7 @@ async def slot_utilization(
                         max_model_slots, *(u[i].model_active for u in usage for i in ids)
                     )
                     max_instance_slots = max(max_instance_slots, *per_instance)
-                    stats = await _emulator_stats(http, urls)
+                    stats = await emulator_stats(http, urls)
                     max_upstream_outstanding = max(
                         max_upstream_outstanding,
                         *(int(s["in_flight"]) + int(s["queue_depth"]) for s in stats),
@@ -510,7 +506,7 @@ async def slot_utilization(
             elapsed = time.perf_counter() - began
             stop.set()
             await asyncio.gather(*tasks, sampling)
-            final = await _emulator_stats(http, urls)
+            final = await emulator_stats(http, urls)
     finally:
         emulators.terminate()
     model_in_flight_max = max(

@@ -1,0 +1,52 @@
+"""The benchmarks' pure helpers (no services started): percentiles, JSON tidying, Jain's
+index and the non-preemptive floor the fairness scenario prints."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+from bench.fairness_bench import first_free_waits, jain
+from bench.stats import goal, percentile, tidy
+
+
+def test_percentile_is_nearest_rank() -> None:
+    samples = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(samples, 0) == 1.0
+    assert percentile(samples, 50) == 3.0
+    assert percentile(samples, 100) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_tidy_makes_nested_figures_json_ready() -> None:
+    tidied = tidy({"a": 1.23456, "b": {"c": float("nan"), "d": (1, 2.00049)}, "e": [math.inf]})
+    assert tidied == {"a": 1.235, "b": {"c": None, "d": [1, 2.0]}, "e": [None]}
+    json.dumps(tidied, allow_nan=False)
+
+
+def test_goal_says_whether_it_was_met() -> None:
+    assert goal(0.9, 1.2, at_most=True)["met"] is True
+    assert goal(900.0, 1000, at_most=False) == {
+        "target": ">= 1000",
+        "measured": 900.0,
+        "met": False,
+    }
+    assert goal(None, 1.0, at_most=True)["met"] is None
+
+
+def test_jain_index() -> None:
+    assert jain([3.0, 3.0, 3.0]) == 1.0
+    assert math.isclose(jain([1.0, 0.0, 0.0, 0.0]), 0.25)
+
+
+def test_first_free_wait_of_exponential_service_is_mean_over_slots() -> None:
+    # Memoryless service: each busy slot's remaining time is exponential with mean S, so the
+    # first of k to finish takes S/k on average.
+    waits = first_free_waits(4, lambda rng: rng.expovariate(1 / 0.05), arrivals=20_000)
+    assert math.isclose(statistics.fmean(waits), 0.05 / 4, rel_tol=0.05)
+
+
+def test_first_free_wait_of_one_fixed_service_is_half_of_it() -> None:
+    waits = first_free_waits(1, lambda _: 0.04, arrivals=5_000)
+    assert math.isclose(statistics.fmean(waits), 0.02, rel_tol=0.05)
