@@ -207,7 +207,9 @@ def _plot(
             linewidth=1,
             label="accepted",
         )
-        top = axis.get_ylim()[1]
+        # Head room above the bars for the victims' names.
+        top = axis.get_ylim()[1] * 1.35
+        axis.set_ylim(0, top)
         for kill in kills:
             color = colors.get(kill.victim, "tab:gray")
             axis.axvline(kill.at, color=color, linestyle="--", linewidth=1.2)
@@ -215,7 +217,7 @@ def _plot(
             axis.text(
                 kill.at,
                 top * 0.98,
-                f" {kill.victim}",
+                f"{kill.victim} ",
                 rotation=90,
                 va="top",
                 ha="right",

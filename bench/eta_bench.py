@@ -102,10 +102,11 @@ def _plot(pairs: list[tuple[float, float]], saved: list[str]) -> None:
     """Promised vs actual wait (one dot per request), and the percentage errors' CDF."""
     with plots.figure("eta", 1, 2, size=(13, 5.5), saved=saved) as (scatter, errors):
         judged = [(p, a) for p, a in pairs if a >= MIN_WAIT_SECONDS]
-        short = [(p, a) for p, a in pairs if a < MIN_WAIT_SECONDS]
         # A few wild promises would squash the rest: those sit on the top edge as triangles.
         top = 1.1 * max([a for _, a in pairs] + [percentile([p for p, _ in pairs], 95)])
-        scatter.scatter([a for _, a in judged], [p for p, _ in judged], s=12, label="judged")
+        shown = [(p, a) for p, a in judged if p <= top]
+        short = [(p, a) for p, a in pairs if a < MIN_WAIT_SECONDS and p <= top]
+        scatter.scatter([a for _, a in shown], [p for p, _ in shown], s=12, label="judged")
         scatter.scatter(
             [a for _, a in short],
             [p for p, _ in short],

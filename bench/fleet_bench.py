@@ -223,7 +223,10 @@ def _plot(outcomes: dict[str, Outcome], saved: list[str]) -> None:
         plots.bars(
             loads,
             names,
-            {k: [figures[n][k] for n in names] for k in ("model_loads", "evictions")},
+            {
+                "model loads": [figures[n]["model_loads"] for n in names],
+                "evictions": [figures[n]["evictions"] for n in names],
+            },
             title="model loads and evictions",
             fmt="{:.0f}",
         )

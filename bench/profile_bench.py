@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import re
 import shutil
 import sys
@@ -40,6 +41,7 @@ PLUMBING = (
     "__main__.py",
     "threading.py",
     "run_service (usher/server.py)",
+    "usher/eventloop.py",
 )
 
 
@@ -98,7 +100,7 @@ async def run() -> dict[str, Any]:
     if spy is None:
         return {"skipped": "py-spy not installed (pip install py-spy)"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with LocalStack(stack_config()) as stack:
+    with LocalStack(dataclasses.replace(stack_config(), gateway=False)) as stack:
         pids = stack_pids(stack)
         targets = {name: pids[name] for name in ("scheduler", "pool", "notifier")}
         outputs = {name: RESULTS / f"profile-{name}.txt" for name in targets}
