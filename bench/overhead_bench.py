@@ -13,7 +13,9 @@ machine's cores, so throughput is bounded by the CPU each request costs in all o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+import redis
 
 from bench import plots
 from bench.load import Call, Load, Trio, closed_loop, http_client, http_generate, stack_pids
@@ -41,9 +43,29 @@ def stack_config() -> StackConfig:
     )
 
 
-async def measure() -> dict[int, dict[str, Load]]:
+def _redis_calls(client: redis.Redis) -> dict[str, int]:
+    stats = cast(dict[str, dict[str, Any]], client.info("commandstats"))
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def redis_work_per_request(
+    before: dict[str, int], after: dict[str, int], requests: int
+) -> dict[str, float]:
+    """Redis commands per request over a run (scripts count once, as EVALSHA)."""
+    spent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    done = max(1, requests)
+    return {
+        "commands": sum(spent.values()) / done,
+        "script_calls": (spent.get("evalsha", 0) + spent.get("eval", 0)) / done,
+        "stream_reads": (spent.get("xread", 0) + spent.get("xrange", 0)) / done,
+    }
+
+
+async def measure() -> tuple[dict[int, dict[str, Load]], dict[str, float]]:
     loads: dict[int, dict[str, Load]] = {c: {} for c in CONCURRENCY}
+    redis_work: dict[str, float] = {}
     with LocalStack(stack_config()) as stack:
+        counter = redis.Redis.from_url(stack.redis_url)
         pids = stack_pids(stack)
         trio = Trio(stack)
         async with http_client(max(CONCURRENCY)) as http:
@@ -58,15 +80,23 @@ async def measure() -> dict[int, dict[str, Load]]:
             for concurrency in CONCURRENCY:
                 for path in PATHS:
                     seconds = SECONDS[concurrency][path]
+                    before = _redis_calls(counter)
                     loads[concurrency][path] = await closed_loop(
                         calls[path], concurrency, seconds, pids
                     )
+                    if path == "trio" and concurrency == max(CONCURRENCY):
+                        redis_work = redis_work_per_request(
+                            before,
+                            _redis_calls(counter),
+                            len(loads[concurrency][path].latencies),
+                        )
         await trio.aclose()
-    return loads
+        counter.close()
+    return loads, redis_work
 
 
-def summarize(loads: dict[int, dict[str, Load]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
+def summarize(loads: dict[int, dict[str, Load]], redis_work: dict[str, float]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"trio_redis_per_request": redis_work}
     for concurrency, by_path in loads.items():
         figures = {path: load.figures() for path, load in by_path.items()}
         direct = figures["direct"]
@@ -150,8 +180,8 @@ def plot(loads: dict[int, dict[str, Load]], saved: list[str]) -> None:
 
 
 async def run() -> dict[str, Any]:
-    loads = await measure()
-    summary = summarize(loads)
+    loads, redis_work = await measure()
+    summary = summarize(loads, redis_work)
     saved: list[str] = []
     plot(loads, saved)
     summary["plots"] = saved
