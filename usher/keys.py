@@ -60,8 +60,11 @@ _MODEL_SUFFIXES = {
     "dead_letters": "dead",
     # HASH of runtime-updatable limits (max_queue_size, queue_timeout_ms, ...).
     "config": "config",
-    # HASH "vtime" → queue virtual time; "flow:<tenant>|<class>" → flow finish tag.
+    # HASH "vtime" → queue virtual time; "flow:<tenant>|<class>" → flow finish tag;
+    # "act:<flow>" → the flow's recent arrivals, for ETAs ("act_since": counted since, ms).
     "fairness": "fairness",
+    # ZSET flow → when it last sent (ms): the flows an ETA expects to keep sending.
+    "flows": "flows",
     # HASH of counters and moving averages.
     "stats": "stats",
     # STRING arrival counter.
@@ -128,6 +131,7 @@ class ModelKeys:
     dead_letters = property(lambda self: self._k("dead_letters"))
     config = property(lambda self: self._k("config"))
     fairness = property(lambda self: self._k("fairness"))
+    flows = property(lambda self: self._k("flows"))
     stats = property(lambda self: self._k("stats"))
     sequence = property(lambda self: self._k("sequence"))
     events = property(lambda self: self._k("events"))

@@ -6,6 +6,7 @@ import time
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from services.scheduler import fairness
 from services.scheduler.eta import Estimate, ModelAverages, queued_eta
 from services.scheduler.store import QUEUED, RUNNING, StoredRequest
 from usher.v1 import request_pb2
@@ -30,7 +31,8 @@ def eta_for(
 ) -> Estimate | None:
     """Until start while queued; until finish while running; None once finished."""
     if stored.state == QUEUED and stored.position > 0:
-        return queued_eta(stored.position, parallel, averages, stored.start)
+        flow = fairness.flow_key(stored.tenant, stored.priority)
+        return queued_eta(stored.position, parallel, averages, stored.start, flow)
     if stored.state == RUNNING:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         elapsed = max(0.0, (now - stored.started_ms) / 1000)

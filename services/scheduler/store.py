@@ -22,8 +22,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
-from services.scheduler import fairness
-from services.scheduler.eta import EWMA_ALPHA, ModelAverages
+from services.scheduler import eta, fairness
+from services.scheduler.eta import EWMA_ALPHA, SERVICE_ALPHA, ModelAverages
 from usher import keys
 from usher.crypto import NullSealer
 from usher.keys import ModelKeys
@@ -55,8 +55,11 @@ TERMINAL_STATES = frozenset(
 TENANT_LISTING_MAX = 10_000
 #: The id → model index outlives the request's own keys by this much (queue time + slack).
 INDEX_SLACK_SECONDS = 2 * 86_400
-#: Tenant weights and model averages are read at most this often per process.
+#: Tenant weights are read at most this often per process.
 CACHE_SECONDS = 1.0
+#: Model averages (with the fair clock and running count ETAs start from) at most this
+#: often: the clock moves with every claim, and a second-old one overstates waits.
+AVERAGES_CACHE_SECONDS = 0.1
 
 
 def now_ms() -> int:
@@ -445,6 +448,7 @@ class QueueStore:
                     self.defaults.queue_timeout_ms,
                     created,
                     request.deadline_ms,
+                    round(eta.ARRIVAL_TAU_SECONDS * 1000),
                     *flat,
                 ],
             )
@@ -547,12 +551,17 @@ class QueueStore:
             pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
             pipe.hget(mk.config, "parallel")
             pipe.hget(keys.POOL_CAPACITY, model)
-            pipe.hmget(mk.fairness, ["vtime", "vpace"])
+            pipe.hmget(mk.fairness, ["vtime", "act_since"])
+            pipe.zcard(mk.leases)
+            active_since = now_ms() - eta.ACTIVE_FLOW_SECONDS * 1000
+            pipe.zrevrangebyscore(mk.flows, "+inf", active_since, start=0, num=eta.MAX_FLOWS)
             (
                 (service, variance, output, tps),
                 parallel,
                 capacity,
-                (vtime, vpace),
+                (vtime, since),
+                running,
+                flow_names,
             ) = await pipe.execute()
         averages = ModelAverages(
             service_seconds=float(service) / 1000 if service else 30.0,
@@ -560,11 +569,34 @@ class QueueStore:
             output_tokens=float(output) if output else self.defaults.default_output_tokens,
             tokens_per_second=float(tps) if tps else 0.0,
             virtual_time=float(vtime) if vtime else 0.0,
-            virtual_pace=float(vpace) if vpace else 0.0,
+            running=int(running),
+            flows=await self._flow_activity(mk, flow_names, since),
+            priority_lead=self.defaults.priority_lead,
         )
         slots = int(parallel or capacity or 0) or self.defaults.parallel
-        self._averages[model] = (now + CACHE_SECONDS, averages, slots)
+        self._averages[model] = (now + AVERAGES_CACHE_SECONDS, averages, slots)
         return averages, slots
+
+    async def _flow_activity(
+        self, mk: ModelKeys, names: Sequence[bytes], since: bytes | None
+    ) -> tuple[eta.FlowActivity, ...]:
+        """The recently active flows of a model: finish tags and arrival rates (for ETAs)."""
+        if not names or since is None:
+            return ()
+        flows = [name.decode() for name in names]
+        fields = [f"{prefix}{flow}" for flow in flows for prefix in ("flow:", "act:")]
+        values = await self.redis.hmget(mk.fairness, fields)
+        now, observed_since = time.time(), float(since) / 1000
+        found = []
+        for i, flow in enumerate(flows):
+            finish, record = values[2 * i], values[2 * i + 1]
+            if record:
+                activity = eta.activity_from_record(
+                    flow, float(finish or 0), _decode(record), now, observed_since
+                )
+                if activity is not None:
+                    found.append(activity)
+        return tuple(found)
 
     async def counters(self, model: str) -> dict[str, float]:
         raw = await self._hgetall(ModelKeys(model).stats)
@@ -718,6 +750,7 @@ class QueueStore:
                     repr(work.tokens_per_second),
                     work.output_tokens,
                     repr(EWMA_ALPHA),
+                    repr(SERVICE_ALPHA),
                     *extra,
                 ],
             )

@@ -16,18 +16,7 @@ for _ = 1, 100 do
     if ARGV[6] == '1' then
       local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
       local start = tonumber(redis.call('HGET', rk, 'start'))
-      if start > vtime then
-        -- The pace of virtual time (tokens of it per second) while the queue is busy: with
-        -- it, a queued request's wait is (its start tag - virtual time) / pace, which counts
-        -- the other tenants' later arrivals that fair queuing serves first (eta.py).
-        local at = tonumber(redis.call('HGET', K.fairness, 'vtime_at') or '0')
-        if at > 0 and NOW > at and NOW - at < 60000 then
-          local sample = (start - vtime) * 1000 / (NOW - at)
-          local pace = tonumber(redis.call('HGET', K.fairness, 'vpace'))
-          redis.call('HSET', K.fairness, 'vpace', fmt(pace and (pace + 0.2 * (sample - pace)) or sample))
-        end
-        redis.call('HSET', K.fairness, 'vtime', fmt(start), 'vtime_at', NOW)
-      end
+      if start > vtime then redis.call('HSET', K.fairness, 'vtime', fmt(start)) end
     end
     local attempts = redis.call('HINCRBY', rk, 'attempts', 1)
     redis.call('HSET', rk, 'state', RUNNING, 'started_ms', NOW, 'lease_token', ARGV[5],

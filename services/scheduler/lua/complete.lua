@@ -2,7 +2,8 @@
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 id, 4 lease token, 5 state, 6 error, 7 ttl s,
 --       8 actual token cost (-1 = unknown), 9 service ms, 10 tokens/s, 11 output tokens,
---       12 moving-average alpha, 13.. extra field/value pairs (result, usage)
+--       12 moving-average alpha, 13 service time's moving-average alpha,
+--       14.. extra field/value pairs (result, usage)
 -- Returns 1, or -1 when the lease was lost (another dispatcher owns the request now).
 local id, state = ARGV[3], tonumber(ARGV[5])
 local rk = req_key(id)
@@ -10,7 +11,7 @@ if tonumber(redis.call('HGET', rk, 'state')) ~= RUNNING
     or redis.call('HGET', rk, 'lease_token') ~= ARGV[4] then
   return -1
 end
-if #ARGV >= 13 then redis.call('HSET', rk, unpack(ARGV, 13)) end
+if #ARGV >= 14 then redis.call('HSET', rk, unpack(ARGV, 14)) end
 
 -- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish).
 local actual = tonumber(ARGV[8])
@@ -21,16 +22,21 @@ if actual >= 0 then
   redis.call('HINCRBYFLOAT', K.fairness, 'flow:' .. flow, fmt((actual - estimated) / weight))
 end
 
--- Moving averages of completed work (eta.py: ewma, ewma_variance).
+-- Moving averages of completed work (eta.py: ewma, ewma_variance). The service time's has
+-- its own alpha and weighs its n-th sample at least 1/n, so its first samples are a plain
+-- mean (a mean recorded before the count existed keeps the plain alpha).
 if state == COMPLETED then
   local alpha = tonumber(ARGV[12])
   local service = tonumber(ARGV[9])
   local mean = tonumber(redis.call('HGET', K.stats, 'service_ms'))
+  local samples = redis.call('HINCRBY', K.stats, 'service_n', 1)
   if mean then
+    local weight = tonumber(ARGV[13])
+    if samples > 1 then weight = math.max(weight, 1 / samples) end
     local var = tonumber(redis.call('HGET', K.stats, 'service_var') or '0')
     local delta = service - mean
-    redis.call('HSET', K.stats, 'service_ms', fmt(mean + alpha * delta),
-      'service_var', fmt((1 - alpha) * (var + alpha * delta * delta)))
+    redis.call('HSET', K.stats, 'service_ms', fmt(mean + weight * delta),
+      'service_var', fmt((1 - weight) * (var + weight * delta * delta)))
   else
     redis.call('HSET', K.stats, 'service_ms', fmt(service), 'service_var', '0')
   end

@@ -4,7 +4,7 @@
 --       10 default max queue size, 11 fingerprint ('' = no dedup), 12 idempotency key ('' = none),
 --       13 idempotency ttl s, 14 queue timeout ms (0 = the model's), 15 default max attempts,
 --       16 default queue timeout ms, 17 created ms, 18 deadline ms (0 = none),
---       19.. field/value pairs of the request hash
+--       19 time constant (ms) of flows' arrival rates, 20.. field/value pairs of the request hash
 -- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full.
 local id, tenant, flow = ARGV[3], ARGV[4], ARGV[5]
 local weight, cost, class, lead = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
@@ -54,6 +54,27 @@ local start = math.max(vtime, flow_finish)
 local score = start + lead * (class - 1)
 redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(start + cost / weight))
 
+-- How often this flow sends, for ETAs: other flows' expected arrivals are what overtakes a
+-- queued request (eta.py: decayed_count, activity_from_record). "count at_ms cost weight":
+-- each arrival weighs exp(-age / tau); cost is a moving average of its requests' costs.
+local tau = tonumber(ARGV[19])
+local count, typical = 1, cost
+local act = redis.call('HGET', K.fairness, 'act:' .. flow)
+if act then
+  local c, at, avg = string.match(act, '^(%S+) (%S+) (%S+)')
+  count = tonumber(c) * math.exp(-math.max(0, NOW - tonumber(at)) / tau) + 1
+  typical = tonumber(avg) + 0.2 * (cost - tonumber(avg))
+end
+redis.call('HSET', K.fairness, 'act:' .. flow,
+  string.format('%.6g %d %.6g %s', count, NOW, typical, fmt(weight)))
+redis.call('HSETNX', K.fairness, 'act_since', NOW)
+redis.call('ZADD', K.flows, NOW, flow)
+-- Flows silent for five time constants are forgotten, a few per call.
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', K.flows, '-inf', NOW - 5 * tau, 'LIMIT', 0, 8)) do
+  redis.call('ZREM', K.flows, old)
+  redis.call('HDEL', K.fairness, 'act:' .. old)
+end
+
 local seq = redis.call('INCR', K.sequence)
 local member = string.format('%016d:%s', seq, id)
 local max_attempts = redis.call('HGET', K.config, 'max_attempts') or ARGV[15]
@@ -65,7 +86,7 @@ local expires = tonumber(ARGV[17]) + timeout
 local deadline = tonumber(ARGV[18])
 if deadline > 0 and deadline < expires then expires = deadline end
 
-redis.call('HSET', rk, unpack(ARGV, 19))
+redis.call('HSET', rk, unpack(ARGV, 20))
 redis.call('HSET', rk, 'state', QUEUED, 'member', member, 'score', fmt(score), 'start', fmt(start),
   'cost', fmt(cost), 'weight', fmt(weight), 'flow', flow, 'attempts', 0,
   'max_attempts', max_attempts, 'expires_ms', expires, 'dedup', fingerprint,
