@@ -1,0 +1,397 @@
+"""Chaos with the whole system running, for the chaos benchmark and the end-to-end test.
+
+A steady stream of requests goes through the SDK while the Scheduler, the Pool, the
+Notifier, a model server and Redis (AOF, appendfsync always) are SIGKILLed and brought back
+in turn at random intervals. Then the accounting: accepted vs finished (nothing may be
+lost), how many terminal events each request's log holds (exactly one: nothing finished
+twice), events delivered twice to watchers (none, both through the SDK and on the
+Notifier's own streams) and how long each outage lasted for clients::
+
+    report = await run_chaos(160, rate=8.0, kill_each_at_least=1)
+    assert report.lost == 0 and report.duplicates == 0 and not report.not_finished_once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import grpc
+import grpc.aio
+import redis.asyncio as aioredis
+
+from clients.aio import AsyncUsherClient
+from clients.errors import UsherError
+from clients.retry import RetryPolicy
+from usher import keys
+from usher.testing.stack import LocalStack, StackConfig
+from usher.v1 import notifier_pb2, notifier_pb2_grpc
+
+__all__ = ["MODEL", "VICTIMS", "ChaosReport", "Kill", "chaos_config", "run_chaos"]
+
+MODEL = "llama3.2:1b"
+#: What can be killed, in the words the report uses.
+VICTIMS = ("scheduler", "pool", "notifier", "redis", "model server")
+TOKEN = "alice-token"
+_TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED")
+_TERMINAL_EVENTS = {b"completed", b"failed", b"cancelled", b"expired"}
+_TERMINAL_KINDS = {
+    notifier_pb2.UPDATE_KIND_COMPLETED,
+    notifier_pb2.UPDATE_KIND_FAILED,
+    notifier_pb2.UPDATE_KIND_CANCELLED,
+    notifier_pb2.UPDATE_KIND_EXPIRED,
+}
+#: A plain Watch stream that ends with one of these is resumed from the last event seen.
+_RESUMABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+def chaos_config(
+    state_dir: str = "", tokens_per_second: int = 400, max_attempts: int | None = None
+) -> StackConfig:
+    """Two model servers, each its own (killable) process, generating ``tokens_per_second``
+    each request (10 to 40 tokens an answer); Redis with appendfsync always; short leases
+    so the work of a killed Scheduler comes back quickly. Every kill that catches a request
+    running costs it one of its ``max_attempts`` (None: the Scheduler's default, 3)."""
+    attempts = {} if max_attempts is None else {"USHER_MAX_ATTEMPTS": str(max_attempts)}
+    return StackConfig(
+        state_dir=state_dir,
+        redis_appendfsync="always",
+        model_server_processes=2,
+        emulator_args=(
+            "--tokens-per-second",
+            str(tokens_per_second),
+            "--load-time",
+            "0.05",
+            "--parallel",
+            "4",
+            "--output-tokens",
+            "10:40",
+        ),
+        instance_options=";parallel=4",
+        scheduler_env={
+            "USHER_LEASE_SECONDS": "2",
+            "USHER_REAP_INTERVAL_SECONDS": "0.1",
+            "USHER_QUEUE_MAX_SIZE": "100000",
+            "USHER_DISPATCH_CONCURRENCY": "16",
+            **attempts,
+        },
+        pool_env={"USHER_POOL_SLOT_LEASE_SECONDS": "3"},
+    )
+
+
+@dataclass(frozen=True)
+class Kill:
+    victim: str
+    #: Seconds since the run began.
+    at: float
+    #: From the kill until a client call went through again.
+    recovery: float
+    #: The victim's process was running when the SIGKILL came (not already dead).
+    was_running: bool
+
+
+@dataclass
+class ChaosReport:
+    #: Request ids in the order they were accepted, and when (seconds since the run began).
+    accepted: list[str] = field(default_factory=list)
+    accepted_at: list[float] = field(default_factory=list)
+    #: Request id → its final state ("COMPLETED", ...), for those that finished.
+    final: dict[str, str] = field(default_factory=dict)
+    #: Request id → how many times it was started (more than 1: a kill caught it running).
+    attempts: dict[str, int] = field(default_factory=dict)
+    #: When each completed request finished, seconds since the run began.
+    finished_at: list[float] = field(default_factory=list)
+    #: Request id → terminal events (completed, failed, ...) in its event log in Redis.
+    terminal_events: dict[str, int] = field(default_factory=dict)
+    #: Watched request → event ids the SDK's watch delivered, in order.
+    watched: dict[str, list[str]] = field(default_factory=dict)
+    #: Watched request → event ids sent on plain Notifier streams (resumed from the last
+    #: event id seen, without the SDK's filter of ids already seen).
+    streamed: dict[str, list[str]] = field(default_factory=dict)
+    #: Watched request → how many times its plain stream broke and was resumed.
+    resumed: Counter[str] = field(default_factory=Counter)
+    #: "sdk <id>" / "stream <id>" → how the watch ended: the last update's kind, or the error.
+    watch_endings: dict[str, str] = field(default_factory=dict)
+    kills: list[Kill] = field(default_factory=list)
+    seconds: float = 0.0
+    #: Where the services' logs and Redis's data are.
+    state_dir: str = ""
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        return Counter(self.final.values())
+
+    @property
+    def completed(self) -> int:
+        return self.outcomes["COMPLETED"]
+
+    @property
+    def lost(self) -> int:
+        """Accepted requests that never finished."""
+        return len(self.accepted) - len(self.final)
+
+    @property
+    def retried(self) -> int:
+        """Requests that ran more than once (a kill caught them running)."""
+        return sum(1 for n in self.attempts.values() if n > 1)
+
+    @property
+    def not_finished_once(self) -> dict[str, int]:
+        """Requests whose event log holds other than exactly one terminal event."""
+        return {rid: n for rid, n in self.terminal_events.items() if n != 1}
+
+    @property
+    def duplicates(self) -> int:
+        """Events the SDK's watch delivered more than once."""
+        return sum(len(ids) - len(set(ids)) for ids in self.watched.values())
+
+    @property
+    def notifier_duplicates(self) -> int:
+        """Events the Notifier sent more than once on one watcher's (resumed) streams."""
+        return sum(len(ids) - len(set(ids)) for ids in self.streamed.values())
+
+    @property
+    def watches_not_completed(self) -> dict[str, str]:
+        """Watches that did not end on the COMPLETED update, with how they ended."""
+        return {w: how for w, how in self.watch_endings.items() if how != "COMPLETED"}
+
+    def killed(self) -> Counter[str]:
+        """Victim → how many times it was SIGKILLed while running."""
+        return Counter(kill.victim for kill in self.kills if kill.was_running)
+
+    def recoveries(self) -> dict[str, list[float]]:
+        """Victim → its recovery times, seconds."""
+        out: dict[str, list[float]] = defaultdict(list)
+        for kill in self.kills:
+            out[kill.victim].append(kill.recovery)
+        return dict(sorted(out.items()))
+
+
+async def run_chaos(
+    requests: int,
+    rate: float,
+    victims: Sequence[str] = VICTIMS,
+    *,
+    config: StackConfig | None = None,
+    seed: int = 3,
+    watch_every: int = 20,
+    pause: tuple[float, float] = (1.5, 3.5),
+    model_server_downtime: float = 2.0,
+    kill_each_at_least: int = 0,
+    settle_timeout: float = 180.0,
+    watch_timeout: float = 60.0,
+) -> ChaosReport:
+    """Submit ``requests`` prompts (about ``rate`` a second) while ``victims`` are killed in
+    turn (a shuffled order, repeated) after pauses drawn from ``pause``; a model server stays
+    down ``model_server_downtime`` seconds, the others restart at once. Every
+    ``watch_every``-th request is watched twice: through the SDK and on a plain stream.
+
+    Killing stops when the last request is accepted, or, with ``kill_each_at_least``, once
+    every victim was killed that many times. Then waits up to ``settle_timeout`` seconds for
+    every accepted request to finish and ``watch_timeout`` for the watches to end."""
+    unknown = set(victims) - set(VICTIMS)
+    if unknown or not victims:
+        raise ValueError(f"victims must be some of {VICTIMS}, got {list(victims)}")
+    rng = random.Random(seed)
+    report = ChaosReport()
+    with LocalStack(config or chaos_config()) as stack:
+        report.state_dir = str(stack.state_dir)
+        client = AsyncUsherClient(
+            stack.scheduler_address,
+            stack.notifier_address,
+            token=TOKEN,
+            retry=RetryPolicy(max_total_wait=120.0, max_attempts=200, max_backoff=1.0),
+        )
+        plain = grpc.aio.insecure_channel(
+            stack.notifier_address,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
+        notifier = notifier_pb2_grpc.NotifierServiceStub(plain)
+        done_submitting = asyncio.Event()
+        watchers: list[asyncio.Task[None]] = []
+
+        async def submit_all() -> None:
+            for i in range(requests):
+                submission = await client.submit(MODEL, f"chaos {i}")
+                report.accepted.append(submission.request.id)
+                report.accepted_at.append(time.monotonic() - began)
+                if i % watch_every == 0:
+                    for kind, how in (("sdk", watch), ("stream", stream)):
+                        key = f"{kind} {submission.request.id}"
+                        watchers.append(
+                            asyncio.create_task(ending(key, how(submission.request.id)))
+                        )
+                await asyncio.sleep(1 / rate)
+            done_submitting.set()
+
+        async def ending(key: str, watching: Coroutine[Any, Any, str]) -> None:
+            report.watch_endings[key] = "still watching when the run ended"
+            report.watch_endings[key] = await watching
+
+        async def watch(request_id: str) -> str:
+            seen = report.watched.setdefault(request_id, [])
+            last = "no update"
+            try:
+                async for update in client.watch(request_id):
+                    last = update.kind.name
+                    if update.event_id:
+                        seen.append(update.event_id)
+            except UsherError as exc:
+                return f"{type(exc).__name__}: {exc.message}"
+            return last
+
+        async def stream(request_id: str) -> str:
+            """The Notifier's Watch without the SDK: resumed by hand from the last id seen,
+            so an event the Notifier sends twice is counted, not filtered out."""
+            seen = report.streamed.setdefault(request_id, [])
+            metadata = (("authorization", f"Bearer {TOKEN}"),)
+            last_kind = "no update"
+            while last_kind not in _TERMINAL_STATES:
+                last = max(seen, key=_event_key, default="")
+                try:
+                    async for response in notifier.Watch(
+                        notifier_pb2.WatchRequest(id=request_id, last_event_id=last),
+                        metadata=metadata,
+                        timeout=30,
+                    ):
+                        last_kind = notifier_pb2.UpdateKind.Name(response.kind).removeprefix(
+                            "UPDATE_KIND_"
+                        )
+                        if response.event_id:
+                            seen.append(response.event_id)
+                        if response.kind in _TERMINAL_KINDS:
+                            break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in _RESUMABLE:
+                        return f"{exc.code().name}: {exc.details()}"
+                if last_kind not in _TERMINAL_STATES:
+                    report.resumed[request_id] += 1  # the stream broke or ended early
+                    await asyncio.sleep(0.2)
+            return last_kind
+
+        async def outage(victim: str) -> None:
+            started = time.monotonic()
+            if victim == "model server":
+                # A model server dies for a while, then comes back on its port.
+                index = rng.randrange(len(stack.model_servers))
+                was_running = stack.model_servers[index].returncode is None
+                stack.model_servers[index].kill()
+                await asyncio.sleep(model_server_downtime)
+                await asyncio.to_thread(stack.restart_model_server, index)
+            else:
+                process, kill, restart = _service(stack, victim)
+                was_running = process is not None and process.poll() is None
+                kill()
+                await asyncio.to_thread(restart)
+            # Recovered when a client call goes through again.
+            while True:
+                try:
+                    await client.get(report.accepted[-1])
+                    break
+                except UsherError:
+                    await asyncio.sleep(0.05)
+            report.kills.append(
+                Kill(victim, started - began, time.monotonic() - started, was_running)
+            )
+
+        async def chaos() -> None:
+            # Every kind of victim in turn, in a shuffled order, at random intervals.
+            order = rng.sample(list(victims), len(victims))
+            for n in itertools.count():
+                await asyncio.sleep(rng.uniform(*pause))
+                killed = Counter(kill.victim for kill in report.kills)
+                if done_submitting.is_set() and all(
+                    killed[v] >= kill_each_at_least for v in victims
+                ):
+                    return
+                if report.accepted:
+                    await outage(order[n % len(order)])
+
+        began = time.monotonic()
+        began_wall = time.time()
+        try:
+            await asyncio.gather(submit_all(), chaos())
+            deadline = time.monotonic() + settle_timeout
+            while len(report.final) < len(report.accepted) and time.monotonic() < deadline:
+                for request_id in report.accepted:
+                    if request_id not in report.final:
+                        request = await client.get(request_id)
+                        if request.state.name in _TERMINAL_STATES:
+                            report.final[request_id] = request.state.name
+                            report.attempts[request_id] = request.attempts
+                            if request.state.name == "COMPLETED" and request.finished_at:
+                                report.finished_at.append(
+                                    request.finished_at.timestamp() - began_wall
+                                )
+                await asyncio.sleep(0.5)
+            if watchers:
+                await asyncio.wait(watchers, timeout=watch_timeout)
+            report.seconds = time.monotonic() - began
+            report.terminal_events = await _terminal_events(stack.redis_url, report.accepted)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+            await client.close()
+            await plain.close()
+    return report
+
+
+def _service(
+    stack: LocalStack, victim: str
+) -> tuple[subprocess.Popen[bytes] | None, Callable[[], None], Callable[[], object]]:
+    """A service's process now, how to SIGKILL it and how to start it again (same port)."""
+    if victim == "scheduler":
+        return stack.schedulers[0].process, stack.schedulers[0].kill, stack.start_scheduler
+    if victim == "notifier":
+        return stack.notifiers[0].process, stack.notifiers[0].kill, stack.start_notifier
+    if victim == "pool":
+        assert stack.pool is not None
+        return stack.pool.process, stack.pool.kill, stack.start_pool
+    assert stack.redis is not None
+    return stack.redis.process, stack.redis.kill, stack.redis.start
+
+
+def _event_key(event_id: str) -> tuple[int, int]:
+    """Redis stream ids ("1700000000000-3") order numerically."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _terminal_events(redis_url: str, request_ids: Sequence[str]) -> dict[str, int]:
+    """Request id → terminal events in its own event log (read from Redis)."""
+    redis = aioredis.from_url(redis_url)
+    try:
+        out: dict[str, int] = {}
+        for request_id in request_ids:
+            model = cast(bytes | None, await redis.get(keys.request_index(request_id)))
+            if model is None:
+                out[request_id] = 0
+                continue
+            entries = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await redis.xrange(keys.ModelKeys(model.decode()).request_events(request_id)),
+            )
+            out[request_id] = sum(
+                1 for _eid, fields in entries if fields.get(b"type") in _TERMINAL_EVENTS
+            )
+        return out
+    finally:
+        await redis.aclose()
