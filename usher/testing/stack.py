@@ -138,6 +138,7 @@ class LocalStack:
 
     def restart_model_server(self, index: int) -> None:
         """Bring back a killed model server (model_server_processes mode) on its port."""
+        self.model_servers[index].stop()  # reaps it and closes its output pipe
         self.model_servers[index] = EmulatorProcess(self.model_servers[index].args)
         self.model_servers[index].start()
 
