@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
+from services.notifier.heap import HeapFreezer
 from services.notifier.service import NotifierServicer
 from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import Authenticator, Principal, load_token_map
@@ -33,7 +34,13 @@ class NotifierSettings:
     #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
     external_alternative: str = ""
     position_interval_seconds: float = 0.2
+    #: Position updates sent per second at most, all watchers together (the rest wait
+    #: their turn, newest place only), so a moving queue cannot crowd out other updates.
+    position_updates_per_second: float = 2000.0
     badge_interval_seconds: float = 1.0
+    #: How often long-lived objects are frozen out of the garbage collector's walks
+    #: (services/notifier/heap.py); 0 = leave the collector as it is.
+    heap_freeze_seconds: float = 2.0
     shutdown_grace_seconds: float = 10.0
     #: Port of the Prometheus /metrics endpoint; 0 = off.
     metrics_port: int = 0
@@ -50,8 +57,14 @@ class NotifierSettings:
             position_interval_seconds=env_float(
                 "USHER_POSITION_INTERVAL_SECONDS", d.position_interval_seconds, env
             ),
+            position_updates_per_second=env_float(
+                "USHER_POSITION_UPDATES_PER_SECOND", d.position_updates_per_second, env
+            ),
             badge_interval_seconds=env_float(
                 "USHER_BADGE_INTERVAL_SECONDS", d.badge_interval_seconds, env
+            ),
+            heap_freeze_seconds=env_float(
+                "USHER_NOTIFIER_HEAP_FREEZE_SECONDS", d.heap_freeze_seconds, env
             ),
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
@@ -67,7 +80,11 @@ class NotifierApp:
         self.settings = settings
         self.redis = connect_redis(settings.redis_url)
         self.store = QueueStore(self.redis, QueueDefaults(), sealer_from_env())
-        self.fanout = Fanout(self.redis, settings.position_interval_seconds)
+        self.fanout = Fanout(
+            self.store,
+            settings.position_interval_seconds,
+            settings.position_updates_per_second,
+        )
         # Capacity per model comes from the Pool through Redis (usher.keys.POOL_CAPACITY).
         self.board = BadgeBoard(
             self.store, None, settings.external_alternative, settings.badge_interval_seconds
@@ -86,6 +103,7 @@ class NotifierApp:
             grace_seconds=settings.shutdown_grace_seconds,
             tls=ServerTls.from_env(),
         )
+        self.heap = HeapFreezer(settings.heap_freeze_seconds)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -96,6 +114,7 @@ class NotifierApp:
         self._tasks = [
             asyncio.create_task(self.fanout.run(self._stop)),
             asyncio.create_task(self.board.run(self._stop)),
+            asyncio.create_task(self.heap.run(self._stop)),
         ]
         log.info("notifier listening", address=self.settings.listen, port=self.server.port)
 

@@ -4,9 +4,20 @@ Every state change and token batch is appended by the scheduler's scripts to the
 own stream (for replay) and to its model's stream with the request stream's entry id as
 'eid' (for live delivery). A replica reads all model streams with one blocking XREAD and
 hands each event to the local watchers of that request, so 10,000 watchers cost one Redis
-reader, not 10,000. Positions are not events: when a model's queue changes, the positions
-of its queued watchers are recomputed (at most every ``position_interval`` seconds) from one
-read of the queue and pushed when they moved. Replicas share nothing but Redis.
+reader, not 10,000.
+
+Work is done once per request, not once per watcher: for the state changes in one batch of
+events the reader reads the changed requests in one pipelined round trip and hands every
+watcher of a request the same ``Update`` (whose response is built once and shared), so a
+burst of completions costs one Redis read per batch, not one per watcher.
+
+Positions are not events: when a model's queue changes, the positions of its queued
+requests are recomputed (at most every ``position_interval`` seconds, less often when the
+read is costly) from one read of the queue. Those that moved wait in a coalescing FIFO and
+go out at a bounded rate (``position_rate`` messages per second, in small slices), newest
+place only, so a queue in constant motion cannot flood the event loop and delay the
+updates that matter (a cancel, a completion) behind thousands of place changes.
+Replicas share nothing but Redis.
 """
 
 from __future__ import annotations
@@ -14,18 +25,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import cast
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
-import redis.asyncio as aioredis
-
+from services.notifier import updates
+from services.scheduler.eta import ModelAverages
+from services.scheduler.store import QUEUED, QueueStore, StoredRequest
 from usher import keys, metrics
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.v1 import notifier_pb2
 
-__all__ = ["Event", "Fanout", "PositionChange", "Subscriber", "stream_id_key"]
+__all__ = [
+    "AveragesCache",
+    "Event",
+    "Fanout",
+    "PositionUpdate",
+    "Subscriber",
+    "Update",
+    "stream_id_key",
+]
 
 log = get_logger(__name__)
 
@@ -35,7 +56,19 @@ QUEUE_CHANGES = frozenset(
 )
 #: Beyond this many queued, positions are read one by one instead of reading the whole queue.
 FULL_READ_LIMIT = 50_000
-SUBSCRIBER_BUFFER = 10_000
+#: Items a watcher may fall behind before it is told to replay from Redis instead.
+SUBSCRIBER_BUFFER = 1000
+#: Position messages handed out between two pauses of the paced sender.
+POSITION_SLICE = 64
+#: A position round may take at most this share of the time between rounds of one model.
+POSITION_ROUND_DUTY = 0.1
+#: A watcher that has heard nothing for this long checks the request's stream itself.
+IDLE_CHECK_SECONDS = 30.0
+#: How long the list of models (and model averages) are reused before they are read again.
+MODELS_TTL_SECONDS = 1.0
+AVERAGES_TTL_SECONDS = 1.0
+#: Request ids are ULIDs: the queue member ends with one.
+_ID_LENGTH = 26
 
 
 def stream_id_key(entry_id: str) -> tuple[int, int]:
@@ -60,86 +93,276 @@ class Event:
         return self.fields.get("eid", "")
 
 
-@dataclass(slots=True)
-class PositionChange:
-    """The latest place of a queued request; updated in place while not yet sent."""
+class Update:
+    """One event of one request, as every local watcher of that request receives it.
 
-    position: int
-    queue_length: int
+    For a state change, ``snapshot`` is the request as read right after the event (None:
+    it is gone), read once for all its watchers; ``read`` is False when that read failed
+    and each watcher must read for itself. ``memo`` holds what watchers build from it
+    (the view, the response), so the first builds it and the others reuse it."""
+
+    __slots__ = ("averages", "eid", "fields", "key", "kind", "memo", "read", "snapshot")
+
+    def __init__(
+        self,
+        fields: dict[str, str],
+        snapshot: StoredRequest | None = None,
+        read: bool = False,
+        averages: tuple[ModelAverages, int] | None = None,
+    ) -> None:
+        self.fields = fields
+        self.eid = fields.get("eid", "")
+        self.key = stream_id_key(self.eid) if self.eid else (0, 0)
+        self.kind = updates.EVENT_KINDS.get(
+            fields.get("type", ""), notifier_pb2.UPDATE_KIND_UNSPECIFIED
+        )
+        self.snapshot = snapshot
+        self.read = read
+        self.averages = averages
+        self.memo: dict[Any, Any] = {}
 
 
-@dataclass(eq=False)
+class PositionUpdate:
+    """A queued request's new place, shared by all its watchers (``memo`` as in Update)."""
+
+    __slots__ = ("averages", "memo", "position", "queue_length", "stored")
+
+    def __init__(
+        self,
+        position: int,
+        queue_length: int,
+        stored: StoredRequest,
+        averages: tuple[ModelAverages, int],
+    ) -> None:
+        self.position = position
+        self.queue_length = queue_length
+        self.stored = stored
+        self.averages = averages
+        self.memo: dict[Any, Any] = {}
+
+
+class _PositionMark:
+    """Stands in a watcher's mailbox for its newest position (kept aside, replaced in place)."""
+
+    __slots__ = ()
+
+
+_POSITION = _PositionMark()
+
+
 class Subscriber:
-    request_id: str
-    model: str
-    queue: asyncio.Queue[Event | PositionChange] = field(
-        default_factory=lambda: asyncio.Queue(SUBSCRIBER_BUFFER)
+    """One Watch stream's mailbox: updates in order, the newest position coalesced."""
+
+    __slots__ = (
+        "_items",
+        "_position",
+        "_waiter",
+        "group",
+        "heard",
+        "lagged",
+        "model",
+        "request_id",
+        "told",
     )
-    #: Set when events were dropped because the watcher fell behind: it must replay.
-    lagged: bool = False
-    #: Last position pushed (0: not queued / unknown).
-    position: tuple[int, int] = (0, 0)
-    wants_positions: bool = True
 
-    #: A position change waiting in the queue, to update rather than queue another.
-    unsent_position: PositionChange | None = None
+    def __init__(self, group: Watched) -> None:
+        self.group = group
+        self.request_id = group.request_id
+        self.model = group.model
+        self._items: deque[Update | _PositionMark] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._position: PositionUpdate | None = None
+        #: Set when updates were dropped because the watcher fell behind (or it has been
+        #: quiet for a long while): it must replay from its last event id.
+        self.lagged = False
+        #: (position, queue length) last handed to this watcher; (0, 0): none / unknown.
+        self.told: tuple[int, int] = (0, 0)
+        self.heard = time.monotonic()
 
-    def offer(self, item: Event | PositionChange) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def offer(self, item: Update) -> None:
+        self.heard = time.monotonic()
+        if self.lagged:
+            return  # it replays from Redis anyway
+        if len(self._items) >= SUBSCRIBER_BUFFER:
             self.lagged = True
+            self._items.clear()
+            self._position = None
+        else:
+            self._items.append(item)
+        self._wake()
 
-    def offer_position(self, position: int, queue_length: int) -> None:
+    def offer_position(self, update: PositionUpdate) -> None:
         """Only the newest place matters: a slow watcher gets one update, not a backlog."""
-        if self.unsent_position is not None:
-            self.unsent_position.position = position
-            self.unsent_position.queue_length = queue_length
-            return
-        self.unsent_position = PositionChange(position, queue_length)
-        self.offer(self.unsent_position)
+        self.heard = time.monotonic()
+        if self._position is None:
+            self._items.append(_POSITION)
+        self._position = update
+        self._wake()
+
+    def mark_lagged(self) -> None:
+        self.lagged = True
+        self._items.clear()
+        self._position = None
+        self._wake()
+
+    async def get(self) -> Update | PositionUpdate | None:
+        """The next item; None when the watcher must replay from Redis (lagged)."""
+        while not self._items and not self.lagged:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.lagged:
+            self.lagged = False
+            return None
+        item = self._items.popleft()
+        if isinstance(item, _PositionMark):
+            position, self._position = self._position, None
+            return position
+        return item
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+
+class Watched:
+    """A request with local watchers: what the reader and the position rounds know of it."""
+
+    __slots__ = ("model", "position", "queued", "request_id", "stored", "subscribers")
+
+    def __init__(self, stored: StoredRequest) -> None:
+        self.request_id = stored.id
+        self.model = stored.model
+        self.stored = stored
+        self.queued = stored.state == QUEUED
+        #: Last place computed; None forces the next round to consider it.
+        self.position: tuple[int, int] | None = None
+        self.subscribers: list[Subscriber] = []
+
+
+class AveragesCache:
+    """Model averages for ETAs, read at most once a second per model by one caller while
+    the others keep using the previous value (no herd of watchers reading the same hash)."""
+
+    def __init__(self, store: QueueStore, ttl: float = AVERAGES_TTL_SECONDS) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._values: dict[str, tuple[float, tuple[ModelAverages, int]]] = {}
+        self._loading: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
+
+    def cached(self, model: str) -> tuple[ModelAverages, int]:
+        """The last value read (defaults before the first read); never waits."""
+        entry = self._values.get(model)
+        if entry is not None:
+            return entry[1]
+        return self.store.cached_averages(model), self.store.defaults.parallel
+
+    async def get(self, model: str) -> tuple[ModelAverages, int]:
+        """Fresh enough averages: the cached value while a refresh runs in the background;
+        only the very first read of a model waits."""
+        entry = self._values.get(model)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        loading = self._loading.get(model)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(model))
+            self._loading[model] = loading
+        if entry is not None:
+            return entry[1]
+        return await asyncio.shield(loading)
+
+    async def _load(self, model: str) -> tuple[ModelAverages, int]:
+        try:
+            value = await self.store.model_averages(model)
+            self._values[model] = (time.monotonic() + self.ttl, value)
+            return value
+        finally:
+            self._loading.pop(model, None)
 
 
 class Fanout:
-    def __init__(self, client: aioredis.Redis, position_interval: float = 0.2) -> None:
-        self.redis = client
+    def __init__(
+        self,
+        store: QueueStore,
+        position_interval: float = 0.2,
+        position_rate: float = 2000.0,
+    ) -> None:
+        self.store = store
+        self.redis = store.redis
         self.position_interval = position_interval
-        self._by_request: dict[str, set[Subscriber]] = defaultdict(set)
-        self._by_model: dict[str, set[Subscriber]] = defaultdict(set)
+        #: Position messages per second, at most (all watchers together).
+        self.position_rate = max(1.0, position_rate)
+        self.averages = AveragesCache(store)
+        self._groups: dict[str, Watched] = {}
+        self._by_model: dict[str, dict[str, Watched]] = {}
+        self._subscribers: set[Subscriber] = set()
         self._dirty: set[str] = set()
+        self._next_round: dict[str, float] = {}
+        #: Requests whose place changed and whose watchers have not been told yet, oldest
+        #: first; a newer place replaces the value and keeps the turn.
+        self._pending: dict[Watched, tuple[int, int]] = {}
+        self._has_pending = asyncio.Event()
         self._last_ids: dict[str, str] = {}
-        self._changed = asyncio.Event()
+        self._models_cache: tuple[float, list[str]] = (0.0, [])
         self._started = False
         self.delivered = 0
+        self.positions_sent = 0
 
     # ---- subscriptions ----------------------------------------------------------------------
 
-    def subscribe(self, request_id: str, model: str) -> Subscriber:
-        subscriber = Subscriber(request_id, model)
-        self._by_request[request_id].add(subscriber)
-        self._by_model[model].add(subscriber)
-        self._dirty.add(model)
+    def subscribe(self, stored: StoredRequest) -> Subscriber:
+        group = self._groups.get(stored.id)
+        if group is None:
+            group = self._groups[stored.id] = Watched(stored)
+            self._by_model.setdefault(stored.model, {})[stored.id] = group
+            if stored.model not in self._last_ids:
+                self._models_cache = (0.0, [])  # a model the reader does not know yet
+        subscriber = Subscriber(group)
+        if stored.state == QUEUED:
+            subscriber.told = (stored.position, stored.queue_length)
+        group.subscribers.append(subscriber)
+        self._subscribers.add(subscriber)
+        if group.queued:
+            group.position = None
+            self._dirty.add(stored.model)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        for index, key in (
-            (self._by_request, subscriber.request_id),
-            (self._by_model, subscriber.model),
-        ):
-            group = index.get(key)
-            if group is not None:
-                group.discard(subscriber)
-                if not group:
-                    del index[key]
+        self._subscribers.discard(subscriber)
+        group = subscriber.group
+        with contextlib.suppress(ValueError):
+            group.subscribers.remove(subscriber)
+        if not group.subscribers and self._groups.get(group.request_id) is group:
+            del self._groups[group.request_id]
+            self._pending.pop(group, None)
+            by_model = self._by_model.get(group.model)
+            if by_model is not None:
+                by_model.pop(group.request_id, None)
+                if not by_model:
+                    del self._by_model[group.model]
 
     @property
     def watchers(self) -> int:
-        return sum(len(s) for s in self._by_request.values())
+        return len(self._subscribers)
 
     # ---- reading ------------------------------------------------------------------------------
 
     async def _models(self) -> list[str]:
-        return sorted(m.decode() for m in cast(set[bytes], await self.redis.smembers(keys.MODELS)))
+        fetched_at, models = self._models_cache
+        now = time.monotonic()
+        if now - fetched_at < MODELS_TTL_SECONDS:
+            return models
+        raw = cast(set[bytes], await self.redis.smembers(keys.MODELS))
+        models = sorted(m.decode() for m in raw)
+        self._models_cache = (now, models)
+        return models
 
     async def _start_positions(self, models: Iterable[str]) -> None:
         """Models known at start are read from their current end (watchers get history by
@@ -162,6 +385,7 @@ class Fanout:
     async def prime(self) -> None:
         """Note where every model's stream ends now. Called before the server takes Watch
         calls, so nothing a watcher's snapshot did not include can fall before the reader."""
+        self._models_cache = (0.0, [])
         await self._start_positions(await self._models())
 
     async def read_once(self, block_ms: int = 1000) -> int:
@@ -176,74 +400,193 @@ class Fanout:
             list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
             await self.redis.xread(streams, count=2000, block=block_ms),  # type: ignore[arg-type]
         )
-        count = 0
+        events: list[Event] = []
         for stream, entries in reply or []:
             model = by_stream[stream.decode()]
             for entry_id, raw in entries:
                 self._last_ids[model] = entry_id.decode()
-                self.dispatch(Event(model, {k.decode(): v.decode() for k, v in raw.items()}))
-                count += 1
-        return count
+                events.append(Event(model, {k.decode(): v.decode() for k, v in raw.items()}))
+        if events:
+            await self.dispatch_batch(events)
+        return len(events)
 
-    def dispatch(self, event: Event) -> None:
+    async def dispatch_batch(self, events: list[Event]) -> None:
+        """Hand a batch of events out, with one pipelined read of the requests whose state
+        changed (for those that have watchers here)."""
+        wanted: dict[str, str] = {}
+        for event in events:
+            request_id = event.fields.get("id", "")
+            if request_id in self._groups and event.type != "tokens":
+                wanted[request_id] = event.model
+        snapshots: dict[str, StoredRequest | None] = {}
+        read = False
+        if wanted:
+            try:
+                snapshots = await self.read_requests(wanted)
+                read = True
+            except Exception as exc:  # each watcher reads for itself instead
+                log.warning("request read failed", error=str(exc))
+            for model in set(wanted.values()):
+                with contextlib.suppress(Exception):
+                    await self.averages.get(model)
+        for event in events:
+            request_id = event.fields.get("id", "")
+            if request_id in snapshots:
+                self.dispatch(event, snapshots[request_id], read)
+            else:
+                self.dispatch(event, None, read and request_id in wanted)
+
+    async def read_requests(self, wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
+        """The current records of the given requests (id → model), in one round trip (two
+        when some are queued: their places), prompts left out; None for one that is gone."""
+        ids = list(wanted)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hgetall(ModelKeys(wanted[request_id]).request(request_id))
+            raws = cast(list[dict[bytes, bytes]], await pipe.execute())
+        found: dict[str, StoredRequest | None] = {}
+        queued: list[tuple[str, bytes]] = []
+        sealer = self.store.sealer
+        for request_id, raw in zip(ids, raws, strict=True):
+            if not raw:
+                found[request_id] = None
+                continue
+            raw.pop(b"payload", None)  # the prompt: watchers never show it
+            stored = StoredRequest.from_hash(raw)
+            if stored.result:
+                stored = replace(stored, result=sealer.open(stored.result, request_id))
+            found[request_id] = stored
+            if stored.state == QUEUED and raw.get(b"member"):
+                queued.append((request_id, raw[b"member"]))
+        if queued:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request_id, member in queued:
+                    queue = ModelKeys(wanted[request_id]).queue
+                    pipe.zrank(queue, member)
+                    pipe.zcard(queue)
+                places = cast(list[int | None], await pipe.execute())
+            for i, (request_id, _) in enumerate(queued):
+                rank, length = places[2 * i], places[2 * i + 1]
+                record = found[request_id]
+                if rank is not None and record is not None:
+                    found[request_id] = replace(
+                        record, position=int(rank) + 1, queue_length=int(length or 0)
+                    )
+        return found
+
+    def dispatch(
+        self, event: Event, snapshot: StoredRequest | None = None, read: bool = False
+    ) -> None:
         stamp = event.fields.get("ts")
         if stamp:
             metrics.FANOUT_LAG.observe(max(0.0, time.time() - int(stamp) / 1000))
-        for subscriber in self._by_request.get(event.fields.get("id", ""), ()):
-            subscriber.offer(event)
-            self.delivered += 1
+        group = self._groups.get(event.fields.get("id", ""))
+        if group is not None:
+            update = Update(event.fields, snapshot, read, self.averages.cached(event.model))
+            if snapshot is not None:
+                group.stored = snapshot
+                group.queued = snapshot.state == QUEUED
+            elif event.fields.get("state"):
+                group.queued = event.fields["state"] == str(QUEUED)
+            if not group.queued:
+                self._pending.pop(group, None)
+            for subscriber in group.subscribers:
+                subscriber.offer(update)
+            self.delivered += len(group.subscribers)
         if event.type in QUEUE_CHANGES:
             self._dirty.add(event.model)
-            self._changed.set()
+
+    # ---- positions ----------------------------------------------------------------------------
 
     async def push_positions(self) -> None:
-        """Recompute positions of queued watchers in models whose queue changed."""
-        dirty, self._dirty = self._dirty, set()
-        for model in dirty:
-            watchers = [s for s in self._by_model.get(model, ()) if s.wants_positions]
-            if not watchers:
+        """One round: recompute the places of queued requests in models whose queue changed
+        (and whose turn has come), and queue the moved ones for the paced sender."""
+        now = time.monotonic()
+        for model in list(self._dirty):
+            if self._next_round.get(model, 0.0) > now:
                 continue
-            ranks = await self._ranks(model, {s.request_id for s in watchers})
-            length = ranks.pop("", 0)
-            for subscriber in watchers:
-                position = ranks.get(subscriber.request_id, 0)
+            self._dirty.discard(model)
+            groups = [g for g in self._by_model.get(model, {}).values() if g.queued]
+            if not groups:
+                continue
+            started = time.perf_counter()
+            ranks, length = await self._ranks(model, groups)
+            for group in groups:
+                position = ranks.get(group.request_id, 0)
                 current = (position, length if position else 0)
-                if current != subscriber.position:
-                    subscriber.position = current
-                    if position:
-                        subscriber.offer_position(position, length)
+                if current == group.position:
+                    continue
+                group.position = current
+                if position:
+                    self._pending[group] = current
+                else:  # it left the queue: its event says so
+                    self._pending.pop(group, None)
+            took = time.perf_counter() - started
+            self._next_round[model] = now + max(self.position_interval, took / POSITION_ROUND_DUTY)
+            with contextlib.suppress(Exception):
+                await self.averages.get(model)
+        if self._pending:
+            self._has_pending.set()
 
-    async def _ranks(self, model: str, request_ids: set[str]) -> dict[str, int]:
-        """1-based positions of the given requests ("" → queue length)."""
+    def send_positions(self, limit: int = POSITION_SLICE) -> int:
+        """Tell up to about ``limit`` watchers their new place, oldest change first. Returns
+        the number of watchers told."""
+        sent = 0
+        while self._pending and sent < limit:
+            group = next(iter(self._pending))
+            place = self._pending.pop(group)
+            if not group.queued or not group.subscribers:
+                continue
+            update: PositionUpdate | None = None
+            for subscriber in group.subscribers:
+                if subscriber.told == place:
+                    continue
+                if update is None:
+                    update = PositionUpdate(
+                        place[0], place[1], group.stored, self.averages.cached(group.model)
+                    )
+                subscriber.told = place
+                subscriber.offer_position(update)
+                sent += 1
+        self.positions_sent += sent
+        return sent
+
+    async def _ranks(self, model: str, groups: list[Watched]) -> tuple[dict[str, int], int]:
+        """1-based places of the given requests, and the queue's length."""
         mk = ModelKeys(model)
         length = int(await self.redis.zcard(mk.queue))
-        if length <= FULL_READ_LIMIT or len(request_ids) * 20 > length:
+        ranks: dict[str, int] = {}
+        if length <= FULL_READ_LIMIT or len(groups) * 20 > length:
             queue = cast(list[bytes], await self.redis.zrange(mk.queue, 0, -1))
-            ranks = {
-                m[17:].decode(): i + 1
-                for i, m in enumerate(queue)
-                if m[17:].decode() in request_ids
-            }
-        else:
-            ordered = sorted(request_ids)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for request_id in ordered:
-                    pipe.hget(mk.request(request_id), "member")
-                members = cast(list[bytes | None], await pipe.execute())
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for member in members:
-                    pipe.zrank(mk.queue, member or b"-")
-                found = cast(list[int | None], await pipe.execute())
-            ranks = {
-                r: rank + 1 for r, rank in zip(ordered, found, strict=True) if rank is not None
-            }
-        ranks[""] = length
-        return ranks
+            wanted = {g.request_id.encode(): g.request_id for g in groups}
+            for place, member in enumerate(queue, 1):
+                request_id = wanted.get(member[-_ID_LENGTH:])
+                if request_id is not None:
+                    ranks[request_id] = place
+            return ranks, len(queue)
+        ordered = [g.request_id for g in groups]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ordered:
+                pipe.hget(mk.request(request_id), "member")
+            members = cast(list[bytes | None], await pipe.execute())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for known in members:
+                pipe.zrank(mk.queue, known or b"-")
+            found = cast(list[int | None], await pipe.execute())
+        for request_id, rank in zip(ordered, found, strict=True):
+            if rank is not None:
+                ranks[request_id] = rank + 1
+        return ranks, length
+
+    # ---- the loops ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        reader = asyncio.create_task(self._read_forever(stop))
-        positions = asyncio.create_task(self._positions_forever(stop))
-        await asyncio.gather(reader, positions)
+        await asyncio.gather(
+            self._read_forever(stop),
+            self._positions_forever(stop),
+            self._send_positions_forever(stop),
+            self._sweep_forever(stop),
+        )
 
     async def _read_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -256,13 +599,39 @@ class Fanout:
 
     async def _positions_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            started = time.monotonic()
             try:
                 if self._dirty:
                     await self.push_positions()
             except Exception as exc:
                 log.warning("position update failed", error=str(exc))
-            self._changed.clear()
-            remaining = self.position_interval - (time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(remaining, 0.01))
+                await asyncio.wait_for(stop.wait(), max(self.position_interval / 4, 0.01))
+
+    async def _send_positions_forever(self, stop: asyncio.Event) -> None:
+        """Hand out place changes in slices, pausing so they stay under ``position_rate``."""
+        while not stop.is_set():
+            if not self._pending:
+                self._has_pending.clear()
+                waiter = asyncio.ensure_future(self._has_pending.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+                continue
+            sent = self.send_positions()
+            await asyncio.sleep(sent / self.position_rate)
+
+    async def _sweep_forever(self, stop: asyncio.Event) -> None:
+        """Watchers quiet for IDLE_CHECK_SECONDS check the request's stream themselves
+        (nothing should be missed, but a reader restart or a trimmed stream could)."""
+        period = IDLE_CHECK_SECONDS / 6
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+            quiet_since = time.monotonic() - IDLE_CHECK_SECONDS
+            for subscriber in list(self._subscribers):
+                if subscriber.heard < quiet_since and not subscriber.pending:
+                    subscriber.heard = time.monotonic()
+                    subscriber.mark_lagged()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +10,7 @@ from typing import Any, cast
 
 from services.notifier import updates
 from services.notifier.badges import BadgeBoard
-from services.notifier.fanout import Event, Fanout, PositionChange, Subscriber, stream_id_key
+from services.notifier.fanout import Fanout, PositionUpdate, Update, stream_id_key
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
 from usher import metrics
@@ -33,9 +32,28 @@ _TERMINAL_KIND = {
     request_pb2.REQUEST_STATE_CANCELLED: K.UPDATE_KIND_CANCELLED,
     request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
 }
-#: A watcher that has heard nothing for this long checks the request's stream itself.
-IDLE_CHECK_SECONDS = 30.0
 _STREAM_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
+
+
+class _Cursor:
+    """Where one Watch stream stands: the request as last shown, tokens so far, the last
+    event id sent (its resume token)."""
+
+    __slots__ = ("expected", "last", "last_key", "stored", "tokens", "view")
+
+    def __init__(
+        self, stored: StoredRequest, view: request_pb2.LlmRequest, expected: float
+    ) -> None:
+        self.stored = stored
+        self.view = view
+        self.expected = expected
+        self.tokens = 0
+        self.last = "0-0"
+        self.last_key = (0, 0)
+
+    def advance(self, event_id: str) -> None:
+        self.last = event_id
+        self.last_key = stream_id_key(event_id)
 
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
@@ -60,29 +78,15 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise NotFound(f"request {request_id} not found")
         if caller.tenant not in stored.owners and not caller.is_admin:
             raise PermissionDenied(f"request {request_id} belongs to another caller")
-        return stored
+        # The prompt is never shown to a watcher: do not keep it for the stream's life.
+        return replace(stored, payload=b"")
 
     def _text(self, fields: dict[str, str], request_id: str) -> str:
         return self.store.sealer.open_text(fields.get("text", ""), request_id)
 
     async def _view(self, stored: StoredRequest) -> request_pb2.LlmRequest:
-        averages, parallel = await self.store.model_averages(stored.model)
+        averages, parallel = await self.fanout.averages.get(stored.model)
         return records.to_proto(stored, averages, parallel)
-
-    def _response(
-        self, kind: int, request: request_pb2.LlmRequest, event_id: str = "", **extra: object
-    ) -> notifier_pb2.WatchResponse:
-        fraction = cast(float, extra.get("progress", 0.0))
-        response = notifier_pb2.WatchResponse(
-            event_id=event_id,
-            kind=kind,  # type: ignore[arg-type]
-            request=request,
-            message=updates.request_message(request, kind, fraction),
-            **extra,  # type: ignore[arg-type]
-        )
-        response.at.FromMilliseconds(int(time.time() * 1000))
-        metrics.WATCH_UPDATES.labels(notifier_pb2.UpdateKind.Name(cast(Any, kind))).inc()
-        return response
 
     async def _replay(
         self, model: str, request_id: str, after: str
@@ -105,136 +109,165 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             )
         stored = await self._owned(request.id, caller)
         # Subscribe before reading history so nothing falls between the two.
-        subscriber = self.fanout.subscribe(stored.id, stored.model)
+        subscriber = self.fanout.subscribe(stored)
         metrics.WATCHERS.inc()
+        # One generator for the whole stream (no inner one to pass each update through).
         try:
-            async for response in self._watch(stored, subscriber, request.last_event_id):
+            averages, _ = await self.fanout.averages.get(stored.model)
+            cursor = _Cursor(stored, await self._view(stored), max(1.0, averages.output_tokens))
+            if request.last_event_id:
+                cursor.advance(request.last_event_id)
+                async for response in self._catch_up(cursor):
+                    yield response
+                    if updates.is_terminal_kind(response.kind):
+                        return
+            else:
+                # A new watcher gets the status now plus all output so far, in one message.
+                response = await self._snapshot(cursor)
                 yield response
+                if updates.is_terminal_kind(response.kind):
+                    return
+            view = cursor.view
+            subscriber.told = (view.position.position, view.position.queue_length)
+            if cursor.stored.is_terminal:
+                return
+            while True:
+                item = await subscriber.get()
+                if item is None:
+                    # Fell behind (or quiet for long): replay from the last event sent.
+                    async for response in self._catch_up(cursor):
+                        yield response
+                        if updates.is_terminal_kind(response.kind):
+                            return
+                    continue
+                if isinstance(item, PositionUpdate):
+                    shown = cursor.view
+                    if shown.state != request_pb2.REQUEST_STATE_QUEUED or (
+                        shown.position.position == item.position
+                        and shown.position.queue_length == item.queue_length
+                    ):
+                        continue
+                    response, cursor.view = _position_response(item)
+                    _count(K.UPDATE_KIND_POSITION)
+                    yield response
+                    continue
+                if not item.eid or item.key <= cursor.last_key:
+                    continue  # already delivered (by replay or snapshot)
+                response = await self._live(cursor, item)
+                yield response
+                if updates.is_terminal_kind(response.kind):
+                    return
         finally:
             metrics.WATCHERS.dec()
             self.fanout.unsubscribe(subscriber)
 
-    async def _watch(
-        self, stored: StoredRequest, subscriber: Subscriber, last_event_id: str
-    ) -> AsyncIterator[notifier_pb2.WatchResponse]:
-        view = await self._view(stored)
-        tokens = 0
-        expected = await self._expected_output(stored)
-        if last_event_id:
-            last = last_event_id
-            for event_id, fields in await self._replay(stored.model, stored.id, last):
-                last = event_id
-                response, view, tokens = await self._apply(
-                    stored, view, fields, event_id, tokens, expected
-                )
-                yield response
-                if updates.is_terminal_kind(response.kind):
-                    return
-        else:
-            # A new watcher gets the status now plus all output so far, in one message.
-            history = await self._replay(stored.model, stored.id, "0-0")
-            last = history[-1][0] if history else "0-0"
-            so_far = _current_attempt_tokens([f for _, f in history])
-            text = "".join(self._text(f, stored.id) for f in so_far)
-            tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
-            if history and history[-1][1].get("state") != str(stored.state):
+    async def _snapshot(self, cursor: _Cursor) -> notifier_pb2.WatchResponse:
+        """The first message of a new watch: the request now, all output of its current
+        attempt so far, and the last event id (in a function of its own, so the history
+        read for it is not kept alive for the stream's life)."""
+        stored = cursor.stored
+        history = await self._replay(stored.model, stored.id, "0-0")
+        so_far = _current_attempt_tokens([f for _, f in history])
+        text = "".join(self._text(f, stored.id) for f in so_far)
+        cursor.tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
+        if history:
+            cursor.advance(history[-1][0])
+            if history[-1][1].get("state") != str(stored.state):
                 # It moved on between the two reads: show it as of the last event read.
                 fresh = await self.store.inspect(stored.model, stored.id)
                 if fresh is not None:
-                    stored, view = fresh, await self._view(fresh)
-            # A finished request's snapshot is its final update, so every watch ends on one.
-            kind = _TERMINAL_KIND.get(view.state, K.UPDATE_KIND_SNAPSHOT)
-            yield self._response(
-                kind,
-                view,
-                last if history else "",
-                text_delta=text,
-                completion_tokens=tokens,
-                progress=updates.progress_fraction(tokens, expected) if tokens else 0.0,
-            )
-        subscriber.position = (view.position.position, view.position.queue_length)
-        if stored.is_terminal:
-            return
-        while True:
-            item: Event | PositionChange | None
-            try:
-                item = await asyncio.wait_for(subscriber.queue.get(), IDLE_CHECK_SECONDS)
-            except TimeoutError:
-                # Quiet for a while: make sure nothing was missed (a reader restart, a race).
-                subscriber.lagged = True
-                item = None
-            if subscriber.lagged:
-                # The watcher fell behind and events were dropped: replay from the last one sent.
-                subscriber.lagged = False
-                while not subscriber.queue.empty():
-                    subscriber.queue.get_nowait()
-                for event_id, fields in await self._replay(stored.model, stored.id, last):
-                    last = event_id
-                    response, view, tokens = await self._apply(
-                        stored, view, fields, event_id, tokens, expected
-                    )
-                    yield response
-                    if updates.is_terminal_kind(response.kind):
-                        return
-                continue
-            if item is None:
-                continue
-            if isinstance(item, PositionChange):
-                subscriber.unsent_position = None
-                if view.state != request_pb2.REQUEST_STATE_QUEUED:
-                    continue
-                view.position.position = item.position
-                view.position.queue_length = item.queue_length
-                averages, parallel = await self.store.model_averages(stored.model)
-                estimate = records.eta_for(_as_stored(stored, item), averages, parallel)
-                if estimate is not None:
-                    view.eta.min.CopyFrom(records.duration_from_seconds(estimate.min_seconds))
-                    view.eta.max.CopyFrom(records.duration_from_seconds(estimate.max_seconds))
-                yield self._response(K.UPDATE_KIND_POSITION, view)
-                continue
-            if not item.eid or stream_id_key(item.eid) <= stream_id_key(last):
-                continue  # already delivered (by replay or snapshot)
-            last = item.eid
-            response, view, tokens = await self._apply(
-                stored, view, item.fields, item.eid, tokens, expected
-            )
-            yield response
-            if updates.is_terminal_kind(response.kind):
-                return
+                    cursor.stored = replace(fresh, payload=b"")
+                    cursor.view = await self._view(cursor.stored)
+        # A finished request's snapshot is its final update, so every watch ends on one.
+        kind = _TERMINAL_KIND.get(cursor.view.state, K.UPDATE_KIND_SNAPSHOT)
+        tokens = cursor.tokens
+        response = _response(
+            kind,
+            cursor.view,
+            cursor.last if history else "",
+            text_delta=text,
+            completion_tokens=tokens,
+            progress=updates.progress_fraction(tokens, cursor.expected) if tokens else 0.0,
+        )
+        _count(kind)
+        return response
 
-    async def _expected_output(self, stored: StoredRequest) -> float:
-        averages, _ = await self.store.model_averages(stored.model)
-        return max(1.0, averages.output_tokens)
+    async def _catch_up(self, cursor: _Cursor) -> AsyncIterator[notifier_pb2.WatchResponse]:
+        """Replay the request's events after the cursor from its own stream."""
+        stored = cursor.stored
+        for event_id, fields in await self._replay(stored.model, stored.id, cursor.last):
+            yield await self._live(cursor, Update({**fields, "eid": event_id}))
 
-    async def _apply(
-        self,
-        stored: StoredRequest,
-        view: request_pb2.LlmRequest,
-        fields: dict[str, str],
-        event_id: str,
-        tokens: int,
-        expected: float,
-    ) -> tuple[notifier_pb2.WatchResponse, request_pb2.LlmRequest, int]:
-        kind = updates.EVENT_KINDS.get(fields.get("type", ""), K.UPDATE_KIND_UNSPECIFIED)
+    async def _live(self, cursor: _Cursor, update: Update) -> notifier_pb2.WatchResponse:
+        """The response to one event. What every watcher of the request would build alike
+        (the decrypted text, the request's view, the response) is built once, in
+        ``update.memo``, by the first of them."""
+        cursor.advance(update.eid)
+        kind = update.kind
+        fields = update.fields
+        memo = update.memo
         if kind == K.UPDATE_KIND_PROGRESS:
-            tokens = int(fields.get("tokens", tokens))
-            fraction = updates.progress_fraction(tokens, expected)
-            response = self._response(
-                kind,
-                view,
-                event_id,
-                text_delta=self._text(fields, stored.id),
-                completion_tokens=tokens,
-                progress=fraction,
-            )
-            return response, view, tokens
-        # A state change: read the request again (result, error, position, ETA).
-        fresh = await self.store.inspect(stored.model, stored.id)
-        if fresh is not None:
-            view = await self._view(fresh)
-        elif fields.get("state"):
-            view.state = int(fields["state"])  # type: ignore[assignment]
-        return self._response(kind, view, event_id, completion_tokens=tokens), view, tokens
+            cursor.tokens = int(fields.get("tokens", cursor.tokens))
+            key = (cursor.tokens, id(cursor.view))
+            hit = memo.get(key)
+            if hit is None or hit[0] is not cursor.view:
+                text = memo.get("text")
+                if text is None:
+                    text = memo["text"] = self._text(fields, cursor.stored.id)
+                response = _response(
+                    kind,
+                    cursor.view,
+                    update.eid,
+                    text_delta=text,
+                    completion_tokens=cursor.tokens,
+                    progress=updates.progress_fraction(cursor.tokens, cursor.expected),
+                )
+                memo[key] = hit = (cursor.view, response)
+            _count(kind)
+            return cast(notifier_pb2.WatchResponse, hit[1])
+        if fields.get("type") in ("running", "requeued"):
+            cursor.tokens = 0  # a new attempt: earlier output is void
+        # A state change: the request as read right after it (result, error, place, ETA).
+        view = memo.get("view")
+        if view is None:
+            view = await self._state_view(cursor, update)
+            if update.read:
+                memo["view"] = view
+        cursor.view = view
+        if update.snapshot is not None:
+            cursor.stored = update.snapshot
+        shared: notifier_pb2.WatchResponse | None = (
+            memo.get(("response", cursor.tokens)) if update.read else None
+        )
+        if shared is None:
+            shared = _response(kind, view, update.eid, completion_tokens=cursor.tokens)
+            if update.read:
+                memo[("response", cursor.tokens)] = shared
+        _count(kind)
+        return shared
+
+    async def _state_view(self, cursor: _Cursor, update: Update) -> request_pb2.LlmRequest:
+        fields = update.fields
+        announced = int(fields["state"]) if fields.get("state", "").isdigit() else 0
+        if update.read:
+            fresh = update.snapshot  # read once for all watchers by the fan-out
+        else:
+            fresh = await self.store.inspect(cursor.stored.model, cursor.stored.id)
+            if fresh is not None:
+                fresh = replace(fresh, payload=b"")
+                cursor.stored = fresh
+        if fresh is None:
+            view = request_pb2.LlmRequest()
+            view.CopyFrom(cursor.view)
+            if announced:
+                view.state = announced  # type: ignore[assignment]
+            return view
+        averages, parallel = update.averages or await self.fanout.averages.get(fresh.model)
+        if announced and announced != fresh.state:
+            # Read after a later change (a batch held both): show the state this event
+            # announced; the later event shows the rest.
+            return records.to_proto(fresh, averages, parallel, state_override=announced)
+        return records.to_proto(fresh, averages, parallel)
 
     async def WatchQueues(
         self, request: notifier_pb2.WatchQueuesRequest, context: Context
@@ -262,13 +295,56 @@ def _valid_stream_id(text: str) -> bool:
     return _STREAM_ID.match(text) is not None
 
 
-def _as_stored(stored: StoredRequest, change: PositionChange) -> StoredRequest:
-    return replace(
-        stored,
-        state=request_pb2.REQUEST_STATE_QUEUED,
-        position=change.position,
-        queue_length=change.queue_length,
+_COUNTERS: dict[int, Any] = {}
+
+
+def _count(kind: int) -> None:
+    """One update sent (the metric's child per kind resolved once)."""
+    counter = _COUNTERS.get(kind)
+    if counter is None:
+        name = notifier_pb2.UpdateKind.Name(cast(Any, kind))
+        counter = _COUNTERS[kind] = metrics.WATCH_UPDATES.labels(name)
+    counter.inc()
+
+
+def _response(
+    kind: int,
+    request: request_pb2.LlmRequest,
+    event_id: str = "",
+    *,
+    text_delta: str = "",
+    completion_tokens: int = 0,
+    progress: float = 0.0,
+) -> notifier_pb2.WatchResponse:
+    response = notifier_pb2.WatchResponse(
+        event_id=event_id,
+        kind=kind,  # type: ignore[arg-type]
+        request=request,
+        message=updates.request_message(request, kind, progress),
+        text_delta=text_delta,
+        completion_tokens=completion_tokens,
+        progress=progress,
     )
+    response.at.FromMilliseconds(int(time.time() * 1000))
+    return response
+
+
+def _position_response(
+    update: PositionUpdate,
+) -> tuple[notifier_pb2.WatchResponse, request_pb2.LlmRequest]:
+    """A POSITION update and the view it shows, built once for all the request's watchers."""
+    built = update.memo.get("response")
+    if built is None:
+        averages, parallel = update.averages
+        stored = replace(
+            update.stored,
+            state=request_pb2.REQUEST_STATE_QUEUED,
+            position=update.position,
+            queue_length=update.queue_length,
+        )
+        view = records.to_proto(stored, averages, parallel)
+        built = update.memo["response"] = (_response(K.UPDATE_KIND_POSITION, view), view)
+    return cast(tuple[notifier_pb2.WatchResponse, request_pb2.LlmRequest], built)
 
 
 def _current_attempt_tokens(events: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -1,0 +1,248 @@
+"""The fan-out: one read per batch of state changes, shared updates, paced positions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.notifier.fanout import (
+    SUBSCRIBER_BUFFER,
+    AveragesCache,
+    Fanout,
+    PositionUpdate,
+    Subscriber,
+    Update,
+    Watched,
+)
+from services.scheduler.eta import ModelAverages
+from services.scheduler.store import QUEUED, FinishedWork, QueueStore, StoredRequest
+from tests.scheduler.factories import new_request
+from usher.v1 import notifier_pb2, request_pb2
+
+MODEL = "fan-model"
+
+
+async def _queued(store: QueueStore, count: int, user: str = "alice") -> list[StoredRequest]:
+    """``count`` queued requests, as read once all are queued (so their places are current)."""
+    ids = []
+    for _ in range(count):
+        request = new_request(model=MODEL, user=user)
+        await store.submit(request)
+        ids.append(request.id)
+    found = [await store.get(i) for i in ids]
+    assert all(s is not None for s in found)
+    return [s for s in found if s is not None]
+
+
+async def _drain(fanout: Fanout) -> None:
+    """Read everything the model streams hold now."""
+    while await fanout.read_once(block_ms=50):
+        pass
+
+
+async def _take(subscriber: Subscriber) -> list[Update | PositionUpdate | None]:
+    out: list[Update | PositionUpdate | None] = []
+    while subscriber.pending or subscriber.lagged:
+        out.append(await asyncio.wait_for(subscriber.get(), 1))
+    return out
+
+
+def _stored(request_id: str = "01JAAAAAAAAAAAAAAAAAAAAAAA") -> StoredRequest:
+    return StoredRequest.from_hash(
+        {b"id": request_id.encode(), b"model": MODEL.encode(), b"state": str(QUEUED).encode()}
+    )
+
+
+async def test_mailbox_keeps_order_and_coalesces_positions() -> None:
+    subscriber = Subscriber(Watched(_stored()))
+    first, second = Update({"eid": "1-0"}), Update({"eid": "2-0"})
+    averages = (ModelAverages(30.0), 1)
+    subscriber.offer(first)
+    subscriber.offer_position(PositionUpdate(5, 9, _stored(), averages))
+    subscriber.offer(second)
+    newest = PositionUpdate(4, 8, _stored(), averages)
+    subscriber.offer_position(newest)
+    got = await _take(subscriber)
+    # The position keeps its first turn but carries the newest place; no second one.
+    assert got == [first, newest, second]
+
+
+async def test_a_watcher_that_falls_behind_is_told_to_replay() -> None:
+    subscriber = Subscriber(Watched(_stored()))
+    for i in range(SUBSCRIBER_BUFFER + 1):
+        subscriber.offer(Update({"eid": f"{i + 1}-0"}))
+    assert subscriber.lagged
+    assert await asyncio.wait_for(subscriber.get(), 1) is None  # replay from Redis
+    assert not subscriber.lagged and subscriber.pending == 0
+
+
+async def test_a_waiting_watcher_wakes_on_an_update() -> None:
+    subscriber = Subscriber(Watched(_stored()))
+    waiting = asyncio.ensure_future(subscriber.get())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    update = Update({"eid": "1-0"})
+    subscriber.offer(update)
+    assert await asyncio.wait_for(waiting, 1) is update
+
+
+async def test_watchers_of_one_request_share_one_update_and_one_read(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    watchers = [fanout.subscribe(stored) for _ in range(3)]
+    reads: list[dict[str, str]] = []
+    original = fanout.read_requests
+
+    async def counting(wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
+        reads.append(dict(wanted))
+        return await original(wanted)
+
+    monkeypatch.setattr(fanout, "read_requests", counting)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    await store.finish(
+        lease,
+        FinishedWork(
+            state=request_pb2.REQUEST_STATE_COMPLETED,
+            result=request_pb2.RequestResult(text="the answer").SerializeToString(),
+        ),
+    )
+    await _drain(fanout)
+    # RUNNING and COMPLETED came in one batch: one read for both, for all three watchers.
+    assert reads == [{stored.id: MODEL}]
+    got = [await _take(w) for w in watchers]
+    assert all(len(items) == 2 for items in got)
+    running, completed = got[0]
+    assert all(items[0] is running and items[1] is completed for items in got)
+    assert isinstance(completed, Update) and completed.read
+    assert completed.kind == notifier_pb2.UPDATE_KIND_COMPLETED
+    assert completed.snapshot is not None
+    assert completed.snapshot.state == request_pb2.REQUEST_STATE_COMPLETED
+    result = request_pb2.RequestResult.FromString(completed.snapshot.result)
+    assert result.text == "the answer"
+    assert completed.snapshot.payload == b""  # the prompt is never carried to watchers
+
+
+async def test_a_failed_read_leaves_each_watcher_to_read_for_itself(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    watcher = fanout.subscribe(stored)
+
+    async def broken(wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
+        raise ConnectionError("redis away")
+
+    monkeypatch.setattr(fanout, "read_requests", broken)
+    await store.cancel(MODEL, stored.id, "acme/alice", False, "changed my mind")
+    await _drain(fanout)
+    (update,) = await _take(watcher)
+    assert isinstance(update, Update)
+    assert update.kind == notifier_pb2.UPDATE_KIND_CANCELLED
+    assert not update.read and update.snapshot is None
+
+
+async def test_queued_snapshots_carry_their_place(store: QueueStore) -> None:
+    requests = await _queued(store, 3)
+    fanout = Fanout(store)
+    found = await fanout.read_requests({r.id: MODEL for r in requests})
+    assert [(s.position, s.queue_length) for s in found.values() if s] == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_positions_go_only_to_watchers_whose_place_moved(store: QueueStore) -> None:
+    requests = await _queued(store, 4)
+    fanout = Fanout(store, position_interval=0)
+    await fanout.prime()
+    watchers = {r.id: fanout.subscribe(r) for r in requests[1:]}
+    for r in requests[1:]:
+        watchers[r.id].told = (r.position, r.queue_length)
+    await fanout.push_positions()
+    assert fanout.send_positions() == 0  # nobody moved yet
+
+    await store.cancel(MODEL, requests[0].id, "acme/alice", False, "")
+    await _drain(fanout)
+    await fanout.push_positions()
+    assert fanout.send_positions() == 3
+    places = {}
+    for request_id, watcher in watchers.items():
+        (item,) = await _take(watcher)
+        assert isinstance(item, PositionUpdate)
+        places[request_id] = (item.position, item.queue_length)
+    assert places == {r.id: (i + 1, 3) for i, r in enumerate(requests[1:])}
+
+    # The head starts running: it leaves the queue; only those behind it move.
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None and lease.request.id == requests[1].id
+    await _drain(fanout)
+    head_items = await _take(watchers[requests[1].id])
+    assert [i.kind for i in head_items if isinstance(i, Update)] == [
+        notifier_pb2.UPDATE_KIND_RUNNING
+    ]
+    await fanout.push_positions()
+    assert fanout.send_positions() == 2
+    assert await _take(watchers[requests[1].id]) == []
+
+
+async def test_position_sending_is_paced_oldest_change_first(store: QueueStore) -> None:
+    requests = await _queued(store, 13)
+    fanout = Fanout(store, position_interval=0)
+    await fanout.prime()
+    watchers = [fanout.subscribe(r) for r in requests[2:]]
+    for watcher, r in zip(watchers, requests[2:], strict=True):
+        watcher.told = (r.position, r.queue_length)
+    await store.cancel(MODEL, requests[0].id, "acme/alice", False, "")
+    await _drain(fanout)
+    await fanout.push_positions()
+    assert fanout.send_positions(limit=4) == 4  # the oldest changes first
+    assert [w.pending for w in watchers] == [1] * 4 + [0] * 7
+    for watcher in watchers[:4]:
+        await _take(watcher)
+
+    # They move again before the rest were told: those still waiting keep their turn and
+    # get the newest place only; the four already told queue up behind them.
+    await store.cancel(MODEL, requests[1].id, "acme/alice", False, "")
+    await _drain(fanout)
+    await fanout.push_positions()
+    assert fanout.send_positions(limit=7) == 7
+    assert [w.pending for w in watchers] == [0] * 4 + [1] * 7
+    for place, watcher in enumerate(watchers[4:], start=5):
+        (item,) = await _take(watcher)
+        assert isinstance(item, PositionUpdate)
+        assert (item.position, item.queue_length) == (place, 11)
+    assert fanout.send_positions(limit=100) == 4
+    assert fanout.send_positions(limit=100) == 0
+
+
+async def test_unsubscribing_the_last_watcher_forgets_the_request(store: QueueStore) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    first, second = fanout.subscribe(stored), fanout.subscribe(stored)
+    assert fanout.watchers == 2
+    fanout.unsubscribe(first)
+    assert stored.id in fanout._groups
+    fanout.unsubscribe(second)
+    assert fanout.watchers == 0 and not fanout._groups and not fanout._by_model
+
+
+async def test_averages_are_read_once_for_many_callers(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    original = store.model_averages
+
+    async def counting(model: str) -> tuple[ModelAverages, int]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return await original(model)
+
+    monkeypatch.setattr(store, "model_averages", counting)
+    cache = AveragesCache(store, ttl=60)
+    results = await asyncio.gather(*(cache.get(MODEL) for _ in range(50)))
+    assert calls == 1 and len({id(r) for r in results}) == 1
+    assert cache.cached(MODEL) is results[0]

@@ -1,0 +1,194 @@
+"""Watch through gRPC: snapshot, places, the final update with its result, resume, lag."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.scheduler.store import FinishedWork, Lease, QueueStore
+from tests.notifier.conftest import NotifierClient
+from tests.scheduler.factories import new_request
+from usher.v1 import notifier_pb2, request_pb2
+
+K = notifier_pb2
+MODEL = "watch-model"
+TERMINAL = {
+    K.UPDATE_KIND_COMPLETED,
+    K.UPDATE_KIND_FAILED,
+    K.UPDATE_KIND_CANCELLED,
+    K.UPDATE_KIND_EXPIRED,
+}
+
+
+async def _submit(store: QueueStore, user: str = "alice") -> str:
+    request = new_request(model=MODEL, user=user)
+    await store.submit(request)
+    return request.id
+
+
+async def _claim(store: QueueStore, request_id: str) -> Lease:
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None and lease.request.id == request_id
+    return lease
+
+
+async def _complete(store: QueueStore, lease: Lease, text: str = "done") -> None:
+    usage = request_pb2.Usage(prompt_tokens=3, completion_tokens=2)
+    await store.finish(
+        lease,
+        FinishedWork(
+            state=request_pb2.REQUEST_STATE_COMPLETED,
+            result=request_pb2.RequestResult(text=text).SerializeToString(),
+            usage=usage.SerializeToString(),
+            output_tokens=2,
+        ),
+    )
+
+
+class Watcher:
+    """One Watch call, its updates collected as they arrive."""
+
+    def __init__(self, notifier: NotifierClient, request_id: str, last: str = "") -> None:
+        self.updates: list[notifier_pb2.WatchResponse] = []
+        self.arrived = asyncio.Event()
+        self.call = notifier.stub.Watch(
+            K.WatchRequest(id=request_id, last_event_id=last), metadata=notifier.auth("alice")
+        )
+        self.task = asyncio.ensure_future(self._collect())
+
+    async def _collect(self) -> None:
+        async for update in self.call:
+            self.updates.append(update)
+            self.arrived.set()
+
+    async def until(self, kind: int, timeout: float = 5.0) -> notifier_pb2.WatchResponse:
+        async def wait() -> notifier_pb2.WatchResponse:
+            while True:
+                for update in self.updates:
+                    if update.kind == kind:
+                        return update
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def finished(self, timeout: float = 5.0) -> list[notifier_pb2.WatchResponse]:
+        await asyncio.wait_for(self.task, timeout)
+        return self.updates
+
+
+async def test_a_queued_request_sees_its_place_then_its_result(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    ahead = await _submit(store)
+    mine = await _submit(store)
+    watcher = Watcher(notifier, mine)
+    snapshot = await watcher.until(K.UPDATE_KIND_SNAPSHOT)
+    assert snapshot.request.position.position == 2
+
+    await store.cancel(MODEL, ahead, "acme/alice", False, "")
+    moved = await watcher.until(K.UPDATE_KIND_POSITION)
+    assert (moved.request.position.position, moved.request.position.queue_length) == (1, 1)
+    assert moved.message.startswith("You are #1 of 1")
+
+    lease = await _claim(store, mine)
+    await watcher.until(K.UPDATE_KIND_RUNNING)
+    await store.progress(lease, "tokens", {"text": "do", "tokens": 1})
+    await store.progress(lease, "tokens", {"text": "ne", "tokens": 2})
+    await _complete(store, lease)
+    updates = await watcher.finished()
+    kinds = [u.kind for u in updates]
+    assert kinds[-1] == K.UPDATE_KIND_COMPLETED and kinds.count(K.UPDATE_KIND_COMPLETED) == 1
+    assert "".join(u.text_delta for u in updates) == "done"
+    final = updates[-1]
+    assert final.request.state == request_pb2.REQUEST_STATE_COMPLETED
+    assert final.request.result.text == "done"
+    assert final.request.usage.completion_tokens == 2
+    assert final.completion_tokens == 2
+    assert final.request.HasField("finished_at")
+    assert final.message.startswith("Your response is ready")
+    event_ids = [u.event_id for u in updates if u.event_id]
+    assert event_ids == sorted(set(event_ids), key=lambda e: tuple(map(int, e.split("-"))))
+
+
+async def test_many_watchers_of_one_request_each_get_every_update_once(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store)
+    watchers = [Watcher(notifier, request_id) for _ in range(20)]
+    for watcher in watchers:
+        await watcher.until(K.UPDATE_KIND_SNAPSHOT)
+    lease = await _claim(store, request_id)
+    for i in range(5):
+        await store.progress(lease, "tokens", {"text": f"{i};", "tokens": i + 1})
+    await _complete(store, lease)
+    seen = [await w.finished() for w in watchers]
+    expected = [(u.kind, u.event_id, u.text_delta) for u in seen[0][1:]]
+    assert [k for k, _, _ in expected].count(K.UPDATE_KIND_PROGRESS) == 5
+    for updates in seen:
+        assert [(u.kind, u.event_id, u.text_delta) for u in updates[1:]] == expected
+        assert updates[-1].request.result.text == "done"
+
+
+async def test_resuming_replays_only_what_came_after(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store)
+    lease = await _claim(store, request_id)
+    await store.progress(lease, "tokens", {"text": "a", "tokens": 1})
+    first = Watcher(notifier, request_id)
+    snapshot = await first.until(K.UPDATE_KIND_SNAPSHOT)
+    assert snapshot.text_delta == "a" and snapshot.event_id
+    first.call.cancel()
+    await store.progress(lease, "tokens", {"text": "b", "tokens": 2})
+    await _complete(store, lease)
+
+    resumed = await Watcher(notifier, request_id, last=snapshot.event_id).finished()
+    assert [u.kind for u in resumed] == [K.UPDATE_KIND_PROGRESS, K.UPDATE_KIND_COMPLETED]
+    assert resumed[0].text_delta == "b"
+    assert resumed[-1].request.result.text == "done"
+    # Resuming after the final update: nothing is left to send, the stream just ends.
+    assert await Watcher(notifier, request_id, last=resumed[-1].event_id).finished() == []
+
+
+async def test_a_watcher_that_lagged_catches_up_from_redis(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store)
+    watcher = Watcher(notifier, request_id)
+    await watcher.until(K.UPDATE_KIND_SNAPSHOT)
+    fanout = notifier.app.fanout
+    (subscriber,) = fanout._groups[request_id].subscribers
+    lease = await _claim(store, request_id)
+    await watcher.until(K.UPDATE_KIND_RUNNING)
+    # As if its buffer had overflowed: whatever was in flight is dropped, it must replay.
+    fanout.unsubscribe(subscriber)
+    await store.progress(lease, "tokens", {"text": "x", "tokens": 1})
+    await _complete(store, lease)
+    await asyncio.sleep(0.2)
+    assert [u.kind for u in watcher.updates][-1] == K.UPDATE_KIND_RUNNING
+    subscriber.mark_lagged()
+    updates = await watcher.finished()
+    assert [u.kind for u in updates[-2:]] == [K.UPDATE_KIND_PROGRESS, K.UPDATE_KIND_COMPLETED]
+    assert len({u.event_id for u in updates}) == len(updates)
+
+
+async def test_watching_a_finished_request_ends_on_its_final_update(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store)
+    await _complete(store, await _claim(store, request_id), text="old news")
+    (only,) = await Watcher(notifier, request_id).finished()
+    assert only.kind == K.UPDATE_KIND_COMPLETED
+    assert only.request.result.text == "old news"
+
+
+async def test_another_callers_request_is_not_shown(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store, user="bob")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await Watcher(notifier, request_id).finished()
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
