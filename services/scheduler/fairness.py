@@ -105,9 +105,17 @@ def advance_vtime(vtime: float, claimed_start: float) -> float:
     return max(vtime, claimed_start)
 
 
-def corrected_finish(flow_finish: float, estimated: float, actual: float, weight: float) -> float:
-    """A flow's finish tag once a request's actual token cost is known."""
-    return flow_finish + (actual - estimated) / weight
+def corrected_finish(
+    flow_finish: float,
+    estimated: float,
+    actual: float,
+    weight: float,
+    last_start: float = float("-inf"),
+) -> float:
+    """A flow's finish tag once a request's actual token cost is known. Never below
+    ``last_start``, the start tag of the flow's newest request: its later requests would
+    otherwise overtake its earlier ones still queued (a flow stays first in, first out)."""
+    return max(flow_finish + (actual - estimated) / weight, last_start)
 
 
 @dataclass(order=True, slots=True)
@@ -128,6 +136,7 @@ class FairQueue:
     weights: dict[str, float] = field(default_factory=dict)
     vtime: float = 0.0
     finish: dict[str, float] = field(default_factory=dict)
+    last_start: dict[str, float] = field(default_factory=dict)
     _heap: list[QueuedItem] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -142,6 +151,7 @@ class FairQueue:
             self.lead,
         )
         self.finish[key] = tags.finish
+        self.last_start[key] = tags.start
         item = QueuedItem(tags.score, next(self._seq), tenant, klass, cost, tags.start)
         heapq.heappush(self._heap, item)
         return item
@@ -150,6 +160,17 @@ class FairQueue:
         item = heapq.heappop(self._heap)
         self.vtime = advance_vtime(self.vtime, item.start)
         return item
+
+    def settle(self, item: QueuedItem, actual: float) -> None:
+        """``item`` completed having cost ``actual`` (complete.lua)."""
+        key = flow_key(item.tenant, item.klass)
+        self.finish[key] = corrected_finish(
+            self.finish[key],
+            item.cost,
+            actual,
+            self.weights.get(item.tenant, 1.0),
+            self.last_start.get(key, float("-inf")),
+        )
 
     def position(self, item: QueuedItem) -> int:
         """1-based place of ``item`` (O(n) here; Redis answers it with ZRANK)."""

@@ -119,6 +119,39 @@ def test_corrected_finish_settles_the_estimate() -> None:
     assert fairness.estimate_cost(100, 256, num_predict=None) == 356
 
 
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), costs, st.floats(0.0, 1.0)),
+        min_size=2,
+        max_size=60,
+    )
+)
+def test_settling_cheaper_answers_never_reorders_a_flow(
+    requests: list[tuple[str, float, float]],
+) -> None:
+    """Each tenant's requests leave in the order they came, however much (or little) the
+    answers actually cost: a finish tag settled down must not let a later request in ahead."""
+    queue = FairQueue()
+    sent: dict[str, list[int]] = {}
+    served: dict[str, list[int]] = {}
+    for n, (tenant, cost, share) in enumerate(requests):
+        item = queue.push(tenant, cost)
+        sent.setdefault(tenant, []).append(item.seq)
+        if n % 2:  # interleave arrivals with completions that cost a fraction of the guess
+            done = queue.pop()
+            served.setdefault(done.tenant, []).append(done.seq)
+            queue.settle(done, done.cost * share)
+    while queue._heap:
+        done = queue.pop()
+        served.setdefault(done.tenant, []).append(done.seq)
+    assert served == sent
+
+
+def test_a_settled_finish_stays_at_or_above_the_newest_start() -> None:
+    assert fairness.corrected_finish(1000, 300, 0, 1, last_start=900) == 900
+    assert fairness.corrected_finish(1000, 300, 100, 1, last_start=500) == 800
+
+
 positions = st.integers(min_value=1, max_value=10_000)
 slots = st.integers(min_value=1, max_value=64)
 averages = st.builds(

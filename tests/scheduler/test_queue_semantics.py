@@ -210,3 +210,25 @@ async def test_redis_order_matches_the_reference_model(
         lease = await store.claim(MODEL, "d")
         assert lease is not None
         assert lease.request.id == ids[model.pop().seq]
+
+
+async def test_cheap_answers_do_not_let_a_tenants_later_request_jump_its_queue(
+    store: QueueStore,
+) -> None:
+    """complete.lua settles the flow's finish tag down by what the estimate overshot, but
+    never below its newest request's start: alice's queued requests keep their order."""
+    requests = [new_request(num_predict=400) for _ in range(5)]
+    for request in requests:
+        await store.submit(request)
+    for _ in range(2):  # two run at once and both answer far shorter than estimated
+        lease = await store.claim("llama3.2", "d")
+        assert lease is not None
+        await store.finish(
+            lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED, actual_tokens=10)
+        )
+    later = new_request(num_predict=400)
+    await store.submit(later)
+    order = []
+    while (next_lease := await store.claim("llama3.2", "d")) is not None:
+        order.append(next_lease.request.id)
+    assert order == [r.id for r in requests[2:]] + [later.id]

@@ -13,13 +13,17 @@ if tonumber(redis.call('HGET', rk, 'state')) ~= RUNNING
 end
 if #ARGV >= 14 then redis.call('HSET', rk, unpack(ARGV, 14)) end
 
--- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish).
+-- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish), never
+-- below the start of the flow's newest request, so its queued requests keep their order.
 local actual = tonumber(ARGV[8])
 if actual >= 0 then
   local flow = redis.call('HGET', rk, 'flow')
   local estimated = tonumber(redis.call('HGET', rk, 'cost'))
   local weight = tonumber(redis.call('HGET', rk, 'weight'))
-  redis.call('HINCRBYFLOAT', K.fairness, 'flow:' .. flow, fmt((actual - estimated) / weight))
+  local finish, last = unpack(redis.call('HMGET', K.fairness, 'flow:' .. flow, 'last:' .. flow))
+  local settled = tonumber(finish or '0') + (actual - estimated) / weight
+  if last then settled = math.max(settled, tonumber(last)) end
+  redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(settled))
 end
 
 -- Moving averages of completed work (eta.py: ewma, ewma_variance). The service time's has

@@ -52,7 +52,8 @@ local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
 local flow_finish = tonumber(redis.call('HGET', K.fairness, 'flow:' .. flow) or '0')
 local start = math.max(vtime, flow_finish)
 local score = start + lead * (class - 1)
-redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(start + cost / weight))
+redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(start + cost / weight),
+  'last:' .. flow, fmt(start))
 
 -- How often this flow sends, for ETAs: other flows' expected arrivals are what overtakes a
 -- queued request (eta.py: decayed_count, activity_from_record). "count at_ms cost weight":
