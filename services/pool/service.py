@@ -11,7 +11,7 @@ import collections
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -24,6 +24,7 @@ from services.pool.stats import PoolStats
 from services.pool.upstream import Delta, Done, ModelNotFound, Started, UpstreamError
 from services.scheduler.records import duration_from_seconds
 from usher.auth import Authenticator, Principal
+from usher.background import Background
 from usher.config import ConfigError
 from usher.errors import (
     FailedPrecondition,
@@ -252,17 +253,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         self.stats = stats
         self.auth = auth
         self.settings = settings
-        self._background: set[asyncio.Task[None]] = set()
-
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)  # held until done: the loop keeps only weak references
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background update failed", error=str(task.exception()))
+        self._background = Background()
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -436,7 +427,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                         self.registry.record(state, model, True, first_token or event.total_seconds)
                         # In the background: neither the answer nor the slot's release (and
                         # with it the next request) waits for the fleet statistics.
-                        self._in_background(self.stats.record_done(model, state.id, event))
+                        self._background.spawn(self.stats.record_done(model, state.id, event))
                         yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
         except UpstreamError as error:
             self.registry.record(state, model, False, None)

@@ -20,6 +20,7 @@ from services.scheduler.store import NewRequest, QueueStore, StoredRequest
 from usher import keys, metrics, tracing
 from usher.audit import AuditLog
 from usher.auth import Authenticator, Principal
+from usher.background import Background
 from usher.errors import (
     AlreadyFinished,
     FailedPrecondition,
@@ -69,6 +70,7 @@ class _Handlers:
         self.audit = audit
         #: Called with the model when a request is queued (wakes local dispatchers).
         self.on_queued: Callable[[str], None] | None = None
+        self._background = Background()
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -166,14 +168,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
                 f"({outcome.queue_length} waiting); retry later",
                 retry_after_seconds=max(1.0, averages.service_seconds / max(parallel, 1)),
             )
-        stored = await self.store.inspect(request.model, outcome.request_id)
+        stored = outcome.request or await self.store.inspect(request.model, outcome.request_id)
         if stored is None:  # finished and expired between the two calls
             raise NotFound(f"request {outcome.request_id} is gone")
         view = await self.view(stored)
         if outcome.status == "queued" and view.HasField("eta"):
-            # Remember the wait promised now, to measure the estimate's error at dispatch.
+            # Remember the wait promised now, to measure the estimate's error at dispatch;
+            # the caller's answer doesn't wait for it (a request claimed first goes unmeasured).
             promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
-            await self.store.remember_promised_wait(stored.model, stored.id, promised)
+            self._background.spawn(
+                self.store.remember_promised_wait(stored.model, stored.id, promised)
+            )
         return scheduler_pb2.SubmitResponse(
             request=view,
             deduplicated=outcome.status == "dedup",

@@ -114,6 +114,8 @@ class SubmitOutcome:
     request_id: str
     position: int
     queue_length: int
+    #: The request as stored, when it was queued just now (no need to read it back).
+    request: StoredRequest | None = None
 
 
 def _decode(reply: bytes | str) -> str:
@@ -454,8 +456,46 @@ class QueueStore:
             )
 
         replies = await self._execute(build)
-        status, request_id, position, length = replies[-1]
+        status, request_id, position, length, *queued = replies[-1]
         outcome = SubmitOutcome(status.decode(), request_id.decode(), int(position), int(length))
+        if queued:
+            start, max_attempts, queue_timeout_ms = queued
+            outcome = replace(
+                outcome,
+                request=StoredRequest(
+                    id=request.id,
+                    model=request.model,
+                    kind=request.kind,
+                    state=QUEUED,
+                    user=request.user,
+                    organization=request.organization,
+                    priority=klass,
+                    fallback=request.fallback,
+                    route=request_pb2.ROUTE_LOCAL,
+                    created_ms=created,
+                    started_ms=0,
+                    finished_ms=0,
+                    deadline_ms=request.deadline_ms,
+                    queue_timeout_ms=int(queue_timeout_ms),
+                    attempts=0,
+                    max_attempts=int(max_attempts),
+                    error="",
+                    idempotency_key=request.idempotency_key,
+                    cancel_requested=False,
+                    labels=dict(request.labels),
+                    traceparent=request.traceparent,
+                    payload=request.payload,
+                    result=b"",
+                    usage=b"",
+                    prompt_tokens=request.prompt_tokens,
+                    cost=cost,
+                    lease_token="",
+                    start=float(start),
+                    owners=frozenset({request.tenant}),
+                    position=int(position),
+                    queue_length=int(length),
+                ),
+            )
         if outcome.request_id != request.id or outcome.status == "full":
             # Nothing was stored under the new id: point the caller's listing at the request
             # they share instead, and drop the unused index entry.

@@ -52,6 +52,25 @@ async def test_submit_answers_position_and_eta(scheduler: SchedulerClient) -> No
     assert got.request.position.queue_length == 2
 
 
+async def test_submit_answers_what_get_reads_back(scheduler: SchedulerClient) -> None:
+    """Submit builds its answer from what it just stored instead of reading it back: the two
+    must agree field for field (the ETA aside, which may move with the clock)."""
+    request = generate_submit(prompt="compare me")
+    request.labels["team"] = "search"
+    request.priority = request_pb2.PRIORITY_HIGH
+    request.queue_timeout.FromSeconds(90)
+    request.idempotency_key = "compare-1"
+    submitted = (await submit(scheduler, request=request)).request
+    got = (
+        await scheduler.scheduler.Get(
+            scheduler_pb2.GetRequest(id=submitted.id), metadata=A("alice")
+        )
+    ).request
+    submitted.ClearField("eta")
+    got.ClearField("eta")
+    assert submitted == got
+
+
 async def test_unauthenticated_calls_are_refused(scheduler: SchedulerClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await scheduler.scheduler.Submit(generate_submit())

@@ -5,7 +5,8 @@
 --       13 idempotency ttl s, 14 queue timeout ms (0 = the model's), 15 default max attempts,
 --       16 default queue timeout ms, 17 created ms, 18 deadline ms (0 = none),
 --       19 time constant (ms) of flows' arrival rates, 20.. field/value pairs of the request hash
--- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full.
+-- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full;
+-- 'queued' adds the start tag, max attempts and queue timeout (ms) it was given.
 local id, tenant, flow = ARGV[3], ARGV[4], ARGV[5]
 local weight, cost, class, lead = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
   tonumber(ARGV[9])
@@ -99,4 +100,6 @@ if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
 if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
 redis.call('HINCRBY', K.stats, 'submitted', 1)
 emit(id, 'queued', QUEUED)
-return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1}
+-- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
+return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1, fmt(start),
+  tostring(max_attempts), tostring(timeout)}
