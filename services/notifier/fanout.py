@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -64,6 +63,7 @@ POSITION_SLICE = 64
 POSITION_ROUND_DUTY = 0.1
 #: A watcher that has heard nothing for this long checks the request's stream itself.
 IDLE_CHECK_SECONDS = 30.0
+IDLE_CHECKS_PER_SECOND = 200
 #: How long the list of models (and model averages) are reused before they are read again.
 MODELS_TTL_SECONDS = 1.0
 AVERAGES_TTL_SECONDS = 1.0
@@ -169,7 +169,9 @@ class Subscriber:
         self.group = group
         self.request_id = group.request_id
         self.model = group.model
-        self._items: deque[Update | _PositionMark] = deque()
+        # A list, not a deque: it is nearly always empty or holds one or two items, and an
+        # empty deque costs ~600 bytes per watcher.
+        self._items: list[Update | _PositionMark] = []
         self._waiter: asyncio.Future[None] | None = None
         self._position: PositionUpdate | None = None
         #: Set when updates were dropped because the watcher fell behind (or it has been
@@ -221,7 +223,7 @@ class Subscriber:
         if self.lagged:
             self.lagged = False
             return None
-        item = self._items.popleft()
+        item = self._items.pop(0)
         if isinstance(item, _PositionMark):
             position, self._position = self._position, None
             return position
@@ -625,13 +627,23 @@ class Fanout:
 
     async def _sweep_forever(self, stop: asyncio.Event) -> None:
         """Watchers quiet for IDLE_CHECK_SECONDS check the request's stream themselves
-        (nothing should be missed, but a reader restart or a trimmed stream could)."""
-        period = IDLE_CHECK_SECONDS / 6
+        (nothing should be missed, but a reader restart or a trimmed stream could). At most
+        IDLE_CHECKS_PER_SECOND of them a second, so watchers that opened together and stayed
+        quiet together do not all read Redis at once."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
-            quiet_since = time.monotonic() - IDLE_CHECK_SECONDS
-            for subscriber in list(self._subscribers):
-                if subscriber.heard < quiet_since and not subscriber.pending:
-                    subscriber.heard = time.monotonic()
-                    subscriber.mark_lagged()
+                await asyncio.wait_for(stop.wait(), 1.0)
+            self.sweep_quiet()
+
+    def sweep_quiet(self, limit: int = IDLE_CHECKS_PER_SECOND) -> int:
+        now = time.monotonic()
+        quiet_since = now - IDLE_CHECK_SECONDS
+        woken = 0
+        for subscriber in self._subscribers:
+            if woken >= limit:
+                break
+            if subscriber.heard < quiet_since and not subscriber.pending:
+                subscriber.heard = now
+                subscriber.mark_lagged()
+                woken += 1
+        return woken

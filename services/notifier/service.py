@@ -78,8 +78,9 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise NotFound(f"request {request_id} not found")
         if caller.tenant not in stored.owners and not caller.is_admin:
             raise PermissionDenied(f"request {request_id} belongs to another caller")
-        # The prompt is never shown to a watcher: do not keep it for the stream's life.
-        return replace(stored, payload=b"")
+        # Neither the prompt nor the owners are shown to a watcher: do not keep them for the
+        # stream's life.
+        return replace(stored, payload=b"", owners=frozenset())
 
     def _text(self, fields: dict[str, str], request_id: str) -> str:
         return self.store.sealer.open_text(fields.get("text", ""), request_id)
@@ -122,10 +123,10 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                     if updates.is_terminal_kind(response.kind):
                         return
             else:
-                # A new watcher gets the status now plus all output so far, in one message.
-                response = await self._snapshot(cursor)
-                yield response
-                if updates.is_terminal_kind(response.kind):
+                # A new watcher gets the status now plus all output so far, in one message
+                # (not kept in this frame: it can be large).
+                yield await self._snapshot(cursor)
+                if cursor.view.state in _TERMINAL_KIND:
                     return
             view = cursor.view
             subscriber.told = (view.position.position, view.position.queue_length)

@@ -246,3 +246,17 @@ async def test_averages_are_read_once_for_many_callers(
     results = await asyncio.gather(*(cache.get(MODEL) for _ in range(50)))
     assert calls == 1 and len({id(r) for r in results}) == 1
     assert cache.cached(MODEL) is results[0]
+
+
+async def test_quiet_watchers_check_redis_a_few_at_a_time(store: QueueStore) -> None:
+    requests = await _queued(store, 5)
+    fanout = Fanout(store)
+    watchers = [fanout.subscribe(r) for r in requests]
+    assert fanout.sweep_quiet() == 0  # nobody has been quiet long enough
+    for watcher in watchers:
+        watcher.heard -= 3600
+    assert fanout.sweep_quiet(limit=3) == 3
+    assert fanout.sweep_quiet(limit=3) == 2
+    assert fanout.sweep_quiet(limit=3) == 0
+    for watcher in watchers:
+        assert await asyncio.wait_for(watcher.get(), 1) is None  # replay from Redis
