@@ -275,6 +275,7 @@ class AveragesCache:
         loading = self._loading.get(model)
         if loading is None:
             loading = asyncio.ensure_future(self._load(model))
+            loading.add_done_callback(_retrieve)  # a failed refresh nobody awaited: no warning
             self._loading[model] = loading
         if entry is not None:
             return entry[1]
@@ -287,6 +288,11 @@ class AveragesCache:
             return value
         finally:
             self._loading.pop(model, None)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class Fanout:

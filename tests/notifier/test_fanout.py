@@ -260,3 +260,20 @@ async def test_quiet_watchers_check_redis_a_few_at_a_time(store: QueueStore) -> 
     assert fanout.sweep_quiet(limit=3) == 0
     for watcher in watchers:
         assert await asyncio.wait_for(watcher.get(), 1) is None  # replay from Redis
+
+
+async def test_a_failed_refresh_keeps_the_last_averages(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = AveragesCache(store, ttl=0)
+    first = await cache.get(MODEL)
+
+    async def broken(model: str) -> tuple[ModelAverages, int]:
+        raise ConnectionError("redis away")
+
+    monkeypatch.setattr(store, "model_averages", broken)
+    assert await cache.get(MODEL) is first  # stale while the refresh runs (and fails)
+    await asyncio.sleep(0.01)
+    assert cache.cached(MODEL) is first
+    with pytest.raises(ConnectionError):
+        await AveragesCache(store).get(MODEL)  # nothing to fall back on: the error shows
