@@ -9,8 +9,10 @@ reference counting alone (it leaves no cycles), so there is little for those wal
 
 So every few seconds the young generations are collected (cheap: only recent objects)
 and what survives is frozen (``gc.freeze``): moved where collections do not look. Young
-garbage is still collected as usual. Rarely (``sweep_seconds``) everything is unfrozen
-and collected once, so cycles among old objects cannot pile up forever.
+garbage is still collected as usual, and frozen objects are still freed by reference
+counting. Only cycles that form among frozen objects would stay: so once the frozen heap
+has doubled since the last sweep (at most every ten minutes), or after an hour in any case,
+everything is unfrozen and collected once, then frozen again.
 """
 
 from __future__ import annotations
@@ -28,15 +30,35 @@ log = get_logger(__name__)
 
 
 class HeapFreezer:
-    def __init__(self, freeze_seconds: float = 2.0, sweep_seconds: float = 900.0) -> None:
+    def __init__(
+        self,
+        freeze_seconds: float = 2.0,
+        min_sweep_seconds: float = 600.0,
+        max_sweep_seconds: float = 3600.0,
+        growth: float = 2.0,
+        min_baseline: int = 50_000,
+    ) -> None:
         self.freeze_seconds = freeze_seconds
-        self.sweep_seconds = sweep_seconds
+        self.min_sweep_seconds = min_sweep_seconds
+        self.max_sweep_seconds = max_sweep_seconds
+        self.growth = growth
+        self.min_baseline = min_baseline
         self.sweeps = 0
+        #: Frozen objects right after the last sweep (the heap a sweep found alive).
+        self._baseline = 0
+        self._last_sweep = time.monotonic()
 
     def freeze(self) -> None:
         """Collect the young generations, then freeze the survivors."""
         gc.collect(1)
         gc.freeze()
+
+    def sweep_due(self, now: float | None = None) -> bool:
+        since = (time.monotonic() if now is None else now) - self._last_sweep
+        if since >= self.max_sweep_seconds:
+            return True
+        grown = gc.get_freeze_count() >= self.growth * max(self._baseline, self.min_baseline)
+        return grown and since >= self.min_sweep_seconds
 
     def sweep(self) -> int:
         """One full collection over everything, then freeze again. Returns what it freed."""
@@ -45,10 +67,12 @@ class HeapFreezer:
         freed = gc.collect()
         gc.freeze()
         self.sweeps += 1
+        self._baseline = gc.get_freeze_count()
+        self._last_sweep = time.monotonic()
         log.info(
             "heap swept",
             freed=freed,
-            frozen=gc.get_freeze_count(),
+            frozen=self._baseline,
             took_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return freed
@@ -56,13 +80,12 @@ class HeapFreezer:
     async def run(self, stop: asyncio.Event) -> None:
         if self.freeze_seconds <= 0:
             return
-        next_sweep = time.monotonic() + self.sweep_seconds
+        self._last_sweep = time.monotonic()
         try:
             while not stop.is_set():
                 self.freeze()
-                if self.sweep_seconds > 0 and time.monotonic() >= next_sweep:
+                if self.sweep_due():
                     self.sweep()
-                    next_sweep = time.monotonic() + self.sweep_seconds
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.freeze_seconds)
         finally:

@@ -34,6 +34,18 @@ def test_survivors_are_frozen_and_a_sweep_frees_cycles_among_them() -> None:
     assert heap.sweeps == 1 and gc.get_freeze_count() > 0
 
 
+def test_a_sweep_is_due_when_the_frozen_heap_doubled_or_after_long() -> None:
+    heap = HeapFreezer(min_sweep_seconds=60, max_sweep_seconds=3600, min_baseline=1)
+    heap.sweep()  # the baseline: what is alive now
+    now = heap._last_sweep
+    assert not heap.sweep_due(now + 30)
+    assert not heap.sweep_due(now + 120)  # it has not grown
+    assert heap.sweep_due(now + 3601)
+    heap._baseline = gc.get_freeze_count() // 3  # as if the heap had tripled since
+    assert not heap.sweep_due(now + 30)  # grown, but the last sweep was recent
+    assert heap.sweep_due(now + 120)
+
+
 async def test_run_freezes_until_stopped_then_unfreezes() -> None:
     heap = HeapFreezer(freeze_seconds=0.01)
     stop = asyncio.Event()
