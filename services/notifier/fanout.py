@@ -53,8 +53,9 @@ log = get_logger(__name__)
 QUEUE_CHANGES = frozenset(
     {"queued", "running", "cancelled", "expired", "requeued", "fallback", "completed", "failed"}
 )
-#: Beyond this many queued, positions are read one by one instead of reading the whole queue.
-FULL_READ_LIMIT = 50_000
+#: The whole queue is read for positions when it is shorter than this many times the number
+#: of queued requests watched here; otherwise each watched one's place is asked for alone.
+FULL_READ_RATIO = 20
 #: Items a watcher may fall behind before it is told to replay from Redis instead.
 SUBSCRIBER_BUFFER = 1000
 #: Position messages handed out between two pauses of the paced sender.
@@ -237,13 +238,15 @@ class Subscriber:
 class Watched:
     """A request with local watchers: what the reader and the position rounds know of it."""
 
-    __slots__ = ("model", "position", "queued", "request_id", "stored", "subscribers")
+    __slots__ = ("member", "model", "position", "queued", "request_id", "stored", "subscribers")
 
     def __init__(self, stored: StoredRequest) -> None:
         self.request_id = stored.id
         self.model = stored.model
         self.stored = stored
         self.queued = stored.state == QUEUED
+        #: Its member in the queue's sorted set (fixed at enqueue), once read.
+        self.member: bytes | None = None
         #: Last place computed; None forces the next round to consider it.
         self.position: tuple[int, int] | None = None
         self.subscribers: list[Subscriber] = []
@@ -464,8 +467,12 @@ class Fanout:
             if stored.result:
                 stored = replace(stored, result=sealer.open(stored.result, request_id))
             found[request_id] = stored
-            if stored.state == QUEUED and raw.get(b"member"):
-                queued.append((request_id, raw[b"member"]))
+            member = raw.get(b"member")
+            group = self._groups.get(request_id)
+            if member and group is not None:
+                group.member = member
+            if stored.state == QUEUED and member:
+                queued.append((request_id, member))
         if queued:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for request_id, member in queued:
@@ -560,11 +567,13 @@ class Fanout:
         return sent
 
     async def _ranks(self, model: str, groups: list[Watched]) -> tuple[dict[str, int], int]:
-        """1-based places of the given requests, and the queue's length."""
+        """1-based places of the given requests, and the queue's length: one read of the
+        whole queue when the watched are a good share of it, else one ZRANK each (so a
+        long queue with few watchers costs work per watcher, not per queued request)."""
         mk = ModelKeys(model)
         length = int(await self.redis.zcard(mk.queue))
         ranks: dict[str, int] = {}
-        if length <= FULL_READ_LIMIT or len(groups) * 20 > length:
+        if len(groups) * FULL_READ_RATIO > length:
             queue = cast(list[bytes], await self.redis.zrange(mk.queue, 0, -1))
             wanted = {g.request_id.encode(): g.request_id for g in groups}
             for place, member in enumerate(queue, 1):
@@ -572,18 +581,22 @@ class Fanout:
                 if request_id is not None:
                     ranks[request_id] = place
             return ranks, len(queue)
-        ordered = [g.request_id for g in groups]
+        unknown = [g for g in groups if g.member is None]
+        if unknown:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for group in unknown:
+                    pipe.hget(mk.request(group.request_id), "member")
+                members = cast(list[bytes | None], await pipe.execute())
+            for group, known in zip(unknown, members, strict=True):
+                group.member = known
+        ranked = [g for g in groups if g.member is not None]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in ordered:
-                pipe.hget(mk.request(request_id), "member")
-            members = cast(list[bytes | None], await pipe.execute())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for known in members:
-                pipe.zrank(mk.queue, known or b"-")
+            for group in ranked:
+                pipe.zrank(mk.queue, cast(bytes, group.member))
             found = cast(list[int | None], await pipe.execute())
-        for request_id, rank in zip(ordered, found, strict=True):
+        for group, rank in zip(ranked, found, strict=True):
             if rank is not None:
-                ranks[request_id] = rank + 1
+                ranks[group.request_id] = rank + 1
         return ranks, length
 
     # ---- the loops ----------------------------------------------------------------------------

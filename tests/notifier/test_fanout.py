@@ -277,3 +277,28 @@ async def test_a_failed_refresh_keeps_the_last_averages(
     assert cache.cached(MODEL) is first
     with pytest.raises(ConnectionError):
         await AveragesCache(store).get(MODEL)  # nothing to fall back on: the error shows
+
+
+async def test_a_long_queue_with_few_watchers_is_ranked_one_by_one(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = await _queued(store, 45)
+    fanout = Fanout(store, position_interval=0)
+    watched = [fanout.subscribe(r).group for r in (requests[3], requests[40])]
+    full_reads = 0
+    original = fanout.redis.zrange
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        nonlocal full_reads
+        full_reads += 1
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fanout.redis, "zrange", counting)
+    ranks, length = await fanout._ranks(MODEL, watched)
+    assert full_reads == 0 and length == 45
+    assert ranks == {requests[3].id: 4, requests[40].id: 41}
+    assert all(g.member for g in watched)  # read once, kept
+    # Many watched relative to the queue: one read of the whole queue instead.
+    many = [fanout.subscribe(r).group for r in requests[:5]]
+    ranks, _ = await fanout._ranks(MODEL, many)
+    assert full_reads == 1 and ranks == {r.id: i + 1 for i, r in enumerate(requests[:5])}
