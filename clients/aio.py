@@ -58,6 +58,7 @@ from clients.types import (
     Update,
     UpdateKind,
 )
+from usher.tls import KEEPALIVE, RECONNECT, ClientTls
 from usher.v1 import (
     notifier_pb2,
     notifier_pb2_grpc,
@@ -370,16 +371,13 @@ class AsyncUsherClient:
                 certificate_chain=certificate_chain,
             )
         if credentials is None and env.get("USHER_TLS_CA"):
-            from usher.tls import ClientTls
-
             tls = ClientTls.from_env()
             credentials = tls.credentials() if tls is not None else None
         self._credentials = credentials
         self._channel_options: list[tuple[str, Any]] = [
-            # Come back quickly after a service restarts (gRPC's default waits 1 s and more).
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 3000),
+            # Come back quickly after a service restarts; notice a vanished one by pings.
+            *RECONNECT,
+            *KEEPALIVE,
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             *channel_options,
         ]

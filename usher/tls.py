@@ -17,7 +17,7 @@ import grpc
 
 from usher.config import ConfigError, env_str
 
-__all__ = ["ClientTls", "ServerTls", "open_channel"]
+__all__ = ["KEEPALIVE", "RECONNECT", "ClientTls", "ServerTls", "open_channel"]
 
 
 def _read(variable: str, path: str) -> bytes:
@@ -83,12 +83,34 @@ class ClientTls:
         )
 
 
+#: Ping an idle or busy connection every 10 s; no answer within 5 s closes it.
+KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+#: Reconnect soon after a service restarts (gRPC's own backoff grows to two minutes).
+RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 3000),
+)
+
+
 def open_channel(
     address: str,
     tls: ClientTls | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A channel to another Usher service: TLS when configured, plaintext otherwise."""
+    """A channel to another Usher service: TLS when configured, plaintext otherwise.
+
+    Keepalive pings find a connection whose peer vanished without closing it (a node lost,
+    a half-open socket): the calls on it fail within ``KEEPALIVE`` instead of waiting
+    forever on a stream that will never speak again, and the work behind them is retried."""
+    options = [*KEEPALIVE, *RECONNECT]
     if tls is None:
-        return grpc.aio.insecure_channel(address, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, tls.credentials(), interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address, tls.credentials(), options=options, interceptors=interceptors
+    )

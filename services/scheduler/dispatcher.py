@@ -396,6 +396,7 @@ class ProgressBuffer:
         self._count = 0
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
 
     def started(self, instance: str, served_model: str) -> None:
         self._started = ("started", {"instance": instance, "served_model": served_model})
@@ -419,6 +420,7 @@ class ProgressBuffer:
 
     async def close(self) -> list[ProgressEvent]:
         """Stop the timer, let a flush under way land, and hand back what is left."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -428,6 +430,8 @@ class ProgressBuffer:
         return self.take()
 
     def _schedule(self) -> None:
+        if self._closed:
+            return
         if self._timer is None and (self._flushing is None or self._flushing.done()):
             self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
 
@@ -441,7 +445,7 @@ class ProgressBuffer:
         except Exception as exc:  # Redis away: the completion carries the output anyway
             log.warning("progress not written", request_id=self._lease.request.id, error=str(exc))
         finally:
-            if self._started is not None or self._text:
+            if not self._closed and (self._started is not None or self._text):
                 # More arrived while writing: its own window starts now.
                 self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
 
