@@ -28,6 +28,8 @@ __all__ = ["HeapFreezer"]
 
 log = get_logger(__name__)
 
+SWEEP_CHECK_SECONDS = 30.0
+
 
 class HeapFreezer:
     def __init__(
@@ -80,12 +82,15 @@ class HeapFreezer:
     async def run(self, stop: asyncio.Event) -> None:
         if self.freeze_seconds <= 0:
             return
-        self._last_sweep = time.monotonic()
+        self._last_sweep = last_check = time.monotonic()
         try:
             while not stop.is_set():
                 self.freeze()
-                if self.sweep_due():
-                    self.sweep()
+                # Counting the frozen walks them all: only now and then.
+                if time.monotonic() - last_check >= SWEEP_CHECK_SECONDS:
+                    last_check = time.monotonic()
+                    if self.sweep_due():
+                        self.sweep()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.freeze_seconds)
         finally:
