@@ -35,6 +35,8 @@ log = get_logger(__name__)
 
 #: How often a replica looks for work queued through other replicas.
 IDLE_POLL_SECONDS = 0.05
+#: How long a request's ending waits for its heartbeat to stop (it stops within a turn).
+HEARTBEAT_STOP_SECONDS = 5.0
 #: Longest an idle loop sleeps unwoken (a safety net: work wakes loops one at a time).
 IDLE_REST_SECONDS = 1.0
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
@@ -256,7 +258,8 @@ class Dispatcher:
             timeout = max(0.1, lease.request.deadline_ms / 1000 - time.time())
         call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
         started = time.monotonic()
-        watcher = asyncio.create_task(self._heartbeat(lease))
+        ended = asyncio.Event()
+        watcher = asyncio.create_task(self._heartbeat(lease, ended))
         progress = ProgressBuffer(self.store, lease, self.settings.token_flush_seconds)
         runner = asyncio.create_task(self._consume(call, progress, lease, started))
         drain = asyncio.create_task(self._drain_deadline())
@@ -266,10 +269,9 @@ class Dispatcher:
             # Shutting down and it is still running: stop it and hand it back, uncounted.
             call.cancel()
             runner.cancel()
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, _Cancelled):
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await runner
-                await watcher
+            await _stop_heartbeat(watcher, ended)
             await progress.close()  # to be run again from the start: partial output is moot
             await self.store.requeue(lease, "scheduler replica shutting down", count_attempt=False)
             return
@@ -280,14 +282,12 @@ class Dispatcher:
                 await runner
             await progress.close()
             stop = watcher.result()
-            if not stop.lost:
+            if stop is not None and not stop.lost:
                 # An empty error lets the store record the reason given with the cancel.
                 await self.store.finish(lease, FinishedWork(state=CANCELLED))
                 metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
             return
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, _Cancelled):
-            await watcher
+        await _stop_heartbeat(watcher, ended)
         work_or_error = runner.result()
         pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
@@ -304,18 +304,23 @@ class Dispatcher:
         await self._stop.wait()
         await asyncio.sleep(self.settings.drain_seconds)
 
-    async def _heartbeat(self, lease: Lease) -> _Cancelled:
+    async def _heartbeat(self, lease: Lease, ended: asyncio.Event) -> _Cancelled | None:
+        """Keep the lease until ``ended``; returns when the request is cancelled or its lease
+        lost (None when it simply ended)."""
         interval = self.store.defaults.lease_ms / 3000
         nudged = self._cancel_nudges.setdefault(lease.request.id, asyncio.Event())
         try:
-            while True:
+            while not ended.is_set():
                 # Wake early when a cancel is announced; the flag read here decides.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(nudged.wait(), interval)
                 nudged.clear()
+                if ended.is_set():
+                    break
                 verdict = await self.store.heartbeat(lease)
                 if verdict != 0:
                     return _Cancelled(lost=verdict == -1)
+            return None
         finally:
             self._cancel_nudges.pop(lease.request.id, None)
 
@@ -448,6 +453,18 @@ class ProgressBuffer:
             if not self._closed and (self._started is not None or self._text):
                 # More arrived while writing: its own window starts now.
                 self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+
+
+async def _stop_heartbeat(watcher: asyncio.Task[_Cancelled | None], ended: asyncio.Event) -> None:
+    """Stop a request's heartbeat. A cancel alone is not enough: one that lands while a
+    Redis call inside is timing out or retrying can be swallowed, and the heartbeat would
+    then hold the lease (and the request, never finished) for ever. The flag ends its loop
+    at the next turn whatever happens to the cancel, and this waits a bounded time."""
+    ended.set()
+    watcher.cancel()
+    await asyncio.wait({watcher}, timeout=HEARTBEAT_STOP_SECONDS)
+    if watcher.done() and not watcher.cancelled():
+        watcher.exception()  # retrieved: an outage it met needs no second report
 
 
 class _StreamEnded(grpc.aio.AioRpcError):
