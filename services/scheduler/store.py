@@ -8,6 +8,7 @@ a crash in between cannot leave a queued request that Get or List cannot find.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -326,6 +327,7 @@ class QueueStore:
         self._scripts = _Scripts(client)
         self._weights: dict[str, tuple[float, float]] = {}
         self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
+        self._averages_reads: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
 
     def _stored(
         self,
@@ -580,12 +582,22 @@ class QueueStore:
         return cached[1]
 
     async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
-        """Moving averages and parallel slots of a model (cached for a second). Slots are
-        the operator's setting if any, else what the Pool last reported, else the default."""
+        """Moving averages and parallel slots of a model (cached briefly). Slots are the
+        operator's setting if any, else what the Pool last reported, else the default.
+        One read at a time per model: callers arriving meanwhile share its answer rather
+        than pile their own reads onto the connection pool."""
         cached = self._averages.get(model)
-        now = time.monotonic()
-        if cached and cached[0] > now:
+        if cached and cached[0] > time.monotonic():
             return cached[1], cached[2]
+        reading = self._averages_reads.get(model)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_averages(model))
+            self._averages_reads[model] = reading
+            reading.add_done_callback(lambda _: self._averages_reads.pop(model, None))
+        return await asyncio.shield(reading)
+
+    async def _read_averages(self, model: str) -> tuple[ModelAverages, int]:
+        now = time.monotonic()
         mk = ModelKeys(model)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
