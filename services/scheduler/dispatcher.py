@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import os
 import socket
 import time
@@ -387,10 +388,12 @@ class Dispatcher:
 
 
 class ProgressBuffer:
-    """Output on its way to a running request's stream. The model server's "started" note
-    and its tokens go out together at most every ``interval`` seconds (a timer flushes what
-    waits), and what is pending when the answer completes goes out in the same round trip
-    as the completion: a short answer costs one script call, not three."""
+    """Output on its way to a running request's stream, at most one write every
+    ``interval`` seconds. Tokens go out at once when the last write is that old (the first
+    token is never held back: time to first token is what a waiting user feels), else when
+    the interval is up. The model server's "started" note waits up to an interval to ride
+    with the first tokens, and what is pending when the answer completes goes out in the
+    same round trip as the completion: a short answer costs one script call, not three."""
 
     def __init__(self, store: QueueStore, lease: Lease, interval: float) -> None:
         self._store = store
@@ -399,18 +402,19 @@ class ProgressBuffer:
         self._started: ProgressEvent | None = None
         self._text: list[str] = []
         self._count = 0
+        self._last_write = -math.inf
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._closed = False
 
     def started(self, instance: str, served_model: str) -> None:
         self._started = ("started", {"instance": instance, "served_model": served_model})
-        self._schedule()
+        self._schedule(urgent=False)
 
     def tokens(self, text: str, completion_tokens: int) -> None:
         self._text.append(text)
         self._count = completion_tokens or self._count + 1
-        self._schedule()
+        self._schedule(urgent=True)
 
     def take(self) -> list[ProgressEvent]:
         """The pending events, in order; the buffer is empty afterwards."""
@@ -426,22 +430,33 @@ class ProgressBuffer:
     async def close(self) -> list[ProgressEvent]:
         """Stop the timer, let a flush under way land, and hand back what is left."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         if self._flushing is not None:
             with contextlib.suppress(Exception):
                 await self._flushing
         return self.take()
 
-    def _schedule(self) -> None:
-        if self._closed:
-            return
-        if self._timer is None and (self._flushing is None or self._flushing.done()):
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+    def _schedule(self, urgent: bool) -> None:
+        if self._closed or (self._flushing is not None and not self._flushing.done()):
+            return  # the write under way schedules what arrived meanwhile when it ends
+        loop = asyncio.get_running_loop()
+        due = self._last_write + self._interval
+        if urgent and loop.time() >= due:
+            self._cancel_timer()
+            self._fire()
+        elif self._timer is None:
+            # Tokens: when the interval since the last write is up; the note: an interval on.
+            at = due if urgent else max(due, loop.time() + self._interval)
+            self._timer = loop.call_at(at, self._fire)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _fire(self) -> None:
         self._timer = None
+        self._last_write = asyncio.get_running_loop().time()
         self._flushing = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
@@ -451,8 +466,10 @@ class ProgressBuffer:
             log.warning("progress not written", request_id=self._lease.request.id, error=str(exc))
         finally:
             if not self._closed and (self._started is not None or self._text):
-                # More arrived while writing: its own window starts now.
-                self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+                # More arrived while writing: it goes out when the interval is up.
+                self._timer = asyncio.get_running_loop().call_at(
+                    self._last_write + self._interval, self._fire
+                )
 
 
 async def _stop_heartbeat(watcher: asyncio.Task[_Cancelled | None], ended: asyncio.Event) -> None:
