@@ -7,7 +7,6 @@ slot usage from Redis), acts on the decision, and streams the model server's out
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import time
@@ -39,6 +38,7 @@ from usher.grpc_types import Context
 from usher.logs import get_logger
 from usher.structs import dict_to_struct
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2
+from usher.waiters import Waiters
 
 __all__ = ["SERVICE_ROLE", "PoolAdminServicer", "PoolServicer"]
 
@@ -67,29 +67,27 @@ class FleetRouter:
         #: Reserves waiting for a slot here, oldest first, with the models each asks for.
         #: A release wakes one of them (the oldest that wants the freed slot's model), not
         #: every waiter: each wakeup costs a round of scripts.
-        self._waiting: collections.deque[tuple[frozenset[str], asyncio.Future[None]]] = (
-            collections.deque()
-        )
+        self._waiting: Waiters[frozenset[str]] = Waiters()
         #: Slots granted here lately (id → grant, when it was granted): the Generate that
         #: follows a Reserve on this replica needs no Redis read to find its slot.
         self._granted: dict[str, tuple[SlotGrant, float]] = {}
 
+    def _fresh(self, granted_at: float) -> bool:
+        """Granted well inside the slot's lease (half of it ago at most)."""
+        return time.monotonic() - granted_at < self.slots.lease_ms / 2000
+
     def _remember(self, grant: SlotGrant) -> None:
-        now = time.monotonic()
-        fresh_for = self.slots.lease_ms / 2000  # well inside the slot's lease
         while self._granted:  # oldest first: drop grants nobody came back for
             oldest = next(iter(self._granted))
-            if now - self._granted[oldest][1] < fresh_for:
+            if self._fresh(self._granted[oldest][1]):
                 break
             del self._granted[oldest]
-        self._granted[grant.id] = (grant, now)
+        self._granted[grant.id] = (grant, time.monotonic())
 
     def take_granted(self, slot_id: str) -> SlotGrant | None:
         """A slot this replica granted moments ago (then forgotten: it is in use)."""
         entry = self._granted.pop(slot_id, None)
-        if entry is None or time.monotonic() - entry[1] >= self.slots.lease_ms / 2000:
-            return None
-        return entry[0]
+        return entry[0] if entry is not None and self._fresh(entry[1]) else None
 
     async def try_reserve(
         self,
@@ -152,30 +150,14 @@ class FleetRouter:
             if remaining <= 0:
                 return None
             # Slots freed through other replicas are found by polling.
-            await self._wait_for_release(frozenset(models), min(POLL_SECONDS, remaining))
-
-    async def _wait_for_release(self, models: frozenset[str], timeout: float) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        entry = (models, waiter)
-        self._waiting.append(entry)
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, timeout)
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiting.remove(entry)
+            await self._waiting.wait(frozenset(models), min(POLL_SECONDS, remaining))
 
     async def release(self, grant: SlotGrant) -> None:
         await self.slots.release(grant)
         # The oldest waiter for this model; else the oldest at all (a freed slot can make
         # room on its instance for another model).
-        chosen = next((e for e in self._waiting if grant.model in e[0]), None)
-        if chosen is None and self._waiting:
-            chosen = self._waiting[0]
-        if chosen is not None:
-            self._waiting.remove(chosen)
-            if not chosen[1].done():
-                chosen[1].set_result(None)
+        if not self._waiting.wake_first(lambda models: grant.model in models):
+            self._waiting.wake_first()
 
 
 def _require(principal: Principal, *roles: str) -> None:

@@ -10,7 +10,6 @@ closes the Generate stream, which stops the model server.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import math
 import os
@@ -29,6 +28,7 @@ from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
+from usher.waiters import Waiters
 
 __all__ = ["DispatchSettings", "Dispatcher", "ProgressBuffer"]
 
@@ -88,10 +88,7 @@ class Dispatcher:
         #: Idle loops, local and external, each parked on a future. Work wakes one loop,
         #: and a loop that finds more work than loops reserving wakes the next: a chain,
         #: not a herd of every idle loop waking for each request.
-        self._idle: dict[bool, collections.deque[asyncio.Future[None]]] = {
-            False: collections.deque(),
-            True: collections.deque(),
-        }
+        self._idle: dict[bool, Waiters[None]] = {False: Waiters(), True: Waiters()}
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -124,27 +121,7 @@ class Dispatcher:
         _, local, waiting = self._demand
         counts = waiting if external else local
         counts[model] = counts.get(model, 0) + 1
-        self._wake_one(external)
-
-    def _wake_one(self, external: bool) -> None:
-        idle = self._idle[external]
-        while idle:
-            waiter = idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    async def _rest(self, external: bool) -> None:
-        """Park an idle loop until work wakes it."""
-        waiter = asyncio.get_running_loop().create_future()
-        idle = self._idle[external]
-        idle.append(waiter)
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, IDLE_REST_SECONDS)
-        finally:
-            with contextlib.suppress(ValueError):
-                idle.remove(waiter)
+        self._idle[external].wake_first()
 
     async def _poll_for_work(self, stop: asyncio.Event) -> None:
         """Wake an idle loop when work queued through another replica waits here."""
@@ -157,11 +134,9 @@ class Dispatcher:
                 continue
             for is_external, work in ((False, local), (True, external)):
                 if self._idle[is_external] and sum(work.values()) > self._reserving[is_external]:
-                    self._wake_one(is_external)
+                    self._idle[is_external].wake_first()
         for idle in self._idle.values():  # shutting down: no loop waits out its rest
-            for waiter in idle:
-                if not waiter.done():
-                    waiter.set_result(None)
+            idle.wake_all()
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -186,7 +161,7 @@ class Dispatcher:
                 worked = False
                 await asyncio.sleep(0.5)
             if not worked:
-                await self._rest(external)
+                await self._idle[external].wait(None, IDLE_REST_SECONDS)
 
     async def dispatch_one(self, external: bool = False) -> bool:
         local, waiting_external = await self.models_with_work()
@@ -197,7 +172,7 @@ class Dispatcher:
             return False
         self._reserving[external] += 1
         if sum(work.values()) > self._reserving[external]:
-            self._wake_one(external)  # more work than loops on it: start the next loop
+            self._idle[external].wake_first()  # more work than loops on it: start the next
         try:
             reply = await self._pool.Reserve(
                 pool_pb2.ReserveRequest(

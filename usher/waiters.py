@@ -1,0 +1,51 @@
+"""Coroutines parked until something wakes them, oldest first, one at a time.
+
+An ``asyncio.Condition`` wakes every waiter on ``notify_all`` (each then redoes its work
+to find it was not needed) or an arbitrary one on ``notify``; here each parked coroutine
+carries what it waits for, and a waker picks the oldest that wants what it has."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Waiters"]
+
+T = TypeVar("T")
+
+
+class Waiters(Generic[T]):
+    def __init__(self) -> None:
+        self._parked: collections.deque[tuple[T, asyncio.Future[None]]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    async def wait(self, wants: T, timeout: float) -> None:
+        """Park until woken or ``timeout`` seconds have passed."""
+        entry = (wants, asyncio.get_running_loop().create_future())
+        self._parked.append(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry[1], timeout)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._parked.remove(entry)
+
+    def wake_first(self, wanted: Callable[[T], bool] = lambda _: True) -> bool:
+        """Wake the oldest parked coroutine whose wants ``wanted`` accepts; False if none."""
+        for entry in self._parked:
+            if wanted(entry[0]) and not entry[1].done():
+                self._parked.remove(entry)
+                entry[1].set_result(None)
+                return True
+        return False
+
+    def wake_all(self) -> None:
+        while self._parked:
+            _, waiter = self._parked.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
