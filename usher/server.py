@@ -18,6 +18,7 @@ from usher import eventloop, tracing
 from usher.config import ConfigError
 from usher.errors import ErrorMappingInterceptor
 from usher.logs import configure_logging, get_logger
+from usher.production import require_production_ready
 from usher.tls import ServerTls
 
 __all__ = ["GrpcServer", "Registration", "run_service"]
@@ -115,8 +116,10 @@ S = TypeVar("S", bound=_Settings)
 
 def run_service(prog: str, load: Callable[[], S], make_app: Callable[[S], _App]) -> None:
     """The ``python -m services.X`` entry point: settings from the environment (a bad one
-    exits 2 with the variable named), logging and tracing, then serve until SIGTERM."""
+    exits 2 with the variable named; so do placeholder secrets with USHER_PRODUCTION=true),
+    logging and tracing, then serve until SIGTERM."""
     try:
+        require_production_ready()
         settings = load()
     except ConfigError as exc:
         print(f"{prog}: bad configuration: {exc}", file=sys.stderr)

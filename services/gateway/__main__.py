@@ -10,6 +10,7 @@ from services.gateway.settings import GatewaySettings
 from usher import eventloop
 from usher.config import ConfigError
 from usher.logs import configure_logging
+from usher.production import require_production_ready
 from usher.tracing import configure_tracing
 
 __all__ = ["main"]
@@ -17,6 +18,7 @@ __all__ = ["main"]
 
 def main() -> None:
     try:
+        require_production_ready()
         settings = GatewaySettings.from_env()
     except ConfigError as exc:
         print(f"usher-gateway: bad configuration: {exc}", file=sys.stderr)
