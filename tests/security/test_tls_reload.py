@@ -30,6 +30,11 @@ async def refused(channel: grpc.aio.Channel) -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def renew_certificate_only(env: dict[str, str], other: CertificateFiles) -> None:
+    """The first half of a renewal: the certificate is written, its key not yet."""
+    Path(env["USHER_TLS_CERT"]).write_bytes(other.server_cert.read_bytes())
+
+
 def env_of(certs: CertificateFiles, mutual: bool) -> dict[str, str]:
     env = {"USHER_TLS_CERT": str(certs.server_cert), "USHER_TLS_KEY": str(certs.server_key)}
     env["USHER_TLS_CA"] = str(certs.ca)
@@ -57,7 +62,8 @@ async def test_renewed_certificates_are_used_by_new_connections(
     server: tuple[str, dict[str, str], Path],
 ) -> None:
     address, env, folder = server
-    old_ca = Path(env["USHER_TLS_CA"]).read_bytes()
+    stale = ClientTls.from_env({"USHER_TLS_CA": env["USHER_TLS_CA"]})
+    assert stale is not None
     async with open_channel(address, ClientTls.from_env(env)) as channel:
         await check(channel)
         make_certificates(folder)  # renewal: a new CA, new server and client certificates
@@ -66,10 +72,10 @@ async def test_renewed_certificates_are_used_by_new_connections(
         # client certificate under mutual TLS).
         await check(channel)
         await check(channel)
-    # A client that still trusts only the old CA is refused: the server switched.
-    stale = ClientTls(old_ca) if "USHER_TLS_CLIENT_CA" not in env else None
-    if stale is not None:
-        async with open_channel(address, stale) as old:
+    # A client that still trusts only the old CA (bytes read before the renewal) is
+    # refused: the server switched.
+    if "USHER_TLS_CLIENT_CA" not in env:
+        async with open_channel(address, ClientTls(stale.ca)) as old:
             await refused(old)
     async with open_channel(address, ClientTls.from_env(env)) as fresh:
         await check(fresh)
@@ -78,10 +84,8 @@ async def test_renewed_certificates_are_used_by_new_connections(
 async def test_a_half_written_renewal_keeps_the_old_certificates(
     server: tuple[str, dict[str, str], Path], tmp_path: Path
 ) -> None:
-    address, env, folder = server
-    other = make_certificates(tmp_path / "other")
-    # Only the certificate is renewed so far; its key is not written yet.
-    Path(env["USHER_TLS_CERT"]).write_bytes(other.server_cert.read_bytes())
+    address, env, _ = server
+    renew_certificate_only(env, make_certificates(tmp_path / "other"))
     async with open_channel(address, ClientTls.from_env(env)) as channel:
         await check(channel)  # still the old, consistent pair
 
