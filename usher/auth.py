@@ -12,10 +12,18 @@ Two kinds of credentials, both ``authorization: Bearer <credential>``:
 
 The tenant of every request comes from here, never from a request body. Services call each
 other with their own identity (a key or token with the ``service`` role).
+
+**Open access** (``USHER_AUTH_OPEN=true``, off by default) is for one trusted machine, the
+way Ollama itself works: a caller with no credentials is the tenant ``local/anonymous``,
+and any key that isn't configured (the ``api_key="x"`` of every local-LLM tutorial) is a
+tenant of its own, named by a digest of the key, so fairness between apps still holds.
+Configured keys and JWTs keep their identities and roles; open callers are never admins.
+With ``USHER_PRODUCTION=true`` open access is refused at start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,22 +31,27 @@ from pathlib import Path
 
 import jwt
 
-from usher.config import ConfigError, env_str
+from usher.config import ConfigError, env_bool, env_str
 from usher.errors import PermissionDenied, Unauthenticated
 
 __all__ = [
     "ADMIN_ROLE",
+    "OPEN_ORGANIZATION",
     "SERVICE_ROLE",
     "Authenticator",
     "JwtVerifier",
     "Principal",
     "load_token_map",
+    "open_access_from_env",
+    "open_principal",
     "parse_token_map",
 ]
 
 ADMIN_ROLE = "admin"
 #: The role of Usher's own services calling each other.
 SERVICE_ROLE = "service"
+#: The organization of callers admitted by open access (no key, or an unknown one).
+OPEN_ORGANIZATION = "local"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,33 +167,62 @@ class Authenticator:
     """Maps ``authorization: Bearer <credential>`` metadata to a principal."""
 
     def __init__(
-        self, tokens: Mapping[str, Principal], jwt_verifier: JwtVerifier | None = None
+        self,
+        tokens: Mapping[str, Principal],
+        jwt_verifier: JwtVerifier | None = None,
+        *,
+        open_access: bool = False,
     ) -> None:
         self._tokens = dict(tokens)
         self._jwt = jwt_verifier
+        self.open_access = open_access
 
     @classmethod
     def from_env(
         cls, tokens: Mapping[str, Principal], env: Mapping[str, str] | None = None
     ) -> Authenticator:
         verifier = JwtVerifier.from_env(env)
-        if not tokens and verifier is None:
+        open_access = open_access_from_env(env)
+        if not tokens and verifier is None and not open_access:
             raise ConfigError(
                 "no credentials configured: set USHER_API_TOKENS(_FILE) or USHER_JWT_SECRET / "
-                "USHER_JWT_PUBLIC_KEY, or no caller could authenticate"
+                "USHER_JWT_PUBLIC_KEY (or USHER_AUTH_OPEN=true on a trusted machine), or no "
+                "caller could authenticate"
             )
-        return cls(tokens, verifier)
+        return cls(tokens, verifier, open_access=open_access)
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         header = _bearer(metadata or ())
         if header is None:
+            if self.open_access:
+                return Principal("anonymous", OPEN_ORGANIZATION)
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
         for token, principal in self._tokens.items():
             if hmac.compare_digest(token.encode(), header.encode()):
                 return principal
         if self._jwt is not None and header.count(".") == 2:
             return self._jwt.verify(header)
+        if self.open_access:
+            return open_principal(header)
         raise Unauthenticated("unknown token")
+
+
+def open_access_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """USHER_AUTH_OPEN, refused when USHER_PRODUCTION is set."""
+    open_access = env_bool("USHER_AUTH_OPEN", False, env)
+    if open_access and env_bool("USHER_PRODUCTION", False, env):
+        raise ConfigError(
+            "USHER_AUTH_OPEN=true admits anyone and is refused in production "
+            "(USHER_PRODUCTION=true)"
+        )
+    return open_access
+
+
+def open_principal(key: str) -> Principal:
+    """The tenant of an unconfigured key under open access: its own, named by a digest so
+    the key itself never appears in keys, logs or listings."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Principal(f"key-{digest}", OPEN_ORGANIZATION)
 
 
 def _bearer(metadata: Iterable[tuple[str, str | bytes]] | Sequence[tuple[str, str]]) -> str | None:

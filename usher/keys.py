@@ -17,6 +17,7 @@ __all__ = [
     "CANCELS",
     "MODELS",
     "POOL_CAPACITY",
+    "POOL_CATALOGUE",
     "POOL_DRAINING",
     "POOL_INSTANCES",
     "POOL_PLACEMENT_LOCK",
@@ -185,6 +186,10 @@ POOL_WEIGHTS = f"{PREFIX}:pool:weights"
 #: HASH model → slots the healthy fleet offers for it now (written by the Pool's health
 #: pass, read by the Scheduler for ETAs and by the Notifier for badges).
 POOL_CAPACITY = f"{PREFIX}:pool:capacity"
+#: HASH model → unix ms when an instance last offered it (listed, loaded, allowed or
+#: preloaded; written by every Pool's health pass): the fleet's catalogue. Submit refuses
+#: other names with NOT_FOUND, so a made-up model name creates nothing.
+POOL_CATALOGUE = f"{PREFIX}:pool:catalogue"
 #: STRING held by the replica that runs the placement pass (SET NX PX).
 POOL_PLACEMENT_LOCK = f"{PREFIX}:pool:placement-lock"
 

@@ -34,8 +34,8 @@ _TAGS_TTL_SECONDS = 30.0
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata carrying ``token``."""
-    return (("authorization", f"Bearer {token}"),)
+    """gRPC metadata carrying ``token`` (none for an empty one: open access)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class Backend:

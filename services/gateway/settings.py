@@ -11,6 +11,10 @@
   caller's own token, so only admins can change anything.
 * ``USHER_GATEWAY_DEFAULT_TOKEN``: the tenant token used when a client sends no
   ``Authorization`` header (see below).
+* ``USHER_AUTH_OPEN`` (false): open access for one trusted machine (see ``usher.auth``):
+  a call without ``Authorization`` goes on without credentials and the services, started
+  the same way, admit it as ``local/anonymous``; any unconfigured key is its own tenant.
+  Refused with ``USHER_PRODUCTION=true``. ``make up`` sets it.
 * ``USHER_GATEWAY_RPC_TIMEOUT_SECONDS`` (10): deadline of each unary gRPC call.
 * ``USHER_GATEWAY_MODEL_CACHE_SECONDS`` (2): how long the fleet's model list is reused.
 * ``USHER_GATEWAY_MAX_BODY_BYTES`` (64 MiB): the largest body (images travel as base64).
@@ -34,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from usher.auth import open_access_from_env
 from usher.config import ConfigError, env_float, env_int, env_str
 
 __all__ = ["GatewaySettings", "split_listen"]
@@ -56,6 +61,7 @@ class GatewaySettings:
     service_token: str = ""
     admin_token: str = ""
     default_token: str = ""
+    open_access: bool = False
     rpc_timeout_seconds: float = 10.0
     model_cache_seconds: float = 2.0
     max_body_bytes: int = 64 * 1024 * 1024
@@ -76,6 +82,7 @@ class GatewaySettings:
             service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
             admin_token=env_str("USHER_GATEWAY_ADMIN_TOKEN", d.admin_token, env),
             default_token=env_str("USHER_GATEWAY_DEFAULT_TOKEN", d.default_token, env),
+            open_access=open_access_from_env(env),
             rpc_timeout_seconds=env_float(
                 "USHER_GATEWAY_RPC_TIMEOUT_SECONDS", d.rpc_timeout_seconds, env
             ),

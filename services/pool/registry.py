@@ -32,6 +32,9 @@ __all__ = ["InstanceState", "Registry"]
 log = get_logger(__name__)
 
 _CIRCUIT_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+#: How long a model stays in the catalogue after the last instance offering it went away
+#: (an instance that is down for a while, or a Pool restart, doesn't unlist its models).
+CATALOGUE_RETENTION_SECONDS = 24 * 3600
 #: Weight of the newest sample in an instance's latency and error-rate averages.
 ALPHA = 0.2
 
@@ -227,13 +230,34 @@ class Registry:
                     slots[model] = slots.get(model, 0) + state.spec.parallel
         return slots
 
+    def catalogue(self) -> set[str]:
+        """Every model some instance offers: listed by it (even while it is unhealthy, from
+        its last answer), loaded, allowed or preloaded by its config."""
+        models: set[str] = set()
+        for state in self.instances.values():
+            models.update(m for m in state.available if state.serves(m))
+            models.update(state.loaded)
+            models.update(state.spec.allowed_models)
+            models.update(state.spec.preload)
+        return models
+
     async def publish_capacity(self) -> None:
         slots = self.capacity()
+        now_ms = int(time.time() * 1000)
+        offered = self.catalogue()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.POOL_CAPACITY)
             if slots:
                 pipe.hset(keys.POOL_CAPACITY, mapping=dict(slots.items()))
-            await pipe.execute()
+            if offered:
+                pipe.hset(keys.POOL_CATALOGUE, mapping=dict.fromkeys(offered, now_ms))
+            pipe.hgetall(keys.POOL_CATALOGUE)
+            *_, seen = await pipe.execute()
+        # A model no replica has offered for a while has left the fleet.
+        cutoff = now_ms - CATALOGUE_RETENTION_SECONDS * 1000
+        gone = [model for model, at in seen.items() if int(at) < cutoff]
+        if gone:
+            await self.redis.hdel(keys.POOL_CATALOGUE, *gone)
 
     def record(self, state: InstanceState, model: str, ok: bool, latency: float | None) -> None:
         """Feed one request's outcome into circuits and the instance's recent averages."""

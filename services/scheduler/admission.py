@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ __all__ = [
     "is_deterministic",
     "prompt_characters",
     "request_kind",
+    "unknown_model_message",
     "validate_submit",
 ]
 
@@ -173,6 +175,15 @@ def validate_submit(
         if not key or len(key) > 63:
             out.append(FieldViolation(f"labels[{key[:20]}]", "keys must be 1-63 characters"))
     return out
+
+
+def unknown_model_message(model: str, known: Collection[str], shown: int = 20) -> str:
+    """NOT_FOUND's text: the model asked for and the ones there are (the first ``shown``)."""
+    names = sorted(known)
+    listed = ", ".join(names[:shown]) + (
+        f" and {len(names) - shown} more" if len(names) > shown else ""
+    )
+    return f"model {model[:80]!r} is not served by this fleet; models: {listed}"
 
 
 def is_deterministic(options: request_pb2.GenerationOptions) -> bool:

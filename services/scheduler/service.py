@@ -103,6 +103,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         violations = admission.validate_submit(request, limits, now)
         if violations:
             raise InvalidArgument(violations)
+        await self._check_served(request.model)
         tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
         share = self.settings.dedup == "always" or (
             self.settings.dedup == "deterministic" and admission.is_deterministic(request.options)
@@ -184,6 +185,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             deduplicated=outcome.status == "dedup",
             replayed=outcome.status == "replayed",
         )
+
+    async def _check_served(self, model: str) -> None:
+        """NOT_FOUND for a model no instance offers, before anything is stored. A name
+        missing from the cached catalogue is looked up once more (a model pulled a moment
+        ago is found); with no catalogue yet (no Pool has reported) any name is queued."""
+        known = await self.store.served_models()
+        if not known or model in known:
+            return
+        known = await self.store.served_models(fresh=True)
+        if known and model not in known:
+            raise NotFound(admission.unknown_model_message(model, known))
 
     def _cost(self, new: NewRequest) -> float:
         averages = self.store.cached_averages(new.model)

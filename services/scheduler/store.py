@@ -61,6 +61,8 @@ CACHE_SECONDS = 1.0
 #: Model averages (with the fair clock and running count ETAs start from) at most this
 #: often: the clock moves with every claim, and a second-old one overstates waits.
 AVERAGES_CACHE_SECONDS = 0.1
+#: The fleet's catalogue of models is reused this long (a miss is read again at once).
+CATALOGUE_CACHE_SECONDS = 2.0
 
 
 def now_ms() -> int:
@@ -328,6 +330,7 @@ class QueueStore:
         self._weights: dict[str, tuple[float, float]] = {}
         self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
         self._averages_reads: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
+        self._catalogue: tuple[float, frozenset[str]] = (-1e9, frozenset())
 
     def _stored(
         self,
@@ -580,6 +583,16 @@ class QueueStore:
         if cached is None:
             return ModelAverages(30.0, output_tokens=self.defaults.default_output_tokens)
         return cached[1]
+
+    async def served_models(self, *, fresh: bool = False) -> frozenset[str]:
+        """The models the fleet offers (the Pool's catalogue, cached briefly); empty until
+        a Pool has reported."""
+        at, models = self._catalogue
+        if fresh or time.monotonic() - at > CATALOGUE_CACHE_SECONDS:
+            raw = cast(list[bytes], await self.redis.hkeys(keys.POOL_CATALOGUE))
+            models = frozenset(m.decode() for m in raw)
+            self._catalogue = (time.monotonic(), models)
+        return models
 
     async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
         """Moving averages and parallel slots of a model (cached briefly). Slots are the

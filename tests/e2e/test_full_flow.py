@@ -290,3 +290,26 @@ async def test_prompts_and_results_are_ciphertext_in_redis(
         for _, fields in events
         for value in fields.values()
     )
+
+
+async def test_a_model_the_fleet_does_not_offer_is_not_found_and_stores_nothing(
+    stack: LocalStack,
+    clients: tuple,  # type: ignore[type-arg]
+) -> None:
+    import redis.asyncio as aioredis
+
+    from usher import keys
+
+    scheduler, _ = clients
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await scheduler.Submit(generate("hi", model="no-such-model:7b"), metadata=auth("alice"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    details = raised.value.details() or ""
+    assert "no-such-model:7b" in details
+    assert "llama3.2:1b" in details  # the models there are, named
+    client = aioredis.Redis.from_url(stack.redis_url)
+    stray = [k async for k in client.scan_iter(match="*no-such-model*")]
+    listed = await client.smembers(keys.MODELS)
+    await client.aclose()
+    assert stray == []
+    assert b"no-such-model:7b" not in listed

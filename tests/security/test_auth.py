@@ -83,3 +83,24 @@ def test_some_credential_must_be_configured() -> None:
         Authenticator.from_env({}, {})
     with pytest.raises(ConfigError, match="not both"):
         JwtVerifier.from_env({"USHER_JWT_SECRET": "a", "USHER_JWT_PUBLIC_KEY": "-----BEGIN x"})
+
+
+def test_open_access_admits_anyone_as_a_local_tenant_of_its_own_but_never_an_admin() -> None:
+    tokens = load_token_map({"USHER_API_TOKENS": "admin-key=ops@usher:admin"})
+    auth = Authenticator.from_env(tokens, {"USHER_AUTH_OPEN": "true"})
+    assert auth.authenticate([]) == Principal("anonymous", "local")
+    app_one, app_two = auth.authenticate(bearer("x")), auth.authenticate(bearer("sk-other"))
+    assert app_one != app_two  # each placeholder key is its own tenant: fairness holds
+    assert app_one == auth.authenticate(bearer("x"))
+    assert "x" not in app_one.user and not app_one.is_admin
+    assert auth.authenticate(bearer("admin-key")).is_admin  # configured keys keep their roles
+
+
+def test_open_access_is_explicit_and_refused_in_production() -> None:
+    with pytest.raises(ConfigError, match="USHER_AUTH_OPEN"):
+        Authenticator.from_env({}, {})
+    with pytest.raises(ConfigError, match="production"):
+        Authenticator.from_env({}, {"USHER_AUTH_OPEN": "1", "USHER_PRODUCTION": "true"})
+    strict = Authenticator.from_env(load_token_map({"USHER_API_TOKENS": "k=a@b"}), {})
+    with pytest.raises(Unauthenticated):
+        strict.authenticate(bearer("x"))
