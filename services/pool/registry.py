@@ -288,8 +288,16 @@ class Registry:
         state.last_error = error
 
     def candidates(
-        self, model: str, usage: dict[str, SlotUsage], external: bool, exclude: Iterable[str] = ()
+        self,
+        model: str,
+        usage: dict[str, SlotUsage],
+        external: bool,
+        exclude: Iterable[str] = (),
+        *,
+        role: str | None = None,
     ) -> list[Candidate]:
+        """Every instance of the lane as a routing candidate for ``model``; with ``role``
+        ("chat" or "embedding") an instance whose ``roles`` exclude it does not serve it."""
         now = time.monotonic()
         skipped = set(exclude)
         out = []
@@ -307,7 +315,8 @@ class Registry:
                     circuit_allows=state.circuit.would_allow(now)
                     and (circuit is None or circuit.would_allow(now)),
                     draining=state.draining,
-                    serves_model=state.serves(model),
+                    serves_model=state.serves(model)
+                    and (role is None or state.spec.serves_role(role)),
                     model_loaded=state.is_loaded(model),
                     needs_reload=False,
                     free_slots=max(0, state.spec.parallel - used.model_active),

@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from services.pool import routing
-from services.pool.config import InstanceSpec, PoolSettings
+from services.pool.config import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
 from services.pool.registry import InstanceState, Registry
 from services.pool.slots import SlotGrant, SlotStore
 from services.pool.stats import PoolStats
@@ -40,7 +40,7 @@ from usher.structs import dict_to_struct
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2
 from usher.waiters import Waiters
 
-__all__ = ["SERVICE_ROLE", "PoolAdminServicer", "PoolServicer"]
+__all__ = ["SERVICE_ROLE", "PoolAdminServicer", "PoolServicer", "request_role"]
 
 log = get_logger(__name__)
 
@@ -63,7 +63,14 @@ class FleetRouter:
         self.registry = registry
         self.slots = slots
         self.strategy = routing.Strategy(settings.strategy)
-        self._rotation = itertools.count()
+        #: Weighted round robin's decision counter per (model, lane): each model rotates
+        #: through its own instances, advanced once per decision that grants a slot.
+        self._turns: dict[tuple[str, bool], int] = {}
+        #: Rotates which of a Reserve's models is tried first.
+        self._model_turn = itertools.count()
+        #: model → the role its requests need ("chat" or "embedding"), learned from the
+        #: requests run here, so Reserve routes to hosts of that role.
+        self.model_roles: dict[str, str] = {}
         #: Reserves waiting for a slot here, oldest first, with the models each asks for.
         #: A release wakes one of them (the oldest that wants the freed slot's model), not
         #: every waiter: each wakeup costs a round of scripts.
@@ -71,6 +78,11 @@ class FleetRouter:
         #: Slots granted here lately (id → grant, when it was granted): the Generate that
         #: follows a Reserve on this replica needs no Redis read to find its slot.
         self._granted: dict[str, tuple[SlotGrant, float]] = {}
+        #: Slot id → the round-robin turn its grant took, until the slot is used: a slot
+        #: handed back unused (its dispatcher found no request left) returns its turn, so
+        #: the rotation's shares count only requests that ran.
+        self._grant_turns: dict[str, tuple[tuple[str, bool], int]] = {}
+        self._returned_turns: dict[tuple[str, bool], list[int]] = {}
 
     def _fresh(self, granted_at: float) -> bool:
         """Granted well inside the slot's lease (half of it ago at most)."""
@@ -82,12 +94,25 @@ class FleetRouter:
             if self._fresh(self._granted[oldest][1]):
                 break
             del self._granted[oldest]
+            self._grant_turns.pop(oldest, None)
         self._granted[grant.id] = (grant, time.monotonic())
 
-    def take_granted(self, slot_id: str) -> SlotGrant | None:
-        """A slot this replica granted moments ago (then forgotten: it is in use)."""
+    def take_granted(self, slot_id: str, *, used: bool = True) -> SlotGrant | None:
+        """A slot this replica granted moments ago (then forgotten: it is in use, or with
+        ``used`` false, handed back unused)."""
+        turn = self._grant_turns.pop(slot_id, None)
+        if turn is not None and not used:
+            self._returned_turns.setdefault(turn[0], []).append(turn[1])
         entry = self._granted.pop(slot_id, None)
         return entry[0] if entry is not None and self._fresh(entry[1]) else None
+
+    def _take_turn(self, key: tuple[str, bool]) -> int:
+        returned = self._returned_turns.get(key)
+        if returned:
+            return returned.pop()
+        turn = self._turns.get(key, 0)
+        self._turns[key] = turn + 1
+        return turn
 
     async def try_reserve(
         self,
@@ -96,17 +121,25 @@ class FleetRouter:
         external: bool,
         exclude: set[str] | frozenset[str] = frozenset(),
         allow_cold: bool = True,
+        role: str | None = None,
     ) -> SlotGrant | None:
         """A slot on the best instance that can run ``model`` now; with ``allow_cold``
-        false, only where the model is already loaded (when it is loaded anywhere)."""
+        false, only where the model is already loaded (when it is loaded anywhere). Only
+        instances serving ``role`` (default: the role learned for the model) qualify."""
         instances = [s.id for s in self.registry.instances.values() if s.spec.external == external]
         if not instances:
             return None
         usage = await self.slots.usage(instances, model)
-        candidates = self.registry.candidates(model, usage, external, exclude)
-        ranked = routing.rank(
-            candidates, self.strategy, rotation=next(self._rotation), external=external
-        )
+        role = role or self.model_roles.get(model)
+        candidates = self.registry.candidates(model, usage, external, exclude, role=role)
+        turn_key = (model, external)
+        turn: int | None = None
+        if self.strategy is routing.Strategy.WEIGHTED_ROUND_ROBIN and any(
+            routing.eligible(c) for c in candidates
+        ):
+            # Taken before the awaits below, so concurrent Reserves get successive turns.
+            turn = self._take_turn(turn_key)
+        ranked = routing.rank(candidates, self.strategy, rotation=turn or 0, external=external)
         if not allow_cold and any(c.model_loaded and c.healthy for c in candidates):
             ranked = [c for c in ranked if c.model_loaded]
         for choice in ranked:
@@ -124,7 +157,11 @@ class FleetRouter:
             )
             if grant is not None:
                 self._remember(grant)
+                if turn is not None:
+                    self._grant_turns[grant.id] = (turn_key, turn)
                 return grant
+        if turn is not None:
+            self._returned_turns.setdefault(turn_key, []).append(turn)
         return None
 
     async def reserve(
@@ -132,7 +169,7 @@ class FleetRouter:
     ) -> SlotGrant | None:
         began = time.monotonic()
         deadline = began + wait
-        start = next(self._rotation)
+        start = next(self._model_turn)
         while True:
             # A load costs seconds; a warm slot usually frees sooner. So for a short grace
             # period only instances that have the model loaded are taken (when any has it);
@@ -158,6 +195,11 @@ class FleetRouter:
         # room on its instance for another model).
         if not self._waiting.wake_first(lambda models: grant.model in models):
             self._waiting.wake_first()
+
+
+def request_role(request: pool_pb2.GenerateRequest) -> str:
+    """The instance role a request needs: embeddings go to embedding hosts, the rest to chat."""
+    return ROLE_EMBEDDING if request.WhichOneof("input") == "embed" else ROLE_CHAT
 
 
 def _require(principal: Principal, *roles: str) -> None:
@@ -266,13 +308,13 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         self, request: pool_pb2.ReleaseRequest, context: Context
     ) -> pool_pb2.ReleaseResponse:
         _require(self.caller(context), SERVICE_ROLE)
-        grant = await self._lookup(request.slot_id)
+        grant = await self._lookup(request.slot_id, used=False)
         if grant is not None:
             await self.router.release(grant)
         return pool_pb2.ReleaseResponse()
 
-    async def _lookup(self, slot_id: str) -> SlotGrant | None:
-        granted = self.router.take_granted(slot_id)
+    async def _lookup(self, slot_id: str, *, used: bool = True) -> SlotGrant | None:
+        granted = self.router.take_granted(slot_id, used=used)
         if granted is not None:
             return granted
         try:
@@ -325,19 +367,25 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         grant = held[0]
         external = grant.route == request_pb2.ROUTE_EXTERNAL
         chain = [request.model, *self.settings.fallback_chain(request.model)]
+        role = request_role(request)
+        self.router.model_roles[request.model] = role
         tried: set[str] = set()
         last_error = "no instance could run the request"
         for model in chain:
             current: SlotGrant | None = grant if model == request.model else None
             while True:
                 if current is None:
-                    current = await self.router.try_reserve(model, grant.holder, external, tried)
+                    current = await self.router.try_reserve(
+                        model, grant.holder, external, tried, role=role
+                    )
                     if current is None:
                         break
                     held.append(current)
                 tried.add(current.instance)
                 state = self.registry.instances.get(current.instance)
-                if state is None:
+                if state is None or not state.spec.serves_role(role):
+                    # Granted before this model's role was known here: run it on a host
+                    # of the right role (chat vs embedding) instead.
                     current = None
                     continue
                 try:
