@@ -27,7 +27,7 @@ from usher import keys, metrics
 from usher.logs import get_logger
 from usher.v1 import pool_pb2
 
-__all__ = ["InstanceState", "Registry"]
+__all__ = ["InstanceState", "Registry", "health_after_check"]
 
 log = get_logger(__name__)
 
@@ -46,6 +46,8 @@ class InstanceState:
     circuit: CircuitBreaker
     model_circuits: dict[str, CircuitBreaker] = field(default_factory=dict)
     healthy: bool = False
+    #: Health checks failed in a row (an instance leaves rotation at the threshold).
+    failed_checks: int = 0
     last_error: str = ""
     last_checked: float = 0.0
     available: dict[str, int] = field(default_factory=dict)  # model → size in bytes
@@ -196,14 +198,24 @@ class Registry:
                 models = await upstream.list_models()
                 loaded = await upstream.loaded_models()
         except (UpstreamError, TimeoutError) as exc:
-            if state.healthy:
-                log.warning("instance unhealthy", instance=state.id, error=str(exc))
-            state.healthy = False
+            healthy, state.failed_checks = health_after_check(
+                state.healthy, state.failed_checks, False, self.settings.unhealthy_after_failures
+            )
+            if state.healthy and not healthy:
+                log.warning(
+                    "instance unhealthy",
+                    instance=state.id,
+                    error=str(exc),
+                    failed_checks=state.failed_checks,
+                )
+            state.healthy = healthy
             state.last_error = str(exc) or type(exc).__name__
         else:
             if not state.healthy:
                 log.info("instance healthy", instance=state.id, models=len(models))
-            state.healthy = True
+            state.healthy, state.failed_checks = health_after_check(
+                state.healthy, state.failed_checks, True, self.settings.unhealthy_after_failures
+            )
             state.last_error = ""
             state.available = {m.name: m.size_bytes for m in models}
             state.loaded = {m.name: m for m in loaded}
@@ -333,6 +345,18 @@ class Registry:
     async def aclose(self) -> None:
         for state in self.instances.values():
             await state.upstream.aclose()
+
+
+def health_after_check(
+    healthy: bool, failed_in_row: int, ok: bool, threshold: int
+) -> tuple[bool, int]:
+    """(healthy, failed checks in a row) after one health check. An instance leaves
+    rotation after ``threshold`` failed checks in a row (one slow answer is not an outage)
+    and is back after one good check. One never seen healthy stays out until it answers."""
+    if ok:
+        return True, 0
+    failed_in_row += 1
+    return healthy and failed_in_row < threshold, failed_in_row
 
 
 def _fits(state: InstanceState, size: int) -> bool:

@@ -16,11 +16,19 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from services.pool import routing
+from services.pool.circuit import CircuitBreaker, CircuitState, admit_all
 from services.pool.config import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
 from services.pool.registry import InstanceState, Registry
 from services.pool.slots import SlotGrant, SlotStore
 from services.pool.stats import PoolStats
-from services.pool.upstream import Delta, Done, ModelNotFound, Started, UpstreamError
+from services.pool.upstream import (
+    Delta,
+    Done,
+    ModelNotFound,
+    Started,
+    UpstreamError,
+    status_is_retryable,
+)
 from services.scheduler.records import duration_from_seconds
 from usher.auth import Authenticator, Principal
 from usher.background import Background
@@ -83,18 +91,24 @@ class FleetRouter:
         #: the rotation's shares count only requests that ran.
         self._grant_turns: dict[str, tuple[tuple[str, bool], int]] = {}
         self._returned_turns: dict[tuple[str, bool], list[int]] = {}
+        #: Slot id → the half-open circuits whose trial call its grant took.
+        self._trials: dict[str, list[CircuitBreaker]] = {}
 
     def _fresh(self, granted_at: float) -> bool:
         """Granted well inside the slot's lease (half of it ago at most)."""
         return time.monotonic() - granted_at < self.slots.lease_ms / 2000
 
-    def _remember(self, grant: SlotGrant) -> None:
+    def _forget_stale(self) -> None:
         while self._granted:  # oldest first: drop grants nobody came back for
             oldest = next(iter(self._granted))
             if self._fresh(self._granted[oldest][1]):
                 break
             del self._granted[oldest]
             self._grant_turns.pop(oldest, None)
+            self.release_trial(oldest)  # its caller vanished: the trial must not stay taken
+
+    def _remember(self, grant: SlotGrant) -> None:
+        self._forget_stale()
         self._granted[grant.id] = (grant, time.monotonic())
 
     def take_granted(self, slot_id: str, *, used: bool = True) -> SlotGrant | None:
@@ -126,6 +140,7 @@ class FleetRouter:
         """A slot on the best instance that can run ``model`` now; with ``allow_cold``
         false, only where the model is already loaded (when it is loaded anywhere). Only
         instances serving ``role`` (default: the role learned for the model) qualify."""
+        self._forget_stale()
         instances = [s.id for s in self.registry.instances.values() if s.spec.external == external]
         if not instances:
             return None
@@ -143,26 +158,59 @@ class FleetRouter:
         if not allow_cold and any(c.model_loaded and c.healthy for c in candidates):
             ranked = [c for c in ranked if c.model_loaded]
         for choice in ranked:
-            state = self.registry.instances.get(choice.instance)
-            if state is None:
-                continue
-            limit = state.spec.parallel * max(1, state.spec.max_loaded_models)
-            grant = await self.slots.try_reserve(
-                choice.instance,
-                model,
-                state.spec.parallel,
-                limit if state.spec.max_loaded_models else 0,
-                holder,
-                request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
-            )
+            grant = await self._grant_on(choice.instance, model, holder, external)
             if grant is not None:
-                self._remember(grant)
                 if turn is not None:
                     self._grant_turns[grant.id] = (turn_key, turn)
                 return grant
         if turn is not None:
             self._returned_turns.setdefault(turn_key, []).append(turn)
         return None
+
+    async def _grant_on(
+        self, instance: str, model: str, holder: str, external: bool
+    ) -> SlotGrant | None:
+        """A slot on ``instance`` for ``model`` if its circuits admit a call and a slot is
+        free. A half-open circuit admits only its trial calls: the grant takes one, given
+        back when the slot is released without a verdict."""
+        state = self.registry.instances.get(instance)
+        if state is None:
+            return None
+        trials = self._admit(state, model)
+        if trials is None:
+            return None
+        limit = state.spec.parallel * max(1, state.spec.max_loaded_models)
+        grant = await self.slots.try_reserve(
+            instance,
+            model,
+            state.spec.parallel,
+            limit if state.spec.max_loaded_models else 0,
+            holder,
+            request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
+        )
+        if grant is None:
+            _give_back(trials)
+            return None
+        self._remember(grant)
+        if trials:
+            self._trials[grant.id] = trials
+        return grant
+
+    def _admit(self, state: InstanceState, model: str) -> list[CircuitBreaker] | None:
+        """The half-open breakers whose trial a call to (instance, model) takes now, or
+        None when a circuit refuses the call."""
+        now = time.monotonic()
+        breakers = [state.circuit, state.model_circuit(model, self.registry.new_circuit)]
+        trials = [b for b in breakers if b.state(now) is CircuitState.HALF_OPEN]
+        return trials if admit_all(breakers, now) else None
+
+    def settle_trial(self, slot_id: str) -> None:
+        """The call on this slot got its verdict (success or failure was recorded)."""
+        self._trials.pop(slot_id, None)
+
+    def release_trial(self, slot_id: str) -> None:
+        """The slot ends without a verdict: its half-open trials are free again."""
+        _give_back(self._trials.pop(slot_id, []))
 
     async def reserve(
         self, models: list[str], holder: str, external: bool, wait: float
@@ -195,6 +243,12 @@ class FleetRouter:
         # room on its instance for another model).
         if not self._waiting.wake_first(lambda models: grant.model in models):
             self._waiting.wake_first()
+
+
+def _give_back(trials: list[CircuitBreaker]) -> None:
+    now = time.monotonic()
+    for breaker in trials:
+        breaker.release(now)
 
 
 def request_role(request: pool_pb2.GenerateRequest) -> str:
@@ -309,6 +363,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
     ) -> pool_pb2.ReleaseResponse:
         _require(self.caller(context), SERVICE_ROLE)
         grant = await self._lookup(request.slot_id, used=False)
+        self.router.release_trial(request.slot_id)
         if grant is not None:
             await self.router.release(grant)
         return pool_pb2.ReleaseResponse()
@@ -351,6 +406,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
             for slot in held:
+                self.router.release_trial(slot.id)
                 await self.router.release(slot)
 
     async def _keep_alive(self, grant: SlotGrant) -> None:
@@ -455,12 +511,17 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                                 started=pool_pb2.GenerationStarted(instance=state.id, model=model)
                             )
                         self.registry.record(state, model, True, first_token or event.total_seconds)
+                        self.router.settle_trial(grant.id)
                         # In the background: neither the answer nor the slot's release (and
                         # with it the next request) waits for the fleet statistics.
                         self._background.spawn(self.stats.record_done(model, state.id, event))
                         yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
         except UpstreamError as error:
-            self.registry.record(state, model, False, None)
+            if status_is_retryable(error.status):
+                # The instance's fault (down, overloaded, 5xx): its circuits count it. A
+                # request another instance would refuse too (4xx) says nothing about it.
+                self.registry.record(state, model, False, None)
+                self.router.settle_trial(grant.id)
             if pending and not error.before_first_token:
                 yield _delta(pending)  # what was generated before the failure still counts
             raise

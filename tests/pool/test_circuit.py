@@ -278,3 +278,16 @@ def test_breaker_follows_the_rules(config: CircuitConfig, ops: list[tuple[float,
         if model.state is CircuitState.OPEN:
             snap = breaker.snapshot(now)
             assert snap.retry_at == pytest.approx(model.retry_at)
+
+
+def test_health_leaves_rotation_only_after_the_threshold_and_returns_on_one_good_check() -> None:
+    from services.pool.registry import health_after_check
+
+    healthy, failed = True, 0
+    for expected in (True, True, False, False):
+        healthy, failed = health_after_check(healthy, failed, False, 3)
+        assert healthy is expected
+    assert health_after_check(healthy, failed, True, 3) == (True, 0)
+    # Never seen healthy: a failure keeps it out, whatever the threshold.
+    assert health_after_check(False, 0, False, 5) == (False, 1)
+    assert health_after_check(True, 0, False, 1) == (False, 1)

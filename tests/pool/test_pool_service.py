@@ -44,14 +44,18 @@ class RunningPool:
 
 
 def settings_for(
-    redis_url: str, urls: Sequence[str], memory_budget_bytes: int = 0, **overrides: Any
+    redis_url: str,
+    urls: Sequence[str],
+    memory_budget_bytes: int = 0,
+    parallel: int = 2,
+    **overrides: Any,
 ) -> PoolSettings:
     instances = tuple(
         InstanceSpec(
             id=f"ollama-{i}",
             base_url=url,
             kind="ollama",
-            parallel=2,
+            parallel=parallel,
             memory_budget_bytes=memory_budget_bytes,
         )
         for i, url in enumerate(urls)
@@ -408,3 +412,87 @@ async def test_placement_never_evicts_a_model_that_is_running(
         await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=held.id), metadata=SVC)
         actions = await place_once(pool.app.registry, pool.app.slots)
         assert [a.kind for a in actions] == ["unload", "load"]
+
+
+async def test_a_half_open_circuit_admits_exactly_its_trial_calls(make_pool: Any) -> None:
+    config = fast_emulator_config(num_parallel=8)
+    async with (
+        EmulatorFleet([config]) as fleet,
+        make_pool(
+            fleet.urls, parallel=8, circuit_half_open_max_calls=2, circuit_open_seconds=0.5
+        ) as pool,
+    ):
+        fleet[0].set_faults(fail_next=3, fail_status=500)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await run(pool)
+        await asyncio.sleep(0.6)  # open period over: half-open
+        # Trial calls stall in the model server, so they stay in flight.
+        fleet[0].set_faults(hang_after_tokens=1)
+        received = fleet[0].stats.requests_received
+
+        async def try_reserve() -> pool_pb2.Slot | None:
+            request = pool_pb2.ReserveRequest(models=[MODEL], holder="test")
+            request.wait.FromMilliseconds(300)
+            reply = await pool.stub.Reserve(request, metadata=SVC)
+            return reply.slot if reply.HasField("slot") else None
+
+        slots = [s for s in await asyncio.gather(*(try_reserve() for _ in range(6))) if s]
+        assert len(slots) == 2
+        calls = [pool.stub.Generate(generate_request(s), metadata=SVC) for s in slots]
+        firsts = [await call.read() for call in calls]  # both trials reached the server
+        assert all(f.WhichOneof("event") == "started" for f in firsts)
+        assert await try_reserve() is None, "a third call got through while trials ran"
+        fleet[0].set_faults(hang_after_tokens=None)
+        for call in calls:
+            while await call.read() != grpc.aio.EOF:
+                pass
+        assert fleet[0].stats.requests_received - received == 2
+        # A trial succeeded: the circuit is closed and every caller gets through again.
+        more = [s for s in await asyncio.gather(*(try_reserve() for _ in range(4))) if s]
+        assert len(more) == 4
+        for slot in more:
+            await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=SVC)
+
+
+async def test_a_trial_slot_released_unused_frees_the_trial(make_pool: Any) -> None:
+    async with (
+        EmulatorFleet([fast_emulator_config()]) as fleet,
+        make_pool(fleet.urls, circuit_half_open_max_calls=1, circuit_open_seconds=0.3) as pool,
+    ):
+        fleet[0].set_faults(fail_next=3, fail_status=500)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await run(pool)
+        await asyncio.sleep(0.4)
+        slot = await reserve(pool, wait=0.5)
+        await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=SVC)
+        events = await run(pool)  # the trial is free again, and it succeeds
+        assert events[-1].HasField("done")
+
+
+async def test_health_takes_an_instance_out_after_the_threshold_and_back_on_recovery(
+    make_pool: Any,
+) -> None:
+    async with (
+        EmulatorFleet([fast_emulator_config()]) as fleet,
+        make_pool(fleet.urls, unhealthy_after_failures=3, health_interval_seconds=3600) as pool,
+    ):
+        registry = pool.app.registry
+        state = registry.instances["ollama-0"]
+
+        async def health() -> int:
+            listed = await pool.stub.ListInstances(pool_pb2.ListInstancesRequest(), metadata=SVC)
+            return int(listed.instances[0].health)
+
+        assert await health() == pool_pb2.INSTANCE_HEALTH_HEALTHY
+        await asyncio.sleep(0.3)  # the health loop's first pass (at start) is over
+        await fleet[0].crash()
+        for _ in range(2):
+            await registry.check(state)
+            assert await health() == pool_pb2.INSTANCE_HEALTH_HEALTHY
+        await registry.check(state)
+        assert await health() == pool_pb2.INSTANCE_HEALTH_UNHEALTHY
+        await fleet[0].restart()
+        await registry.check(state)
+        assert await health() == pool_pb2.INSTANCE_HEALTH_HEALTHY
