@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import math
 
+from usher.v1 import notifier_pb2, request_pb2
+
 __all__ = [
+    "LONG_QUEUE_LENGTH",
+    "LONG_QUEUE_PROMPT",
+    "TIMEOUT_PROMPT",
+    "UNAVAILABLE_NOTICE",
     "duration_phrase",
     "position_message",
     "progress_message",
     "ready_message",
+    "request_message",
     "wait_phrase",
 ]
 
@@ -61,3 +68,55 @@ def progress_message(fraction: float) -> str:
 
 def ready_message(processing_seconds: float) -> str:
     return f"Your response is ready! Processing took {duration_phrase(processing_seconds)}."
+
+
+#: The product's fallback prompts (offered only when the request may leave the local fleet).
+LONG_QUEUE_LENGTH = 8
+LONG_QUEUE_PROMPT = (
+    f"Queue is longer than usual ({LONG_QUEUE_LENGTH}+ requests). "
+    "Switch to external provider for faster results?"
+)
+TIMEOUT_PROMPT = (
+    "Local processing is taking longer than expected. "
+    "Would you like to use an external provider instead?"
+)
+UNAVAILABLE_NOTICE = "Local models are temporarily unavailable. Switching to external provider."
+
+
+def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: float = 0.0) -> str:
+    """The sentence for a request's current status."""
+    state = request.state
+    if state == request_pb2.REQUEST_STATE_QUEUED:
+        if request.route == request_pb2.ROUTE_EXTERNAL:
+            return (
+                "Local processing is taking longer than expected. "
+                "Switching to an external provider."
+            )
+        if request.position.position:
+            return position_message(
+                request.position.position,
+                request.position.queue_length,
+                request.eta.min.ToMilliseconds() / 1000,
+                request.eta.max.ToMilliseconds() / 1000,
+            )
+        return "Your request has been queued for secure local processing"
+    if state == request_pb2.REQUEST_STATE_RUNNING:
+        if kind == notifier_pb2.UPDATE_KIND_CANCEL_REQUESTED:
+            return "Cancelling your request…"
+        if kind == notifier_pb2.UPDATE_KIND_PROGRESS and fraction > 0:
+            return progress_message(fraction)
+        return "Your request is now being processed by the local AI model"
+    if state == request_pb2.REQUEST_STATE_COMPLETED:
+        took = (request.finished_at.ToMilliseconds() - request.started_at.ToMilliseconds()) / 1000
+        return ready_message(max(took, 0.0))
+    if state == request_pb2.REQUEST_STATE_CANCELLED:
+        return (
+            f"Your request was cancelled ({request.error})"
+            if request.error
+            else "Your request was cancelled"
+        )
+    if state == request_pb2.REQUEST_STATE_EXPIRED:
+        return f"Your request expired: {request.error}"
+    if state == request_pb2.REQUEST_STATE_FAILED:
+        return f"Your request failed: {request.error}"
+    return ""

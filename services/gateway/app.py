@@ -2,11 +2,13 @@
 Proxy's queue and ops endpoints, and ``/metrics``.
 
 Every model request is Submitted to the Scheduler and its output read from the Notifier
-(``flow.RequestFlow``); nothing here queues or schedules. Response headers are sent once
-the request leaves the queue, so a queue timeout is still a proper 504 (Ollama, too, sends
-nothing until the model answers); they carry ``X-Usher-Request-Id`` and
-``X-Usher-Queue-Wait-Ms``. A client that disconnects, streaming or not, queued or running,
-has its request cancelled.
+(``flow.RequestFlow``); nothing here queues or schedules. A streamed answer's headers go
+out as soon as the request is queued (with ``X-Usher-Request-Id`` and a watch token), and an
+OpenAI stream carries a keepalive comment while it waits, so proxies do not cut it; later
+errors arrive in the stream as Ollama and OpenAI send them. A non-streamed answer's
+headers come with the answer (``X-Usher-Queue-Wait-Ms`` too). A client that disconnects,
+streaming or not, queued or running, has its request cancelled. Status streams, cancel,
+switch, the page and the operator panel live in ``queue_http``, ``admin_http`` and ``ui``.
 
 Routes:
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -40,12 +43,16 @@ import grpc
 import psutil  # type: ignore[import-untyped]  # psutil ships no stubs
 from aiohttp import web
 
+from services.gateway import status, ui, views
 from services.gateway import translation as tr
-from services.gateway import views
+from services.gateway.admin_http import AdminHttp
 from services.gateway.backend import Backend, bearer
 from services.gateway.flow import Finished, RequestFlow, Started, Text, rpc_error
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from services.gateway.queue_http import QueueHttp
 from services.gateway.settings import GatewaySettings, split_listen
+from services.gateway.streams import SSE, Keepalive, open_event_stream
+from services.gateway.watch_tokens import WatchTokens
 from services.pool.config import auto_parallel
 from usher.logs import get_logger
 from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
@@ -55,7 +62,6 @@ __all__ = ["BACKEND", "METRICS", "Gateway", "build_app", "serve"]
 log = get_logger(__name__)
 
 NDJSON = "application/x-ndjson"
-SSE = "text/event-stream"
 BACKEND = web.AppKey("backend", Backend)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 #: A backstop: ``serve`` also has aiohttp cancel the handler of a dropped connection.
@@ -118,6 +124,15 @@ class Gateway:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        # Unset, a random secret: tokens then open streams on this replica only.
+        secret = settings.watch_secret.encode() or secrets.token_bytes(32)
+        self.queue = QueueHttp(
+            settings,
+            backend,
+            WatchTokens(secret, settings.watch_token_seconds),
+            self._token,
+            lambda request, error: self._error(Exchange(request, "ollama"), error),
+        )
 
     def register(self, app: web.Application) -> None:
         r = app.router
@@ -142,6 +157,14 @@ class Gateway:
         r.add_post("/admin/queue/update", self.admin_update)
         r.add_post("/admin/queue/reset", self.admin_reset)
         r.add_get("/metrics", self.prometheus)
+        self.queue.register(app)
+        AdminHttp(
+            self.settings,
+            self.backend,
+            lambda request: self._token(request, allow_default=False),
+            lambda request, error: self._error(Exchange(request, "ollama"), error),
+        ).register(app)
+        ui.register(app)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -236,17 +259,19 @@ class Gateway:
         if ex.flow is not None:
             ex.flow.cancel_soon("the client disconnected")
 
-    async def _open(self, ex: Exchange, content_type: str, started: Started) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": content_type,
-                "X-Usher-Request-Id": started.request.id,
-                "X-Usher-Queue-Wait-Ms": str(started.queue_wait_ms),
-            }
-        )
+    async def _open_stream(
+        self, ex: Exchange, content_type: str, flow: RequestFlow
+    ) -> web.StreamResponse:
+        """Send a streamed answer's headers as soon as the request is queued: a proxy sees
+        a response at once, and the client gets the request id and a watch token."""
+        headers = {"X-Usher-Request-Id": flow.request_id}
+        if flow.latest is not None:
+            headers.update(self.queue.watch_headers(flow.latest))
         if content_type == SSE:
-            response.headers["Cache-Control"] = "no-cache"
-        await response.prepare(ex.request)
+            response = await open_event_stream(ex.request, headers)
+        else:
+            response = web.StreamResponse(headers={"Content-Type": content_type, **headers})
+            await response.prepare(ex.request)
         ex.response = response
         return response
 
@@ -326,31 +351,25 @@ class Gateway:
             done = await self._finished(ex, flow)
             body = tr.ollama_final(parsed.kind, parsed.model, done, stream=False)
             return json_response(body, headers=self._headers(done))
-        response: web.StreamResponse | None = None
+        response = await self._open_stream(ex, NDJSON, flow)
         try:
             async with contextlib.aclosing(flow.events()) as events:
                 async for event in events:
                     if isinstance(event, Started):
                         self._observe_wait("ollama", event.queue_wait_ms)
-                        response = await self._open(ex, NDJSON, event)
                     elif isinstance(event, Text):
-                        assert response is not None
                         await response.write(
                             _line(tr.ollama_chunk(parsed.kind, parsed.model, event.text))
                         )
                     else:
-                        assert response is not None
                         final = tr.ollama_final(
                             parsed.kind, parsed.model, event.request, stream=True
                         )
                         await response.write(_line(final))
         except tr.GatewayError as error:
-            if response is None:
-                raise
             # Headers are gone: Ollama reports a failure mid-stream as an error line.
             self.metrics.errors.labels(error.code).inc()
             await response.write(_line({"error": error.message, "code": error.code}))
-        assert response is not None
         await response.write_eof()
         return response
 
@@ -448,40 +467,54 @@ class Gateway:
         def chunk(delta: Mapping[str, Any], finish: str | None = None) -> bytes:
             return _event(tr.openai_chunk(completion_id, created, parsed.model, delta, finish))
 
-        response: web.StreamResponse | None = None
+        response = await self._open_stream(ex, SSE, flow)
+        # While queued, a comment ("queued 3 of 7, about 2–3 minutes") every few seconds:
+        # the openai client ignores it, proxies see traffic.
+        keepalive = Keepalive(
+            response,
+            self.settings.keepalive_seconds,
+            lambda: status.sse_comment(status.queued_comment(flow.latest)),
+        )
         try:
             async with contextlib.aclosing(flow.events()) as events:
                 async for event in events:
                     if isinstance(event, Started):
+                        keepalive.stop()
                         self._observe_wait("openai", event.queue_wait_ms)
-                        response = await self._open(ex, SSE, event)
                         await response.write(chunk({"role": "assistant", "content": ""}))
                     elif isinstance(event, Text):
-                        assert response is not None
                         await response.write(chunk({"content": event.text}))
                     else:
-                        assert response is not None
-                        done = event.request
-                        calls = tr.openai_tool_calls(tr.result_message(done), done.id)
-                        out = [chunk({"tool_calls": calls})] if calls else []
-                        out.append(
-                            chunk({}, tr.finish_reason(done.result.done_reason, bool(calls)))
+                        await response.write(
+                            self._openai_ending(parsed, completion_id, created, event.request)
                         )
-                        if parsed.include_usage:
-                            usage = tr.openai_chunk(completion_id, created, parsed.model, {})
-                            usage["choices"] = []
-                            usage["usage"] = tr.openai_usage(done)
-                            out.append(_event(usage))
-                        out.append(b"data: [DONE]\n\n")
-                        await response.write(b"".join(out))
         except tr.GatewayError as error:
-            if response is None:
-                raise
             self.metrics.errors.labels(error.code).inc()
             await response.write(_event(tr.openai_error_body(error)))
-        assert response is not None
+        finally:
+            keepalive.stop()
         await response.write_eof()
         return response
+
+    @staticmethod
+    def _openai_ending(
+        parsed: tr.Parsed, completion_id: str, created: int, done: request_pb2.LlmRequest
+    ) -> bytes:
+        """The last chunks of a stream: tool calls, finish reason, usage, [DONE]."""
+
+        def chunk(delta: Mapping[str, Any], finish: str | None = None) -> bytes:
+            return _event(tr.openai_chunk(completion_id, created, parsed.model, delta, finish))
+
+        calls = tr.openai_tool_calls(tr.result_message(done), done.id)
+        out = [chunk({"tool_calls": calls})] if calls else []
+        out.append(chunk({}, tr.finish_reason(done.result.done_reason, bool(calls))))
+        if parsed.include_usage:
+            usage = tr.openai_chunk(completion_id, created, parsed.model, {})
+            usage["choices"] = []
+            usage["usage"] = tr.openai_usage(done)
+            out.append(_event(usage))
+        out.append(b"data: [DONE]\n\n")
+        return b"".join(out)
 
     async def openai_models(self, request: web.Request) -> web.Response:
         ex = Exchange(request, "openai")

@@ -92,6 +92,8 @@ class RequestFlow:
         self.model = submit.model
         self.request_id = ""
         self.finished = False
+        #: The request as the last update showed it (its place while queued).
+        self.latest: request_pb2.LlmRequest | None = None
         self._deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
         self._cancel_sent = False
 
@@ -119,6 +121,7 @@ class RequestFlow:
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, self.model) from None
         self.request_id = reply.request.id
+        self.latest = reply.request
         return reply
 
     def _cancel_after_submit(self, call: asyncio.Future[scheduler_pb2.SubmitResponse]) -> None:
@@ -151,6 +154,7 @@ class RequestFlow:
                         last_event_id = update.event_id
                     kind = update.kind
                     request = update.request
+                    self.latest = request
                     if kind in (K.UPDATE_KIND_REQUEUED, K.UPDATE_KIND_RUNNING):
                         attempt = ""  # a new run starts from the beginning
                     if not started and (

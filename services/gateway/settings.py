@@ -22,6 +22,12 @@
 * ``USHER_DEFAULT_PARALLEL`` (1), ``USHER_QUEUE_MAX_SIZE`` (100): the defaults
   ``/queue/stats`` shows; the Scheduler's own variables, so one ConfigMap gives both.
 * ``USHER_SHUTDOWN_GRACE_SECONDS`` (10): how long in-flight answers may finish on SIGTERM.
+* ``USHER_GATEWAY_KEEPALIVE_SECONDS`` (15): while a streamed answer waits in the queue (and
+  on every status stream), a comment line this often keeps proxies from cutting it.
+* ``USHER_GATEWAY_WATCH_SECRET``: the key that signs watch tokens (at least 16 bytes); every
+  replica behind one address needs the same. Unset: a random key per process (tokens then
+  work only on the replica that issued them).
+* ``USHER_GATEWAY_WATCH_TOKEN_SECONDS`` (600): how long a watch token opens a stream.
 * ``USHER_LOG_LEVEL`` (``info``).
 
 TLS to the services uses ``usher.tls`` (``USHER_TLS_CA``, ``USHER_TLS_CLIENT_CERT``, ...).
@@ -69,6 +75,9 @@ class GatewaySettings:
     default_parallel: int = 1
     default_queue_limit: int = 100
     shutdown_grace_seconds: float = 10.0
+    keepalive_seconds: float = 15.0
+    watch_secret: str = ""
+    watch_token_seconds: float = 600.0
     log_level: str = "info"
 
     @classmethod
@@ -96,6 +105,13 @@ class GatewaySettings:
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
             ),
+            keepalive_seconds=env_float(
+                "USHER_GATEWAY_KEEPALIVE_SECONDS", d.keepalive_seconds, env
+            ),
+            watch_secret=env_str("USHER_GATEWAY_WATCH_SECRET", d.watch_secret, env),
+            watch_token_seconds=env_float(
+                "USHER_GATEWAY_WATCH_TOKEN_SECONDS", d.watch_token_seconds, env
+            ),
             log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
         )
         settings.check()
@@ -115,3 +131,9 @@ class GatewaySettings:
             raise ConfigError("USHER_GATEWAY_MODEL_CACHE_SECONDS must not be negative")
         if self.max_body_bytes < 1024:
             raise ConfigError("USHER_GATEWAY_MAX_BODY_BYTES must be at least 1024")
+        if self.keepalive_seconds <= 0:
+            raise ConfigError("USHER_GATEWAY_KEEPALIVE_SECONDS must be positive")
+        if self.watch_secret and len(self.watch_secret.encode()) < 16:
+            raise ConfigError("USHER_GATEWAY_WATCH_SECRET must be at least 16 bytes")
+        if self.watch_token_seconds <= 0:
+            raise ConfigError("USHER_GATEWAY_WATCH_TOKEN_SECONDS must be positive")

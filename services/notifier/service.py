@@ -14,7 +14,7 @@ from services.notifier.fanout import Fanout, PositionUpdate, Update, stream_id_k
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
 from usher import metrics
-from usher.auth import Authenticator, Principal
+from usher.auth import SERVICE_ROLE, Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from usher.grpc_types import Context
 from usher.ids import is_request_id
@@ -76,7 +76,13 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         stored = await self.store.get(request_id)
         if stored is None:
             raise NotFound(f"request {request_id} not found")
-        if caller.tenant not in stored.owners and not caller.is_admin:
+        # The service role is the gateway watching for a browser whose signed watch token it
+        # checked for this request (services.gateway.watch_tokens).
+        if (
+            caller.tenant not in stored.owners
+            and not caller.is_admin
+            and SERVICE_ROLE not in caller.roles
+        ):
             raise PermissionDenied(f"request {request_id} belongs to another caller")
         # Neither the prompt nor the owners are shown to a watcher: do not keep them for the
         # stream's life.

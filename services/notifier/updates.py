@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from services.scheduler.eta import Estimate, ModelAverages, queued_eta
 from usher import messages
-from usher.v1 import notifier_pb2, request_pb2
+from usher.messages import request_message
+from usher.v1 import notifier_pb2
 
 __all__ = [
     "EVENT_KINDS",
@@ -58,45 +59,6 @@ def progress_fraction(tokens: int, expected_tokens: float) -> float:
     if expected_tokens <= 0:
         return 0.0
     return min(0.99, tokens / expected_tokens)
-
-
-def request_message(request: request_pb2.LlmRequest, kind: int, fraction: float = 0.0) -> str:
-    """The sentence for a request's current status."""
-    state = request.state
-    if state == request_pb2.REQUEST_STATE_QUEUED:
-        if request.route == request_pb2.ROUTE_EXTERNAL:
-            return (
-                "Local processing is taking longer than expected. "
-                "Switching to an external provider."
-            )
-        if request.position.position:
-            return messages.position_message(
-                request.position.position,
-                request.position.queue_length,
-                request.eta.min.ToMilliseconds() / 1000,
-                request.eta.max.ToMilliseconds() / 1000,
-            )
-        return "Your request has been queued for secure local processing"
-    if state == request_pb2.REQUEST_STATE_RUNNING:
-        if kind == K.UPDATE_KIND_CANCEL_REQUESTED:
-            return "Cancelling your request…"
-        if kind == K.UPDATE_KIND_PROGRESS and fraction > 0:
-            return messages.progress_message(fraction)
-        return "Your request is now being processed by the local AI model"
-    if state == request_pb2.REQUEST_STATE_COMPLETED:
-        took = (request.finished_at.ToMilliseconds() - request.started_at.ToMilliseconds()) / 1000
-        return messages.ready_message(max(took, 0.0))
-    if state == request_pb2.REQUEST_STATE_CANCELLED:
-        return (
-            f"Your request was cancelled ({request.error})"
-            if request.error
-            else "Your request was cancelled"
-        )
-    if state == request_pb2.REQUEST_STATE_EXPIRED:
-        return f"Your request expired: {request.error}"
-    if state == request_pb2.REQUEST_STATE_FAILED:
-        return f"Your request failed: {request.error}"
-    return ""
 
 
 @dataclass(frozen=True, slots=True)

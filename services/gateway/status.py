@@ -1,0 +1,191 @@
+"""What people waiting over HTTP are shown (pure): Notifier updates and badges → JSON,
+Server-Sent Events framing, the keepalive comment of a queued OpenAI stream, and when to
+offer the external provider with the product's prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from services.gateway.translation import openai_usage, queue_wait_ms
+from usher import messages
+from usher.v1 import notifier_pb2, request_pb2
+
+__all__ = [
+    "badges_json",
+    "dumps",
+    "fallback_prompt",
+    "is_terminal",
+    "queued_comment",
+    "request_json",
+    "sse_comment",
+    "sse_event",
+    "switch_offered",
+    "update_json",
+]
+
+R = request_pb2
+K = notifier_pb2
+_STATES = {
+    R.REQUEST_STATE_QUEUED: "queued",
+    R.REQUEST_STATE_RUNNING: "running",
+    R.REQUEST_STATE_COMPLETED: "completed",
+    R.REQUEST_STATE_FAILED: "failed",
+    R.REQUEST_STATE_CANCELLED: "cancelled",
+    R.REQUEST_STATE_EXPIRED: "expired",
+}
+_LEVELS = {
+    K.QUEUE_LEVEL_AVAILABLE: "available",
+    K.QUEUE_LEVEL_SHORT: "short",
+    K.QUEUE_LEVEL_MEDIUM: "medium",
+    K.QUEUE_LEVEL_LONG: "long",
+}
+#: Share of its queue timeout a request may wait before the "taking longer" prompt.
+_TIMEOUT_PROMPT_SHARE = 0.5
+
+
+_TERMINAL = frozenset(
+    {K.UPDATE_KIND_COMPLETED, K.UPDATE_KIND_FAILED, K.UPDATE_KIND_CANCELLED, K.UPDATE_KIND_EXPIRED}
+)
+
+
+def dumps(body: Any) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def is_terminal(kind: int) -> bool:
+    """The request's last update: nothing follows it."""
+    return kind in _TERMINAL
+
+
+def sse_event(data: Mapping[str, Any], event_id: str = "", event: str = "") -> bytes:
+    """One Server-Sent Event; ``id`` only when the update has a resume token."""
+    head = f"id: {event_id}\n" if event_id else ""
+    if event:
+        head += f"event: {event}\n"
+    return f"{head}data: {dumps(data)}\n\n".encode()
+
+
+def sse_comment(text: str) -> bytes:
+    """A comment line: clients ignore it, proxies see traffic."""
+    return f": {text.replace(chr(10), ' ')}\n\n".encode()
+
+
+def _seconds(duration: Any) -> float:
+    return round(float(duration.ToMilliseconds()) / 1000, 3)
+
+
+def queued_comment(request: request_pb2.LlmRequest | None) -> str:
+    """``queued 3 of 7, about 2–3 minutes`` (or ``queued`` before the place is known)."""
+    if request is None or request.state != R.REQUEST_STATE_QUEUED:
+        return "waiting"
+    if not request.position.position:
+        return "queued"
+    wait = messages.wait_phrase(_seconds(request.eta.min), _seconds(request.eta.max))
+    return f"queued {request.position.position} of {request.position.queue_length}, about {wait}"
+
+
+def switch_offered(request: request_pb2.LlmRequest, external_available: bool) -> bool:
+    """The user may still move this request to the external provider."""
+    return (
+        external_available
+        and request.state == R.REQUEST_STATE_QUEUED
+        and request.route != R.ROUTE_EXTERNAL
+        and request.fallback_policy != R.FALLBACK_POLICY_LOCAL_ONLY
+    )
+
+
+def fallback_prompt(request: request_pb2.LlmRequest, external_available: bool, now: float) -> str:
+    """The product's prompt for this moment, or "": a long queue, a wait that is running
+    past what the queue allows, or (already on its way out) the switch notice."""
+    if request.route == R.ROUTE_EXTERNAL and request.state == R.REQUEST_STATE_QUEUED:
+        return messages.UNAVAILABLE_NOTICE
+    if not switch_offered(request, external_available):
+        return ""
+    waited = queue_wait_ms(request, now) / 1000
+    allowed = _seconds(request.queue_timeout)
+    if allowed > 0 and (
+        waited >= allowed * _TIMEOUT_PROMPT_SHARE or waited + _seconds(request.eta.max) > allowed
+    ):
+        return messages.TIMEOUT_PROMPT
+    if request.position.queue_length >= messages.LONG_QUEUE_LENGTH:
+        return messages.LONG_QUEUE_PROMPT
+    return ""
+
+
+def request_json(
+    request: request_pb2.LlmRequest, *, external_available: bool = False, now: float = 0.0
+) -> dict[str, Any]:
+    """A request's status as the browser sees it (never its prompt or owner)."""
+    body: dict[str, Any] = {
+        "id": request.id,
+        "model": request.model,
+        "state": _STATES.get(request.state, "unknown"),
+        "route": "external" if request.route == R.ROUTE_EXTERNAL else "local",
+        "switch_offered": switch_offered(request, external_available),
+        "prompt": fallback_prompt(request, external_available, now) if now else "",
+    }
+    if request.state == R.REQUEST_STATE_QUEUED and request.position.position:
+        body["position"] = request.position.position
+        body["queue_length"] = request.position.queue_length
+    if request.HasField("eta") and request.state in (
+        R.REQUEST_STATE_QUEUED,
+        R.REQUEST_STATE_RUNNING,
+    ):
+        body["eta"] = {
+            "min_seconds": _seconds(request.eta.min),
+            "max_seconds": _seconds(request.eta.max),
+        }
+    if request.error:
+        body["error"] = request.error
+    if request.state == R.REQUEST_STATE_COMPLETED:
+        body["result"] = {
+            "text": request.result.text,
+            "done_reason": request.result.done_reason,
+            "served_by_model": request.result.served_by_model or request.model,
+            "usage": openai_usage(request),
+            "queue_wait_seconds": _seconds(request.usage.queue_wait),
+            "processing_seconds": _seconds(request.usage.processing),
+        }
+    return body
+
+
+def update_json(
+    update: notifier_pb2.WatchResponse, *, external_available: bool, now: float
+) -> dict[str, Any]:
+    """One Notifier update: kind, message, progress, new text and the request's status."""
+    kind = K.UpdateKind.Name(update.kind).removeprefix("UPDATE_KIND_").lower()
+    body = request_json(update.request, external_available=external_available, now=now)
+    body.update(
+        kind=kind,
+        message=update.message,
+        text=update.text_delta,
+        completion_tokens=update.completion_tokens,
+        progress=round(update.progress, 4),
+    )
+    if update.event_id:
+        body["event_id"] = update.event_id
+    return body
+
+
+def badges_json(response: notifier_pb2.WatchQueuesResponse) -> dict[str, Any]:
+    return {
+        "badges": [
+            {
+                "model": b.model,
+                "level": _LEVELS.get(b.level, "unknown"),
+                "label": b.label,
+                "queued": b.queued,
+                "running": b.running,
+                "capacity": b.capacity,
+                "wait": {"min_seconds": _seconds(b.wait.min), "max_seconds": _seconds(b.wait.max)},
+                "suggested_model": b.suggested_model,
+                "suggestion": b.suggestion,
+                "queue_full": b.queue_full,
+            }
+            for b in response.badges
+        ],
+        "at": response.at.ToMilliseconds() / 1000 if response.HasField("at") else 0,
+    }
