@@ -114,6 +114,8 @@ class SubmitOptions(TypedDict, total=False):
     idempotency_key: str
     #: How long the request may wait in the queue (seconds or a timedelta).
     queue_timeout: float | timedelta
+    #: Longest the request may run once started (the serving instance's limit caps it).
+    request_timeout: float | timedelta
     fallback: FallbackPolicy | str | int
     #: After this the answer is useless: an instant, or seconds / a timedelta from now.
     deadline: datetime | timedelta | float
@@ -239,6 +241,8 @@ def build_submit_request(
         ).value
     if "queue_timeout" in options:
         request.queue_timeout.CopyFrom(_duration(options["queue_timeout"]))
+    if "request_timeout" in options:
+        request.request_timeout.CopyFrom(_duration(options["request_timeout"]))
     if "deadline" in options:
         deadline = options["deadline"]
         if not isinstance(deadline, datetime):

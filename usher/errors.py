@@ -20,6 +20,7 @@ from usher.grpc_types import Context, MethodHandler
 
 __all__ = [
     "AlreadyFinished",
+    "DeadlineExceeded",
     "ErrorMappingInterceptor",
     "FailedPrecondition",
     "FieldViolation",
@@ -110,6 +111,12 @@ class UpstreamFailed(UsherError):
 
 class Unavailable(UsherError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(UsherError):
+    """A request ran past its run-time limit (its model server's call was closed)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ResourceExhausted(UsherError):

@@ -223,6 +223,8 @@ class InstanceSpec:
     external: bool = False
     #: Name of the environment variable holding the API key (never the key itself).
     api_key_env: str = ""
+    #: Longest one request may run here; 0 = the Pool's request_timeout_seconds.
+    request_timeout_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(field_name: str, problem: str) -> ConfigError:
@@ -257,6 +259,8 @@ class InstanceSpec:
         outside = [m for m in self.preload if self.allowed_models and m not in self.allowed_models]
         if outside:
             raise bad("preload", f"{outside[0]!r} is not in allowed_models")
+        if not math.isfinite(self.request_timeout_seconds) or self.request_timeout_seconds < 0:
+            raise bad("request_timeout_seconds", "must be positive (or 0: the Pool's default)")
         if self.api_key_env and not _ENV_NAME.fullmatch(self.api_key_env):
             raise bad("api_key_env", f"{self.api_key_env!r} is not an environment variable name")
 
@@ -269,7 +273,7 @@ class InstanceSpec:
         return not self.roles or role in self.roles
 
     def to_proto(self) -> pool_pb2.InstanceConfig:
-        return pool_pb2.InstanceConfig(
+        config = pool_pb2.InstanceConfig(
             id=self.id,
             base_url=self.base_url,
             kind=_KIND_TO_PROTO[self.kind],
@@ -283,6 +287,9 @@ class InstanceSpec:
             external=self.external,
             api_key_env=self.api_key_env,
         )
+        if self.request_timeout_seconds:
+            config.request_timeout.FromMilliseconds(round(self.request_timeout_seconds * 1000))
+        return config
 
     @classmethod
     def from_proto(
@@ -325,6 +332,7 @@ class InstanceSpec:
             allowed_models=frozenset(config.allowed_models),
             external=config.external,
             api_key_env=config.api_key_env,
+            request_timeout_seconds=config.request_timeout.ToMilliseconds() / 1000,
         )
 
 
@@ -394,6 +402,12 @@ class PoolSettings:
 
     def instance(self, instance_id: str) -> InstanceSpec | None:
         return next((s for s in self.instances if s.id == instance_id), None)
+
+    def run_time_limit(self, spec: InstanceSpec, requested_seconds: float = 0.0) -> float:
+        """Seconds one request may run on ``spec``: the instance's limit (else the Pool's
+        default), shortened by the request's own when it asks for less."""
+        limit = spec.request_timeout_seconds or self.request_timeout_seconds
+        return min(limit, requested_seconds) if requested_seconds > 0 else limit
 
     def fallback_chain(self, model: str) -> tuple[str, ...]:
         """Models to try after ``model``, in order, following fallbacks of fallbacks."""
@@ -556,6 +570,8 @@ _INSTANCE_KEYS = {
     "allowed": "allowed_models",
     "external": "external",
     "api_key_env": "api_key_env",
+    "request_timeout_seconds": "request_timeout_seconds",
+    "request_timeout": "request_timeout_seconds",
 }
 
 
@@ -631,6 +647,9 @@ def _instance(raw: Mapping[str, object], where: str, ctx: _Context) -> InstanceS
             ),
             external=external,
             api_key_env=_as_str(values.get("api_key_env", ""), field_name("api_key_env")),
+            request_timeout_seconds=_as_float(
+                values.get("request_timeout_seconds", 0.0), field_name("request_timeout_seconds")
+            ),
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -24,6 +24,7 @@ from services.pool.stats import PoolStats
 from services.pool.upstream import (
     Delta,
     Done,
+    Event,
     ModelNotFound,
     Started,
     UpstreamError,
@@ -34,6 +35,7 @@ from usher.auth import Authenticator, Principal
 from usher.background import Background
 from usher.config import ConfigError
 from usher.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -245,6 +247,27 @@ class FleetRouter:
             self._waiting.wake_first()
 
 
+async def _until(
+    events: AsyncIterator[Event], deadline: float, limit: float
+) -> AsyncIterator[Event]:
+    """The model server's events until the loop's clock reaches ``deadline``; then its call
+    is closed (the pending read is cancelled, which closes the HTTP response) and the
+    request ends with DEADLINE_EXCEEDED. Only the reads wait under the timer, never a
+    consumer holding an event."""
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                event = await anext(events, None)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request ran longer than its run-time limit of {limit:g}s; "
+                "the model server's call was closed"
+            ) from None
+        if event is None:
+            return
+        yield event
+
+
 def _give_back(trials: list[CircuitBreaker]) -> None:
     now = time.monotonic()
     for breaker in trials:
@@ -398,8 +421,9 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             )
         renewer = asyncio.create_task(self._keep_alive(grant))
         held = [grant]
+        began = asyncio.get_running_loop().time()
         try:
-            async for event in self._run_with_failover(request, held):
+            async for event in self._run_with_failover(request, held, began):
                 yield event
         finally:
             renewer.cancel()
@@ -416,7 +440,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             await self.router.slots.renew(grant)
 
     async def _run_with_failover(
-        self, request: pool_pb2.GenerateRequest, held: list[SlotGrant]
+        self, request: pool_pb2.GenerateRequest, held: list[SlotGrant], began: float
     ) -> AsyncIterator[pool_pb2.GenerateResponse]:
         """Run on the granted instance; before the first token, fail over to another instance,
         then down the model's fallback chain. After it, an error ends the stream cleanly."""
@@ -445,7 +469,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     current = None
                     continue
                 try:
-                    async for event in self._stream(state, model, request, current):
+                    async for event in self._stream(state, model, request, current, began):
                         yield event
                     return
                 except ModelNotFound as error:
@@ -467,8 +491,15 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         raise Unavailable(f"no instance could run {request.model}: {last_error}")
 
     async def _stream(
-        self, state: InstanceState, model: str, request: pool_pb2.GenerateRequest, grant: SlotGrant
+        self,
+        state: InstanceState,
+        model: str,
+        request: pool_pb2.GenerateRequest,
+        grant: SlotGrant,
+        began: float,
     ) -> AsyncIterator[pool_pb2.GenerateResponse]:
+        requested = request.timeout.ToMilliseconds() / 1000 if request.HasField("timeout") else 0
+        limit = self.settings.run_time_limit(state.spec, requested)
         upstream_request = pool_pb2.GenerateRequest()
         upstream_request.CopyFrom(request)
         upstream_request.model = (
@@ -483,7 +514,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             async with contextlib.aclosing(
                 state.upstream.generate(upstream_request, traceparent=request.traceparent)
             ) as events:
-                async for event in events:
+                async for event in _until(events, began + limit, limit):
                     if isinstance(event, Started):
                         sent_started = True
                         yield pool_pb2.GenerateResponse(

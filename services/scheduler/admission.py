@@ -154,6 +154,10 @@ def validate_submit(
         timeout = submit.queue_timeout.ToTimedelta()
         if timeout <= timedelta(0) or timeout > _MAX_QUEUE_TIMEOUT:
             out.append(FieldViolation("queue_timeout", "must be positive and at most 24h"))
+    if submit.HasField("request_timeout"):
+        limit = submit.request_timeout.ToTimedelta()
+        if limit <= timedelta(0) or limit > _MAX_QUEUE_TIMEOUT:
+            out.append(FieldViolation("request_timeout", "must be positive and at most 24h"))
     if submit.HasField("deadline") and submit.deadline.ToMicroseconds() / 1e6 <= now_seconds:
         out.append(FieldViolation("deadline", "is already past"))
 

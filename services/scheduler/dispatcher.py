@@ -38,6 +38,8 @@ log = get_logger(__name__)
 IDLE_POLL_SECONDS = 0.05
 #: How long a request's ending waits for its heartbeat to stop (it stops within a turn).
 HEARTBEAT_STOP_SECONDS = 5.0
+#: How much longer than a request's run-time limit the dispatcher waits for the Pool to end it.
+RUN_LIMIT_MARGIN_SECONDS = 10.0
 #: Longest an idle loop sleeps unwoken (a safety net: work wakes loops one at a time).
 IDLE_REST_SECONDS = 1.0
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
@@ -232,6 +234,12 @@ class Dispatcher:
         timeout = None
         if lease.request.deadline_ms:
             timeout = max(0.1, lease.request.deadline_ms / 1000 - time.time())
+        if submit.HasField("request_timeout"):
+            # The Pool enforces the run-time limit (and closes the model server's call);
+            # the margin only keeps a wedged Pool from holding the request for ever.
+            generate.timeout.CopyFrom(submit.request_timeout)
+            limit = submit.request_timeout.ToMilliseconds() / 1000 + RUN_LIMIT_MARGIN_SECONDS
+            timeout = limit if timeout is None else min(timeout, limit)
         call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
         started = time.monotonic()
         ended = asyncio.Event()
@@ -355,8 +363,14 @@ class Dispatcher:
             return
         metrics.REQUESTS.labels(lease.request.model, "failed").inc()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # The Pool's words when its run-time limit ended it; else the caller's deadline.
+            cause = error.details() if "run-time limit" in (error.details() or "") else ""
             await self.store.finish(
-                lease, FinishedWork(state=FAILED, error="deadline passed while running")
+                lease,
+                FinishedWork(
+                    state=FAILED,
+                    error=f"DEADLINE_EXCEEDED: {cause or 'deadline passed while running'}",
+                ),
             )
             return
         await self.store.finish(lease, FinishedWork(state=FAILED, error=details))

@@ -98,6 +98,7 @@ class InstanceConfig(_message.Message):
     ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
     EXTERNAL_FIELD_NUMBER: _builtins.int
     API_KEY_ENV_FIELD_NUMBER: _builtins.int
+    REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable name, e.g. "gpu-box-1"."""
     base_url: _builtins.str
@@ -126,6 +127,12 @@ class InstanceConfig(_message.Message):
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these models are routed here when non-empty."""
 
+    @_builtins.property
+    def request_timeout(self) -> _duration_pb2.Duration:
+        """Longest one request may run on this instance (load and generation); unset = the
+        Pool's request_timeout_seconds.
+        """
+
     def __init__(
         self,
         *,
@@ -141,10 +148,11 @@ class InstanceConfig(_message.Message):
         allowed_models: _abc.Iterable[_builtins.str] | None = ...,
         external: _builtins.bool = ...,
         api_key_env: _builtins.str = ...,
+        request_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request_timeout", b"request_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "api_key_env", b"api_key_env", "base_url", b"base_url", "external", b"external", "id", b"id", "kind", b"kind", "max_loaded_models", b"max_loaded_models", "memory_budget_bytes", b"memory_budget_bytes", "parallel", b"parallel", "preload", b"preload", "roles", b"roles", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "api_key_env", b"api_key_env", "base_url", b"base_url", "external", b"external", "id", b"id", "kind", b"kind", "max_loaded_models", b"max_loaded_models", "memory_budget_bytes", b"memory_budget_bytes", "parallel", b"parallel", "preload", b"preload", "request_timeout", b"request_timeout", "roles", b"roles", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -404,6 +412,7 @@ class GenerateRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     slot_id: _builtins.str
     request_id: _builtins.str
     model: _builtins.str
@@ -419,6 +428,12 @@ class GenerateRequest(_message.Message):
     def embed(self) -> _request_pb2.EmbedInput: ...
     @_builtins.property
     def options(self) -> _request_pb2.GenerationOptions: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """The request's own run-time limit; the Pool applies the shorter of it and the
+        instance's (or its default) limit, then ends the call with DEADLINE_EXCEEDED.
+        """
+
     def __init__(
         self,
         *,
@@ -431,10 +446,11 @@ class GenerateRequest(_message.Message):
         options: _request_pb2.GenerationOptions | None = ...,
         traceparent: _builtins.str = ...,
         stream: _builtins.bool = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "model", b"model", "options", b"options", "request_id", b"request_id", "slot_id", b"slot_id", "stream", b"stream", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "model", b"model", "options", b"options", "request_id", b"request_id", "slot_id", b"slot_id", "stream", b"stream", "timeout", b"timeout", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

@@ -57,6 +57,7 @@ class SubmitRequest(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     priority: _request_pb2.Priority.ValueType
     idempotency_key: _builtins.str
@@ -82,6 +83,13 @@ class SubmitRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def request_timeout(self) -> _duration_pb2.Duration:
+        """Longest the request may run once started (never longer than the serving instance's
+        limit); past it the model server's call is closed and the request fails with
+        DEADLINE_EXCEEDED as its cause. Unset = the instance's or the Pool's default.
+        """
+
     def __init__(
         self,
         *,
@@ -97,10 +105,11 @@ class SubmitRequest(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
+        request_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "queue_timeout", b"queue_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "fallback_policy", b"fallback_policy", "generate", b"generate", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "model", b"model", "options", b"options", "priority", b"priority", "queue_timeout", b"queue_timeout", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "fallback_policy", b"fallback_policy", "generate", b"generate", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "model", b"model", "options", b"options", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
