@@ -98,17 +98,15 @@ def switch_offered(request: request_pb2.LlmRequest, external_available: bool) ->
 
 
 def fallback_prompt(request: request_pb2.LlmRequest, external_available: bool, now: float) -> str:
-    """The product's prompt for this moment, or "": a long queue, a wait that is running
-    past what the queue allows, or (already on its way out) the switch notice."""
+    """The product's prompt for this moment, or "": a wait past half of what the queue
+    allows, a long queue, or (already on its way out) the switch notice."""
     if request.route == R.ROUTE_EXTERNAL and request.state == R.REQUEST_STATE_QUEUED:
         return messages.UNAVAILABLE_NOTICE
     if not switch_offered(request, external_available):
         return ""
     waited = queue_wait_ms(request, now) / 1000
     allowed = _seconds(request.queue_timeout)
-    if allowed > 0 and (
-        waited >= allowed * _TIMEOUT_PROMPT_SHARE or waited + _seconds(request.eta.max) > allowed
-    ):
+    if allowed > 0 and waited >= allowed * _TIMEOUT_PROMPT_SHARE:
         return messages.TIMEOUT_PROMPT
     if request.position.queue_length >= messages.LONG_QUEUE_LENGTH:
         return messages.LONG_QUEUE_PROMPT

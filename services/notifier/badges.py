@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
@@ -40,14 +41,24 @@ class BadgeBoard:
         self.interval = interval
         self._badges: dict[str, notifier_pb2.QueueBadge] = {}
         self._subscribers: set[asyncio.Event] = set()
+        #: Models someone asked for by name (with how many watchers), badged even before
+        #: their first request: a picker shows every model it offers.
+        self._named: Counter[str] = Counter()
 
-    def subscribe(self) -> asyncio.Event:
+    def subscribe(self, models: Sequence[str] = ()) -> asyncio.Event:
         event = asyncio.Event()
         self._subscribers.add(event)
+        self._named.update(set(models))
         return event
 
-    def unsubscribe(self, event: asyncio.Event) -> None:
+    def unsubscribe(self, event: asyncio.Event, models: Sequence[str] = ()) -> None:
         self._subscribers.discard(event)
+        self._named.subtract(set(models))
+        self._named += Counter()  # drop the models nobody names any more
+
+    def missing(self, models: Sequence[str]) -> list[str]:
+        """Of ``models``, those without a badge yet."""
+        return [m for m in models if m not in self._badges]
 
     def current(self, models: Sequence[str]) -> list[notifier_pb2.QueueBadge]:
         if not models:
@@ -55,7 +66,7 @@ class BadgeBoard:
         return [self._badges[m] for m in models if m in self._badges]
 
     async def refresh(self, extra_models: Sequence[str] = ()) -> None:
-        models = sorted(set(await self.store.models()) | set(extra_models))
+        models = sorted(set(await self.store.models()) | set(extra_models) | set(self._named))
         capacity = await self._capacity(models) if self._capacity else {}
         async with self.store.redis.pipeline(transaction=False) as pipe:
             for model in models:

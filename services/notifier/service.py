@@ -32,6 +32,7 @@ _TERMINAL_KIND = {
     request_pb2.REQUEST_STATE_CANCELLED: K.UPDATE_KIND_CANCELLED,
     request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
 }
+_MAX_BADGE_MODELS = 100
 _STREAM_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
 
 
@@ -281,8 +282,14 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     ) -> AsyncIterator[notifier_pb2.WatchQueuesResponse]:
         self.caller(context)
         wanted = list(request.models)
-        subscription = self.board.subscribe()
+        if len(wanted) > _MAX_BADGE_MODELS:
+            raise InvalidArgument(
+                [FieldViolation("models", f"at most {_MAX_BADGE_MODELS} models per watch")]
+            )
+        subscription = self.board.subscribe(wanted)
         try:
+            if self.board.missing(wanted):
+                await self.board.refresh()  # named models not badged yet: now, not in a second
             last: bytes = b""
             while True:
                 badges = self.board.current(wanted)
@@ -295,7 +302,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 await subscription.wait()
                 subscription.clear()
         finally:
-            self.board.unsubscribe(subscription)
+            self.board.unsubscribe(subscription, wanted)
 
 
 def _valid_stream_id(text: str) -> bool:

@@ -49,7 +49,7 @@ def test_fallback_prompts() -> None:
     assert status.fallback_prompt(queued(), True, NOW) == ""
     assert status.fallback_prompt(queued(length=8), True, NOW) == messages.LONG_QUEUE_PROMPT
     assert status.fallback_prompt(queued(length=8), False, NOW) == ""
-    # Half the queue timeout gone, or an estimate that runs past it.
+    # Half the queue timeout gone.
     assert status.fallback_prompt(queued(waited=300), True, NOW) == messages.TIMEOUT_PROMPT
     assert status.fallback_prompt(queued(waited=450), True, NOW) == messages.TIMEOUT_PROMPT
     external = queued()

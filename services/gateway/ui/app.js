@@ -82,10 +82,10 @@
   function waitWords(wait) {
     if (!wait || wait.max_seconds <= 0) return "no wait";
     const max = wait.max_seconds;
-    if (max < 60) return "under a minute";
+    if (max < 60) return "wait under a minute";
     const lo = Math.max(1, Math.floor(wait.min_seconds / 60));
     const hi = Math.max(1, Math.ceil(max / 60));
-    return lo === hi ? `about ${hi} min` : `${lo}–${hi} min`;
+    return lo === hi ? `wait about ${hi} min` : `wait ${lo}–${hi} min`;
   }
 
   // -- token ------------------------------------------------------------------------------
@@ -99,6 +99,7 @@
     if (state.token) sessionStorage.setItem(TOKEN_KEY, state.token);
     else sessionStorage.removeItem(TOKEN_KEY);
     $("token").value = "";
+    $("access").open = false;
     showTokenState();
     startBadges();
     refreshOperator();
@@ -160,7 +161,7 @@
       level.textContent = LEVEL_WORDS[badge.level] || badge.level;
       const wait = document.createElement("span");
       wait.className = "wait";
-      wait.textContent = `${badge.running}/${badge.capacity} running • wait ${waitWords(badge.wait)}`;
+      wait.textContent = `${badge.running}/${badge.capacity} running • ${waitWords(badge.wait)}`;
       item.append(dot, label, level, wait);
       items.push(item);
     }
@@ -197,7 +198,11 @@
       return;
     }
     showModelsError("");
-    const source = new EventSource("/queue/models/events");
+    // Name the picker's models: each gets a badge even before its first request.
+    const names = state.models.join(",");
+    const source = new EventSource(
+      "/queue/models/events" + (names ? "?model=" + encodeURIComponent(names) : "")
+    );
     state.badgeSource = source;
     source.onmessage = (event) => {
       state.badgeRetry = 0;

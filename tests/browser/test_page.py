@@ -1,0 +1,277 @@
+"""The waiting page in a real browser (Chromium, headless) against the whole stack: open it,
+paste a token, watch the badges, submit while the queue is busy and see the place go down,
+the answer stream in, cancel, switch to the external provider, a badge turn red as the
+queue grows, and the operator panel for an admin. A screenshot of each state is kept in
+``test-artifacts/browser/``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from playwright.async_api import Browser, Locator, Page, expect
+
+from tests.gateway.conftest import ADMIN, Services, auth
+from usher.testing.stack import LocalStack, StackConfig
+from usher.v1 import request_pb2, scheduler_pb2
+
+pytestmark = pytest.mark.slow
+MODEL, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
+S = request_pb2
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1100, "height": 900}
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    config = StackConfig(
+        emulator_args=(
+            "--fleet",
+            "1",
+            "--models",
+            f"{MODEL},{OTHER}",
+            # One slot and about 2 s per answer: a few requests make a queue that moves.
+            "--tokens-per-second",
+            "12",
+            "--load-time",
+            "0.05",
+            "--parallel",
+            "1",
+            "--output-tokens",
+            "20:28",
+        ),
+        instance_options=";parallel=1",
+        external_provider=True,
+        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8", "USHER_DEFAULT_PARALLEL": "1"},
+        notifier_env={
+            "USHER_BADGE_INTERVAL_SECONDS": "0.2",
+            "USHER_EXTERNAL_ALTERNATIVE": "gpt-4o",
+        },
+    )
+    with LocalStack(config) as running:
+        running.start_gateway({"USHER_GATEWAY_KEEPALIVE_SECONDS": "1"})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if len(httpx.get(running.gateway_url + "/api/tags").json()["models"]) >= 2:
+                break
+            time.sleep(0.1)
+        yield running
+
+
+class Queue:
+    """Requests of bob's at high priority, so they wait ahead of alice's; cancelled
+    afterwards."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.ids: list[str] = []
+
+    async def add(self, count: int, model: str = MODEL) -> None:
+        for _ in range(count):
+            reply = await self.services.scheduler.Submit(
+                scheduler_pb2.SubmitRequest(
+                    model=model,
+                    generate=S.GenerateInput(prompt=f"ahead of you {len(self.ids)}"),
+                    priority=S.PRIORITY_HIGH,
+                ),
+                metadata=auth("bob"),
+                timeout=5,
+            )
+            self.ids.append(reply.request.id)
+
+    async def clear(self) -> None:
+        for request_id in self.ids:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.services.scheduler.Cancel(
+                    scheduler_pb2.CancelRequest(id=request_id, reason="test over"),
+                    metadata=ADMIN,
+                    timeout=5,
+                )
+        self.ids.clear()
+
+    async def idle(self, timeout: float = 20.0) -> None:
+        """Until nothing runs or waits for the model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = await self.services.admin.GetQueueStats(
+                scheduler_pb2.GetQueueStatsRequest(models=[MODEL]), metadata=ADMIN, timeout=5
+            )
+            if not stats.stats or (stats.stats[0].queued == 0 and stats.stats[0].running == 0):
+                return
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def queue(services: Services) -> AsyncIterator[Queue]:
+    ahead = Queue(services)
+    yield ahead
+    await ahead.clear()
+    await ahead.idle()
+
+
+@pytest.fixture
+async def page(browser: Browser, stack: LocalStack) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+    opened = await context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    await opened.goto(stack.gateway_url + "/ui")
+    yield opened
+    await context.close()
+    assert not errors, errors
+
+
+async def use_token(page: Page, token: str) -> None:
+    access = page.locator("#access")
+    if await access.get_attribute("open") is None:
+        await access.locator("summary").click()
+    await page.get_by_label("API token").fill(token)
+    await page.get_by_role("button", name="Use token").click()
+
+
+async def snap(page: Page, artifacts: Path, name: str) -> None:
+    await page.screenshot(path=str(artifacts / f"{name}.png"), full_page=True)
+
+
+def badge(page: Page, model: str = MODEL) -> Locator:
+    return page.locator(f'li.badge[data-model="{model}"]')
+
+
+async def positions_until_running(page: Page, timeout: float = 40.0) -> list[int]:
+    """The places the status line showed, in order, until the request ran."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = await page.locator("#status").text_content() or ""
+        found = re.search(r"You are #(\d+) of (\d+)", text)
+        if found and (not seen or seen[-1] != int(found.group(1))):
+            seen.append(int(found.group(1)))
+        if "processed" in text or "Processing is" in text or "ready" in text:
+            return seen
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never ran; places seen {seen}")
+
+
+async def test_without_a_token_the_page_asks_for_one(page: Page, artifacts: Path) -> None:
+    await expect(page.locator("#models-error")).to_contain_text("Paste an access token")
+    # The models are listed all the same (no token needed for the list).
+    await expect(page.locator("#model option")).to_have_count(2)
+    await snap(page, artifacts, "00-no-token")
+
+
+async def test_waiting_in_the_queue_until_the_answer(
+    page: Page, artifacts: Path, queue: Queue
+) -> None:
+    await use_token(page, "alice-token")
+    await expect(badge(page)).to_be_visible()
+    await expect(page.locator("#token-state")).to_have_text("(set)")
+    await page.get_by_label("Choose a model").select_option(MODEL)
+    await snap(page, artifacts, "01-open")
+
+    await queue.add(4)  # one runs, three wait ahead of alice
+    prompt = page.get_by_label("Message")
+    await prompt.fill("Tell me about queues")
+    await prompt.press("Enter")
+    status = page.locator("#status")
+    await expect(status).to_contain_text(re.compile(r"You are #\d+ of \d+ in the queue"))
+    await expect(status).to_contain_text("Estimated wait:")
+    assert await status.get_attribute("aria-live") == "polite"
+    await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    await snap(page, artifacts, "02-queued")
+
+    seen = await positions_until_running(page)
+    assert len(seen) >= 2 and seen == sorted(seen, reverse=True), seen
+    await snap(page, artifacts, "03-running")
+
+    answer = page.locator(".conversation .assistant .text")
+    await expect(answer).not_to_be_empty(timeout=20_000)
+    await expect(status).to_contain_text("Your response is ready!", timeout=20_000)
+    await expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    assert len(await answer.text_content() or "") > 10
+    await snap(page, artifacts, "04-answered")
+
+
+async def test_cancel_while_queued(page: Page, artifacts: Path, queue: Queue) -> None:
+    await use_token(page, "alice-token")
+    await expect(badge(page)).to_be_visible()
+    await queue.add(3)
+    await page.get_by_label("Message").fill("Never mind this one")
+    await page.get_by_role("button", name="Send").click()
+    status = page.locator("#status")
+    await expect(status).to_contain_text("in the queue")
+    await page.get_by_role("button", name="Cancel").click()
+    await expect(status).to_contain_text("Your request was cancelled")
+    await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    await snap(page, artifacts, "05-cancelled")
+
+
+async def test_a_badge_turns_long_as_the_queue_grows_and_switch_is_offered(
+    page: Page, artifacts: Path, queue: Queue, services: Services
+) -> None:
+    await use_token(page, "alice-token")
+    await expect(badge(page)).to_have_attribute("data-level", "available")
+    await snap(page, artifacts, "06-badge-available")
+    await queue.add(9)
+    await expect(badge(page)).to_have_attribute("data-level", "long", timeout=10_000)
+    await expect(badge(page)).to_contain_text("Long queue")
+    await page.get_by_label("Choose a model").select_option(MODEL)
+    await expect(page.locator("#suggestion")).to_contain_text("for faster results")
+    await snap(page, artifacts, "07-badge-long")
+
+    # Waiting behind 8+: the product's prompt and the switch.
+    await page.get_by_label("Message").fill("I would rather not wait")
+    await page.get_by_role("button", name="Send").click()
+    offer = page.locator("#offer")
+    await expect(offer).to_contain_text("Queue is longer than usual")
+    switch = page.get_by_role("button", name="Switch to external provider")
+    await expect(switch).to_be_visible()
+    await snap(page, artifacts, "08-switch-offered")
+    await switch.click()
+    status = page.locator("#status")
+    await expect(status).to_contain_text("Your response is ready!", timeout=20_000)
+    await snap(page, artifacts, "09-switched-answered")
+
+
+async def test_the_operator_panel_for_an_admin(page: Page, artifacts: Path, queue: Queue) -> None:
+    await use_token(page, "alice-token")
+    await expect(badge(page)).to_be_visible()
+    await expect(page.locator("#operator")).to_be_hidden()  # not an admin
+    await queue.add(2)
+    await use_token(page, "admin-token")
+    panel = page.locator("#operator")
+    await expect(panel).to_be_visible()
+    await expect(panel.locator("#queues tbody tr").first).to_be_visible()
+    await expect(panel.locator("#instances tbody")).to_contain_text("ollama-0")
+    await expect(panel.locator("#instances tbody")).to_contain_text("external")
+    await snap(page, artifacts, "10-operator")
+    await panel.get_by_role("button", name=f"Pause {MODEL}").click()
+    await expect(page.locator("#operator-status")).to_contain_text(f"{MODEL}: paused")
+    await expect(panel.get_by_role("button", name=f"Resume {MODEL}")).to_be_visible()
+    await panel.get_by_role("button", name=f"Resume {MODEL}").click()
+    await expect(page.locator("#operator-status")).to_contain_text(f"{MODEL}: resumed")
+
+
+async def test_readable_on_a_phone(
+    browser: Browser, stack: LocalStack, artifacts: Path, queue: Queue
+) -> None:
+    context = await browser.new_context(viewport=PHONE, is_mobile=True)  # type: ignore[arg-type]
+    page = await context.new_page()
+    await page.goto(stack.gateway_url + "/ui")
+    await use_token(page, "alice-token")
+    await expect(badge(page)).to_be_visible()
+    await queue.add(3)
+    await page.get_by_label("Message").fill("Hello from a phone")
+    await page.get_by_label("Message").press("Enter")
+    await expect(page.locator("#status")).to_contain_text("in the queue")
+    # Nothing wider than the screen.
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], width
+    await snap(page, artifacts, "11-phone-queued")
+    await context.close()
