@@ -845,6 +845,16 @@ class AsyncAdmin:
         )
         return tuple(Request.from_proto(r) for r in response.requests)
 
+    async def retry_dead_letter(self, request_id: str) -> Request:
+        """Put a dead-lettered request back at its original place in its queue."""
+        c = self._client
+        response = await c._unary(
+            "RetryDeadLetter",
+            c._scheduler_admin.RetryDeadLetter,
+            scheduler_pb2.RetryDeadLetterRequest(id=request_id),
+        )
+        return Request.from_proto(response.request)
+
     async def register_instance(
         self,
         instance_id: str,

@@ -19,6 +19,7 @@ from typing import TypeVar
 import grpc
 
 from clients.errors import UsherError, error_from_rpc
+from usher.backoff import exponential_backoff
 
 __all__ = ["NO_RETRY", "RetryEvent", "RetryPolicy", "call_with_retry"]
 
@@ -53,8 +54,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds before retry ``attempt`` (1-based): exponential with equal jitter."""
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return exponential_backoff(attempt, self.initial_backoff, self.max_backoff, self.multiplier)
 
     def delay_for(self, error: UsherError, attempt: int) -> float | None:
         """How long to wait before retrying after ``error``; None: do not retry."""

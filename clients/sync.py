@@ -161,6 +161,9 @@ class Admin:
     def dead_letters(self, model: str, *, page_size: int = 50) -> tuple[Request, ...]:
         return self._run(self._admin.dead_letters(model, page_size=page_size))
 
+    def retry_dead_letter(self, request_id: str) -> Request:
+        return self._run(self._admin.retry_dead_letter(request_id))
+
     def register_instance(
         self,
         instance_id: str,

@@ -81,6 +81,8 @@ class SchedulerApp:
                     self.settings.service_token,
                     concurrency=self.settings.dispatch_concurrency,
                     drain_seconds=max(0.0, self.settings.shutdown_grace_seconds - 2),
+                    retry_backoff_seconds=self.settings.retry_backoff_seconds,
+                    retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,
                 ),
             )
         if self.dispatcher is not None:

@@ -24,6 +24,7 @@ from services.scheduler.quotas import Quotas
 from services.scheduler.records import duration_from_seconds
 from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
 from usher import keys, metrics, tracing
+from usher.backoff import exponential_backoff
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.tls import ClientTls, open_channel
@@ -59,6 +60,10 @@ class DispatchSettings:
     #: On shutdown, how long running requests may take to finish before they are handed
     #: back to the queue (at their original place) for another replica.
     drain_seconds: float = 8.0
+    #: A failed attempt waits this long (doubling per attempt, jittered, up to the maximum)
+    #: before it goes back to the queue: a failing fleet is not hammered.
+    retry_backoff_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 30.0
 
 
 class _Cancelled(Exception):
@@ -284,6 +289,31 @@ class Dispatcher:
         await self.store.progress_events(lease, pending)  # what it said before it failed
         await self._handle_error(lease, work_or_error)
 
+    async def _back_off(self, lease: Lease) -> bool:
+        """Hold a failed request (its lease kept by heartbeats, no Pool slot held) for the
+        retry backoff. False when it was cancelled meanwhile (then finished here) or its
+        lease lost; a replica shutting down hands it back at once."""
+        delay = exponential_backoff(
+            lease.request.attempts,
+            self.settings.retry_backoff_seconds,
+            self.settings.retry_backoff_max_seconds,
+        )
+        if delay <= 0:
+            return True
+        ended = asyncio.Event()
+        watcher = asyncio.create_task(self._heartbeat(lease, ended))
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({watcher, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if watcher.done():
+            stop = watcher.result()
+            if stop is not None and not stop.lost:
+                await self.store.finish(lease, FinishedWork(state=CANCELLED))
+                metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
+            return stop is None
+        await _stop_heartbeat(watcher, ended)
+        return True
+
     async def _drain_deadline(self) -> None:
         await self._stop.wait()
         await asyncio.sleep(self.settings.drain_seconds)
@@ -357,9 +387,10 @@ class Dispatcher:
             grpc.StatusCode.ABORTED,  # its model server died mid-answer
         )
         if code in retryable and lease.request.attempts < lease.request.max_attempts:
-            # Back to its original place, to run again elsewhere; watchers are told to
-            # discard any partial output (the requeued event).
-            await self.store.requeue(lease, details, count_attempt=True)
+            # Back to its original place after a backoff, to run again elsewhere; watchers
+            # are told to discard any partial output (the requeued event).
+            if await self._back_off(lease):
+                await self.store.requeue(lease, details, count_attempt=True)
             return
         metrics.REQUESTS.labels(lease.request.model, "failed").inc()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -24,6 +24,10 @@ class SchedulerSettings:
     max_queue_size: int = 100
     queue_timeout_seconds: float = 300.0
     max_attempts: int = 3
+    #: A failed attempt goes back to the queue after an exponential backoff with jitter:
+    #: about this long after the first failure, doubling per attempt up to the maximum.
+    retry_backoff_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 30.0
     lease_seconds: float = 30.0
     parallel: int = 1
     #: How long finished requests (and their results and events) stay readable.
@@ -64,6 +68,12 @@ class SchedulerSettings:
                 "USHER_QUEUE_TIMEOUT_SECONDS", d.queue_timeout_seconds, env
             ),
             max_attempts=env_int("USHER_MAX_ATTEMPTS", d.max_attempts, env),
+            retry_backoff_seconds=env_float(
+                "USHER_RETRY_BACKOFF_SECONDS", d.retry_backoff_seconds, env
+            ),
+            retry_backoff_max_seconds=env_float(
+                "USHER_RETRY_BACKOFF_MAX_SECONDS", d.retry_backoff_max_seconds, env
+            ),
             lease_seconds=env_float("USHER_LEASE_SECONDS", d.lease_seconds, env),
             parallel=env_int("USHER_DEFAULT_PARALLEL", d.parallel, env),
             result_ttl_seconds=env_int("USHER_RESULT_TTL_SECONDS", d.result_ttl_seconds, env),
@@ -105,6 +115,8 @@ class SchedulerSettings:
             problems.append("USHER_QUEUE_TIMEOUT_SECONDS must be positive")
         if self.max_attempts < 1:
             problems.append("USHER_MAX_ATTEMPTS must be at least 1")
+        if self.retry_backoff_seconds < 0 or self.retry_backoff_max_seconds < 0:
+            problems.append("USHER_RETRY_BACKOFF_SECONDS and _MAX_SECONDS must not be negative")
         if self.lease_seconds <= 0:
             problems.append("USHER_LEASE_SECONDS must be positive")
         if self.dedup not in DEDUP_MODES:

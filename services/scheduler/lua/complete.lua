@@ -60,6 +60,14 @@ if state == CANCELLED and reason == '' then
   reason = redis.call('HGET', rk, 'cancel_reason') or 'cancelled'
 end
 finish(id, rk, state, reason, tonumber(ARGV[7]))
+if state == FAILED then
+  -- A dispatched request that failed for good (its last attempt, or an error no retry can
+  -- mend) is kept, with its cause, on the dead-letter list until an operator retries it.
+  redis.call('ZADD', K.dead_letters, NOW, id)
+  redis.call('PERSIST', rk)
+  redis.call('PERSIST', req_owners_key(id))
+  redis.call('PERSIST', req_events_key(id))
+end
 emit(id, ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
   state, {'error', reason})
 return 1

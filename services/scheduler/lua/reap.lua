@@ -20,6 +20,8 @@ for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMI
       finish(id, rk, FAILED, reason, ttl)
       redis.call('ZADD', K.dead_letters, NOW, id)
       redis.call('PERSIST', rk)
+      redis.call('PERSIST', req_owners_key(id))
+      redis.call('PERSIST', req_events_key(id))
       emit(id, 'failed', FAILED, {'error', reason})
       dead = dead + 1
     else
