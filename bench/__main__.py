@@ -27,6 +27,7 @@ from bench import (
     routing_bench,
     scale_bench,
     submit_bench,
+    watchers_bench,
 )
 from bench.stats import RESULTS, emit, tidy
 
@@ -39,6 +40,7 @@ SUITE: dict[str, Scenario] = {
     "fairness": fairness_bench.run,
     "eta": eta_bench.run,
     "scale": scale_bench.run,
+    "watchers": watchers_bench.run,
     "chaos": chaos_bench.run,
     "real": real_bench.run,
 }

@@ -165,6 +165,8 @@ def update_json(
     )
     if update.event_id:
         body["event_id"] = update.event_id
+    if update.HasField("at"):
+        body["at"] = update.at.ToMilliseconds() / 1000  # when the Notifier sent it
     return body
 
 
