@@ -87,7 +87,12 @@ async def place_once(registry: Registry, slots: SlotStore) -> list[Action]:
             )
             try:
                 if action.kind == "load":
-                    await target.upstream.load(action.model)
+                    await target.upstream.load(
+                        action.model,
+                        keep_alive_seconds=registry.settings.keep_alive_for(
+                            target.spec, action.model
+                        ),
+                    )
                     target.last_used[action.model] = time.time()
                 else:
                     await target.upstream.unload(action.model)

@@ -512,7 +512,11 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         last_sent = started_at
         try:
             async with contextlib.aclosing(
-                state.upstream.generate(upstream_request, traceparent=request.traceparent)
+                state.upstream.generate(
+                    upstream_request,
+                    keep_alive_seconds=self.settings.keep_alive_for(state.spec, model),
+                    traceparent=request.traceparent,
+                )
             ) as events:
                 async for event in _until(events, began + limit, limit):
                     if isinstance(event, Started):
@@ -674,7 +678,9 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         self.admin(context)
         state = self.known(request.id)
         keep_alive = (
-            request.keep_alive.ToMilliseconds() / 1000 if request.HasField("keep_alive") else None
+            request.keep_alive.ToMilliseconds() / 1000
+            if request.HasField("keep_alive")
+            else self.registry.settings.keep_alive_for(state.spec, request.model)
         )
         try:
             await state.upstream.load(request.model, keep_alive_seconds=keep_alive)
