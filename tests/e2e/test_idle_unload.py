@@ -46,9 +46,7 @@ async def loaded(url: str) -> dict[str, float]:
     async with httpx.AsyncClient() as http:
         models: list[dict[str, Any]] = (await http.get(f"{url}/api/ps")).json()["models"]
     now = time.time()
-    return {
-        m["name"]: datetime.fromisoformat(m["expires_at"]).timestamp() - now for m in models
-    }
+    return {m["name"]: datetime.fromisoformat(m["expires_at"]).timestamp() - now for m in models}
 
 
 async def stats(url: str) -> dict[str, Any]:
