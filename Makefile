@@ -15,13 +15,17 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# checkov pins packaging<24, which pytest 9 cannot share: its own venv.
+	@test -x $(VENV)/checkov/bin/checkov || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet -r deploy/tools/checkov-requirements.txt
 	@rm -f $(VENV)/.installed-*; touch $@
 
 ## Run Redis, the services and a simulated Ollama fleet (or OLLAMA_HOST), then a live demo.
 up: $(STAMP)
 	$(PY) -m usher.devstack
 
-## Lint, type-check, API checks, then the whole test suite.
+## Lint, type-check, API checks, then the whole test suite (deploy/ checks included:
+## tests/deploy, also alone with scripts/validate_deploy.sh).
 test: lint
 	$(PY) -m pytest
 
@@ -32,7 +36,6 @@ lint: $(STAMP)
 	$(VENV)/bin/buf lint
 	./scripts/buf_breaking.sh
 	./scripts/gen_protos.sh --check
-	./scripts/validate_deploy.sh
 
 ## Regenerate the committed Python stubs from proto/.
 protos: $(STAMP)

@@ -21,13 +21,14 @@ __all__ = ["MIN_SECRET_LENGTH", "PLACEHOLDER", "require_production_ready", "secr
 
 #: 32 characters: `openssl rand -hex 16` (128 bits) is the shortest value accepted.
 MIN_SECRET_LENGTH = 32
-#: The marker of the templates' placeholder values (deploy/k8s/base/secret.yaml).
+#: The marker of the templates' placeholder values (deploy/k8s/base/config/usher-*.env).
 PLACEHOLDER = "CHANGE-ME"
 #: Secrets read whole from one variable.
 SINGLE_SECRETS = (
     "USHER_SERVICE_TOKEN",
     "USHER_JWT_SECRET",
     "USHER_GATEWAY_ADMIN_TOKEN",
+    "USHER_GATEWAY_WATCH_SECRET",
     "REDIS_PASSWORD",
 )
 

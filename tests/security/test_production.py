@@ -13,7 +13,7 @@ from usher.config import ConfigError
 from usher.production import MIN_SECRET_LENGTH, require_production_ready, secret_problems
 
 GOOD = "x" * MIN_SECRET_LENGTH
-#: The values of deploy/k8s/base/secret.yaml.
+#: The values of deploy/k8s/base/config/usher-*.env.
 TEMPLATE = {
     "USHER_API_TOKENS": "CHANGE-ME-admin-token=admin@example:admin,"
     "CHANGE-ME-service-token=scheduler@usher:service,CHANGE-ME-user-token=alice@example",
