@@ -409,10 +409,11 @@ def drain_problems(build: Build) -> list[str]:
     schedulers = [i.settings for i in loaded if i.module == "services.scheduler"]
     if not pools or not schedulers:
         return ["no Pool or Scheduler to take the timeouts from"]
-    request = max(p.request_timeout_seconds for p in pools)
+    # The longest run any instance allows (its own request_timeout, else the Pool's).
+    request = max(p.run_time_limit(spec) for p in pools for spec in p.instances)
     queue = max(s.queue_timeout_seconds for s in schedulers)
     needs = {
-        "services.pool": (request, "the Pool's request_timeout_seconds"),
+        "services.pool": (request, "the longest run time an instance allows"),
         "services.scheduler": (
             request + DISPATCH_DRAIN_RESERVE_SECONDS,
             "request_timeout_seconds + the dispatchers' 2 s reserve",

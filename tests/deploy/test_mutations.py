@@ -93,6 +93,19 @@ def test_each_planted_fault_fails_the_check(builds: dict[str, m.Build], fault: s
     assert problems, f"{fault} went unnoticed"
 
 
+def test_an_instance_allowing_longer_requests_needs_longer_drains(
+    builds: dict[str, m.Build],
+) -> None:
+    objects = copy.deepcopy(builds["example"].objects)
+    pool_config = next(o for o in objects if o["metadata"]["name"].startswith("usher-pool-config"))
+    text = pool_config["data"]["pool.yaml"].replace(
+        "  - id: gpu-c\n", "  - id: gpu-c\n    request_timeout_seconds: 3600\n"
+    )
+    assert text != pool_config["data"]["pool.yaml"]
+    pool_config["data"]["pool.yaml"] = text
+    assert any("3600" in p for p in m.drain_problems(m.Build("long", objects)))
+
+
 def test_network_model_semantics(builds: dict[str, m.Build]) -> None:
     """The reasoning itself: AND of namespace and pod selectors, a podSelector alone is the
     policy's own namespace, protocols differ, named ports resolve on the destination."""
