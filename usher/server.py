@@ -19,6 +19,7 @@ from usher.config import ConfigError
 from usher.errors import ErrorMappingInterceptor
 from usher.logs import configure_logging, get_logger
 from usher.production import require_production_ready
+from usher.readiness import READINESS_SERVICE
 from usher.tls import ServerTls
 
 __all__ = ["GrpcServer", "Registration", "run_service"]
@@ -84,6 +85,20 @@ class GrpcServer:
         await self._server.start()
         for name in ["", *self._names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Not ready until the service's own check (usher.readiness) says so.
+        await self.set_ready(False)
+
+    async def set_ready(self, ready: bool) -> None:
+        """Report readiness (health service "readiness"); liveness is unaffected. Once
+        draining, everything stays NOT_SERVING."""
+        if self._stopped.is_set():
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set(READINESS_SERVICE, status)
 
     async def stop(self) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish."""

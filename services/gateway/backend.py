@@ -18,6 +18,7 @@ from services.gateway import views
 from services.gateway.settings import GatewaySettings
 from usher import tracing
 from usher.logs import get_logger
+from usher.readiness import READINESS_SERVICE
 from usher.tls import ClientTls, open_channel
 from usher.v1 import (
     notifier_pb2_grpc,
@@ -231,12 +232,16 @@ class Backend:
     # -- health --------------------------------------------------------------------------
 
     async def health(self) -> dict[str, str]:
-        """grpc.health.v1 of each service: "serving", or what went wrong."""
+        """Readiness of each service (grpc.health.v1 "readiness": the Scheduler's and the
+        Notifier's Redis, the Pool's Redis and serving instances): "serving", or what went
+        wrong."""
 
         async def check(name: str) -> tuple[str, str]:
             stub = health_pb2_grpc.HealthStub(self._channels[name])
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=READINESS_SERVICE), timeout=2.0
+                )
             except grpc.aio.AioRpcError as exc:
                 return name, exc.code().name.lower()
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -17,6 +17,7 @@ from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
+from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
@@ -115,6 +116,11 @@ class NotifierApp:
             asyncio.create_task(self.fanout.run(self._stop)),
             asyncio.create_task(self.board.run(self._stop)),
             asyncio.create_task(self.heap.run(self._stop)),
+            asyncio.create_task(
+                watch_readiness(
+                    lambda: redis_answers(self.redis), self.server.set_ready, self._stop
+                )
+            ),
         ]
         log.info("notifier listening", address=self.settings.listen, port=self.server.port)
 

@@ -17,6 +17,7 @@ from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
+from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
 from usher.v1 import pool_pb2, pool_pb2_grpc
@@ -68,6 +69,10 @@ class PoolApp:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.health_interval_seconds)
 
+    async def _ready(self) -> bool:
+        """Redis answers and at least one instance serves (healthy, not draining)."""
+        return self.registry.serving() > 0 and await redis_answers(self.redis)
+
     async def _publish_slot_use(self) -> None:
         ids = list(self.registry.instances)
         for model in {m for s in self.registry.instances.values() for m in s.loaded}:
@@ -86,6 +91,7 @@ class PoolApp:
                     self.registry, self.slots, self.settings.placement_interval_seconds, self._stop
                 )
             ),
+            asyncio.create_task(watch_readiness(self._ready, self.server.set_ready, self._stop)),
         ]
         log.info(
             "pool listening",

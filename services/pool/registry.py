@@ -231,6 +231,10 @@ class Registry:
         await asyncio.gather(*(self.check(s) for s in list(self.instances.values())))
         await self.publish_capacity()
 
+    def serving(self) -> int:
+        """Instances that can take requests now: healthy and not draining."""
+        return sum(1 for s in self.instances.values() if s.healthy and not s.draining)
+
     def capacity(self) -> dict[str, int]:
         """Slots per model that healthy, undrained local instances offer now."""
         slots: dict[str, int] = {}

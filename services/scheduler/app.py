@@ -17,6 +17,7 @@ from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import serve_metrics
+from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
 from usher.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -100,6 +101,13 @@ class SchedulerApp:
         )
         if self.dispatcher is not None:
             self._tasks.append(asyncio.create_task(self.dispatcher.run(self._stopping)))
+        self._tasks.append(
+            asyncio.create_task(
+                watch_readiness(
+                    lambda: redis_answers(self.redis), self.server.set_ready, self._stopping
+                )
+            )
+        )
         log.info("scheduler listening", address=self.settings.listen, port=self.server.port)
 
     async def stop(self) -> None:
