@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -216,16 +216,15 @@ class QueueHttp:
             raise rpc_error(exc) from None
         return reply.request
 
-    async def _external_available(self) -> bool:
+    async def _fleet(self) -> status.Fleet:
+        """The fleet as the offers see it (the backend's cached instance list)."""
         try:
-            return any(s.config.external for s in await self.backend.instances())
+            return status.fleet_of(await self.backend.instances())
         except grpc.aio.AioRpcError:
-            return False
+            return status.NO_FLEET
 
     async def _view(self, request: request_pb2.LlmRequest) -> dict[str, Any]:
-        body = status.request_json(
-            request, external_available=await self._external_available(), now=time.time()
-        )
+        body = status.request_json(request, fleet=await self._fleet(), now=time.time())
         body["message"] = messages.request_message(request)
         return body
 
@@ -359,7 +358,7 @@ class QueueHttp:
 
     async def _updates(
         self, request_id: str, credential: Credential, last_event_id: str
-    ) -> AsyncIterator[notifier_pb2.WatchResponse]:
+    ) -> AsyncGenerator[notifier_pb2.WatchResponse, None]:
         """Notifier.Watch until the request ends, resumed after the last event on a break."""
         resumes = 0
         while True:
@@ -390,7 +389,6 @@ class QueueHttp:
         if isinstance(opened, web.Response):
             return opened
         request_id, credential, last = opened
-        external = await self._external_available()
         response = await open_event_stream(request, {"X-Usher-Request-Id": request_id})
         await response.write(f"retry: {_RETRY_MS}\n\n".encode())
         with Keepalive(
@@ -398,9 +396,16 @@ class QueueHttp:
         ):
             end: dict[str, Any] = {}
             try:
-                async for update in self._updates(request_id, credential, last):
-                    body = status.update_json(update, external_available=external, now=time.time())
-                    await response.write(status.sse_event(body, update.event_id))
+                # Closed on every way out (a client that leaves cancels this handler), so
+                # the Notifier stream ends with it.
+                async with contextlib.aclosing(
+                    self._updates(request_id, credential, last)
+                ) as updates:
+                    async for update in updates:
+                        body = status.update_json(
+                            update, fleet=await self._fleet(), now=time.time()
+                        )
+                        await response.write(status.sse_event(body, update.event_id))
             except tr.GatewayError as error:
                 end = {"error": error.message, "code": error.code, "status": error.status}
             # A named event the page listens for: the stream is over, do not reconnect.
@@ -413,17 +418,18 @@ class QueueHttp:
         if isinstance(opened, web.Response):
             return opened
         request_id, credential, last = opened
-        external = await self._external_available()
 
         async def send(socket: web.WebSocketResponse) -> None:
             end: dict[str, Any] = {"kind": "end"}
             try:
-                async for update in self._updates(request_id, credential, last):
-                    await socket.send_str(
-                        status.dumps(
-                            status.update_json(update, external_available=external, now=time.time())
+                async with contextlib.aclosing(
+                    self._updates(request_id, credential, last)
+                ) as updates:
+                    async for update in updates:
+                        body = status.update_json(
+                            update, fleet=await self._fleet(), now=time.time()
                         )
-                    )
+                        await socket.send_str(status.dumps(body))
             except tr.GatewayError as error:
                 end.update(error=error.message, code=error.code, status=error.status)
             await socket.send_str(status.dumps(end))
@@ -471,7 +477,7 @@ class QueueHttp:
 
     async def _badges(
         self, credential: Credential, models: list[str]
-    ) -> AsyncIterator[notifier_pb2.WatchQueuesResponse]:
+    ) -> AsyncGenerator[notifier_pb2.WatchQueuesResponse, None]:
         resumes = 0
         while True:
             call = self.backend.notifier.WatchQueues(
@@ -491,7 +497,7 @@ class QueueHttp:
 
     async def _first_badges(
         self, request: web.Request
-    ) -> tuple[AsyncIterator[notifier_pb2.WatchQueuesResponse], Any] | web.Response:
+    ) -> tuple[AsyncGenerator[notifier_pb2.WatchQueuesResponse, None], Any] | web.Response:
         """Open the badge stream and read its first message before answering, so a bad
         credential is a 401 rather than a broken stream."""
         try:
@@ -507,16 +513,17 @@ class QueueHttp:
         if isinstance(opened, web.Response):
             return opened
         stream, first = opened
-        response = await open_event_stream(request)
-        await response.write(f"retry: {_RETRY_MS}\n\n".encode())
-        with Keepalive(
-            response, self.settings.keepalive_seconds, lambda: status.sse_comment("keepalive")
-        ):
-            await response.write(status.sse_event(status.badges_json(first)))
-            with contextlib.suppress(tr.GatewayError):
-                async for badges in stream:
-                    await response.write(status.sse_event(status.badges_json(badges)))
-        await response.write_eof()
+        async with contextlib.aclosing(stream):
+            response = await open_event_stream(request)
+            await response.write(f"retry: {_RETRY_MS}\n\n".encode())
+            with Keepalive(
+                response, self.settings.keepalive_seconds, lambda: status.sse_comment("keepalive")
+            ):
+                await response.write(status.sse_event(status.badges_json(first)))
+                with contextlib.suppress(tr.GatewayError):
+                    async for badges in stream:
+                        await response.write(status.sse_event(status.badges_json(badges)))
+            await response.write_eof()
         return response
 
     async def model_socket(self, request: web.Request) -> web.StreamResponse:
@@ -531,4 +538,5 @@ class QueueHttp:
                 async for badges in stream:
                     await socket.send_str(status.dumps(status.badges_json(badges)))
 
-        return await self._socket(request, send)
+        async with contextlib.aclosing(stream):
+            return await self._socket(request, send)

@@ -6,17 +6,21 @@ offer the external provider with the product's prompts.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.translation import openai_usage, queue_wait_ms
 from usher import messages
-from usher.v1 import notifier_pb2, request_pb2
+from usher.v1 import notifier_pb2, pool_pb2, request_pb2
 
 __all__ = [
+    "NO_FLEET",
+    "Fleet",
     "badges_json",
     "dumps",
     "fallback_prompt",
+    "fleet_of",
     "is_terminal",
     "queued_comment",
     "request_json",
@@ -49,6 +53,28 @@ _TIMEOUT_PROMPT_SHARE = 0.5
 _TERMINAL = frozenset(
     {K.UPDATE_KIND_COMPLETED, K.UPDATE_KIND_FAILED, K.UPDATE_KIND_CANCELLED, K.UPDATE_KIND_EXPIRED}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What the offers depend on: is there an external provider, which models a healthy
+    local instance serves."""
+
+    external: bool = False
+    local_models: frozenset[str] = frozenset()
+
+
+NO_FLEET = Fleet()
+
+
+def fleet_of(instances: Sequence[pool_pb2.InstanceStatus]) -> Fleet:
+    healthy = [i for i in instances if i.health == pool_pb2.INSTANCE_HEALTH_HEALTHY]
+    return Fleet(
+        external=any(i.config.external for i in healthy),
+        local_models=frozenset(
+            m for i in healthy if not i.config.external for m in i.available_models
+        ),
+    )
 
 
 def dumps(body: Any) -> str:
@@ -87,22 +113,23 @@ def queued_comment(request: request_pb2.LlmRequest | None) -> str:
     return f"queued {request.position.position} of {request.position.queue_length}, about {wait}"
 
 
-def switch_offered(request: request_pb2.LlmRequest, external_available: bool) -> bool:
+def switch_offered(request: request_pb2.LlmRequest, fleet: Fleet) -> bool:
     """The user may still move this request to the external provider."""
     return (
-        external_available
+        fleet.external
         and request.state == R.REQUEST_STATE_QUEUED
         and request.route != R.ROUTE_EXTERNAL
         and request.fallback_policy != R.FALLBACK_POLICY_LOCAL_ONLY
     )
 
 
-def fallback_prompt(request: request_pb2.LlmRequest, external_available: bool, now: float) -> str:
+def fallback_prompt(request: request_pb2.LlmRequest, fleet: Fleet, now: float) -> str:
     """The product's prompt for this moment, or "": a wait past half of what the queue
-    allows, a long queue, or (already on its way out) the switch notice."""
+    allows, a long queue, or the notice that no local instance can serve it and it goes to
+    the external provider (not said when the user chose to switch)."""
     if request.route == R.ROUTE_EXTERNAL and request.state == R.REQUEST_STATE_QUEUED:
-        return messages.UNAVAILABLE_NOTICE
-    if not switch_offered(request, external_available):
+        return messages.UNAVAILABLE_NOTICE if request.model not in fleet.local_models else ""
+    if not switch_offered(request, fleet):
         return ""
     waited = queue_wait_ms(request, now) / 1000
     allowed = _seconds(request.queue_timeout)
@@ -114,7 +141,7 @@ def fallback_prompt(request: request_pb2.LlmRequest, external_available: bool, n
 
 
 def request_json(
-    request: request_pb2.LlmRequest, *, external_available: bool = False, now: float = 0.0
+    request: request_pb2.LlmRequest, *, fleet: Fleet = NO_FLEET, now: float = 0.0
 ) -> dict[str, Any]:
     """A request's status as the browser sees it (never its prompt or owner)."""
     body: dict[str, Any] = {
@@ -122,8 +149,8 @@ def request_json(
         "model": request.model,
         "state": _STATES.get(request.state, "unknown"),
         "route": "external" if request.route == R.ROUTE_EXTERNAL else "local",
-        "switch_offered": switch_offered(request, external_available),
-        "prompt": fallback_prompt(request, external_available, now) if now else "",
+        "switch_offered": switch_offered(request, fleet),
+        "prompt": fallback_prompt(request, fleet, now) if now else "",
     }
     if request.state == R.REQUEST_STATE_QUEUED and request.position.position:
         body["position"] = request.position.position
@@ -150,12 +177,10 @@ def request_json(
     return body
 
 
-def update_json(
-    update: notifier_pb2.WatchResponse, *, external_available: bool, now: float
-) -> dict[str, Any]:
+def update_json(update: notifier_pb2.WatchResponse, *, fleet: Fleet, now: float) -> dict[str, Any]:
     """One Notifier update: kind, message, progress, new text and the request's status."""
     kind = K.UpdateKind.Name(update.kind).removeprefix("UPDATE_KIND_").lower()
-    body = request_json(update.request, external_available=external_available, now=now)
+    body = request_json(update.request, fleet=fleet, now=now)
     body.update(
         kind=kind,
         message=update.message,

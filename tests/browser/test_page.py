@@ -184,6 +184,7 @@ async def test_waiting_in_the_queue_until_the_answer(
     await expect(status).to_contain_text("Estimated wait:")
     assert await status.get_attribute("aria-live") == "polite"
     await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    await expect(page).to_have_title(re.compile(r"^#\d+ of \d+ — Usher$"))
     await snap(page, artifacts, "02-queued")
 
     seen = await positions_until_running(page)
@@ -195,6 +196,7 @@ async def test_waiting_in_the_queue_until_the_answer(
     await expect(status).to_contain_text("Your response is ready!", timeout=20_000)
     await expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
     assert len(await answer.text_content() or "") > 10
+    await expect(page).to_have_title("✓ Ready — Usher")
     await snap(page, artifacts, "04-answered")
 
 

@@ -344,3 +344,36 @@ async def test_metrics(http: httpx.AsyncClient) -> None:
     assert "usher_gateway_in_flight" in text
     assert 'usher_gateway_errors_total{code="model_not_found"}' in text
     assert "process_resident_memory_bytes" in text
+
+
+async def test_a_page_without_a_token_waits_on_the_default_tenant(
+    http: httpx.AsyncClient,
+) -> None:
+    """With a default token (or the local open mode) the page sends no Authorization at
+    all: submitting, the badge token and the request's stream still work, through the
+    watch-token cookie."""
+    reply = await http.post(
+        "/queue/requests",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "no token here"}]},
+    )
+    assert reply.status_code == 202, reply.text
+    body = reply.json()
+    assert reply.cookies["usher_watch"] == body["watch_token"]
+    badges = await http.post("/queue/watch-tokens", json={})
+    assert badges.status_code == 200 and badges.json()["scope"] == "queues"
+    async with http.stream(
+        "GET",
+        f"/queue/requests/{body['id']}/events",
+        headers={"Cookie": f"usher_watch={body['watch_token']}"},
+    ) as stream:
+        assert stream.status_code == 200
+        lines = [line async for line in stream.aiter_lines()]
+    assert "event: end" in lines
+    page = await http.get("/ui")
+    assert page.status_code == 200 and "<title>Usher</title>" in page.text
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    script = await http.get("/ui/app.js")
+    assert script.status_code == 200 and script.headers["Content-Type"].startswith(
+        "text/javascript"
+    )
+    assert (await http.get("/ui/../app.py")).status_code == 404

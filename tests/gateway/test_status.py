@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.gateway import status
 from usher import messages
-from usher.v1 import notifier_pb2, request_pb2
+from usher.v1 import notifier_pb2, pool_pb2, request_pb2
 
 R = request_pb2
 NOW = 1_700_000_000.0
@@ -34,27 +34,59 @@ def test_sse_frames() -> None:
     assert status.sse_event({}, event="end") == b"event: end\ndata: {}\n\n"
 
 
+EXTERNAL = status.Fleet(external=True, local_models=frozenset({"llama3.2:1b"}))
+LOCAL = status.Fleet(external=False, local_models=frozenset({"llama3.2:1b"}))
+
+
 def test_switch_is_offered_only_while_queued_locally_and_allowed() -> None:
     request = queued()
-    assert status.switch_offered(request, external_available=True)
-    assert not status.switch_offered(request, external_available=False)
+    assert status.switch_offered(request, EXTERNAL)
+    assert not status.switch_offered(request, LOCAL)
     request.fallback_policy = R.FALLBACK_POLICY_LOCAL_ONLY
-    assert not status.switch_offered(request, True)
+    assert not status.switch_offered(request, EXTERNAL)
     running = queued()
     running.state = R.REQUEST_STATE_RUNNING
-    assert not status.switch_offered(running, True)
+    assert not status.switch_offered(running, EXTERNAL)
+
+
+def test_the_fleet_as_the_offers_see_it() -> None:
+    fleet = status.fleet_of(
+        [
+            pool_pb2.InstanceStatus(
+                config=pool_pb2.InstanceConfig(id="a"),
+                health=pool_pb2.INSTANCE_HEALTH_HEALTHY,
+                available_models=["llama3.2:1b"],
+            ),
+            pool_pb2.InstanceStatus(
+                config=pool_pb2.InstanceConfig(id="b"),
+                health=pool_pb2.INSTANCE_HEALTH_UNHEALTHY,
+                available_models=["qwq"],
+            ),
+            pool_pb2.InstanceStatus(
+                config=pool_pb2.InstanceConfig(id="ext", external=True),
+                health=pool_pb2.INSTANCE_HEALTH_HEALTHY,
+                available_models=["gpt-4o"],
+            ),
+        ]
+    )
+    assert fleet == EXTERNAL
+    assert not status.fleet_of([]).external
 
 
 def test_fallback_prompts() -> None:
-    assert status.fallback_prompt(queued(), True, NOW) == ""
-    assert status.fallback_prompt(queued(length=8), True, NOW) == messages.LONG_QUEUE_PROMPT
-    assert status.fallback_prompt(queued(length=8), False, NOW) == ""
+    assert status.fallback_prompt(queued(), EXTERNAL, NOW) == ""
+    assert status.fallback_prompt(queued(length=8), EXTERNAL, NOW) == messages.LONG_QUEUE_PROMPT
+    assert status.fallback_prompt(queued(length=8), LOCAL, NOW) == ""
     # Half the queue timeout gone.
-    assert status.fallback_prompt(queued(waited=300), True, NOW) == messages.TIMEOUT_PROMPT
-    assert status.fallback_prompt(queued(waited=450), True, NOW) == messages.TIMEOUT_PROMPT
+    assert status.fallback_prompt(queued(waited=299), EXTERNAL, NOW) == ""
+    assert status.fallback_prompt(queued(waited=300), EXTERNAL, NOW) == messages.TIMEOUT_PROMPT
+    # On its way out: the notice only when no local instance could serve it (a user's own
+    # switch is not "unavailable").
     external = queued()
     external.route = R.ROUTE_EXTERNAL
-    assert status.fallback_prompt(external, False, NOW) == messages.UNAVAILABLE_NOTICE
+    assert status.fallback_prompt(external, EXTERNAL, NOW) == ""
+    down = status.Fleet(external=True)
+    assert status.fallback_prompt(external, down, NOW) == messages.UNAVAILABLE_NOTICE
 
 
 def test_update_json() -> None:
@@ -64,7 +96,7 @@ def test_update_json() -> None:
         request=queued(),
         message="You are #3 of 7 in the queue • Estimated wait: 2–3 minutes",
     )
-    body = status.update_json(update, external_available=True, now=NOW)
+    body = status.update_json(update, fleet=EXTERNAL, now=NOW)
     assert body["kind"] == "position" and body["event_id"] == "5-0"
     assert body["position"] == 3 and body["queue_length"] == 7
     assert body["eta"] == {"min_seconds": 120.0, "max_seconds": 180.0}

@@ -16,7 +16,10 @@ from usher.testing import free_port
 from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.v1 import notifier_pb2_grpc
 
-TOKENS = "alice-token=alice@acme,bob-token=bob@acme,root-token=root@ops:admin"
+TOKENS = (
+    "alice-token=alice@acme,bob-token=bob@acme,root-token=root@ops:admin,"
+    "service-token=gateway@usher:service"
+)
 
 
 @pytest.fixture

@@ -192,3 +192,33 @@ async def test_another_callers_request_is_not_shown(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await Watcher(notifier, request_id).finished()
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_service_role_may_watch_any_request(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    """The gateway watches for a browser holding a watch token it checked."""
+    request_id = await _submit(store, user="bob")
+    call = notifier.stub.Watch(K.WatchRequest(id=request_id), metadata=notifier.auth("service"))
+    first = await asyncio.wait_for(anext(aiter(call)), 5)
+    call.cancel()
+    assert first.kind == K.UPDATE_KIND_SNAPSHOT and first.request.id == request_id
+
+
+async def test_badges_name_the_models_asked_for_before_their_first_request(
+    notifier: NotifierClient,
+) -> None:
+    call = notifier.stub.WatchQueues(
+        K.WatchQueuesRequest(models=["never-used:1b"]), metadata=notifier.auth("alice")
+    )
+    first = await asyncio.wait_for(anext(aiter(call)), 5)
+    call.cancel()
+    (badge,) = first.badges
+    assert badge.model == "never-used:1b" and badge.level == K.QUEUE_LEVEL_AVAILABLE
+    too_many = notifier.stub.WatchQueues(
+        K.WatchQueuesRequest(models=[f"m{i}" for i in range(101)]),
+        metadata=notifier.auth("alice"),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await anext(aiter(too_many))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

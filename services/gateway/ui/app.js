@@ -322,6 +322,11 @@
     };
   }
 
+  function title(text) {
+    // Someone waiting in another tab sees their place (and the answer being ready) here.
+    document.title = text ? `${text} — Usher` : "Usher";
+  }
+
   function apply(update) {
     const c = state.current;
     if (!c || c.done) return;
@@ -339,8 +344,10 @@
         progress.value = c.firstPosition - update.position;
       }
       say($("status"), update.message || "Your request has been queued");
+      title(update.position ? `#${update.position} of ${update.queue_length}` : "Queued");
     } else if (update.state === "running") {
       show($("spinner"), true);
+      title("Answering…");
       progress.max = 100;
       progress.value = Math.round((update.progress || 0) * 100);
       // Token by token the percentage changes: the live region hears the state changes
@@ -376,6 +383,7 @@
       state.conversation.pop();
     }
     say($("status"), update.message || `Your request ${update.state}`);
+    title(update.state === "completed" ? "✓ Ready" : "");
     $("send").disabled = false;
   }
 
