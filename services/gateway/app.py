@@ -148,6 +148,7 @@ class Gateway:
         for name in ("pull", "push", "create", "copy", "delete"):
             r.add_route("*", f"/api/{name}", self.not_supported)
         r.add_post("/v1/chat/completions", self.openai_chat)
+        r.add_post("/v1/completions", self.openai_text)
         r.add_post("/v1/embeddings", self.openai_embeddings)
         r.add_get("/v1/models", self.openai_models)
         r.add_get("/v1/models/{model:.+}", self.openai_model)
@@ -451,6 +452,11 @@ class Gateway:
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
         return await self._model_request(request, "openai", tr.openai_chat, self._openai_chat)
 
+    async def openai_text(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_request(
+            request, "openai", tr.openai_text_completion, self._openai_text
+        )
+
     async def openai_embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._model_request(request, "openai", tr.openai_embeddings, self._embedding)
 
@@ -515,6 +521,53 @@ class Gateway:
             out.append(_event(usage))
         out.append(b"data: [DONE]\n\n")
         return b"".join(out)
+
+    async def _openai_text(
+        self, ex: Exchange, parsed: tr.Parsed, flow: RequestFlow
+    ) -> web.StreamResponse:
+        """The legacy text completion: one object, or SSE pieces ending in ``[DONE]``
+        (headers at once and queue comments while waiting, as for chat)."""
+        completion_id = f"cmpl-{flow.request_id}"
+        created = int(time.time())
+        if not parsed.stream:
+            done = await self._finished(ex, flow)
+            body = tr.openai_text_completion_body(completion_id, created, parsed.model, done)
+            return json_response(body, headers=self._headers(done))
+
+        def piece(text: str, finish: str | None = None) -> bytes:
+            return _event(tr.openai_text_chunk(completion_id, created, parsed.model, text, finish))
+
+        response = await self._open_stream(ex, SSE, flow)
+        keepalive = Keepalive(
+            response,
+            self.settings.keepalive_seconds,
+            lambda: status.sse_comment(status.queued_comment(flow.latest)),
+        )
+        try:
+            async with contextlib.aclosing(flow.events()) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        keepalive.stop()
+                        self._observe_wait("openai", event.queue_wait_ms)
+                    elif isinstance(event, Text):
+                        await response.write(piece(event.text))
+                    else:
+                        done = event.request
+                        out = [piece("", tr.finish_reason(done.result.done_reason))]
+                        if parsed.include_usage:
+                            usage = tr.openai_text_chunk(completion_id, created, parsed.model, "")
+                            usage["choices"] = []
+                            usage["usage"] = tr.openai_usage(done)
+                            out.append(_event(usage))
+                        out.append(b"data: [DONE]\n\n")
+                        await response.write(b"".join(out))
+        except tr.GatewayError as error:
+            self.metrics.errors.labels(error.code).inc()
+            await response.write(_event(tr.openai_error_body(error)))
+        finally:
+            keepalive.stop()
+        await response.write_eof()
+        return response
 
     async def openai_models(self, request: web.Request) -> web.Response:
         ex = Exchange(request, "openai")

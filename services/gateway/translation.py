@@ -68,6 +68,9 @@ __all__ = [
     "openai_embeddings_response",
     "openai_error_body",
     "openai_status",
+    "openai_text_chunk",
+    "openai_text_completion",
+    "openai_text_completion_body",
     "openai_tool_calls",
     "openai_usage",
     "parse_controls",
@@ -712,9 +715,8 @@ def _openai_format(raw: Any) -> str:
     raise bad_request("response_format.type", "must be text, json_object or json_schema")
 
 
-def openai_chat(body: Mapping[str, Any]) -> Parsed:
-    model = _model(body)
-    messages = _openai_messages(body.get("messages"))
+def _openai_options(body: Mapping[str, Any]) -> request_pb2.GenerationOptions:
+    """Sampling options shared by chat and (legacy) text completions."""
     n = body.get("n")
     if n is not None and n != 1:
         raise bad_request("n", "only n=1 is supported")
@@ -738,11 +740,23 @@ def openai_chat(body: Mapping[str, Any]) -> Parsed:
         _number(value, key)
     if extra:
         options.extra.CopyFrom(dict_to_struct(extra))
+    return options
+
+
+def _openai_streaming(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``."""
     stream = _bool(body, "stream", False)
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise bad_request("stream_options", "must be an object")
-    include_usage = bool(stream_options and stream_options.get("include_usage") is True)
+    return stream, bool(stream_options and stream_options.get("include_usage") is True)
+
+
+def openai_chat(body: Mapping[str, Any]) -> Parsed:
+    model = _model(body)
+    messages = _openai_messages(body.get("messages"))
+    options = _openai_options(body)
+    stream, include_usage = _openai_streaming(body)
     submit = scheduler_pb2.SubmitRequest(
         model=model,
         chat=request_pb2.ChatInput(
@@ -753,6 +767,26 @@ def openai_chat(body: Mapping[str, Any]) -> Parsed:
         options=options,
     )
     return Parsed(submit, model, "chat", stream=stream, include_usage=include_usage)
+
+
+def openai_text_completion(body: Mapping[str, Any]) -> Parsed:
+    """The legacy ``/v1/completions``: one prompt (a string, or a list of one), raw text."""
+    model = _model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("prompt", "must be a string (token arrays and batches are not supported)")
+    if body.get("echo") is True:
+        raise bad_request("echo", "is not supported")
+    options = _openai_options(body)
+    stream, include_usage = _openai_streaming(body)
+    submit = scheduler_pb2.SubmitRequest(
+        model=model,
+        generate=request_pb2.GenerateInput(prompt=prompt, suffix=_string(body, "suffix")),
+        options=options,
+    )
+    return Parsed(submit, model, "generate", stream=stream, include_usage=include_usage)
 
 
 def openai_embeddings(body: Mapping[str, Any]) -> Parsed:
@@ -1002,6 +1036,34 @@ def openai_completion(
         ],
         "usage": openai_usage(request),
     }
+
+
+def openai_text_chunk(
+    completion_id: str, created: int, model: str, text: str, finish: str | None = None
+) -> dict[str, Any]:
+    """One streamed piece of a legacy text completion."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": "fp_usher",
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def openai_text_completion_body(
+    completion_id: str, created: int, model: str, request: request_pb2.LlmRequest
+) -> dict[str, Any]:
+    body = openai_text_chunk(
+        completion_id,
+        created,
+        model,
+        request.result.text,
+        finish_reason(request.result.done_reason),
+    )
+    body["usage"] = openai_usage(request)
+    return body
 
 
 def openai_embeddings_response(

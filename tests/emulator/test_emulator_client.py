@@ -178,3 +178,39 @@ async def test_sync_client_in_a_thread(emulator: EmulatorServer) -> None:
             assert info.value.status_code == 400
 
     await asyncio.to_thread(run)
+
+
+async def test_tools_get_a_call_then_the_tool_answer_gets_text(
+    emulator: EmulatorServer, aclient: ollama.AsyncClient
+) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = await aclient.chat(model="llama3.2:1b", messages=asked, tools=[weather])
+    calls = first.message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert isinstance(calls[0].function.arguments["city"], str)
+    assert first.message.content == "" and first.done_reason == "stop"
+    streamed = [
+        part
+        async for part in await aclient.chat(
+            model="llama3.2:1b", messages=asked, tools=[weather], stream=True
+        )
+    ]
+    assert [p.message.tool_calls is not None for p in streamed] == [True, False]
+    reply = await aclient.chat(
+        model="llama3.2:1b",
+        messages=[*asked, first.message, {"role": "tool", "content": "sunny"}],
+        tools=[weather],
+    )
+    assert reply.message.content and not reply.message.tool_calls

@@ -335,3 +335,28 @@ def test_cli_flags_override_env_and_defaults() -> None:
     assert cfg.faults.fail_next == 2
     instant = build_config(parse_args(["--instant"]), {})
     assert (instant.tokens_per_second, instant.load_time, instant.time_to_first_token) == (0, 0, 0)
+
+
+def test_a_turn_with_tools_calls_the_one_that_fits_the_question() -> None:
+    from usher.emulator.tools import choose_tool
+
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    add = {"type": "function", "function": {"name": "add", "description": "Add two numbers"}}
+    asked = [{"role": "user", "content": "What's the weather in Paris?"}]
+    chosen = choose_tool([add, weather], asked)
+    assert chosen is not None and chosen.name == "get_weather"
+    assert chosen.schema["properties"] == {"city": {"type": "string"}}
+    numbers = choose_tool([weather, add], [{"role": "user", "content": "add two numbers"}])
+    assert numbers is not None and numbers.name == "add"
+    assert numbers.schema == {"type": "object", "properties": {}}  # no schema: no arguments
+    answered = [*asked, {"role": "assistant", "content": ""}, {"role": "tool", "content": "sunny"}]
+    assert choose_tool([weather], answered) is None  # the tool's answer is in: reply in text
+    assert choose_tool([], asked) is None
+    assert choose_tool(["not a tool", {"type": "function"}], asked) is None

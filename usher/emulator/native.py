@@ -35,8 +35,9 @@ from usher.emulator.httputil import (
     json_response,
     start_stream,
 )
+from usher.emulator.tools import ToolChoice, choose_tool, ollama_tool_call
 
-__all__ = ["NativeApi", "display_name"]
+__all__ = ["NativeApi", "display_name", "tool_arguments"]
 
 NDJSON = "application/x-ndjson"
 
@@ -228,13 +229,15 @@ class NativeApi:
                 if not p.messages:
                     engine.stats.requests_served += 1
                     return json_response(protocol.chat_final(p.model, text="", done_reason="load"))
+                tool = choose_tool(p.tools, p.messages)
                 job = GenerationJob(
                     spec=spec,
                     key=protocol.prompt_key(spec, "chat", json.dumps(p.messages)),
                     prompt_tokens=protocol.chat_prompt_tokens(p.messages),
                     num_predict=opts.num_predict,
                     seed=opts.seed or 0,
-                    format=p.format,
+                    # A tool call's arguments are structured output in the tool's schema.
+                    format=tool.schema if tool else p.format,
                     started=started,
                 )
                 return await self._render(
@@ -246,6 +249,7 @@ class NativeApi:
                     final=lambda done, text: protocol.chat_final(
                         p.model, text=text, done_reason=done.done_reason, metrics=done.metrics
                     ),
+                    tool=tool,
                 )
             finally:
                 engine.release(lease)
@@ -261,15 +265,18 @@ class NativeApi:
         stream: bool,
         chunk: Callable[[str], dict[str, Any]],
         final: Callable[[Done, str], dict[str, Any]],
+        tool: ToolChoice | None = None,
     ) -> web.StreamResponse:
-        """NDJSON stream (or one object when ``stream: false``) from engine events."""
+        """NDJSON stream (or one object when ``stream: false``) from engine events. With a
+        ``tool``, the generated text is the call's arguments: nothing streams until the call
+        is complete, then it goes out in one chunk (as Ollama parses a model's tool call)."""
         engine = self.engine
         model_stats = engine.stats.model(spec.name)
         resp: web.StreamResponse | None = None
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Tokens):
-                    if stream:
+                    if stream and tool is None:
                         if resp is None:
                             resp = await start_stream(request, NDJSON)
                         await resp.write(
@@ -278,10 +285,16 @@ class NativeApi:
                 elif isinstance(event, Done):
                     model_stats.completed += 1
                     engine.stats.requests_served += 1
+                    calls = (
+                        [ollama_tool_call(tool.name, tool_arguments(event.text))] if tool else []
+                    )
+                    text = "" if tool else event.text
                     if not stream:
-                        return json_response(final(event, event.text))
+                        return json_response(_with_calls(final(event, text), calls))
                     if resp is None:
                         resp = await start_stream(request, NDJSON)
+                    if calls:
+                        await resp.write((dumps(_with_calls(chunk(""), calls)) + "\n").encode())
                     await resp.write((dumps(final(event, "")) + "\n").encode())
                     await resp.write_eof()
                     return resp
@@ -376,3 +389,18 @@ class NativeApi:
             return json_response({"embedding": vectors[0] if vectors else []})
 
         return await self._respond(run)
+
+
+def tool_arguments(text: str) -> dict[str, Any]:
+    """A generated call's arguments (an empty object when generation was cut short)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _with_calls(body: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    if calls:
+        body["message"]["tool_calls"] = calls
+    return body

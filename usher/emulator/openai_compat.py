@@ -33,8 +33,9 @@ from usher.emulator.engine import (
     Tokens,
 )
 from usher.emulator.httputil import abort_connection, dumps, json_response, start_stream
-from usher.emulator.native import NativeApi, display_name
+from usher.emulator.native import NativeApi, display_name, tool_arguments
 from usher.emulator.scheduler import Lease
+from usher.emulator.tools import ToolChoice, choose_tool, openai_tool_call
 
 __all__ = ["OpenAIApi", "openai_error"]
 
@@ -214,6 +215,8 @@ class OpenAIApi:
                 raise ApiError(400, f"{protocol.go_quote(model)} does not support chat")
             engine = self.engine
             num_ctx = engine.default_num_ctx(spec, None)
+            tools = body.get("tools")
+            tool = choose_tool(tools if isinstance(tools, list) else None, messages)
             lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=None, slot=True)
             try:
                 job = GenerationJob(
@@ -222,7 +225,7 @@ class OpenAIApi:
                     prompt_tokens=protocol.chat_prompt_tokens(messages),
                     num_predict=max_tokens,
                     seed=seed,
-                    format=self._format(body),
+                    format=tool.schema if tool else self._format(body),
                     started=started,
                 )
                 return await self._render_chat(
@@ -233,6 +236,7 @@ class OpenAIApi:
                     stream=stream,
                     include_usage=include_usage,
                     lease=lease,
+                    tool=tool,
                 )
             finally:
                 engine.release(lease)
@@ -249,6 +253,7 @@ class OpenAIApi:
         stream: bool,
         include_usage: bool,
         lease: Lease,
+        tool: ToolChoice | None = None,
     ) -> web.StreamResponse:
         engine = self.engine
         model_stats = engine.stats.model(spec.name)
@@ -271,7 +276,7 @@ class OpenAIApi:
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Tokens):
-                    if not stream:
+                    if not stream or tool is not None:  # a call goes out whole, at the end
                         continue
                     parts = []
                     for text in event.texts:
@@ -286,6 +291,9 @@ class OpenAIApi:
                 elif isinstance(event, Done):
                     model_stats.completed += 1
                     engine.stats.requests_served += 1
+                    calls = _tool_calls(tool, event.text)
+                    if calls:
+                        event = Done(text="", done_reason="tool_calls", metrics=event.metrics)
                     if not stream:
                         return json_response(
                             {
@@ -297,7 +305,11 @@ class OpenAIApi:
                                 "choices": [
                                     {
                                         "index": 0,
-                                        "message": {"role": "assistant", "content": event.text},
+                                        "message": {
+                                            "role": "assistant",
+                                            "content": event.text,
+                                            **({"tool_calls": calls} if calls else {}),
+                                        },
                                         "finish_reason": event.done_reason or None,
                                     }
                                 ],
@@ -305,7 +317,11 @@ class OpenAIApi:
                             }
                         )
                     out = []
-                    if first:  # an empty completion still opens with a role chunk
+                    if calls:
+                        indexed = [{"index": i, **c} for i, c in enumerate(calls)]
+                        opening = {"role": "assistant", "content": "", "tool_calls": indexed}
+                        out.append(_sse(chunk(opening, None)))
+                    elif first:  # an empty completion still opens with a role chunk
                         out.append(_sse(chunk({"role": "assistant", "content": ""}, None)))
                     finish = chunk({}, event.done_reason or "stop")
                     out.append(_sse(finish))
@@ -493,3 +509,11 @@ class OpenAIApi:
             )
 
         return await self._respond(run)
+
+
+def _tool_calls(tool: ToolChoice | None, text: str) -> list[dict[str, Any]]:
+    """The turn's tool call in OpenAI's shape (none when it answers in text)."""
+    if tool is None:
+        return []
+    call_id = f"call_{random.randrange(16**8):08x}"
+    return [openai_tool_call(tool.name, json.dumps(tool_arguments(text)), call_id)]

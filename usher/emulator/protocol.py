@@ -258,6 +258,7 @@ class ChatParams:
     options: object
     format: object
     think: bool | str | None
+    tools: list[Any] = field(default_factory=list)
 
 
 def parse_chat(body: Mapping[str, Any]) -> ChatParams:
@@ -287,7 +288,7 @@ def parse_chat(body: Mapping[str, Any]) -> ChatParams:
             {"role": str(msg.get("role") or "").lower(), "content": str(msg.get("content") or "")}
         )
     stream = _bool(body, s, "stream")
-    typed_field(body, s, "tools", "array", "api.Tools")
+    tools = typed_field(body, s, "tools", "array", "api.Tools") or []
     typed_field(body, s, "options", "object", "map[string]interface {}")
     _bool(body, s, "truncate")
     _bool(body, s, "shift")
@@ -300,6 +301,7 @@ def parse_chat(body: Mapping[str, Any]) -> ChatParams:
         options=body.get("options"),
         format=body.get("format"),
         think=_think(body),
+        tools=list(tools),
     )
 
 

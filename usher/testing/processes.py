@@ -56,6 +56,10 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> ServiceProcess:
+        return self.launch().ready(timeout)
+
+    def launch(self) -> ServiceProcess:
+        """Start the process without waiting (start several, then ``ready`` each)."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
@@ -63,6 +67,11 @@ class ServiceProcess:
             stdout=out,
             stderr=out,
         )
+        return self
+
+    def ready(self, timeout: float = 20.0) -> ServiceProcess:
+        """Wait until the launched process listens on its port."""
+        assert self.process is not None, "launch() first"
         wait_for_port(self.port, timeout, self.process)
         return self
 
@@ -71,6 +80,11 @@ class ServiceProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+
+    def signal_stop(self) -> None:
+        """SIGTERM without waiting (``terminate`` then waits for the exit)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     def terminate(self, timeout: float = 15.0) -> int | None:
         if self.process is None:

@@ -1,5 +1,6 @@
 """The whole system on one machine, each part its own process: Redis, model servers, Pool,
-Scheduler and Notifier. Used by ``make up``, the end-to-end tests and the benchmarks."""
+Scheduler, Notifier and (optionally) the HTTP gateway. Used by ``make up`` (``usher up``),
+the end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ class StackConfig:
     notifier_replicas: int = 1
     #: Also start the HTTP gateway (services.gateway) in front of the services.
     gateway: bool = False
+    #: The Pool's fleet as a ``USHER_INSTANCES`` line or a ``USHER_POOL_CONFIG`` file; either
+    #: one replaces the emulated fleet and ``ollama_urls``.
+    instances: str = ""
+    pool_config: str = ""
+    #: Ports by service ("pool", "scheduler-0", "notifier-0", "gateway"); others are free
+    #: ports picked at start.
+    ports: Mapping[str, int] = field(default_factory=dict)
+    #: The gateway's listen host (its clients connect to loopback when it is a wildcard).
+    gateway_host: str = "127.0.0.1"
+    service_token: str = SERVICE_TOKEN
+    gateway_admin_token: str = "admin-token"
+    #: Settings every service and the gateway get (e.g. USHER_AUTH_OPEN).
+    common_env: Mapping[str, str] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -74,10 +88,18 @@ class LocalStack:
         return {
             "USHER_REDIS_URL": self.redis_url,
             "USHER_API_TOKENS": self.config.tokens,
-            "USHER_SERVICE_TOKEN": SERVICE_TOKEN,
+            "USHER_SERVICE_TOKEN": self.config.service_token,
             "USHER_LOG_LEVEL": self.config.log_level,
             "USHER_SHUTDOWN_GRACE_SECONDS": "2",
+            **self.config.common_env,
         }
+
+    def _port(self, name: str, running: ServiceProcess | None) -> int:
+        """The port a (re)started service listens on: its old one, the configured one, or
+        a free one."""
+        if running is not None:
+            return running.port
+        return self.config.ports.get(name) or free_port()
 
     def _metrics_env(self, name: str) -> dict[str, str]:
         if not self.config.metrics:
@@ -106,14 +128,17 @@ class LocalStack:
     @property
     def gateway_address(self) -> str:
         assert self.gateway is not None
-        return f"127.0.0.1:{self.gateway.port}"
+        host = self.config.gateway_host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.gateway.port}" if ":" in host else f"{host}:{self.gateway.port}"
 
     @property
     def gateway_url(self) -> str:
         return f"http://{self.gateway_address}"
 
     def start_model_servers(self) -> None:
-        if self.model_urls:
+        if self.model_urls or self.config.instances or self.config.pool_config:
             return
         if self.config.model_servers:
             for args, _options in self.config.model_servers:
@@ -142,8 +167,15 @@ class LocalStack:
         self.model_servers[index] = EmulatorProcess(self.model_servers[index].args)
         self.model_servers[index].start()
 
-    def start_pool(self) -> ServiceProcess:
-        port = self.pool.port if self.pool is not None else free_port()
+    def _fleet_env(self) -> dict[str, str]:
+        """The Pool's instances; set explicitly so a caller's own USHER_INSTANCES,
+        USHER_POOL_CONFIG or OLLAMA_HOST can't leak in beside them."""
+        if self.config.instances or self.config.pool_config:
+            return {
+                "USHER_INSTANCES": self.config.instances,
+                "USHER_POOL_CONFIG": self.config.pool_config,
+                "OLLAMA_HOST": "",
+            }
         options = (
             [opts for _args, opts in self.config.model_servers]
             if self.config.model_servers
@@ -155,13 +187,17 @@ class LocalStack:
         )
         if self.config.external_provider:
             instances += f",external={self.model_urls[0]};kind=openai;external=true;parallel=4"
+        return {"USHER_INSTANCES": instances, "USHER_POOL_CONFIG": "", "OLLAMA_HOST": ""}
+
+    def start_pool(self) -> ServiceProcess:
+        port = self._port("pool", self.pool)
         self.pool = ServiceProcess(
             "services.pool",
             port,
             {
                 **self._common(),
                 "USHER_POOL_LISTEN": f"127.0.0.1:{port}",
-                "USHER_INSTANCES": instances,
+                **self._fleet_env(),
                 **self._metrics_env("pool"),
                 **self.config.pool_env,
             },
@@ -170,7 +206,11 @@ class LocalStack:
         return self.pool
 
     def start_scheduler(self, index: int = 0) -> ServiceProcess:
-        port = self.schedulers[index].port if index < len(self.schedulers) else free_port()
+        return self._launch_scheduler(index).ready()
+
+    def _launch_scheduler(self, index: int) -> ServiceProcess:
+        running = self.schedulers[index] if index < len(self.schedulers) else None
+        port = self._port(f"scheduler-{index}", running)
         process = ServiceProcess(
             "services.scheduler",
             port,
@@ -183,7 +223,7 @@ class LocalStack:
                 **self.config.scheduler_env,
             },
             log_path=self._log(f"scheduler-{index}"),
-        ).start()
+        ).launch()
         if index < len(self.schedulers):
             self.schedulers[index] = process
         else:
@@ -191,7 +231,11 @@ class LocalStack:
         return process
 
     def start_notifier(self, index: int = 0) -> ServiceProcess:
-        port = self.notifiers[index].port if index < len(self.notifiers) else free_port()
+        return self._launch_notifier(index).ready()
+
+    def _launch_notifier(self, index: int) -> ServiceProcess:
+        running = self.notifiers[index] if index < len(self.notifiers) else None
+        port = self._port(f"notifier-{index}", running)
         process = ServiceProcess(
             "services.notifier",
             port,
@@ -203,7 +247,7 @@ class LocalStack:
                 **self.config.notifier_env,
             },
             log_path=self._log(f"notifier-{index}"),
-        ).start()
+        ).launch()
         if index < len(self.notifiers):
             self.notifiers[index] = process
         else:
@@ -213,24 +257,36 @@ class LocalStack:
     def start_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
         """The HTTP gateway, a client of the first Scheduler and Notifier and of the Pool;
         ``env`` adds or overrides settings (e.g. USHER_GATEWAY_DEFAULT_TOKEN)."""
-        port = self.gateway.port if self.gateway is not None else free_port()
+        return self._launch_gateway(env).ready()
+
+    def _launch_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        port = self._port("gateway", self.gateway)
+        host = self.config.gateway_host
         self.gateway = ServiceProcess(
             "services.gateway",
             port,
             {
                 **self._common(),
-                "USHER_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+                "USHER_GATEWAY_LISTEN": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                 "USHER_SCHEDULER_ADDRESS": self.scheduler_address,
                 "USHER_NOTIFIER_ADDRESS": self.notifier_address,
                 "USHER_POOL_ADDRESS": self.pool_address,
-                "USHER_GATEWAY_ADMIN_TOKEN": "admin-token",
+                "USHER_GATEWAY_ADMIN_TOKEN": self.config.gateway_admin_token,
                 **(env or {}),
             },
             log_path=self._log("gateway"),
-        ).start()
+        ).launch()
         return self.gateway
 
     def start(self) -> LocalStack:
+        """Start everything; a failure (or Ctrl-C) part way stops what had started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
             self.redis = RedisServer(
@@ -239,21 +295,24 @@ class LocalStack:
             self.redis_url = self.redis.url
         self.start_model_servers()
         self.start_pool()
-        for i in range(self.config.scheduler_replicas):
-            self.start_scheduler(i)
-        for i in range(self.config.notifier_replicas):
-            self.start_notifier(i)
+        # The services dial each other lazily, so they start side by side (Python's start-up
+        # is most of each one's second).
+        launched = [self._launch_scheduler(i) for i in range(self.config.scheduler_replicas)]
+        launched += [self._launch_notifier(i) for i in range(self.config.notifier_replicas)]
         if self.config.gateway:
-            self.start_gateway()
+            launched.append(self._launch_gateway())
+        for process in launched:
+            process.ready()
         return self
 
     def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.terminate(timeout=5)
-        for process in [*self.notifiers, *self.schedulers]:
+        # SIGTERM to every service at once, then wait: each drains for its grace period
+        # side by side instead of one after another.
+        services = [p for p in (self.gateway, *self.notifiers, *self.schedulers, self.pool) if p]
+        for process in services:
+            process.signal_stop()
+        for process in services:
             process.terminate(timeout=5)
-        if self.pool is not None:
-            self.pool.terminate(timeout=5)
         if self.emulators is not None:
             self.emulators.terminate()
         for server in self.model_servers:
