@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -52,7 +51,7 @@ from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.queue_http import QueueHttp
 from services.gateway.settings import GatewaySettings, split_listen
 from services.gateway.streams import SSE, Keepalive, open_event_stream
-from services.gateway.watch_tokens import WatchTokens
+from services.gateway.watch_tokens import WatchTokens, derive_secret
 from services.pool.config import auto_parallel
 from usher.logs import get_logger
 from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
@@ -124,8 +123,8 @@ class Gateway:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
-        # Unset, a random secret: tokens then open streams on this replica only.
-        secret = settings.watch_secret.encode() or secrets.token_bytes(32)
+        # Unset: derived from the service credential, so every replica agrees.
+        secret = settings.watch_secret.encode() or derive_secret(backend.pool_token)
         self.queue = QueueHttp(
             settings,
             backend,

@@ -25,8 +25,8 @@
 * ``USHER_GATEWAY_KEEPALIVE_SECONDS`` (15): while a streamed answer waits in the queue (and
   on every status stream), a comment line this often keeps proxies from cutting it.
 * ``USHER_GATEWAY_WATCH_SECRET``: the key that signs watch tokens (at least 16 bytes); every
-  replica behind one address needs the same. Unset: a random key per process (tokens then
-  work only on the replica that issued them).
+  replica behind one address needs the same. Unset: derived from the gateway's service
+  credential (``USHER_SERVICE_TOKEN``, else the admin token), which replicas share.
 * ``USHER_GATEWAY_WATCH_TOKEN_SECONDS`` (600): how long a watch token opens a stream.
 * ``USHER_LOG_LEVEL`` (``info``).
 

@@ -21,11 +21,25 @@ import hmac
 import json
 from dataclasses import dataclass
 
-__all__ = ["QUEUES_SCOPE", "InvalidWatchToken", "WatchClaims", "WatchTokens", "request_scope"]
+__all__ = [
+    "QUEUES_SCOPE",
+    "InvalidWatchToken",
+    "WatchClaims",
+    "WatchTokens",
+    "derive_secret",
+    "request_scope",
+]
 
 #: The scope of a token that opens the queue badge streams.
 QUEUES_SCOPE = "queues"
 _REQUEST_PREFIX = "request:"
+
+
+def derive_secret(credential: str) -> bytes:
+    """A watch secret from the gateway's own service credential, which every replica shares:
+    one-way (the secret does not reveal the credential), and whoever holds the credential
+    could watch any request anyway."""
+    return hmac.new(credential.encode(), b"usher watch tokens v1", hashlib.sha256).digest()
 
 
 def request_scope(request_id: str) -> str:

@@ -184,6 +184,7 @@ async def test_waiting_in_the_queue_until_the_answer(
     await expect(status).to_contain_text("Estimated wait:")
     assert await status.get_attribute("aria-live") == "polite"
     await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    await expect(page.locator("#request-model")).to_have_text(f"{MODEL} • local model")
     await expect(page).to_have_title(re.compile(r"^#\d+ of \d+ — Usher$"))
     await snap(page, artifacts, "02-queued")
 
@@ -236,6 +237,7 @@ async def test_a_badge_turns_long_as_the_queue_grows_and_switch_is_offered(
     await expect(switch).to_be_visible()
     await snap(page, artifacts, "08-switch-offered")
     await switch.click()
+    await expect(page.locator("#request-model")).to_have_text(f"{MODEL} • external provider")
     status = page.locator("#status")
     await expect(status).to_contain_text("Your response is ready!", timeout=20_000)
     await snap(page, artifacts, "09-switched-answered")

@@ -11,6 +11,7 @@ from services.gateway.watch_tokens import (
     QUEUES_SCOPE,
     InvalidWatchToken,
     WatchTokens,
+    derive_secret,
     request_scope,
 )
 
@@ -59,3 +60,14 @@ def test_any_changed_character_is_refused(at: int, char: str) -> None:
         return
     with pytest.raises(InvalidWatchToken):
         TOKENS.verify(changed, request_scope("r1"), NOW)
+
+
+def test_replicas_sharing_a_credential_share_the_derived_secret() -> None:
+    one = WatchTokens(derive_secret("service-token"), 60)
+    two = WatchTokens(derive_secret("service-token"), 60)
+    token, _ = one.issue(QUEUES_SCOPE, "", NOW)
+    assert two.verify(token, QUEUES_SCOPE, NOW).scope == QUEUES_SCOPE
+    other = WatchTokens(derive_secret("another credential"), 60)
+    with pytest.raises(InvalidWatchToken):
+        other.verify(token, QUEUES_SCOPE, NOW)
+    assert derive_secret("service-token") != b"service-token"

@@ -335,6 +335,10 @@
       c.text += update.text;
       c.answer.textContent = c.text;
     }
+    if (update.model) {
+      const where = update.route === "external" ? "external provider" : "local model";
+      $("request-model").textContent = `${update.model} • ${where}`;
+    }
     const progress = $("progress");
     if (update.state === "queued") {
       show($("spinner"), false);
