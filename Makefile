@@ -60,6 +60,7 @@ lint: $(DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/buf lint
 	./scripts/buf_breaking.sh
 	./scripts/gen_protos.sh --check

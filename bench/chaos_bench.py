@@ -12,7 +12,7 @@ from typing import Any
 
 from bench import plots
 from bench.stats import percentile
-from usher.testing.chaos import VICTIMS, Kill, run_chaos
+from bench.chaos import VICTIMS, Kill, run_chaos
 
 
 async def run(total: int = 1000, per_second: float = 40.0) -> dict[str, Any]:

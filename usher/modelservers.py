@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import httpx
 
-__all__ = ["Detection", "classify", "probe", "probe_all"]
+__all__ = ["Detection", "auto_parallel", "classify", "probe", "probe_all"]
 
 Kind = Literal["ollama", "openai"]
 
@@ -49,6 +49,17 @@ class Detection:
             return f"nothing usable answered at {self.url} (tried {TRIED}): {self.error}"
         models = ", ".join(self.models) if self.models else "no models yet"
         return f"{self.url}: {self.server} ({models})"
+
+
+def auto_parallel(total_memory_bytes: int) -> int:
+    """Requests one model runs at once, from memory (Ollama's former automatic setting;
+    the Pool's ``parallel: auto`` and the gateway's Guard Proxy figures)."""
+    gib = 1 << 30
+    if total_memory_bytes >= 16 * gib:
+        return 4
+    if total_memory_bytes >= 8 * gib:
+        return 2
+    return 1
 
 
 def _json(response: httpx.Response | BaseException | None) -> Any:

@@ -1,14 +1,14 @@
-"""google.protobuf.Struct to and from plain JSON-ready Python, for the free-form JSON parts
-of the API (tool definitions, extra options, chat messages with tool calls)."""
+"""Protobuf's well-known types to and from plain Python: Struct for the free-form JSON parts
+of the API (tool definitions, extra options, chat messages with tool calls), Duration."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
-__all__ = ["dict_to_struct", "plain_json", "struct_to_dict"]
+__all__ = ["dict_to_struct", "duration_from_seconds", "plain_json", "struct_to_dict"]
 
 
 def plain_json(value: Any) -> Any:
@@ -33,3 +33,10 @@ def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(dict(value))
     return message
+
+
+def duration_from_seconds(seconds: float) -> duration_pb2.Duration:
+    """A Duration to the millisecond (never negative)."""
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(max(0, round(seconds * 1000)))
+    return duration

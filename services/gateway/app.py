@@ -52,8 +52,8 @@ from services.gateway.queue_http import QueueHttp
 from services.gateway.settings import GatewaySettings, split_listen
 from services.gateway.streams import SSE, Keepalive, open_event_stream
 from services.gateway.watch_tokens import WatchTokens, derive_secret
-from services.pool.config import auto_parallel
 from usher.logs import get_logger
+from usher.modelservers import auto_parallel
 from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
 
 __all__ = ["BACKEND", "METRICS", "Gateway", "build_app", "serve"]

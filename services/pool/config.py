@@ -65,6 +65,7 @@ from services.pool.circuit import CircuitConfig
 from services.pool.routing import Strategy
 from usher.auth import Principal, load_token_map
 from usher.config import ConfigError, env_float, env_int, env_str
+from usher.modelservers import auto_parallel
 from usher.v1 import pool_pb2
 
 __all__ = [
@@ -79,7 +80,6 @@ __all__ = [
     "ROLE_EMBEDDING",
     "InstanceSpec",
     "PoolSettings",
-    "auto_parallel",
     "is_local_url",
     "load_pool_settings",
     "normalize_base_url",
@@ -108,15 +108,6 @@ _ID_FORBIDDEN = re.compile(r"[\s,;=/{}]")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MEMORY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)b?", re.IGNORECASE)
 _UNIT_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def auto_parallel(total_memory_bytes: int) -> int:
-    """Requests one model runs at once, from memory (Ollama's former automatic setting)."""
-    if total_memory_bytes >= 16 * GIB:
-        return 4
-    if total_memory_bytes >= 8 * GIB:
-        return 2
-    return 1
 
 
 def parse_memory(value: object) -> int:

@@ -22,9 +22,9 @@ from services.pool.placement import InstanceView, LoadedInfo
 from services.pool.routing import Candidate
 from services.pool.slots import SlotUsage
 from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError, make_upstream
-from services.scheduler.eta import ewma
 from usher import keys, metrics
 from usher.logs import get_logger
+from usher.smoothing import ewma
 from usher.v1 import pool_pb2
 
 __all__ = ["InstanceState", "Registry", "health_after_check"]

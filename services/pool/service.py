@@ -30,7 +30,6 @@ from services.pool.upstream import (
     UpstreamError,
     status_is_retryable,
 )
-from services.scheduler.records import duration_from_seconds
 from usher.auth import Authenticator, Principal
 from usher.background import Background
 from usher.config import ConfigError
@@ -46,7 +45,7 @@ from usher.errors import (
 )
 from usher.grpc_types import Context
 from usher.logs import get_logger
-from usher.structs import dict_to_struct
+from usher.structs import dict_to_struct, duration_from_seconds
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2
 from usher.waiters import Waiters
 

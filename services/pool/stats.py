@@ -9,10 +9,10 @@ import redis.asyncio as aioredis
 from services.pool.registry import Registry
 from services.pool.slots import SlotStore
 from services.pool.upstream import Done
-from services.scheduler.eta import EWMA_ALPHA
-from services.scheduler.records import duration_from_seconds
 from usher import keys
 from usher.keys import ModelKeys
+from usher.smoothing import EWMA_ALPHA
+from usher.structs import duration_from_seconds
 from usher.v1 import pool_pb2
 
 __all__ = ["PoolStats"]

@@ -21,12 +21,12 @@ from typing import cast
 import grpc
 
 from services.scheduler.quotas import Quotas
-from services.scheduler.records import duration_from_seconds
 from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
 from usher import keys, metrics, tracing
 from usher.backoff import exponential_backoff
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.structs import duration_from_seconds
 from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 from usher.waiters import Waiters

@@ -34,7 +34,6 @@ from services.scheduler.fairness import DEFAULT_PRIORITY_LEAD, NORMAL_CLASS
 __all__ = [
     "ACTIVE_FLOW_SECONDS",
     "ARRIVAL_TAU_SECONDS",
-    "EWMA_ALPHA",
     "MAX_FLOWS",
     "SERVICE_ALPHA",
     "Estimate",
@@ -43,8 +42,6 @@ __all__ = [
     "activity_from_record",
     "arrival_rate",
     "decayed_count",
-    "ewma",
-    "ewma_variance",
     "fair_wait",
     "flow_class",
     "overtaking_room",
@@ -52,8 +49,6 @@ __all__ = [
     "running_eta",
 ]
 
-#: Weight of the newest sample in the moving averages (about the last 10 requests matter).
-EWMA_ALPHA = 0.2
 #: The service time's: an ETA multiplies it by the requests ahead, so its noise passes
 #: straight into every wait; about the last 40 requests matter (its n-th sample weighs at
 #: least 1/n, so a new model's first samples are a plain mean).
@@ -70,26 +65,6 @@ ACTIVE_FLOW_SECONDS = 5 * ARRIVAL_TAU_SECONDS
 MIN_RATE_WINDOW_SECONDS = 2.0
 #: At most this many of the most recently active flows are read for an ETA.
 MAX_FLOWS = 1000
-
-
-def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
-    """Next moving average; the first sample stands alone."""
-    if previous is None:
-        return sample
-    return previous + alpha * (sample - previous)
-
-
-def ewma_variance(
-    previous_var: float | None,
-    previous_mean: float | None,
-    sample: float,
-    alpha: float = EWMA_ALPHA,
-) -> float:
-    """Next exponentially weighted variance (West's incremental form)."""
-    if previous_var is None or previous_mean is None:
-        return 0.0
-    delta = sample - previous_mean
-    return (1 - alpha) * (previous_var + alpha * delta * delta)
 
 
 def decayed_count(

@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import time
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from services.scheduler import fairness
 from services.scheduler.eta import Estimate, ModelAverages, queued_eta
 from services.scheduler.store import QUEUED, RUNNING, StoredRequest
+from usher.structs import duration_from_seconds
 from usher.v1 import request_pb2
 
-__all__ = ["duration_from_seconds", "eta_for", "to_proto"]
+__all__ = ["eta_for", "to_proto"]
 
 
 def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromMilliseconds(ms)
     return stamp
-
-
-def duration_from_seconds(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromMilliseconds(max(0, round(seconds * 1000)))
-    return duration
 
 
 def eta_for(

@@ -24,10 +24,11 @@ from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
 from services.scheduler import eta, fairness
-from services.scheduler.eta import EWMA_ALPHA, SERVICE_ALPHA, ModelAverages
+from services.scheduler.eta import SERVICE_ALPHA, ModelAverages
 from usher import keys
 from usher.crypto import NullSealer
 from usher.keys import ModelKeys
+from usher.smoothing import EWMA_ALPHA
 from usher.v1 import request_pb2
 
 __all__ = [

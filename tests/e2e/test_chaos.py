@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from usher.testing.chaos import VICTIMS, chaos_config, run_chaos
+from bench.chaos import VICTIMS, chaos_config, run_chaos
 
 pytestmark = pytest.mark.slow
 REQUESTS = 160

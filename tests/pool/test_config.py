@@ -13,7 +13,6 @@ from services.pool.config import (
     GIB,
     InstanceSpec,
     PoolSettings,
-    auto_parallel,
     is_local_url,
     load_pool_settings,
     normalize_base_url,
@@ -22,6 +21,7 @@ from services.pool.config import (
 )
 from services.pool.routing import Strategy
 from usher.config import ConfigError
+from usher.modelservers import auto_parallel
 from usher.v1 import pool_pb2
 
 BIG = 64 * GIB  # a machine with 64 GiB: "auto" resolves to 4 locally

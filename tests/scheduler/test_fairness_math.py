@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from services.scheduler import eta, fairness
 from services.scheduler.fairness import FairQueue
+from usher import smoothing
 
 costs = st.floats(min_value=1, max_value=4000, allow_nan=False)
 weights = st.floats(min_value=0.1, max_value=10, allow_nan=False)
@@ -185,8 +186,8 @@ def test_ewma_stays_within_the_samples(samples: list[float]) -> None:
     mean: float | None = None
     var: float | None = None
     for sample in samples:
-        var = eta.ewma_variance(var, mean, sample)
-        mean = eta.ewma(mean, sample)
+        var = smoothing.ewma_variance(var, mean, sample)
+        mean = smoothing.ewma(mean, sample)
     assert mean is not None and var is not None
     assert min(samples) - 1e-9 <= mean <= max(samples) + 1e-9
     assert var >= 0
