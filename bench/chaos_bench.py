@@ -11,8 +11,8 @@ from collections import Counter
 from typing import Any
 
 from bench import plots
-from bench.stats import percentile
 from bench.chaos import VICTIMS, Kill, run_chaos
+from bench.stats import percentile
 
 
 async def run(total: int = 1000, per_second: float = 40.0) -> dict[str, Any]:
