@@ -462,80 +462,40 @@ class Gateway:
     async def _openai_chat(
         self, ex: Exchange, parsed: tr.Parsed, flow: RequestFlow
     ) -> web.StreamResponse:
-        completion_id = f"chatcmpl-{flow.request_id}"
-        created = int(time.time())
+        frames = tr.OpenAIFrames(
+            f"chatcmpl-{flow.request_id}", int(time.time()), parsed.model, parsed.include_usage
+        )
         if not parsed.stream:
             done = await self._finished(ex, flow)
-            body = tr.openai_completion(completion_id, created, parsed.model, done)
+            body = tr.openai_completion(frames.completion_id, frames.created, parsed.model, done)
             return json_response(body, headers=self._headers(done))
-
-        def chunk(delta: Mapping[str, Any], finish: str | None = None) -> bytes:
-            return _event(tr.openai_chunk(completion_id, created, parsed.model, delta, finish))
-
-        response = await self._open_stream(ex, SSE, flow)
-        # While queued, a comment ("queued 3 of 7, about 2–3 minutes") every few seconds:
-        # the openai client ignores it, proxies see traffic.
-        keepalive = Keepalive(
-            response,
-            self.settings.keepalive_seconds,
-            lambda: status.sse_comment(status.queued_comment(flow.latest)),
-        )
-        try:
-            async with contextlib.aclosing(flow.events()) as events:
-                async for event in events:
-                    if isinstance(event, Started):
-                        keepalive.stop()
-                        self._observe_wait("openai", event.queue_wait_ms)
-                        await response.write(chunk({"role": "assistant", "content": ""}))
-                    elif isinstance(event, Text):
-                        await response.write(chunk({"content": event.text}))
-                    else:
-                        await response.write(
-                            self._openai_ending(parsed, completion_id, created, event.request)
-                        )
-        except tr.GatewayError as error:
-            self.metrics.errors.labels(error.code).inc()
-            await response.write(_event(tr.openai_error_body(error)))
-        finally:
-            keepalive.stop()
-        await response.write_eof()
-        return response
-
-    @staticmethod
-    def _openai_ending(
-        parsed: tr.Parsed, completion_id: str, created: int, done: request_pb2.LlmRequest
-    ) -> bytes:
-        """The last chunks of a stream: tool calls, finish reason, usage, [DONE]."""
-
-        def chunk(delta: Mapping[str, Any], finish: str | None = None) -> bytes:
-            return _event(tr.openai_chunk(completion_id, created, parsed.model, delta, finish))
-
-        calls = tr.openai_tool_calls(tr.result_message(done), done.id)
-        out = [chunk({"tool_calls": calls})] if calls else []
-        out.append(chunk({}, tr.finish_reason(done.result.done_reason, bool(calls))))
-        if parsed.include_usage:
-            usage = tr.openai_chunk(completion_id, created, parsed.model, {})
-            usage["choices"] = []
-            usage["usage"] = tr.openai_usage(done)
-            out.append(_event(usage))
-        out.append(b"data: [DONE]\n\n")
-        return b"".join(out)
+        return await self._openai_stream(ex, flow, frames)
 
     async def _openai_text(
         self, ex: Exchange, parsed: tr.Parsed, flow: RequestFlow
     ) -> web.StreamResponse:
-        """The legacy text completion: one object, or SSE pieces ending in ``[DONE]``
-        (headers at once and queue comments while waiting, as for chat)."""
-        completion_id = f"cmpl-{flow.request_id}"
-        created = int(time.time())
+        """The legacy text completion: one object, or SSE pieces ending in ``[DONE]``."""
+        frames = tr.OpenAIFrames(
+            f"cmpl-{flow.request_id}",
+            int(time.time()),
+            parsed.model,
+            parsed.include_usage,
+            text_completion=True,
+        )
         if not parsed.stream:
             done = await self._finished(ex, flow)
-            body = tr.openai_text_completion_body(completion_id, created, parsed.model, done)
+            body = tr.openai_text_completion_body(
+                frames.completion_id, frames.created, parsed.model, done
+            )
             return json_response(body, headers=self._headers(done))
+        return await self._openai_stream(ex, flow, frames)
 
-        def piece(text: str, finish: str | None = None) -> bytes:
-            return _event(tr.openai_text_chunk(completion_id, created, parsed.model, text, finish))
-
+    async def _openai_stream(
+        self, ex: Exchange, flow: RequestFlow, frames: tr.OpenAIFrames
+    ) -> web.StreamResponse:
+        """An SSE answer: headers at once, then (while queued) a comment every few seconds
+        ("queued 3 of 7, about 2–3 minutes": the openai client ignores it, proxies see
+        traffic), the model's pieces, the ending and ``[DONE]``; errors in-stream."""
         response = await self._open_stream(ex, SSE, flow)
         keepalive = Keepalive(
             response,
@@ -548,18 +508,14 @@ class Gateway:
                     if isinstance(event, Started):
                         keepalive.stop()
                         self._observe_wait("openai", event.queue_wait_ms)
+                        frame = frames.opening()
                     elif isinstance(event, Text):
-                        await response.write(piece(event.text))
+                        frame = [frames.text(event.text)]
                     else:
-                        done = event.request
-                        out = [piece("", tr.finish_reason(done.result.done_reason))]
-                        if parsed.include_usage:
-                            usage = tr.openai_text_chunk(completion_id, created, parsed.model, "")
-                            usage["choices"] = []
-                            usage["usage"] = tr.openai_usage(done)
-                            out.append(_event(usage))
-                        out.append(b"data: [DONE]\n\n")
-                        await response.write(b"".join(out))
+                        frame = frames.ending(event.request)
+                    if frame:
+                        await response.write(b"".join(_event(f) for f in frame))
+            await response.write(b"data: [DONE]\n\n")
         except tr.GatewayError as error:
             self.metrics.errors.labels(error.code).inc()
             await response.write(_event(tr.openai_error_body(error)))

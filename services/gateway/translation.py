@@ -39,6 +39,7 @@ __all__ = [
     "INVALID_MODEL",
     "Api",
     "GatewayError",
+    "OpenAIFrames",
     "Parsed",
     "RequestControls",
     "apply_controls",
@@ -1036,6 +1037,43 @@ def openai_completion(
         ],
         "usage": openai_usage(request),
     }
+
+
+@dataclass(frozen=True)
+class OpenAIFrames:
+    """The SSE events of one streamed OpenAI answer (chat chunks, or the legacy text
+    completion's pieces); ``[DONE]`` follows the ending."""
+
+    completion_id: str
+    created: int
+    model: str
+    include_usage: bool = False
+    text_completion: bool = False
+
+    def _frame(self, delta: Mapping[str, Any], finish: str | None = None) -> dict[str, Any]:
+        if self.text_completion:
+            text = str(delta.get("content", ""))
+            return openai_text_chunk(self.completion_id, self.created, self.model, text, finish)
+        return openai_chunk(self.completion_id, self.created, self.model, delta, finish)
+
+    def opening(self) -> list[dict[str, Any]]:
+        """When the model starts: a chat names the assistant's role first."""
+        return [] if self.text_completion else [self._frame({"role": "assistant", "content": ""})]
+
+    def text(self, text: str) -> dict[str, Any]:
+        return self._frame({"content": text})
+
+    def ending(self, done: request_pb2.LlmRequest) -> list[dict[str, Any]]:
+        """Tool calls (chat), the finish reason, usage when asked for."""
+        calls = [] if self.text_completion else openai_tool_calls(result_message(done), done.id)
+        out = [self._frame({"tool_calls": calls})] if calls else []
+        out.append(self._frame({}, finish_reason(done.result.done_reason, bool(calls))))
+        if self.include_usage:
+            usage = self._frame({})
+            usage["choices"] = []
+            usage["usage"] = openai_usage(done)
+            out.append(usage)
+        return out
 
 
 def openai_text_chunk(
