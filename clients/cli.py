@@ -63,13 +63,13 @@ EXIT_INTERRUPTED = 130
 
 _T = TypeVar("_T")
 _PROCESSING = "Your request is now being processed…"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(text: str) -> float:
     """Seconds from "250ms", "30s", "5m", "1.5h" or a bare number of seconds."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)")
     return float(match.group(1)) * _UNITS[match.group(2)]

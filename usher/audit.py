@@ -1,16 +1,22 @@
 """The audit log: who did what, when, with what outcome — admin actions and queue operations.
 
 Each event is a structlog line at once (so log shipping has it even if Redis is away) and
-an entry of the ``usher:audit`` Redis stream, written in small batches off the hot path and
-readable through the admin API.
+an entry of a Redis stream, written in small batches off the hot path and readable through
+the admin API. Admin actions of callers holding the admin role go to their own capped
+stream (``usher:audit``); tenants' operations go to another (``usher:audit:activity``), so
+no amount of ordinary traffic pushes an admin event out. Refused admin calls (anonymous,
+bad token, no admin role) are never written one by one: they are counted and summarized
+once per ``REFUSED_SUMMARY_SECONDS`` in the activity stream (and the log).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -24,11 +30,15 @@ from usher.auth import Principal
 from usher.grpc_types import Context, MethodHandler
 from usher.logs import get_logger
 
-__all__ = ["AuditEntry", "AuditInterceptor", "AuditLog"]
+__all__ = ["REFUSED_SUMMARY_SECONDS", "AuditEntry", "AuditInterceptor", "AuditLog"]
 
 log = get_logger("usher.audit")
 MAXLEN = 100_000
 FLUSH_SECONDS = 0.1
+#: Refused admin calls are summarized at most this often.
+REFUSED_SUMMARY_SECONDS = 10.0
+#: Outcomes of a call that was refused before it did anything.
+_REFUSED = frozenset({"unauthenticated", "permission_denied"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +55,23 @@ class AuditEntry:
 class AuditLog:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
-        self._pending: list[dict[str, str]] = []
+        self._pending: list[tuple[str, dict[str, str]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._refused: Counter[tuple[str, str, str]] = Counter()
+        self._refused_since = 0.0
 
     def record(
-        self, actor: str, action: str, target: str, outcome: str = "ok", detail: str = ""
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str = "ok",
+        detail: str = "",
+        *,
+        admin: bool = False,
     ) -> None:
+        """One event; ``admin`` events (by a caller holding the admin role) go to the admin
+        stream, the rest to the activity stream."""
         fields = {
             "at": str(int(time.time() * 1000)),
             "actor": actor,
@@ -60,53 +81,96 @@ class AuditLog:
             "detail": detail,
         }
         log.info("audit", **{k: v for k, v in fields.items() if k != "at"})
-        self._pending.append(fields)
+        self._pending.append((keys.AUDIT if admin else keys.AUDIT_ACTIVITY, fields))
+        self._schedule()
+
+    def refused(self, actor: str, action: str, outcome: str) -> None:
+        """A refused admin call: counted, and summarized once per interval."""
+        if not self._refused:
+            self._refused_since = time.monotonic()
+        self._refused[(actor[:80], action, outcome)] += 1
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_SECONDS)
         await self.flush()
+        while self._refused:  # a summary is due when its interval is over
+            elapsed = time.monotonic() - self._refused_since
+            await asyncio.sleep(max(FLUSH_SECONDS, REFUSED_SUMMARY_SECONDS - elapsed))
+            await self.flush()
 
-    async def flush(self) -> None:
+    def _summarize_refused(self, force: bool) -> None:
+        if not self._refused:
+            return
+        if not force and time.monotonic() - self._refused_since < REFUSED_SUMMARY_SECONDS:
+            return  # _flush_soon comes back when the interval is over
+        counts, self._refused = self._refused, Counter()
+        total = sum(counts.values())
+        top = ", ".join(f"{a} {act} {o} x{n}" for (a, act, o), n in counts.most_common(5))
+        fields = {
+            "at": str(int(time.time() * 1000)),
+            "actor": "refused-callers",
+            "action": "admin.refused",
+            "target": "",
+            "outcome": "refused",
+            "detail": f"{total} refused admin calls: {top}"[:500],
+        }
+        log.warning("audit_refused_calls", calls=total, top=top)
+        self._pending.append((keys.AUDIT_ACTIVITY, fields))
+
+    async def flush(self, *, force: bool = False) -> None:
+        self._summarize_refused(force)
         pending, self._pending = self._pending, []
         if not pending:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for fields in pending:
-                    pipe.xadd(keys.AUDIT, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
+                for stream, fields in pending:
+                    pipe.xadd(stream, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
                 await pipe.execute()
         except Exception as exc:  # the log line above already holds the event
             log.warning("audit stream write failed", error=str(exc), events=len(pending))
 
     async def aclose(self) -> None:
         if self._flusher is not None:
+            self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self.flush()
+        await self.flush(force=True)
 
     async def recent(self, count: int, before_id: str = "") -> list[AuditEntry]:
+        """The newest ``count`` events of both streams (before ``before_id``), newest first."""
         upper = f"({before_id}" if before_id else "+"
-        raw = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await self.redis.xrevrange(keys.AUDIT, upper, "-", count=count),
-        )
-        out = []
-        for entry_id, fields in raw:
-            text = {k.decode(): v.decode() for k, v in fields.items()}
-            out.append(
-                AuditEntry(
-                    entry_id.decode(),
-                    int(text.get("at", "0")),
-                    text.get("actor", ""),
-                    text.get("action", ""),
-                    text.get("target", ""),
-                    text.get("outcome", ""),
-                    text.get("detail", ""),
-                )
+        merged: list[AuditEntry] = []
+        for stream in (keys.AUDIT, keys.AUDIT_ACTIVITY):
+            raw = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self.redis.xrevrange(stream, upper, "-", count=count),
             )
-        return out
+            merged += [_entry(entry_id, fields) for entry_id, fields in raw]
+        return heapq.nlargest(count, merged, key=lambda e: _id_key(e.id))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> AuditEntry:
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+    return AuditEntry(
+        entry_id.decode(),
+        int(text.get("at", "0")),
+        text.get("actor", ""),
+        text.get("action", ""),
+        text.get("target", ""),
+        text.get("outcome", ""),
+        text.get("detail", ""),
+    )
 
 
 def _target(request: object) -> str:
@@ -117,7 +181,7 @@ def _target(request: object) -> str:
     tenant = getattr(request, "tenant", None)
     organization = str(getattr(tenant, "organization", "")) if tenant is not None else ""
     if organization:
-        return f"{organization}/{getattr(tenant, 'user', '')}"
+        return keys.tenant_id(organization, str(getattr(tenant, "user", "")))
     config = getattr(request, "config", None)
     return str(getattr(config, "id", "")) if config is not None else ""
 
@@ -145,9 +209,9 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
 
         async def audited(request: Any, context: Context) -> Any:
             try:
-                actor = self.authenticate(context.invocation_metadata()).tenant
+                principal: Principal | None = self.authenticate(context.invocation_metadata())
             except Exception:
-                actor = "unauthenticated"
+                principal = None
             outcome = "ok"
             try:
                 return await inner(request, context)
@@ -155,8 +219,15 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
                 outcome = getattr(getattr(exc, "code", None), "name", "") or type(exc).__name__
                 raise
             finally:
-                detail = text_format.MessageToString(request, as_one_line=True)[:500]
-                self.audit.record(actor, action, _target(request), outcome.lower(), detail)
+                outcome = outcome.lower()
+                if principal is None or not principal.is_admin or outcome in _REFUSED:
+                    actor = principal.tenant if principal is not None else "unauthenticated"
+                    self.audit.refused(actor, action, outcome)
+                else:
+                    detail = text_format.MessageToString(request, as_one_line=True)[:500]
+                    self.audit.record(
+                        principal.tenant, action, _target(request), outcome, detail, admin=True
+                    )
 
         return grpc.unary_unary_rpc_method_handler(
             audited,

@@ -33,6 +33,7 @@ import jwt
 
 from usher.config import ConfigError, env_bool, env_str
 from usher.errors import PermissionDenied, Unauthenticated
+from usher.keys import tenant_id
 
 __all__ = [
     "ADMIN_ROLE",
@@ -62,8 +63,8 @@ class Principal:
 
     @property
     def tenant(self) -> str:
-        """The "org/user" key that owns requests and fairness flows."""
-        return f"{self.organization}/{self.user}"
+        """The "org/user" identity that owns requests and fairness flows (keys.tenant_id)."""
+        return tenant_id(self.organization, self.user)
 
     @property
     def is_admin(self) -> bool:

@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from usher.grpc_types import Context, MethodHandler
+from usher.logs import get_logger
 
 __all__ = [
     "AlreadyFinished",
@@ -24,6 +25,7 @@ __all__ = [
     "ErrorMappingInterceptor",
     "FailedPrecondition",
     "FieldViolation",
+    "Internal",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
@@ -32,7 +34,10 @@ __all__ = [
     "Unavailable",
     "UpstreamFailed",
     "UsherError",
+    "to_error",
 ]
+
+log = get_logger("usher.errors")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +137,56 @@ class ResourceExhausted(UsherError):
         return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
 
 
-def _to_error(exc: Exception) -> UsherError | None:
+class Internal(UsherError):
+    """A fault of ours: the caller learns only that, the log has the details."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+#: How long a caller should wait when Redis refuses writes for lack of memory.
+STORE_FULL_RETRY_SECONDS = 30.0
+
+
+def _is_out_of_memory(exc: redis.exceptions.RedisError) -> bool:
+    # A script's write refused under maxmemory arrives as a ResponseError whose text
+    # starts with Redis's "OOM" code, whichever client class it was mapped to.
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).lstrip("-").startswith(
+        "OOM"
+    )
+
+
+def to_error(exc: Exception) -> UsherError | None:
+    """The documented status of ``exc``, worded for callers (never Redis's own text, which
+    may quote commands and keys); None for exceptions that are not ours to map."""
     if isinstance(exc, UsherError):
         return exc
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return Unavailable("the queue store is unreachable; retry shortly")
+    if not isinstance(exc, redis.exceptions.RedisError):
+        return None
+    if _is_out_of_memory(exc):
+        return ResourceExhausted(
+            "the queue store is out of memory and takes no new work; retry later",
+            retry_after_seconds=STORE_FULL_RETRY_SECONDS,
+        )
     if isinstance(exc, redis.exceptions.BusyLoadingError):
         return Unavailable("the queue store is loading its data; retry shortly")
-    return None
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return Unavailable("the queue store is unreachable; retry shortly")
+    # Read-only replicas during a failover, cluster redirections, a script or command
+    # failing: the store cannot do it now.
+    log.warning("redis_error", error_type=type(exc).__name__, error=str(exc)[:300])
+    return Unavailable("the queue store could not complete the operation; retry shortly")
+
+
+def _to_status_error(exc: Exception) -> UsherError | None:
+    """Every exception a handler lets out becomes a documented status: ours, Redis's, or
+    INTERNAL without internal text (logged here). None for gRPC's own (abort, cancel)."""
+    if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):
+        return None
+    error = to_error(exc)
+    if error is not None:
+        return error
+    log.error("unhandled_error", error_type=type(exc).__name__, error=str(exc)[:300])
+    return Internal("internal error; it has been logged")
 
 
 # grpc.aio handlers are coroutines (or async generators), though the stubs type
@@ -166,7 +213,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     return await inner(request, context)
                 except Exception as exc:
-                    error = _to_error(exc)
+                    error = _to_status_error(exc)
                     if error is None:
                         raise
                     await context.abort_with_status(error.to_status())
@@ -184,7 +231,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:
-                    error = _to_error(exc)
+                    error = _to_status_error(exc)
                     if error is None:
                         raise
                     await context.abort_with_status(error.to_status())

@@ -9,7 +9,7 @@ import time
 __all__ = ["is_request_id", "new_request_id"]
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+_PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 
 def new_request_id(now_ms: int | None = None) -> str:
@@ -24,4 +24,4 @@ def new_request_id(now_ms: int | None = None) -> str:
 
 
 def is_request_id(text: str) -> bool:
-    return bool(_PATTERN.match(text))
+    return bool(_PATTERN.fullmatch(text))

@@ -11,9 +11,11 @@ index entry and never an unindexed request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 __all__ = [
     "AUDIT",
+    "AUDIT_ACTIVITY",
     "CANCELS",
     "MODELS",
     "POOL_CAPACITY",
@@ -30,6 +32,7 @@ __all__ = [
     "lua_key_header",
     "pool_model_stats",
     "request_index",
+    "tenant_id",
     "tenant_requests",
 ]
 
@@ -41,8 +44,12 @@ MODELS = f"{PREFIX}:models"
 TENANT_WEIGHTS = f"{PREFIX}:tenant-weights"
 #: HASH "org/user" or "org/" → JSON limits (requests/min, tokens/min, concurrency, cap).
 TENANT_LIMITS = f"{PREFIX}:tenant-limits"
-#: STREAM of audit events (who, what, when, outcome).
+#: STREAM of audit events of admin actions (who, what, when, outcome), written only for
+#: callers that authenticated with the admin role, so no one else can push them out.
 AUDIT = f"{PREFIX}:audit"
+#: STREAM of the other audit events: tenants' submits, cancels, provider switches, and
+#: per-interval summaries of refused admin calls (anonymous or without the role).
+AUDIT_ACTIVITY = f"{PREFIX}:audit:activity"
 #: Pub/sub CHANNEL of request ids whose cancel was asked for while running: the owning
 #: dispatcher stops at once (the flag its heartbeat reads remains the reliable path).
 CANCELS = f"{PREFIX}:cancels"
@@ -81,6 +88,21 @@ _DEDUP = "dedup:"
 _IDEMPOTENCY = "idem:"
 
 
+def _escape(part: str) -> str:
+    # Percent-encoding leaves letters, digits and "_.-~" alone, so ordinary names read as
+    # before, and no "/", ":", "|", "%", "{" or "}" of a name can survive into a key.
+    return quote(part, safe="")
+
+
+def tenant_id(organization: str, user: str) -> str:
+    """The one identity of a caller in every key and field derived from it: "org/user",
+    each part percent-encoded, so no two (organization, user) pairs give the same text
+    (org "a/b" + user "c" is "a%2Fb/c", org "a" + user "b/c" is "a/b%2Fc"), the text has
+    no ":" (idempotency keys append one) nor braces (it is a Redis Cluster hash tag).
+    An empty user is the organization's default entry ("org/")."""
+    return f"{_escape(organization)}/{_escape(user)}"
+
+
 def request_index(request_id: str) -> str:
     """STRING request id → model name, so Get/Cancel/Watch can find the model's keys."""
     return f"{PREFIX}:request-model:{request_id}"
@@ -93,7 +115,7 @@ def tenant_requests(tenant: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TenantKeys:
-    """Rate-limit state of one caller ("org/user"), in one hash slot."""
+    """Quota state of one caller (``tenant_id``), in one hash slot."""
 
     tenant: str
 
@@ -106,6 +128,17 @@ class TenantKeys:
     def live(self) -> str:
         """ZSET request id → when the entry lapses (ms): the caller's live requests."""
         return f"{PREFIX}:tenant:{{{self.tenant}}}:live"
+
+    @property
+    def stored(self) -> str:
+        """ZSET request id → when its storage charge lapses (ms): every request the caller
+        has in Redis, queued or finished and kept for the result TTL."""
+        return f"{PREFIX}:tenant:{{{self.tenant}}}:stored"
+
+    @property
+    def stored_bytes(self) -> str:
+        """HASH request id → bytes charged for it, and "total" → their sum."""
+        return f"{PREFIX}:tenant:{{{self.tenant}}}:stored-bytes"
 
 
 def model_base(model: str) -> str:

@@ -7,7 +7,11 @@ slots in use) are refreshed by a small loop, since Prometheus collectors cannot 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from usher.config import env_str
 
 __all__ = [
     "CIRCUIT_STATE",
@@ -30,6 +34,7 @@ __all__ = [
     "TIME_TO_FIRST_TOKEN",
     "WATCHERS",
     "WATCH_UPDATES",
+    "metrics_host",
     "serve_metrics",
 ]
 
@@ -123,7 +128,18 @@ FANOUT_LAG = Histogram(
 )
 
 
-def serve_metrics(port: int, address: str = "0.0.0.0") -> None:
-    """Serve /metrics on ``port`` (0 = don't)."""
+def metrics_host(listen: str, env: Mapping[str, str] | None = None) -> str:
+    """Where /metrics listens: ``USHER_METRICS_HOST`` when set, else the host of the
+    service's own address (``listen``), so a service kept on loopback keeps its metrics
+    there too."""
+    explicit = env_str("USHER_METRICS_HOST", "", env)
+    if explicit:
+        return explicit.strip("[]")
+    host = listen.rpartition(":")[0].strip("[]")
+    return host or "0.0.0.0"
+
+
+def serve_metrics(port: int, address: str = "127.0.0.1") -> None:
+    """Serve /metrics on ``address``:``port`` (port 0 = don't)."""
     if port:
         start_http_server(port, addr=address)

@@ -546,14 +546,39 @@ class Gateway:
 
     # -- queue and ops -------------------------------------------------------------------
 
-    def _stats_token(self, request: web.Request) -> str:
-        return self.settings.admin_token or self._token(request, allow_default=False)
+    async def _queue_stats(
+        self, request: web.Request, models: list[str], wanted: str
+    ) -> tuple[scheduler_pb2.GetQueueStatsResponse, bool]:
+        """The Scheduler's statistics and whether the caller may see all of them: an admin's
+        own token sees everything; anyone else sees the public part, read with the
+        gateway's admin token when one is configured (else they are refused)."""
+        try:
+            own: str | None = self._token(request, allow_default=False)
+        except tr.GatewayError:
+            if not self.settings.admin_token:
+                raise
+            own = None
+        for token, full in ((own, True), (self.settings.admin_token, False)):
+            if not token:
+                continue
+            try:
+                reply = await self.backend.admin.GetQueueStats(
+                    scheduler_pb2.GetQueueStatsRequest(models=models),
+                    metadata=bearer(token),
+                    timeout=self.settings.rpc_timeout_seconds,
+                )
+                return reply, full
+            except grpc.aio.AioRpcError as exc:
+                denied = exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                if full and denied and self.settings.admin_token:
+                    continue
+                raise rpc_error(exc, wanted) from None
+        raise tr.GatewayError(401, "unauthorized", "missing 'Authorization: Bearer <token>' header")
 
     async def queue_stats(self, request: web.Request) -> web.Response:
         ex = Exchange(request, "ollama")
         wanted = request.query.get("model", "").strip()
         try:
-            token = self._stats_token(request)
             models: list[str] = []
             if wanted:
                 ex.model = wanted
@@ -561,14 +586,7 @@ class Gateway:
                 if resolved is None:
                     raise self._not_found(ex, wanted)
                 models = [resolved]
-            try:
-                queues = await self.backend.admin.GetQueueStats(
-                    scheduler_pb2.GetQueueStatsRequest(models=models),
-                    metadata=bearer(token),
-                    timeout=self.settings.rpc_timeout_seconds,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc, wanted) from None
+            queues, full = await self._queue_stats(request, models, wanted)
         except tr.GatewayError as error:
             return self._error(ex, error)
         try:
@@ -592,6 +610,8 @@ class Gateway:
             uptime_seconds=time.time() - self.backend.started_at,
             baselines=self.backend.baselines,
         )
+        if not full:
+            body = views.public_queue_stats(body)
         if models:
             return json_response(body["models"].get(models[0], {"model": models[0]}))
         return json_response(body)

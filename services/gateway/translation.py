@@ -88,7 +88,7 @@ EMPTY_MODEL = "model is required"
 INVALID_MODEL = "invalid model name"
 
 # The Scheduler's model-name rule (services.scheduler.admission.MODEL_NAME).
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}(:[A-Za-z0-9._\-]{1,100})?$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}(:[A-Za-z0-9._\-]{1,100})?")
 _PRIORITIES: Mapping[str, request_pb2.Priority.ValueType] = {
     "critical": request_pb2.PRIORITY_CRITICAL,
     "high": request_pb2.PRIORITY_HIGH,
@@ -363,7 +363,7 @@ def parse_controls(headers: Mapping[str, str]) -> RequestControls:
     timeout = headers.get("X-Usher-Queue-Timeout", "").strip()
     deadline = headers.get("X-Usher-Deadline", "").strip()
     key = headers.get("Idempotency-Key", "").strip()
-    if key and not re.match(r"^[\x21-\x7e]{1,128}$", key):
+    if key and not re.fullmatch(r"[\x21-\x7e]{1,128}", key):
         raise bad_request("Idempotency-Key", "must be 1-128 printable ASCII characters")
     return RequestControls(
         priority=priority,
@@ -426,7 +426,7 @@ def decode_json(raw: bytes) -> dict[str, Any]:
 
 
 def is_model_name(name: str) -> bool:
-    return _MODEL_NAME.match(name) is not None
+    return _MODEL_NAME.fullmatch(name) is not None
 
 
 def _model(body: Mapping[str, Any], *, aliases: Sequence[str] = ()) -> str:

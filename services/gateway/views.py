@@ -25,6 +25,7 @@ __all__ = [
     "model_queue_stats",
     "openai_models_body",
     "ps_body",
+    "public_queue_stats",
     "queue_stats_body",
     "resolve_model",
     "synthesized_show",
@@ -302,3 +303,26 @@ def memory_body(
         "percent": round(float(percent), 1),
         "recommended_parallel": recommended,
     }
+
+
+#: What anyone may see of a model's queue (what a model picker's badge shows); counters of
+#: outcomes, failures and placements are for operators.
+PUBLIC_QUEUE_FIELDS = (
+    "model",
+    "parallel_limit",
+    "queue_limit",
+    "active_requests",
+    "queued_requests",
+    "available_slots",
+    "queue_available",
+    "avg_wait_time_ms",
+)
+
+
+def public_queue_stats(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/queue/stats`` for callers who are not operators: the badge figures only."""
+    models = {
+        name: {k: v for k, v in stats.items() if k in PUBLIC_QUEUE_FIELDS}
+        for name, stats in body.get("models", {}).items()
+    }
+    return {**body, "models": models, "scope": "public"}

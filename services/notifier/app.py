@@ -16,7 +16,7 @@ from usher.config import env_float, env_int, env_str
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
-from usher.metrics import serve_metrics
+from usher.metrics import metrics_host, serve_metrics
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
@@ -109,7 +109,7 @@ class NotifierApp:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        serve_metrics(self.settings.metrics_port)
+        serve_metrics(self.settings.metrics_port, metrics_host(self.settings.listen))
         await self.fanout.prime()
         await self.server.start()
         self._tasks = [

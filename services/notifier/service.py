@@ -33,7 +33,7 @@ _TERMINAL_KIND = {
     request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
 }
 _MAX_BADGE_MODELS = 100
-_STREAM_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
+_STREAM_ID = re.compile(r"\d{1,15}-\d{1,15}")
 
 
 class _Cursor:
@@ -306,7 +306,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
 
 
 def _valid_stream_id(text: str) -> bool:
-    return _STREAM_ID.match(text) is not None
+    return _STREAM_ID.fullmatch(text) is not None
 
 
 _COUNTERS: dict[int, Any] = {}

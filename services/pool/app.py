@@ -16,7 +16,7 @@ from usher.audit import AuditInterceptor, AuditLog
 from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.logs import get_logger
-from usher.metrics import serve_metrics
+from usher.metrics import metrics_host, serve_metrics
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
@@ -80,7 +80,7 @@ class PoolApp:
                 metrics.SLOTS_IN_USE.labels(instance, model).set(usage.model_active)
 
     async def start(self) -> None:
-        serve_metrics(self.settings.metrics_port)
+        serve_metrics(self.settings.metrics_port, metrics_host(self.settings.listen))
         await self.registry.sync_shared()
         await self.registry.check_all()
         await self.server.start()

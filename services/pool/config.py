@@ -56,6 +56,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -78,6 +79,7 @@ __all__ = [
     "ROLES",
     "ROLE_CHAT",
     "ROLE_EMBEDDING",
+    "UPSTREAM_KEY_PREFIX",
     "InstanceSpec",
     "PoolSettings",
     "is_local_url",
@@ -85,6 +87,7 @@ __all__ = [
     "normalize_base_url",
     "parse_instances",
     "parse_memory",
+    "upstream_api_key",
 ]
 
 GIB = 1 << 30
@@ -105,7 +108,11 @@ _KIND_TO_PROTO: dict[str, pool_pb2.InstanceKind.ValueType] = {
     KIND_OPENAI: pool_pb2.INSTANCE_KIND_OPENAI,
 }
 _ID_FORBIDDEN = re.compile(r"[\s,;=/{}]")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: The only variables an instance's ``api_key_env`` may name: an admin registering an
+#: instance at runtime must not be able to send the Pool's own secrets (USHER_API_TOKENS,
+#: USHER_ENCRYPTION_KEYS, ...) as a bearer token to a URL of their choosing.
+UPSTREAM_KEY_PREFIX = "USHER_UPSTREAM_KEY_"
+_UPSTREAM_KEY_NAME = re.compile(UPSTREAM_KEY_PREFIX + r"[A-Za-z0-9_]+")
 _MEMORY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)b?", re.IGNORECASE)
 _UNIT_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 
@@ -252,8 +259,12 @@ class InstanceSpec:
             raise bad("preload", f"{outside[0]!r} is not in allowed_models")
         if not math.isfinite(self.request_timeout_seconds) or self.request_timeout_seconds < 0:
             raise bad("request_timeout_seconds", "must be positive (or 0: the Pool's default)")
-        if self.api_key_env and not _ENV_NAME.fullmatch(self.api_key_env):
-            raise bad("api_key_env", f"{self.api_key_env!r} is not an environment variable name")
+        if self.api_key_env and not _UPSTREAM_KEY_NAME.fullmatch(self.api_key_env):
+            raise bad(
+                "api_key_env",
+                f"must name a variable {UPSTREAM_KEY_PREFIX}<NAME> (letters, digits, _), "
+                f"set in the environment or in USHER_UPSTREAM_KEYS_FILE",
+            )
 
     @property
     def local(self) -> bool:
@@ -939,3 +950,27 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def upstream_api_key(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The value of an allow-listed upstream key ``name`` (``USHER_UPSTREAM_KEY_*``): from
+    the environment, else from the file named by ``USHER_UPSTREAM_KEYS_FILE`` (lines
+    ``NAME=value``, e.g. a mounted Secret). None when unset or not allow-listed."""
+    if not name or not _UPSTREAM_KEY_NAME.fullmatch(name):
+        return None
+    source = os.environ if env is None else env
+    value = source.get(name)
+    if value:
+        return value
+    path = source.get("USHER_UPSTREAM_KEYS_FILE", "")
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, sep, found = line.strip().partition("=")
+        if sep and key.strip() == name and not line.lstrip().startswith("#"):
+            return found.strip() or None
+    return None

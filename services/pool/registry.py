@@ -17,7 +17,7 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from services.pool.circuit import CircuitBreaker
-from services.pool.config import InstanceSpec, PoolSettings
+from services.pool.config import InstanceSpec, PoolSettings, upstream_api_key
 from services.pool.placement import InstanceView, LoadedInfo
 from services.pool.routing import Candidate
 from services.pool.slots import SlotUsage
@@ -370,7 +370,4 @@ def _fits(state: InstanceState, size: int) -> bool:
 
 
 def _default_upstream(spec: InstanceSpec) -> Upstream:
-    import os
-
-    api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-    return make_upstream(spec.kind, spec.base_url, api_key=api_key)
+    return make_upstream(spec.kind, spec.base_url, api_key=upstream_api_key(spec.api_key_env))

@@ -306,7 +306,17 @@ def _struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
     return dict_to_struct(value) if value else None
 
 
-def status_of(state: InstanceState, active: int = 0) -> pool_pb2.InstanceStatus:
+def public_error(error: UpstreamError, state: InstanceState) -> str:
+    """An upstream failure as callers may read it: the instance named by its id, never by
+    the model server's address (the log line keeps that)."""
+    return str(error).replace(state.upstream.base_url, f"[{state.id}]")
+
+
+def status_of(
+    state: InstanceState, active: int = 0, *, privileged: bool = True
+) -> pool_pb2.InstanceStatus:
+    """An instance as ListInstances shows it; callers without the admin or service role
+    see no addresses, key variable names or error texts (which quote addresses)."""
     now = time.monotonic()
     status = pool_pb2.InstanceStatus(
         config=state.spec.to_proto(),
@@ -337,6 +347,10 @@ def status_of(state: InstanceState, active: int = 0) -> pool_pb2.InstanceStatus:
         status.recent_latency.CopyFrom(duration_from_seconds(state.latency))
     if state.last_checked:
         status.last_checked.FromMilliseconds(int(state.last_checked * 1000))
+    if not privileged:
+        status.config.base_url = ""
+        status.config.api_key_env = ""
+        status.last_error = "unreachable" if state.last_error else ""
     return status
 
 
@@ -472,15 +486,16 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                         yield event
                     return
                 except ModelNotFound as error:
-                    last_error = str(error)
+                    last_error = public_error(error, state)
                     current = None
                     continue
                 except UpstreamError as error:
                     if not error.before_first_token:
                         raise UpstreamFailed(
-                            f"model server {state.id} failed mid-answer: {error}"
+                            f"model server {state.id} failed mid-answer: "
+                            f"{public_error(error, state)}"
                         ) from error
-                    last_error = f"{state.id}: {error}"
+                    last_error = public_error(error, state)
                     if error.status is None:
                         self.registry.mark_unreachable(state, str(error))
                     log.warning("failing over", instance=state.id, model=model, error=str(error))
@@ -587,11 +602,14 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
     async def ListInstances(
         self, request: pool_pb2.ListInstancesRequest, context: Context
     ) -> pool_pb2.ListInstancesResponse:
-        self.caller(context)
+        caller = self.caller(context)
+        privileged = caller.is_admin or SERVICE_ROLE in caller.roles
         states = list(self.registry.instances.values())
         usage = await self.router.slots.usage([s.id for s in states], "")
         return pool_pb2.ListInstancesResponse(
-            instances=[status_of(s, usage[s.id].total_active) for s in states]
+            instances=[
+                status_of(s, usage[s.id].total_active, privileged=privileged) for s in states
+            ]
         )
 
     async def GetModelStats(
@@ -684,7 +702,9 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         try:
             await state.upstream.load(request.model, keep_alive_seconds=keep_alive)
         except UpstreamError as error:
-            raise Unavailable(f"{state.id} could not load {request.model}: {error}") from None
+            raise Unavailable(
+                f"{state.id} could not load {request.model}: {public_error(error, state)}"
+            ) from None
         await self.registry.check(state)
         return pool_pb2.LoadModelResponse(instance=status_of(state))
 
@@ -696,6 +716,8 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         try:
             await state.upstream.unload(request.model)
         except UpstreamError as error:
-            raise Unavailable(f"{state.id} could not unload {request.model}: {error}") from None
+            raise Unavailable(
+                f"{state.id} could not unload {request.model}: {public_error(error, state)}"
+            ) from None
         await self.registry.check(state)
         return pool_pb2.UnloadModelResponse(instance=status_of(state))

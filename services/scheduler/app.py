@@ -16,7 +16,7 @@ from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
-from usher.metrics import serve_metrics
+from usher.metrics import metrics_host, serve_metrics
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
@@ -92,11 +92,13 @@ class SchedulerApp:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        serve_metrics(self.settings.metrics_port)
+        serve_metrics(self.settings.metrics_port, metrics_host(self.settings.listen))
         await self.server.start()
         self._tasks.append(
             asyncio.create_task(
-                reap_forever(self.store, self.settings.reap_interval_seconds, self._stopping)
+                reap_forever(
+                    self.store, self.settings.reap_interval_seconds, self._stopping, self.quotas
+                )
             )
         )
         if self.dispatcher is not None:

@@ -219,8 +219,10 @@ class Dispatcher:
         ):
             await self.run_request(lease, slot)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
-        # (a requeued request is charged again only if it is resubmitted, never twice).
-        await self.quotas.release(lease.request.tenant, lease.request.id)
+        # (a requeued request is charged again only if it is resubmitted, never twice), and
+        # its storage is charged at what it keeps now (its result, or its prompt if queued).
+        footprint = await self.store.footprint(lease.request.model, lease.request.id)
+        await self.quotas.settle(lease.request.tenant, lease.request.id, footprint)
         return True
 
     async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> None:

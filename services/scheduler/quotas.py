@@ -1,5 +1,7 @@
-"""Per-tenant rate limits (requests and tokens per minute), concurrency quotas and priority
-caps, enforced atomically in Redis (lua/admit.lua) before a request is queued."""
+"""Per-tenant rate limits (requests and tokens per minute), concurrency quotas, priority
+caps and a bound on stored bytes, enforced atomically in Redis (lua/admit.lua) before a
+request is queued; lua/settle.lua frees a slot and re-charges storage at what a request
+really holds once it ends (its prompt dropped, its result kept for the result TTL)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 from usher import keys
 from usher.keys import TenantKeys
 
-__all__ = ["Admission", "Limits", "Quotas"]
+__all__ = ["Admission", "Footprint", "Limits", "Quotas", "StorageCharge"]
 
 CACHE_SECONDS = 1.0
 #: A live-request entry lapses this long after its queue deadline, in case a removal was
@@ -41,6 +43,25 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageCharge:
+    """What a new request will store, the tenant's bound (0 = none), and when the charge
+    lapses if nothing settles it sooner (its queue timeout, run time and result TTL)."""
+
+    bytes: int
+    max_bytes: int
+    lapses_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What a request holds in Redis now (0 = nothing) and when that expires (ms; 0 = it
+    does not expire yet: the request is live)."""
+
+    bytes: int
+    expires_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     admitted: bool
     retry_after_seconds: float = 0.0
@@ -51,19 +72,20 @@ class Quotas:
     def __init__(self, client: aioredis.Redis, defaults: Limits | None = None) -> None:
         self.redis = client
         self.defaults = defaults or Limits()
-        script = (resources.files("services.scheduler") / "lua" / "admit.lua").read_text()
-        self._admit = client.register_script(script)
+        folder = resources.files("services.scheduler") / "lua"
+        self._admit = client.register_script((folder / "admit.lua").read_text())
+        self._settle_script = client.register_script((folder / "settle.lua").read_text())
         self._cache: dict[str, tuple[float, Limits]] = {}
 
     async def limits_for(self, organization: str, user: str) -> Limits:
-        tenant = f"{organization}/{user}"
+        tenant = keys.tenant_id(organization, user)
         cached = self._cache.get(tenant)
         now = time.monotonic()
         if cached and cached[0] > now:
             return cached[1]
         own, org = cast(
             list[bytes | None],
-            await self.redis.hmget(keys.TENANT_LIMITS, [tenant, f"{organization}/"]),
+            await self.redis.hmget(keys.TENANT_LIMITS, [tenant, keys.tenant_id(organization, "")]),
         )
         raw = own or org
         limits = Limits(**json.loads(raw)) if raw else self.defaults
@@ -72,18 +94,26 @@ class Quotas:
 
     async def set_limits(self, organization: str, user: str, limits: Limits) -> None:
         await self.redis.hset(
-            keys.TENANT_LIMITS, f"{organization}/{user}", json.dumps(asdict(limits))
+            keys.TENANT_LIMITS, keys.tenant_id(organization, user), json.dumps(asdict(limits))
         )
         self._cache.clear()
 
     async def admit(
-        self, tenant: str, request_id: str, cost: float, limits: Limits, live_until_ms: int
+        self,
+        tenant: str,
+        request_id: str,
+        cost: float,
+        limits: Limits,
+        live_until_ms: int,
+        storage: StorageCharge,
     ) -> Admission:
-        if limits.unlimited:
+        """Check and charge the caller's rate limits and concurrency (when it has limits)
+        and the bytes the request will store (always, unless the bound is 0)."""
+        if limits.unlimited and storage.max_bytes <= 0:
             return Admission(True)
         tk = TenantKeys(tenant)
         retry_ms, reason = await self._admit(
-            keys=[tk.buckets, tk.live],
+            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes],
             args=[
                 int(time.time() * 1000),
                 limits.requests_per_minute,
@@ -92,6 +122,9 @@ class Quotas:
                 limits.max_concurrent,
                 request_id,
                 live_until_ms + LIVE_GRACE_MS,
+                storage.bytes,
+                storage.max_bytes,
+                storage.lapses_ms,
             ],
         )
         if int(retry_ms) == 0:
@@ -99,11 +132,36 @@ class Quotas:
         return Admission(False, int(retry_ms) / 1000, reason.decode())
 
     async def release(self, tenant: str, request_id: str, refund_cost: float | None = None) -> None:
-        """The request is no longer live (or was never queued: give back what it was charged)."""
+        """The request was never stored (it joined another, or the queue was full): free its
+        slot, drop its storage charge, and give back the rate it was charged (when
+        ``refund_cost`` is given: the caller has rate limits)."""
+        await self._settle(tenant, request_id, -1, 0, refund_cost)
+
+    async def settle(self, tenant: str, request_id: str, footprint: Footprint) -> None:
+        """The request is no longer live (or its data changed): free its concurrency slot
+        and charge its storage at what it holds now, until its data expires."""
+        if footprint.bytes <= 0:
+            await self._settle(tenant, request_id, -1, 0, None)
+            return
+        await self._settle(tenant, request_id, footprint.bytes, footprint.expires_ms, None)
+
+    async def _settle(
+        self, tenant: str, request_id: str, size: int, lapses_ms: int, refund: float | None
+    ) -> None:
         tk = TenantKeys(tenant)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(tk.live, request_id)
-            if refund_cost is not None:
-                pipe.hincrbyfloat(tk.buckets, "requests", 1)
-                pipe.hincrbyfloat(tk.buckets, "tokens", refund_cost)
-            await pipe.execute()
+        await self._settle_script(
+            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes],
+            args=[
+                int(time.time() * 1000),
+                request_id,
+                size,
+                lapses_ms,
+                0 if refund is None else 1,
+                0 if refund is None else repr(refund),
+            ],
+        )
+
+    async def stored_bytes(self, tenant: str) -> int:
+        """Bytes charged to ``tenant`` now (for operators and tests)."""
+        raw = await self.redis.hget(TenantKeys(tenant).stored_bytes, "total")
+        return int(raw or 0)

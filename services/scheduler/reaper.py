@@ -8,25 +8,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
-from services.scheduler.store import QueueStore, ReapCounts
+from services.scheduler.quotas import Quotas
+from services.scheduler.store import Ended, QueueStore, ReapCounts
 from usher import metrics
 from usher.logs import get_logger
 
-__all__ = ["reap_forever", "reap_once"]
+__all__ = ["reap_forever", "reap_once", "settle_ended"]
 
 log = get_logger(__name__)
 
 
-async def reap_once(store: QueueStore) -> dict[str, ReapCounts]:
+async def settle_ended(store: QueueStore, quotas: Quotas | None, ended: Sequence[Ended]) -> None:
+    """Requests a script ended no longer hold their tenant's concurrency slot, and their
+    storage is charged at what they keep (metadata, result) until it expires."""
+    if quotas is None:
+        return
+    for entry in ended:
+        footprint = await store.footprint(entry.model, entry.request_id)
+        await quotas.settle(entry.tenant, entry.request_id, footprint)
+
+
+async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str, ReapCounts]:
     done: dict[str, ReapCounts] = {}
     for model in await store.models():
         counts = await store.reap(model)
+        await settle_ended(store, quotas, counts.ended)
         if counts.expired:
             metrics.REQUESTS.labels(model, "expired").inc(counts.expired)
         if counts.dead_lettered:
             metrics.REQUESTS.labels(model, "failed").inc(counts.dead_lettered)
-        if counts != ReapCounts():
+        if counts.requeued or counts.dead_lettered or counts.expired or counts.to_external:
             log.info(
                 "reaped",
                 model=model,
@@ -48,13 +61,15 @@ async def refresh_gauges(store: QueueStore) -> None:
         metrics.QUEUE_LIMIT.labels(model).set(config.max_queue_size)
 
 
-async def reap_forever(store: QueueStore, interval_seconds: float, stop: asyncio.Event) -> None:
+async def reap_forever(
+    store: QueueStore, interval_seconds: float, stop: asyncio.Event, quotas: Quotas | None = None
+) -> None:
     """Reap every ``interval_seconds`` until ``stop`` is set. Stopping by event rather than
     by cancelling lets a pass finish its script instead of abandoning a Redis call midway."""
     passes = 0
     while not stop.is_set():
         try:
-            await reap_once(store)
+            await reap_once(store, quotas)
             passes += 1
             if passes % max(1, round(2 / interval_seconds)) == 0:  # gauges about every 2 s
                 await refresh_gauges(store)

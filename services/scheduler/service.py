@@ -14,9 +14,10 @@ from dataclasses import replace
 from opentelemetry.trace import SpanKind
 
 from services.scheduler import admission, fairness, records
-from services.scheduler.quotas import Limits, Quotas
+from services.scheduler.quotas import LIVE_GRACE_MS, Limits, Quotas, StorageCharge
+from services.scheduler.reaper import settle_ended
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.store import NewRequest, QueueStore, StoredRequest
+from services.scheduler.store import TENANT_LISTING_MAX, NewRequest, QueueStore, StoredRequest
 from usher import keys, metrics, tracing
 from usher.audit import AuditLog
 from usher.auth import Authenticator, Principal
@@ -40,6 +41,9 @@ _STATE_NAMES: dict[int, str] = {
     v: k.removeprefix("REQUEST_STATE_") for k, v in request_pb2.RequestState.items()
 }
 _MAX_PAGE = 1000
+#: Charged to a new request's tenant beyond its payload and labels: its metadata fields,
+#: first events, index and listing entries (settled to the real figure when it ends).
+ADMISSION_OVERHEAD_BYTES = 2048
 _SUBMIT_RESULTS = {
     "queued": "queued",
     "exists": "queued",
@@ -52,6 +56,22 @@ _SUBMIT_RESULTS = {
 def _check_id(request_id: str) -> None:
     if not is_request_id(request_id):
         raise InvalidArgument([FieldViolation("id", f"{request_id[:40]!r} is not a request id")])
+
+
+def _page_offset(token: str) -> int:
+    """The offset a List page token stands for; INVALID_ARGUMENT for anything this server
+    would not have given out (garbage, negative, beyond the listing's length)."""
+    if not token:
+        return 0
+    try:
+        if len(token) > 32:
+            raise ValueError("too long")
+        offset = int(base64.urlsafe_b64decode(token.encode()).decode())
+    except ValueError:
+        offset = -1
+    if not 0 <= offset <= TENANT_LISTING_MAX:
+        raise InvalidArgument([FieldViolation("page_token", "is not a token this server gave out")])
+    return offset
 
 
 class _Handlers:
@@ -156,9 +176,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             "ok" if outcome.status != "full" else "queue_full",
             outcome.status,
         )
-        if outcome.status != "queued" and not tenant_limits.unlimited:
+        if outcome.status != "queued":
             # Nothing new was queued for this caller: give back what admission charged.
-            await self.quotas.release(new.tenant, new.id, self._cost(new))
+            refund = None if tenant_limits.unlimited else self._cost(new)
+            await self.quotas.release(new.tenant, new.id, refund)
         if outcome.status == "dedup":
             metrics.DEDUP_HITS.labels(request.model).inc()
         if outcome.status == "full":
@@ -202,12 +223,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         return fairness.estimate_cost(new.prompt_tokens, averages.output_tokens, new.num_predict)
 
     async def _admit(self, new: NewRequest, limits: Limits) -> None:
-        if limits.unlimited:
+        if limits.unlimited and self.settings.tenant_max_stored_bytes <= 0:
             return
         await self.store.model_averages(new.model)  # warms the cache _cost reads
         timeout = new.queue_timeout_ms or self.store.defaults.queue_timeout_ms
+        live_until = new.created_ms + timeout
+        storage = StorageCharge(
+            bytes=len(new.payload)
+            + sum(len(k) + len(v) for k, v in new.labels.items())
+            + ADMISSION_OVERHEAD_BYTES,
+            max_bytes=self.settings.tenant_max_stored_bytes,
+            lapses_ms=live_until + LIVE_GRACE_MS + self.settings.result_ttl_seconds * 1000,
+        )
         verdict = await self.quotas.admit(
-            new.tenant, new.id, self._cost(new), limits, new.created_ms + timeout
+            new.tenant, new.id, self._cost(new), limits, live_until, storage
         )
         if not verdict.admitted:
             metrics.REJECTED.labels(new.model, verdict.reason).inc()
@@ -216,6 +245,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
                 "concurrency": f"{limits.max_concurrent} requests at once",
                 "requests_per_minute": f"{limits.requests_per_minute} requests per minute",
                 "tokens_per_minute": f"{limits.tokens_per_minute} tokens per minute",
+                "stored_bytes": f"{self.settings.tenant_max_stored_bytes} bytes of queued "
+                "requests and kept results",
             }[verdict.reason]
             raise ResourceExhausted(
                 f"rate limit: at most {what} for {new.tenant}; retry later",
@@ -234,14 +265,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         caller = self.caller(context)
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise InvalidArgument([FieldViolation("page_size", f"must be 0-{_MAX_PAGE}")])
-        offset = 0
-        if request.page_token:
-            try:
-                offset = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
-            except ValueError:
-                raise InvalidArgument(
-                    [FieldViolation("page_token", "is not a token this server gave out")]
-                ) from None
+        offset = _page_offset(request.page_token)
         for state in request.states:
             if state not in request_pb2.RequestState.values():
                 raise InvalidArgument([FieldViolation("states", f"{state} is not a request state")])
@@ -276,13 +300,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             )
         if outcome == "detached":
             # Others share this request: it goes on for them, and ends here for this caller.
+            self.audit.record(caller.tenant, "cancel", stored.id, "detached")
             return scheduler_pb2.CancelResponse(
                 request=await self.view(stored, request_pb2.REQUEST_STATE_CANCELLED)
             )
         self.audit.record(caller.tenant, "cancel", stored.id, outcome)
         if outcome == "cancelled":
             metrics.REQUESTS.labels(stored.model, "cancelled").inc()
-            await self.quotas.release(stored.tenant, stored.id)
+            footprint = await self.store.footprint(stored.model, stored.id)
+            await self.quotas.settle(stored.tenant, stored.id, footprint)
         elif outcome == "cancel_requested":
             await self.store.redis.publish(keys.CANCELS, stored.id)
         after = await self.store.inspect(stored.model, stored.id)
@@ -338,7 +364,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
     ) -> scheduler_pb2.UpdateQueueConfigResponse:
         self.admin(context)
         problems: list[FieldViolation] = []
-        if not admission.MODEL_NAME.match(request.model):
+        if not admission.MODEL_NAME.fullmatch(request.model):
             problems.append(FieldViolation("model", "is not a model name"))
         changes: dict[str, int] = {}
         for name in ("max_queue_size", "max_attempts", "parallel"):
@@ -402,7 +428,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         self, request: scheduler_pb2.ListDeadLettersRequest, context: Context
     ) -> scheduler_pb2.ListDeadLettersResponse:
         self.admin(context)
-        if not admission.MODEL_NAME.match(request.model):
+        if not admission.MODEL_NAME.fullmatch(request.model):
             raise InvalidArgument([FieldViolation("model", "is not a model name")])
         found = await self.store.dead_letters(request.model, request.page_size or 50)
         return scheduler_pb2.ListDeadLettersResponse(requests=[await self.view(s) for s in found])
@@ -453,7 +479,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         self, request: scheduler_pb2.PauseQueueRequest, context: Context
     ) -> scheduler_pb2.PauseQueueResponse:
         self.admin(context)
-        if not admission.MODEL_NAME.match(request.model):
+        if not admission.MODEL_NAME.fullmatch(request.model):
             raise InvalidArgument([FieldViolation("model", "is not a model name")])
         await self.store.set_paused(request.model, request.paused)
         return scheduler_pb2.PauseQueueResponse(config=await self._config_proto(request.model))
@@ -462,12 +488,13 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         self, request: scheduler_pb2.DrainQueueRequest, context: Context
     ) -> scheduler_pb2.DrainQueueResponse:
         self.admin(context)
-        if not admission.MODEL_NAME.match(request.model):
+        if not admission.MODEL_NAME.fullmatch(request.model):
             raise InvalidArgument([FieldViolation("model", "is not a model name")])
         reason = request.reason or "the queue was emptied for maintenance"
         drained = await self.store.drain(request.model, f"emergency drain: {reason}")
-        metrics.REQUESTS.labels(request.model, "cancelled").inc(drained)
-        return scheduler_pb2.DrainQueueResponse(drained=drained)
+        metrics.REQUESTS.labels(request.model, "cancelled").inc(len(drained))
+        await settle_ended(self.store, self.quotas, drained)
+        return scheduler_pb2.DrainQueueResponse(drained=len(drained))
 
     async def ListAuditEvents(
         self, request: scheduler_pb2.ListAuditEventsRequest, context: Context
@@ -475,9 +502,9 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         self.admin(context)
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise InvalidArgument([FieldViolation("page_size", f"must be 0-{_MAX_PAGE}")])
-        if request.before_id and not re.match(r"^\d{1,15}-\d{1,15}$", request.before_id):
+        if request.before_id and not re.fullmatch(r"\d{1,15}-\d{1,15}", request.before_id):
             raise InvalidArgument([FieldViolation("before_id", "is not an audit event id")])
-        await self.audit.flush()
+        await self.audit.flush(force=True)  # refused calls counted so far show up too
         entries = await self.audit.recent(request.page_size or 100, request.before_id)
         events = []
         for entry in entries:

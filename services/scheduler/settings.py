@@ -49,6 +49,9 @@ class SchedulerSettings:
     dispatch_concurrency: int = 16
     #: Limits of every tenant without its own (SetTenantLimits); 0 = unlimited.
     tenant_limits: Limits = field(default_factory=Limits)
+    #: Bytes one tenant may keep in Redis: queued requests and finished ones kept for the
+    #: result TTL; 0 = unbounded.
+    tenant_max_stored_bytes: int = 256 * 1024 * 1024
     #: Port of the Prometheus /metrics endpoint; 0 = off.
     metrics_port: int = 0
     #: On SIGTERM, how long in-flight calls may take before they are cut off.
@@ -98,6 +101,9 @@ class SchedulerSettings:
                 tokens_per_minute=env_int("USHER_TENANT_TOKENS_PER_MINUTE", 0, env),
                 max_concurrent=env_int("USHER_TENANT_MAX_CONCURRENT", 0, env),
             ),
+            tenant_max_stored_bytes=env_int(
+                "USHER_TENANT_MAX_STORED_BYTES", d.tenant_max_stored_bytes, env
+            ),
             metrics_port=env_int("USHER_METRICS_PORT", d.metrics_port, env),
             shutdown_grace_seconds=env_float(
                 "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
@@ -123,6 +129,13 @@ class SchedulerSettings:
             problems.append(f"USHER_DEDUP must be one of {', '.join(DEDUP_MODES)}")
         if self.pool_address and not self.service_token:
             problems.append("USHER_SERVICE_TOKEN is needed to call the pool at USHER_POOL_ADDRESS")
+        if self.tenant_max_stored_bytes < 0:
+            problems.append("USHER_TENANT_MAX_STORED_BYTES must not be negative")
+        if self.max_prompt_chars >= self.tenant_max_stored_bytes > 0:
+            problems.append(
+                "USHER_TENANT_MAX_STORED_BYTES must exceed USHER_MAX_PROMPT_CHARS, "
+                "or no request of the largest size could be queued"
+            )
         if self.dispatch_concurrency < 1:
             problems.append("USHER_DISPATCH_CONCURRENCY must be at least 1")
         if problems:

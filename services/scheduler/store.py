@@ -25,6 +25,7 @@ from redis.typing import EncodableT, FieldT
 
 from services.scheduler import eta, fairness
 from services.scheduler.eta import SERVICE_ALPHA, ModelAverages
+from services.scheduler.quotas import Footprint
 from usher import keys
 from usher.crypto import NullSealer
 from usher.keys import ModelKeys
@@ -32,6 +33,9 @@ from usher.smoothing import EWMA_ALPHA
 from usher.v1 import request_pb2
 
 __all__ = [
+    "REQUEST_INDEX_BYTES",
+    "TENANT_LISTING_MAX",
+    "Ended",
     "FinishedWork",
     "Lease",
     "NewRequest",
@@ -57,6 +61,9 @@ TERMINAL_STATES = frozenset(
 TENANT_LISTING_MAX = 10_000
 #: The id → model index outlives the request's own keys by this much (queue time + slack).
 INDEX_SLACK_SECONDS = 2 * 86_400
+#: What a request stores outside its own keys (index entry, listing entry, idempotency
+#: key, model stream events), charged to its tenant on top of what its keys hold.
+REQUEST_INDEX_BYTES = 512
 #: Tenant weights are read at most this often per process.
 CACHE_SECONDS = 1.0
 #: Model averages (with the fair clock and running count ETAs start from) at most this
@@ -107,7 +114,7 @@ class NewRequest:
 
     @property
     def tenant(self) -> str:
-        return f"{self.organization}/{self.user}"
+        return keys.tenant_id(self.organization, self.user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +194,7 @@ class StoredRequest:
 
     @property
     def tenant(self) -> str:
-        return f"{self.organization}/{self.user}"
+        return keys.tenant_id(self.organization, self.user)
 
     @property
     def is_terminal(self) -> bool:
@@ -266,11 +273,30 @@ class FinishedWork:
 
 
 @dataclass(frozen=True, slots=True)
+class Ended:
+    """A request a script ended, with its owner, whose quotas the caller settles."""
+
+    request_id: str
+    model: str
+    tenant: str
+
+
+def _ended(model: str, flat: Sequence[bytes]) -> tuple[Ended, ...]:
+    """{id, org, user, ...} from a script → Ended records."""
+    return tuple(
+        Ended(_decode(flat[i]), model, keys.tenant_id(_decode(flat[i + 1]), _decode(flat[i + 2])))
+        for i in range(0, len(flat), 3)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ReapCounts:
     requeued: int = 0
     dead_lettered: int = 0
     expired: int = 0
     to_external: int = 0
+    #: The requests that ended in this pass (expired, dead-lettered, cancelled).
+    ended: tuple[Ended, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,13 +409,13 @@ class QueueStore:
     # ---- submit ---------------------------------------------------------------------------
 
     async def tenant_weight(self, organization: str, user: str) -> float:
-        tenant = f"{organization}/{user}"
+        tenant = keys.tenant_id(organization, user)
         cached = self._weights.get(tenant)
         now = time.monotonic()
         if cached and cached[0] > now:
             return cached[1]
         user_weight, org_weight = await self.redis.hmget(
-            keys.TENANT_WEIGHTS, [tenant, f"{organization}/"]
+            keys.TENANT_WEIGHTS, [tenant, keys.tenant_id(organization, "")]
         )
         raw = user_weight or org_weight
         weight = float(raw) if raw else 1.0
@@ -397,7 +423,7 @@ class QueueStore:
         return weight
 
     async def set_tenant_weight(self, organization: str, user: str, weight: float) -> None:
-        await self.redis.hset(keys.TENANT_WEIGHTS, f"{organization}/{user}", repr(weight))
+        await self.redis.hset(keys.TENANT_WEIGHTS, keys.tenant_id(organization, user), repr(weight))
         self._weights.clear()
 
     async def submit(self, request: NewRequest) -> SubmitOutcome:
@@ -700,16 +726,16 @@ class QueueStore:
         await self.update_config(model, {"paused": 1 if paused else 0})
         return await self.config(model)
 
-    async def drain(self, model: str, reason: str) -> int:
-        """End every queued request of the model with ``reason``; how many were ended."""
-        total = 0
+    async def drain(self, model: str, reason: str) -> list[Ended]:
+        """End every queued request of the model with ``reason``; the requests ended."""
+        out: list[Ended] = []
         while True:
-            drained = int(
-                await self._run("drain", model, [reason, 500, self.defaults.result_ttl_seconds])
+            drained, ended = await self._run(
+                "drain", model, [reason, 500, self.defaults.result_ttl_seconds]
             )
-            total += drained
-            if drained == 0:
-                return total
+            out += _ended(model, ended)
+            if int(drained) == 0:
+                return out
 
     async def retry_dead_letter(self, model: str, request_id: str) -> str:
         """notfound | not_dead | retried."""
@@ -859,7 +885,24 @@ class QueueStore:
             )
 
     async def reap(self, model: str, limit: int = 500) -> ReapCounts:
-        requeued, dead, expired, external = await self._run(
+        requeued, dead, expired, external, ended = await self._run(
             "reap", model, [limit, self.defaults.result_ttl_seconds]
         )
-        return ReapCounts(int(requeued), int(dead), int(expired), int(external))
+        return ReapCounts(
+            int(requeued), int(dead), int(expired), int(external), _ended(model, ended)
+        )
+
+    async def footprint(self, model: str, request_id: str) -> Footprint:
+        """What a request holds in Redis now (its hash, event stream and owners) and when
+        that expires; nothing when it is gone."""
+        mk = ModelKeys(model)
+        record = mk.request(request_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in (record, mk.request_events(request_id), mk.request_owners(request_id)):
+                pipe.memory_usage(key, samples=0)
+            pipe.pttl(record)
+            *sizes, ttl_ms = await pipe.execute()
+        if sizes[0] is None:
+            return Footprint(0)
+        size = sum(int(s or 0) for s in sizes) + REQUEST_INDEX_BYTES
+        return Footprint(size, now_ms() + int(ttl_ms) if int(ttl_ms) > 0 else 0)

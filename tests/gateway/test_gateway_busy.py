@@ -157,7 +157,13 @@ async def test_a_full_queue_answers_503_queue_full_with_retry_after(
         assert info.value.status_code == 429
         assert int(info.value.response.headers["Retry-After"]) >= 1
         assert info.value.code == "queue_full"
-        stats = (await http.get("/queue/stats", params={"model": QWEN})).json()
+        stats = (
+            await http.get(
+                "/queue/stats",
+                params={"model": QWEN},
+                headers={"Authorization": "Bearer admin-token"},
+            )
+        ).json()
         assert stats["queue_limit"] == 1 and stats["queue_available"] == 0
         assert stats["active_requests"] == SLOTS and stats["available_slots"] == 0
         assert stats["total_rejected"] >= 2

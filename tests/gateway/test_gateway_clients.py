@@ -13,6 +13,7 @@ import ollama
 import openai
 import pytest
 
+from services.gateway import views
 from tests.gateway.conftest import ADMIN, Services
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import request_pb2, scheduler_pb2
@@ -279,15 +280,22 @@ QUEUE_FIELDS = {
 
 async def test_queue_stats_memory_and_health(http: httpx.AsyncClient) -> None:
     await http.post("/api/generate", json={"model": MODEL, "prompt": "count me", "stream": False})
-    stats = (await http.get("/queue/stats")).json()
+    operator = {"Authorization": "Bearer admin-token"}
+    stats = (await http.get("/queue/stats", headers=operator)).json()
     assert {"default_parallel", "default_queue_limit", "total_models", "models"} <= set(stats)
     llama = stats["models"][MODEL]
     assert set(llama) >= QUEUE_FIELDS
     assert llama["parallel_limit"] == 4  # two instances, two slots each
     assert llama["total_processed"] >= 1 and llama["queue_limit"] == 100
-    one = await http.get("/queue/stats", params={"model": MODEL})
+    one = await http.get("/queue/stats", params={"model": MODEL}, headers=operator)
     assert one.status_code == 200 and set(one.json()) >= QUEUE_FIELDS
     assert (await http.get("/queue/stats", params={"model": "nope:7b"})).status_code == 404
+    # Anyone else sees a model picker's figures, never the operators' counters.
+    for headers in ({}, {"Authorization": "Bearer bob-token"}):
+        public = (await http.get("/queue/stats", headers=headers)).json()
+        assert public["scope"] == "public"
+        assert set(public["models"][MODEL]) == set(views.PUBLIC_QUEUE_FIELDS)
+        assert "total_processed" not in public["models"][MODEL]
     memory = (await http.get("/queue/memory")).json()
     assert set(memory) == {"total_gb", "available_gb", "used_gb", "percent", "recommended_parallel"}
     assert memory["recommended_parallel"] in (1, 2, 4)
@@ -332,7 +340,11 @@ async def test_admin_endpoints_need_an_admin(http: httpx.AsyncClient, services: 
     assert (await http.post("/admin/queue/reset")).status_code == 401
     reset = await http.post("/admin/queue/reset", headers={"Authorization": "Bearer admin-token"})
     assert reset.status_code == 200 and MODEL in reset.json()["models"]
-    after = (await http.get("/queue/stats", params={"model": MODEL})).json()
+    after = (
+        await http.get(
+            "/queue/stats", params={"model": MODEL}, headers={"Authorization": "Bearer admin-token"}
+        )
+    ).json()
     assert after["total_processed"] == 0
 
 

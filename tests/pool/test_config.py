@@ -45,7 +45,7 @@ instances:
     base_url: https://api.openai.com
     kind: openai
     external: true
-    api_key_env: OPENAI_API_KEY
+    api_key_env: USHER_UPSTREAM_KEY_OPENAI
 """
 
 
@@ -213,7 +213,7 @@ specs = st.builds(
         tuple
     ),
     external=st.booleans(),
-    api_key_env=st.sampled_from(["", "OPENAI_API_KEY"]),
+    api_key_env=st.sampled_from(["", "USHER_UPSTREAM_KEY_OPENAI"]),
 )
 
 
@@ -268,7 +268,7 @@ def test_example_file(tmp_path: Path) -> None:
     )
     assert openai.kind == "openai"
     assert openai.external
-    assert openai.api_key_env == "OPENAI_API_KEY"
+    assert openai.api_key_env == "USHER_UPSTREAM_KEY_OPENAI"
     assert openai.base_url == "https://api.openai.com"
     assert s.strategy is Strategy.AFFINITY
     assert s.health_interval_seconds == 2.0
@@ -441,7 +441,7 @@ def test_usher_instances_syntax() -> None:
         "gpu1=http://10.0.0.5:11434,gpu2=http://h2:11434;kind=openai;weight=2,"
         " 10.0.0.9 ; memory=16GiB ; max_loaded=2 ; parallel=3 ; roles=chat ,"
         "emb=localhost:9000;kind=openai;allowed=nomic-embed-text+bge-m3;roles=embedding;"
-        "preload=bge-m3;external=false;api_key_env=EMB_KEY",
+        "preload=bge-m3;external=false;api_key_env=USHER_UPSTREAM_KEY_EMB",
         total_memory_bytes=BIG,
     )
     gpu1, gpu2, anon, emb = specs
@@ -459,7 +459,7 @@ def test_usher_instances_syntax() -> None:
     assert emb.parallel == 4  # local, auto
     assert emb.allowed_models == frozenset({"nomic-embed-text", "bge-m3"})
     assert emb.preload == ("bge-m3",)
-    assert emb.api_key_env == "EMB_KEY"
+    assert emb.api_key_env == "USHER_UPSTREAM_KEY_EMB"
 
 
 @pytest.mark.parametrize(

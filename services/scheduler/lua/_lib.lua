@@ -33,6 +33,10 @@ end
 local function finish(id, rk, state, reason, ttl)
   redis.call('HSET', rk, 'state', state, 'finished_ms', NOW, 'error', reason or '')
   redis.call('HDEL', rk, 'lease_token', 'lease_owner')
+  -- The prompt is not needed once a request ends (it may be megabytes of images): only the
+  -- metadata and result stay for the result TTL. A failed request keeps it, as a dead
+  -- letter may be retried.
+  if state ~= FAILED then redis.call('HDEL', rk, 'payload') end
   redis.call('ZREM', K.leases, id)
   redis.call('ZREM', K.deadlines, id)
   local fp = redis.call('HGET', rk, 'dedup')
@@ -46,4 +50,13 @@ local function finish(id, rk, state, reason, ttl)
   redis.call('EXPIRE', rk, ttl)
   redis.call('EXPIRE', req_owners_key(id), ttl)
   redis.call('EXPIRE', req_events_key(id), ttl)
+end
+
+-- Who owns a request that just ended, for the caller to settle the tenant's quotas (they
+-- live in the tenant's hash slot, out of a per-model script's reach).
+local function ended_entry(out, rk, id)
+  local org, user = unpack(redis.call('HMGET', rk, 'org', 'user'))
+  out[#out + 1] = id
+  out[#out + 1] = org or ''
+  out[#out + 1] = user or ''
 end

@@ -1,8 +1,9 @@
 -- Emergency drain: end queued requests of a model (both lanes) with a reason watchers see.
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 reason, 4 batch limit, 5 ttl s
--- Returns how many were drained in this call (call again until 0).
+-- Returns {how many were drained in this call (call again until 0), {id, org, user, ...}}.
 local drained = 0
+local ended = {}
 for _, lane in ipairs({K.queue, K.external}) do
   for _, member in ipairs(redis.call('ZRANGE', lane, 0, tonumber(ARGV[4]) - 1)) do
     redis.call('ZREM', lane, member)
@@ -12,7 +13,8 @@ for _, lane in ipairs({K.queue, K.external}) do
       finish(id, rk, CANCELLED, ARGV[3], tonumber(ARGV[5]))
       emit(id, 'cancelled', CANCELLED, {'error', ARGV[3]})
       drained = drained + 1
+      ended_entry(ended, rk, id)
     end
   end
 end
-return drained
+return {drained, ended}

@@ -21,7 +21,10 @@ end
 
 if idem ~= '' then
   local earlier = redis.call('GET', idem_key(tenant, idem))
-  if earlier and redis.call('EXISTS', req_key(earlier)) == 1 then
+  -- Replay only what this caller owns: the key names the caller, and the owners set says
+  -- so too (a key that somehow points elsewhere is never a way into another's result).
+  if earlier and redis.call('EXISTS', req_key(earlier)) == 1
+      and redis.call('SISMEMBER', req_owners_key(earlier), tenant) == 1 then
     return {'replayed', earlier, position_of(earlier), redis.call('ZCARD', K.queue)}
   end
 end

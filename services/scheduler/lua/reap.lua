@@ -2,9 +2,11 @@
 -- external provider) requests whose queue timeout or deadline passed.
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 batch limit, 4 ttl s
--- Returns {requeued, dead-lettered, expired, handed to external}.
+-- Returns {requeued, dead-lettered, expired, handed to external, {id, org, user, ...} of
+-- the requests that ended}.
 local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local requeued, dead, expired, external = 0, 0, 0, 0
+local ended = {}
 
 for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
   local rk = req_key(id)
@@ -15,6 +17,7 @@ for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMI
     if redis.call('HGET', rk, 'cancel') == '1' then
       finish(id, rk, CANCELLED, redis.call('HGET', rk, 'cancel_reason') or 'cancelled', ttl)
       emit(id, 'cancelled', CANCELLED)
+      ended_entry(ended, rk, id)
     elseif attempts >= max_attempts then
       local reason = 'lease expired on all ' .. attempts .. ' attempts'
       finish(id, rk, FAILED, reason, ttl)
@@ -24,6 +27,7 @@ for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMI
       redis.call('PERSIST', req_events_key(id))
       emit(id, 'failed', FAILED, {'error', reason})
       dead = dead + 1
+      ended_entry(ended, rk, id)
     else
       redis.call('HSET', rk, 'state', QUEUED)
       redis.call('HDEL', rk, 'lease_token', 'lease_owner')
@@ -63,7 +67,8 @@ for _, id in ipairs(redis.call('ZRANGE', K.deadlines, '-inf', NOW, 'BYSCORE', 'L
       finish(id, rk, EXPIRED, reason, ttl)
       emit(id, 'expired', EXPIRED, {'error', reason})
       expired = expired + 1
+      ended_entry(ended, rk, id)
     end
   end
 end
-return {requeued, dead, expired, external}
+return {requeued, dead, expired, external, ended}
