@@ -50,7 +50,7 @@ from services.gateway.watch_tokens import (
     WatchTokens,
     request_scope,
 )
-from usher import messages
+from usher import keys, messages
 from usher.ids import is_request_id
 from usher.logs import get_logger
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
@@ -60,7 +60,7 @@ __all__ = ["WATCH_COOKIE", "WATCH_HEADER", "Credential", "QueueHttp", "watch_coo
 log = get_logger(__name__)
 WATCH_HEADER = "X-Usher-Watch-Token"
 WATCH_COOKIE = "usher_watch"
-_EVENT_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
+_EVENT_ID = re.compile(r"\d{1,15}-\d{1,15}")
 _RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
@@ -193,7 +193,7 @@ class QueueHttp:
 
     def watch_headers(self, request: request_pb2.LlmRequest) -> dict[str, str]:
         """The watch-token header for a request its caller just submitted."""
-        tenant = f"{request.tenant.organization}/{request.tenant.user}"
+        tenant = keys.tenant_id(request.tenant.organization, request.tenant.user)
         token, _ = self.tokens.issue(request_scope(request.id), tenant, time.time())
         return {WATCH_HEADER: token}
 
@@ -258,7 +258,7 @@ class QueueHttp:
         queued = reply.request
         body = await self._view(queued)
         body["deduplicated"] = reply.deduplicated
-        tenant = f"{queued.tenant.organization}/{queued.tenant.user}"
+        tenant = keys.tenant_id(queued.tenant.organization, queued.tenant.user)
         issued, attach = self._issue(
             request, request_scope(queued.id), tenant, watch_cookie_path(queued.id)
         )
@@ -318,7 +318,7 @@ class QueueHttp:
                 if not isinstance(request_id, str) or not is_request_id(request_id):
                     raise tr.bad_request("request_id", "is not a request id")
                 found = await self._get(request_id, token)  # owner or admin, else 403/404
-                tenant = f"{found.tenant.organization}/{found.tenant.user}"
+                tenant = keys.tenant_id(found.tenant.organization, found.tenant.user)
                 scope, path = request_scope(request_id), watch_cookie_path(request_id)
         except tr.GatewayError as error:
             return self._fail(request, error)
@@ -348,7 +348,7 @@ class QueueHttp:
             request_id = self._request_id(request)
             credential = self._credential(request, request_scope(request_id))
             last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id", "")
-            if last and not _EVENT_ID.match(last):
+            if last and not _EVENT_ID.fullmatch(last):
                 raise tr.bad_request("last_event_id", "is not an event id this service gave out")
             if not credential.delegated:
                 await self._get(request_id, credential.token)  # owner or admin
