@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
-from datetime import timedelta
-from typing import Any, TypeVar, Unpack
+from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 import grpc
 
 from clients.aio import AsyncAdmin, AsyncUsherClient, ChatMessageLike, SubmitOptions, TokenStream
 from clients.retry import RetryPolicy
-from clients.types import Badge, Request, RequestState, Submission, Update
-from usher.v1 import pool_pb2, scheduler_pb2
+from clients.types import Badge, Request, Submission, Update
 
 __all__ = ["Admin", "SyncTokenStream", "UsherClient"]
 
@@ -122,103 +120,51 @@ class SyncTokenStream:
         return self._runner.run(self._stream._client.cancel(self._stream.request_id, reason))
 
 
-class Admin:
+_P = ParamSpec("_P")
+
+
+class _Driver:
+    """Drives an async object on a loop thread; see ``blocking``."""
+
+    _target: Any
+    _runner: _LoopThread
+
+
+def blocking(
+    method: Callable[Concatenate[Any, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[_Driver, _P], _T]:
+    """The blocking twin of an async method: the same arguments (and types), run on the
+    driver's loop. One line per method instead of a copied signature."""
+
+    def call(driver: _Driver, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return driver._runner.run(method(driver._target, *args, **kwargs))
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+class Admin(_Driver):
     """Blocking operator calls (see ``clients.aio.AsyncAdmin``)."""
 
     def __init__(self, admin: AsyncAdmin, runner: _LoopThread) -> None:
-        self._admin = admin
-        self._run = runner.run
+        self._target = admin
+        self._runner = runner
 
-    def update_queue_config(
-        self,
-        model: str,
-        *,
-        max_queue_size: int | None = None,
-        queue_timeout: float | timedelta | None = None,
-        max_attempts: int | None = None,
-        lease_duration: float | timedelta | None = None,
-        parallel: int | None = None,
-    ) -> scheduler_pb2.QueueConfig:
-        return self._run(
-            self._admin.update_queue_config(
-                model,
-                max_queue_size=max_queue_size,
-                queue_timeout=queue_timeout,
-                max_attempts=max_attempts,
-                lease_duration=lease_duration,
-                parallel=parallel,
-            )
-        )
-
-    def queue_stats(self, models: Sequence[str] = ()) -> tuple[scheduler_pb2.QueueStats, ...]:
-        return self._run(self._admin.queue_stats(models))
-
-    def set_tenant_weight(
-        self, organization: str, weight: float, user: str = ""
-    ) -> scheduler_pb2.SetTenantWeightResponse:
-        return self._run(self._admin.set_tenant_weight(organization, weight, user))
-
-    def dead_letters(self, model: str, *, page_size: int = 50) -> tuple[Request, ...]:
-        return self._run(self._admin.dead_letters(model, page_size=page_size))
-
-    def retry_dead_letter(self, request_id: str) -> Request:
-        return self._run(self._admin.retry_dead_letter(request_id))
-
-    def register_instance(
-        self,
-        instance_id: str,
-        base_url: str,
-        *,
-        kind: str | int = "ollama",
-        weight: float = 1.0,
-        parallel: int = 0,
-        roles: Sequence[str] = (),
-        memory_budget_bytes: int = 0,
-        max_loaded_models: int = 0,
-        preload: Sequence[str] = (),
-        allowed_models: Sequence[str] = (),
-        external: bool = False,
-        api_key_env: str = "",
-    ) -> pool_pb2.InstanceStatus:
-        return self._run(
-            self._admin.register_instance(
-                instance_id,
-                base_url,
-                kind=kind,
-                weight=weight,
-                parallel=parallel,
-                roles=roles,
-                memory_budget_bytes=memory_budget_bytes,
-                max_loaded_models=max_loaded_models,
-                preload=preload,
-                allowed_models=allowed_models,
-                external=external,
-                api_key_env=api_key_env,
-            )
-        )
-
-    def deregister_instance(self, instance_id: str) -> None:
-        self._run(self._admin.deregister_instance(instance_id))
-
-    def drain_instance(self, instance_id: str, drain: bool = True) -> pool_pb2.InstanceStatus:
-        return self._run(self._admin.drain_instance(instance_id, drain))
-
-    def set_instance_weight(self, instance_id: str, weight: float) -> pool_pb2.InstanceStatus:
-        return self._run(self._admin.set_instance_weight(instance_id, weight))
-
-    def reset_circuit(self, instance_id: str, model: str = "") -> pool_pb2.InstanceStatus:
-        return self._run(self._admin.reset_circuit(instance_id, model))
-
-    def load_model(
-        self, instance_id: str, model: str, *, keep_alive: float | timedelta | None = None
-    ) -> pool_pb2.InstanceStatus:
-        return self._run(self._admin.load_model(instance_id, model, keep_alive=keep_alive))
-
-    def unload_model(self, instance_id: str, model: str) -> pool_pb2.InstanceStatus:
-        return self._run(self._admin.unload_model(instance_id, model))
+    update_queue_config = blocking(AsyncAdmin.update_queue_config)
+    queue_stats = blocking(AsyncAdmin.queue_stats)
+    set_tenant_weight = blocking(AsyncAdmin.set_tenant_weight)
+    dead_letters = blocking(AsyncAdmin.dead_letters)
+    retry_dead_letter = blocking(AsyncAdmin.retry_dead_letter)
+    register_instance = blocking(AsyncAdmin.register_instance)
+    deregister_instance = blocking(AsyncAdmin.deregister_instance)
+    drain_instance = blocking(AsyncAdmin.drain_instance)
+    set_instance_weight = blocking(AsyncAdmin.set_instance_weight)
+    reset_circuit = blocking(AsyncAdmin.reset_circuit)
+    load_model = blocking(AsyncAdmin.load_model)
+    unload_model = blocking(AsyncAdmin.unload_model)
 
 
-class UsherClient:
+class UsherClient(_Driver):
     """The blocking twin of ``AsyncUsherClient``: same arguments, same methods."""
 
     def __init__(
@@ -237,7 +183,7 @@ class UsherClient:
         retry: RetryPolicy | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._client = AsyncUsherClient(
+        self._client = self._target = AsyncUsherClient(
             scheduler_address,
             notifier_address,
             pool_address=pool_address,
@@ -274,67 +220,19 @@ class UsherClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatMessageLike] | None = None,
-        embed: Sequence[str] | None = None,
-        **options: Unpack[SubmitOptions],
-    ) -> Submission:
-        return self.run(
-            self._client.submit(model, prompt, messages=messages, embed=embed, **options)
-        )
-
-    def get(self, request_id: str) -> Request:
-        return self.run(self._client.get(request_id))
-
-    def list(
-        self,
-        *,
-        model: str = "",
-        states: Iterable[RequestState | str | int] = (),
-        limit: int = 50,
-    ) -> tuple[Request, ...]:
-        return self.run(self._client.list(model=model, states=states, limit=limit))
-
-    def cancel(self, request_id: str, reason: str = "") -> Request:
-        return self.run(self._client.cancel(request_id, reason))
-
-    def switch_provider(self, request_id: str) -> Request:
-        return self.run(self._client.switch_provider(request_id))
+    submit = blocking(AsyncUsherClient.submit)
+    get = blocking(AsyncUsherClient.get)
+    list = blocking(AsyncUsherClient.list)
+    cancel = blocking(AsyncUsherClient.cancel)
+    switch_provider = blocking(AsyncUsherClient.switch_provider)
 
     def watch(
         self, request_id: str, last_event_id: str = "", *, timeout: float | None = None
     ) -> Iterator[Update]:
         return self._runner.iterate(self._client.watch(request_id, last_event_id, timeout=timeout))
 
-    def wait(self, request_id: str, *, timeout: float | None = None, check: bool = True) -> Request:
-        return self.run(self._client.wait(request_id, timeout=timeout, check=check))
-
-    def submit_and_wait(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatMessageLike] | None = None,
-        embed: Sequence[str] | None = None,
-        wait_timeout: float | None = None,
-        check: bool = True,
-        **options: Unpack[SubmitOptions],
-    ) -> Request:
-        return self.run(
-            self._client.submit_and_wait(
-                model,
-                prompt,
-                messages=messages,
-                embed=embed,
-                wait_timeout=wait_timeout,
-                check=check,
-                **options,
-            )
-        )
+    wait = blocking(AsyncUsherClient.wait)
+    submit_and_wait = blocking(AsyncUsherClient.submit_and_wait)
 
     def stream_tokens(
         self,
@@ -366,8 +264,5 @@ class UsherClient:
     ) -> Iterator[tuple[Badge, ...]]:
         return self._runner.iterate(self._client.queues(models, timeout=timeout))
 
-    def list_instances(self) -> tuple[pool_pb2.InstanceStatus, ...]:
-        return self.run(self._client.list_instances())
-
-    def model_stats(self, models: Sequence[str] = ()) -> tuple[pool_pb2.ModelStats, ...]:
-        return self.run(self._client.model_stats(models))
+    list_instances = blocking(AsyncUsherClient.list_instances)
+    model_stats = blocking(AsyncUsherClient.model_stats)
