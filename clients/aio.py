@@ -786,6 +786,15 @@ class AsyncAdmin:
     def __init__(self, client: AsyncUsherClient) -> None:
         self._client = client
 
+    async def _instance(
+        self, name: str, request: Any, timeout: float | None = None
+    ) -> pool_pb2.InstanceStatus:
+        """A PoolAdminService call that answers with the instance's status."""
+        c = self._client
+        response = await c._unary(name, getattr(c._pool_admin, name), request, timeout=timeout)
+        instance: pool_pb2.InstanceStatus = response.instance
+        return instance
+
     async def update_queue_config(
         self,
         model: str,
@@ -890,13 +899,9 @@ class AsyncAdmin:
             external=external,
             api_key_env=api_key_env,
         )
-        c = self._client
-        response = await c._unary(
-            "RegisterInstance",
-            c._pool_admin.RegisterInstance,
-            pool_pb2.RegisterInstanceRequest(config=config),
+        return await self._instance(
+            "RegisterInstance", pool_pb2.RegisterInstanceRequest(config=config)
         )
-        return response.instance
 
     async def deregister_instance(self, instance_id: str) -> None:
         c = self._client
@@ -908,31 +913,16 @@ class AsyncAdmin:
 
     async def drain_instance(self, instance_id: str, drain: bool = True) -> pool_pb2.InstanceStatus:
         """Stop granting new slots on an instance (``drain=False`` resumes it)."""
-        c = self._client
-        response = await c._unary(
-            "DrainInstance",
-            c._pool_admin.DrainInstance,
-            pool_pb2.DrainInstanceRequest(id=instance_id, drain=drain),
-        )
-        return response.instance
+        request = pool_pb2.DrainInstanceRequest(id=instance_id, drain=drain)
+        return await self._instance("DrainInstance", request)
 
     async def set_instance_weight(self, instance_id: str, weight: float) -> pool_pb2.InstanceStatus:
-        c = self._client
-        response = await c._unary(
-            "SetInstanceWeight",
-            c._pool_admin.SetInstanceWeight,
-            pool_pb2.SetInstanceWeightRequest(id=instance_id, weight=weight),
-        )
-        return response.instance
+        request = pool_pb2.SetInstanceWeightRequest(id=instance_id, weight=weight)
+        return await self._instance("SetInstanceWeight", request)
 
     async def reset_circuit(self, instance_id: str, model: str = "") -> pool_pb2.InstanceStatus:
-        c = self._client
-        response = await c._unary(
-            "ResetCircuit",
-            c._pool_admin.ResetCircuit,
-            pool_pb2.ResetCircuitRequest(id=instance_id, model=model),
-        )
-        return response.instance
+        request = pool_pb2.ResetCircuitRequest(id=instance_id, model=model)
+        return await self._instance("ResetCircuit", request)
 
     async def load_model(
         self, instance_id: str, model: str, *, keep_alive: float | timedelta | None = None
@@ -940,18 +930,9 @@ class AsyncAdmin:
         request = pool_pb2.LoadModelRequest(id=instance_id, model=model)
         if keep_alive is not None:
             request.keep_alive.CopyFrom(_duration(keep_alive))
-        c = self._client
         # Loading takes as long as the model server needs: a generous deadline.
-        response = await c._unary(
-            "LoadModel", c._pool_admin.LoadModel, request, timeout=max(c.timeout, 120.0)
-        )
-        return response.instance
+        return await self._instance("LoadModel", request, max(self._client.timeout, 120.0))
 
     async def unload_model(self, instance_id: str, model: str) -> pool_pb2.InstanceStatus:
-        c = self._client
-        response = await c._unary(
-            "UnloadModel",
-            c._pool_admin.UnloadModel,
-            pool_pb2.UnloadModelRequest(id=instance_id, model=model),
-        )
-        return response.instance
+        request = pool_pb2.UnloadModelRequest(id=instance_id, model=model)
+        return await self._instance("UnloadModel", request)
