@@ -790,6 +790,59 @@ def _metrics_middleware(metrics: GatewayMetrics) -> Any:
     return middleware
 
 
+def _error_response(request: web.Request, error: tr.GatewayError) -> web.Response:
+    """An error in the shape of the API the path belongs to (OpenAI under /v1/)."""
+    if request.path.startswith("/v1/"):
+        return json_response(tr.openai_error_body(error), tr.openai_status(error))
+    return json_response(tr.ollama_error_body(error), error.status)
+
+
+def _body_middleware(settings: GatewaySettings) -> Any:
+    """Reads every request body before its handler runs, within the read timeout: a client
+    that stalls mid-body gets 408 and its connection back instead of holding a handler
+    (and a socket) for ever. Handlers read the body from memory afterwards. A stall in the
+    headers is bounded by the server's keep-alive timeout (the same setting)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                await asyncio.wait_for(request.read(), settings.read_timeout_seconds)
+            except TimeoutError:
+                error = tr.GatewayError(
+                    408,
+                    "timeout",
+                    f"the request body did not arrive within {settings.read_timeout_seconds:g} s",
+                    field="body",
+                )
+                response = _error_response(request, error)
+                response.force_close()
+                return response
+            except web.HTTPRequestEntityTooLarge:
+                return _error_response(
+                    request,
+                    tr.GatewayError(
+                        413,
+                        "too_large",
+                        f"the body is larger than {settings.max_body_bytes} bytes",
+                        field="body",
+                    ),
+                )
+        try:
+            return await handler(request)
+        except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:  # a fault of ours: no internal text to the caller
+            log.exception(
+                "gateway_handler_failed", path=request.path, error_type=type(exc).__name__
+            )
+            return _error_response(
+                request, tr.GatewayError(500, "internal", "internal error; it has been logged")
+            )
+
+    return middleware
+
+
 def build_app(
     settings: GatewaySettings,
     backend: Backend | None = None,
@@ -799,7 +852,8 @@ def build_app(
     backend = backend or Backend(settings)
     metrics = metrics or GatewayMetrics()
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[_metrics_middleware(metrics)]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[_metrics_middleware(metrics), _body_middleware(settings)],
     )
     app[BACKEND] = backend
     app[METRICS] = metrics
@@ -824,6 +878,9 @@ async def serve(settings: GatewaySettings) -> None:
         handler_cancellation=True,
         shutdown_timeout=settings.shutdown_grace_seconds,
         access_log=None,
+        keepalive_timeout=settings.read_timeout_seconds,
+        # After a 408 or 413 the unread rest of a body is drained this long at most.
+        lingering_time=min(10.0, settings.read_timeout_seconds),
     )
     await runner.setup()
     host, port = split_listen(settings.listen)

@@ -69,6 +69,9 @@ class GatewaySettings:
     default_token: str = ""
     open_access: bool = False
     rpc_timeout_seconds: float = 10.0
+    #: How long a client may take to send its request (headers and body) and how long an
+    #: idle keep-alive connection stays open.
+    read_timeout_seconds: float = 30.0
     model_cache_seconds: float = 2.0
     max_body_bytes: int = 64 * 1024 * 1024
     ollama_version: str = "0.12.0"
@@ -94,6 +97,9 @@ class GatewaySettings:
             open_access=open_access_from_env(env),
             rpc_timeout_seconds=env_float(
                 "USHER_GATEWAY_RPC_TIMEOUT_SECONDS", d.rpc_timeout_seconds, env
+            ),
+            read_timeout_seconds=env_float(
+                "USHER_GATEWAY_READ_TIMEOUT_SECONDS", d.read_timeout_seconds, env
             ),
             model_cache_seconds=env_float(
                 "USHER_GATEWAY_MODEL_CACHE_SECONDS", d.model_cache_seconds, env
@@ -127,6 +133,8 @@ class GatewaySettings:
             )
         if self.rpc_timeout_seconds <= 0:
             raise ConfigError("USHER_GATEWAY_RPC_TIMEOUT_SECONDS must be positive")
+        if not self.read_timeout_seconds > 0:
+            raise ConfigError("USHER_GATEWAY_READ_TIMEOUT_SECONDS must be positive")
         if self.model_cache_seconds < 0:
             raise ConfigError("USHER_GATEWAY_MODEL_CACHE_SECONDS must not be negative")
         if self.max_body_bytes < 1024:

@@ -36,7 +36,10 @@ from usher.v1 import request_pb2, scheduler_pb2
 
 __all__ = [
     "EMPTY_MODEL",
+    "INT32",
+    "INT64",
     "INVALID_MODEL",
+    "MAX_JSON_DEPTH",
     "Api",
     "GatewayError",
     "OpenAIFrames",
@@ -50,6 +53,7 @@ __all__ = [
     "finish_reason",
     "http_field",
     "is_model_name",
+    "json_problem",
     "ollama_chat",
     "ollama_chunk",
     "ollama_embed",
@@ -412,16 +416,66 @@ class Parsed:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: Deepest nesting a request body may have (tools' schemas and options included).
+MAX_JSON_DEPTH = 32
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, str] | None:
+    """The first part of decoded JSON the services cannot take, as (field path, what is
+    wrong): nesting deeper than ``max_depth``, a number that is not finite or beyond 64
+    bits, or a string with a lone surrogate (not UTF-8). None when all is well. Walks
+    without recursion, so any depth is safe to check."""
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
+    while stack:
+        path, item, depth = stack.pop()
+        if depth > max_depth:
+            return path or "body", f"nests deeper than {max_depth} levels"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                problem = _text_problem(key)
+                if problem:
+                    return path or "body", f"has a key that {problem}"
+                stack.append((f"{path}.{key}" if path else key, child, depth + 1))
+        elif isinstance(item, list):
+            stack += [(f"{path}[{i}]", child, depth + 1) for i, child in enumerate(item)]
+        elif isinstance(item, str):
+            problem = _text_problem(item)
+            if problem:
+                return path or "body", problem
+        elif isinstance(item, float) and not math.isfinite(item):
+            return path or "body", "must be a finite number"
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 2**64:
+            return path or "body", "is out of range"
+    return None
+
+
+def _text_problem(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return ""
+
+
 def decode_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 naming the body."""
+    """The body as a JSON object, or a 400 naming the body (or the field at fault)."""
     if not raw.strip():
         raise bad_request("body", "missing request body")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request("body", f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("body", f"nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(value, dict):
         raise bad_request("body", "must be a JSON object")
+    problem = json_problem(value)
+    if problem is not None:
+        raise bad_request(*problem)
     return value
 
 
@@ -461,9 +515,28 @@ def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _integer(value: Any, where: str, bounds: tuple[int, int] = INT32) -> int:
+    """A whole number within ``bounds`` (the protobuf field's range), else a 400 naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(where, "must be a number")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise bad_request(where, "must be an integer")
+    number = int(value)
+    low, high = bounds
+    if not low <= number <= high:
+        raise bad_request(where, f"must be between {low} and {high}")
+    return number
+
+
 def _number(value: Any, where: str, *, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(where, "must be a number")
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise bad_request(where, "is out of range")
     if not math.isfinite(value):
         raise bad_request(where, "must be finite")
     if integer and float(value) != int(value):
@@ -513,7 +586,7 @@ def _ollama_options(raw: Any, top: Mapping[str, Any]) -> request_pb2.GenerationO
             if value is None:
                 continue
             if key in _TYPED_INT_OPTIONS:
-                number = int(_number(value, where, integer=True))
+                number = _integer(value, where, INT64 if key == "seed" else INT32)
                 if key == "num_ctx" and number < 1:
                     raise bad_request(where, "must be positive")
                 setattr(options, key, number)
@@ -615,9 +688,7 @@ def ollama_embed(body: Mapping[str, Any]) -> Parsed:
             input=inputs,
             # Ollama truncates over-long input unless told not to.
             truncate=_bool(body, "truncate", True),
-            dimensions=int(_number(dimensions, "dimensions", integer=True))
-            if dimensions is not None
-            else 0,
+            dimensions=_integer(dimensions, "dimensions") if dimensions is not None else 0,
         ),
         options=_embed_options(body),
     )
@@ -726,10 +797,10 @@ def _openai_options(body: Mapping[str, Any]) -> request_pb2.GenerationOptions:
         if body.get(name) is not None:
             setattr(options, name, _number(body[name], name))
     if body.get("seed") is not None:
-        options.seed = int(_number(body["seed"], "seed", integer=True))
+        options.seed = _integer(body["seed"], "seed", INT64)
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:
-            limit = int(_number(body[name], name, integer=True))
+            limit = _integer(body[name], name)
             if limit < 1:
                 raise bad_request(name, "must be at least 1")
             options.num_predict = limit
@@ -807,9 +878,7 @@ def openai_embeddings(body: Mapping[str, Any]) -> Parsed:
         embed=request_pb2.EmbedInput(
             input=inputs,
             truncate=True,
-            dimensions=int(_number(dimensions, "dimensions", integer=True))
-            if dimensions is not None
-            else 0,
+            dimensions=_integer(dimensions, "dimensions") if dimensions is not None else 0,
         ),
     )
     return Parsed(submit, model, "embed", encoding_format=fmt)
