@@ -212,6 +212,23 @@ def build_submit_request(
         idempotency_key=options.get("idempotency_key") or uuid.uuid4().hex,
         labels=dict(options.get("labels", {})),
     )
+    _set_input(request, prompt, messages, embed, options)
+    _set_controls(request, options)
+    _set_generation(request.options, options)
+    if not request.options.ListFields():
+        request.ClearField("options")
+    request.traceparent = options.get("traceparent") or _current_traceparent()
+    return request
+
+
+def _set_input(
+    request: scheduler_pb2.SubmitRequest,
+    prompt: str | None,
+    messages: Sequence[ChatMessageLike] | None,
+    embed: Sequence[str] | None,
+    options: SubmitOptions,
+) -> None:
+    """The request's one input: a generate prompt, chat messages or texts to embed."""
     system = options.get("system", "")
     if prompt is not None:
         request.generate.CopyFrom(
@@ -233,6 +250,10 @@ def build_submit_request(
         )
     elif embed is not None:
         request.embed.CopyFrom(request_pb2.EmbedInput(input=list(embed)))
+
+
+def _set_controls(request: scheduler_pb2.SubmitRequest, options: SubmitOptions) -> None:
+    """Priority, fallback and the time limits."""
     if "priority" in options:
         request.priority = _parse(Priority, options["priority"], "priority").value
     if "fallback" in options:
@@ -249,7 +270,10 @@ def build_submit_request(
             delta = deadline if isinstance(deadline, timedelta) else timedelta(seconds=deadline)
             deadline = datetime.now(UTC) + delta
         request.deadline.FromMilliseconds(round(deadline.timestamp() * 1000))
-    generation = request.options
+
+
+def _set_generation(generation: request_pb2.GenerationOptions, options: SubmitOptions) -> None:
+    """Sampling options; anything untyped rides in ``extra``."""
     for name in ("temperature", "top_p"):
         if name in options:
             setattr(generation, name, float(options[name]))
@@ -261,10 +285,6 @@ def build_submit_request(
         extra = struct_pb2.Struct()
         extra.update(dict(options.get("options", {})))
         generation.extra.CopyFrom(extra)
-    if not generation.ListFields():
-        request.ClearField("options")
-    request.traceparent = options.get("traceparent") or _current_traceparent()
-    return request
 
 
 def _event_key(event_id: str) -> tuple[int, int] | None:

@@ -36,7 +36,7 @@ from rich.status import Status
 from rich.table import Table
 
 # Submodules, not the package: an editable install may expose ``clients`` as a namespace.
-from clients.aio import AsyncUsherClient, SubmitOptions
+from clients.aio import AsyncAdmin, AsyncUsherClient, SubmitOptions
 from clients.dashboard import render_dashboard
 from clients.errors import (
     DeadlineExceeded,
@@ -534,6 +534,36 @@ def _print_instance(out: _Out, instance: pool_pb2.InstanceStatus, as_json: bool)
         out.out.print(render_instances([instance]))
 
 
+def _register(admin: AsyncAdmin, args: argparse.Namespace) -> Awaitable[pool_pb2.InstanceStatus]:
+    return admin.register_instance(
+        args.id,
+        args.url,
+        kind=args.kind,
+        weight=args.weight,
+        parallel=args.parallel,
+        roles=args.role or (),
+        memory_budget_bytes=args.memory,
+        max_loaded_models=args.max_loaded_models,
+        preload=args.preload or (),
+        allowed_models=args.allowed_model or (),
+        external=args.external,
+        api_key_env=args.api_key_env or "",
+    )
+
+
+#: Admin actions on one instance, each answered with the instance's status.
+_INSTANCE_ACTIONS: dict[
+    str, Callable[[AsyncAdmin, argparse.Namespace], Awaitable[pool_pb2.InstanceStatus]]
+] = {
+    "drain": lambda admin, a: admin.drain_instance(a.id, not a.undo),
+    "weight": lambda admin, a: admin.set_instance_weight(a.id, a.weight),
+    "reset-circuit": lambda admin, a: admin.reset_circuit(a.id, a.model or ""),
+    "load": lambda admin, a: admin.load_model(a.id, a.model, keep_alive=a.keep_alive),
+    "unload": lambda admin, a: admin.unload_model(a.id, a.model),
+    "register": _register,
+}
+
+
 async def cmd_admin(args: argparse.Namespace, out: _Out) -> int:
     async with _client(args, out) as client:
         admin = client.admin
@@ -575,36 +605,8 @@ async def cmd_admin(args: argparse.Namespace, out: _Out) -> int:
                 from clients.dashboard import render_instances
 
                 out.out.print(render_instances(instances))
-        elif action == "drain":
-            instance = await admin.drain_instance(args.id, not args.undo)
-            _print_instance(out, instance, args.json)
-        elif action == "weight":
-            instance = await admin.set_instance_weight(args.id, args.weight)
-            _print_instance(out, instance, args.json)
-        elif action == "reset-circuit":
-            instance = await admin.reset_circuit(args.id, args.model or "")
-            _print_instance(out, instance, args.json)
-        elif action == "load":
-            instance = await admin.load_model(args.id, args.model, keep_alive=args.keep_alive)
-            _print_instance(out, instance, args.json)
-        elif action == "unload":
-            instance = await admin.unload_model(args.id, args.model)
-            _print_instance(out, instance, args.json)
-        elif action == "register":
-            instance = await admin.register_instance(
-                args.id,
-                args.url,
-                kind=args.kind,
-                weight=args.weight,
-                parallel=args.parallel,
-                roles=args.role or (),
-                memory_budget_bytes=args.memory,
-                max_loaded_models=args.max_loaded_models,
-                preload=args.preload or (),
-                allowed_models=args.allowed_model or (),
-                external=args.external,
-                api_key_env=args.api_key_env or "",
-            )
+        elif action in _INSTANCE_ACTIONS:
+            instance = await _INSTANCE_ACTIONS[action](admin, args)
             _print_instance(out, instance, args.json)
         elif action == "deregister":
             await admin.deregister_instance(args.id)

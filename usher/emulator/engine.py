@@ -212,28 +212,11 @@ class Engine:
         model_stats = self.stats.model(job.spec.name)
         pending: list[str] = []
         for i, token in enumerate(tokens):
-            # Faults trigger after exactly i tokens have been emitted.
-            if faults.crash_after_tokens is not None and faults.crash_after_tokens == i:
+            fault = self._fault_after(i)  # faults trigger after exactly i tokens
+            if fault is not None:
                 if pending:
                     yield Tokens(pending)
-                yield Crash()
-                return
-            if faults.drop_after_tokens is not None and faults.drop_after_tokens == i:
-                faults.drop_times = _count_down(faults.drop_times)
-                if faults.drop_times == 0:
-                    faults.drop_after_tokens = faults.drop_times = None
-                if pending:
-                    yield Tokens(pending)
-                yield Drop()
-                return
-            if faults.error_after_tokens is not None and faults.error_after_tokens == i:
-                message = faults.error_message
-                faults.error_times = _count_down(faults.error_times)
-                if faults.error_times == 0:
-                    faults.error_after_tokens = faults.error_times = None
-                if pending:
-                    yield Tokens(pending)
-                yield StreamError(message)
+                yield fault
                 return
             if faults.hang_after_tokens is not None and faults.hang_after_tokens == i:
                 if pending:
@@ -266,6 +249,24 @@ class Engine:
                 eval_duration=_ns(end - first) if tokens else 0,
             ),
         )
+
+    def _fault_after(self, emitted: int) -> Crash | Drop | StreamError | None:
+        """The armed fault that ends a run after ``emitted`` tokens, counting it down."""
+        faults = self.config.faults
+        if faults.crash_after_tokens == emitted:
+            return Crash()
+        if faults.drop_after_tokens == emitted:
+            faults.drop_times = _count_down(faults.drop_times)
+            if faults.drop_times == 0:
+                faults.drop_after_tokens = faults.drop_times = None
+            return Drop()
+        if faults.error_after_tokens == emitted:
+            message = faults.error_message
+            faults.error_times = _count_down(faults.error_times)
+            if faults.error_times == 0:
+                faults.error_after_tokens = faults.error_times = None
+            return StreamError(message)
+        return None
 
     async def embed(
         self, spec: ModelSpec, inputs: list[str], dimensions: int | None

@@ -257,34 +257,20 @@ class OpenAIApi:
     ) -> web.StreamResponse:
         engine = self.engine
         model_stats = engine.stats.model(spec.name)
-        cid = f"chatcmpl-{random.randrange(999)}"
-        created = int(time.time())
+        frames = _ChatFrames(f"chatcmpl-{random.randrange(999)}", int(time.time()), model)
         resp: web.StreamResponse | None = None
         first = True
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": _FINGERPRINT,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-
         events = engine.generate(job, lease)
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Tokens):
                     if not stream or tool is not None:  # a call goes out whole, at the end
                         continue
-                    parts = []
-                    for text in event.texts:
-                        delta = (
-                            {"role": "assistant", "content": text} if first else {"content": text}
-                        )
-                        first = False
-                        parts.append(_sse(chunk(delta, None)))
+                    parts = [
+                        frames.text(text, first=first and i == 0)
+                        for i, text in enumerate(event.texts)
+                    ]
+                    first = False
                     if resp is None:
                         resp = await start_stream(request, SSE)
                     await resp.write(b"".join(parts))
@@ -295,42 +281,10 @@ class OpenAIApi:
                     if calls:
                         event = Done(text="", done_reason="tool_calls", metrics=event.metrics)
                     if not stream:
-                        return json_response(
-                            {
-                                "id": cid,
-                                "object": "chat.completion",
-                                "created": created,
-                                "model": model,
-                                "system_fingerprint": _FINGERPRINT,
-                                "choices": [
-                                    {
-                                        "index": 0,
-                                        "message": {
-                                            "role": "assistant",
-                                            "content": event.text,
-                                            **({"tool_calls": calls} if calls else {}),
-                                        },
-                                        "finish_reason": event.done_reason or None,
-                                    }
-                                ],
-                                "usage": _usage(event.metrics),
-                            }
-                        )
-                    out = []
-                    if calls:
-                        indexed = [{"index": i, **c} for i, c in enumerate(calls)]
-                        opening = {"role": "assistant", "content": "", "tool_calls": indexed}
-                        out.append(_sse(chunk(opening, None)))
-                    elif first:  # an empty completion still opens with a role chunk
-                        out.append(_sse(chunk({"role": "assistant", "content": ""}, None)))
-                    finish = chunk({}, event.done_reason or "stop")
-                    out.append(_sse(finish))
-                    if include_usage:
-                        out.append(_sse({**finish, "choices": [], "usage": _usage(event.metrics)}))
-                    out.append(b"data: [DONE]\n\n")
+                        return json_response(frames.whole(event, calls))
                     if resp is None:
                         resp = await start_stream(request, SSE)
-                    await resp.write(b"".join(out))
+                    await resp.write(frames.ending(event, calls, first, include_usage))
                     await resp.write_eof()
                     return resp
                 elif isinstance(event, StreamError):
@@ -339,7 +293,7 @@ class OpenAIApi:
                         raise ApiError(500, event.message)
                     engine.stats.requests_failed += 1
                     # Ollama's ChatWriter decodes the error line as an empty chunk.
-                    await resp.write(_sse(chunk({"content": ""}, None)))
+                    await resp.write(_sse(frames.chunk({"content": ""}, None)))
                     await resp.write_eof()
                     return resp
                 elif isinstance(event, (Drop, Crash)):
@@ -367,41 +321,13 @@ class OpenAIApi:
             num_ctx = engine.default_num_ctx(spec, None)
             lease = await engine.acquire(spec, num_ctx=num_ctx, keep_alive=None, slot=bool(prompt))
             try:
-                cid = f"cmpl-{random.randrange(999)}"
-                usage0 = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-
-                def chunk(text: str, finish: str | None) -> dict[str, Any]:
-                    out: dict[str, Any] = {
-                        "id": cid,
-                        "object": "text_completion",
-                        "created": int(time.time()),
-                        "choices": [{"text": text, "index": 0, "finish_reason": finish}],
-                        "model": model,
-                        "system_fingerprint": _FINGERPRINT,
-                    }
-                    if include_usage:
-                        out["usage"] = usage0
-                    return out
-
-                def complete(text: str, finish: str, metrics: Metrics) -> web.Response:
-                    return json_response(
-                        {
-                            "id": cid,
-                            "object": "text_completion",
-                            "created": int(time.time()),
-                            "model": model,
-                            "system_fingerprint": _FINGERPRINT,
-                            "choices": [{"text": text, "index": 0, "finish_reason": finish}],
-                            "usage": _usage(metrics),
-                        }
-                    )
-
+                frames = _TextFrames(f"cmpl-{random.randrange(999)}", model, include_usage)
                 if not prompt:  # Ollama's load shortcut, rendered as a completion
                     engine.stats.requests_served += 1
                     if not stream:
-                        return complete("", "load", Metrics())
+                        return json_response(frames.whole("", "load", Metrics()))
                     resp = await start_stream(request, SSE)
-                    await resp.write(_sse(chunk("", "load")) + b"data: [DONE]\n\n")
+                    await resp.write(_sse(frames.chunk("", "load")) + b"data: [DONE]\n\n")
                     await resp.write_eof()
                     return resp
                 job = GenerationJob(
@@ -412,52 +338,58 @@ class OpenAIApi:
                     seed=seed,
                     started=started,
                 )
-                model_stats = engine.stats.model(spec.name)
-                sresp: web.StreamResponse | None = None
-                events = engine.generate(job, lease)
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        if isinstance(event, Tokens):
-                            if stream:
-                                if sresp is None:
-                                    sresp = await start_stream(request, SSE)
-                                await sresp.write(
-                                    b"".join(_sse(chunk(t, None)) for t in event.texts)
-                                )
-                        elif isinstance(event, Done):
-                            model_stats.completed += 1
-                            engine.stats.requests_served += 1
-                            if not stream:
-                                return complete(event.text, event.done_reason, event.metrics)
-                            last = chunk("", event.done_reason)
-                            out = [_sse(last)]
-                            if include_usage:
-                                out.append(
-                                    _sse({**last, "choices": [], "usage": _usage(event.metrics)})
-                                )
-                            out.append(b"data: [DONE]\n\n")
-                            if sresp is None:
-                                sresp = await start_stream(request, SSE)
-                            await sresp.write(b"".join(out))
-                            await sresp.write_eof()
-                            return sresp
-                        elif isinstance(event, StreamError):
-                            model_stats.failed += 1
-                            if sresp is None:
-                                raise ApiError(500, event.message)
-                            engine.stats.requests_failed += 1
-                            await sresp.write(_sse(chunk("", None)))
-                            await sresp.write_eof()
-                            return sresp
-                        elif isinstance(event, (Drop, Crash)):
-                            model_stats.failed += 1
-                            engine.stats.requests_failed += 1
-                            await abort_connection(request, engine, crash=isinstance(event, Crash))
-                raise ApiError(500, "generation ended without a result")
+                return await self._render_text(request, spec, job, lease, frames, stream=stream)
             finally:
                 engine.release(lease)
 
         return await self._respond(run)
+
+    async def _render_text(
+        self,
+        request: web.Request,
+        spec: ModelSpec,
+        job: GenerationJob,
+        lease: Lease,
+        frames: _TextFrames,
+        *,
+        stream: bool,
+    ) -> web.StreamResponse:
+        engine = self.engine
+        model_stats = engine.stats.model(spec.name)
+        resp: web.StreamResponse | None = None
+        events = engine.generate(job, lease)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Tokens):
+                    if stream:
+                        if resp is None:
+                            resp = await start_stream(request, SSE)
+                        await resp.write(b"".join(_sse(frames.chunk(t, None)) for t in event.texts))
+                elif isinstance(event, Done):
+                    model_stats.completed += 1
+                    engine.stats.requests_served += 1
+                    if not stream:
+                        return json_response(
+                            frames.whole(event.text, event.done_reason, event.metrics)
+                        )
+                    if resp is None:
+                        resp = await start_stream(request, SSE)
+                    await resp.write(frames.ending(event))
+                    await resp.write_eof()
+                    return resp
+                elif isinstance(event, StreamError):
+                    model_stats.failed += 1
+                    if resp is None:
+                        raise ApiError(500, event.message)
+                    engine.stats.requests_failed += 1
+                    await resp.write(_sse(frames.chunk("", None)))
+                    await resp.write_eof()
+                    return resp
+                elif isinstance(event, (Drop, Crash)):
+                    model_stats.failed += 1
+                    engine.stats.requests_failed += 1
+                    await abort_connection(request, engine, crash=isinstance(event, Crash))
+        raise ApiError(500, "generation ended without a result")
 
     # -- embeddings -----------------------------------------------------------------
 
@@ -517,3 +449,89 @@ def _tool_calls(tool: ToolChoice | None, text: str) -> list[dict[str, Any]]:
         return []
     call_id = f"call_{random.randrange(16**8):08x}"
     return [openai_tool_call(tool.name, json.dumps(tool_arguments(text)), call_id)]
+
+
+class _ChatFrames:
+    """The bodies of one chat completion, whole or as SSE chunks (pure)."""
+
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        self.head = {
+            "id": completion_id,
+            "created": created,
+            "model": model,
+            "system_fingerprint": _FINGERPRINT,
+        }
+
+    def chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
+
+    def text(self, text: str, *, first: bool) -> bytes:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        return _sse(self.chunk(delta, None))
+
+    def whole(self, done: Done, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": done.text}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "finish_reason": done.done_reason or None}
+        return {
+            **self.head,
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": _usage(done.metrics),
+        }
+
+    def ending(
+        self, done: Done, calls: list[dict[str, Any]], first: bool, include_usage: bool
+    ) -> bytes:
+        """Tool calls (or the role chunk of an empty answer), finish, usage, [DONE]."""
+        out = []
+        if calls:
+            indexed = [{"index": i, **c} for i, c in enumerate(calls)]
+            opening = {"role": "assistant", "content": "", "tool_calls": indexed}
+            out.append(_sse(self.chunk(opening, None)))
+        elif first:  # an empty completion still opens with a role chunk
+            out.append(_sse(self.chunk({"role": "assistant", "content": ""}, None)))
+        finish = self.chunk({}, done.done_reason or "stop")
+        out.append(_sse(finish))
+        if include_usage:
+            out.append(_sse({**finish, "choices": [], "usage": _usage(done.metrics)}))
+        out.append(b"data: [DONE]\n\n")
+        return b"".join(out)
+
+
+class _TextFrames:
+    """The bodies of one legacy text completion, whole or as SSE chunks (pure)."""
+
+    def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
+        self.completion_id = completion_id
+        self.model = model
+        self.include_usage = include_usage
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "id": self.completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "system_fingerprint": _FINGERPRINT,
+        }
+
+    def chunk(self, text: str, finish: str | None) -> dict[str, Any]:
+        out = {**self._head(), "choices": [{"text": text, "index": 0, "finish_reason": finish}]}
+        if self.include_usage:
+            out["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        return out
+
+    def whole(self, text: str, finish: str, metrics: Metrics) -> dict[str, Any]:
+        choice = {"text": text, "index": 0, "finish_reason": finish}
+        return {**self._head(), "choices": [choice], "usage": _usage(metrics)}
+
+    def ending(self, done: Done) -> bytes:
+        last = self.chunk("", done.done_reason)
+        out = [_sse(last)]
+        if self.include_usage:
+            out.append(_sse({**last, "choices": [], "usage": _usage(done.metrics)}))
+        out.append(b"data: [DONE]\n\n")
+        return b"".join(out)
