@@ -3,6 +3,7 @@ subprocess of its own, with no settings but a state directory and a gateway port
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -105,14 +106,22 @@ def assert_all_gone(processes: Sequence[psutil.Process], timeout: float = 10) ->
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
 
 
-@pytest.fixture(scope="package")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningUp]:
-    """``usher up`` on its emulated fleet, for the whole package."""
-    state = tmp_path_factory.mktemp("up")
-    running = start_up(["--tokens-per-second", "400"], up_env(state), ready_timeout=60)
+@contextlib.contextmanager
+def serving(args: Sequence[str], env: dict[str, str], ready_timeout: float) -> Iterator[RunningUp]:
+    """``usher up`` from ready to Ctrl-C; on the way out, nothing it started may be left
+    and it must exit 0."""
+    running = start_up(args, env, ready_timeout)
     try:
         yield running
     finally:
         if running.process.poll() is None:
             assert_all_gone(running.stop())
         assert running.process.returncode == 0, running.output[-3000:]
+
+
+@pytest.fixture(scope="package")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningUp]:
+    """``usher up`` on its emulated fleet, for the whole package."""
+    state = tmp_path_factory.mktemp("up")
+    with serving(["--tokens-per-second", "400"], up_env(state), ready_timeout=60) as running:
+        yield running

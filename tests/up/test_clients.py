@@ -224,26 +224,8 @@ def test_each_placeholder_key_is_its_own_tenant_and_none_is_an_admin(up: Running
         f"{up.gateway}/api/chat", json=body, headers={"Authorization": "Bearer app-a"}
     )
     request_id = reply.headers["X-Usher-Request-Id"]
-    cli = [sys.executable, "-m", "clients.cli", "get", request_id, "--retry-for", "0"]
-    env = {"PATH": "/usr/bin:/bin", **_cli_addresses(up)}
-    mine = subprocess.run(
-        [*cli, "--token", "app-a"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    theirs = subprocess.run(
-        [*cli, "--token", "app-b"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    mine = usher_cli(up, "get", request_id, "--retry-for", "0", "--token", "app-a")
+    theirs = usher_cli(up, "get", request_id, "--retry-for", "0", "--token", "app-b")
     assert mine.returncode == 0, mine.stderr
     assert theirs.returncode == 3, theirs.stderr  # another tenant's request: not allowed
     admin = httpx.post(
@@ -254,32 +236,17 @@ def test_each_placeholder_key_is_its_own_tenant_and_none_is_an_admin(up: Running
     assert admin.status_code == 403
 
 
-def _cli_addresses(up: RunningUp) -> dict[str, str]:
+def usher_cli(up: RunningUp, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``usher`` CLI as a user runs it, told where the services are (and nothing else)."""
     found = up.wait_for(r"scheduler (\S+) • pool (\S+) • notifier (\S+)", 1)
-    return {
+    env = {
+        "PATH": "/usr/bin:/bin",
         "USHER_SCHEDULER_ADDRESS": found.group(1),
         "USHER_POOL_ADDRESS": found.group(2),
         "USHER_NOTIFIER_ADDRESS": found.group(3),
     }
-
-
-def test_usher_chat_fails_at_once_on_an_unknown_model_and_answers_a_known_one(
-    up: RunningUp,
-) -> None:
-    env = {"PATH": "/usr/bin:/bin", **_cli_addresses(up)}
-    unknown = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "chat", "no-such-model", "hi"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert unknown.returncode == 3
-    assert "not served" in unknown.stderr and MODEL in unknown.stderr
-    known = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "chat", MODEL, "hi", "--max-tokens", "5"],
+    return subprocess.run(
+        [sys.executable, "-m", "clients.cli", *args],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -287,5 +254,14 @@ def test_usher_chat_fails_at_once_on_an_unknown_model_and_answers_a_known_one(
         timeout=60,
         check=False,
     )
+
+
+def test_usher_chat_fails_at_once_on_an_unknown_model_and_answers_a_known_one(
+    up: RunningUp,
+) -> None:
+    unknown = usher_cli(up, "chat", "no-such-model", "hi")
+    assert unknown.returncode == 3
+    assert "not served" in unknown.stderr and MODEL in unknown.stderr
+    known = usher_cli(up, "chat", MODEL, "hi", "--max-tokens", "5")
     assert known.returncode == 0, known.stderr
     assert known.stdout.strip()

@@ -12,7 +12,7 @@ import ollama
 import pytest
 
 from clients.up import add_detected_kinds, fleet_source, try_it
-from tests.up.conftest import REPO, assert_all_gone, start_up, up_env
+from tests.up.conftest import REPO, serving, up_env
 from usher.emulator import EmulatorProcess
 from usher.modelservers import classify
 from usher.testing.llamacpp import running_llama_server
@@ -97,15 +97,12 @@ def test_nothing_answering_stops_at_once_with_one_line_naming_the_url(tmp_path: 
 def test_usher_instances_on_a_real_ollama_api_is_detected_and_served(tmp_path: Path) -> None:
     with EmulatorProcess(["--models", "qwen2.5:0.5b", "--tokens-per-second", "400"]) as server:
         env = up_env(tmp_path, USHER_INSTANCES=f"desk={server.url}")
-        running = start_up([], env, ready_timeout=60)
-        try:
+        with serving([], env, ready_timeout=60) as running:
             assert f"{server.url}: Ollama" in running.output
             client = ollama.Client(host=running.gateway.removeprefix("http://"))
             assert client.chat(
                 "qwen2.5:0.5b", messages=[{"role": "user", "content": "hi"}]
             ).message.content
-        finally:
-            assert_all_gone(running.stop())
 
 
 @pytest.mark.slow
@@ -118,13 +115,10 @@ def test_ollama_host_naming_a_llama_cpp_server_is_detected_as_openai_compatible(
         log_dir=tmp_path, alias="smollm2", extra_args=("--interrupt_requests", "False")
     ) as llama:
         host = llama.url.removeprefix("http://")
-        running = start_up([], up_env(tmp_path, OLLAMA_HOST=host), ready_timeout=60)
-        try:
+        with serving([], up_env(tmp_path, OLLAMA_HOST=host), ready_timeout=60) as running:
             assert "llama-cpp-python server (smollm2)" in running.output
             client = ollama.Client(host=running.gateway.removeprefix("http://"))
             reply = client.chat(
                 "smollm2", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 6}
             )
             assert reply.message.content
-        finally:
-            assert_all_gone(running.stop())

@@ -10,7 +10,7 @@ import ollama
 import openai
 import pytest
 
-from tests.up.conftest import RunningUp, assert_all_gone, start_up, up_env
+from tests.up.conftest import RunningUp, serving, up_env
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2:135m"
@@ -19,13 +19,8 @@ MODEL = "smollm2:135m"
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningUp]:
     state: Path = tmp_path_factory.mktemp("up-llamacpp")
-    running = start_up(["--llama-cpp"], up_env(state), ready_timeout=150)
-    try:
+    with serving(["--llama-cpp"], up_env(state), ready_timeout=150) as running:
         yield running
-    finally:
-        if running.process.poll() is None:
-            assert_all_gone(running.stop())
-        assert running.process.returncode == 0, running.output[-3000:]
 
 
 def test_it_says_what_answered(real: RunningUp) -> None:
