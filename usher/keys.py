@@ -86,6 +86,8 @@ _REQUEST_EVENTS = ":events"
 _REQUEST_OWNERS = ":owners"
 _DEDUP = "dedup:"
 _IDEMPOTENCY = "idem:"
+# STRING present while a model that left the fleet has its keys expiring (retire.lua).
+_RETIRED = "retired"
 
 
 def _escape(part: str) -> str:
@@ -170,6 +172,12 @@ class ModelKeys:
     sequence = property(lambda self: self._k("sequence"))
     events = property(lambda self: self._k("events"))
 
+    @property
+    def retired(self) -> str:
+        """STRING set (with the keys' expiry) when the model left the fleet and its keys
+        expire; enqueue persists them again when it sees it."""
+        return self.base + _RETIRED
+
     def request(self, request_id: str) -> str:
         """HASH of one request: metadata, payload, result."""
         return f"{self.base}{_REQUEST}{request_id}"
@@ -202,6 +210,7 @@ def lua_key_header() -> str:
         f"local function req_owners_key(id) return req_key(id) .. '{_REQUEST_OWNERS}' end",
         f"local function dedup_key(fp) return BASE .. '{_DEDUP}' .. fp end",
         f"local function idem_key(t, k) return BASE .. '{_IDEMPOTENCY}' .. t .. ':' .. k end",
+        f"local RETIRED = BASE .. '{_RETIRED}'",
     ]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,10 @@ from services.scheduler.store import Ended, QueueStore, ReapCounts
 from usher import metrics
 from usher.logs import get_logger
 
-__all__ = ["reap_forever", "reap_once", "settle_ended"]
+__all__ = ["RETIRE_EVERY_SECONDS", "reap_forever", "reap_once", "retire_departed", "settle_ended"]
+
+#: How often a replica looks for models that left the fleet.
+RETIRE_EVERY_SECONDS = 30.0
 
 log = get_logger(__name__)
 
@@ -52,6 +55,25 @@ async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str
     return done
 
 
+async def retire_departed(store: QueueStore) -> list[str]:
+    """Models that left the fleet (no longer in the Pool's catalogue) and have no work:
+    off the model set, so no loop walks them, their keys expiring after the result TTL and
+    their metric series gone. Nothing happens before a Pool has published a catalogue."""
+    served = await store.served_models(fresh=True)
+    if not served:
+        return []
+    retired = []
+    for model in await store.models():
+        if model not in served and await store.retire(model, store.defaults.result_ttl_seconds):
+            retired.append(model)
+            for gauge in (metrics.QUEUE_DEPTH, metrics.QUEUE_RUNNING, metrics.QUEUE_LIMIT):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(model)
+    if retired:
+        log.info("retired models that left the fleet", models=retired[:20], count=len(retired))
+    return retired
+
+
 async def refresh_gauges(store: QueueStore) -> None:
     """Queue depth, running and limit per model, for /metrics."""
     for model in await store.models():
@@ -67,12 +89,15 @@ async def reap_forever(
     """Reap every ``interval_seconds`` until ``stop`` is set. Stopping by event rather than
     by cancelling lets a pass finish its script instead of abandoning a Redis call midway."""
     passes = 0
+    retire_every = max(1, round(RETIRE_EVERY_SECONDS / interval_seconds))
     while not stop.is_set():
         try:
             await reap_once(store, quotas)
             passes += 1
             if passes % max(1, round(2 / interval_seconds)) == 0:  # gauges about every 2 s
                 await refresh_gauges(store)
+            if passes % retire_every == 0:
+                await retire_departed(store)
         except Exception as exc:  # Redis away: keep trying, the work is still there.
             log.warning("reap failed", error=str(exc))
         with contextlib.suppress(TimeoutError):

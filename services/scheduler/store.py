@@ -326,6 +326,7 @@ class _Scripts:
         "switch",
         "drain",
         "retry",
+        "retire",
     )
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -491,7 +492,11 @@ class QueueStore:
         status, request_id, position, length, *queued = replies[-1]
         outcome = SubmitOutcome(status.decode(), request_id.decode(), int(position), int(length))
         if queued:
-            start, max_attempts, queue_timeout_ms = queued
+            start, max_attempts, queue_timeout_ms, revived = queued
+            if int(revived):
+                # Its keys were expiring after it left the fleet, and a retire pass may have
+                # taken it off the model set meanwhile: every loop must walk it again.
+                await self.redis.sadd(keys.MODELS, request.model)
             outcome = replace(
                 outcome,
                 request=StoredRequest(
@@ -736,6 +741,17 @@ class QueueStore:
             out += _ended(model, ended)
             if int(drained) == 0:
                 return out
+
+    async def retire(self, model: str, ttl_seconds: int) -> bool:
+        """Take a model that left the fleet off the model set (so no loop walks it) and
+        let its keys expire in ``ttl_seconds``, when nothing of it is queued, running or
+        dead-lettered; False (and it stays) otherwise."""
+        await self.redis.srem(keys.MODELS, model)
+        if int(await self._run("retire", model, [ttl_seconds])) == 1:
+            self._averages.pop(model, None)
+            return True
+        await self.redis.sadd(keys.MODELS, model)
+        return False
 
     async def retry_dead_letter(self, model: str, request_id: str) -> str:
         """notfound | not_dead | retried."""

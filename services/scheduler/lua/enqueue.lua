@@ -6,7 +6,8 @@
 --       16 default queue timeout ms, 17 created ms, 18 deadline ms (0 = none),
 --       19 time constant (ms) of flows' arrival rates, 20.. field/value pairs of the request hash
 -- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full;
--- 'queued' adds the start tag, max attempts and queue timeout (ms) it was given.
+-- 'queued' adds the start tag, max attempts and queue timeout (ms) it was given, and 1 when
+-- the model's keys were expiring (retire.lua) and are kept again.
 local id, tenant, flow = ARGV[3], ARGV[4], ARGV[5]
 local weight, cost, class, lead = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
   tonumber(ARGV[9])
@@ -42,6 +43,14 @@ if fingerprint ~= '' then
       return {'dedup', live, position_of(live), redis.call('ZCARD', K.queue)}
     end
   end
+end
+
+-- The model had left the fleet and its keys were expiring: it is back, they stay.
+local revived = 0
+if redis.call('EXISTS', RETIRED) == 1 then
+  for _, key in pairs(K) do redis.call('PERSIST', key) end
+  redis.call('DEL', RETIRED)
+  revived = 1
 end
 
 local length = redis.call('ZCARD', K.queue)
@@ -105,4 +114,4 @@ redis.call('HINCRBY', K.stats, 'submitted', 1)
 emit(id, 'queued', QUEUED)
 -- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
 return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1, fmt(start),
-  tostring(max_attempts), tostring(timeout)}
+  tostring(max_attempts), tostring(timeout), revived}
