@@ -307,30 +307,7 @@ class Request:
     def status_message(self) -> str:
         """The sentence a person waiting should see, e.g. "You are #3 of 7 in the queue •
         Estimated wait: 2–3 minutes" (the Notifier sends the same in ``Update.message``)."""
-        if self.state == RequestState.QUEUED:
-            if self.route == Route.EXTERNAL:
-                return "Switching to an external provider."
-            if self.position is not None and self.queue_length is not None:
-                eta = self.eta or Eta(0.0, 0.0)
-                return messages.position_message(
-                    self.position, self.queue_length, eta.min_seconds, eta.max_seconds
-                )
-            return "Your request has been queued for secure local processing"
-        if self.state == RequestState.RUNNING:
-            return "Your request is now being processed by the local AI model"
-        if self.state == RequestState.COMPLETED:
-            return messages.ready_message(self.processing_seconds or 0.0)
-        if self.state == RequestState.CANCELLED:
-            return (
-                f"Your request was cancelled ({self.error})"
-                if self.error
-                else ("Your request was cancelled")
-            )
-        if self.state == RequestState.EXPIRED:
-            return f"Your request expired: {self.error}"
-        if self.state == RequestState.FAILED:
-            return f"Your request failed: {self.error}"
-        return ""
+        return messages.request_message(self.raw)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ __all__ = [
     "POOL_CAPACITY",
     "POOL_CATALOGUE",
     "POOL_DRAINING",
+    "POOL_EXTERNAL",
     "POOL_INSTANCES",
     "POOL_PLACEMENT_LOCK",
     "POOL_WEIGHTS",
@@ -232,6 +233,9 @@ POOL_CAPACITY = f"{PREFIX}:pool:capacity"
 #: preloaded; written by every Pool's health pass): the fleet's catalogue. Submit refuses
 #: other names with NOT_FOUND, so a made-up model name creates nothing.
 POOL_CATALOGUE = f"{PREFIX}:pool:catalogue"
+#: STRING "1" while some Pool sees a healthy external provider (set with a short expiry by
+#: every health pass): the Scheduler hands requests to it when no local instance serves.
+POOL_EXTERNAL = f"{PREFIX}:pool:external"
 #: STRING held by the replica that runs the placement pass (SET NX PX).
 POOL_PLACEMENT_LOCK = f"{PREFIX}:pool:placement-lock"
 

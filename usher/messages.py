@@ -12,6 +12,8 @@ import math
 from usher.v1 import notifier_pb2, request_pb2
 
 __all__ = [
+    "EXTERNAL_PROCESSING",
+    "LOCAL_PROCESSING",
     "LONG_QUEUE_LENGTH",
     "LONG_QUEUE_PROMPT",
     "TIMEOUT_PROMPT",
@@ -81,6 +83,17 @@ TIMEOUT_PROMPT = (
     "Would you like to use an external provider instead?"
 )
 UNAVAILABLE_NOTICE = "Local models are temporarily unavailable. Switching to external provider."
+LOCAL_PROCESSING = "Your request is now being processed by the local AI model"
+EXTERNAL_PROCESSING = "Your request is now being processed by an external provider"
+_TIMEOUT_NOTICE = (
+    "Local processing is taking longer than expected. Switching to an external provider."
+)
+#: Why a queued request is on its way to the external provider → what its owner is told.
+_EXTERNAL_NOTICES = {
+    "unavailable": UNAVAILABLE_NOTICE,
+    "switched": "Switching to an external provider, as you asked.",
+    "timeout": _TIMEOUT_NOTICE,
+}
 
 
 def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: float = 0.0) -> str:
@@ -88,10 +101,7 @@ def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: fl
     state = request.state
     if state == request_pb2.REQUEST_STATE_QUEUED:
         if request.route == request_pb2.ROUTE_EXTERNAL:
-            return (
-                "Local processing is taking longer than expected. "
-                "Switching to an external provider."
-            )
+            return _EXTERNAL_NOTICES.get(request.route_reason, _TIMEOUT_NOTICE)
         if request.position.position:
             return position_message(
                 request.position.position,
@@ -105,7 +115,9 @@ def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: fl
             return "Cancelling your request…"
         if kind == notifier_pb2.UPDATE_KIND_PROGRESS and fraction > 0:
             return progress_message(fraction)
-        return "Your request is now being processed by the local AI model"
+        if request.route == request_pb2.ROUTE_EXTERNAL:
+            return EXTERNAL_PROCESSING
+        return LOCAL_PROCESSING
     if state == request_pb2.REQUEST_STATE_COMPLETED:
         took = (request.finished_at.ToMilliseconds() - request.started_at.ToMilliseconds()) / 1000
         return ready_message(max(took, 0.0))

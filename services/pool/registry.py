@@ -267,6 +267,14 @@ class Registry:
                 pipe.hset(keys.POOL_CAPACITY, mapping=dict(slots.items()))
             if offered:
                 pipe.hset(keys.POOL_CATALOGUE, mapping=dict.fromkeys(offered, now_ms))
+            if any(
+                s.spec.external and s.healthy and not s.draining for s in self.instances.values()
+            ):
+                # Expires unless a later pass renews it: a Pool that died says nothing.
+                ttl_ms = int(max(10.0, 3 * self.settings.health_interval_seconds) * 1000)
+                pipe.set(keys.POOL_EXTERNAL, 1, px=ttl_ms)
+            else:
+                pipe.delete(keys.POOL_EXTERNAL)
             pipe.hgetall(keys.POOL_CATALOGUE)
             *_, seen = await pipe.execute()
         # A model no replica has offered for a while has left the fleet.

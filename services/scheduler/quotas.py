@@ -32,6 +32,8 @@ class Limits:
     tokens_per_minute: int = 0
     max_concurrent: int = 0
     priority_cap: int = 0
+    #: Fallback policy of the tenant's requests that name none; 0 = the model's default.
+    fallback_policy: int = 0
 
     @property
     def unlimited(self) -> bool:

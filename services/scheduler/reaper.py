@@ -12,10 +12,17 @@ from collections.abc import Sequence
 
 from services.scheduler.quotas import Quotas
 from services.scheduler.store import Ended, QueueStore, ReapCounts
-from usher import metrics
+from usher import keys, metrics
 from usher.logs import get_logger
 
-__all__ = ["RETIRE_EVERY_SECONDS", "reap_forever", "reap_once", "retire_departed", "settle_ended"]
+__all__ = [
+    "RETIRE_EVERY_SECONDS",
+    "fall_back_when_unavailable",
+    "reap_forever",
+    "reap_once",
+    "retire_departed",
+    "settle_ended",
+]
 
 #: How often a replica looks for models that left the fleet.
 RETIRE_EVERY_SECONDS = 30.0
@@ -52,6 +59,7 @@ async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str
                 to_external=counts.to_external,
             )
         done[model] = counts
+    await fall_back_when_unavailable(store, list(done))
     return done
 
 
@@ -72,6 +80,27 @@ async def retire_departed(store: QueueStore) -> list[str]:
     if retired:
         log.info("retired models that left the fleet", models=retired[:20], count=len(retired))
     return retired
+
+
+async def fall_back_when_unavailable(store: QueueStore, models: list[str]) -> dict[str, int]:
+    """When no local instance serves a model but an external provider is up, its queued
+    requests that may leave the local fleet go to the external lane now ("Local models are
+    temporarily unavailable. Switching to external provider.")."""
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.POOL_EXTERNAL)
+        pipe.hgetall(keys.POOL_CAPACITY)
+        external, capacity = await pipe.execute()
+    if not external:
+        return {}
+    moved: dict[str, int] = {}
+    for model in models:
+        if int(capacity.get(model.encode(), 0)) > 0:
+            continue
+        count = await store.hand_out_unavailable(model)
+        if count:
+            moved[model] = count
+            log.info("no local instance: to the external provider", model=model, moved=count)
+    return moved
 
 
 async def refresh_gauges(store: QueueStore) -> None:

@@ -58,6 +58,7 @@ def to_proto(
         idempotency_key=stored.idempotency_key,
         cancel_requested=stored.cancel_requested,
         labels=stored.labels,
+        route_reason=stored.route_reason,
     )
     message.created_at.CopyFrom(_timestamp(stored.created_ms))
     if stored.started_ms:

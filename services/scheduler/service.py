@@ -91,6 +91,17 @@ class _Handlers:
         #: Called with the model when a request is queued (wakes local dispatchers).
         self.on_queued: Callable[[str], None] | None = None
         self._background = Background()
+        #: model → (read at, its default fallback policy): read at most once a second.
+        self._fallbacks: dict[str, tuple[float, int]] = {}
+
+    async def _model_fallback(self, model: str) -> int:
+        """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
+        now = time.monotonic()
+        cached = self._fallbacks.get(model)
+        if cached is None or now - cached[0] > 1.0:
+            cached = (now, (await self.store.config(model)).fallback)
+            self._fallbacks[model] = cached
+        return cached[1]
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -135,7 +146,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             user=caller.user,
             organization=caller.organization,
             priority=tenant_limits.capped(fairness.priority_class(request.priority)),
-            fallback=request.fallback_policy,
+            fallback=request.fallback_policy
+            or tenant_limits.fallback_policy
+            or await self._model_fallback(request.model)
+            or self.settings.default_fallback,
             payload=request.SerializeToString(),
             prompt_tokens=fairness.estimate_tokens(admission.prompt_characters(request)),
             num_predict=request.options.num_predict
@@ -357,6 +371,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         message.queue_timeout.FromMilliseconds(config.queue_timeout_ms)
         message.lease_duration.FromMilliseconds(config.lease_ms)
         message.paused = config.paused
+        message.fallback_policy = config.fallback  # type: ignore[assignment]
         return message
 
     async def UpdateQueueConfig(
@@ -379,6 +394,10 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
                 if ms <= 0:
                     problems.append(FieldViolation(name, "must be positive"))
                 changes[key] = ms
+        if request.fallback_policy:
+            if request.fallback_policy not in request_pb2.FallbackPolicy.values():
+                problems.append(FieldViolation("fallback_policy", "is not a fallback policy"))
+            changes["fallback"] = request.fallback_policy
         if problems:
             raise InvalidArgument(problems)
         await self.store.update_config(request.model, changes)
@@ -464,6 +483,8 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
                 problems.append(FieldViolation(f"limits.{name}", "must not be negative"))
         if given.priority_cap not in request_pb2.Priority.values():
             problems.append(FieldViolation("limits.priority_cap", "is not a priority class (0-5)"))
+        if given.fallback_policy not in request_pb2.FallbackPolicy.values():
+            problems.append(FieldViolation("limits.fallback_policy", "is not a fallback policy"))
         if problems:
             raise InvalidArgument(problems)
         limits = Limits(
@@ -471,6 +492,7 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
             given.tokens_per_minute,
             given.max_concurrent,
             given.priority_cap,
+            given.fallback_policy,
         )
         await self.quotas.set_limits(request.tenant.organization, request.tenant.user, limits)
         return scheduler_pb2.SetTenantLimitsResponse(tenant=request.tenant, limits=given)

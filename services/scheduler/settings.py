@@ -10,7 +10,24 @@ from services.scheduler.quotas import Limits
 from usher.auth import Principal, load_token_map
 from usher.config import ConfigError, env_float, env_int, env_list, env_str
 
-__all__ = ["SchedulerSettings"]
+__all__ = ["FALLBACK_POLICIES", "SchedulerSettings"]
+
+#: USHER_FALLBACK_POLICY's values → FallbackPolicy numbers (request.proto).
+FALLBACK_POLICIES = {"none": 1, "after_timeout": 2, "local_only": 3}
+
+
+def _fallback_policy(env: Mapping[str, str] | None) -> int:
+    """USHER_FALLBACK_POLICY, else the PRD's QUEUE_AUTO_FALLBACK_ENABLED=true (after_timeout)."""
+    name = env_str("USHER_FALLBACK_POLICY", "", env).strip().lower().replace("-", "_")
+    if not name:
+        auto = env_str("QUEUE_AUTO_FALLBACK_ENABLED", "", env).strip().lower()
+        name = "after_timeout" if auto in ("1", "true", "yes", "on") else "none"
+    if name not in FALLBACK_POLICIES:
+        raise ConfigError(
+            f"USHER_FALLBACK_POLICY must be one of {', '.join(FALLBACK_POLICIES)}, got {name!r}"
+        )
+    return FALLBACK_POLICIES[name]
+
 
 DEDUP_MODES = ("deterministic", "always", "off")
 
@@ -38,6 +55,8 @@ class SchedulerSettings:
     default_output_tokens: float = 256.0
     max_prompt_chars: int = 1_000_000
     allowed_models: frozenset[str] = frozenset()
+    #: Fallback policy of requests that name none (and whose tenant and model set none).
+    default_fallback: int = 1
     #: deterministic: share identical greedy/seeded requests; always; off.
     dedup: str = "deterministic"
     reap_interval_seconds: float = 0.25
@@ -90,6 +109,7 @@ class SchedulerSettings:
             max_prompt_chars=env_int("USHER_MAX_PROMPT_CHARS", d.max_prompt_chars, env),
             allowed_models=frozenset(env_list("USHER_ALLOWED_MODELS", [], env)),
             dedup=env_str("USHER_DEDUP", d.dedup, env),
+            default_fallback=_fallback_policy(env),
             reap_interval_seconds=env_float(
                 "USHER_REAP_INTERVAL_SECONDS", d.reap_interval_seconds, env
             ),

@@ -184,6 +184,8 @@ class StoredRequest:
     prompt_tokens: int
     cost: float
     lease_token: str
+    #: Why it went to the external lane ("timeout", "switched", "unavailable").
+    route_reason: str = ""
     #: The wait (ms) promised when it was queued; 0 when none was.
     promised_wait_ms: int = 0
     #: Its fair start tag (fairness.py), for the ETA.
@@ -236,6 +238,7 @@ class StoredRequest:
             prompt_tokens=_int(raw, "prompt_tokens"),
             cost=_float(raw, "cost"),
             lease_token=_text(raw, "lease_token"),
+            route_reason=_text(raw, "route_reason"),
             promised_wait_ms=_int(raw, "promised_wait_ms"),
             start=_float(raw, "start"),
             owners=owners,
@@ -308,6 +311,8 @@ class ModelConfig:
     lease_ms: int
     parallel: int
     paused: bool = False
+    #: Fallback policy of requests that name none; 0 = the Scheduler's default.
+    fallback: int = 0
 
 
 class _Scripts:
@@ -327,6 +332,7 @@ class _Scripts:
         "drain",
         "retry",
         "retire",
+        "unavailable",
     )
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -725,6 +731,7 @@ class QueueStore:
             lease_ms=_int(raw, "lease_ms", d.lease_ms),
             parallel=_int(raw, "parallel", d.parallel),
             paused=_int(raw, "paused") == 1,
+            fallback=_int(raw, "fallback"),
         )
 
     async def set_paused(self, model: str, paused: bool) -> ModelConfig:
@@ -752,6 +759,11 @@ class QueueStore:
             return True
         await self.redis.sadd(keys.MODELS, model)
         return False
+
+    async def hand_out_unavailable(self, model: str, limit: int = 500) -> int:
+        """No local instance serves ``model``: its queued requests that may leave the local
+        fleet go to the external lane now; how many did."""
+        return int(await self._run("unavailable", model, [limit]))
 
     async def retry_dead_letter(self, model: str, request_id: str) -> str:
         """notfound | not_dead | retried."""

@@ -552,6 +552,7 @@ class LlmRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ROUTE_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque id, unique across models."""
     model: _builtins.str
@@ -567,6 +568,10 @@ class LlmRequest(_message.Message):
     idempotency_key: _builtins.str
     cancel_requested: _builtins.bool
     """True when a cancel was asked for while RUNNING and has not yet taken effect."""
+    route_reason: _builtins.str
+    """Why the request was handed to the external provider (ROUTE_EXTERNAL): "timeout",
+    "switched" (its owner asked) or "unavailable" (no local instance could serve it).
+    """
     @_builtins.property
     def tenant(self) -> Global___Tenant: ...
     @_builtins.property
@@ -618,10 +623,11 @@ class LlmRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         cancel_requested: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        route_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "eta", b"eta", "finished_at", b"finished_at", "position", b"position", "queue_timeout", b"queue_timeout", "result", b"result", "started_at", b"started_at", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline", b"deadline", "error", b"error", "eta", b"eta", "fallback_policy", b"fallback_policy", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "model", b"model", "position", b"position", "priority", b"priority", "queue_timeout", b"queue_timeout", "result", b"result", "route", b"route", "started_at", b"started_at", "state", b"state", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline", b"deadline", "error", b"error", "eta", b"eta", "fallback_policy", b"fallback_policy", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "model", b"model", "position", b"position", "priority", b"priority", "queue_timeout", b"queue_timeout", "result", b"result", "route", b"route", "route_reason", b"route_reason", "started_at", b"started_at", "state", b"state", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -334,6 +334,7 @@ class QueueConfig(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     PARALLEL_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
+    FALLBACK_POLICY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_queue_size: _builtins.int
     max_attempts: _builtins.int
@@ -341,6 +342,10 @@ class QueueConfig(_message.Message):
     """Slots the fleet can run at once for this model; used for ETAs until the pool reports."""
     paused: _builtins.bool
     """Dispatching stopped by an operator (PauseQueue)."""
+    fallback_policy: _request_pb2.FallbackPolicy.ValueType
+    """Fallback policy of requests to this model that name none (and whose tenant has no
+    default); UNSPECIFIED = the Scheduler's default (USHER_FALLBACK_POLICY).
+    """
     @_builtins.property
     def queue_timeout(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -355,10 +360,11 @@ class QueueConfig(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         parallel: _builtins.int = ...,
         paused: _builtins.bool = ...,
+        fallback_policy: _request_pb2.FallbackPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "queue_timeout", b"queue_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "max_attempts", b"max_attempts", "max_queue_size", b"max_queue_size", "model", b"model", "parallel", b"parallel", "paused", b"paused", "queue_timeout", b"queue_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_policy", b"fallback_policy", "lease_duration", b"lease_duration", "max_attempts", b"max_attempts", "max_queue_size", b"max_queue_size", "model", b"model", "parallel", b"parallel", "paused", b"paused", "queue_timeout", b"queue_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,10 +380,13 @@ class UpdateQueueConfigRequest(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     PARALLEL_FIELD_NUMBER: _builtins.int
+    FALLBACK_POLICY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_queue_size: _builtins.int
     max_attempts: _builtins.int
     parallel: _builtins.int
+    fallback_policy: _request_pb2.FallbackPolicy.ValueType
+    """The model's default fallback policy; UNSPECIFIED leaves it as it is."""
     @_builtins.property
     def queue_timeout(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -391,10 +400,11 @@ class UpdateQueueConfigRequest(_message.Message):
         max_attempts: _builtins.int | None = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
         parallel: _builtins.int | None = ...,
+        fallback_policy: _request_pb2.FallbackPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_max_queue_size", b"_max_queue_size", "_parallel", b"_parallel", "lease_duration", b"lease_duration", "max_attempts", b"max_attempts", "max_queue_size", b"max_queue_size", "parallel", b"parallel", "queue_timeout", b"queue_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_max_queue_size", b"_max_queue_size", "_parallel", b"_parallel", "lease_duration", b"lease_duration", "max_attempts", b"max_attempts", "max_queue_size", b"max_queue_size", "model", b"model", "parallel", b"parallel", "queue_timeout", b"queue_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_max_queue_size", b"_max_queue_size", "_parallel", b"_parallel", "fallback_policy", b"fallback_policy", "lease_duration", b"lease_duration", "max_attempts", b"max_attempts", "max_queue_size", b"max_queue_size", "model", b"model", "parallel", b"parallel", "queue_timeout", b"queue_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_attempts: _TypeAlias = _typing.Literal["max_attempts"]  # noqa: Y015
     _WhichOneofArgType__max_attempts: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts"]  # noqa: Y015
@@ -625,6 +635,7 @@ class TenantLimits(_message.Message):
     TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
     PRIORITY_CAP_FIELD_NUMBER: _builtins.int
+    FALLBACK_POLICY_FIELD_NUMBER: _builtins.int
     requests_per_minute: _builtins.int
     """0 = unlimited."""
     tokens_per_minute: _builtins.int
@@ -633,6 +644,10 @@ class TenantLimits(_message.Message):
     """Live (queued or running) requests at once; 0 = unlimited."""
     priority_cap: _request_pb2.Priority.ValueType
     """The most urgent class the tenant may use; higher requests are lowered to it."""
+    fallback_policy: _request_pb2.FallbackPolicy.ValueType
+    """Fallback policy of this tenant's requests that name none (UNSPECIFIED = the model's
+    or the Scheduler's default).
+    """
     def __init__(
         self,
         *,
@@ -640,10 +655,11 @@ class TenantLimits(_message.Message):
         tokens_per_minute: _builtins.int = ...,
         max_concurrent: _builtins.int = ...,
         priority_cap: _request_pb2.Priority.ValueType = ...,
+        fallback_policy: _request_pb2.FallbackPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent", b"max_concurrent", "priority_cap", b"priority_cap", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_policy", b"fallback_policy", "max_concurrent", b"max_concurrent", "priority_cap", b"priority_cap", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,7 +55,7 @@ for _, id in ipairs(redis.call('ZRANGE', K.deadlines, '-inf', NOW, 'BYSCORE', 'L
       -- The external lane gets one more queue timeout, so nothing waits there forever.
       local expires = NOW + tonumber(redis.call('HGET', rk, 'queue_timeout_ms'))
       if deadline > 0 and deadline < expires then expires = deadline end
-      redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', expires)
+      redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', expires, 'route_reason', 'timeout')
       redis.call('ZADD', K.external, redis.call('HGET', rk, 'score'), member)
       redis.call('ZADD', K.deadlines, expires, id)
       emit(id, 'fallback', QUEUED, {'route', 'external'})

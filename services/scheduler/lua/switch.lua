@@ -19,7 +19,7 @@ redis.call('ZADD', K.external, redis.call('HGET', rk, 'score'), member)
 local expires = NOW + tonumber(ARGV[6])
 local deadline = tonumber(redis.call('HGET', rk, 'deadline_ms') or '0')
 if deadline > 0 and deadline < expires then expires = deadline end
-redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', expires)
+redis.call('HSET', rk, 'route', ROUTE_EXTERNAL, 'expires_ms', expires, 'route_reason', 'switched')
 redis.call('ZADD', K.deadlines, expires, id)
 emit(id, 'fallback', QUEUED, {'route', 'external', 'reason', 'switched by the user'})
 return 'switched'
