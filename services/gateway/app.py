@@ -608,7 +608,6 @@ class Gateway:
             default_parallel=self.settings.default_parallel,
             default_queue_limit=self.settings.default_queue_limit,
             uptime_seconds=time.time() - self.backend.started_at,
-            baselines=self.backend.baselines,
         )
         if not full:
             body = views.public_queue_stats(body)
@@ -718,8 +717,8 @@ class Gateway:
                 "queue_limit": config.max_queue_size,
                 "queue_timeout": config.queue_timeout.ToMilliseconds() / 1000,
                 "max_attempts": config.max_attempts,
-                "note": "parallel_limit is the Scheduler's figure for ETAs; how many requests "
-                "run at once is each instance's parallel setting in the Pool",
+                "note": "parallel_limit: requests of this model each instance runs at once "
+                "(the Pool applies it within seconds)",
             }
         )
 
@@ -732,11 +731,10 @@ class Gateway:
             model = body.get("model")
             if model is not None and not isinstance(model, str):
                 raise tr.bad_request("model", "must be a string")
-            models = [model] if model else []
+            models = [await self.backend.resolve_model(model) or model] if model else []
             try:
-                # An admin-only call: it both checks the caller and reads the counters.
-                stats = await self.backend.admin.GetQueueStats(
-                    scheduler_pb2.GetQueueStatsRequest(models=models),
+                reply = await self.backend.admin.ResetQueueStats(
+                    scheduler_pb2.ResetQueueStatsRequest(models=models),
                     metadata=bearer(token),
                     timeout=self.settings.rpc_timeout_seconds,
                 )
@@ -744,19 +742,13 @@ class Gateway:
                 raise rpc_error(exc, model or "") from None
         except tr.GatewayError as error:
             return self._error(ex, error)
-        reset = []
-        for item in stats.stats:
-            self.backend.baselines[item.config.model] = views.StatsBaseline(
-                processed=int(item.completed), rejected=int(item.rejected)
-            )
-            reset.append(item.config.model)
         return json_response(
             {
                 "status": "reset",
-                "models": reset,
-                "scope": "gateway",
-                "note": "total_processed and total_rejected count from now on in this "
-                "gateway's /queue/stats; the Scheduler's own counters and averages are kept",
+                "models": list(reply.models),
+                "scope": "shared",
+                "note": "the counters (processed, rejected, failed, ...) restart from zero for "
+                "every gateway and Scheduler; the averages behind wait estimates are kept",
             }
         )
 

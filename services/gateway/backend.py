@@ -61,8 +61,6 @@ class Backend:
         self._tags: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.http: httpx.AsyncClient | None = None
-        #: Counters at the last /admin/queue/reset, per model (gateway-local).
-        self.baselines: dict[str, views.StatsBaseline] = {}
 
     async def start(self) -> None:
         tls = ClientTls.from_env()

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +17,6 @@ from usher.v1 import pool_pb2, scheduler_pb2
 
 __all__ = [
     "GIB",
-    "StatsBaseline",
     "catalogue",
     "display_name",
     "memory_body",
@@ -197,28 +195,18 @@ def synthesized_show(model: str, instances: Sequence[pool_pb2.InstanceStatus]) -
 # -- queue statistics --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class StatsBaseline:
-    """Counters at the last ``/admin/queue/reset``; stats are reported relative to it."""
-
-    processed: int = 0
-    rejected: int = 0
-
-
 def model_queue_stats(
     model: str,
     queue: scheduler_pb2.QueueStats | None,
     fleet: pool_pb2.ModelStats | None,
     *,
     uptime_seconds: float,
-    baseline: StatsBaseline | None = None,
     default_queue_limit: int = 0,
 ) -> dict[str, Any]:
     """One model in the Guard Proxy's ``/queue/stats`` shape (plus a few Usher extras).
 
     A model the Scheduler has not seen yet (no ``queue``) shows the default queue limit.
     """
-    base = baseline or StatsBaseline()
     parallel = int(fleet.capacity) if fleet is not None and fleet.capacity else 0
     if not parallel and queue is not None:
         parallel = int(queue.config.parallel)
@@ -243,8 +231,8 @@ def model_queue_stats(
         "queued_requests": queued,
         "available_slots": max(0, parallel - active),
         "queue_available": max(0, limit - queued),
-        "total_processed": max(0, processed - base.processed),
-        "total_rejected": max(0, rejected - base.rejected),
+        "total_processed": processed,
+        "total_rejected": rejected,
         "avg_wait_time_ms": round(float(wait_ms), 1),
         "avg_processing_time_ms": round(float(processing_ms), 1),
         "uptime_seconds": int(uptime_seconds),
@@ -267,19 +255,16 @@ def queue_stats_body(
     default_parallel: int,
     default_queue_limit: int,
     uptime_seconds: float,
-    baselines: Mapping[str, StatsBaseline] | None = None,
 ) -> dict[str, Any]:
     """The Guard Proxy's ``/queue/stats`` envelope over every model either side knows."""
     by_queue = {q.config.model: q for q in queues}
     by_fleet = {f.model: f for f in fleet}
-    baselines = baselines or {}
     models = {
         model: model_queue_stats(
             model,
             by_queue.get(model),
             by_fleet.get(model),
             uptime_seconds=uptime_seconds,
-            baseline=baselines.get(model),
             default_queue_limit=default_queue_limit,
         )
         for model in sorted(set(by_queue) | set(by_fleet))

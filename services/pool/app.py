@@ -62,6 +62,7 @@ class PoolApp:
         while not self._stop.is_set():
             try:
                 await self.registry.sync_shared()
+                await self.registry.sync_model_parallel()
                 await self.registry.check_all()
                 await self._publish_slot_use()
             except Exception as exc:  # Redis away: keep the last known state and retry.

@@ -23,6 +23,7 @@ from services.pool.routing import Candidate
 from services.pool.slots import SlotUsage
 from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError, make_upstream
 from usher import keys, metrics
+from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.smoothing import ewma
 from usher.v1 import pool_pb2
@@ -116,6 +117,9 @@ class Registry:
         self._make_upstream = upstream_factory or _default_upstream
         self.instances: dict[str, InstanceState] = {}
         self._configured = {spec.id for spec in settings.instances}
+        #: model → requests of it one instance runs at once, where an operator set it
+        #: (UpdateQueueConfig.parallel, the gateway's parallel_limit); read every health pass.
+        self.model_parallel: dict[str, int] = {}
         for spec in settings.instances:
             self._add(spec)
 
@@ -231,6 +235,24 @@ class Registry:
         await asyncio.gather(*(self.check(s) for s in list(self.instances.values())))
         await self.publish_capacity()
 
+    def slots_for(self, state: InstanceState, model: str) -> int:
+        """Requests of ``model`` that ``state`` runs at once: the model's parallel limit
+        when an operator set one, else the instance's ``parallel`` (auto: by memory)."""
+        return self.model_parallel.get(model) or state.spec.parallel
+
+    async def sync_model_parallel(self) -> None:
+        """Pick up per-model parallel limits set at runtime (any replica, any gateway)."""
+        models = sorted(self.catalogue())
+        if not models:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.hget(ModelKeys(model).config, "parallel")
+            values = await pipe.execute()
+        self.model_parallel = {
+            model: int(value) for model, value in zip(models, values, strict=True) if value
+        }
+
     def serving(self) -> int:
         """Instances that can take requests now: healthy and not draining."""
         return sum(1 for s in self.instances.values() if s.healthy and not s.draining)
@@ -243,7 +265,7 @@ class Registry:
                 continue
             for model in state.available:
                 if state.serves(model):
-                    slots[model] = slots.get(model, 0) + state.spec.parallel
+                    slots[model] = slots.get(model, 0) + self.slots_for(state, model)
         return slots
 
     def catalogue(self) -> set[str]:
@@ -343,9 +365,9 @@ class Registry:
                     and (role is None or state.spec.serves_role(role)),
                     model_loaded=state.is_loaded(model),
                     needs_reload=False,
-                    free_slots=max(0, state.spec.parallel - used.model_active),
+                    free_slots=max(0, self.slots_for(state, model) - used.model_active),
                     active=used.total_active,
-                    parallel=state.spec.parallel,
+                    parallel=self.slots_for(state, model),
                     latency_seconds=state.latency or 0.0,
                     error_rate=state.error_rate,
                     can_load=state.is_loaded(model) or _fits(state, size),

@@ -184,7 +184,7 @@ class FleetRouter:
         grant = await self.slots.try_reserve(
             instance,
             model,
-            state.spec.parallel,
+            self.registry.slots_for(state, model),
             limit if state.spec.max_loaded_models else 0,
             holder,
             request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,

@@ -518,6 +518,18 @@ class SchedulerAdminServicer(scheduler_pb2_grpc.SchedulerAdminServiceServicer, _
         await settle_ended(self.store, self.quotas, drained)
         return scheduler_pb2.DrainQueueResponse(drained=len(drained))
 
+    async def ResetQueueStats(
+        self, request: scheduler_pb2.ResetQueueStatsRequest, context: Context
+    ) -> scheduler_pb2.ResetQueueStatsResponse:
+        self.admin(context)
+        bad = [m for m in request.models if not admission.MODEL_NAME.match(m)]
+        if bad:
+            raise InvalidArgument([FieldViolation("models", f"{bad[0][:60]!r} is not a model")])
+        models = list(request.models) or await self.store.models()
+        for model in models:
+            await self.store.reset_counters(model)
+        return scheduler_pb2.ResetQueueStatsResponse(models=models)
+
     async def ListAuditEvents(
         self, request: scheduler_pb2.ListAuditEventsRequest, context: Context
     ) -> scheduler_pb2.ListAuditEventsResponse:

@@ -302,6 +302,18 @@ class ReapCounts:
     ended: tuple[Ended, ...] = ()
 
 
+#: The counters ResetQueueStats zeroes (every other field of a model's stats is an average).
+RESETTABLE_COUNTERS = (
+    "submitted",
+    "completed",
+    "failed",
+    "cancelled",
+    "expired",
+    "rejected",
+    "deduplicated",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str
@@ -704,6 +716,10 @@ class QueueStore:
     async def counters(self, model: str) -> dict[str, float]:
         raw = await self._hgetall(ModelKeys(model).stats)
         return {k.decode(): float(v) for k, v in raw.items()}
+
+    async def reset_counters(self, model: str) -> None:
+        """Zero the model's outcome counters (the averages that drive ETAs stay)."""
+        await self.redis.hdel(ModelKeys(model).stats, *RESETTABLE_COUNTERS)
 
     async def running_count(self, model: str) -> int:
         count: int = await self.redis.zcard(ModelKeys(model).leases)

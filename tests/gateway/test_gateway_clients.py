@@ -346,6 +346,11 @@ async def test_admin_endpoints_need_an_admin(http: httpx.AsyncClient, services: 
         )
     ).json()
     assert after["total_processed"] == 0
+    # The counters were reset in the shared store, not in this gateway's view.
+    shared = await services.admin.GetQueueStats(
+        scheduler_pb2.GetQueueStatsRequest(models=[MODEL]), metadata=ADMIN
+    )
+    assert shared.stats[0].completed == 0
 
 
 async def test_metrics(http: httpx.AsyncClient) -> None:

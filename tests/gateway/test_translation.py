@@ -445,7 +445,6 @@ def test_queue_stats_in_the_guard_proxys_shape() -> None:
         default_parallel=1,
         default_queue_limit=100,
         uptime_seconds=12.7,
-        baselines={"llama3.2:1b": views.StatsBaseline(processed=30, rejected=1)},
     )
     assert body["total_models"] == 2 and body["default_queue_limit"] == 100
     llama = body["models"]["llama3.2:1b"]
@@ -457,8 +456,8 @@ def test_queue_stats_in_the_guard_proxys_shape() -> None:
         "queued_requests": 3,
         "available_slots": 2,
         "queue_available": 7,
-        "total_processed": 10,
-        "total_rejected": 4,
+        "total_processed": 40,
+        "total_rejected": 5,
         "avg_wait_time_ms": 45.0,
         "avg_processing_time_ms": 2340.0,
         "uptime_seconds": 12,

@@ -339,7 +339,10 @@ class QueueConfig(_message.Message):
     max_queue_size: _builtins.int
     max_attempts: _builtins.int
     parallel: _builtins.int
-    """Slots the fleet can run at once for this model; used for ETAs until the pool reports."""
+    """Requests of this model one instance runs at once (the Guard Proxy's per-model
+    parallel limit), once set; the Pool enforces it. Until set: USHER_DEFAULT_PARALLEL
+    for ETAs, and each instance's own parallel (auto: by memory) for slots.
+    """
     paused: _builtins.bool
     """Dispatching stopped by an operator (PauseQueue)."""
     fallback_policy: _request_pb2.FallbackPolicy.ValueType
@@ -385,6 +388,7 @@ class UpdateQueueConfigRequest(_message.Message):
     max_queue_size: _builtins.int
     max_attempts: _builtins.int
     parallel: _builtins.int
+    """The model's parallel limit per instance, enforced by the Pool within seconds."""
     fallback_policy: _request_pb2.FallbackPolicy.ValueType
     """The model's default fallback policy; UNSPECIFIED leaves it as it is."""
     @_builtins.property
@@ -926,3 +930,45 @@ class ListDeadLettersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class ResetQueueStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty = every model."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetQueueStatsRequest: _TypeAlias = ResetQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class ResetQueueStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetQueueStatsResponse: _TypeAlias = ResetQueueStatsResponse  # noqa: Y015

@@ -337,6 +337,11 @@ class SchedulerAdminServiceStub:
                 request_serializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.ResetQueueStats = channel.unary_unary(
+                '/usher.v1.SchedulerAdminService/ResetQueueStats',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.ResetQueueStatsRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.ResetQueueStatsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerAdminServiceServicer:
@@ -403,6 +408,14 @@ class SchedulerAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetQueueStats(self, request, context):
+        """Zero the models' counters (completed, failed, rejected, ...) in the shared store, for
+        every replica and gateway; averages that drive ETAs are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -450,6 +463,11 @@ def add_SchedulerAdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=usher_dot_v1_dot_scheduler__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ResetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetQueueStats,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.ResetQueueStatsRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.ResetQueueStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -696,6 +714,33 @@ class SchedulerAdminService:
             '/usher.v1.SchedulerAdminService/ListAuditEvents',
             usher_dot_v1_dot_scheduler__pb2.ListAuditEventsRequest.SerializeToString,
             usher_dot_v1_dot_scheduler__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerAdminService/ResetQueueStats',
+            usher_dot_v1_dot_scheduler__pb2.ResetQueueStatsRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.ResetQueueStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -145,6 +145,10 @@ class SchedulerAdminServiceStub:
     """Emergency: end every queued request of a model with a reason its watchers see."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListAuditEventsRequest, _scheduler_pb2.ListAuditEventsResponse]
     """Who did what, when, with what outcome: admin actions and queue operations."""
+    ResetQueueStats: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ResetQueueStatsRequest, _scheduler_pb2.ResetQueueStatsResponse]
+    """Zero the models' counters (completed, failed, rejected, ...) in the shared store, for
+    every replica and gateway; averages that drive ETAs are kept.
+    """
 
 @_typing.type_check_only
 class SchedulerAdminServiceAsyncStub(SchedulerAdminServiceStub):
@@ -166,6 +170,10 @@ class SchedulerAdminServiceAsyncStub(SchedulerAdminServiceStub):
     """Emergency: end every queued request of a model with a reason its watchers see."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListAuditEventsRequest, _scheduler_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Who did what, when, with what outcome: admin actions and queue operations."""
+    ResetQueueStats: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ResetQueueStatsRequest, _scheduler_pb2.ResetQueueStatsResponse]  # type: ignore[assignment]
+    """Zero the models' counters (completed, failed, rejected, ...) in the shared store, for
+    every replica and gateway; averages that drive ETAs are kept.
+    """
 
 class SchedulerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator controls over queues. Every method needs the admin role."""
@@ -238,5 +246,15 @@ class SchedulerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ListAuditEventsResponse, _abc.Awaitable[_scheduler_pb2.ListAuditEventsResponse]]:
         """Who did what, when, with what outcome: admin actions and queue operations."""
+
+    @_abc_1.abstractmethod
+    def ResetQueueStats(
+        self,
+        request: _scheduler_pb2.ResetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ResetQueueStatsResponse, _abc.Awaitable[_scheduler_pb2.ResetQueueStatsResponse]]:
+        """Zero the models' counters (completed, failed, rejected, ...) in the shared store, for
+        every replica and gateway; averages that drive ETAs are kept.
+        """
 
 def add_SchedulerAdminServiceServicer_to_server(servicer: SchedulerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
