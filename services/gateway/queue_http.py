@@ -384,32 +384,40 @@ class QueueHttp:
                 raise tr.GatewayError(502, "upstream_error", "the status stream ended early")
             await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
 
+    async def _bodies(
+        self, request_id: str, credential: Credential, last: str
+    ) -> AsyncGenerator[tuple[str | None, dict[str, Any]], None]:
+        """(event id, JSON) per update, then (None, ``{}`` or the error) at the end."""
+        end: dict[str, Any] = {}
+        try:
+            # Closed on every way out (a client that leaves cancels its handler), so the
+            # Notifier stream ends with it.
+            async with contextlib.aclosing(self._updates(request_id, credential, last)) as updates:
+                async for update in updates:
+                    body = status.update_json(update, fleet=await self._fleet(), now=time.time())
+                    yield update.event_id, body
+        except tr.GatewayError as error:
+            end = {"error": error.message, "code": error.code, "status": error.status}
+        yield None, end
+
     async def request_events(self, request: web.Request) -> web.StreamResponse:
         opened = await self._open_watch(request)
         if isinstance(opened, web.Response):
             return opened
-        request_id, credential, last = opened
-        response = await open_event_stream(request, {"X-Usher-Request-Id": request_id})
+        response = await open_event_stream(request, {"X-Usher-Request-Id": opened[0]})
         await response.write(f"retry: {_RETRY_MS}\n\n".encode())
         with Keepalive(
             response, self.settings.keepalive_seconds, lambda: status.sse_comment("keepalive")
         ):
-            end: dict[str, Any] = {}
-            try:
-                # Closed on every way out (a client that leaves cancels this handler), so
-                # the Notifier stream ends with it.
-                async with contextlib.aclosing(
-                    self._updates(request_id, credential, last)
-                ) as updates:
-                    async for update in updates:
-                        body = status.update_json(
-                            update, fleet=await self._fleet(), now=time.time()
-                        )
-                        await response.write(status.sse_event(body, update.event_id))
-            except tr.GatewayError as error:
-                end = {"error": error.message, "code": error.code, "status": error.status}
-            # A named event the page listens for: the stream is over, do not reconnect.
-            await response.write(status.sse_event(end, event="end"))
+            async with contextlib.aclosing(self._bodies(*opened)) as bodies:
+                async for event_id, body in bodies:
+                    # The end is a named event the page listens for: do not reconnect.
+                    frame = (
+                        status.sse_event(body, event_id)
+                        if event_id is not None
+                        else status.sse_event(body, event="end")
+                    )
+                    await response.write(frame)
         await response.write_eof()
         return response
 
@@ -417,22 +425,12 @@ class QueueHttp:
         opened = await self._open_watch(request)
         if isinstance(opened, web.Response):
             return opened
-        request_id, credential, last = opened
 
         async def send(socket: web.WebSocketResponse) -> None:
-            end: dict[str, Any] = {"kind": "end"}
-            try:
-                async with contextlib.aclosing(
-                    self._updates(request_id, credential, last)
-                ) as updates:
-                    async for update in updates:
-                        body = status.update_json(
-                            update, fleet=await self._fleet(), now=time.time()
-                        )
-                        await socket.send_str(status.dumps(body))
-            except tr.GatewayError as error:
-                end.update(error=error.message, code=error.code, status=error.status)
-            await socket.send_str(status.dumps(end))
+            async with contextlib.aclosing(self._bodies(*opened)) as bodies:
+                async for event_id, body in bodies:
+                    ending = {"kind": "end", **body} if event_id is None else body
+                    await socket.send_str(status.dumps(ending))
 
         return await self._socket(request, send)
 

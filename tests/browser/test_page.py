@@ -7,23 +7,20 @@ queue grows, and the operator panel for an admin. A screenshot of each state is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import grpc
-import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, expect
 
-from tests.gateway.conftest import ADMIN, Services, auth
-from usher.testing.stack import LocalStack, StackConfig
+from tests.gateway.conftest import ADMIN, WAITING_MODELS, Ahead, Services, one_slot_stack
+from usher.testing.stack import LocalStack
 from usher.v1 import request_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.slow
-MODEL, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
+MODEL = WAITING_MODELS[0]
 S = request_pb2
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1100, "height": 900}
@@ -31,89 +28,28 @@ DESKTOP = {"width": 1100, "height": 900}
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[LocalStack]:
-    config = StackConfig(
-        emulator_args=(
-            "--fleet",
-            "1",
-            "--models",
-            f"{MODEL},{OTHER}",
-            # One slot and about 2 s per answer: a few requests make a queue that moves.
-            "--tokens-per-second",
-            "12",
-            "--load-time",
-            "0.05",
-            "--parallel",
-            "1",
-            "--output-tokens",
-            "20:28",
-        ),
-        instance_options=";parallel=1",
-        external_provider=True,
-        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8", "USHER_DEFAULT_PARALLEL": "1"},
-        notifier_env={
-            "USHER_BADGE_INTERVAL_SECONDS": "0.2",
-            "USHER_EXTERNAL_ALTERNATIVE": "gpt-4o",
-        },
-    )
-    with LocalStack(config) as running:
-        running.start_gateway({"USHER_GATEWAY_KEEPALIVE_SECONDS": "1"})
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if len(httpx.get(running.gateway_url + "/api/tags").json()["models"]) >= 2:
-                break
-            time.sleep(0.1)
-        yield running
+    # About 2 s per answer.
+    yield from one_slot_stack(tokens_per_second="12", output_tokens="20:28", keepalive="1")
 
 
-class Queue:
-    """Requests of bob's at high priority, so they wait ahead of alice's; cancelled
-    afterwards."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self.ids: list[str] = []
-
-    async def add(self, count: int, model: str = MODEL) -> None:
-        for _ in range(count):
-            reply = await self.services.scheduler.Submit(
-                scheduler_pb2.SubmitRequest(
-                    model=model,
-                    generate=S.GenerateInput(prompt=f"ahead of you {len(self.ids)}"),
-                    priority=S.PRIORITY_HIGH,
-                ),
-                metadata=auth("bob"),
-                timeout=5,
-            )
-            self.ids.append(reply.request.id)
-
-    async def clear(self) -> None:
-        for request_id in self.ids:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.services.scheduler.Cancel(
-                    scheduler_pb2.CancelRequest(id=request_id, reason="test over"),
-                    metadata=ADMIN,
-                    timeout=5,
-                )
-        self.ids.clear()
-
-    async def idle(self, timeout: float = 20.0) -> None:
-        """Until nothing runs or waits for the model."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            stats = await self.services.admin.GetQueueStats(
-                scheduler_pb2.GetQueueStatsRequest(models=[MODEL]), metadata=ADMIN, timeout=5
-            )
-            if not stats.stats or (stats.stats[0].queued == 0 and stats.stats[0].running == 0):
-                return
-            await asyncio.sleep(0.1)
+async def idle(services: Services, timeout: float = 20.0) -> None:
+    """Until nothing runs or waits for the model."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = await services.admin.GetQueueStats(
+            scheduler_pb2.GetQueueStatsRequest(models=[MODEL]), metadata=ADMIN, timeout=5
+        )
+        if not stats.stats or (stats.stats[0].queued == 0 and stats.stats[0].running == 0):
+            return
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
-async def queue(services: Services) -> AsyncIterator[Queue]:
-    ahead = Queue(services)
+async def queue(services: Services) -> AsyncIterator[Ahead]:
+    ahead = Ahead(services, S.PRIORITY_HIGH)
     yield ahead
-    await ahead.clear()
-    await ahead.idle()
+    await ahead.release()
+    await idle(services)
 
 
 @pytest.fixture
@@ -167,7 +103,7 @@ async def test_without_a_token_the_page_asks_for_one(page: Page, artifacts: Path
 
 
 async def test_waiting_in_the_queue_until_the_answer(
-    page: Page, artifacts: Path, queue: Queue
+    page: Page, artifacts: Path, queue: Ahead
 ) -> None:
     await use_token(page, "alice-token")
     await expect(badge(page)).to_be_visible()
@@ -201,7 +137,7 @@ async def test_waiting_in_the_queue_until_the_answer(
     await snap(page, artifacts, "04-answered")
 
 
-async def test_cancel_while_queued(page: Page, artifacts: Path, queue: Queue) -> None:
+async def test_cancel_while_queued(page: Page, artifacts: Path, queue: Ahead) -> None:
     await use_token(page, "alice-token")
     await expect(badge(page)).to_be_visible()
     await queue.add(3)
@@ -216,7 +152,7 @@ async def test_cancel_while_queued(page: Page, artifacts: Path, queue: Queue) ->
 
 
 async def test_a_badge_turns_long_as_the_queue_grows_and_switch_is_offered(
-    page: Page, artifacts: Path, queue: Queue, services: Services
+    page: Page, artifacts: Path, queue: Ahead, services: Services
 ) -> None:
     await use_token(page, "alice-token")
     await expect(badge(page)).to_have_attribute("data-level", "available")
@@ -243,7 +179,7 @@ async def test_a_badge_turns_long_as_the_queue_grows_and_switch_is_offered(
     await snap(page, artifacts, "09-switched-answered")
 
 
-async def test_the_operator_panel_for_an_admin(page: Page, artifacts: Path, queue: Queue) -> None:
+async def test_the_operator_panel_for_an_admin(page: Page, artifacts: Path, queue: Ahead) -> None:
     await use_token(page, "alice-token")
     await expect(badge(page)).to_be_visible()
     await expect(page.locator("#operator")).to_be_hidden()  # not an admin
@@ -263,7 +199,7 @@ async def test_the_operator_panel_for_an_admin(page: Page, artifacts: Path, queu
 
 
 async def test_readable_on_a_phone(
-    browser: Browser, stack: LocalStack, artifacts: Path, queue: Queue
+    browser: Browser, stack: LocalStack, artifacts: Path, queue: Ahead
 ) -> None:
     context = await browser.new_context(viewport=PHONE, is_mobile=True)  # type: ignore[arg-type]
     page = await context.new_page()

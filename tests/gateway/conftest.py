@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import pytest
 
-from usher.testing.stack import LocalStack
+from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 ADMIN = (("authorization", "Bearer admin-token"),)
@@ -49,3 +52,84 @@ async def services(stack: LocalStack) -> AsyncIterator[Services]:
         scheduler_pb2_grpc.SchedulerAdminServiceStub(channel),
     )
     await channel.close()
+
+
+#: The models of ``one_slot_stack``'s fleet.
+WAITING_MODELS = ("llama3.2:1b", "qwen2.5:0.5b")
+
+
+def one_slot_stack(
+    tokens_per_second: str, output_tokens: str, keepalive: str
+) -> Iterator[LocalStack]:
+    """A fleet of one slot per model (a few requests make a queue that moves), an external
+    provider, the gateway; badges every 0.2 s suggesting "gpt-4o" when nothing local is
+    calmer. For a module fixture: ``yield from one_slot_stack(...)``."""
+    config = StackConfig(
+        emulator_args=(
+            "--fleet",
+            "1",
+            "--models",
+            ",".join(WAITING_MODELS),
+            "--tokens-per-second",
+            tokens_per_second,
+            "--load-time",
+            "0.05",
+            "--parallel",
+            "1",
+            "--output-tokens",
+            output_tokens,
+        ),
+        instance_options=";parallel=1",
+        external_provider=True,
+        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8", "USHER_DEFAULT_PARALLEL": "1"},
+        notifier_env={
+            "USHER_BADGE_INTERVAL_SECONDS": "0.2",
+            "USHER_EXTERNAL_ALTERNATIVE": "gpt-4o",
+        },
+    )
+    with LocalStack(config) as running:
+        running.start_gateway({"USHER_GATEWAY_KEEPALIVE_SECONDS": keepalive})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            models = httpx.get(running.gateway_url + "/api/tags").json()["models"]
+            if len(models) >= len(WAITING_MODELS):
+                break
+            time.sleep(0.1)
+        yield running
+
+
+class Ahead:
+    """bob's requests, queued ahead of the test's own (at ``priority``, HIGH to be sure no
+    fair share lets the test's request pass them); cancelled by ``release``."""
+
+    def __init__(
+        self,
+        services: Services,
+        priority: request_pb2.Priority.ValueType = request_pb2.PRIORITY_UNSPECIFIED,
+    ) -> None:
+        self.services = services
+        self.priority = priority
+        self.ids: list[str] = []
+
+    async def add(self, count: int, model: str = WAITING_MODELS[0]) -> None:
+        for _ in range(count):
+            reply = await self.services.scheduler.Submit(
+                scheduler_pb2.SubmitRequest(
+                    model=model,
+                    generate=request_pb2.GenerateInput(prompt=f"ahead of you {len(self.ids)}"),
+                    priority=self.priority,
+                ),
+                metadata=auth("bob"),
+                timeout=5,
+            )
+            self.ids.append(reply.request.id)
+
+    async def release(self) -> None:
+        for request_id in self.ids:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.services.scheduler.Cancel(
+                    scheduler_pb2.CancelRequest(id=request_id, reason="test over"),
+                    metadata=ADMIN,
+                    timeout=5,
+                )
+        self.ids.clear()

@@ -5,26 +5,23 @@ streams that stay alive while queued (the official ``openai`` and ``ollama`` cli
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
-import grpc
-import httpx
 import ollama
 import openai
 import pytest
 
-from tests.gateway.conftest import ADMIN, Services, auth
+from tests.gateway.conftest import WAITING_MODELS, Ahead, Services, one_slot_stack
 from usher.testing.sse import SseEvent, sse_events
-from usher.testing.stack import LocalStack, StackConfig
-from usher.v1 import request_pb2, scheduler_pb2
+from usher.testing.stack import LocalStack
+from usher.v1 import request_pb2
 
 pytestmark = pytest.mark.slow
-MODEL, OTHER = "llama3.2:1b", "qwen2.5:0.5b"
+MODEL = WAITING_MODELS[0]
 S = request_pb2
 ALICE = {"Authorization": "Bearer alice-token"}
 BOB = {"Authorization": "Bearer bob-token"}
@@ -32,38 +29,8 @@ BOB = {"Authorization": "Bearer bob-token"}
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[LocalStack]:
-    config = StackConfig(
-        emulator_args=(
-            "--fleet",
-            "1",
-            "--models",
-            f"{MODEL},{OTHER}",
-            # One slot, about 2 s per answer: a few requests make a queue.
-            "--tokens-per-second",
-            "10",
-            "--load-time",
-            "0.05",
-            "--parallel",
-            "1",
-            "--output-tokens",
-            "16:24",
-        ),
-        instance_options=";parallel=1",
-        external_provider=True,
-        scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8", "USHER_DEFAULT_PARALLEL": "1"},
-        notifier_env={
-            "USHER_BADGE_INTERVAL_SECONDS": "0.2",
-            "USHER_EXTERNAL_ALTERNATIVE": "gpt-4o",
-        },
-    )
-    with LocalStack(config) as running:
-        running.start_gateway({"USHER_GATEWAY_KEEPALIVE_SECONDS": "0.3"})
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if len(httpx.get(running.gateway_url + "/api/tags").json()["models"]) >= 2:
-                break
-            time.sleep(0.1)
-        yield running
+    # About 2 s per answer.
+    yield from one_slot_stack(tokens_per_second="10", output_tokens="16:24", keepalive="0.3")
 
 
 @pytest.fixture
@@ -74,39 +41,11 @@ async def session(stack: LocalStack) -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-class Busy:
-    """bob's requests in front of everyone else's; cancelled afterwards."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self.ids: list[str] = []
-
-    async def add(self, count: int, model: str = MODEL) -> None:
-        for i in range(count):
-            reply = await self.services.scheduler.Submit(
-                scheduler_pb2.SubmitRequest(
-                    model=model, generate=S.GenerateInput(prompt=f"busy {len(self.ids)} {i}")
-                ),
-                metadata=auth("bob"),
-                timeout=5,
-            )
-            self.ids.append(reply.request.id)
-
-    async def release(self) -> None:
-        for request_id in self.ids:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.services.scheduler.Cancel(
-                    scheduler_pb2.CancelRequest(id=request_id, reason="test over"),
-                    metadata=ADMIN,
-                    timeout=5,
-                )
-
-
 @pytest.fixture
-async def busy(services: Services) -> AsyncIterator[Busy]:
-    fleet = Busy(services)
-    yield fleet
-    await fleet.release()
+async def busy(services: Services) -> AsyncIterator[Ahead]:
+    ahead = Ahead(services)
+    yield ahead
+    await ahead.release()
 
 
 async def submit(
@@ -133,7 +72,7 @@ def data_events(events: list[SseEvent]) -> list[dict[str, Any]]:
 
 
 async def test_sse_carries_position_progress_and_resumes_without_duplicates(
-    session: aiohttp.ClientSession, services: Services, busy: Busy
+    session: aiohttp.ClientSession, services: Services, busy: Ahead
 ) -> None:
     await busy.add(2)
     body, reply = await submit(session, "tell me a story")
@@ -206,7 +145,7 @@ async def test_websocket_resumes_without_duplicates(
 
 
 async def test_another_tenant_cannot_watch_cancel_or_get_a_token(
-    session: aiohttp.ClientSession, busy: Busy
+    session: aiohttp.ClientSession, busy: Ahead
 ) -> None:
     await busy.add(1)
     body, _ = await submit(session, "mine alone")
@@ -268,7 +207,7 @@ async def test_the_submit_sets_a_path_scoped_http_only_cookie(
 
 
 async def test_cancel_ends_the_stream_with_the_cancelled_update(
-    session: aiohttp.ClientSession, busy: Busy
+    session: aiohttp.ClientSession, busy: Ahead
 ) -> None:
     await busy.add(2)
     body, _ = await submit(session, "never mind")
@@ -291,7 +230,7 @@ async def test_cancel_ends_the_stream_with_the_cancelled_update(
 
 
 async def test_switch_moves_a_queued_request_to_the_external_provider(
-    session: aiohttp.ClientSession, services: Services, busy: Busy
+    session: aiohttp.ClientSession, services: Services, busy: Ahead
 ) -> None:
     await busy.add(3)
     body, _ = await submit(session, "I am in a hurry")
@@ -308,7 +247,7 @@ async def test_switch_moves_a_queued_request_to_the_external_provider(
     assert local_only["switch_offered"] is False
 
 
-async def test_badges_over_sse_and_websocket(session: aiohttp.ClientSession, busy: Busy) -> None:
+async def test_badges_over_sse_and_websocket(session: aiohttp.ClientSession, busy: Ahead) -> None:
     # With a token of the caller's own, or a badge watch token (what the page uses).
     async with session.post("/queue/watch-tokens", json={}, headers=ALICE) as reply:
         assert reply.status == 200
@@ -340,7 +279,7 @@ async def test_badges_over_sse_and_websocket(session: aiohttp.ClientSession, bus
 
 
 async def test_openai_stream_sends_headers_and_comments_while_queued(
-    stack: LocalStack, session: aiohttp.ClientSession, busy: Busy
+    stack: LocalStack, session: aiohttp.ClientSession, busy: Ahead
 ) -> None:
     await busy.add(2)
     started = time.monotonic()
@@ -374,7 +313,7 @@ async def test_openai_stream_sends_headers_and_comments_while_queued(
 
 
 async def test_ollama_stream_sends_headers_at_once_and_errors_in_stream(
-    stack: LocalStack, session: aiohttp.ClientSession, services: Services, busy: Busy
+    stack: LocalStack, session: aiohttp.ClientSession, services: Services, busy: Ahead
 ) -> None:
     await busy.add(2)
     started = time.monotonic()
