@@ -306,7 +306,7 @@ class Request:
 
     def status_message(self) -> str:
         """The sentence a person waiting should see, e.g. "You are #3 of 7 in the queue •
-        Estimated wait: 2–3 minutes" (the Notifier sends the same in ``Update.message``)."""
+        Estimated wait: 2–3 minutes": the Notifier's own words (``usher.messages``)."""
         return messages.request_message(self.raw)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "progress_message",
     "ready_message",
     "request_message",
+    "suggestion_message",
     "wait_phrase",
 ]
 
@@ -94,6 +95,11 @@ _EXTERNAL_NOTICES = {
     "switched": "Switching to an external provider, as you asked.",
     "timeout": _TIMEOUT_NOTICE,
 }
+
+
+def suggestion_message(model: str) -> str:
+    """A model picker's hint when another model (or the external provider) is quicker."""
+    return f"Consider {model} for faster results"
 
 
 def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: float = 0.0) -> str:

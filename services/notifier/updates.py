@@ -93,9 +93,9 @@ def suggest(
     ]
     if calmer:
         best = min(calmer, key=lambda b: (b.level, b.wait.max.ToMilliseconds(), b.model))
-        return best.model, f"Consider {best.model} for faster results"
+        return best.model, messages.suggestion_message(best.model)
     if external_alternative:
-        return external_alternative, f"Consider {external_alternative} for faster results"
+        return external_alternative, messages.suggestion_message(external_alternative)
     return "", ""
 
 
