@@ -9,10 +9,11 @@ ended without a result (failed, expired, cancelled) raises :class:`RequestFailed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import grpc
+
+from usher.errors import FieldViolation, status_details
 
 if TYPE_CHECKING:
     from clients.types import Request
@@ -35,17 +36,6 @@ __all__ = [
     "UsherError",
     "error_from_rpc",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class FieldViolation:
-    """One field of a request that the server refused, e.g. ``generate.prompt``."""
-
-    field: str
-    description: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.description}"
 
 
 class UsherError(Exception):
@@ -178,37 +168,13 @@ _BY_CODE: dict[grpc.StatusCode, type[UsherError]] = {
 }
 
 
-def _rich_details(error: grpc.RpcError) -> tuple[tuple[FieldViolation, ...], float | None]:
-    """Field violations and retry delay from the google.rpc.Status in the trailers."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    try:
-        status: Any = rpc_status.from_call(error)
-    except (ValueError, AttributeError, TypeError):
-        return (), None
-    if status is None:
-        return (), None
-    violations: list[FieldViolation] = []
-    retry_after: float | None = None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry_after = info.retry_delay.ToMilliseconds() / 1000
-    return tuple(violations), retry_after
-
-
 def error_from_rpc(error: grpc.RpcError) -> UsherError:
     """The typed error for a failed RPC (``grpc.aio.AioRpcError`` or a sync ``grpc.Call``)."""
     code_of = getattr(error, "code", None)
     details_of = getattr(error, "details", None)
     code: grpc.StatusCode = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
     message = str(details_of() if callable(details_of) else "") or code.name.lower()
-    violations, retry_after = _rich_details(error)
+    trailing_of = getattr(error, "trailing_metadata", None)
+    violations, retry_after = status_details(trailing_of() if callable(trailing_of) else None)
     cls = _BY_CODE.get(code, ServerError)
     return cls(message, code=code, field_violations=violations, retry_after=retry_after)

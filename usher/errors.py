@@ -34,6 +34,7 @@ __all__ = [
     "Unavailable",
     "UpstreamFailed",
     "UsherError",
+    "status_details",
     "to_error",
 ]
 
@@ -42,8 +43,44 @@ log = get_logger("usher.errors")
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
+    """One field of a request that was refused, e.g. ``generate.prompt``."""
+
     field: str
     description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+def status_details(
+    trailing: Sequence[tuple[str, str | bytes]] | None,
+) -> tuple[tuple[FieldViolation, ...], float | None]:
+    """What a failed call's trailers say beyond its code (the inverse of ``to_error``'s
+    details): the fields at fault (BadRequest) and when to retry (RetryInfo). Malformed
+    details are no reason to fail: they read as none."""
+    raw = next(
+        (v for k, v in trailing or () if k == "grpc-status-details-bin" and isinstance(v, bytes)),
+        None,
+    )
+    if raw is None:
+        return (), None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(raw)
+    except Exception:
+        return (), None
+    violations: list[FieldViolation] = []
+    retry_after: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_after = info.retry_delay.ToMilliseconds() / 1000
+    return tuple(violations), retry_after
 
 
 class UsherError(Exception):

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from google.rpc import error_details_pb2, status_pb2
 
+from usher.errors import status_details
 from usher.structs import dict_to_struct, plain_json
 from usher.v1 import request_pb2, scheduler_pb2
 
@@ -166,20 +166,6 @@ def http_field(proto_field: str) -> str:
     )
 
 
-def _status_details(
-    trailing: Sequence[tuple[str, str | bytes]],
-) -> status_pb2.Status | None:
-    for key, value in trailing:
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status()
-            try:
-                status.ParseFromString(value)
-            except Exception:  # a malformed detail is no reason to fail the mapping
-                return None
-            return status
-    return None
-
-
 def error_from_rpc(
     code: grpc.StatusCode,
     message: str,
@@ -188,24 +174,12 @@ def error_from_rpc(
     model: str = "",
 ) -> GatewayError:
     """A failed gRPC call → the HTTP error to answer with."""
-    violations: list[tuple[str, str]] = []
-    retry_after: float | None = None
-    details = _status_details(trailing)
-    if details is not None:
-        for detail in details.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations.extend((v.field, v.description) for v in bad.field_violations)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                retry_after = info.retry_delay.ToMilliseconds() / 1000
+    violations, retry_after = status_details(trailing)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         if violations:
-            text = "; ".join(f"{http_field(f)}: {d}" for f, d in violations)
+            text = "; ".join(f"{http_field(v.field)}: {v.description}" for v in violations)
             return GatewayError(
-                400, "invalid_request", text, field=http_field(violations[0][0]), model=model
+                400, "invalid_request", text, field=http_field(violations[0].field), model=model
             )
         return GatewayError(400, "invalid_request", message, model=model)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
