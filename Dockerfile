@@ -19,8 +19,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---- build: a self-contained virtual environment in /opt/usher ----------------------------
 FROM ${PYTHON_IMAGE} AS build
 
+# PIP_NO_INDEX=1 builds offline, from the wheels in deploy/docker/wheels/ (filled on the
+# host by `pip download`, as scripts/image_test.sh does); pip looks there first either way.
+ARG PIP_NO_INDEX=0
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_NO_INDEX=${PIP_NO_INDEX} \
+    PIP_FIND_LINKS=/wheels \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/usher/bin:$PATH
 
@@ -29,6 +34,7 @@ RUN python -m venv /opt/usher
 WORKDIR /src
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
+COPY deploy/docker/wheels/ /wheels/
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt

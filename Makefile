@@ -14,7 +14,7 @@ RUN     := $(VENV)/.run-$(HASH)
 DEV     := $(VENV)/.dev-$(HASH)
 LLAMA   := $(VENV)/.llamacpp-$(HASH)
 
-.PHONY: up demo up-llamacpp test lint protos check-protos bench clean
+.PHONY: up demo up-llamacpp test lint protos check-protos bench image-test clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed" >&2; exit 1; }
@@ -51,10 +51,11 @@ demo: $(RUN)
 up-llamacpp: $(LLAMA)
 	$(VENV)/bin/usher up --llama-cpp
 
-## Lint, type-check, API checks, then the whole test suite (deploy/ checks included:
-## tests/deploy, also alone with scripts/validate_deploy.sh).
+## Lint, type-check, API checks, the whole test suite (deploy/ checks included: tests/deploy,
+## also alone with scripts/validate_deploy.sh), then the image built and run (image-test).
 test: lint
 	$(PY) -m pytest
+	./scripts/image_test.sh
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check .
@@ -68,6 +69,11 @@ lint: $(DEV)
 ## Regenerate the committed Python stubs from proto/.
 protos: $(DEV)
 	./scripts/gen_protos.sh
+
+## Build the image with podman, offline, and run the services as containers through chaos
+## (installs podman, runc and mmdebstrap with apt-get when missing; prints figures).
+image-test: $(DEV)
+	./scripts/image_test.sh
 
 ## Benchmarks: print figures as JSON lines (not run by `make test`).
 bench: $(DEV)
