@@ -4,8 +4,8 @@
 secrets before it starts: a value still holding the templates' ``CHANGE-ME`` marker, or
 shorter than ``MIN_SECRET_LENGTH`` characters, stops the service with exit code 2 and the
 variable named (never the value). Without it (local development, tests) nothing is
-checked. Also refused in production: no credentials at all, and a Redis URL without a
-password.
+checked. Also refused in production: no credentials at all, open access
+(``USHER_AUTH_OPEN``), and a Redis URL without a password.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def secret_problems(env: Mapping[str, str]) -> list[str]:
     has_jwt = bool(env_str("USHER_JWT_SECRET", "", env) or env_str("USHER_JWT_PUBLIC_KEY", "", env))
     if not has_tokens and not has_jwt:
         problems.append("no credentials: set USHER_API_TOKENS(_FILE) or USHER_JWT_*")
+    if env_bool("USHER_AUTH_OPEN", False, env):
+        problems.append("USHER_AUTH_OPEN=true admits anyone (usher/auth.py)")
     return problems
 
 

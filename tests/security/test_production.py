@@ -57,6 +57,12 @@ def test_a_weak_secret_is_named(variable: str, value: str) -> None:
     assert variable in problems[0]
 
 
+def test_open_access_is_refused() -> None:
+    assert secret_problems({**SOUND, "USHER_AUTH_OPEN": "true"}) == [
+        "USHER_AUTH_OPEN=true admits anyone (usher/auth.py)"
+    ]
+
+
 def test_no_credentials_at_all_is_refused() -> None:
     assert secret_problems({}) == ["no credentials: set USHER_API_TOKENS(_FILE) or USHER_JWT_*"]
 
