@@ -59,11 +59,12 @@ WAITING_MODELS = ("llama3.2:1b", "qwen2.5:0.5b")
 
 
 def one_slot_stack(
-    tokens_per_second: str, output_tokens: str, keepalive: str
+    tokens_per_second: str, output_tokens: str, keepalive: str, *, open_access: bool = False
 ) -> Iterator[LocalStack]:
     """A fleet of one slot per model (a few requests make a queue that moves), an external
     provider, the gateway; badges every 0.2 s suggesting "gpt-4o" when nothing local is
-    calmer. For a module fixture: ``yield from one_slot_stack(...)``."""
+    calmer; ``open_access``: the local open mode (no credentials needed). For a module
+    fixture: ``yield from one_slot_stack(...)``."""
     config = StackConfig(
         emulator_args=(
             "--fleet",
@@ -86,6 +87,7 @@ def one_slot_stack(
             "USHER_BADGE_INTERVAL_SECONDS": "0.2",
             "USHER_EXTERNAL_ALTERNATIVE": "gpt-4o",
         },
+        common_env={"USHER_AUTH_OPEN": "true"} if open_access else {},
     )
     with LocalStack(config) as running:
         running.start_gateway({"USHER_GATEWAY_KEEPALIVE_SECONDS": keepalive})
