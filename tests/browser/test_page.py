@@ -196,6 +196,14 @@ async def test_the_operator_panel_for_an_admin(page: Page, artifacts: Path, queu
     await expect(panel.get_by_role("button", name=f"Resume {MODEL}")).to_be_visible()
     await panel.get_by_role("button", name=f"Resume {MODEL}").click()
     await expect(page.locator("#operator-status")).to_contain_text(f"{MODEL}: resumed")
+    # Drain asks first; accepted, the queued requests end with the operator's reason.
+    await queue.add(3)
+    page.once("dialog", lambda dialog: dialog.accept())
+    await panel.get_by_role("button", name=f"Drain {MODEL}").click()
+    await expect(page.locator("#operator-status")).to_contain_text(
+        re.compile(rf"{re.escape(MODEL)}: [1-9]\d* queued requests ended")
+    )
+    await snap(page, artifacts, "10b-operator-drained")
 
 
 async def test_readable_on_a_phone(
