@@ -31,6 +31,7 @@ from clients.aio import AsyncUsherClient
 from clients.errors import UsherError
 from clients.retry import RetryPolicy
 from usher import keys
+from usher.ids import event_id_key
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -264,7 +265,7 @@ async def run_chaos(
             metadata = (("authorization", f"Bearer {TOKEN}"),)
             last_kind = "no update"
             while last_kind not in _TERMINAL_STATES:
-                last = max(seen, key=_event_key, default="")
+                last = max(seen, key=lambda e: event_id_key(e) or (0, 0), default="")
                 try:
                     async for response in notifier.Watch(
                         notifier_pb2.WatchRequest(id=request_id, last_event_id=last),
@@ -367,12 +368,6 @@ def _service(
         return stack.pool.process, stack.pool.kill, stack.start_pool
     assert stack.redis is not None
     return stack.redis.process, stack.redis.kill, stack.redis.start
-
-
-def _event_key(event_id: str) -> tuple[int, int]:
-    """Redis stream ids ("1700000000000-3") order numerically."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def _terminal_events(redis_url: str, request_ids: Sequence[str]) -> dict[str, int]:

@@ -58,6 +58,7 @@ from clients.types import (
     Update,
     UpdateKind,
 )
+from usher.ids import event_id_key
 from usher.tls import KEEPALIVE, RECONNECT, ClientTls
 from usher.v1 import (
     notifier_pb2,
@@ -287,18 +288,10 @@ def _set_generation(generation: request_pb2.GenerationOptions, options: SubmitOp
         generation.extra.CopyFrom(extra)
 
 
-def _event_key(event_id: str) -> tuple[int, int] | None:
-    """Redis stream ids ("1700000000000-3") order numerically."""
-    ms, _, seq = event_id.partition("-")
-    if ms.isdigit() and seq.isdigit():
-        return int(ms), int(seq)
-    return None
-
-
 def _already_seen(event_id: str, last: str) -> bool:
     if not last:
         return False
-    new, old = _event_key(event_id), _event_key(last)
+    new, old = event_id_key(event_id), event_id_key(last)
     if new is None or old is None:
         return event_id == last
     return new <= old

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from services.gateway.watch_tokens import (
     request_scope,
 )
 from usher import keys, messages
-from usher.ids import is_request_id
+from usher.ids import is_event_id, is_request_id
 from usher.logs import get_logger
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
 
@@ -60,7 +59,6 @@ __all__ = ["WATCH_COOKIE", "WATCH_HEADER", "Credential", "QueueHttp", "watch_coo
 log = get_logger(__name__)
 WATCH_HEADER = "X-Usher-Watch-Token"
 WATCH_COOKIE = "usher_watch"
-_EVENT_ID = re.compile(r"\d{1,15}-\d{1,15}")
 _RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
@@ -348,7 +346,7 @@ class QueueHttp:
             request_id = self._request_id(request)
             credential = self._credential(request, request_scope(request_id))
             last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id", "")
-            if last and not _EVENT_ID.fullmatch(last):
+            if last and not is_event_id(last):
                 raise tr.bad_request("last_event_id", "is not an event id this service gave out")
             if not credential.delegated:
                 await self._get(request_id, credential.token)  # owner or admin

@@ -33,6 +33,7 @@ from services.notifier import updates
 from services.scheduler.eta import ModelAverages
 from services.scheduler.store import QUEUED, QueueStore, StoredRequest
 from usher import keys, metrics
+from usher.ids import event_id_key
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.v1 import notifier_pb2
@@ -44,7 +45,6 @@ __all__ = [
     "PositionUpdate",
     "Subscriber",
     "Update",
-    "stream_id_key",
 ]
 
 log = get_logger(__name__)
@@ -70,12 +70,6 @@ MODELS_TTL_SECONDS = 1.0
 AVERAGES_TTL_SECONDS = 1.0
 #: Request ids are ULIDs: the queue member ends with one.
 _ID_LENGTH = 26
-
-
-def stream_id_key(entry_id: str) -> tuple[int, int]:
-    """Redis stream ids "ms-seq" in order."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +107,7 @@ class Update:
     ) -> None:
         self.fields = fields
         self.eid = fields.get("eid", "")
-        self.key = stream_id_key(self.eid) if self.eid else (0, 0)
+        self.key = event_id_key(self.eid) or (0, 0)
         self.kind = updates.EVENT_KINDS.get(
             fields.get("type", ""), notifier_pb2.UPDATE_KIND_UNSPECIFIED
         )

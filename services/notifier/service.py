@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -10,14 +9,14 @@ from typing import Any, cast
 
 from services.notifier import updates
 from services.notifier.badges import BadgeBoard
-from services.notifier.fanout import Fanout, PositionUpdate, Update, stream_id_key
+from services.notifier.fanout import Fanout, PositionUpdate, Update
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
 from usher import metrics
 from usher.auth import SERVICE_ROLE, Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from usher.grpc_types import Context
-from usher.ids import is_request_id
+from usher.ids import event_id_key, is_event_id, is_request_id
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2
@@ -33,7 +32,6 @@ _TERMINAL_KIND = {
     request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
 }
 _MAX_BADGE_MODELS = 100
-_STREAM_ID = re.compile(r"\d{1,15}-\d{1,15}")
 
 
 class _Cursor:
@@ -54,7 +52,7 @@ class _Cursor:
 
     def advance(self, event_id: str) -> None:
         self.last = event_id
-        self.last_key = stream_id_key(event_id)
+        self.last_key = event_id_key(event_id) or (0, 0)
 
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
@@ -111,7 +109,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         self, request: notifier_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[notifier_pb2.WatchResponse]:
         caller = self.caller(context)
-        if request.last_event_id and not _valid_stream_id(request.last_event_id):
+        if request.last_event_id and not is_event_id(request.last_event_id):
             raise InvalidArgument(
                 [FieldViolation("last_event_id", "is not an event id this service gave out")]
             )
@@ -303,10 +301,6 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 subscription.clear()
         finally:
             self.board.unsubscribe(subscription, wanted)
-
-
-def _valid_stream_id(text: str) -> bool:
-    return _STREAM_ID.fullmatch(text) is not None
 
 
 _COUNTERS: dict[int, Any] = {}
