@@ -343,3 +343,46 @@ async def test_ollama_stream_sends_headers_at_once_and_errors_in_stream(
         async for p in await client.generate(model=MODEL, prompt="now", stream=True)
     ]
     assert "".join(parts)
+
+
+async def test_bad_input_is_refused_naming_the_field(session: aiohttp.ClientSession) -> None:
+    async def refused(method: str, url: str, field: str, status: int = 400, **kw: Any) -> None:
+        async with session.request(method, url, headers=ALICE, **kw) as reply:
+            body = await reply.json()
+            assert reply.status == status, (url, body)
+            assert body.get("field") == field, (url, body)
+
+    await refused("GET", "/queue/requests/not-an-id", "id")
+    await refused("GET", "/queue/requests/not-an-id/events", "id")
+    await refused("DELETE", "/queue/requests/not-an-id", "id")
+    await refused("POST", "/queue/requests", "body", data=b"{not json")
+    await refused(
+        "POST",
+        "/queue/requests",
+        "model",
+        404,
+        json={"model": "nope:1b", "messages": [{"role": "user", "content": "x"}]},
+    )
+    await refused("POST", "/queue/requests", "messages", json={"model": MODEL})
+    await refused("POST", "/queue/watch-tokens", "request_id", json={"request_id": 7})
+    body, _ = await submit(session, "resume me")
+    await refused(
+        "GET",
+        f"/queue/requests/{body['id']}/events",
+        "last_event_id",
+        params={"last_event_id": "x"},
+    )
+    async with session.post(
+        "/admin/queue/pause", json={"paused": True}, headers={"Authorization": "Bearer admin-token"}
+    ) as reply:
+        assert reply.status == 400 and (await reply.json())["field"] == "model"
+    async with session.post("/admin/queue/pause", json={"model": MODEL}, headers=ALICE) as reply:
+        assert reply.status == 403
+    async with session.get("/admin/overview", headers=ALICE) as reply:
+        assert reply.status == 403
+    async with session.get(
+        "/queue/models/events",
+        params={"model": ",".join(f"m{i}" for i in range(101))},
+        headers=ALICE,
+    ) as reply:
+        assert reply.status == 400
