@@ -59,7 +59,7 @@ from clients.types import (
     UpdateKind,
 )
 from usher.ids import event_id_key
-from usher.tls import KEEPALIVE, RECONNECT, ClientTls
+from usher.tls import KEEPALIVE, RECONNECT, ClientTls, ReloadingChannel
 from usher.v1 import (
     notifier_pb2,
     notifier_pb2_grpc,
@@ -345,7 +345,7 @@ class AsyncUsherClient:
     ``USHER_POOL_ADDRESS`` and ``USHER_TOKEN``. TLS: pass ``root_certificates`` (PEM bytes;
     ``private_key`` and ``certificate_chain`` for mutual TLS) or ready ``credentials``;
     otherwise ``USHER_TLS_CA`` (and ``USHER_TLS_CLIENT_CERT`` / ``USHER_TLS_CLIENT_KEY``)
-    turn it on, as for the services.
+    turn it on, as for the services, and renewed files are used from the next call on.
     """
 
     def __init__(
@@ -387,9 +387,11 @@ class AsyncUsherClient:
                 private_key=private_key,
                 certificate_chain=certificate_chain,
             )
+        #: TLS files from USHER_TLS_*: channels follow their renewals (ReloadingChannel).
+        self._tls_files: ClientTls | None = None
         if credentials is None and env.get("USHER_TLS_CA"):
-            tls = ClientTls.from_env()
-            credentials = tls.credentials() if tls is not None else None
+            self._tls_files = ClientTls.from_env()
+            credentials = self._tls_files.credentials() if self._tls_files else None
         self._credentials = credentials
         self._channel_options: list[tuple[str, Any]] = [
             # Come back quickly after a service restarts; notice a vanished one by pings.
@@ -406,7 +408,9 @@ class AsyncUsherClient:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            if self._credentials is None:
+            if self._tls_files is not None:
+                channel = ReloadingChannel(address, self._tls_files, self._channel_options, ())
+            elif self._credentials is None:
                 channel = grpc.aio.insecure_channel(address, options=self._channel_options)
             else:
                 channel = grpc.aio.secure_channel(

@@ -10,11 +10,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.aio import AsyncUsherClient
 from usher.config import ConfigError
 from usher.server import GrpcServer
 from usher.testing import free_port
 from usher.testing.certs import CertificateFiles, make_certificates
-from usher.tls import ClientTls, ServerTls, key_pair_problem, open_channel
+from usher.tls import ClientTls, ReloadingChannel, ServerTls, key_pair_problem, open_channel
 
 
 async def check(channel: grpc.aio.Channel) -> None:
@@ -88,6 +89,22 @@ async def test_a_half_written_renewal_keeps_the_old_certificates(
     renew_certificate_only(env, make_certificates(tmp_path / "other"))
     async with open_channel(address, ClientTls.from_env(env)) as channel:
         await check(channel)  # still the old, consistent pair
+
+
+async def test_the_sdk_follows_renewals_of_its_tls_files(
+    server: tuple[str, dict[str, str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address, env, folder = server
+    for name in ("USHER_TLS_CA", "USHER_TLS_CLIENT_CERT", "USHER_TLS_CLIENT_KEY"):
+        if name in env:
+            monkeypatch.setenv(name, env[name])
+    client = AsyncUsherClient(address, address, token="t")
+    channel = client._channel(address)
+    assert isinstance(channel, ReloadingChannel)
+    await check(channel)
+    make_certificates(folder)
+    await check(channel)
+    await client.close()
 
 
 def test_a_key_that_does_not_match_its_certificate_is_refused_at_start(tmp_path: Path) -> None:
