@@ -128,13 +128,41 @@ async def test_waiting_in_the_queue_until_the_answer(
     assert len(seen) >= 2 and seen == sorted(seen, reverse=True), seen
     await snap(page, artifacts, "03-running")
 
+    # Tokens appear one batch after another, before the answer is complete.
     answer = page.locator(".conversation .assistant .text")
-    await expect(answer).not_to_be_empty(timeout=20_000)
+    lengths: list[int] = []
+    while "ready" not in (await status.text_content() or ""):
+        if await answer.count():
+            length = len(await answer.text_content() or "")
+            if length and (not lengths or lengths[-1] != length):
+                lengths.append(length)
+        await asyncio.sleep(0.05)
+    assert len(lengths) >= 2 and lengths == sorted(lengths), lengths
     await expect(status).to_contain_text("Your response is ready!", timeout=20_000)
     await expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
     assert len(await answer.text_content() or "") > 10
     await expect(page).to_have_title("✓ Ready — Usher")
     await snap(page, artifacts, "04-answered")
+
+
+async def test_a_reload_keeps_the_chat_and_the_place(
+    page: Page, artifacts: Path, queue: Ahead
+) -> None:
+    await use_token(page, "alice-token")
+    await expect(badge(page)).to_be_visible()
+    await queue.add(3)
+    await page.get_by_label("Message").fill("Still there after a reload?")
+    await page.get_by_label("Message").press("Enter")
+    status = page.locator("#status")
+    await expect(status).to_contain_text("in the queue")
+    await page.reload()
+    await expect(page.locator(".conversation .user")).to_have_text(
+        re.compile("Still there after a reload\\?")
+    )
+    await expect(status).to_contain_text(re.compile(r"You are #\d+ of \d+ in the queue"))
+    await snap(page, artifacts, "05a-reloaded")
+    await expect(status).to_contain_text("Your response is ready!", timeout=30_000)
+    await expect(page.locator(".conversation .assistant .text")).not_to_be_empty()
 
 
 async def test_cancel_while_queued(page: Page, artifacts: Path, queue: Ahead) -> None:

@@ -14,6 +14,7 @@
   const $ = (id) => document.getElementById(id);
   const TOKEN_KEY = "usher.token";
   const REQUEST_KEY = "usher.request";
+  const CONVERSATION_KEY = "usher.conversation";
   const LEVEL_WORDS = {
     available: "Available now",
     short: "Short queue",
@@ -239,6 +240,20 @@
     show($("chat-error"), Boolean(text));
   }
 
+  function saveConversation() {
+    sessionStorage.setItem(CONVERSATION_KEY, JSON.stringify(state.conversation));
+  }
+
+  function restoreConversation() {
+    // A reload keeps the chat (this tab only), the pending question included.
+    try {
+      state.conversation = JSON.parse(sessionStorage.getItem(CONVERSATION_KEY) || "[]");
+    } catch (_) {
+      state.conversation = [];
+    }
+    for (const message of state.conversation) addMessage(message.role, message.content);
+  }
+
   function remember() {
     const c = state.current;
     if (!c || c.done) sessionStorage.removeItem(REQUEST_KEY);
@@ -253,6 +268,7 @@
     chatError("");
     sessionStorage.setItem("usher.model", model);
     state.conversation.push({ role: "user", content: prompt });
+    saveConversation();
     addMessage("user", prompt);
     $("prompt").value = "";
     $("send").disabled = true;
@@ -264,6 +280,7 @@
       follow(queued);
     } catch (error) {
       state.conversation.pop();
+      saveConversation();
       chatError(error.message);
       $("send").disabled = false;
     }
@@ -286,7 +303,7 @@
     $("cancel").disabled = false;
     $("progress").value = 0;
     apply(request);
-    watch();
+    if (!state.current.done) watch();
   }
 
   function watch() {
@@ -381,10 +398,13 @@
       if (!c.answer) c.answer = addMessage("assistant", "");
       if (text && text.length >= c.text.length) c.answer.textContent = text;
       state.conversation.push({ role: "assistant", content: c.answer.textContent });
+      saveConversation();
       $("progress").max = 100;
       $("progress").value = 100;
     } else {
+      // The question stays on screen but leaves the history the model sees next time.
       state.conversation.pop();
+      saveConversation();
     }
     say($("status"), update.message || `Your request ${update.state}`);
     title(update.state === "completed" ? "✓ Ready" : "");
@@ -429,10 +449,7 @@
     try {
       await api("POST", "/queue/watch-tokens", { request_id: saved.id });
       const now = await api("GET", `/queue/requests/${saved.id}`);
-      if (TERMINAL.has(now.state)) {
-        sessionStorage.removeItem(REQUEST_KEY);
-        return;
-      }
+      // Still waiting or running: watch on. Finished meanwhile: show how it ended.
       $("send").disabled = true;
       follow(now);
     } catch (_) {
@@ -569,6 +586,7 @@
     });
     $("cancel").addEventListener("click", cancel);
     $("switch").addEventListener("click", switchProvider);
+    restoreConversation();
     loadModels().then(startBadges);
     refreshOperator();
     resume();
