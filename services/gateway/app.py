@@ -48,6 +48,7 @@ from services.gateway.admin_http import AdminHttp
 from services.gateway.backend import Backend, bearer
 from services.gateway.flow import Finished, RequestFlow, Started, Text, rpc_error
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from services.gateway.openapi import openapi_document
 from services.gateway.queue_http import QueueHttp
 from services.gateway.settings import GatewaySettings, split_listen
 from services.gateway.streams import SSE, Keepalive, open_event_stream
@@ -157,6 +158,7 @@ class Gateway:
         r.add_post("/admin/queue/update", self.admin_update)
         r.add_post("/admin/queue/reset", self.admin_reset)
         r.add_get("/metrics", self.prometheus)
+        r.add_get("/openapi.json", self.openapi)
         self.queue.register(app)
         AdminHttp(
             self.settings,
@@ -751,6 +753,9 @@ class Gateway:
                 "every gateway and Scheduler; the averages behind wait estimates are kept",
             }
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(openapi_document())
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
