@@ -181,6 +181,22 @@ class ChaosReport:
         return dict(sorted(out.items()))
 
 
+@dataclass(frozen=True)
+class ChaosPlan:
+    """How a chaos run goes (see ``run_chaos``)."""
+
+    requests: int
+    rate: float
+    victims: Sequence[str] = VICTIMS
+    seed: int = 3
+    watch_every: int = 20
+    pause: tuple[float, float] = (1.5, 3.5)
+    model_server_downtime: float = 2.0
+    kill_each_at_least: int = 0
+    settle_timeout: float = 180.0
+    watch_timeout: float = 60.0
+
+
 async def run_chaos(
     requests: int,
     rate: float,
@@ -206,17 +222,42 @@ async def run_chaos(
     unknown = set(victims) - set(VICTIMS)
     if unknown or not victims:
         raise ValueError(f"victims must be some of {VICTIMS}, got {list(victims)}")
-    rng = random.Random(seed)
-    report = ChaosReport()
+    plan = ChaosPlan(
+        requests,
+        rate,
+        victims,
+        seed,
+        watch_every,
+        pause,
+        model_server_downtime,
+        kill_each_at_least,
+        settle_timeout,
+        watch_timeout,
+    )
     with LocalStack(config or chaos_config()) as stack:
-        report.state_dir = str(stack.state_dir)
-        client = AsyncUsherClient(
+        run = _ChaosRun(plan, stack)
+        try:
+            await run.run()
+        finally:
+            await run.close()
+    return run.report
+
+
+class _ChaosRun:
+    """One chaos run against a running stack: the traffic, the watchers, the kills."""
+
+    def __init__(self, plan: ChaosPlan, stack: LocalStack) -> None:
+        self.plan = plan
+        self.stack = stack
+        self.rng = random.Random(plan.seed)
+        self.report = ChaosReport(state_dir=str(stack.state_dir))
+        self.client = AsyncUsherClient(
             stack.scheduler_address,
             stack.notifier_address,
             token=TOKEN,
             retry=RetryPolicy(max_total_wait=120.0, max_attempts=200, max_backoff=1.0),
         )
-        plain = grpc.aio.insecure_channel(
+        self.plain = grpc.aio.insecure_channel(
             stack.notifier_address,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", 200),
@@ -224,135 +265,146 @@ async def run_chaos(
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
-        notifier = notifier_pb2_grpc.NotifierServiceStub(plain)
-        done_submitting = asyncio.Event()
-        watchers: list[asyncio.Task[None]] = []
+        self.notifier = notifier_pb2_grpc.NotifierServiceStub(self.plain)
+        self.done_submitting = asyncio.Event()
+        self.watchers: list[asyncio.Task[None]] = []
+        self.began = time.monotonic()
+        self.began_wall = time.time()
 
-        async def submit_all() -> None:
-            for i in range(requests):
-                submission = await client.submit(MODEL, f"chaos {i}")
-                report.accepted.append(submission.request.id)
-                report.accepted_at.append(time.monotonic() - began)
-                if i % watch_every == 0:
-                    for kind, how in (("sdk", watch), ("stream", stream)):
-                        key = f"{kind} {submission.request.id}"
-                        watchers.append(
-                            asyncio.create_task(ending(key, how(submission.request.id)))
-                        )
-                await asyncio.sleep(1 / rate)
-            done_submitting.set()
+    async def run(self) -> None:
+        self.began, self.began_wall = time.monotonic(), time.time()
+        await asyncio.gather(self.submit_all(), self.chaos())
+        await self.settle()
+        if self.watchers:
+            await asyncio.wait(self.watchers, timeout=self.plan.watch_timeout)
+        self.report.seconds = time.monotonic() - self.began
+        self.report.terminal_events = await _terminal_events(
+            self.stack.redis_url, self.report.accepted
+        )
 
-        async def ending(key: str, watching: Coroutine[Any, Any, str]) -> None:
-            report.watch_endings[key] = "still watching when the run ended"
-            report.watch_endings[key] = await watching
+    async def close(self) -> None:
+        for task in self.watchers:
+            task.cancel()
+        await asyncio.gather(*self.watchers, return_exceptions=True)
+        await self.client.close()
+        await self.plain.close()
 
-        async def watch(request_id: str) -> str:
-            seen = report.watched.setdefault(request_id, [])
-            last = "no update"
-            try:
-                async for update in client.watch(request_id):
-                    last = update.kind.name
-                    if update.event_id:
-                        seen.append(update.event_id)
-            except UsherError as exc:
-                return f"{type(exc).__name__}: {exc.message}"
-            return last
+    async def submit_all(self) -> None:
+        report = self.report
+        for i in range(self.plan.requests):
+            submission = await self.client.submit(MODEL, f"chaos {i}")
+            request_id = submission.request.id
+            report.accepted.append(request_id)
+            report.accepted_at.append(time.monotonic() - self.began)
+            if i % self.plan.watch_every == 0:
+                for kind, how in (("sdk", self.watch), ("stream", self.stream)):
+                    key = f"{kind} {request_id}"
+                    self.watchers.append(asyncio.create_task(self.ending(key, how(request_id))))
+            await asyncio.sleep(1 / self.plan.rate)
+        self.done_submitting.set()
 
-        async def stream(request_id: str) -> str:
-            """The Notifier's Watch without the SDK: resumed by hand from the last id seen,
-            so an event the Notifier sends twice is counted, not filtered out."""
-            seen = report.streamed.setdefault(request_id, [])
-            metadata = (("authorization", f"Bearer {TOKEN}"),)
-            last_kind = "no update"
-            while last_kind not in _TERMINAL_STATES:
-                last = max(seen, key=lambda e: event_id_key(e) or (0, 0), default="")
-                try:
-                    async for response in notifier.Watch(
-                        notifier_pb2.WatchRequest(id=request_id, last_event_id=last),
-                        metadata=metadata,
-                        timeout=30,
-                    ):
-                        last_kind = notifier_pb2.UpdateKind.Name(response.kind).removeprefix(
-                            "UPDATE_KIND_"
-                        )
-                        if response.event_id:
-                            seen.append(response.event_id)
-                        if response.kind in _TERMINAL_KINDS:
-                            break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in _RESUMABLE:
-                        return f"{exc.code().name}: {exc.details()}"
-                if last_kind not in _TERMINAL_STATES:
-                    report.resumed[request_id] += 1  # the stream broke or ended early
-                    await asyncio.sleep(0.2)
-            return last_kind
+    async def ending(self, key: str, watching: Coroutine[Any, Any, str]) -> None:
+        self.report.watch_endings[key] = "still watching when the run ended"
+        self.report.watch_endings[key] = await watching
 
-        async def outage(victim: str) -> None:
-            started = time.monotonic()
-            if victim == "model server":
-                # A model server dies for a while, then comes back on its port.
-                index = rng.randrange(len(stack.model_servers))
-                was_running = stack.model_servers[index].returncode is None
-                stack.model_servers[index].kill()
-                await asyncio.sleep(model_server_downtime)
-                await asyncio.to_thread(stack.restart_model_server, index)
-            else:
-                process, kill, restart = _service(stack, victim)
-                was_running = process is not None and process.poll() is None
-                kill()
-                await asyncio.to_thread(restart)
-            # Recovered when a client call goes through again.
-            while True:
-                try:
-                    await client.get(report.accepted[-1])
-                    break
-                except UsherError:
-                    await asyncio.sleep(0.05)
-            report.kills.append(
-                Kill(victim, started - began, time.monotonic() - started, was_running)
-            )
-
-        async def chaos() -> None:
-            # Every kind of victim in turn, in a shuffled order, at random intervals.
-            order = rng.sample(list(victims), len(victims))
-            for n in itertools.count():
-                await asyncio.sleep(rng.uniform(*pause))
-                killed = Counter(kill.victim for kill in report.kills)
-                if done_submitting.is_set() and all(
-                    killed[v] >= kill_each_at_least for v in victims
-                ):
-                    return
-                if report.accepted:
-                    await outage(order[n % len(order)])
-
-        began = time.monotonic()
-        began_wall = time.time()
+    async def watch(self, request_id: str) -> str:
+        seen = self.report.watched.setdefault(request_id, [])
+        last = "no update"
         try:
-            await asyncio.gather(submit_all(), chaos())
-            deadline = time.monotonic() + settle_timeout
-            while len(report.final) < len(report.accepted) and time.monotonic() < deadline:
-                for request_id in report.accepted:
-                    if request_id not in report.final:
-                        request = await client.get(request_id)
-                        if request.state.name in _TERMINAL_STATES:
-                            report.final[request_id] = request.state.name
-                            report.attempts[request_id] = request.attempts
-                            if request.state.name == "COMPLETED" and request.finished_at:
-                                report.finished_at.append(
-                                    request.finished_at.timestamp() - began_wall
-                                )
-                await asyncio.sleep(0.5)
-            if watchers:
-                await asyncio.wait(watchers, timeout=watch_timeout)
-            report.seconds = time.monotonic() - began
-            report.terminal_events = await _terminal_events(stack.redis_url, report.accepted)
-        finally:
-            for task in watchers:
-                task.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
-            await client.close()
-            await plain.close()
-    return report
+            async for update in self.client.watch(request_id):
+                last = update.kind.name
+                if update.event_id:
+                    seen.append(update.event_id)
+        except UsherError as exc:
+            return f"{type(exc).__name__}: {exc.message}"
+        return last
+
+    async def stream(self, request_id: str) -> str:
+        """The Notifier's Watch without the SDK: resumed by hand from the last id seen,
+        so an event the Notifier sends twice is counted, not filtered out."""
+        seen = self.report.streamed.setdefault(request_id, [])
+        last_kind = "no update"
+        while last_kind not in _TERMINAL_STATES:
+            last = max(seen, key=lambda e: event_id_key(e) or (0, 0), default="")
+            try:
+                last_kind = await self._stream_once(request_id, last, seen)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    return f"{exc.code().name}: {exc.details()}"
+            if last_kind not in _TERMINAL_STATES:
+                self.report.resumed[request_id] += 1  # the stream broke or ended early
+                await asyncio.sleep(0.2)
+        return last_kind
+
+    async def _stream_once(self, request_id: str, last: str, seen: list[str]) -> str:
+        last_kind = "no update"
+        async for response in self.notifier.Watch(
+            notifier_pb2.WatchRequest(id=request_id, last_event_id=last),
+            metadata=(("authorization", f"Bearer {TOKEN}"),),
+            timeout=30,
+        ):
+            last_kind = notifier_pb2.UpdateKind.Name(response.kind).removeprefix("UPDATE_KIND_")
+            if response.event_id:
+                seen.append(response.event_id)
+            if response.kind in _TERMINAL_KINDS:
+                break
+        return last_kind
+
+    async def outage(self, victim: str) -> None:
+        stack = self.stack
+        started = time.monotonic()
+        if victim == "model server":
+            # A model server dies for a while, then comes back on its port.
+            index = self.rng.randrange(len(stack.model_servers))
+            was_running = stack.model_servers[index].returncode is None
+            stack.model_servers[index].kill()
+            await asyncio.sleep(self.plan.model_server_downtime)
+            await asyncio.to_thread(stack.restart_model_server, index)
+        else:
+            process, kill, restart = _service(stack, victim)
+            was_running = process is not None and process.poll() is None
+            kill()
+            await asyncio.to_thread(restart)
+        # Recovered when a client call goes through again.
+        while True:
+            try:
+                await self.client.get(self.report.accepted[-1])
+                break
+            except UsherError:
+                await asyncio.sleep(0.05)
+        self.report.kills.append(
+            Kill(victim, started - self.began, time.monotonic() - started, was_running)
+        )
+
+    async def chaos(self) -> None:
+        # Every kind of victim in turn, in a shuffled order, at random intervals.
+        victims = list(self.plan.victims)
+        order = self.rng.sample(victims, len(victims))
+        for n in itertools.count():
+            await asyncio.sleep(self.rng.uniform(*self.plan.pause))
+            killed = Counter(kill.victim for kill in self.report.kills)
+            enough = all(killed[v] >= self.plan.kill_each_at_least for v in victims)
+            if self.done_submitting.is_set() and enough:
+                return
+            if self.report.accepted:
+                await self.outage(order[n % len(order)])
+
+    async def settle(self) -> None:
+        """Wait (bounded) until every accepted request has finished, noting how."""
+        report = self.report
+        deadline = time.monotonic() + self.plan.settle_timeout
+        while len(report.final) < len(report.accepted) and time.monotonic() < deadline:
+            for request_id in report.accepted:
+                if request_id not in report.final:
+                    request = await self.client.get(request_id)
+                    if request.state.name in _TERMINAL_STATES:
+                        report.final[request_id] = request.state.name
+                        report.attempts[request_id] = request.attempts
+                        if request.state.name == "COMPLETED" and request.finished_at:
+                            report.finished_at.append(
+                                request.finished_at.timestamp() - self.began_wall
+                            )
+            await asyncio.sleep(0.5)
 
 
 def _service(
