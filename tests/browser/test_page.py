@@ -234,6 +234,35 @@ async def test_the_operator_panel_for_an_admin(page: Page, artifacts: Path, queu
     await snap(page, artifacts, "10b-operator-drained")
 
 
+async def tab_to(page: Page, element_id: str, limit: int = 30) -> None:
+    """Press Tab until the element has the focus (as a keyboard user would)."""
+    for _ in range(limit):
+        if await page.evaluate("document.activeElement && document.activeElement.id") == element_id:
+            return
+        await page.keyboard.press("Tab")
+    raise AssertionError(f"#{element_id} is not reachable with Tab")
+
+
+async def test_keyboard_only(page: Page, queue: Ahead) -> None:
+    # The token form, the picker, the message, Send and Cancel: all by keyboard.
+    await tab_to(page, "access-toggle")
+    await page.keyboard.press("Enter")
+    await tab_to(page, "token")
+    await page.keyboard.type("alice-token")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#token-state")).to_have_text("(set)")
+    await expect(badge(page)).to_be_visible()
+    await tab_to(page, "model")
+    await queue.add(3)
+    await tab_to(page, "prompt")
+    await page.keyboard.type("Typed, not clicked")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#status")).to_contain_text("in the queue")
+    await tab_to(page, "cancel")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#status")).to_contain_text("Your request was cancelled")
+
+
 async def test_readable_on_a_phone(
     browser: Browser, stack: LocalStack, artifacts: Path, queue: Ahead
 ) -> None:
