@@ -69,6 +69,23 @@ class WatcherReport:
     running: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
 
+    def record(self, request_id: str, update: K.WatchResponse, now: float) -> bool:
+        """Note one update received at ``now``; True when it ends the watch."""
+        kind = update.kind
+        if kind == K.UPDATE_KIND_POSITION:
+            self.positions.append(now)
+        elif kind == K.UPDATE_KIND_PROGRESS:
+            sent = update.text_delta.partition("sent=")[2].partition(";")[0]
+            if sent:
+                self.progress.append((float(sent), now))
+        elif kind == K.UPDATE_KIND_RUNNING:
+            self.running += 1
+        elif kind in TERMINAL:
+            finished = update.request.finished_at.ToMilliseconds()
+            self.terminal.append((request_id, int(kind), now, finished))
+            return True
+        return False
+
 
 async def _watch_all(
     address: str, requests: Sequence[tuple[str, str]], ready: MpEvent, stop: MpEvent
@@ -101,18 +118,7 @@ async def _watch_all(
                     if first == len(requests):
                         all_open.set()
                     continue  # the snapshot
-                kind = update.kind
-                if kind == K.UPDATE_KIND_POSITION:
-                    report.positions.append(now)
-                elif kind == K.UPDATE_KIND_PROGRESS:
-                    sent = update.text_delta.partition("sent=")[2].partition(";")[0]
-                    if sent:
-                        report.progress.append((float(sent), now))
-                elif kind == K.UPDATE_KIND_RUNNING:
-                    report.running += 1
-                elif kind in TERMINAL:
-                    finished = update.request.finished_at.ToMilliseconds()
-                    report.terminal.append((request_id, int(kind), now, finished))
+                if report.record(request_id, update, now):
                     return
         except grpc.aio.AioRpcError as error:
             report.failed += 1
