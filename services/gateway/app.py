@@ -14,7 +14,8 @@ Routes:
 
 * Ollama: ``GET|HEAD /``, ``GET /api/version``, ``GET /api/tags``, ``GET /api/ps``,
   ``POST /api/show``, ``POST /api/chat``, ``/api/generate``, ``/api/embed``,
-  ``/api/embeddings``; ``/api/pull|push|create|copy|delete`` answer 501.
+  ``/api/embeddings``, ``/api/pull`` (admin: onto every instance, with progress);
+  ``/api/push|create|copy|delete`` answer 501.
 * OpenAI: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``,
   ``GET /v1/models/{model}``.
 * Ops: ``GET /queue/stats[?model=]``, ``GET /queue/memory``, ``GET /health``,
@@ -145,7 +146,8 @@ class Gateway:
         r.add_post("/api/generate", self.ollama_generate)
         r.add_post("/api/embed", self.ollama_embed)
         r.add_post("/api/embeddings", self.ollama_embeddings)
-        for name in ("pull", "push", "create", "copy", "delete"):
+        r.add_post("/api/pull", self.ollama_pull)
+        for name in ("push", "create", "copy", "delete"):
             r.add_route("*", f"/api/{name}", self.not_supported)
         r.add_post("/v1/chat/completions", self.openai_chat)
         r.add_post("/v1/completions", self.openai_text)
@@ -436,6 +438,54 @@ class Gateway:
             return self._error(ex, error)
         answer = await self.backend.show(resolved, {"verbose": bool(body.get("verbose"))})
         return json_response(answer or views.synthesized_show(resolved, instances))
+
+    async def ollama_pull(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's pull, onto every local instance (PoolAdmin.PullModel; admins only):
+        NDJSON progress lines in Ollama's shape, or one ``{"status": "success"}``."""
+        ex = Exchange(request, "ollama")
+        try:
+            token = self._token(request, allow_default=False)
+            body = await self._body(request)
+            name = body.get("model") or body.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise tr.GatewayError(400, "invalid_request", tr.EMPTY_MODEL, field="model")
+            ex.model = name.strip()
+            call = self.backend.pool_admin.PullModel(
+                pool_pb2.PullModelRequest(model=ex.model), metadata=bearer(token)
+            )
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, ex.model) from None
+        except tr.GatewayError as error:
+            return self._error(ex, error)
+        if body.get("stream") is False:
+            return await self._pull_result(ex, call)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        ex.response = response
+        line = first
+        try:
+            while isinstance(line, pool_pb2.PullModelResponse):
+                await response.write((json.dumps(_pull_line(line)) + "\n").encode())
+                line = await call.read()
+            await response.write(b'{"status":"success"}\n')
+        except grpc.aio.AioRpcError as exc:
+            await response.write((json.dumps({"error": exc.details()}) + "\n").encode())
+        await response.write_eof()
+        return response
+
+    async def _pull_result(
+        self,
+        ex: Exchange,
+        call: grpc.aio.UnaryStreamCall[pool_pb2.PullModelRequest, pool_pb2.PullModelResponse],
+    ) -> web.Response:
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return self._error(ex, rpc_error(exc, ex.model))
+        return json_response({"status": "success"})
 
     async def not_supported(self, request: web.Request) -> web.Response:
         return self._error(
@@ -893,3 +943,19 @@ async def serve(settings: GatewaySettings) -> None:
     finally:
         log.info("gateway_stopping")
         await runner.cleanup()
+
+
+def _pull_line(progress: pool_pb2.PullModelResponse) -> dict[str, Any]:
+    """A pull progress line as Ollama writes it (empty fields left out); the instance's
+    "success" is one of several, so it reads as that instance's."""
+    status = progress.status
+    if status == "success":
+        status = f"success on {progress.instance}"
+    line: dict[str, Any] = {"status": status}
+    if progress.digest:
+        line["digest"] = progress.digest
+    if progress.total:
+        line["total"] = progress.total
+    if progress.completed:
+        line["completed"] = progress.completed
+    return line

@@ -76,6 +76,7 @@ class Backend:
         self.admin = scheduler_pb2_grpc.SchedulerAdminServiceStub(self._channels["scheduler"])
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(self._channels["notifier"])
         self.pool = pool_pb2_grpc.PoolServiceStub(self._channels["pool"])
+        self.pool_admin = pool_pb2_grpc.PoolAdminServiceStub(self._channels["pool"])
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=1.0))
         tracing.instrument_httpx(self.http)
 

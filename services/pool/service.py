@@ -721,3 +721,58 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
             ) from None
         await self.registry.check(state)
         return pool_pb2.UnloadModelResponse(instance=status_of(state))
+
+    async def PullModel(
+        self, request: pool_pb2.PullModelRequest, context: Context
+    ) -> AsyncIterator[pool_pb2.PullModelResponse]:
+        self.admin(context)
+        if not request.model.strip():
+            raise InvalidArgument([FieldViolation("model", "name the model to pull")])
+        if request.id:
+            targets = [self.known(request.id)]
+        else:
+            targets = [
+                s
+                for s in self.registry.instances.values()
+                if s.spec.kind == "ollama" and not s.spec.external and s.healthy
+            ]
+        if not targets:
+            raise FailedPrecondition("no healthy Ollama instance to pull onto")
+        progress: asyncio.Queue[pool_pb2.PullModelResponse | None] = asyncio.Queue()
+        failures: list[str] = []
+
+        async def pull_on(state: InstanceState) -> None:
+            try:
+                async for step in state.upstream.pull(request.model):
+                    progress.put_nowait(
+                        pool_pb2.PullModelResponse(
+                            instance=state.id,
+                            status=step.status,
+                            digest=step.digest,
+                            total=step.total,
+                            completed=step.completed,
+                        )
+                    )
+                await self.registry.check(state)  # the model is listed there now
+            except UpstreamError as error:
+                failures.append(f"{state.id}: {public_error(error, state)}")
+            finally:
+                progress.put_nowait(None)
+
+        # Every instance pulls at once; their lines are streamed as they come.
+        tasks = [asyncio.create_task(pull_on(state)) for state in targets]
+        try:
+            running = len(tasks)
+            while running:
+                item = await progress.get()
+                if item is None:
+                    running -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.registry.publish_capacity()
+        if failures:
+            raise Unavailable(f"could not pull {request.model} onto " + "; ".join(failures))

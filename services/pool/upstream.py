@@ -53,6 +53,7 @@ __all__ = [
     "HttpUpstream",
     "LoadedModelInfo",
     "ModelNotFound",
+    "PullProgress",
     "Started",
     "Upstream",
     "UpstreamError",
@@ -88,6 +89,16 @@ class LoadedModelInfo:
     #: When its keep-alive runs out; None when unknown. Far future = "forever".
     expires_at: datetime | None
     context_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    """One progress line of a model pull (Ollama's /api/pull)."""
+
+    status: str
+    digest: str = ""
+    total: int = 0
+    completed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +296,10 @@ class Upstream(Protocol):
         ...
 
     async def unload(self, model: str) -> None: ...
+
+    def pull(self, model: str) -> AsyncGenerator[PullProgress, None]:
+        """Download ``model`` onto the server, reporting progress (Ollama only)."""
+        ...
 
     def generate(
         self,

@@ -25,6 +25,7 @@ from services.pool.upstream import (
     Event,
     HttpUpstream,
     LoadedModelInfo,
+    PullProgress,
     UpstreamError,
     UpstreamModel,
     keep_alive_value,
@@ -157,6 +158,44 @@ class OllamaUpstream(HttpUpstream):
                 "/api/generate",
                 before_first_token=True,
             )
+
+    async def pull(self, model: str) -> AsyncGenerator[PullProgress, None]:
+        """Ollama's /api/pull, one PullProgress per line; an ``{"error"}`` line fails it."""
+        path = "/api/pull"
+        resp = await self.open_stream(path, {"model": model, "stream": True})
+        try:
+            lines = resp.aiter_lines()
+            while True:
+                try:
+                    line = await anext(lines, None)
+                except httpx.TransportError as exc:
+                    raise self.transport_error(exc, path, before_first_token=False) from exc
+                if line is None:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    raise self.protocol_error(
+                        f"invalid pull line {line[:200]!r}", path, before_first_token=False
+                    ) from None
+                if isinstance(data, dict) and data.get("error"):
+                    raise UpstreamError(
+                        f"{self.kind} {self.url(path)}: {data['error']}",
+                        status=200,
+                        retryable=False,
+                        upstream_message=str(data["error"]),
+                    )
+                if isinstance(data, dict):
+                    yield PullProgress(
+                        status=str(data.get("status", "")),
+                        digest=str(data.get("digest", "")),
+                        total=_count(data.get("total")),
+                        completed=_count(data.get("completed")),
+                    )
+        finally:
+            await resp.aclose()
 
     # -- inference ------------------------------------------------------------------
 

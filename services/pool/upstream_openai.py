@@ -44,6 +44,7 @@ from services.pool.upstream import (
     Event,
     HttpUpstream,
     LoadedModelInfo,
+    PullProgress,
     UpstreamError,
     UpstreamModel,
     error_text,
@@ -227,6 +228,9 @@ class OpenAIUpstream(HttpUpstream):
 
     async def unload(self, model: str) -> None:
         return None
+
+    def pull(self, model: str) -> AsyncGenerator[PullProgress, None]:
+        return _cannot_pull(f"{self.kind} {self.base_url}")
 
     # -- inference ------------------------------------------------------------------
 
@@ -448,3 +452,12 @@ class OpenAIUpstream(HttpUpstream):
             eval_seconds=eval_seconds,
             message=message,
         )
+
+
+async def _cannot_pull(server: str) -> AsyncGenerator[PullProgress, None]:
+    """An OpenAI-compatible server has no pull: the first step fails."""
+    if server:
+        raise UpstreamError(
+            f"{server}: an OpenAI-compatible server cannot pull models", status=501, retryable=False
+        )
+    yield PullProgress("")

@@ -256,7 +256,9 @@ async def test_load_requests_and_metadata_routes(http: httpx.AsyncClient) -> Non
     assert loaded.json()["done_reason"] == "load"
     assert (await http.get("/")).text == "Ollama is running"
     assert "version" in (await http.get("/api/version")).json()
-    assert (await http.post("/api/pull", json={"model": MODEL})).status_code == 501
+    assert (await http.post("/api/push", json={"model": MODEL})).status_code == 501
+    # Pulling needs an operator's own token (never the gateway's default one).
+    assert (await http.post("/api/pull", json={"model": MODEL})).status_code == 401
 
 
 # -- ops endpoints -----------------------------------------------------------------------

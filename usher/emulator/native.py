@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from usher.emulator import protocol, textgen
-from usher.emulator.config import ModelSpec
+from usher.emulator.config import ModelSpec, model_spec
 from usher.emulator.engine import (
     ApiError,
     Crash,
@@ -69,6 +69,7 @@ class NativeApi:
         r.add_post("/api/chat", self.chat)
         r.add_post("/api/embed", self.embed)
         r.add_post("/api/embeddings", self.embeddings)
+        r.add_post("/api/pull", self.pull)
 
     # -- metadata -------------------------------------------------------------
 
@@ -103,6 +104,48 @@ class NativeApi:
             return json_response(protocol.show_body(spec, dim))
         except ApiError as exc:
             return error_response(exc.status, exc.message)
+
+    async def pull(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's pull: progress lines ("pulling manifest", "pulling <digest>" with total
+        and completed bytes, "verifying sha256 digest", "writing manifest", "success"); the
+        model is then listed. Any valid name can be pulled (sizes from its tag)."""
+        try:
+            body = protocol.decode_body(await request.read(), "PullRequest")
+            model = protocol.str_field(body, "PullRequest", "model") or protocol.str_field(
+                body, "PullRequest", "name"
+            )
+            if not model:
+                raise ApiError(400, "model is required")
+            if protocol.model_name_error(model):
+                raise ApiError(400, "invalid model name")
+        except ApiError as exc:
+            return error_response(exc.status, exc.message)
+        spec = self.engine.resolve(model) or model_spec(model)
+        steps: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        if self.engine.resolve(model) is None:
+            for part in range(1, 5):
+                steps.append(
+                    {
+                        "status": f"pulling {spec.digest[:12]}",
+                        "digest": f"sha256:{spec.digest}",
+                        "total": spec.size,
+                        "completed": spec.size * part // 4,
+                    }
+                )
+        steps += [
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ]
+        if self.engine.resolve(model) is None:
+            self.engine.config.models.append(spec)
+        if body.get("stream") is False:
+            return json_response({"status": "success"})
+        resp = await start_stream(request, NDJSON)
+        for step in steps:
+            await resp.write((dumps(step) + "\n").encode())
+        await resp.write_eof()
+        return resp
 
     # -- inference ------------------------------------------------------------
 

@@ -325,6 +325,11 @@ class PoolAdminServiceStub:
                 request_serializer=usher_dot_v1_dot_pool__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_pool__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/usher.v1.PoolAdminService/PullModel',
+                request_serializer=usher_dot_v1_dot_pool__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_pool__pb2.PullModelResponse.FromString,
+                _registered_method=True)
 
 
 class PoolAdminServiceServicer:
@@ -374,6 +379,13 @@ class PoolAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullModel(self, request, context):
+        """Download a model onto instances (Ollama's /api/pull), streaming their progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoolAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -411,6 +423,11 @@ def add_PoolAdminServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=usher_dot_v1_dot_pool__pb2.UnloadModelRequest.FromString,
                     response_serializer=usher_dot_v1_dot_pool__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=usher_dot_v1_dot_pool__pb2.PullModelRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_pool__pb2.PullModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +620,33 @@ class PoolAdminService:
             '/usher.v1.PoolAdminService/UnloadModel',
             usher_dot_v1_dot_pool__pb2.UnloadModelRequest.SerializeToString,
             usher_dot_v1_dot_pool__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/usher.v1.PoolAdminService/PullModel',
+            usher_dot_v1_dot_pool__pb2.PullModelRequest.SerializeToString,
+            usher_dot_v1_dot_pool__pb2.PullModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

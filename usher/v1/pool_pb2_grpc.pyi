@@ -132,6 +132,8 @@ class PoolAdminServiceStub:
     ResetCircuit: _grpc.UnaryUnaryMultiCallable[_pool_pb2.ResetCircuitRequest, _pool_pb2.ResetCircuitResponse]
     LoadModel: _grpc.UnaryUnaryMultiCallable[_pool_pb2.LoadModelRequest, _pool_pb2.LoadModelResponse]
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_pool_pb2.UnloadModelRequest, _pool_pb2.UnloadModelResponse]
+    PullModel: _grpc.UnaryStreamMultiCallable[_pool_pb2.PullModelRequest, _pool_pb2.PullModelResponse]
+    """Download a model onto instances (Ollama's /api/pull), streaming their progress."""
 
 @_typing.type_check_only
 class PoolAdminServiceAsyncStub(PoolAdminServiceStub):
@@ -146,6 +148,8 @@ class PoolAdminServiceAsyncStub(PoolAdminServiceStub):
     ResetCircuit: _aio.UnaryUnaryMultiCallable[_pool_pb2.ResetCircuitRequest, _pool_pb2.ResetCircuitResponse]  # type: ignore[assignment]
     LoadModel: _aio.UnaryUnaryMultiCallable[_pool_pb2.LoadModelRequest, _pool_pb2.LoadModelResponse]  # type: ignore[assignment]
     UnloadModel: _aio.UnaryUnaryMultiCallable[_pool_pb2.UnloadModelRequest, _pool_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    PullModel: _aio.UnaryStreamMultiCallable[_pool_pb2.PullModelRequest, _pool_pb2.PullModelResponse]  # type: ignore[assignment]
+    """Download a model onto instances (Ollama's /api/pull), streaming their progress."""
 
 class PoolAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator controls over the fleet. Every method needs the admin role."""
@@ -199,5 +203,13 @@ class PoolAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _pool_pb2.UnloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_pool_pb2.UnloadModelResponse, _abc.Awaitable[_pool_pb2.UnloadModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PullModel(
+        self,
+        request: _pool_pb2.PullModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pool_pb2.PullModelResponse], _abc.AsyncIterator[_pool_pb2.PullModelResponse]]:
+        """Download a model onto instances (Ollama's /api/pull), streaming their progress."""
 
 def add_PoolAdminServiceServicer_to_server(servicer: PoolAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
