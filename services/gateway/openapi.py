@@ -398,6 +398,28 @@ def _post(
     return {"post": operation}
 
 
+#: A browser's credential for one stream (EventSource and WebSocket send no headers);
+#: also accepted as the ``usher_watch`` cookie the submit sets.
+_WATCH_TOKEN: Schema = {
+    "name": "watch_token",
+    "in": "query",
+    "description": "short-lived token from X-Usher-Watch-Token (one request, or the badges)",
+    "schema": _string(),
+}
+#: Resume after this event (nothing twice).
+_LAST_EVENT_ID: Schema = {
+    "name": "last_event_id",
+    "in": "query",
+    "schema": _string(pattern="^[0-9]{1,15}-[0-9]{1,15}$"),
+}
+_BADGE_MODELS: Schema = {
+    "name": "model",
+    "in": "query",
+    "description": "models to badge, comma-separated or repeated (all when none; at most 100)",
+    "schema": _string(),
+}
+
+
 def _paths() -> dict[str, Schema]:
     paths: dict[str, Schema] = {
         "/": _get("'Ollama is running'", "Ollama", content_type="text/plain"),
@@ -560,12 +582,9 @@ def _paths() -> dict[str, Schema]:
             content_type=SSE,
             parameters=[
                 _ID_PARAMETER,
-                {"name": "watch_token", "in": "query", "schema": _string()},
-                {
-                    "name": "last_event_id",
-                    "in": "query",
-                    "schema": _string(pattern="^[0-9]{1,15}-[0-9]{1,15}$"),
-                },
+                _WATCH_TOKEN,
+                _LAST_EVENT_ID,
+                {**_LAST_EVENT_ID, "name": "Last-Event-ID", "in": "header"},
             ],
         ),
         "/queue/requests/{id}/ws": _get(
@@ -576,7 +595,7 @@ def _paths() -> dict[str, Schema]:
             403,
             404,
             503,
-            parameters=[_ID_PARAMETER, {"name": "watch_token", "in": "query", "schema": _string()}],
+            parameters=[_ID_PARAMETER, _WATCH_TOKEN, _LAST_EVENT_ID],
         ),
         "/queue/watch-tokens": _post(
             "a fresh watch token for one's own request ({request_id}) or the badges ({})",
@@ -597,7 +616,7 @@ def _paths() -> dict[str, Schema]:
             401,
             503,
             content_type=SSE,
-            parameters=[{"name": "model", "in": "query", "schema": _string()}],
+            parameters=[_BADGE_MODELS, _WATCH_TOKEN],
         ),
         "/queue/models/ws": _get(
             "model picker badges over a WebSocket (upgrade required)",
@@ -605,7 +624,7 @@ def _paths() -> dict[str, Schema]:
             400,
             401,
             503,
-            parameters=[{"name": "model", "in": "query", "schema": _string()}],
+            parameters=[_BADGE_MODELS, _WATCH_TOKEN],
         ),
         "/ui": _get(
             "the page: model picker, place in the queue, answer", "Page", content_type="text/html"
