@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import Any, Self
+
+from pydantic import Field
 
 from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
@@ -12,13 +14,13 @@ from services.notifier.heap import HeapFreezer
 from services.notifier.service import NotifierServicer
 from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import Authenticator, Principal, load_token_map
-from usher.config import env_float, env_int, env_str
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import metrics_host, serve_metrics
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
+from usher.settings import ServiceSettings
 from usher.tls import ServerTls
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -27,53 +29,26 @@ __all__ = ["NotifierApp", "NotifierSettings"]
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class NotifierSettings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    listen: str = "127.0.0.1:50053"
-    tokens: Mapping[str, Principal] = field(default_factory=dict)
+class NotifierSettings(ServiceSettings):
+    listen: str = Field("127.0.0.1:50053", validation_alias="USHER_NOTIFIER_LISTEN")
+    #: API keys (USHER_API_TOKENS / _FILE), read by ``from_env``.
+    tokens: Mapping[str, Principal] = Field(default_factory=dict, exclude=True)
     #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
     external_alternative: str = ""
-    position_interval_seconds: float = 0.2
+    position_interval_seconds: float = Field(0.2, gt=0)
     #: Position updates sent per second at most, all watchers together (the rest wait
     #: their turn, newest place only), so a moving queue cannot crowd out other updates.
-    position_updates_per_second: float = 2000.0
-    badge_interval_seconds: float = 1.0
+    position_updates_per_second: float = Field(2000.0, gt=0)
+    badge_interval_seconds: float = Field(1.0, gt=0)
     #: How often long-lived objects are frozen out of the garbage collector's walks
     #: (services/notifier/heap.py); 0 = leave the collector as it is.
-    heap_freeze_seconds: float = 2.0
-    shutdown_grace_seconds: float = 10.0
-    #: Port of the Prometheus /metrics endpoint; 0 = off.
-    metrics_port: int = 0
-    log_level: str = "info"
+    heap_freeze_seconds: float = Field(
+        2.0, ge=0, validation_alias="USHER_NOTIFIER_HEAP_FREEZE_SECONDS"
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> NotifierSettings:
-        d = cls()
-        settings = cls(
-            redis_url=env_str("USHER_REDIS_URL", env_str("REDIS_URL", d.redis_url, env), env),
-            listen=env_str("USHER_NOTIFIER_LISTEN", d.listen, env),
-            tokens=load_token_map(env),
-            external_alternative=env_str("USHER_EXTERNAL_ALTERNATIVE", d.external_alternative, env),
-            position_interval_seconds=env_float(
-                "USHER_POSITION_INTERVAL_SECONDS", d.position_interval_seconds, env
-            ),
-            position_updates_per_second=env_float(
-                "USHER_POSITION_UPDATES_PER_SECOND", d.position_updates_per_second, env
-            ),
-            badge_interval_seconds=env_float(
-                "USHER_BADGE_INTERVAL_SECONDS", d.badge_interval_seconds, env
-            ),
-            heap_freeze_seconds=env_float(
-                "USHER_NOTIFIER_HEAP_FREEZE_SECONDS", d.heap_freeze_seconds, env
-            ),
-            shutdown_grace_seconds=env_float(
-                "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
-            ),
-            metrics_port=env_int("USHER_METRICS_PORT", d.metrics_port, env),
-            log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
-        )
-        return settings
+    def from_env(cls, env: Mapping[str, str] | None = None, **given: Any) -> Self:
+        return super().from_env(env, **{"tokens": load_token_map(env), **given})
 
 
 class NotifierApp:
