@@ -22,6 +22,7 @@ from services.gateway import status, views
 from services.gateway import translation as tr
 from services.gateway.backend import Backend, bearer
 from services.gateway.flow import rpc_error
+from services.gateway.queue_http import check_origin
 from services.gateway.settings import GatewaySettings
 from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
 
@@ -114,6 +115,7 @@ class AdminHttp:
 
     async def overview(self, request: web.Request) -> web.Response:
         try:
+            check_origin(request)
             token = self._token_of(request)
             stats = (
                 await self._call(
@@ -150,6 +152,7 @@ class AdminHttp:
 
     async def pause(self, request: web.Request) -> web.Response:
         try:
+            check_origin(request)
             token = self._token_of(request)
             model, body = await self._model_body(request)
             paused = body.get("paused", True)
@@ -166,6 +169,7 @@ class AdminHttp:
 
     async def drain(self, request: web.Request) -> web.Response:
         try:
+            check_origin(request)
             token = self._token_of(request)
             model, body = await self._model_body(request)
             reason = body.get("reason") or "drained by an operator"

@@ -33,6 +33,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import WSMsgType, web
@@ -54,7 +55,14 @@ from usher.ids import is_event_id, is_request_id
 from usher.logs import get_logger
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
 
-__all__ = ["WATCH_COOKIE", "WATCH_HEADER", "Credential", "QueueHttp", "watch_cookie_path"]
+__all__ = [
+    "WATCH_COOKIE",
+    "WATCH_HEADER",
+    "Credential",
+    "QueueHttp",
+    "check_origin",
+    "watch_cookie_path",
+]
 
 log = get_logger(__name__)
 WATCH_HEADER = "X-Usher-Watch-Token"
@@ -109,6 +117,19 @@ def _cookie_values(request: web.Request, name: str) -> list[str]:
             if sep and key == name and value:
                 found.append(value.strip('"'))
     return found
+
+
+def check_origin(request: web.Request) -> None:
+    """Refuse what another site's page sends from a browser (its ``Origin`` names another
+    host): with a default token or in open mode no credential would stop it. Clients that
+    are not browsers send no ``Origin``."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return
+    host = urlsplit(origin).netloc.lower()
+    allowed = {request.host.lower(), request.headers.get("X-Forwarded-Host", "").lower()}
+    if host not in allowed:
+        raise tr.GatewayError(403, "forbidden", "a request from another site's page is refused")
 
 
 class QueueHttp:
@@ -229,6 +250,7 @@ class QueueHttp:
     async def submit(self, request: web.Request) -> web.Response:
         model = ""
         try:
+            check_origin(request)
             token = self._token_of(request)
             try:
                 raw = await request.read()
@@ -277,6 +299,7 @@ class QueueHttp:
         """A Scheduler call on one request with the caller's own credential (never a
         watch token's: those only watch); answers the request's status after it."""
         try:
+            check_origin(request)
             message.id = self._request_id(request)
             try:
                 reply = await rpc(
@@ -305,6 +328,7 @@ class QueueHttp:
     async def watch_token(self, request: web.Request) -> web.Response:
         """A fresh watch token for the caller's own request, or for the badges."""
         try:
+            check_origin(request)
             token = self._token_of(request)
             raw = await request.read()
             body = tr.decode_json(raw) if raw.strip() else {}
@@ -343,6 +367,7 @@ class QueueHttp:
         """Check a watch before any header goes out: bad input, 401, 403 and 404 are
         proper HTTP answers."""
         try:
+            check_origin(request)  # a WebSocket handshake carries the page's Origin too
             request_id = self._request_id(request)
             credential = self._credential(request, request_scope(request_id))
             last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id", "")
@@ -497,6 +522,7 @@ class QueueHttp:
         """Open the badge stream and read its first message before answering, so a bad
         credential is a 401 rather than a broken stream."""
         try:
+            check_origin(request)
             credential = self._credential(request, QUEUES_SCOPE)
             stream = self._badges(credential, self._models(request))
             first = await anext(stream)

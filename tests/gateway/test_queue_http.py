@@ -386,3 +386,19 @@ async def test_bad_input_is_refused_naming_the_field(session: aiohttp.ClientSess
         headers=ALICE,
     ) as reply:
         assert reply.status == 400
+
+
+async def test_another_sites_page_is_refused(
+    stack: LocalStack, session: aiohttp.ClientSession
+) -> None:
+    """What a page elsewhere makes a browser send (with a default token or in open mode no
+    credential would stop it) is refused; the gateway's own page is not."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "from elsewhere"}]}
+    evil = {**ALICE, "Origin": "http://evil.example"}
+    async with session.post("/queue/requests", json=body, headers=evil) as reply:
+        assert reply.status == 403
+    async with session.post("/queue/watch-tokens", json={}, headers=evil) as reply:
+        assert reply.status == 403
+    own = {**ALICE, "Origin": stack.gateway_url}
+    async with session.post("/queue/requests", json=body, headers=own) as reply:
+        assert reply.status == 202
