@@ -146,6 +146,8 @@ class QueueHttp:
         self.tokens = tokens
         self._token_of = token_of
         self._fail = fail
+        self._fleet_source: object = None
+        self._fleet_view = status.NO_FLEET
 
     def register(self, app: web.Application) -> None:
         r = app.router
@@ -236,11 +238,15 @@ class QueueHttp:
         return reply.request
 
     async def _fleet(self) -> status.Fleet:
-        """The fleet as the offers see it (the backend's cached instance list)."""
+        """The fleet as the offers see it, from the backend's cached instance list (worked
+        out once per list: every update of every stream asks)."""
         try:
-            return status.fleet_of(await self.backend.instances())
+            instances = await self.backend.instances()
         except grpc.aio.AioRpcError:
             return status.NO_FLEET
+        if instances is not self._fleet_source:
+            self._fleet_source, self._fleet_view = instances, status.fleet_of(instances)
+        return self._fleet_view
 
     async def _view(self, request: request_pb2.LlmRequest) -> dict[str, Any]:
         body = status.request_json(request, fleet=await self._fleet(), now=time.time())
