@@ -347,6 +347,11 @@
   function apply(update) {
     const c = state.current;
     if (!c || c.done) return;
+    if (update.kind === "running" || update.kind === "requeued") {
+      // A new run starts from the beginning (a requeued request's output so far is void).
+      c.text = "";
+      if (c.answer) c.answer.textContent = "";
+    }
     if (update.text) {
       if (!c.answer) c.answer = addMessage("assistant", "");
       c.text += update.text;
