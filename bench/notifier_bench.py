@@ -230,6 +230,40 @@ class Fanout:
     samples: dict[str, list[float]]
 
 
+async def _claim_all(store: QueueStore, cancelled: set[str]) -> list[Lease]:
+    """Claim every queued request that was not cancelled (they then run for ever)."""
+    leases: list[Lease] = []
+    for model in MODELS:
+        while (lease := await store.claim(model, "bench", lease_ms=600_000)) is not None:
+            if lease.request.id not in cancelled:
+                leases.append(lease)
+    if not leases:
+        raise RuntimeError("nothing left to run")
+    return leases
+
+
+def _terminal_latencies(
+    reports: Sequence[WatcherReport], cancel_sent: dict[str, float], finish_sent: dict[str, float]
+) -> tuple[list[float], list[float], list[float], list[float], int]:
+    """CANCELLED and COMPLETED delivery latencies, from the call and from the Redis event,
+    and how many opened watches never saw their end."""
+    cancel_latency: list[float] = []
+    cancel_from_event: list[float] = []
+    complete_latency: list[float] = []
+    complete_from_event: list[float] = []
+    undelivered = 0
+    for report in reports:
+        for request_id, kind, received, finished_ms in report.terminal:
+            if kind == K.UPDATE_KIND_CANCELLED and request_id in cancel_sent:
+                cancel_latency.append(received - cancel_sent[request_id])
+                cancel_from_event.append(received - finished_ms / 1000)
+            elif kind == K.UPDATE_KIND_COMPLETED and request_id in finish_sent:
+                complete_latency.append(received - finish_sent[request_id])
+                complete_from_event.append(received - finished_ms / 1000)
+        undelivered += report.opened - len(report.terminal)
+    return cancel_latency, cancel_from_event, complete_latency, complete_from_event, undelivered
+
+
 async def fanout_latency(
     requests: int = 2500,
     processes: int = 4,
@@ -306,17 +340,7 @@ async def fanout_latency(
             moving_cpu = 100 * (_cpu(notifier_ps) - cpu0) / moving_seconds
 
             # 2. streaming: claim the rest, then token events at a steady rate.
-            cancelled = set(cancel_sent)
-            leases: list[Lease] = []
-            for model in MODELS:
-                while True:
-                    lease = await store.claim(model, "bench", lease_ms=600_000)
-                    if lease is None:
-                        break
-                    if lease.request.id not in cancelled:
-                        leases.append(lease)
-            if not leases:
-                raise RuntimeError("nothing left to run")
+            leases = await _claim_all(store, set(cancel_sent))
             await asyncio.sleep(3.0)  # the RUNNING updates settle
             phase_started = time.time()
             cpu0 = _cpu(notifier_ps)
@@ -368,20 +392,9 @@ async def fanout_latency(
             notifier.terminate(timeout=5)
             scheduler.terminate(timeout=5)
 
-    cancel_latency: list[float] = []
-    cancel_from_event: list[float] = []
-    complete_latency: list[float] = []
-    complete_from_event: list[float] = []
-    undelivered = 0
-    for report in reports:
-        for request_id, kind, received, finished_ms in report.terminal:
-            if kind == K.UPDATE_KIND_CANCELLED and request_id in cancel_sent:
-                cancel_latency.append(received - cancel_sent[request_id])
-                cancel_from_event.append(received - finished_ms / 1000)
-            elif kind == K.UPDATE_KIND_COMPLETED and request_id in finish_sent:
-                complete_latency.append(received - finish_sent[request_id])
-                complete_from_event.append(received - finished_ms / 1000)
-        undelivered += report.opened - len(report.terminal)
+    cancel_latency, cancel_from_event, complete_latency, complete_from_event, undelivered = (
+        _terminal_latencies(reports, cancel_sent, finish_sent)
+    )
     progress = [received - sent for r in reports for sent, received in r.progress]
     moving_positions = sum(moving_started <= t < moving_ended for r in reports for t in r.positions)
     figures: dict[str, Any] = {
