@@ -161,8 +161,10 @@ def normalize_base_url(raw: str, *, default_port: int | None = OLLAMA_DEFAULT_PO
     port out). Wildcard hosts (empty, ``0.0.0.0``, ``::``) become loopback.
     """
     text = raw.strip()
-    if not text or any(ch.isspace() for ch in text):
-        raise ValueError(f"expected a URL such as http://host:11434, got {raw!r}")
+    # Printable ASCII only (an internationalized host is given in its xn-- form): anything
+    # else is no URL an HTTP client will send, and fails later where no field is named.
+    if not text or any(not "!" <= ch <= "~" for ch in text):
+        raise ValueError(f"expected a URL such as http://host:11434, got {raw[:80]!r}")
     scheme, sep, rest = text.partition("://")
     if sep:
         scheme = scheme.lower()

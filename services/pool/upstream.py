@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -335,6 +336,9 @@ def _describe_transport_error(exc: httpx.TransportError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 class HttpUpstream:
     """What both adapters share: one pooled ``httpx.AsyncClient`` per server, the
     timeouts, and the mapping of HTTP failures to ``UpstreamError``."""
@@ -393,7 +397,9 @@ class HttpUpstream:
         return self.base_url + path
 
     def headers(self, traceparent: str = "") -> dict[str, str]:
-        return {"traceparent": traceparent} if traceparent else {}
+        # Only a well-formed W3C traceparent is passed on: the field comes from callers, and
+        # anything else (non-ASCII, line breaks) is no header an HTTP client can send.
+        return {"traceparent": traceparent} if _TRACEPARENT.fullmatch(traceparent) else {}
 
     def transport_error(
         self, exc: httpx.TransportError, path: str, *, before_first_token: bool

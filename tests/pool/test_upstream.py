@@ -46,6 +46,8 @@ EMBED_MODEL = "nomic-embed-text"
 
 ConfigFactory = Callable[..., EmulatorConfig]
 
+TRACEPARENT = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-bbbbbbbbbbbbbbbb-01"
+
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -671,12 +673,10 @@ async def test_ollama_request_body_and_headers() -> None:
         ),
     )
     async with OllamaUpstream("http://ollama:11434", transport=httpx.MockTransport(rec)) as up:
-        _, done = split(
-            await collect(up, request, keep_alive_seconds=300, traceparent="00-abc-def-01")
-        )
+        _, done = split(await collect(up, request, keep_alive_seconds=300, traceparent=TRACEPARENT))
     sent = rec.requests[0]
     assert sent.url == "http://ollama:11434/api/chat"
-    assert sent.headers["traceparent"] == "00-abc-def-01"
+    assert sent.headers["traceparent"] == TRACEPARENT
     assert "authorization" not in sent.headers
     assert rec.body == {
         "model": "m",
@@ -804,11 +804,11 @@ async def test_openai_request_body_and_headers() -> None:
     request = generate_request("m", "P", system="S", images=["/9j/abc"], options=options)
     up = OpenAIUpstream("http://vllm:8000", api_key="sk-test", transport=httpx.MockTransport(rec))
     async with up:
-        deltas, done = split(await collect(up, request, traceparent="00-t-s-01"))
+        deltas, done = split(await collect(up, request, traceparent=TRACEPARENT))
     sent = rec.requests[0]
     assert sent.url == "http://vllm:8000/v1/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-test"
-    assert sent.headers["traceparent"] == "00-t-s-01"
+    assert sent.headers["traceparent"] == TRACEPARENT
     assert rec.body == {
         "min_p": 0.05,
         "max_tokens": 5,

@@ -13,6 +13,7 @@ import psutil  # type: ignore[import-untyped]  # psutil ships no stubs
 import pytest
 
 from services.pool.config import InstanceSpec, upstream_api_key
+from services.pool.upstream import HttpUpstream, make_upstream
 from services.scheduler.app import SchedulerApp
 from services.scheduler.settings import SchedulerSettings
 from tests.pool.conftest import fast_emulator_config
@@ -151,3 +152,19 @@ async def test_a_loopback_service_serves_metrics_on_loopback_only(
         assert bound == ["127.0.0.1"]
     finally:
         await app.stop()
+
+
+async def test_what_the_fuzzer_found_in_the_pool_is_refused_or_dropped() -> None:
+    # A base URL with a control character failed later, inside the HTTP client, as INTERNAL.
+    with pytest.raises(ConfigError, match="base_url"):
+        InstanceSpec(id="x", base_url="http://\x1bhost:1", kind="ollama")
+    # A caller's traceparent that is not W3C's (non-ASCII here) broke the upstream call.
+    upstream = make_upstream("ollama", "http://127.0.0.1:1")
+    assert isinstance(upstream, HttpUpstream)
+    try:
+        assert upstream.headers("ééé") == {}
+        assert upstream.headers("00-x\n") == {}
+        good = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+        assert upstream.headers(good) == {"traceparent": good}
+    finally:
+        await upstream.aclose()
