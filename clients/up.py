@@ -368,7 +368,10 @@ def _llama_cpp(state_dir: Path) -> Iterator[Fleet]:
         # the Pool sends one request at a time (parallel=1), so this only guards health
         # checks against cutting an answer short.
         with running_llama_server(
-            log_dir=state_dir, alias="smollm2:135m", extra_args=("--interrupt_requests", "False")
+            log_dir=state_dir,
+            alias="smollm2:135m",
+            # Embeddings too (the Pool pools its per-token vectors into one).
+            extra_args=("--interrupt_requests", "False", "--embedding", "True"),
         ) as server:
             line = f"llamacpp={server.url};kind=openai;parallel=1"
             detections = tuple(asyncio.run(probe_all([server.url])))

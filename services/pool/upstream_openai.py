@@ -319,6 +319,10 @@ class OpenAIUpstream(HttpUpstream):
         if isinstance(value, str):  # base64 little-endian float32, if the server insists
             raw = base64.b64decode(value)
             return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        if value and isinstance(value[0], list):
+            # One vector per token (llama-cpp-python's server with a model that has no
+            # pooling): their mean, the usual sentence embedding.
+            return [sum(column) / len(value) for column in zip(*value, strict=True)]
         return [float(x) for x in value]
 
     async def _sse(

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -1034,3 +1035,11 @@ def test_options_translation() -> None:
     assert ollama_options(request_pb2.GenerationOptions()) == ({}, {})
     assert image_url("iVBORw0KGgo") == "data:image/png;base64,iVBORw0KGgo"
     assert image_url("https://x/y.png") == "https://x/y.png"
+
+
+def test_per_token_embeddings_are_pooled_into_one_vector() -> None:
+    # llama-cpp-python's server answers a model without pooling with one vector per token.
+    up = OpenAIUpstream("http://llama:8000")
+    body = {"data": [{"embedding": [[1.0, 2.0], [3.0, 6.0]], "index": 0}], "usage": {}}
+    done = up.embed_done(body, json.dumps(body).encode(), "/embeddings", time.perf_counter())
+    assert [list(v) for v in done.embeddings] == [[2.0, 4.0]]

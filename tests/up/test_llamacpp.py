@@ -54,6 +54,17 @@ def test_ollama_client_on_the_real_model(real: RunningUp) -> None:
     # before it closes the object).
     assert (as_json.message.content or "").lstrip().startswith(("{", "["))
     assert [m.model for m in client.list().models] == [MODEL]
+    assert client.show(MODEL).details is not None
+    assert isinstance(client.ps().models, list)
+    limited = client.generate(
+        MODEL,
+        "Count: one, two,",
+        options={"seed": 3, "stop": ["ten"], "num_predict": 6},
+        keep_alive="5m",
+    )
+    assert limited.response and (limited.eval_count or 0) <= 6
+    vectors = client.embed(MODEL, input=["a cat", "a dog"]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 100
     with pytest.raises(ollama.ResponseError) as raised:
         client.chat("no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert raised.value.status_code == 404
@@ -79,6 +90,7 @@ def test_openai_client_on_the_real_model(real: RunningUp) -> None:
     assert (
         client.completions.create(model=MODEL, prompt="Once upon a", max_tokens=6).choices[0].text
     )
+    assert len(client.embeddings.create(model=MODEL, input="hello").data[0].embedding) > 100
     # A small model may answer a tool offer in words; either way the turn comes back whole.
     offered = client.chat.completions.create(
         model=MODEL,
