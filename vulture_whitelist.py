@@ -63,3 +63,11 @@ sequence  # unused variable (usher/keys.py:173)
 _.idempotency  # unused method (usher/keys.py:198)
 _.stream_unary  # unused method (usher/tls.py:278)
 _.stream_stream  # unused method (usher/tls.py:281)
+# pydantic-settings calls these (usher/settings.py): the source's loader, the model's config,
+# the sources hook (its keyword parameters are pydantic's names) and field validators.
+_._load_env_vars  # unused method (usher/settings.py)
+model_config  # unused variable (usher/settings.py)
+_.settings_customise_sources  # unused method (usher/settings.py)
+dotenv_settings  # unused variable (usher/settings.py)
+file_secret_settings  # unused variable (usher/settings.py)
+_._lowercase  # unused method (usher/settings.py)
