@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,6 +22,7 @@ from usher.errors import FieldViolation
 from usher.v1 import request_pb2, scheduler_pb2
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_JSON_DEPTH",
     "MODEL_NAME",
     "AdmissionLimits",
@@ -31,6 +32,7 @@ __all__ = [
     "prompt_characters",
     "request_kind",
     "unknown_model_message",
+    "validate_batch",
     "validate_submit",
 ]
 
@@ -319,3 +321,25 @@ def fingerprint(submit: scheduler_pb2.SubmitRequest, scope: str) -> str:
         getattr(work, kind).CopyFrom(getattr(submit, kind))
     digest = hashlib.sha256(scope.encode() + b"\0" + work.SerializeToString(deterministic=True))
     return digest.hexdigest()[:32]
+
+
+#: Most requests one SubmitBatch may carry.
+MAX_BATCH = 100
+
+
+def validate_batch(
+    batch: Sequence[scheduler_pb2.SubmitRequest], limits: AdmissionLimits, now_seconds: float
+) -> list[FieldViolation]:
+    """Every request's problems, named ``requests[i].field``; a batch is 1 to MAX_BATCH
+    requests for one model (a model's keys share a hash slot: one atomic admission)."""
+    if not 1 <= len(batch) <= MAX_BATCH:
+        return [FieldViolation("requests", f"send 1 to {MAX_BATCH} requests")]
+    out: list[FieldViolation] = []
+    for index, request in enumerate(batch):
+        for violation in validate_submit(request, limits, now_seconds):
+            out.append(
+                FieldViolation(f"requests[{index}].{violation.field}", violation.description)
+            )
+        if request.model != batch[0].model:
+            out.append(FieldViolation(f"requests[{index}].model", "a batch is for one model"))
+    return out

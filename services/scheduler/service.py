@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from opentelemetry.trace import SpanKind
 
@@ -17,7 +18,13 @@ from services.scheduler import admission, fairness, records
 from services.scheduler.quotas import LIVE_GRACE_MS, Limits, Quotas, StorageCharge
 from services.scheduler.reaper import settle_ended
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.store import TENANT_LISTING_MAX, NewRequest, QueueStore, StoredRequest
+from services.scheduler.store import (
+    TENANT_LISTING_MAX,
+    NewRequest,
+    QueueStore,
+    StoredRequest,
+    SubmitOutcome,
+)
 from usher import keys, metrics, tracing
 from usher.audit import AuditLog
 from usher.auth import Authenticator, Principal
@@ -136,10 +143,89 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             raise InvalidArgument(violations)
         await self._check_served(request.model)
         tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
+        new = await self._new_request(request, caller, tenant_limits, now)
+        await self._admit(new, tenant_limits)
+        with self._enqueue_span(new):
+            # The trace continues from here when a dispatcher claims the request.
+            traceparent = tracing.current_traceparent() or request.traceparent
+            outcome = await self.store.submit(replace(new, traceparent=traceparent))
+        return await self._answer(request, new, outcome, caller, tenant_limits)
+
+    async def SubmitBatch(
+        self, request: scheduler_pb2.SubmitBatchRequest, context: Context
+    ) -> scheduler_pb2.SubmitBatchResponse:
+        caller = self.caller(context)
+        now = time.time()
+        batch = list(request.requests)
+        violations = admission.validate_batch(
+            batch,
+            admission.AdmissionLimits(self.settings.max_prompt_chars, self.settings.allowed_models),
+            now,
+        )
+        if violations:
+            raise InvalidArgument(violations)
+        await self._check_served(batch[0].model)
+        tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
+        news = [await self._new_request(r, caller, tenant_limits, now) for r in batch]
+        admitted: list[NewRequest] = []
+        try:
+            for new in news:  # every one is admitted by the quotas, or none stays charged
+                await self._admit(new, tenant_limits)
+                admitted.append(new)
+            with self._enqueue_span(news[0]):
+                traceparent = tracing.current_traceparent()
+                outcomes = await self.store.submit_batch(
+                    [replace(n, traceparent=n.traceparent or traceparent) for n in news]
+                )
+        except BaseException:
+            await self._refund(admitted, tenant_limits)
+            raise
+        if isinstance(outcomes, int):
+            await self._refund(admitted, tenant_limits)
+            metrics.REJECTED.labels(batch[0].model, "queue_full").inc(len(batch))
+            raise await self._queue_full(batch[0].model, outcomes)
+        return scheduler_pb2.SubmitBatchResponse(
+            responses=[
+                await self._answer(r, n, o, caller, tenant_limits)
+                for r, n, o in zip(batch, news, outcomes, strict=True)
+            ]
+        )
+
+    async def _refund(self, admitted: list[NewRequest], tenant_limits: Limits) -> None:
+        for new in admitted:
+            await self.quotas.release(
+                new.tenant, new.id, None if tenant_limits.unlimited else self._cost(new)
+            )
+
+    def _enqueue_span(self, new: NewRequest) -> Any:
+        return tracing.tracer(__name__).start_as_current_span(
+            "usher.enqueue",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "usher.model": new.model,
+                "usher.request_id": new.id,
+            },
+        )
+
+    async def _queue_full(self, model: str, length: int) -> ResourceExhausted:
+        averages, parallel = await self.store.model_averages(model)
+        return ResourceExhausted(
+            f"the queue for model {model!r} is full ({length} waiting); retry later",
+            retry_after_seconds=max(1.0, averages.service_seconds / max(parallel, 1)),
+        )
+
+    async def _new_request(
+        self,
+        request: scheduler_pb2.SubmitRequest,
+        caller: Principal,
+        tenant_limits: Limits,
+        now: float,
+    ) -> NewRequest:
         share = self.settings.dedup == "always" or (
             self.settings.dedup == "deterministic" and admission.is_deterministic(request.options)
         )
-        new = NewRequest(
+        return NewRequest(
             id=new_request_id(),
             model=request.model,
             kind=admission.request_kind(request),
@@ -167,19 +253,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             traceparent=request.traceparent,
             labels=dict(request.labels),
         )
-        await self._admit(new, tenant_limits)
-        with tracing.tracer(__name__).start_as_current_span(
-            "usher.enqueue",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "redis",
-                "usher.model": request.model,
-                "usher.request_id": new.id,
-            },
-        ):
-            # The trace continues from here when a dispatcher claims the request.
-            traceparent = tracing.current_traceparent() or request.traceparent
-            outcome = await self.store.submit(replace(new, traceparent=traceparent))
+
+    async def _answer(
+        self,
+        request: scheduler_pb2.SubmitRequest,
+        new: NewRequest,
+        outcome: SubmitOutcome,
+        caller: Principal,
+        tenant_limits: Limits,
+    ) -> scheduler_pb2.SubmitResponse:
+        """Count, audit and answer one submitted request (RESOURCE_EXHAUSTED when full)."""
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
         if outcome.status == "queued" and self.on_queued is not None:
             self.on_queued(request.model)
@@ -198,12 +281,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             metrics.DEDUP_HITS.labels(request.model).inc()
         if outcome.status == "full":
             metrics.REJECTED.labels(request.model, "queue_full").inc()
-            averages, parallel = await self.store.model_averages(request.model)
-            raise ResourceExhausted(
-                f"the queue for model {request.model!r} is full "
-                f"({outcome.queue_length} waiting); retry later",
-                retry_after_seconds=max(1.0, averages.service_seconds / max(parallel, 1)),
-            )
+            raise await self._queue_full(request.model, outcome.queue_length)
         stored = outcome.request or await self.store.inspect(request.model, outcome.request_id)
         if stored is None:  # finished and expired between the two calls
             raise NotFound(f"request {outcome.request_id} is gone")

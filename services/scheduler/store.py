@@ -20,7 +20,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, WatchError
 from redis.typing import EncodableT, FieldT
 
 from services.scheduler import eta, fairness
@@ -28,6 +28,7 @@ from services.scheduler.eta import SERVICE_ALPHA, ModelAverages
 from services.scheduler.quotas import Footprint
 from usher import keys
 from usher.crypto import NullSealer
+from usher.errors import Unavailable
 from usher.keys import ModelKeys
 from usher.smoothing import EWMA_ALPHA
 from usher.v1 import request_pb2
@@ -115,6 +116,23 @@ class NewRequest:
     @property
     def tenant(self) -> str:
         return keys.tenant_id(self.organization, self.user)
+
+
+#: How often a batch is tried again when its queue changed while it was being admitted.
+BATCH_ATTEMPTS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A request ready to enqueue: the script's arguments and what its outcome needs."""
+
+    request: NewRequest
+    klass: int
+    cost: float
+    created: int
+    listing: str
+    index_ttl: int
+    args: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +465,58 @@ class QueueStore:
 
     async def submit(self, request: NewRequest) -> SubmitOutcome:
         """Queue ``request`` (or find the request it repeats or shares) in one round trip."""
+        prepared = await self._prepare(request)
+
+        def build(pipe: Pipeline) -> None:
+            self._index(pipe, prepared)
+            self._queue_script(pipe, "enqueue", request.model, prepared.args)
+
+        replies = await self._execute(build)
+        return await self._outcome(prepared, replies[-1])
+
+    async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
+        """Queue every request of one model, or none: the outcomes in order, or (nothing
+        queued) the queue's length when it has no room for them all.
+
+        The queue and its limit are watched while the room is checked, and the enqueues run
+        in one MULTI/EXEC, so no other submit or claim slips in between: if either key
+        changed, the transaction is dropped whole and tried again."""
+        prepared = [await self._prepare(r) for r in requests]
+        model = requests[0].model
+        mk = ModelKeys(model)
+
+        def index_all(pipe: Pipeline) -> None:
+            for entry in prepared:
+                self._index(pipe, entry)
+
+        await self._execute(index_all)
+        enqueue = self._scripts["enqueue"]
+        if not (await self.redis.script_exists(enqueue.sha))[0]:
+            await self.redis.script_load(enqueue.script)  # no NOSCRIPT inside the MULTI
+        for _ in range(BATCH_ATTEMPTS):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(mk.queue, mk.config)
+                    length = int(await pipe.zcard(mk.queue))
+                    raw_limit = await pipe.hget(mk.config, "max_queue_size")
+                    limit = int(raw_limit) if raw_limit else self.defaults.max_queue_size
+                    if length + len(prepared) > limit:
+                        await self._unindex(prepared, [None] * len(prepared))
+                        return length
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for entry in prepared:
+                        self._queue_script(pipe, "enqueue", model, entry.args)
+                    replies = await pipe.execute()
+                except WatchError:
+                    continue
+            return [
+                await self._outcome(p, reply) for p, reply in zip(prepared, replies, strict=True)
+            ]
+        await self._unindex(prepared, [None] * len(prepared))
+        raise Unavailable(f"the queue of {model} kept changing; retry the batch")
+
+    async def _prepare(self, request: NewRequest) -> _Prepared:
+        """What enqueueing ``request`` writes: the script's arguments and its cost."""
         averages, _ = await self.model_averages(request.model)
         weight = await self.tenant_weight(request.organization, request.user)
         klass = fairness.priority_class(request.priority)
@@ -475,39 +545,63 @@ class QueueStore:
         index_ttl = self.defaults.result_ttl_seconds + INDEX_SLACK_SECONDS
         listing = keys.tenant_requests(request.tenant)
 
-        def build(pipe: Pipeline) -> None:
-            pipe.set(keys.request_index(request.id), request.model, ex=index_ttl)
-            pipe.zadd(listing, {request.id: created})
-            pipe.zremrangebyrank(listing, 0, -TENANT_LISTING_MAX - 1)
-            pipe.sadd(keys.MODELS, request.model)
-            self._queue_script(
-                pipe,
-                "enqueue",
-                request.model,
-                [
-                    request.id,
-                    request.tenant,
-                    fairness.flow_key(request.tenant, klass),
-                    repr(weight),
-                    repr(cost),
-                    klass,
-                    repr(self.defaults.priority_lead),
-                    self.defaults.max_queue_size,
-                    request.fingerprint,
-                    request.idempotency_key,
-                    self.defaults.idempotency_ttl_seconds,
-                    request.queue_timeout_ms or 0,
-                    self.defaults.max_attempts,
-                    self.defaults.queue_timeout_ms,
-                    created,
-                    request.deadline_ms,
-                    round(eta.ARRIVAL_TAU_SECONDS * 1000),
-                    *flat,
-                ],
-            )
+        return _Prepared(
+            request=request,
+            klass=klass,
+            cost=cost,
+            created=created,
+            listing=listing,
+            index_ttl=index_ttl,
+            args=[
+                request.id,
+                request.tenant,
+                fairness.flow_key(request.tenant, klass),
+                repr(weight),
+                repr(cost),
+                klass,
+                repr(self.defaults.priority_lead),
+                self.defaults.max_queue_size,
+                request.fingerprint,
+                request.idempotency_key,
+                self.defaults.idempotency_ttl_seconds,
+                request.queue_timeout_ms or 0,
+                self.defaults.max_attempts,
+                self.defaults.queue_timeout_ms,
+                created,
+                request.deadline_ms,
+                round(eta.ARRIVAL_TAU_SECONDS * 1000),
+                *flat,
+            ],
+        )
 
-        replies = await self._execute(build)
-        status, request_id, position, length, *queued = replies[-1]
+    @staticmethod
+    def _index(pipe: Pipeline, prepared: _Prepared) -> None:
+        """The id's index entry, the caller's listing and the model set (other slots)."""
+        request = prepared.request
+        pipe.set(keys.request_index(request.id), request.model, ex=prepared.index_ttl)
+        pipe.zadd(prepared.listing, {request.id: prepared.created})
+        pipe.zremrangebyrank(prepared.listing, 0, -TENANT_LISTING_MAX - 1)
+        pipe.sadd(keys.MODELS, request.model)
+
+    async def _unindex(self, prepared: Sequence[_Prepared], shared: Sequence[str | None]) -> None:
+        """Nothing was stored under these ids: point each caller's listing at the request
+        they share instead (if any), and drop the unused index entries."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry, other in zip(prepared, shared, strict=True):
+                pipe.delete(keys.request_index(entry.request.id))
+                pipe.zrem(entry.listing, entry.request.id)
+                if other and other != entry.request.id:
+                    pipe.zadd(entry.listing, {other: entry.created})
+            await pipe.execute()
+
+    async def _outcome(self, prepared: _Prepared, reply: Any) -> SubmitOutcome:
+        request, klass, cost, created = (
+            prepared.request,
+            prepared.klass,
+            prepared.cost,
+            prepared.created,
+        )
+        status, request_id, position, length, *queued = reply
         outcome = SubmitOutcome(status.decode(), request_id.decode(), int(position), int(length))
         if queued:
             start, max_attempts, queue_timeout_ms, revived = queued
@@ -552,14 +646,7 @@ class QueueStore:
                 ),
             )
         if outcome.request_id != request.id or outcome.status == "full":
-            # Nothing was stored under the new id: point the caller's listing at the request
-            # they share instead, and drop the unused index entry.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(keys.request_index(request.id))
-                pipe.zrem(listing, request.id)
-                if outcome.request_id and outcome.request_id != request.id:
-                    pipe.zadd(listing, {outcome.request_id: created})
-                await pipe.execute()
+            await self._unindex([prepared], [outcome.request_id])
         return outcome
 
     # ---- read -----------------------------------------------------------------------------

@@ -61,6 +61,11 @@ class SchedulerServiceStub:
                 request_serializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/usher.v1.SchedulerService/SubmitBatch',
+                request_serializer=usher_dot_v1_dot_scheduler__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_scheduler__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -105,6 +110,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """Many requests for one model in one call: every one is queued, each with its own id,
+        or none is (INVALID_ARGUMENT naming requests[i].field, RESOURCE_EXHAUSTED when the
+        queue has no room for them all or a quota refuses one of them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.SwitchProvider,
                     request_deserializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderRequest.FromString,
                     response_serializer=usher_dot_v1_dot_scheduler__pb2.SwitchProviderResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=usher_dot_v1_dot_scheduler__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_scheduler__pb2.SubmitBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +290,33 @@ class SchedulerService:
             '/usher.v1.SchedulerService/SwitchProvider',
             usher_dot_v1_dot_scheduler__pb2.SwitchProviderRequest.SerializeToString,
             usher_dot_v1_dot_scheduler__pb2.SwitchProviderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.SchedulerService/SubmitBatch',
+            usher_dot_v1_dot_scheduler__pb2.SubmitBatchRequest.SerializeToString,
+            usher_dot_v1_dot_scheduler__pb2.SubmitBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,11 @@ class SchedulerServiceStub:
     """Move a QUEUED request to the external provider now (the user chose speed over locality).
     FAILED_PRECONDITION for local-only requests and requests no longer queued.
     """
+    SubmitBatch: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitBatchRequest, _scheduler_pb2.SubmitBatchResponse]
+    """Many requests for one model in one call: every one is queued, each with its own id,
+    or none is (INVALID_ARGUMENT naming requests[i].field, RESOURCE_EXHAUSTED when the
+    queue has no room for them all or a quota refuses one of them).
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -70,6 +75,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     SwitchProvider: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SwitchProviderRequest, _scheduler_pb2.SwitchProviderResponse]  # type: ignore[assignment]
     """Move a QUEUED request to the external provider now (the user chose speed over locality).
     FAILED_PRECONDITION for local-only requests and requests no longer queued.
+    """
+    SubmitBatch: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitBatchRequest, _scheduler_pb2.SubmitBatchResponse]  # type: ignore[assignment]
+    """Many requests for one model in one call: every one is queued, each with its own id,
+    or none is (INVALID_ARGUMENT naming requests[i].field, RESOURCE_EXHAUSTED when the
+    queue has no room for them all or a quota refuses one of them).
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +129,17 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.SwitchProviderResponse, _abc.Awaitable[_scheduler_pb2.SwitchProviderResponse]]:
         """Move a QUEUED request to the external provider now (the user chose speed over locality).
         FAILED_PRECONDITION for local-only requests and requests no longer queued.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitBatch(
+        self,
+        request: _scheduler_pb2.SubmitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.SubmitBatchResponse, _abc.Awaitable[_scheduler_pb2.SubmitBatchResponse]]:
+        """Many requests for one model in one call: every one is queued, each with its own id,
+        or none is (INVALID_ARGUMENT naming requests[i].field, RESOURCE_EXHAUSTED when the
+        queue has no room for them all or a quota refuses one of them).
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
