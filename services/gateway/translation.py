@@ -166,6 +166,13 @@ def http_field(proto_field: str) -> str:
     )
 
 
+#: Text gRPC writes itself into a status (not one of our messages).
+_TRANSPORT_TEXT = re.compile(
+    r"ipv4:|ipv6:|unix:|failed to connect|Socket closed|Connection refused|Exception|Traceback",
+    re.IGNORECASE,
+)
+
+
 def error_from_rpc(
     code: grpc.StatusCode,
     message: str,
@@ -210,6 +217,10 @@ def error_from_rpc(
     status, error_code = simple.get(code, (500, "internal"))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         message = "Request timed out. Please try again with a shorter prompt or later."
+    elif status == 500 or _TRANSPORT_TEXT.search(message):
+        # gRPC's own text (connection failures, a peer's crash) names internal addresses
+        # and libraries: the caller learns what kind of failure it was, nothing more.
+        message = "internal error" if status == 500 else "a service is unavailable; retry shortly"
     return GatewayError(
         status,
         error_code,

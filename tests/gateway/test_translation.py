@@ -491,3 +491,16 @@ def test_settings() -> None:
         GatewaySettings.from_env({**base, "USHER_GATEWAY_RPC_TIMEOUT_SECONDS": "0"})
     with pytest.raises(ConfigError, match="USHER_SERVICE_TOKEN"):
         GatewaySettings.from_env({})
+
+
+def test_grpc_transport_text_never_reaches_the_caller() -> None:
+    down = tr.error_from_rpc(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.5:50051: "
+        "Failed to connect to remote host: Connection refused",
+    )
+    assert down.status == 503 and "10.0.0.5" not in down.message
+    crashed = tr.error_from_rpc(grpc.StatusCode.UNKNOWN, "Unexpected <class 'KeyError'>: 'x'")
+    assert crashed.status == 500 and crashed.message == "internal error"
+    ours = tr.error_from_rpc(grpc.StatusCode.UNAVAILABLE, "the queue store is unreachable")
+    assert ours.message == "the queue store is unreachable"
