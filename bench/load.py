@@ -60,9 +60,11 @@ def prompt(worker: int, n: int) -> str:
 
 
 def stack_pids(stack: LocalStack) -> dict[str, int]:
-    """Process id of each part of a LocalStack that runs: scheduler, pool, notifier, gateway,
-    redis and the emulated model servers."""
+    """Process id of each part of a LocalStack that runs: scheduler, pool, notifier, gateway
+    (or the one ``serve`` process of all four), redis and the emulated model servers."""
     pids: dict[str, int] = {}
+    if stack.serve is not None and stack.serve.process is not None:
+        pids["serve"] = stack.serve.process.pid
     for name, proc in (
         ("scheduler", stack.schedulers[0].process if stack.schedulers else None),
         ("pool", stack.pool.process if stack.pool else None),
@@ -70,7 +72,7 @@ def stack_pids(stack: LocalStack) -> dict[str, int]:
         ("gateway", stack.gateway.process if stack.gateway else None),
         ("redis", stack.redis.process if stack.redis else None),
     ):
-        if proc is not None:
+        if proc is not None and proc.pid not in pids.values():
             pids[name] = proc.pid
     if stack.emulators is not None:
         pids["emulator"] = stack.emulators.pid

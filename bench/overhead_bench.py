@@ -1,11 +1,13 @@
-"""Overhead: what Usher costs on top of the model server. One stack (Redis, Scheduler, Pool,
-Notifier, the HTTP gateway, an emulated fleet in zero-delay mode, 8 tokens per answer), three
-ways in, side by side at concurrency 1 and 32:
+"""Overhead: what Usher costs on top of the model server. Two stacks side by side, each with
+its own Redis and an emulated fleet in zero-delay mode (8 tokens per answer): the trio (each
+service its own process, and the HTTP gateway) and ``usher serve`` (all four in one
+process). Ways in, interleaved at concurrency 1 and 32:
 
 * **direct**: Ollama's ``POST /api/generate`` (stream false) to the emulator itself;
 * **trio**: gRPC Submit, then Watch on the Notifier until COMPLETED;
-* **gateway**: the same Ollama call to the HTTP gateway (gateway → Scheduler → Pool →
-  emulator, the answer back through the Notifier).
+* **gateway**: the same Ollama call to the trio's HTTP gateway (gateway → Scheduler → Pool
+  → emulator, the answer back through the Notifier);
+* **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process).
 
 Reported per path and concurrency: requests/s, p50/p95/p99 latency, and CPU ms per request of
 every process; the ratios to direct and the latency added. Every process shares the
@@ -22,19 +24,35 @@ from bench.load import Call, Load, Trio, closed_loop, http_client, http_generate
 from bench.stats import goal
 from usher.testing.stack import LocalStack, StackConfig
 
-PATHS = ("direct", "trio", "gateway")
+PATHS = ("direct", "trio", "gateway", "serve")
+#: The paths through Usher (each compared with direct).
+USHER_PATHS = PATHS[1:]
 CONCURRENCY = (1, 32)
 #: Seconds of measurement per (path, concurrency): the direct path is steady sooner.
 SECONDS = {
-    1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0},
-    32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0},
+    1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0, "serve": 5.0},
+    32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0, "serve": 8.0},
 }
 GOAL_REQUESTS_PER_SECOND = 1000.0
 GOAL_ADDED_P50_MS = 3.0
+#: Issue 17: usher serve adds no more than ollama-herd (~2 ms at c=1) and spends ≤ 3 ms of
+#: CPU per request; the trio (with its gateway) ≤ 5 ms.
+GOAL_SERVE_ADDED_P50_MS = 2.0
+GOAL_SERVE_CPU_MS = 3.0
+GOAL_TRIO_CPU_MS = 5.0
+#: Processes that are not Usher (their CPU is reported, not counted as Usher's).
+NOT_USHER = frozenset({"client", "emulator", "redis"})
 
 
-def stack_config() -> StackConfig:
+def _usher_cpu_ms(figures: dict[str, Any]) -> float:
+    """CPU ms per request of Usher's own processes (Redis, the model server and the load
+    generator apart)."""
+    return float(sum(v for k, v in figures["cpu_ms_per_request"].items() if k not in NOT_USHER))
+
+
+def stack_config(all_in_one: bool = False) -> StackConfig:
     return StackConfig(
+        all_in_one=all_in_one,
         emulator_args=("--fleet", "2", "--instant", "--parallel", "64", "--output-tokens", "8:8"),
         instance_options=";parallel=64",
         scheduler_env={"USHER_DISPATCH_CONCURRENCY": "64", "USHER_QUEUE_MAX_SIZE": "100000"},
@@ -61,47 +79,55 @@ def redis_work_per_request(
     }
 
 
-async def measure() -> tuple[dict[int, dict[str, Load]], dict[str, float]]:
+async def measure() -> tuple[dict[int, dict[str, Load]], dict[str, dict[str, float]]]:
+    """Every path at every concurrency, and Redis's work per request of each path through
+    Usher at the highest concurrency."""
     loads: dict[int, dict[str, Load]] = {c: {} for c in CONCURRENCY}
-    redis_work: dict[str, float] = {}
-    with LocalStack(stack_config()) as stack:
-        counter = redis.Redis.from_url(stack.redis_url)
-        pids = stack_pids(stack)
+    redis_work: dict[str, dict[str, float]] = {}
+    with LocalStack(stack_config()) as stack, LocalStack(stack_config(True)) as serve:
+        counters = {s: redis.Redis.from_url(s.redis_url) for s in (stack, serve)}
+        pids = {stack: stack_pids(stack), serve: stack_pids(serve)}
         trio = Trio(stack)
         async with http_client(max(CONCURRENCY)) as http:
-            calls: dict[str, Call] = {
-                "direct": http_generate(http, stack.model_urls[0], with_token=False),
-                "trio": trio,
-                "gateway": http_generate(http, stack.gateway_url, with_token=True),
+            calls: dict[str, tuple[LocalStack, Call]] = {
+                "direct": (stack, http_generate(http, stack.model_urls[0], with_token=False)),
+                "trio": (stack, trio),
+                "gateway": (stack, http_generate(http, stack.gateway_url, with_token=True)),
+                "serve": (serve, http_generate(http, serve.gateway_url, with_token=True)),
             }
             # Warm up: connections, script caches, the model load, the averages.
-            for call in calls.values():
+            for _, call in calls.values():
                 await closed_loop(call, 8, 1.5)
             for concurrency in CONCURRENCY:
                 for path in PATHS:
-                    seconds = SECONDS[concurrency][path]
-                    before = _redis_calls(counter)
+                    owner, call = calls[path]
+                    before = _redis_calls(counters[owner])
                     loads[concurrency][path] = await closed_loop(
-                        calls[path], concurrency, seconds, pids
+                        call, concurrency, SECONDS[concurrency][path], pids[owner]
                     )
-                    if path == "trio" and concurrency == max(CONCURRENCY):
-                        redis_work = redis_work_per_request(
+                    if path != "direct" and concurrency == max(CONCURRENCY):
+                        redis_work[path] = redis_work_per_request(
                             before,
-                            _redis_calls(counter),
+                            _redis_calls(counters[owner]),
                             len(loads[concurrency][path].latencies),
                         )
         await trio.aclose()
-        counter.close()
+        for counter in counters.values():
+            counter.close()
     return loads, redis_work
 
 
-def summarize(loads: dict[int, dict[str, Load]], redis_work: dict[str, float]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"trio_redis_per_request": redis_work}
+def summarize(
+    loads: dict[int, dict[str, Load]], redis_work: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        f"{path}_redis_per_request": work for path, work in redis_work.items()
+    }
     for concurrency, by_path in loads.items():
         figures = {path: load.figures() for path, load in by_path.items()}
         direct = figures["direct"]
         section: dict[str, Any] = dict(figures)
-        for path in ("trio", "gateway"):
+        for path in USHER_PATHS:
             section[f"{path}_over_direct_rps"] = (
                 figures[path]["requests_per_second"] / direct["requests_per_second"]
             )
@@ -123,6 +149,15 @@ def summarize(loads: dict[int, dict[str, Load]], redis_work: dict[str, float]) -
         f"gateway_added_p50_ms_{one}": goal(
             summary[one]["gateway_added_ms"]["p50"], GOAL_ADDED_P50_MS, at_most=True
         ),
+        f"serve_added_p50_ms_{one}": goal(
+            summary[one]["serve_added_ms"]["p50"], GOAL_SERVE_ADDED_P50_MS, at_most=True
+        ),
+        f"serve_cpu_ms_per_request_{top}": goal(
+            _usher_cpu_ms(summary[top]["serve"]), GOAL_SERVE_CPU_MS, at_most=True
+        ),
+        f"trio_cpu_ms_per_request_{top}": goal(
+            _usher_cpu_ms(summary[top]["gateway"]), GOAL_TRIO_CPU_MS, at_most=True
+        ),
     }
     summary["note"] = (
         "closed loop, emulator in zero-delay mode (8 tokens); cpu_ms_per_request counts every "
@@ -140,7 +175,8 @@ def plot(loads: dict[int, dict[str, Load]], saved: list[str]) -> None:
         len(CONCURRENCY),
         3,
         size=(17, 4.5 * len(CONCURRENCY)),
-        title="Usher's overhead: the model server directly vs through the trio vs the gateway",
+        title="Usher's overhead: the model server directly vs through the trio, its gateway, "
+        "and usher serve",
         saved=saved,
     ) as axes:
         for row, concurrency in enumerate(CONCURRENCY):

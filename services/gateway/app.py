@@ -58,7 +58,7 @@ from usher.logs import get_logger
 from usher.modelservers import auto_parallel
 from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
 
-__all__ = ["BACKEND", "METRICS", "Gateway", "build_app", "serve"]
+__all__ = ["BACKEND", "METRICS", "Gateway", "app_runner", "build_app", "serve", "start_listening"]
 
 log = get_logger(__name__)
 
@@ -917,10 +917,9 @@ def build_app(
     return app
 
 
-async def serve(settings: GatewaySettings) -> None:
-    """Listen until SIGTERM / SIGINT; in-flight answers get the shutdown grace period."""
-    app = build_app(settings)
-    runner = web.AppRunner(
+def app_runner(app: web.Application, settings: GatewaySettings) -> web.AppRunner:
+    """The runner of ``app`` with the gateway's connection settings."""
+    return web.AppRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=settings.shutdown_grace_seconds,
@@ -929,11 +928,20 @@ async def serve(settings: GatewaySettings) -> None:
         # After a 408 or 413 the unread rest of a body is drained this long at most.
         lingering_time=min(10.0, settings.read_timeout_seconds),
     )
+
+
+async def start_listening(runner: web.AppRunner, settings: GatewaySettings) -> None:
     await runner.setup()
     host, port = split_listen(settings.listen)
     site = web.TCPSite(runner, host, port)
     await site.start()
     log.info("gateway_listening", listen=settings.listen)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Listen until SIGTERM / SIGINT; in-flight answers get the shutdown grace period."""
+    runner = app_runner(build_app(settings), settings)
+    await start_listening(runner, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

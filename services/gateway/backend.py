@@ -51,8 +51,12 @@ class Backend:
     notifier: notifier_pb2_grpc.NotifierServiceAsyncStub
     pool: pool_pb2_grpc.PoolServiceAsyncStub
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, local: grpc.aio.Channel | None = None) -> None:
         self.settings = settings
+        #: The services in this process (usher serve): the Scheduler's public API, the
+        #: Notifier and the Pool are called through it; admin calls and health checks still
+        #: go over gRPC (audited, and checking the servers SDK users reach).
+        self.local = local
         self.started_at = time.time()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._instances: list[pool_pb2.InstanceStatus] = []
@@ -72,10 +76,11 @@ class Backend:
             ("pool", s.pool_address),
         ):
             self._channels[name] = open_channel(address, tls, interceptors)
-        self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._channels["scheduler"])
+        calls = self._channels if self.local is None else dict.fromkeys(self._channels, self.local)
+        self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(calls["scheduler"])
         self.admin = scheduler_pb2_grpc.SchedulerAdminServiceStub(self._channels["scheduler"])
-        self.notifier = notifier_pb2_grpc.NotifierServiceStub(self._channels["notifier"])
-        self.pool = pool_pb2_grpc.PoolServiceStub(self._channels["pool"])
+        self.notifier = notifier_pb2_grpc.NotifierServiceStub(calls["notifier"])
+        self.pool = pool_pb2_grpc.PoolServiceStub(calls["pool"])
         self.pool_admin = pool_pb2_grpc.PoolAdminServiceStub(self._channels["pool"])
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=1.0))
         tracing.instrument_httpx(self.http)

@@ -68,13 +68,15 @@ class NotifierApp:
         servicer = NotifierServicer(
             self.store, self.fanout, self.board, Authenticator.from_env(settings.tokens)
         )
+        #: The servicer, for the gRPC server and for an in-process channel (usher serve).
+        self.registrations = [
+            Registration(
+                lambda s: notifier_pb2_grpc.add_NotifierServiceServicer_to_server(servicer, s),
+                notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name,
+            )
+        ]
         self.server = GrpcServer(
-            [
-                Registration(
-                    lambda s: notifier_pb2_grpc.add_NotifierServiceServicer_to_server(servicer, s),
-                    notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name,
-                )
-            ],
+            self.registrations,
             settings.listen,
             grace_seconds=settings.shutdown_grace_seconds,
             tls=ServerTls.from_env(),

@@ -39,17 +39,19 @@ class PoolApp:
         public = PoolServicer(self.router, PoolStats(self.redis), auth, settings)
         admin = PoolAdminServicer(self.registry, auth)
         names = pool_pb2.DESCRIPTOR.services_by_name
+        #: The servicers, for the gRPC server and for an in-process channel (usher serve).
+        self.registrations = [
+            Registration(
+                lambda s: pool_pb2_grpc.add_PoolServiceServicer_to_server(public, s),
+                names["PoolService"].full_name,
+            ),
+            Registration(
+                lambda s: pool_pb2_grpc.add_PoolAdminServiceServicer_to_server(admin, s),
+                names["PoolAdminService"].full_name,
+            ),
+        ]
         self.server = GrpcServer(
-            [
-                Registration(
-                    lambda s: pool_pb2_grpc.add_PoolServiceServicer_to_server(public, s),
-                    names["PoolService"].full_name,
-                ),
-                Registration(
-                    lambda s: pool_pb2_grpc.add_PoolAdminServiceServicer_to_server(admin, s),
-                    names["PoolAdminService"].full_name,
-                ),
-            ],
+            self.registrations,
             settings.listen,
             grace_seconds=settings.shutdown_grace_seconds,
             tls=ServerTls.from_env(),

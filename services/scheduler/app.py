@@ -20,7 +20,7 @@ from usher.metrics import metrics_host, serve_metrics
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
-from usher.v1 import scheduler_pb2, scheduler_pb2_grpc
+from usher.v1 import pool_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SchedulerApp", "queue_defaults"]
 
@@ -44,6 +44,9 @@ def queue_defaults(settings: SchedulerSettings) -> QueueDefaults:
 @dataclass
 class SchedulerApp:
     settings: SchedulerSettings
+    #: The Pool the dispatcher calls; None = a gRPC channel to ``settings.pool_address``
+    #: (``usher serve`` passes a stub over its in-process channel).
+    pool: pool_pb2_grpc.PoolServiceAsyncStub | None = None
 
     def __post_init__(self) -> None:
         self.redis = connect_redis(self.settings.redis_url)
@@ -54,19 +57,19 @@ class SchedulerApp:
         public = SchedulerServicer(self.store, auth, self.settings, self.quotas, self.audit)
         admin = SchedulerAdminServicer(self.store, auth, self.settings, self.quotas, self.audit)
         names = scheduler_pb2.DESCRIPTOR.services_by_name
+        #: The servicers, for the gRPC server and for an in-process channel (usher serve).
+        self.registrations = [
+            Registration(
+                lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(public, s),
+                names["SchedulerService"].full_name,
+            ),
+            Registration(
+                lambda s: scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(admin, s),
+                names["SchedulerAdminService"].full_name,
+            ),
+        ]
         self.server = GrpcServer(
-            [
-                Registration(
-                    lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(public, s),
-                    names["SchedulerService"].full_name,
-                ),
-                Registration(
-                    lambda s: scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(
-                        admin, s
-                    ),
-                    names["SchedulerAdminService"].full_name,
-                ),
-            ],
+            self.registrations,
             self.settings.listen,
             grace_seconds=self.settings.shutdown_grace_seconds,
             tls=ServerTls.from_env(),
@@ -85,6 +88,7 @@ class SchedulerApp:
                     retry_backoff_seconds=self.settings.retry_backoff_seconds,
                     retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,
                 ),
+                self.pool,
             )
         if self.dispatcher is not None:
             public.on_queued = self.dispatcher.notify_work

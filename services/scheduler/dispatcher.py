@@ -75,16 +75,26 @@ class _Cancelled(Exception):
 
 
 class Dispatcher:
-    def __init__(self, store: QueueStore, quotas: Quotas, settings: DispatchSettings) -> None:
+    def __init__(
+        self,
+        store: QueueStore,
+        quotas: Quotas,
+        settings: DispatchSettings,
+        pool: pool_pb2_grpc.PoolServiceAsyncStub | None = None,
+    ) -> None:
         self.store = store
         self.quotas = quotas
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._metadata = (("authorization", f"Bearer {settings.service_token}"),)
-        self._channel = open_channel(
-            settings.pool_address, ClientTls.from_env(), tracing.client_interceptors()
-        )
-        self._pool = pool_pb2_grpc.PoolServiceStub(self._channel)
+        #: A gRPC channel to the Pool, unless given the Pool's stub (usher serve: in process).
+        self._channel: grpc.aio.Channel | None = None
+        if pool is None:
+            self._channel = open_channel(
+                settings.pool_address, ClientTls.from_env(), tracing.client_interceptors()
+            )
+            pool = pool_pb2_grpc.PoolServiceStub(self._channel)
+        self._pool = pool
         self._demand: tuple[float, dict[str, int], dict[str, int]] = (0.0, {}, {})
         #: Loops waiting in Reserve now, local and external: never more than there is work.
         self._reserving = {False: 0, True: 0}
@@ -98,7 +108,8 @@ class Dispatcher:
         self._idle: dict[bool, Waiters[None]] = {False: Waiters(), True: Waiters()}
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def models_with_work(self) -> tuple[dict[str, int], dict[str, int]]:
         """Queued requests per model, local and waiting for the external provider.

@@ -1,5 +1,6 @@
-"""The whole path with every service a separate process: submit → queue → pool → model
-server → tokens → watcher, against an emulated Ollama fleet and a real Redis."""
+"""The whole path in both shapes — every service a separate process (the trio) and all in
+one (``usher serve``): submit → queue → pool → model server → tokens → watcher, against an
+emulated Ollama fleet and a real Redis."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def auth(user: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {user}-token"),)
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
+@pytest.fixture(scope="module", params=["trio", "serve"])
+def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     config = StackConfig(
+        all_in_one=request.param == "serve",
         emulator_args=(
             "--fleet",
             "2",

@@ -59,13 +59,19 @@ WAITING_MODELS = ("llama3.2:1b", "qwen2.5:0.5b")
 
 
 def one_slot_stack(
-    tokens_per_second: str, output_tokens: str, keepalive: str, *, open_access: bool = False
+    tokens_per_second: str,
+    output_tokens: str,
+    keepalive: str,
+    *,
+    open_access: bool = False,
+    all_in_one: bool = False,
 ) -> Iterator[LocalStack]:
     """A fleet of one slot per model (a few requests make a queue that moves), an external
     provider, the gateway; badges every 0.2 s suggesting "gpt-4o" when nothing local is
     calmer; ``open_access``: the local open mode (no credentials needed). For a module
-    fixture: ``yield from one_slot_stack(...)``."""
+    fixture: ``yield from one_slot_stack(...)``; ``all_in_one``: as ``usher serve``."""
     config = StackConfig(
+        all_in_one=all_in_one,
         emulator_args=(
             "--fleet",
             "1",
@@ -88,9 +94,10 @@ def one_slot_stack(
             "USHER_EXTERNAL_ALTERNATIVE": "gpt-4o",
         },
         common_env={"USHER_AUTH_OPEN": "true"} if open_access else {},
+        gateway=True,
+        gateway_env={"USHER_GATEWAY_KEEPALIVE_SECONDS": keepalive},
     )
     with LocalStack(config) as running:
-        running.start_gateway({"USHER_GATEWAY_KEEPALIVE_SECONDS": keepalive})
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             models = httpx.get(running.gateway_url + "/api/tags").json()["models"]

@@ -23,9 +23,10 @@ MODEL = "llama3.2:1b"
 EMBED = "nomic-embed-text"
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
+@pytest.fixture(scope="module", params=["trio", "serve"])
+def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     config = StackConfig(
+        all_in_one=request.param == "serve",
         emulator_args=(
             "--fleet",
             "2",
@@ -39,10 +40,11 @@ def stack() -> Iterator[LocalStack]:
             "20:40",
         ),
         scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8"},
+        gateway=True,
+        gateway_env={"USHER_GATEWAY_DEFAULT_TOKEN": "alice-token"},
     )
     with LocalStack(config) as running:
         # Callers without a token are alice here (a one-desk setup; see the settings).
-        running.start_gateway({"USHER_GATEWAY_DEFAULT_TOKEN": "alice-token"})
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # until the Pool has seen the fleet's models
             tags = httpx.get(running.gateway_url + "/api/tags").json()

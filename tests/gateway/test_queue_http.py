@@ -27,10 +27,15 @@ ALICE = {"Authorization": "Bearer alice-token"}
 BOB = {"Authorization": "Bearer bob-token"}
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
+@pytest.fixture(scope="module", params=["trio", "serve"])
+def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     # About 2 s per answer.
-    yield from one_slot_stack(tokens_per_second="10", output_tokens="16:24", keepalive="0.3")
+    yield from one_slot_stack(
+        tokens_per_second="10",
+        output_tokens="16:24",
+        keepalive="0.3",
+        all_in_one=request.param == "serve",
+    )
 
 
 @pytest.fixture

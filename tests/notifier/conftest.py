@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from services.notifier.app import NotifierApp, NotifierSettings
 from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import parse_token_map
+from usher.inprocess import LocalChannel
 from usher.testing import free_port
 from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.v1 import notifier_pb2_grpc
@@ -37,10 +38,14 @@ class NotifierClient:
         return (("authorization", f"Bearer {user}-token"),)
 
 
-@pytest.fixture
+@pytest.fixture(params=["grpc", "in-process"])
 async def notifier(
-    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer | ExternalRedis,
+    redis_client: aioredis.Redis,
 ) -> AsyncIterator[NotifierClient]:
+    """The Notifier as SDK users reach it (gRPC) and as ``usher serve``'s gateway calls it
+    (through the in-process channel)."""
     port = free_port()
     app = NotifierApp(
         NotifierSettings(
@@ -54,8 +59,11 @@ async def notifier(
     )
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    calls: grpc.aio.Channel = channel
+    if request.param == "in-process":
+        calls = LocalChannel.serving(app.registrations).as_channel()
     try:
-        yield NotifierClient(app, notifier_pb2_grpc.NotifierServiceStub(channel))
+        yield NotifierClient(app, notifier_pb2_grpc.NotifierServiceStub(calls))
     finally:
         await channel.close()
         await app.stop()

@@ -24,6 +24,7 @@ from tests.pool.conftest import fast_emulator_config
 from usher import keys
 from usher.auth import parse_token_map
 from usher.emulator import EmulatorFleet, model_spec
+from usher.inprocess import LocalChannel
 from usher.keys import ModelKeys
 from usher.testing import free_port
 from usher.testing.redis_server import ExternalRedis, RedisServer
@@ -76,14 +77,21 @@ def settings_for(
 
 
 @contextlib.asynccontextmanager
-async def running_pool(settings: PoolSettings) -> AsyncIterator[RunningPool]:
+async def running_pool(
+    settings: PoolSettings, transport: str = "grpc"
+) -> AsyncIterator[RunningPool]:
+    """The Pool as the trio's dispatchers call it (gRPC), or as ``usher serve``'s do
+    (``transport="in-process"``: its public service through the in-process channel)."""
     app = PoolApp(settings)
     await app.start()
     channel = grpc.aio.insecure_channel(settings.listen)
+    calls: grpc.aio.Channel = channel
+    if transport == "in-process":
+        calls = LocalChannel.serving(app.registrations).as_channel()
     try:
         yield RunningPool(
             app,
-            pool_pb2_grpc.PoolServiceStub(channel),
+            pool_pb2_grpc.PoolServiceStub(calls),
             pool_pb2_grpc.PoolAdminServiceStub(channel),
             channel,
         )
@@ -92,14 +100,16 @@ async def running_pool(settings: PoolSettings) -> AsyncIterator[RunningPool]:
         await app.stop()
 
 
-@pytest.fixture
+@pytest.fixture(params=["grpc", "in-process"])
 def make_pool(
-    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer | ExternalRedis,
+    redis_client: aioredis.Redis,
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningPool]]:
     def make(
         urls: Sequence[str], **overrides: Any
     ) -> contextlib.AbstractAsyncContextManager[RunningPool]:
-        return running_pool(settings_for(redis_server.url, urls, **overrides))
+        return running_pool(settings_for(redis_server.url, urls, **overrides), request.param)
 
     return make
 

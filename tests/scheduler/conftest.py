@@ -19,6 +19,7 @@ import grpc  # noqa: E402
 from services.scheduler.app import SchedulerApp  # noqa: E402
 from services.scheduler.settings import SchedulerSettings  # noqa: E402
 from usher.auth import parse_token_map  # noqa: E402
+from usher.inprocess import LocalChannel  # noqa: E402
 from usher.testing import free_port  # noqa: E402
 from usher.testing.redis_server import ExternalRedis, RedisServer  # noqa: E402
 from usher.v1 import scheduler_pb2_grpc  # noqa: E402
@@ -40,10 +41,14 @@ class SchedulerClient:
         return (("authorization", f"Bearer {user}-token"),)
 
 
-@pytest.fixture
+@pytest.fixture(params=["grpc", "in-process"])
 async def scheduler(
-    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer | ExternalRedis,
+    redis_client: aioredis.Redis,
 ) -> AsyncIterator[SchedulerClient]:
+    """The Scheduler's API as SDK users reach it (gRPC) and as ``usher serve``'s gateway
+    calls it (its public service through the in-process channel; admin calls over gRPC)."""
     port = free_port()
     settings = SchedulerSettings(
         redis_url=redis_server.url,
@@ -56,10 +61,13 @@ async def scheduler(
     app = SchedulerApp(settings)
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    public: grpc.aio.Channel = channel
+    if request.param == "in-process":
+        public = LocalChannel.serving(app.registrations).as_channel()
     try:
         yield SchedulerClient(
             channel,
-            scheduler_pb2_grpc.SchedulerServiceStub(channel),
+            scheduler_pb2_grpc.SchedulerServiceStub(public),
             scheduler_pb2_grpc.SchedulerAdminServiceStub(channel),
             app,
         )

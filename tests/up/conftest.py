@@ -119,9 +119,15 @@ def serving(args: Sequence[str], env: dict[str, str], ready_timeout: float) -> I
         assert running.process.returncode == 0, running.output[-3000:]
 
 
-@pytest.fixture(scope="package")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningUp]:
-    """``usher up`` on its emulated fleet, for the whole package."""
+@pytest.fixture(scope="package", params=["serve", "trio"])
+def up(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningUp]:
+    """``usher up`` on its emulated fleet, for the whole package, in both shapes: all in
+    one process (``usher serve``, the default) and the trio (``--trio``)."""
     state = tmp_path_factory.mktemp("up")
-    with serving(["--tokens-per-second", "400"], up_env(state), ready_timeout=60) as running:
+    shape = ["--trio"] if request.param == "trio" else []
+    with serving(
+        ["--tokens-per-second", "400", *shape], up_env(state), ready_timeout=60
+    ) as running:
         yield running

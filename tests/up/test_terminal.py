@@ -25,7 +25,7 @@ def test_make_up_prints_how_to_use_it_and_ctrl_c_leaves_nothing_running(tmp_path
         assert "usher chat llama3.2:1b" in screen and "usher top" in screen
         assert "pyenv" not in screen and "command not found" not in screen
         started = psutil.Process(term.process.pid).children(recursive=True)
-        assert len(started) >= 6  # usher up, Redis, model servers, the trio, the gateway
+        assert len(started) >= 4  # usher up, Redis, the model servers, usher serve
         term.send(b"\x03")
         term.expect(r"Stopped: nothing Usher started is left running", timeout=30)
         term.wait(timeout=30)

@@ -1,5 +1,6 @@
-"""The whole system on one machine, each part its own process: Redis, model servers, Pool,
-Scheduler, Notifier and (optionally) the HTTP gateway. Used by ``make up`` (``usher up``),
+"""The whole system on one machine: Redis, model servers, and Usher in either shape — the
+trio (Pool, Scheduler, Notifier and optionally the HTTP gateway, each its own process) or
+all-in-one (``usher serve``: the four in one process). Used by ``make up`` (``usher up``),
 the end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ class StackConfig:
     gateway_admin_token: str = "admin-token"
     #: Settings every service and the gateway get (e.g. USHER_AUTH_OPEN).
     common_env: Mapping[str, str] = field(default_factory=dict)
+    #: One ``usher serve`` process (with its gateway) instead of the trio's processes;
+    #: ``pool``, ``schedulers[0]``, ``notifiers[0]`` and ``gateway`` all name it (each with
+    #: its own port). Replicas, per-service metrics and restarting one service need the trio.
+    all_in_one: bool = False
+    #: Settings the gateway gets besides the common ones (in either shape).
+    gateway_env: Mapping[str, str] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -83,6 +90,8 @@ class LocalStack:
         #: service name ("pool", "scheduler-0", "notifier-0") → its /metrics URL.
         self.metrics_urls: dict[str, str] = {}
         self.gateway: ServiceProcess | None = None
+        #: The ``usher serve`` process (all_in_one).
+        self.serve: ServiceProcess | None = None
 
     def _common(self) -> dict[str, str]:
         return {
@@ -272,11 +281,56 @@ class LocalStack:
                 "USHER_NOTIFIER_ADDRESS": self.notifier_address,
                 "USHER_POOL_ADDRESS": self.pool_address,
                 "USHER_GATEWAY_ADMIN_TOKEN": self.config.gateway_admin_token,
+                **self.config.gateway_env,
                 **(env or {}),
             },
             log_path=self._log("gateway"),
         ).launch()
         return self.gateway
+
+    def _gateway_listen(self, port: int) -> str:
+        host = self.config.gateway_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def start_serve(self) -> ServiceProcess:
+        """Usher all-in-one: one process listening on the four services' ports."""
+        ports = {name: self._port(name, None) for name in ("pool", "scheduler-0", "notifier-0")}
+        gateway_port = self._port("gateway", None)
+        env = {
+            **self._common(),
+            "USHER_POOL_LISTEN": f"127.0.0.1:{ports['pool']}",
+            "USHER_SCHEDULER_LISTEN": f"127.0.0.1:{ports['scheduler-0']}",
+            "USHER_NOTIFIER_LISTEN": f"127.0.0.1:{ports['notifier-0']}",
+            "USHER_GATEWAY_LISTEN": self._gateway_listen(gateway_port),
+            "USHER_DEFAULT_PARALLEL": "2",
+            "USHER_GATEWAY_ADMIN_TOKEN": self.config.gateway_admin_token,
+            **self._fleet_env(),
+            **self._metrics_env("serve"),
+            **self.config.pool_env,
+            **self.config.scheduler_env,
+            **self.config.notifier_env,
+            **self.config.gateway_env,
+        }
+        if "serve" in self.metrics_urls:  # one registry serves every service's metrics
+            for name in ports:
+                self.metrics_urls[name] = self.metrics_urls["serve"]
+        self.serve = ServiceProcess(
+            "clients.serve", gateway_port, env, log_path=self._log("serve")
+        ).start()
+        self.pool = self._same_process(ports["pool"])
+        self.schedulers = [self._same_process(ports["scheduler-0"])]
+        self.notifiers = [self._same_process(ports["notifier-0"])]
+        self.gateway = self._same_process(gateway_port)
+        for process in (self.pool, self.schedulers[0], self.notifiers[0]):
+            process.ready()
+        return self.serve
+
+    def _same_process(self, port: int) -> ServiceProcess:
+        """The serve process seen as one service listening on ``port``."""
+        assert self.serve is not None
+        alias = ServiceProcess(self.serve.module, port, {}, log_path=self.serve.log_path)
+        alias.process = self.serve.process
+        return alias
 
     def start(self) -> LocalStack:
         """Start everything; a failure (or Ctrl-C) part way stops what had started."""
@@ -294,6 +348,9 @@ class LocalStack:
             ).start()
             self.redis_url = self.redis.url
         self.start_model_servers()
+        if self.config.all_in_one:
+            self.start_serve()
+            return self
         self.start_pool()
         # The services dial each other lazily, so they start side by side (Python's start-up
         # is most of each one's second).
@@ -309,6 +366,8 @@ class LocalStack:
         # SIGTERM to every service at once, then wait: each drains for its grace period
         # side by side instead of one after another.
         services = [p for p in (self.gateway, *self.notifiers, *self.schedulers, self.pool) if p]
+        if self.serve is not None:
+            services = [self.serve]
         for process in services:
             process.signal_stop()
         for process in services:
