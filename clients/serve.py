@@ -23,7 +23,6 @@ import secrets
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 from services.gateway.app import app_runner, build_app, start_listening
 from services.gateway.backend import Backend
@@ -81,16 +80,17 @@ class ServeApp:
     """The four services wired in one event loop (build it inside the running loop)."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        self.pool = PoolApp(replace(load_pool_settings(env), metrics_port=0))
+        # One /metrics endpoint for the process (one registry): the Scheduler's.
+        quiet = {k: v for k, v in env.items() if k != "USHER_METRICS_PORT"}
+        self.pool = PoolApp(load_pool_settings(quiet))
         # The Scheduler's dispatchers call the Pool through this channel, so it is built
         # before the Scheduler; the others' servicers join it once built.
         self.local = LocalChannel.serving(self.pool.registrations)
-        # One /metrics endpoint for the process (one registry): the scheduler's.
         self.scheduler = SchedulerApp(
             SchedulerSettings.from_env(env),
             pool=pool_pb2_grpc.PoolServiceStub(self.local.as_channel()),
         )
-        self.notifier = NotifierApp(replace(NotifierSettings.from_env(env), metrics_port=0))
+        self.notifier = NotifierApp(NotifierSettings.from_env(quiet))
         for registration in (*self.scheduler.registrations, *self.notifier.registrations):
             registration.add(self.local.as_server())
         self.gateway_settings = GatewaySettings.from_env(env)
