@@ -121,6 +121,8 @@ async def test_waiting_in_the_queue_until_the_answer(
     assert await status.get_attribute("aria-live") == "polite"
     await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
     await expect(page.locator("#request-model")).to_have_text(f"{MODEL} • local model")
+    await expect(page.locator("#fair-note")).to_contain_text("Places can move")
+    await expect(badge(page)).not_to_have_attribute("data-level", "available")
     await expect(page).to_have_title(re.compile(r"^#\d+ of \d+ — Usher$"))
     await snap(page, artifacts, "02-queued")
 

@@ -362,6 +362,7 @@
       $("request-model").textContent = `${update.model} • ${where}`;
     }
     const progress = $("progress");
+    show($("fair-note"), update.state === "queued" && update.route !== "external");
     if (update.state === "queued") {
       show($("spinner"), false);
       if (update.position) {
@@ -398,6 +399,7 @@
     show($("cancel"), false);
     show($("switch"), false);
     show($("offer"), false);
+    show($("fair-note"), false);
     if (update.state === "completed") {
       const text = update.result ? update.result.text : c.text;
       if (!c.answer) c.answer = addMessage("assistant", "");
