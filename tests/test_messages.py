@@ -29,3 +29,22 @@ def test_wait_phrase_is_always_words(a: float, b: float) -> None:
     phrase = messages.wait_phrase(a, b)
     assert phrase
     assert not re.search(r"(^|\D)0 (second|minute|hour)|-\d", phrase), phrase
+
+
+def test_a_request_the_external_provider_serves_is_told_why_and_never_of_the_local_model() -> None:
+    from usher import messages
+    from usher.v1 import notifier_pb2, request_pb2
+
+    request = request_pb2.LlmRequest(
+        state=request_pb2.REQUEST_STATE_RUNNING,
+        route=request_pb2.ROUTE_EXTERNAL,
+        route_reason="unavailable",
+    )
+    # The hand-over is announced even when the request already runs as it is read.
+    assert (
+        messages.request_message(request, notifier_pb2.UPDATE_KIND_FALLBACK)
+        == messages.UNAVAILABLE_NOTICE
+    )
+    assert messages.request_message(request) == messages.EXTERNAL_PROCESSING
+    request.route = request_pb2.ROUTE_LOCAL
+    assert messages.request_message(request) == messages.LOCAL_PROCESSING

@@ -105,6 +105,9 @@ def suggestion_message(model: str) -> str:
 def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: float = 0.0) -> str:
     """The sentence for a request's current status."""
     state = request.state
+    if kind == notifier_pb2.UPDATE_KIND_FALLBACK and request.route == request_pb2.ROUTE_EXTERNAL:
+        # Why it left the local fleet, even when it already runs by the time this is read.
+        return _EXTERNAL_NOTICES.get(request.route_reason, _TIMEOUT_NOTICE)
     if state == request_pb2.REQUEST_STATE_QUEUED:
         if request.route == request_pb2.ROUTE_EXTERNAL:
             return _EXTERNAL_NOTICES.get(request.route_reason, _TIMEOUT_NOTICE)
