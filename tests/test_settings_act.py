@@ -10,6 +10,7 @@ settings. Every field of every settings class is held to the same rule, document
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ SETTINGS_CLASSES = (
     ("services/pool/circuit.py", "CircuitConfig"),
     ("services/notifier/app.py", "NotifierSettings"),
     ("services/gateway/settings.py", "GatewaySettings"),
+    ("usher/settings.py", "ServiceSettings"),
 )
 SETTINGS_MODULES = frozenset(module for module, _ in SETTINGS_CLASSES)
 #: Functions (of those modules) that only parse, validate or serialize settings: a field used only there acts
@@ -113,6 +115,19 @@ class Index:
         self.fields: dict[tuple[str, str], list[str]] = {}
         for module, tree in sources():
             self._walk(module, tree)
+        self._declared_variables()
+
+    def _declared_variables(self) -> None:
+        """Settings declared with pydantic-settings read variables named after their fields
+        (usher.settings.variables), which no string in the code spells out."""
+        from usher.settings import variables
+
+        for module, name in SETTINGS_CLASSES:
+            imported = importlib.import_module(module.removesuffix(".py").replace("/", "."))
+            fields = getattr(getattr(imported, name), "model_fields", {})
+            for field, info in fields.items():
+                for variable in variables(field, info):
+                    self.env_reads.setdefault(variable, set()).add(field)
 
     def _walk(self, module: str, tree: ast.Module) -> None:
         parents: dict[ast.AST, ast.AST] = {}
@@ -151,22 +166,28 @@ def _function_of(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str:
 
 
 def _filled_field(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str | None:
-    """The settings field a variable's value goes to: the keyword it is passed as
-    (``field=env_int("NAME", ...)``) or the key it maps from (``{"field": "NAME"}``); ""
-    when it is read where it acts; None when the name is not read here (a key of a mapping
-    that sets it for another process)."""
+    """The settings field a variable's value goes to: the keyword its reader's value is
+    passed as (``field=env_int("NAME", ...)``), the key it maps from (``{"field": "NAME"}``)
+    or the field it names (``field: int = Field(..., validation_alias="NAME")``); "" when
+    it is read where it acts; None when the name is not read here (a key of a mapping that
+    sets it for another process)."""
     holder = parents.get(node)
-    if isinstance(holder, ast.Dict) and node in holder.keys:
-        return None
-    child, parent = node, holder
-    while parent is not None and not isinstance(parent, ast.stmt):
-        if isinstance(parent, ast.keyword) and parent.arg:
-            return parent.arg
-        if isinstance(parent, ast.Dict) and child in parent.values:
-            key = parent.keys[parent.values.index(child)]
-            if isinstance(key, ast.Constant) and isinstance(key.value, str):
-                return key.value
-        child, parent = parent, parents.get(parent)
+    if isinstance(holder, ast.Dict):
+        if node in holder.keys:
+            return None
+        key = holder.keys[holder.values.index(node)]  # type: ignore[arg-type]
+        return key.value if isinstance(key, ast.Constant) and isinstance(key.value, str) else ""
+    if isinstance(holder, ast.keyword) and holder.arg in ("validation_alias", "alias"):
+        statement: ast.AST = holder
+        while statement in parents and not isinstance(statement, ast.stmt):
+            statement = parents[statement]
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+            return statement.target.id
+        return ""
+    if isinstance(holder, ast.Call) and holder.args and holder.args[0] is node:
+        passed = parents.get(holder)
+        if isinstance(passed, ast.keyword) and passed.arg:
+            return passed.arg
     return ""
 
 
