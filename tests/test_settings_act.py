@@ -172,6 +172,9 @@ def _filled_field(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str | None:
     it is read where it acts; None when the name is not read here (a key of a mapping that
     sets it for another process)."""
     holder = parents.get(node)
+    passed = parents.get(holder) if isinstance(holder, ast.Call) else None
+    if isinstance(passed, ast.keyword) and passed.arg in ("validation_alias", "alias"):
+        holder = passed  # AliasChoices("NAME", ...): the field it names
     if isinstance(holder, ast.Dict):
         if node in holder.keys:
             return None
