@@ -509,6 +509,22 @@ class AsyncUsherClient:
         )
         return Submission.from_proto(response)
 
+    async def submit_batch(
+        self, model: str, prompts: Sequence[str], **options: Unpack[SubmitOptions]
+    ) -> tuple[Submission, ...]:
+        """Queue one generate request per prompt, all for ``model`` and with the same
+        options, in one call: every one is queued (in order, each with its own id) or none
+        is. Each carries its own idempotency key, so the SDK's retries are safe."""
+        if "idempotency_key" in options:
+            raise ValueError("each request of a batch gets its own idempotency key")
+        request = scheduler_pb2.SubmitBatchRequest(
+            requests=[build_submit_request(model, prompt, **options) for prompt in prompts]
+        )
+        response = await self._unary(
+            "SubmitBatch", self._scheduler.SubmitBatch, request, timeout=options.get("timeout")
+        )
+        return tuple(Submission.from_proto(r) for r in response.responses)
+
     async def get(self, request_id: str) -> Request:
         response = await self._unary(
             "Get", self._scheduler.Get, scheduler_pb2.GetRequest(id=request_id)
@@ -949,6 +965,23 @@ class AsyncAdmin:
             request.keep_alive.CopyFrom(_duration(keep_alive))
         # Loading takes as long as the model server needs: a generous deadline.
         return await self._instance("LoadModel", request, max(self._client.timeout, 120.0))
+
+    async def pull_model(
+        self, model: str, instance_id: str = ""
+    ) -> AsyncGenerator[pool_pb2.PullModelResponse, None]:
+        """Pull ``model`` onto one instance or (no id) every local Ollama instance: Ollama's
+        progress lines, each naming its instance."""
+        c = self._client
+        call = c._pool_admin.PullModel(
+            pool_pb2.PullModelRequest(id=instance_id, model=model),
+            metadata=c._metadata(),
+            timeout=c.stream_timeout,
+        )
+        try:
+            async for line in call:
+                yield line
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
 
     async def unload_model(self, instance_id: str, model: str) -> pool_pb2.InstanceStatus:
         request = pool_pb2.UnloadModelRequest(id=instance_id, model=model)

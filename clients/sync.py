@@ -221,6 +221,7 @@ class UsherClient(_Driver):
         self.close()
 
     submit = blocking(AsyncUsherClient.submit)
+    submit_batch = blocking(AsyncUsherClient.submit_batch)
     get = blocking(AsyncUsherClient.get)
     list = blocking(AsyncUsherClient.list)
     cancel = blocking(AsyncUsherClient.cancel)

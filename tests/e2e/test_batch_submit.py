@@ -107,3 +107,8 @@ async def test_a_batch_is_admitted_whole_or_refused_whole(stack: LocalStack, stu
         for request_id in [*ids, *(r.request.id for r in admitted[0].responses)]:
             done = await alice.wait(request_id, timeout=30)
             assert done.state == RequestState.COMPLETED
+        # The SDK's batch: its own ids, in order.
+        sent = await alice.submit_batch(MODEL, ["sdk one", "sdk two", "sdk three"])
+        assert len({s.id for s in sent}) == 3
+        for submission in sent:
+            assert (await alice.wait(submission.id, timeout=30)).state == RequestState.COMPLETED

@@ -56,3 +56,13 @@ async def test_the_ollama_client_pulls_a_model_onto_every_instance_and_it_serves
     ) as alice:
         done = await alice.submit_and_wait(NEW_MODEL, "hello", wait_timeout=30)
     assert done.text
+
+    # The SDK's operator call: one instance, Ollama's lines, each naming the instance.
+    async with AsyncUsherClient(
+        stack.scheduler_address,
+        stack.notifier_address,
+        pool_address=stack.pool_address,
+        token="admin-token",
+    ) as operator:
+        steps = [s async for s in operator.admin.pull_model("gemma2:2b", "ollama-1")]
+    assert steps[-1].status == "success" and {s.instance for s in steps} == {"ollama-1"}
