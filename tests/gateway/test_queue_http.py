@@ -407,3 +407,32 @@ async def test_another_sites_page_is_refused(
     own = {**ALICE, "Origin": stack.gateway_url}
     async with session.post("/queue/requests", json=body, headers=own) as reply:
         assert reply.status == 202
+
+
+async def test_a_status_stream_survives_a_notifier_restart(
+    stack: LocalStack, session: aiohttp.ClientSession, services: Services
+) -> None:
+    """The gateway resumes its Notifier watch after the last event it passed on: the
+    browser's stream goes on, nothing lost, nothing twice."""
+    if stack.config.all_in_one:
+        pytest.skip("all in one process: the Notifier cannot restart without the gateway")
+    body, _ = await submit(session, "keep going", max_tokens=40)
+    events: list[SseEvent] = []
+    restarted = False
+    async with session.get(
+        f"/queue/requests/{body['id']}/events", params={"watch_token": body["watch_token"]}
+    ) as stream:
+        async for event in sse_events(stream):
+            events.append(event)
+            if not restarted and event.event == "message" and event.json()["text"]:
+                stack.notifiers[0].kill()  # mid-answer: the gateway's watch breaks
+                stack.start_notifier(0)
+                restarted = True
+            if event.event == "end":
+                break
+    assert restarted
+    assert events[-1].event == "end" and events[-1].json() == {}, events[-1]
+    ids = [e.id for e in events if e.id]
+    assert len(ids) == len(set(ids))
+    text = "".join(u["text"] for u in data_events(events))
+    assert text == (await services.get(body["id"])).result.text

@@ -319,24 +319,33 @@
     source.addEventListener("end", (event) => {
       source.close();
       const body = JSON.parse(event.data || "{}");
-      if (body.error && !c.done) finish({ state: "failed", message: body.error });
+      if (!body.error || c.done) return;
+      // The status service was away (5xx): the request itself goes on, watch again.
+      if ((body.status || 500) >= 500) rewatch();
+      else finish({ state: "failed", message: body.error });
     });
     source.onerror = () => {
       if (c.done || source.readyState !== EventSource.CLOSED) return;
       // The watch token expired (or the gateway restarted): a new one, then resume.
-      const delay = Math.min(15000, 500 * 2 ** c.retries++);
-      setTimeout(async () => {
-        try {
-          await api("POST", "/queue/watch-tokens", { request_id: c.id });
-        } catch (error) {
-          if (error.status === 403 || error.status === 404) {
-            finish({ state: "failed", message: error.message });
-            return;
-          }
-        }
-        if (!c.done) watch();
-      }, delay);
+      rewatch();
     };
+  }
+
+  function rewatch() {
+    const c = state.current;
+    const delay = Math.min(15000, 500 * 2 ** c.retries++);
+    setTimeout(async () => {
+      if (state.current !== c || c.done) return;
+      try {
+        await api("POST", "/queue/watch-tokens", { request_id: c.id });
+      } catch (error) {
+        if (error.status === 403 || error.status === 404) {
+          finish({ state: "failed", message: error.message });
+          return;
+        }
+      }
+      if (!c.done && state.current === c) watch();
+    }, delay);
   }
 
   function title(text) {
