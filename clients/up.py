@@ -31,7 +31,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ import yaml
 from rich.console import Console
 
 from usher.modelservers import Detection, probe_all
+from usher.testing.processes import port_is_free
 from usher.testing.stack import LocalStack, StackConfig
 
 __all__ = [
@@ -208,15 +208,6 @@ def try_it(
 # -- running ---------------------------------------------------------------------------------
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -242,12 +233,12 @@ def _stack_config(options: argparse.Namespace, fleet: Fleet, state_dir: Path) ->
     gateway_host, gateway_port = _split_listen(
         os.environ.get("USHER_GATEWAY_LISTEN", "").strip() or DEFAULT_GATEWAY_LISTEN
     )
-    if gateway_host in ("127.0.0.1", "localhost", "0.0.0.0") and not _port_is_free(gateway_port):
+    if gateway_host in ("127.0.0.1", "localhost", "0.0.0.0") and not port_is_free(gateway_port):
         raise FleetError(
             f"port {gateway_port} is in use: set USHER_GATEWAY_LISTEN=127.0.0.1:<another port>"
         )
     admin, service = _credentials(state_dir)
-    ports = {name: port for name, port in DEFAULT_PORTS.items() if _port_is_free(port)}
+    ports = {name: port for name, port in DEFAULT_PORTS.items() if port_is_free(port)}
     return StackConfig(
         state_dir=str(state_dir),
         redis_url=os.environ.get("USHER_REDIS_URL") or os.environ.get("REDIS_URL", ""),

@@ -1,35 +1,291 @@
-"""The Redis connection every service shares: bytes in and out, retries across restarts."""
+"""The Redis connection every service shares: bytes in and out, retries across restarts and
+failovers, and the topology (standalone, Sentinel, Cluster) chosen by one URL.
+
+``USHER_REDIS_URL`` forms:
+
+- ``redis://[user:password@]host:port/db`` and ``rediss://…`` (TLS): one server, through
+  redis-py's own URL parsing (every query option it knows works).
+- ``redis+sentinel://[user:password@]host:port[,host:port…]/SERVICE[/db]`` (and
+  ``rediss+sentinel://``): the primary Sentinel names for SERVICE, rediscovered after a
+  failover. The URL's credentials are the data nodes'; ``?sentinel_password=…`` (and
+  ``sentinel_username``) when the sentinels require their own.
+- ``redis+cluster://[user:password@]host:port[,host:port…]`` (and ``rediss+cluster://``):
+  a Redis Cluster from these seed nodes; slots are followed as they move.
+
+Every form takes ``?retry_seconds=N`` (how long one command keeps retrying while Redis is
+unreachable: a restart, an election) and the TLS options ``ssl_ca_certs``,
+``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``.
+"""
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["connect_redis"]
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    ReadOnlyError,
+    TimeoutError,
+)
+
+__all__ = [
+    "RedisTarget",
+    "connect_redis",
+    "is_cluster",
+    "parse_redis_url",
+    "redacted_redis_url",
+]
+
+Topology = Literal["standalone", "sentinel", "cluster"]
+
+#: How long a command retries by default: a standalone restart (AOF reload) is seconds; a
+#: Sentinel or Cluster election takes the failure-detection time plus a vote.
+DEFAULT_RETRY_SECONDS: Mapping[Topology, float] = {
+    "standalone": 5.0,
+    "sentinel": 30.0,
+    "cluster": 30.0,
+}
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_OWN_OPTIONS = ("retry_seconds", "sentinel_password", "sentinel_username", *_TLS_OPTIONS)
+_SCHEMES: Mapping[str, tuple[Topology, bool]] = {
+    "redis": ("standalone", False),
+    "rediss": ("standalone", True),
+    "unix": ("standalone", False),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """What one ``USHER_REDIS_URL`` names."""
+
+    topology: Topology
+    #: Standalone: the URL redis-py parses itself (without Usher's own options).
+    url: str = ""
+    #: Sentinel: the sentinels; Cluster: the seed nodes.
+    nodes: tuple[tuple[str, int], ...] = ()
+    #: Sentinel: the name of the monitored primary.
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_options: Mapping[str, str] = field(default_factory=dict)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    retry_seconds: float = 5.0
+
+
+def _bad(url: str, why: str) -> ValueError:
+    return ValueError(f"USHER_REDIS_URL {redacted_redis_url(url)!r}: {why}")
+
+
+def _nodes(url: str, netloc: str) -> tuple[tuple[str, int], ...]:
+    hosts = netloc.rsplit("@", 1)[-1]
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), "6379" if "cluster" in url.split(":", 1)[0] else "26379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad(url, f"{item!r} is not host:port")
+        nodes.append((host, int(port)))
+    return tuple(nodes)
+
+
+def _credentials(netloc: str) -> tuple[str | None, str | None]:
+    if "@" not in netloc:
+        return None, None
+    userinfo = netloc.rsplit("@", 1)[0]
+    user, sep, password = userinfo.partition(":")
+    if not sep:
+        return None, unquote(user) or None  # "redis://secret@host" is a bare password
+    return unquote(user) or None, unquote(password) or None
+
+
+def _retry_seconds(url: str, options: Mapping[str, str], topology: Topology) -> float:
+    raw = options.get("retry_seconds")
+    if raw is None:
+        return DEFAULT_RETRY_SECONDS[topology]
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise _bad(url, "retry_seconds must be a number of seconds") from None
+    if not 0 <= seconds <= 600:
+        raise _bad(url, "retry_seconds must be between 0 and 600")
+    return seconds
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The topology, nodes and credentials one URL names; ValueError naming what is wrong."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise _bad(url, f"scheme must be one of {', '.join(sorted(_SCHEMES))}")
+    topology, tls = _SCHEMES[scheme]
+    options = dict(parse_qsl(parts.query))
+    retry_seconds = _retry_seconds(url, options, topology)
+    if topology == "standalone":
+        rest = [(k, v) for k, v in parse_qsl(parts.query) if k != "retry_seconds"]
+        plain = urlunsplit(parts._replace(query=urlencode(rest)))
+        return RedisTarget("standalone", url=plain, tls=tls, retry_seconds=retry_seconds)
+    unknown = sorted(set(options) - set(_OWN_OPTIONS))
+    if unknown:
+        raise _bad(url, f"unknown option {unknown[0]!r}")
+    username, password = _credentials(parts.netloc)
+    path = [p for p in parts.path.split("/") if p]
+    service, db = "", 0
+    if topology == "sentinel":
+        if not path or len(path) > 2:
+            raise _bad(url, "a Sentinel URL names its service: redis+sentinel://h:p/SERVICE[/db]")
+        service = unquote(path[0])
+        if len(path) == 2:
+            if not path[1].isdigit():
+                raise _bad(url, "the database after the service must be a number")
+            db = int(path[1])
+    elif path and path != ["0"]:
+        raise _bad(url, "a Redis Cluster has database 0 only")
+    return RedisTarget(
+        topology,
+        nodes=_nodes(url, parts.netloc),
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        tls=tls,
+        tls_options={k: v for k, v in options.items() if k in _TLS_OPTIONS},
+        sentinel_username=options.get("sentinel_username"),
+        sentinel_password=options.get("sentinel_password"),
+        retry_seconds=retry_seconds,
+    )
+
+
+def redacted_redis_url(url: str) -> str:
+    """The URL with its password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, hosts = parts.netloc.rsplit("@", 1)
+    user = userinfo.partition(":")[0] if ":" in userinfo else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def _retry(seconds: float) -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.02), max(1, int(seconds / 0.25)))
+
+
+# A primary that was demoted answers writes with READONLY until clients follow the new one;
+# retrying (after the client rediscovers the primary) rides that out too.
+_RETRY_ON = [ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError]
+
+
+def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
+    if not target.tls:
+        return {}
+    return {"ssl": True, **target.tls_options}
+
+
+def _client_kwargs(target: RedisTarget, max_connections: int) -> dict[str, Any]:
+    """What every data-node connection gets, whichever topology."""
+    return {
+        "username": target.username,
+        "password": target.password,
+        "decode_responses": False,
+        "max_connections": max_connections,
+        "socket_connect_timeout": 2,
+        "socket_keepalive": True,
+        "retry": _retry(target.retry_seconds),
+        "retry_on_error": list(_RETRY_ON),
+        **_tls_kwargs(target),
+    }
+
+
+def _cluster(target: RedisTarget, max_connections: int) -> RedisCluster:
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        **_client_kwargs(target, max_connections),
+    )
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The primary Sentinel names, with the standalone pool's waiting for a free connection
+    instead of failing a burst."""
+
+
+def _sentinel(target: RedisTarget, max_connections: int) -> aioredis.Redis:
+    sentinel = Sentinel(
+        list(target.nodes),
+        sentinel_kwargs={
+            "username": target.sentinel_username,
+            "password": target.sentinel_password,
+            "socket_connect_timeout": 1,
+            "socket_timeout": 1,
+            **_tls_kwargs(target),
+        },
+        socket_connect_timeout=2,
+    )
+    return cast(
+        aioredis.Redis,
+        sentinel.master_for(
+            target.service,
+            connection_pool_class=_BlockingSentinelPool,
+            timeout=5,
+            db=target.db,
+            health_check_interval=10,
+            **_client_kwargs(target, max_connections),
+        ),
+    )
 
 
 def connect_redis(
-    url: str, retry_seconds: float = 5.0, max_connections: int = 64
+    url: str, retry_seconds: float | None = None, max_connections: int = 64
 ) -> aioredis.Redis:
-    """A client that rides out a short Redis restart (AOF reload) by retrying.
+    """A client for the topology ``url`` names that rides out a restart or failover by
+    retrying (``retry_seconds``, else the URL's ``retry_seconds``, else the topology's
+    default).
 
     Retrying is safe for Usher's writes because each script is idempotent in the request id
-    it is given (a repeated enqueue finds the request already there). The pool blocks (up to
-    5 s) rather than failing when every connection is busy, so a burst of calls queues
-    briefly instead of erroring.
+    it is given (a repeated enqueue finds the request already there). The standalone pool
+    blocks (up to 5 s) rather than failing when every connection is busy, so a burst of calls
+    queues briefly instead of erroring.
+
+    A Cluster client is returned typed as ``Redis``: it offers the same commands, pipelines
+    (split per node), scripts and pub/sub; code that must differ asks ``is_cluster``.
     """
-    attempts = max(1, int(retry_seconds / 0.25))
+    target = parse_redis_url(url)
+    if retry_seconds is not None:
+        target = replace(target, retry_seconds=retry_seconds)
+    if target.topology == "cluster":
+        return cast(aioredis.Redis, _cluster(target, max_connections))
+    if target.topology == "sentinel":
+        return _sentinel(target, max_connections)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
+        target.url,
         max_connections=max_connections,
         timeout=5,
         decode_responses=False,
         health_check_interval=10,
         socket_connect_timeout=2,
         socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), attempts),
-        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+        retry=_retry(target.retry_seconds),
+        retry_on_error=list(_RETRY_ON),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (keys of different slots cannot share a
+    command, a transaction or a blocking read)."""
+    return isinstance(client, RedisCluster)

@@ -174,6 +174,12 @@ class ModelKeys:
     events = property(lambda self: self._k("events"))
 
     @property
+    def wait_barrier(self) -> str:
+        """STRING written just before a Redis WAIT on a connection that wrote nothing else
+        to this model (a replica holding it holds every earlier write to the model)."""
+        return self.base + "wait-barrier"
+
+    @property
     def retired(self) -> str:
         """STRING set (with the keys' expiry) when the model left the fleet and its keys
         expire; enqueue persists them again when it sees it."""

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -27,6 +28,8 @@ from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.smoothing import ewma
 from usher.v1 import pool_pb2
+
+_REPLACE_HASH = (resources.files("services.pool") / "lua" / "replace_hash.lua").read_text()
 
 __all__ = ["InstanceState", "Registry", "health_after_check"]
 
@@ -283,10 +286,11 @@ class Registry:
         slots = self.capacity()
         now_ms = int(time.time() * 1000)
         offered = self.catalogue()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.POOL_CAPACITY)
-            if slots:
-                pipe.hset(keys.POOL_CAPACITY, mapping=dict(slots.items()))
+        flat: list[str | int] = [part for item in sorted(slots.items()) for part in item]
+        # Not a MULTI: its keys lie in different Cluster slots. Each key is written whole
+        # (the capacity hash replaced by one script), which is all readers rely on.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.eval(_REPLACE_HASH, 1, keys.POOL_CAPACITY, *flat)
             if offered:
                 pipe.hset(keys.POOL_CATALOGUE, mapping=dict.fromkeys(offered, now_ms))
             if any(

@@ -38,6 +38,8 @@ def queue_defaults(settings: SchedulerSettings) -> QueueDefaults:
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         priority_lead=settings.priority_lead,
         default_output_tokens=settings.default_output_tokens,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
 
 

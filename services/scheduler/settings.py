@@ -35,6 +35,9 @@ DEDUP_MODES = ("deterministic", "always", "off")
 @dataclass(frozen=True)
 class SchedulerSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Submit answers only once this many Redis replicas hold the request (WAIT); 0 = off.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     listen: str = "127.0.0.1:50051"
     tokens: Mapping[str, Principal] = field(default_factory=dict)
     #: Per-model defaults; each can be changed at runtime with UpdateQueueConfig.
@@ -83,6 +86,10 @@ class SchedulerSettings:
         redis_url = env_str("USHER_REDIS_URL", env_str("REDIS_URL", d.redis_url, env), env)
         settings = cls(
             redis_url=redis_url,
+            redis_wait_replicas=env_int("USHER_REDIS_WAIT_REPLICAS", d.redis_wait_replicas, env),
+            redis_wait_timeout_ms=env_int(
+                "USHER_REDIS_WAIT_TIMEOUT_MS", d.redis_wait_timeout_ms, env
+            ),
             listen=env_str("USHER_SCHEDULER_LISTEN", d.listen, env),
             tokens=load_token_map(env),
             max_queue_size=env_int("USHER_QUEUE_MAX_SIZE", d.max_queue_size, env),
@@ -139,6 +146,10 @@ class SchedulerSettings:
             problems.append("USHER_QUEUE_MAX_SIZE must be at least 1")
         if self.queue_timeout_seconds <= 0:
             problems.append("USHER_QUEUE_TIMEOUT_SECONDS must be positive")
+        if self.redis_wait_replicas < 0:
+            problems.append("USHER_REDIS_WAIT_REPLICAS must not be negative")
+        if self.redis_wait_timeout_ms < 1:
+            problems.append("USHER_REDIS_WAIT_TIMEOUT_MS must be at least 1")
         if self.max_attempts < 1:
             problems.append("USHER_MAX_ATTEMPTS must be at least 1")
         if self.retry_backoff_seconds < 0 or self.retry_backoff_max_seconds < 0:

@@ -27,6 +27,7 @@ from services.scheduler import eta, fairness
 from services.scheduler.eta import SERVICE_ALPHA, ModelAverages
 from services.scheduler.quotas import Footprint
 from usher import keys
+from usher.connections import is_cluster
 from usher.crypto import NullSealer
 from usher.errors import Unavailable
 from usher.keys import ModelKeys
@@ -91,6 +92,10 @@ class QueueDefaults:
     idempotency_ttl_seconds: int = 86_400
     priority_lead: float = fairness.DEFAULT_PRIORITY_LEAD
     default_output_tokens: float = 256.0
+    #: After an enqueue, WAIT until this many replicas hold it (0 = answer at once, as
+    #: Redis's asynchronous replication does); fewer within the timeout is UNAVAILABLE.
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +425,38 @@ class QueueStore:
         mk = ModelKeys(model)
         pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
 
+    def _queue_wait(self, pipe: Pipeline, model: str) -> None:
+        """WAIT on the connection that carried the model's script (WAIT counts replicas
+        that have this connection's writes): on a Cluster, the node serving the model."""
+        args = ("WAIT", self.defaults.wait_replicas, self.defaults.wait_timeout_ms)
+        if is_cluster(self.redis):
+            node = cast(Any, self.redis).get_node_from_key(ModelKeys(model).queue)
+            pipe.execute_command(*args, target_nodes=node)
+        else:
+            pipe.execute_command(*args)
+
+    async def _replicated(self, model: str) -> None:
+        """WAIT for what was written to the model's keys on other connections: a barrier
+        write on this one comes after them in the replication stream, so replicas holding
+        it hold them too."""
+        if not self.defaults.wait_replicas:
+            return
+
+        def build(pipe: Pipeline) -> None:
+            pipe.set(ModelKeys(model).wait_barrier, 1, px=self.defaults.wait_timeout_ms + 1000)
+            self._queue_wait(pipe, model)
+
+        self._check_replicated(int((await self._execute(build))[-1]))
+
+    def _check_replicated(self, acknowledged: int) -> None:
+        if acknowledged < self.defaults.wait_replicas:
+            # Stored on the primary but not yet on enough replicas: a failover now could
+            # lose it, so it is not promised. A retry with the same idempotency key finds it.
+            raise Unavailable(
+                f"the request was not yet replicated to {self.defaults.wait_replicas} Redis "
+                "replicas; retry with the same idempotency key"
+            )
+
     async def _execute(self, build: Callable[[Pipeline], None]) -> list[Any]:
         """Run a pipeline; if Redis lost its script cache (a restart), load and run it again.
         Every command in our pipelines is safe to repeat."""
@@ -470,8 +507,12 @@ class QueueStore:
         def build(pipe: Pipeline) -> None:
             self._index(pipe, prepared)
             self._queue_script(pipe, "enqueue", request.model, prepared.args)
+            if self.defaults.wait_replicas:
+                self._queue_wait(pipe, request.model)
 
         replies = await self._execute(build)
+        if self.defaults.wait_replicas:
+            self._check_replicated(int(replies.pop()))
         return await self._outcome(prepared, replies[-1])
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
@@ -509,6 +550,7 @@ class QueueStore:
                     replies = await pipe.execute()
                 except WatchError:
                     continue
+            await self._replicated(model)
             return [
                 await self._outcome(p, reply) for p, reply in zip(prepared, replies, strict=True)
             ]
@@ -685,7 +727,11 @@ class QueueStore:
         ids = ids[:limit]
         if not ids:
             return [], False
-        models = await self.redis.mget([keys.request_index(i) for i in ids])
+        # GETs in a pipeline, not MGET: the index keys lie in different Cluster slots.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.get(keys.request_index(request_id))
+            models = await pipe.execute()
         wanted = [(i, _decode(m)) for i, m in zip(ids, models, strict=True) if m]
 
         def build(pipe: Pipeline) -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ServiceProcess", "free_port", "wait_for_port"]
+__all__ = ["ServiceProcess", "free_port", "port_is_free", "wait_for_port"]
 
 
 def free_port() -> int:
@@ -18,6 +18,16 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on (or holds) ``port`` on loopback now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_for_port(

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from usher.testing.processes import free_port
@@ -41,11 +42,14 @@ class RedisServer:
         port: int | None = None,
         data_dir: str | None = None,
         appendfsync: str = "always",
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = os.path.abspath(data_dir or tempfile.mkdtemp(prefix="usher-redis-"))
         self.appendfsync = appendfsync
+        #: More redis-server options (cluster mode, replicaof, ...), as command-line words.
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,6 +78,7 @@ class RedisServer:
             "no",
             "--logfile",
             os.path.join(self.data_dir, "redis.log"),
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_ready(timeout)

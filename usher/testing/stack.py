@@ -13,6 +13,7 @@ from pathlib import Path
 from usher.emulator import EmulatorProcess
 from usher.testing.processes import ServiceProcess, free_port
 from usher.testing.redis_server import RedisServer
+from usher.testing.redis_topologies import LocalRedisCluster, LocalSentinel
 
 __all__ = ["DEFAULT_TOKENS", "LocalStack", "StackConfig"]
 
@@ -30,6 +31,9 @@ class StackConfig:
     #: Use this Redis instead of starting one.
     redis_url: str = ""
     redis_appendfsync: str = "everysec"
+    #: Without redis_url: "standalone" (one redis-server), "cluster" (3 primaries + 3
+    #: replicas) or "sentinel" (a primary, a replica, 3 sentinels), all on loopback.
+    redis_topology: str = "standalone"
     #: Real model servers (Ollama URLs); empty = start an emulated fleet.
     ollama_urls: Sequence[str] = ()
     emulator_args: Sequence[str] = ("--fleet", "2", "--tokens-per-second", "60", "--parallel", "2")
@@ -80,6 +84,8 @@ class LocalStack:
         self.config = config or StackConfig()
         self.state_dir = Path(self.config.state_dir or tempfile.mkdtemp(prefix="usher-stack-"))
         self.redis: RedisServer | None = None
+        #: The Cluster or Sentinel setup started for redis_topology.
+        self.redis_topology: LocalRedisCluster | LocalSentinel | None = None
         self.emulators: EmulatorProcess | None = None
         self.model_servers: list[EmulatorProcess] = []
         self.model_urls: list[str] = list(self.config.ollama_urls)
@@ -343,10 +349,7 @@ class LocalStack:
     def _start(self) -> LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
-            self.redis = RedisServer(
-                data_dir=str(self.state_dir / "redis"), appendfsync=self.config.redis_appendfsync
-            ).start()
-            self.redis_url = self.redis.url
+            self._start_redis()
         self.start_model_servers()
         if self.config.all_in_one:
             self.start_serve()
@@ -361,6 +364,25 @@ class LocalStack:
         for process in launched:
             process.ready()
         return self
+
+    def _start_redis(self) -> None:
+        fsync = self.config.redis_appendfsync
+        if self.config.redis_topology == "cluster":
+            self.redis_topology = LocalRedisCluster(appendfsync=fsync).start()
+            self.redis_url = self.redis_topology.url
+        elif self.config.redis_topology == "sentinel":
+            self.redis_topology = LocalSentinel(appendfsync=fsync).start()
+            self.redis_url = self.redis_topology.url
+        elif self.config.redis_topology == "standalone":
+            self.redis = RedisServer(
+                data_dir=str(self.state_dir / "redis"), appendfsync=fsync
+            ).start()
+            self.redis_url = self.redis.url
+        else:
+            raise ValueError(
+                f"redis_topology {self.config.redis_topology!r} is not one of "
+                "standalone, cluster, sentinel"
+            )
 
     def stop(self) -> None:
         # SIGTERM to every service at once, then wait: each drains for its grace period
@@ -378,6 +400,8 @@ class LocalStack:
             server.terminate()
         if self.redis is not None:
             self.redis.stop()
+        if self.redis_topology is not None:
+            self.redis_topology.stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()
