@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -82,6 +83,15 @@ async def submit_until(
                     await asyncio.sleep(0.05)
 
 
+async def grown(accepted: list[str], by: int, timeout: float = 60.0) -> None:
+    """Wait until ``by`` more submits were accepted."""
+    target = len(accepted) + by
+    deadline = time.monotonic() + timeout
+    while len(accepted) < target:
+        assert time.monotonic() < deadline, f"only {len(accepted)} of {target} accepted"
+        await asyncio.sleep(0.02)
+
+
 async def assert_all_present(redis_url: str, ids: list[str]) -> None:
     client = connect_redis(redis_url)
     try:
@@ -109,11 +119,12 @@ async def test_sigkill_the_scheduler_mid_load_loses_nothing(
             asyncio.create_task(submit_until(port, stop, accepted, refused, w)) for w in range(8)
         ]
         for _round in range(3):
-            await asyncio.sleep(0.4 + random.random() * 0.3)
+            # Kill only while submits are flowing (a busy machine is slower to accept).
+            await grown(accepted, by=30 + random.randrange(10))
             process.kill()  # SIGKILL mid-load
             await asyncio.sleep(0.2)
             process = scheduler_process(own_redis.url, port, log).start()
-        await asyncio.sleep(0.3)
+        await grown(accepted, by=15)
         stop.set()
         await asyncio.gather(*load)
         assert len(accepted) > 100
