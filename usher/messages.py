@@ -17,13 +17,16 @@ __all__ = [
     "LONG_QUEUE_LENGTH",
     "LONG_QUEUE_PROMPT",
     "TIMEOUT_PROMPT",
+    "TIMEOUT_PROMPT_SHARE",
     "UNAVAILABLE_NOTICE",
     "duration_phrase",
+    "fallback_prompt",
     "position_message",
     "progress_message",
     "ready_message",
     "request_message",
     "suggestion_message",
+    "switch_offered",
     "wait_phrase",
 ]
 
@@ -100,6 +103,40 @@ _EXTERNAL_NOTICES = {
 def suggestion_message(model: str) -> str:
     """A model picker's hint when another model (or the external provider) is quicker."""
     return f"Consider {model} for faster results"
+
+
+#: Share of its queue timeout a request may wait before the "taking longer" prompt.
+TIMEOUT_PROMPT_SHARE = 0.5
+
+
+def switch_offered(request: request_pb2.LlmRequest, external_available: bool) -> bool:
+    """The user may still move this request to the external provider."""
+    return (
+        external_available
+        and request.state == request_pb2.REQUEST_STATE_QUEUED
+        and request.route != request_pb2.ROUTE_EXTERNAL
+        and request.fallback_policy != request_pb2.FALLBACK_POLICY_LOCAL_ONLY
+    )
+
+
+def fallback_prompt(request: request_pb2.LlmRequest, external_available: bool, now: float) -> str:
+    """The product's prompt for this moment, or "": a wait past half of what the queue
+    allows, a long queue (8+ requests), or (already on its way out) the switch notice."""
+    if (
+        request.route == request_pb2.ROUTE_EXTERNAL
+        and request.state == request_pb2.REQUEST_STATE_QUEUED
+    ):
+        return _EXTERNAL_NOTICES.get(request.route_reason, UNAVAILABLE_NOTICE)
+    if not switch_offered(request, external_available):
+        return ""
+    created = request.created_at.ToMilliseconds() if request.HasField("created_at") else 0
+    waited = max(0.0, now - created / 1000) if created else 0.0
+    allowed = request.queue_timeout.ToMilliseconds() / 1000
+    if allowed > 0 and waited >= allowed * TIMEOUT_PROMPT_SHARE:
+        return TIMEOUT_PROMPT
+    if request.position.queue_length >= LONG_QUEUE_LENGTH:
+        return LONG_QUEUE_PROMPT
+    return ""
 
 
 def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: float = 0.0) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway.translation import openai_usage, queue_wait_ms
+from services.gateway.translation import openai_usage
 from usher import messages
 from usher.v1 import notifier_pb2, pool_pb2, request_pb2
 
@@ -46,8 +46,6 @@ _LEVELS = {
     K.QUEUE_LEVEL_MEDIUM: "medium",
     K.QUEUE_LEVEL_LONG: "long",
 }
-#: Share of its queue timeout a request may wait before the "taking longer" prompt.
-_TIMEOUT_PROMPT_SHARE = 0.5
 
 
 _TERMINAL = frozenset(
@@ -115,12 +113,7 @@ def queued_comment(request: request_pb2.LlmRequest | None) -> str:
 
 def switch_offered(request: request_pb2.LlmRequest, fleet: Fleet) -> bool:
     """The user may still move this request to the external provider."""
-    return (
-        fleet.external
-        and request.state == R.REQUEST_STATE_QUEUED
-        and request.route != R.ROUTE_EXTERNAL
-        and request.fallback_policy != R.FALLBACK_POLICY_LOCAL_ONLY
-    )
+    return messages.switch_offered(request, fleet.external)
 
 
 def fallback_prompt(request: request_pb2.LlmRequest, fleet: Fleet, now: float) -> str:
@@ -129,15 +122,7 @@ def fallback_prompt(request: request_pb2.LlmRequest, fleet: Fleet, now: float) -
     the external provider (not said when the user chose to switch)."""
     if request.route == R.ROUTE_EXTERNAL and request.state == R.REQUEST_STATE_QUEUED:
         return messages.UNAVAILABLE_NOTICE if request.model not in fleet.local_models else ""
-    if not switch_offered(request, fleet):
-        return ""
-    waited = queue_wait_ms(request, now) / 1000
-    allowed = _seconds(request.queue_timeout)
-    if allowed > 0 and waited >= allowed * _TIMEOUT_PROMPT_SHARE:
-        return messages.TIMEOUT_PROMPT
-    if request.position.queue_length >= messages.LONG_QUEUE_LENGTH:
-        return messages.LONG_QUEUE_PROMPT
-    return ""
+    return messages.fallback_prompt(request, fleet.external, now)
 
 
 def request_json(

@@ -15,6 +15,7 @@ from typing import cast
 
 from services.notifier import updates
 from services.scheduler.store import QueueStore
+from usher import keys
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.v1 import notifier_pb2
@@ -44,6 +45,9 @@ class BadgeBoard:
         #: Models someone asked for by name (with how many watchers), badged even before
         #: their first request: a picker shows every model it offers.
         self._named: Counter[str] = Counter()
+        #: Some Pool sees a healthy external provider (usher.keys.POOL_EXTERNAL): requests
+        #: may be offered the switch.
+        self.external_available = False
 
     def subscribe(self, models: Sequence[str] = ()) -> asyncio.Event:
         event = asyncio.Event()
@@ -72,7 +76,10 @@ class BadgeBoard:
             for model in models:
                 pipe.zcard(ModelKeys(model).queue)
                 pipe.zcard(ModelKeys(model).leases)
-            counts = cast(list[int], await pipe.execute())
+            pipe.exists(keys.POOL_EXTERNAL)
+            *replies, external = await pipe.execute()
+        counts = cast(list[int], replies)
+        self.external_available = bool(external)
         fresh: dict[str, notifier_pb2.QueueBadge] = {}
         for i, model in enumerate(models):
             averages, parallel = await self.store.model_averages(model)

@@ -12,7 +12,7 @@ from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout, PositionUpdate, Update
 from services.scheduler import records
 from services.scheduler.store import QueueStore, StoredRequest
-from usher import metrics
+from usher import messages, metrics
 from usher.auth import SERVICE_ROLE, Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from usher.grpc_types import Context
@@ -153,7 +153,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                         and shown.position.queue_length == item.queue_length
                     ):
                         continue
-                    response, cursor.view = _position_response(item)
+                    response, cursor.view = _position_response(item, self.board.external_available)
                     _count(K.UPDATE_KIND_POSITION)
                     yield response
                     continue
@@ -194,6 +194,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             text_delta=text,
             completion_tokens=tokens,
             progress=updates.progress_fraction(tokens, cursor.expected) if tokens else 0.0,
+            external=self.board.external_available,
         )
         _count(kind)
         return response
@@ -246,7 +247,13 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             memo.get(("response", cursor.tokens)) if update.read else None
         )
         if shared is None:
-            shared = _response(kind, view, update.eid, completion_tokens=cursor.tokens)
+            shared = _response(
+                kind,
+                view,
+                update.eid,
+                completion_tokens=cursor.tokens,
+                external=self.board.external_available,
+            )
             if update.read:
                 memo[("response", cursor.tokens)] = shared
         _count(kind)
@@ -323,8 +330,13 @@ def _response(
     text_delta: str = "",
     completion_tokens: int = 0,
     progress: float = 0.0,
+    external: bool = False,
 ) -> notifier_pb2.WatchResponse:
+    now = time.time()
     response = notifier_pb2.WatchResponse(
+        prompt=messages.fallback_prompt(request, external, now)
+        if request.state == request_pb2.REQUEST_STATE_QUEUED
+        else "",
         event_id=event_id,
         kind=kind,  # type: ignore[arg-type]
         request=request,
@@ -333,12 +345,12 @@ def _response(
         completion_tokens=completion_tokens,
         progress=progress,
     )
-    response.at.FromMilliseconds(int(time.time() * 1000))
+    response.at.FromMilliseconds(int(now * 1000))
     return response
 
 
 def _position_response(
-    update: PositionUpdate,
+    update: PositionUpdate, external: bool
 ) -> tuple[notifier_pb2.WatchResponse, request_pb2.LlmRequest]:
     """A POSITION update and the view it shows, built once for all the request's watchers."""
     built = update.memo.get("response")
@@ -351,7 +363,10 @@ def _position_response(
             queue_length=update.queue_length,
         )
         view = records.to_proto(stored, averages, parallel)
-        built = update.memo["response"] = (_response(K.UPDATE_KIND_POSITION, view), view)
+        built = update.memo["response"] = (
+            _response(K.UPDATE_KIND_POSITION, view, external=external),
+            view,
+        )
     return cast(tuple[notifier_pb2.WatchResponse, request_pb2.LlmRequest], built)
 
 

@@ -84,6 +84,28 @@ async def test_the_operator_sets_default_fallback_policies_per_model_and_tenant(
     )
 
 
+async def test_a_long_queue_offers_the_external_provider_to_those_who_may_switch(
+    stack: LocalStack, admin: scheduler_pb2_grpc.SchedulerAdminServiceAsyncStub
+) -> None:
+    model = "qwen2.5:0.5b"  # its default policy is AFTER_TIMEOUT (the first test)
+    await admin.PauseQueue(
+        scheduler_pb2.PauseQueueRequest(model=model, paused=True), metadata=ADMIN
+    )
+    try:
+        async with client(stack, "alice") as alice:
+            queued = [await alice.submit(model, f"in line {i}") for i in range(8)]
+            kept = await alice.submit(model, "mine stays local", fallback="local_only")
+            await asyncio.sleep(1.5)  # the Notifier's badge pass sees the external provider
+            first = await anext(aiter(alice.watch(queued[-1].id, timeout=10)))
+            local = await anext(aiter(alice.watch(kept.id, timeout=10)))
+        assert first.raw.prompt == messages.LONG_QUEUE_PROMPT
+        assert local.raw.prompt == ""  # a local-only request is never offered the switch
+    finally:
+        await admin.PauseQueue(
+            scheduler_pb2.PauseQueueRequest(model=model, paused=False), metadata=ADMIN
+        )
+
+
 async def test_with_no_local_instance_requests_go_to_the_external_provider_and_are_told_so(
     stack: LocalStack, admin: scheduler_pb2_grpc.SchedulerAdminServiceAsyncStub
 ) -> None:

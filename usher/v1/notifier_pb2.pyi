@@ -138,6 +138,7 @@ class WatchResponse(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Resume token; empty for position updates (they are recomputed, not replayed)."""
     kind: Global___UpdateKind.ValueType
@@ -148,6 +149,13 @@ class WatchResponse(_message.Message):
     completion_tokens: _builtins.int
     progress: _builtins.float
     """Estimated fraction of the output produced, 0..1."""
+    prompt: _builtins.str
+    """The product's offer or notice for this moment, empty when none: "Queue is longer than
+    usual (8+ requests). Switch to external provider for faster results?", "Local
+    processing is taking longer than expected. Would you like to use an external provider
+    instead?" (only while the request may still switch and a provider is up), or why it is
+    on its way to the external provider ("Local models are temporarily unavailable...").
+    """
     @_builtins.property
     def request(self) -> _request_pb2.LlmRequest:
         """The request as it stands after this update (position, ETA, result when done)."""
@@ -165,10 +173,11 @@ class WatchResponse(_message.Message):
         completion_tokens: _builtins.int = ...,
         progress: _builtins.float = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        prompt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "completion_tokens", b"completion_tokens", "event_id", b"event_id", "kind", b"kind", "message", b"message", "progress", b"progress", "request", b"request", "text_delta", b"text_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "completion_tokens", b"completion_tokens", "event_id", b"event_id", "kind", b"kind", "message", b"message", "progress", b"progress", "prompt", b"prompt", "request", b"request", "text_delta", b"text_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
