@@ -5,6 +5,9 @@ stack's processes spend meanwhile (CPU seconds, resident memory)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ __all__ = [
     "auth",
     "closed_loop",
     "emulator_stats",
+    "http_chat",
     "http_client",
     "http_generate",
     "rss_mb",
@@ -226,3 +230,46 @@ def http_client(concurrency: int) -> httpx.AsyncClient:
     """One keep-alive connection per worker."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     return httpx.AsyncClient(timeout=60, limits=limits)
+
+
+def http_chat(
+    client: httpx.AsyncClient, url: str, with_token: bool, api_key: str = ""
+) -> Call:
+    """OpenAI's ``POST /v1/chat/completions`` (stream false) at ``url``: a gateway or a peer
+    (LiteLLM, ollama-herd), as one of the demo tenants by worker when ``with_token``, else
+    with ``api_key`` if given."""
+
+    async def call(worker: int, n: int) -> bool:
+        user = USERS[worker % len(USERS)]
+        key = f"{user}-token" if with_token else api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt(worker, n)}]}
+        try:
+            reply = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    return call
+
+
+async def _child(url: str, concurrency: int, seconds: float, pids: dict[str, int]) -> None:
+    async with http_client(concurrency) as http:
+        call = http_chat(http, url, with_token=False)
+        await closed_loop(call, min(8, concurrency), 1.5)  # warm up
+        load = await closed_loop(call, concurrency, seconds, pids)
+    print(json.dumps(dataclasses.asdict(load)))
+
+
+if __name__ == "__main__":
+    # ``python -m bench.load URL CONCURRENCY SECONDS [NAME=PID ...]``: one closed loop of
+    # OpenAI chat calls, its Load as JSON on stdout (run inside another network namespace).
+    _url, _concurrency, _seconds, *_pids = sys.argv[1:]
+    asyncio.run(
+        _child(
+            _url,
+            int(_concurrency),
+            float(_seconds),
+            {k: int(v) for k, _, v in (p.partition("=") for p in _pids)},
+        )
+    )

@@ -7,7 +7,11 @@ process). Ways in, interleaved at concurrency 1 and 32:
 * **trio**: gRPC Submit, then Watch on the Notifier until COMPLETED;
 * **gateway**: the same Ollama call to the trio's HTTP gateway (gateway → Scheduler → Pool
   → emulator, the answer back through the Notifier);
-* **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process).
+* **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process);
+* **serve_openai**: OpenAI's ``POST /v1/chat/completions`` to ``usher serve``'s gateway;
+* **litellm**, **herd**: the same OpenAI call through the peers (``bench/peers.py``: LiteLLM's
+  proxy with one worker, ollama-herd's router and node agent), each at a pinned version in
+  its own venv; a peer that cannot be installed or started is reported with the reason.
 
 Reported per path and concurrency: requests/s, p50/p95/p99 latency, and CPU ms per request of
 every process; the ratios to direct and the latency added. Every process shares the
@@ -15,23 +19,34 @@ machine's cores, so throughput is bounded by the CPU each request costs in all o
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from typing import Any, cast
 
 import redis
 
-from bench import plots
-from bench.load import Call, Load, Trio, closed_loop, http_client, http_generate, stack_pids
+from bench import peers, plots
+from bench.load import (
+    MODEL,
+    Call,
+    Load,
+    Trio,
+    closed_loop,
+    http_chat,
+    http_client,
+    http_generate,
+    stack_pids,
+)
 from bench.stats import goal
 from usher.testing.stack import LocalStack, StackConfig
 
-PATHS = ("direct", "trio", "gateway", "serve")
-#: The paths through Usher (each compared with direct).
-USHER_PATHS = PATHS[1:]
+PATHS = ("direct", "trio", "gateway", "serve", "serve_openai")
+PEERS = ("litellm", "herd")
 CONCURRENCY = (1, 32)
 #: Seconds of measurement per (path, concurrency): the direct path is steady sooner.
 SECONDS = {
-    1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0, "serve": 5.0},
-    32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0, "serve": 8.0},
+    1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0, "serve": 5.0, "serve_openai": 5.0},
+    32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0, "serve": 8.0, "serve_openai": 8.0},
 }
 GOAL_REQUESTS_PER_SECOND = 1000.0
 GOAL_ADDED_P50_MS = 3.0
@@ -79,7 +94,9 @@ def redis_work_per_request(
     }
 
 
-async def measure() -> tuple[dict[int, dict[str, Load]], dict[str, dict[str, float]]]:
+async def measure() -> tuple[
+    dict[int, dict[str, Load]], dict[str, dict[str, float]], dict[str, str]
+]:
     """Every path at every concurrency, and Redis's work per request of each path through
     Usher at the highest concurrency."""
     loads: dict[int, dict[str, Load]] = {c: {} for c in CONCURRENCY}
@@ -94,6 +111,7 @@ async def measure() -> tuple[dict[int, dict[str, Load]], dict[str, dict[str, flo
                 "trio": (stack, trio),
                 "gateway": (stack, http_generate(http, stack.gateway_url, with_token=True)),
                 "serve": (serve, http_generate(http, serve.gateway_url, with_token=True)),
+                "serve_openai": (serve, http_chat(http, serve.gateway_url, with_token=True)),
             }
             # Warm up: connections, script caches, the model load, the averages.
             for _, call in calls.values():
@@ -114,20 +132,56 @@ async def measure() -> tuple[dict[int, dict[str, Load]], dict[str, dict[str, flo
         await trio.aclose()
         for counter in counters.values():
             counter.close()
-    return loads, redis_work
+        unavailable = await measure_peers(stack.model_urls[0], loads)
+    return loads, redis_work, unavailable
+
+
+async def measure_peers(upstream: str, loads: dict[int, dict[str, Load]]) -> dict[str, str]:
+    """Each peer at every concurrency (into ``loads``); the reason for each one missing."""
+    unavailable: dict[str, str] = {}
+    failures = (peers.PeerUnavailable, OSError, subprocess.SubprocessError)
+    try:
+        with peers.litellm(upstream, MODEL) as (url, key, pids):
+            async with http_client(max(CONCURRENCY)) as http:
+                call = http_chat(http, url, with_token=False, api_key=key)
+                await closed_loop(call, 8, 1.5)  # warm up
+                for concurrency in CONCURRENCY:
+                    seconds = SECONDS[concurrency]["serve"]
+                    loads[concurrency]["litellm"] = await closed_loop(
+                        call, concurrency, seconds, pids
+                    )
+    except failures as exc:
+        unavailable["litellm"] = str(exc)
+    try:
+        with peers.herd() as (namespace, url, pids):
+            for concurrency in CONCURRENCY:
+                loads[concurrency]["herd"] = await asyncio.to_thread(
+                    peers.load_in_namespace,
+                    namespace,
+                    url,
+                    concurrency,
+                    SECONDS[concurrency]["serve"],
+                    pids,
+                )
+    except failures as exc:
+        unavailable["herd"] = str(exc)
+    return unavailable
 
 
 def summarize(
-    loads: dict[int, dict[str, Load]], redis_work: dict[str, dict[str, float]]
+    loads: dict[int, dict[str, Load]],
+    redis_work: dict[str, dict[str, float]],
+    unavailable: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     summary: dict[str, Any] = {
         f"{path}_redis_per_request": work for path, work in redis_work.items()
     }
+    summary["peers_unavailable"] = dict(unavailable or {})
     for concurrency, by_path in loads.items():
         figures = {path: load.figures() for path, load in by_path.items()}
         direct = figures["direct"]
         section: dict[str, Any] = dict(figures)
-        for path in USHER_PATHS:
+        for path in [p for p in by_path if p != "direct"]:
             section[f"{path}_over_direct_rps"] = (
                 figures[path]["requests_per_second"] / direct["requests_per_second"]
             )
@@ -159,6 +213,18 @@ def summarize(
             _usher_cpu_ms(summary[top]["gateway"]), GOAL_TRIO_CPU_MS, at_most=True
         ),
     }
+    if "herd" in summary[top] and "herd" in summary[one]:
+        # Issue 17: all in one, added p50 at c=1 no more than herd's, c=32 throughput as high.
+        summary["goals"][f"serve_added_p50_ms_{one}_vs_herd"] = goal(
+            summary[one]["serve_openai_added_ms"]["p50"],
+            summary[one]["herd_added_ms"]["p50"],
+            at_most=True,
+        )
+        summary["goals"][f"serve_requests_per_second_{top}_vs_herd"] = goal(
+            summary[top]["serve_openai"]["requests_per_second"],
+            summary[top]["herd"]["requests_per_second"],
+            at_most=False,
+        )
     summary["note"] = (
         "closed loop, emulator in zero-delay mode (8 tokens); cpu_ms_per_request counts every "
         "process of the stack and this client, all on the same cores; at c=32 the direct path "
@@ -174,39 +240,40 @@ def plot(loads: dict[int, dict[str, Load]], saved: list[str]) -> None:
         "overhead",
         len(CONCURRENCY),
         3,
-        size=(17, 4.5 * len(CONCURRENCY)),
+        size=(20, 4.5 * len(CONCURRENCY)),
         title="Usher's overhead: the model server directly vs through the trio, its gateway, "
         "and usher serve",
         saved=saved,
     ) as axes:
         for row, concurrency in enumerate(CONCURRENCY):
             by_path = loads[concurrency]
+            paths = list(by_path)
             rps, latency, cpu = axes[3 * row : 3 * row + 3]
             plots.bars(
                 rps,
-                PATHS,
-                {"requests/s": [by_path[p].requests_per_second for p in PATHS]},
+                paths,
+                {"requests/s": [by_path[p].requests_per_second for p in paths]},
                 ylabel="requests/s",
                 title=f"throughput, concurrency {concurrency}",
                 fmt="{:.0f}",
             )
-            figures = {p: by_path[p].figures(cpu=False) for p in PATHS}
+            figures = {p: by_path[p].figures(cpu=False) for p in paths}
             plots.bars(
                 latency,
-                PATHS,
-                {q: [figures[p][f"{q}_ms"] for p in PATHS] for q in ("p50", "p99")},
+                paths,
+                {q: [figures[p][f"{q}_ms"] for p in paths] for q in ("p50", "p99")},
                 ylabel="latency (ms)",
                 title=f"latency, concurrency {concurrency}",
                 fmt="{:.1f}",
             )
-            processes = sorted({name for p in PATHS for name in by_path[p].cpu})
-            bottom = [0.0] * len(PATHS)
+            processes = sorted({name for p in paths for name in by_path[p].cpu})
+            bottom = [0.0] * len(paths)
             for name in processes:
                 per_request = [
                     by_path[p].cpu.get(name, 0.0) * 1000 / max(1, len(by_path[p].latencies))
-                    for p in PATHS
+                    for p in paths
                 ]
-                cpu.bar(PATHS, per_request, 0.6, bottom=bottom, label=name)
+                cpu.bar(paths, per_request, 0.6, bottom=bottom, label=name)
                 bottom = [b + v for b, v in zip(bottom, per_request, strict=True)]
             for x, total in enumerate(bottom):
                 cpu.annotate(f"{total:.2f}", (x, total), ha="center", va="bottom", fontsize=8)
@@ -216,8 +283,8 @@ def plot(loads: dict[int, dict[str, Load]], saved: list[str]) -> None:
 
 
 async def run() -> dict[str, Any]:
-    loads, redis_work = await measure()
-    summary = summarize(loads, redis_work)
+    loads, redis_work, unavailable = await measure()
+    summary = summarize(loads, redis_work, unavailable)
     saved: list[str] = []
     plot(loads, saved)
     summary["plots"] = saved

@@ -1,7 +1,9 @@
 """Where the Scheduler, Pool and Notifier spend their CPU under load: py-spy samples each
 process while the gRPC trio serves a closed loop at concurrency 32 (the overhead scenario's
-stack). Raw profiles land in ``bench/results/profile-<process>.txt``; the summary ranks
-functions by self and inclusive share of the non-idle samples.
+stack), then the one ``usher serve`` process while its HTTP gateway serves the same load
+(Ollama's ``POST /api/generate``). Raw profiles land in
+``bench/results/profile-<process>.txt``; the summary ranks functions by self and inclusive
+share of the non-idle samples.
 
 ``python -m bench.profile_bench FILE...`` summarizes raw py-spy files again."""
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import Trio, closed_loop, stack_pids
+from bench.load import Call, Trio, closed_loop, http_client, http_generate, stack_pids
 from bench.overhead_bench import stack_config
 from bench.stats import RESULTS, relative
 from usher.testing.stack import LocalStack
@@ -95,6 +97,40 @@ def _py_spy() -> str | None:
     return spy if Path(spy).exists() else None
 
 
+async def _record(
+    spy: str, call: Call, pids: dict[str, int], targets: dict[str, int]
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """py-spy on ``targets`` while ``call`` runs at CONCURRENCY: the load's figures and
+    the raw profile of each target."""
+    outputs = {name: RESULTS / f"profile-{name}.txt" for name in targets}
+    await closed_loop(call, 8, 2.0)  # warm up
+    load = asyncio.create_task(closed_loop(call, CONCURRENCY, SECONDS + 3, pids))
+    await asyncio.sleep(1.5)
+    spies = [
+        await asyncio.create_subprocess_exec(
+            spy,
+            "record",
+            "--nonblocking",
+            "-r",
+            str(PROFILE_RATE),
+            "-d",
+            str(SECONDS),
+            "-f",
+            "raw",
+            "-o",
+            str(outputs[name]),
+            "--pid",
+            str(pid),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for name, pid in targets.items()
+    ]
+    await asyncio.gather(*(s.wait() for s in spies))
+    result = await load
+    return {"concurrency": CONCURRENCY, **result.figures()}, outputs
+
+
 async def run() -> dict[str, Any]:
     spy = _py_spy()
     if spy is None:
@@ -102,35 +138,17 @@ async def run() -> dict[str, Any]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with LocalStack(dataclasses.replace(stack_config(), gateway=False)) as stack:
         pids = stack_pids(stack)
-        targets = {name: pids[name] for name in ("scheduler", "pool", "notifier")}
-        outputs = {name: RESULTS / f"profile-{name}.txt" for name in targets}
         trio = Trio(stack)
-        await closed_loop(trio, 8, 2.0)  # warm up
-        load = asyncio.create_task(closed_loop(trio, CONCURRENCY, SECONDS + 3, pids))
-        await asyncio.sleep(1.5)
-        spies = [
-            await asyncio.create_subprocess_exec(
-                spy,
-                "record",
-                "--nonblocking",
-                "-r",
-                str(PROFILE_RATE),
-                "-d",
-                str(SECONDS),
-                "-f",
-                "raw",
-                "-o",
-                str(outputs[name]),
-                "--pid",
-                str(pid),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            for name, pid in targets.items()
-        ]
-        await asyncio.gather(*(s.wait() for s in spies))
-        result = await load
+        trio_load, outputs = await _record(
+            spy, trio, pids, {name: pids[name] for name in ("scheduler", "pool", "notifier")}
+        )
         await trio.aclose()
+    with LocalStack(stack_config(all_in_one=True)) as serve:
+        pids = stack_pids(serve)
+        async with http_client(CONCURRENCY) as http:
+            call = http_generate(http, serve.gateway_url, with_token=True)
+            serve_load, serve_outputs = await _record(spy, call, pids, {"serve": pids["serve"]})
+    outputs.update(serve_outputs)
     processes: dict[str, Any] = {}
     for name, path in outputs.items():
         if not path.exists():
@@ -145,7 +163,8 @@ async def run() -> dict[str, Any]:
             "raw": relative(path),
         }
     return {
-        "load": {"concurrency": CONCURRENCY, **result.figures()},
+        "load": trio_load,
+        "serve_load": serve_load,
         "processes": processes,
         "note": f"py-spy --nonblocking, {PROFILE_RATE} Hz, {SECONDS} s, while the trio serves "
         "the load (3 samplers running); shares of non-idle samples; 'Thread.run' leaves are "
