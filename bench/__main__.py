@@ -26,6 +26,7 @@ from bench import (
     real_bench,
     routing_bench,
     scale_bench,
+    streaming_bench,
     submit_bench,
     watchers_bench,
 )
@@ -36,6 +37,7 @@ Scenario = Callable[[], Coroutine[Any, Any, dict[str, Any]]]
 #: What ``make bench`` runs, in this order.
 SUITE: dict[str, Scenario] = {
     "overhead": overhead_bench.run,
+    "streaming": streaming_bench.run,
     "fleet": fleet_bench.run,
     "fairness": fairness_bench.run,
     "eta": eta_bench.run,

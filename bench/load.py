@@ -29,6 +29,7 @@ __all__ = [
     "Trio",
     "auth",
     "closed_loop",
+    "cpu_seconds",
     "emulator_stats",
     "http_chat",
     "http_client",
@@ -232,9 +233,7 @@ def http_client(concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=60, limits=limits)
 
 
-def http_chat(
-    client: httpx.AsyncClient, url: str, with_token: bool, api_key: str = ""
-) -> Call:
+def http_chat(client: httpx.AsyncClient, url: str, with_token: bool, api_key: str = "") -> Call:
     """OpenAI's ``POST /v1/chat/completions`` (stream false) at ``url``: a gateway or a peer
     (LiteLLM, ollama-herd), as one of the demo tenants by worker when ``with_token``, else
     with ``api_key`` if given."""
