@@ -8,7 +8,10 @@ figures isolate the ordering, not the model server.
    first: the light tenant's floor is its solo latency plus the expected wait for the first
    of the busy slots to free, computed for the same service-time distribution.
 2. **Jain's index** of served tokens among three backlogged tenants under FIFO, fair
-   queuing, and fair queuing with priority classes (heavy BATCH, light HIGH)."""
+   queuing, and fair queuing with priority classes (heavy BATCH, light HIGH).
+3. **the full path** (``bench/fairness_path.py``): the light tenant alone and under a
+   heavy flood through the HTTP gateway, the trio or ``usher serve``, and an emulated
+   model server (2 slots, ~50 ms per request). Goal (issue 17): at most 1.3 times alone."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import plots
+from bench.fairness_path import full_path
 from bench.stats import goal, latency_ms, percentile
 from services.scheduler.store import FinishedWork, Lease, NewRequest, QueueDefaults, QueueStore
 from usher.connections import connect_redis
@@ -32,6 +36,7 @@ from usher.v1 import request_pb2, scheduler_pb2
 MODEL = "llama3.2"
 SLOTS = 4
 GOAL_LIGHT_RATIO = 1.2
+GOAL_FULL_PATH_RATIO = 1.3
 
 # ---- the dispatcher the bench plays ---------------------------------------------------------
 
@@ -362,15 +367,23 @@ async def run() -> dict[str, Any]:
         shares = {mode: await jain_run(redis.url, mode) for mode in MODES}
     floor = first_free_waits(SLOTS, service_time)
     light_figures = light_summary(light, floor)
+    path = await full_path()
     saved: list[str] = []
     plot(shares, light, floor, saved)
     return {
         "light_tenant": light_figures,
         "jain": jain_summary(shares),
+        "full_path": path,
         "goals": {
             "light_latency_ratio_fair": goal(
                 light_figures["latency_ratio_fair"], GOAL_LIGHT_RATIO, at_most=True
             ),
+            **{
+                f"full_path_light_ratio_{shape}": goal(
+                    figures["latency_ratio_p50"], GOAL_FULL_PATH_RATIO, at_most=True
+                )
+                for shape, figures in path.items()
+            },
         },
         "note": "light: latency = wait + service, ratios of p50 latency to the light tenant "
         "alone; jain: over tokens served to the three backlogged tenants in the window; "

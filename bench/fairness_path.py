@@ -1,0 +1,96 @@
+"""Fairness through the whole path: the HTTP gateway → Usher (the trio, then ``usher serve``)
+→ an emulated Ollama with 2 slots and about 50 ms of generation per request. A light
+tenant (carol, another organization) sends LIGHT requests one after another, alone and
+while a heavy tenant (alice) keeps FLOOD requests in flight; the ratio of its p50 latency
+under the flood to alone is what the hand-offs between a slot freeing and the next fair
+request starting cost on top of the non-preemptive floor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from bench.stats import latency_ms
+from usher.testing.stack import LocalStack, StackConfig
+
+__all__ = ["full_path"]
+
+MODEL = "llama3.2:1b"
+SLOTS = 2
+LIGHT = 20
+FLOOD = 150
+#: 5 tokens at 100 tokens/s: about 50 ms of generation.
+EMULATOR_ARGS = (
+    "--fleet",
+    "1",
+    "--tokens-per-second",
+    "100",
+    "--output-tokens",
+    "5:5",
+    "--ttft",
+    "0",
+    "--load-time",
+    "0",
+    "--parallel",
+    str(SLOTS),
+)
+
+
+def _config(all_in_one: bool) -> StackConfig:
+    return StackConfig(
+        all_in_one=all_in_one,
+        emulator_args=EMULATOR_ARGS,
+        instance_options=f";parallel={SLOTS}",
+        scheduler_env={"USHER_QUEUE_MAX_SIZE": "100000", "USHER_DEFAULT_PARALLEL": str(SLOTS)},
+        gateway=True,
+    )
+
+
+async def _ask(http: aiohttp.ClientSession, url: str, user: str, n: int) -> float | None:
+    body = {"model": MODEL, "prompt": f"{user} {n}", "stream": False}
+    started = time.perf_counter()
+    try:
+        async with http.post(
+            f"{url}/api/generate", json=body, headers={"Authorization": f"Bearer {user}-token"}
+        ) as reply:
+            await reply.read()
+            ok = reply.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    return time.perf_counter() - started if ok else None
+
+
+async def _light(http: aiohttp.ClientSession, url: str) -> list[float]:
+    latencies = [await _ask(http, url, "carol", n) for n in range(LIGHT)]
+    return [s for s in latencies if s is not None]
+
+
+async def _case(url: str) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=FLOOD + 8)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=300)
+    ) as http:
+        await _light(http, url)  # warm up
+        alone = await _light(http, url)
+        flood = [asyncio.create_task(_ask(http, url, "alice", n)) for n in range(FLOOD)]
+        await asyncio.sleep(0.5)  # the heavy backlog is queued
+        flooded = await _light(http, url)
+        await asyncio.gather(*flood)
+    solo, busy = latency_ms(alone), latency_ms(flooded)
+    return {
+        "alone": solo,
+        "under_flood": busy,
+        "latency_ratio_p50": busy["p50_ms"] / solo["p50_ms"],
+    }
+
+
+async def full_path() -> dict[str, Any]:
+    """The light tenant alone and under the flood, through the trio and usher serve."""
+    out: dict[str, Any] = {}
+    for shape, all_in_one in (("trio", False), ("serve", True)):
+        with LocalStack(_config(all_in_one)) as stack:
+            out[shape] = await _case(stack.gateway_url)
+    return out
