@@ -41,7 +41,6 @@ from bench.stats import goal
 from usher.testing.stack import LocalStack, StackConfig
 
 PATHS = ("direct", "trio", "gateway", "serve", "serve_openai")
-PEERS = ("litellm", "herd")
 CONCURRENCY = (1, 32)
 #: Seconds of measurement per (path, concurrency): the direct path is steady sooner.
 SECONDS = {
