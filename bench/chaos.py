@@ -25,13 +25,15 @@ from typing import Any, cast
 
 import grpc
 import grpc.aio
-import redis.asyncio as aioredis
 
 from clients.aio import AsyncUsherClient
 from clients.errors import UsherError
 from clients.retry import RetryPolicy
 from usher import keys
+from usher.balancing import channel_target
+from usher.connections import connect_redis
 from usher.ids import event_id_key
+from usher.testing.redis_topologies import LocalRedisCluster
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -251,18 +253,21 @@ class _ChaosRun:
         self.stack = stack
         self.rng = random.Random(plan.seed)
         self.report = ChaosReport(state_dir=str(stack.state_dir))
+        # Every replica of each service, calls round robin (as deployed clients do).
         self.client = AsyncUsherClient(
-            stack.scheduler_address,
-            stack.notifier_address,
+            stack.scheduler_addresses,
+            stack.notifier_addresses,
             token=TOKEN,
             retry=RetryPolicy(max_total_wait=120.0, max_attempts=200, max_backoff=1.0),
         )
+        target, balancing = channel_target(stack.notifier_addresses)
         self.plain = grpc.aio.insecure_channel(
-            stack.notifier_address,
+            target,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.min_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 1000),
+                *balancing,
             ],
         )
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(self.plain)
@@ -361,7 +366,7 @@ class _ChaosRun:
             await asyncio.sleep(self.plan.model_server_downtime)
             await asyncio.to_thread(stack.restart_model_server, index)
         else:
-            process, kill, restart = _service(stack, victim)
+            process, kill, restart = _service(stack, victim, self.rng)
             was_running = process is not None and process.poll() is None
             kill()
             await asyncio.to_thread(restart)
@@ -408,23 +413,40 @@ class _ChaosRun:
 
 
 def _service(
-    stack: LocalStack, victim: str
+    stack: LocalStack, victim: str, rng: random.Random
 ) -> tuple[subprocess.Popen[bytes] | None, Callable[[], None], Callable[[], object]]:
-    """A service's process now, how to SIGKILL it and how to start it again (same port)."""
+    """A service's process now (one replica, drawn, when there are several), how to SIGKILL
+    it and how to start it again (same port). Redis on a Cluster: a primary, restarted
+    (as a replica) once its own replica has taken over."""
     if victim == "scheduler":
-        return stack.schedulers[0].process, stack.schedulers[0].kill, stack.start_scheduler
+        i = rng.randrange(len(stack.schedulers))
+        return (
+            stack.schedulers[i].process,
+            stack.schedulers[i].kill,
+            lambda: stack.start_scheduler(i),
+        )
     if victim == "notifier":
-        return stack.notifiers[0].process, stack.notifiers[0].kill, stack.start_notifier
+        i = rng.randrange(len(stack.notifiers))
+        return stack.notifiers[i].process, stack.notifiers[i].kill, lambda: stack.start_notifier(i)
     if victim == "pool":
-        assert stack.pool is not None
-        return stack.pool.process, stack.pool.kill, stack.start_pool
+        i = rng.randrange(len(stack.pools))
+        return stack.pools[i].process, stack.pools[i].kill, lambda: stack.start_pool(i)
+    cluster = stack.redis_topology
+    if isinstance(cluster, LocalRedisCluster):
+        node = cluster.node(rng.choice(cluster.primary_ports()))
+
+        def come_back() -> None:
+            cluster.wait_failover()
+            node.start()
+
+        return node.process, node.kill, come_back
     assert stack.redis is not None
     return stack.redis.process, stack.redis.kill, stack.redis.start
 
 
 async def _terminal_events(redis_url: str, request_ids: Sequence[str]) -> dict[str, int]:
     """Request id → terminal events in its own event log (read from Redis)."""
-    redis = aioredis.from_url(redis_url)
+    redis = connect_redis(redis_url)
     try:
         out: dict[str, int] = {}
         for request_id in request_ids:

@@ -58,6 +58,7 @@ from clients.types import (
     Update,
     UpdateKind,
 )
+from usher.balancing import channel_target
 from usher.ids import event_id_key
 from usher.tls import KEEPALIVE, RECONNECT, ClientTls, ReloadingChannel
 from usher.v1 import (
@@ -408,14 +409,15 @@ class AsyncUsherClient:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
+            # Every replica the address names, calls round robin (usher.balancing).
+            target, balancing = channel_target(address)
+            options = [*self._channel_options, *balancing]
             if self._tls_files is not None:
-                channel = ReloadingChannel(address, self._tls_files, self._channel_options, ())
+                channel = ReloadingChannel(target, self._tls_files, options, ())
             elif self._credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=self._channel_options)
+                channel = grpc.aio.insecure_channel(target, options=options)
             else:
-                channel = grpc.aio.secure_channel(
-                    address, self._credentials, options=self._channel_options
-                )
+                channel = grpc.aio.secure_channel(target, self._credentials, options=options)
             self._channels[address] = channel
         return channel
 

@@ -18,6 +18,7 @@ __all__ = [
     "DEDUP_HITS",
     "ETA_ERROR",
     "FANOUT_LAG",
+    "GRPC_CALLS",
     "INSTANCE_UP",
     "MODELS_LOADED",
     "POOL_REQUESTS",
@@ -58,6 +59,13 @@ _LATENCY_BUCKETS = (
     600,
     1800,
     3600,
+)
+
+# ---- Every service ---------------------------------------------------------------------------
+GRPC_CALLS = Counter(
+    "usher_grpc_server_calls_total",
+    "gRPC calls this replica received, by method (how evenly replicas share the load).",
+    ["method"],
 )
 
 # ---- Scheduler ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -14,17 +14,62 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from usher import eventloop, tracing
-from usher.config import ConfigError
+from usher import eventloop, metrics, tracing
+from usher.config import ConfigError, env_float
 from usher.errors import ErrorMappingInterceptor
+from usher.grpc_types import MethodHandler
 from usher.logs import configure_logging, get_logger
 from usher.production import require_production_ready
 from usher.readiness import READINESS_SERVICE
 from usher.tls import ServerTls
 
-__all__ = ["GrpcServer", "Registration", "run_service"]
+__all__ = ["GrpcServer", "Registration", "connection_age_options", "run_service"]
 
 log = get_logger(__name__)
+
+
+#: A client connection is asked to move on (GOAWAY) after about this long, so clients
+#: resolve the service again and new replicas get calls; calls in flight then have the grace
+#: to finish (a Watch cut after it resumes from its last event).
+DEFAULT_MAX_CONNECTION_AGE_SECONDS = 60.0
+DEFAULT_MAX_CONNECTION_AGE_GRACE_SECONDS = 300.0
+
+
+def connection_age_options(
+    env: Mapping[str, str] | None = None,
+) -> list[tuple[str, int]]:
+    """gRPC server options from USHER_GRPC_MAX_CONNECTION_AGE_SECONDS (0 = no limit) and
+    USHER_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS."""
+    age = env_float(
+        "USHER_GRPC_MAX_CONNECTION_AGE_SECONDS", DEFAULT_MAX_CONNECTION_AGE_SECONDS, env
+    )
+    grace = env_float(
+        "USHER_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", DEFAULT_MAX_CONNECTION_AGE_GRACE_SECONDS, env
+    )
+    if age < 0 or grace < 0:
+        raise ConfigError(
+            "USHER_GRPC_MAX_CONNECTION_AGE_SECONDS and _GRACE_SECONDS must not be negative"
+        )
+    if age == 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(age * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(grace * 1000)),
+    ]
+
+
+class _CallCounter(grpc.aio.ServerInterceptor):
+    """Counts every call by method (health checks aside) in usher_grpc_server_calls_total."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> MethodHandler | None:
+        method = str(handler_call_details.method)
+        if not method.startswith("/grpc."):
+            metrics.GRPC_CALLS.labels(method).inc()
+        return await continuation(handler_call_details)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +94,12 @@ class GrpcServer:
         self._server = grpc.aio.server(
             # Outermost first: tracing sees everything; the given interceptors (audit) see
             # domain errors before they become statuses.
-            interceptors=[*tracing.server_interceptors(), ErrorMappingInterceptor(), *interceptors],
+            interceptors=[
+                *tracing.server_interceptors(),
+                _CallCounter(),
+                ErrorMappingInterceptor(),
+                *interceptors,
+            ],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -61,6 +111,7 @@ class GrpcServer:
                 # Thousands of watchers reconnect at once after a restart: let them queue.
                 ("grpc.server.max_pending_requests", 20_000),
                 ("grpc.server.max_pending_requests_hard_limit", 40_000),
+                *connection_age_options(),
             ],
         )
         self._grace = grace_seconds

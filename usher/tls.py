@@ -27,6 +27,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from usher.balancing import channel_target
 from usher.config import ConfigError, env_str
 from usher.logs import get_logger
 
@@ -313,11 +314,12 @@ def open_channel(
     a half-open socket): the calls on it fail within ``KEEPALIVE`` instead of waiting
     forever on a stream that will never speak again, and the work behind them is retried.
     With TLS from files, renewed certificates are used for the calls after the renewal."""
-    options = [*KEEPALIVE, *RECONNECT]
+    target, balancing = channel_target(address)
+    options = [*KEEPALIVE, *RECONNECT, *balancing]
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     if tls.paths is not None:
-        return ReloadingChannel(address, tls, options, interceptors)
+        return ReloadingChannel(target, tls, options, interceptors)
     return grpc.aio.secure_channel(
-        address, tls.credentials(), options=options, interceptors=interceptors
+        target, tls.credentials(), options=options, interceptors=interceptors
     )

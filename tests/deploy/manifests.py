@@ -356,7 +356,9 @@ def settings_problems(build: Build) -> list[str]:
         ):
             problems.append(f"{where}: USHER_METRICS_PORT={metrics_port} is not the `metrics` port")
         for variable in ("USHER_POOL_ADDRESS", "USHER_SCHEDULER_ADDRESS", "USHER_NOTIFIER_ADDRESS"):
-            host, _, port = item.env.get(variable, "").rpartition(":")
+            # dns:///name:port (a headless Service, every pod) or name:port.
+            address = item.env.get(variable, "").removeprefix("dns:///")
+            host, _, port = address.rpartition(":")
             if host and int(port) not in service_ports.get(host.split(".")[0], set()):
                 problems.append(f"{where}: {variable}={host}:{port} is no Service port here")
         url = urlsplit(item.env.get("USHER_REDIS_URL", ""))

@@ -56,6 +56,11 @@ class StackConfig:
     log_level: str = "warning"
     scheduler_replicas: int = 1
     notifier_replicas: int = 1
+    #: Pools beside the first; each Scheduler and Notifier (and the gateways) are given every
+    #: replica's address and spread their calls round robin.
+    pool_replicas: int = 1
+    #: Gateways (with ``gateway``), each on its own port, clients of every replica.
+    gateway_replicas: int = 1
     #: Also start the HTTP gateway (services.gateway) in front of the services.
     gateway: bool = False
     #: The Pool's fleet as a ``USHER_INSTANCES`` line or a ``USHER_POOL_CONFIG`` file; either
@@ -90,12 +95,12 @@ class LocalStack:
         self.model_servers: list[EmulatorProcess] = []
         self.model_urls: list[str] = list(self.config.ollama_urls)
         self.redis_url = self.config.redis_url
-        self.pool: ServiceProcess | None = None
+        self.pools: list[ServiceProcess] = []
         self.schedulers: list[ServiceProcess] = []
         self.notifiers: list[ServiceProcess] = []
         #: service name ("pool", "scheduler-0", "notifier-0") → its /metrics URL.
         self.metrics_urls: dict[str, str] = {}
-        self.gateway: ServiceProcess | None = None
+        self.gateways: list[ServiceProcess] = []
         #: The ``usher serve`` process (all_in_one).
         self.serve: ServiceProcess | None = None
 
@@ -128,9 +133,32 @@ class LocalStack:
         return str(self.state_dir / f"{name}.log")
 
     @property
+    def pool(self) -> ServiceProcess | None:
+        """The first Pool."""
+        return self.pools[0] if self.pools else None
+
+    @property
+    def gateway(self) -> ServiceProcess | None:
+        """The first gateway."""
+        return self.gateways[0] if self.gateways else None
+
+    @property
     def pool_address(self) -> str:
         assert self.pool is not None
         return f"127.0.0.1:{self.pool.port}"
+
+    @property
+    def pool_addresses(self) -> str:
+        """Every Pool replica, as the comma list a channel balances over."""
+        return ",".join(f"127.0.0.1:{p.port}" for p in self.pools)
+
+    @property
+    def scheduler_addresses(self) -> str:
+        return ",".join(f"127.0.0.1:{p.port}" for p in self.schedulers)
+
+    @property
+    def notifier_addresses(self) -> str:
+        return ",".join(f"127.0.0.1:{p.port}" for p in self.notifiers)
 
     @property
     def scheduler_address(self) -> str:
@@ -143,14 +171,21 @@ class LocalStack:
     @property
     def gateway_address(self) -> str:
         assert self.gateway is not None
+        return self._gateway_address(self.gateway)
+
+    def _gateway_address(self, gateway: ServiceProcess) -> str:
         host = self.config.gateway_host
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"
-        return f"[{host}]:{self.gateway.port}" if ":" in host else f"{host}:{self.gateway.port}"
+        return f"[{host}]:{gateway.port}" if ":" in host else f"{host}:{gateway.port}"
 
     @property
     def gateway_url(self) -> str:
         return f"http://{self.gateway_address}"
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        return [f"http://{self._gateway_address(g)}" for g in self.gateways]
 
     def start_model_servers(self) -> None:
         if self.model_urls or self.config.instances or self.config.pool_config:
@@ -204,21 +239,27 @@ class LocalStack:
             instances += f",external={self.model_urls[0]};kind=openai;external=true;parallel=4"
         return {"USHER_INSTANCES": instances, "USHER_POOL_CONFIG": "", "OLLAMA_HOST": ""}
 
-    def start_pool(self) -> ServiceProcess:
-        port = self._port("pool", self.pool)
-        self.pool = ServiceProcess(
+    def start_pool(self, index: int = 0) -> ServiceProcess:
+        name = "pool" if index == 0 else f"pool-{index}"
+        running = self.pools[index] if index < len(self.pools) else None
+        port = self._port(name, running)
+        process = ServiceProcess(
             "services.pool",
             port,
             {
                 **self._common(),
                 "USHER_POOL_LISTEN": f"127.0.0.1:{port}",
                 **self._fleet_env(),
-                **self._metrics_env("pool"),
+                **self._metrics_env(name),
                 **self.config.pool_env,
             },
-            log_path=self._log("pool"),
+            log_path=self._log(name),
         ).start()
-        return self.pool
+        if running is not None:
+            self.pools[index] = process
+        else:
+            self.pools.append(process)
+        return process
 
     def start_scheduler(self, index: int = 0) -> ServiceProcess:
         return self._launch_scheduler(index).ready()
@@ -232,7 +273,7 @@ class LocalStack:
             {
                 **self._common(),
                 "USHER_SCHEDULER_LISTEN": f"127.0.0.1:{port}",
-                "USHER_POOL_ADDRESS": self.pool_address,
+                "USHER_POOL_ADDRESS": self.pool_addresses,
                 "USHER_DEFAULT_PARALLEL": "2",
                 **self._metrics_env(f"scheduler-{index}"),
                 **self.config.scheduler_env,
@@ -257,7 +298,7 @@ class LocalStack:
             {
                 **self._common(),
                 "USHER_NOTIFIER_LISTEN": f"127.0.0.1:{port}",
-                "USHER_POOL_ADDRESS": self.pool_address,
+                "USHER_POOL_ADDRESS": self.pool_addresses,
                 **self._metrics_env(f"notifier-{index}"),
                 **self.config.notifier_env,
             },
@@ -269,30 +310,38 @@ class LocalStack:
             self.notifiers.append(process)
         return process
 
-    def start_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
-        """The HTTP gateway, a client of the first Scheduler and Notifier and of the Pool;
+    def start_gateway(self, env: Mapping[str, str] | None = None, index: int = 0) -> ServiceProcess:
+        """An HTTP gateway, a client of every Scheduler, Notifier and Pool (round robin);
         ``env`` adds or overrides settings (e.g. USHER_GATEWAY_DEFAULT_TOKEN)."""
-        return self._launch_gateway(env).ready()
+        return self._launch_gateway(env, index).ready()
 
-    def _launch_gateway(self, env: Mapping[str, str] | None = None) -> ServiceProcess:
-        port = self._port("gateway", self.gateway)
+    def _launch_gateway(
+        self, env: Mapping[str, str] | None = None, index: int = 0
+    ) -> ServiceProcess:
+        name = "gateway" if index == 0 else f"gateway-{index}"
+        running = self.gateways[index] if index < len(self.gateways) else None
+        port = self._port(name, running)
         host = self.config.gateway_host
-        self.gateway = ServiceProcess(
+        process = ServiceProcess(
             "services.gateway",
             port,
             {
                 **self._common(),
                 "USHER_GATEWAY_LISTEN": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                "USHER_SCHEDULER_ADDRESS": self.scheduler_address,
-                "USHER_NOTIFIER_ADDRESS": self.notifier_address,
-                "USHER_POOL_ADDRESS": self.pool_address,
+                "USHER_SCHEDULER_ADDRESS": self.scheduler_addresses,
+                "USHER_NOTIFIER_ADDRESS": self.notifier_addresses,
+                "USHER_POOL_ADDRESS": self.pool_addresses,
                 "USHER_GATEWAY_ADMIN_TOKEN": self.config.gateway_admin_token,
                 **self.config.gateway_env,
                 **(env or {}),
             },
-            log_path=self._log("gateway"),
+            log_path=self._log(name),
         ).launch()
-        return self.gateway
+        if running is not None:
+            self.gateways[index] = process
+        else:
+            self.gateways.append(process)
+        return process
 
     def _gateway_listen(self, port: int) -> str:
         host = self.config.gateway_host
@@ -323,11 +372,11 @@ class LocalStack:
         self.serve = ServiceProcess(
             "clients.serve", gateway_port, env, log_path=self._log("serve")
         ).start()
-        self.pool = self._same_process(ports["pool"])
+        self.pools = [self._same_process(ports["pool"])]
         self.schedulers = [self._same_process(ports["scheduler-0"])]
         self.notifiers = [self._same_process(ports["notifier-0"])]
-        self.gateway = self._same_process(gateway_port)
-        for process in (self.pool, self.schedulers[0], self.notifiers[0]):
+        self.gateways = [self._same_process(gateway_port)]
+        for process in (self.pools[0], self.schedulers[0], self.notifiers[0]):
             process.ready()
         return self.serve
 
@@ -354,13 +403,14 @@ class LocalStack:
         if self.config.all_in_one:
             self.start_serve()
             return self
-        self.start_pool()
+        for index in range(self.config.pool_replicas):
+            self.start_pool(index)
         # The services dial each other lazily, so they start side by side (Python's start-up
         # is most of each one's second).
         launched = [self._launch_scheduler(i) for i in range(self.config.scheduler_replicas)]
         launched += [self._launch_notifier(i) for i in range(self.config.notifier_replicas)]
         if self.config.gateway:
-            launched.append(self._launch_gateway())
+            launched += [self._launch_gateway(None, i) for i in range(self.config.gateway_replicas)]
         for process in launched:
             process.ready()
         return self
@@ -387,7 +437,7 @@ class LocalStack:
     def stop(self) -> None:
         # SIGTERM to every service at once, then wait: each drains for its grace period
         # side by side instead of one after another.
-        services = [p for p in (self.gateway, *self.notifiers, *self.schedulers, self.pool) if p]
+        services = [*self.gateways, *self.notifiers, *self.schedulers, *self.pools]
         if self.serve is not None:
             services = [self.serve]
         for process in services:
