@@ -26,6 +26,7 @@ from bench import (
     real_bench,
     routing_bench,
     scale_bench,
+    scaleout_bench,
     streaming_bench,
     submit_bench,
     watchers_bench,
@@ -44,6 +45,7 @@ SUITE: dict[str, Scenario] = {
     "scale": scale_bench.run,
     "watchers": watchers_bench.run,
     "chaos": chaos_bench.run,
+    "scaleout": scaleout_bench.run,
     "real": real_bench.run,
 }
 #: Run only when named.

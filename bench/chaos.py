@@ -33,7 +33,7 @@ from usher import keys
 from usher.balancing import channel_target
 from usher.connections import connect_redis
 from usher.ids import event_id_key
-from usher.testing.redis_topologies import LocalRedisCluster
+from usher.testing.redis_topologies import LocalRedisCluster, LocalSentinel
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -416,8 +416,8 @@ def _service(
     stack: LocalStack, victim: str, rng: random.Random
 ) -> tuple[subprocess.Popen[bytes] | None, Callable[[], None], Callable[[], object]]:
     """A service's process now (one replica, drawn, when there are several), how to SIGKILL
-    it and how to start it again (same port). Redis on a Cluster: a primary, restarted
-    (as a replica) once its own replica has taken over."""
+    it and how to start it again (same port). Redis on a Cluster or Sentinel: a primary,
+    restarted (as a replica) once its replica has taken over."""
     if victim == "scheduler":
         i = rng.randrange(len(stack.schedulers))
         return (
@@ -440,6 +440,16 @@ def _service(
             node.start()
 
         return node.process, node.kill, come_back
+    sentinel = stack.redis_topology
+    if isinstance(sentinel, LocalSentinel):
+        old_port = sentinel.primary_port()
+        primary = next(server for server in sentinel.servers if server.port == old_port)
+
+        def rejoin() -> None:
+            sentinel.wait_failover(old_port)
+            primary.start()
+
+        return primary.process, primary.kill, rejoin
     assert stack.redis is not None
     return stack.redis.process, stack.redis.kill, stack.redis.start
 
