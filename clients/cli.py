@@ -611,7 +611,22 @@ async def cmd_admin(args: argparse.Namespace, out: _Out) -> int:
         elif action == "deregister":
             await admin.deregister_instance(args.id)
             out.note(f"{args.id}: deregistered")
+        elif action == "pull":
+            await _pull(admin, args, out)
+        elif action == "retry-dead-letter":
+            request = await admin.retry_dead_letter(args.request_id)
+            _print_message(out, request.raw, args.json)
     return EXIT_OK
+
+
+async def _pull(admin: AsyncAdmin, args: argparse.Namespace, out: _Out) -> None:
+    """A model onto one or every local instance, one progress line per step."""
+    async for step in admin.pull_model(args.model, args.instance or ""):
+        if args.json:
+            out.write(_as_json(step) + "\n")
+            continue
+        done = f" {step.completed * 100 // step.total}%" if step.total else ""
+        out.write(f"{step.instance}: {step.status}{done}\n")
 
 
 def _tenant_weight_args(values: Sequence[str]) -> tuple[str, str, float]:
@@ -799,6 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
     unload = action("unload", "unload a model from an instance")
     unload.add_argument("id")
     unload.add_argument("model")
+    pull = action("pull", "download a model onto every local instance (or one), with progress")
+    pull.add_argument("model")
+    pull.add_argument("--instance", help="only this instance")
+    retry = action("retry-dead-letter", "queue a dead-lettered request again")
+    retry.add_argument("request_id")
     register = action("register", "add a model-server instance")
     register.add_argument("id")
     register.add_argument("url")

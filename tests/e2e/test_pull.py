@@ -10,6 +10,7 @@ import ollama
 import pytest
 
 from clients.aio import AsyncUsherClient
+from tests.clients.helpers import cli_env, run_cli
 from usher.testing.stack import LocalStack, StackConfig
 
 pytestmark = pytest.mark.slow
@@ -66,3 +67,9 @@ async def test_the_ollama_client_pulls_a_model_onto_every_instance_and_it_serves
     ) as operator:
         steps = [s async for s in operator.admin.pull_model("gemma2:2b", "ollama-1")]
     assert steps[-1].status == "success" and {s.instance for s in steps} == {"ollama-1"}
+
+    # And the operator's command line.
+    pulled = run_cli("admin", "pull", "mistral:7b", env=cli_env(stack, "admin-token"))
+    assert pulled.code == 0, pulled.stderr
+    assert "ollama-0: success" in pulled.stdout and "ollama-1: success" in pulled.stdout
+    assert "100%" in pulled.stdout
