@@ -37,7 +37,15 @@ from usher.testing.redis_topologies import LocalRedisCluster, LocalSentinel
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
-__all__ = ["MODEL", "VICTIMS", "ChaosReport", "Kill", "chaos_config", "run_chaos"]
+__all__ = [
+    "MODEL",
+    "VICTIMS",
+    "ChaosReport",
+    "Kill",
+    "chaos_config",
+    "run_chaos",
+    "terminal_events",
+]
 
 MODEL = "llama3.2:1b"
 #: What can be killed, in the words the report uses.
@@ -283,7 +291,7 @@ class _ChaosRun:
         if self.watchers:
             await asyncio.wait(self.watchers, timeout=self.plan.watch_timeout)
         self.report.seconds = time.monotonic() - self.began
-        self.report.terminal_events = await _terminal_events(
+        self.report.terminal_events = await terminal_events(
             self.stack.redis_url, self.report.accepted
         )
 
@@ -454,7 +462,7 @@ def _service(
     return stack.redis.process, stack.redis.kill, stack.redis.start
 
 
-async def _terminal_events(redis_url: str, request_ids: Sequence[str]) -> dict[str, int]:
+async def terminal_events(redis_url: str, request_ids: Sequence[str]) -> dict[str, int]:
     """Request id → terminal events in its own event log (read from Redis)."""
     redis = connect_redis(redis_url)
     try:

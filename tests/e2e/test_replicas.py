@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
-from bench.chaos import chaos_config, run_chaos
+from bench.chaos import chaos_config, run_chaos, terminal_events
 from usher.testing.stack import LocalStack, StackConfig
+from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = pytest.mark.slow
 REQUESTS = 400
@@ -93,6 +95,7 @@ async def test_every_replica_of_each_kind_serves_a_fair_part(stack: LocalStack) 
 
 
 CHAOS_REQUESTS = 200
+GATEWAY_CHAOS_REQUESTS = 150
 
 
 @pytest.mark.timeout(600)
@@ -129,3 +132,53 @@ async def test_one_replica_of_each_kind_killed_in_turn_loses_nothing(tmp_path: P
     assert report.duplicates == 0, logs
     assert report.notifier_duplicates == 0, logs
     assert report.watches_not_completed == {}, logs
+
+
+async def test_a_gateway_killed_under_load_loses_no_accepted_request(stack: LocalStack) -> None:
+    """Clients post to the two gateways (POST /queue/requests, an idempotency key each,
+    the other gateway on a refused connection); one gateway is SIGKILLed and restarted
+    mid-load: every request is accepted once and completes once."""
+    accepted: dict[int, str] = {}
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": f"gw {i}"}]}
+        headers = {**AUTH, "Idempotency-Key": f"gateway-chaos-{i}"}
+        for attempt in range(100):
+            url = stack.gateway_urls[(i + attempt) % len(stack.gateway_urls)]
+            try:
+                reply = await client.post(f"{url}/queue/requests", json=body, headers=headers)
+                if reply.status_code == 202:
+                    accepted[i] = reply.json()["id"]
+                    return
+            except httpx.HTTPError:
+                pass  # that gateway is down: the next one
+            await asyncio.sleep(0.1)
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        tasks = []
+        for i in range(GATEWAY_CHAOS_REQUESTS):
+            tasks.append(asyncio.create_task(one(i, client)))
+            if i == GATEWAY_CHAOS_REQUESTS // 3:
+                stack.gateways[0].kill()
+            if i == GATEWAY_CHAOS_REQUESTS // 2:
+                await asyncio.to_thread(stack.start_gateway, None, 0)
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+    assert len(accepted) == GATEWAY_CHAOS_REQUESTS
+    assert len(set(accepted.values())) == GATEWAY_CHAOS_REQUESTS  # none queued twice
+    ids = list(accepted.values())
+    async with grpc.aio.insecure_channel(stack.scheduler_address) as channel:
+        scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        for _ in range(240):
+            replies = await asyncio.gather(
+                *(
+                    scheduler.Get(scheduler_pb2.GetRequest(id=i), metadata=tuple(AUTH.items()))
+                    for i in ids
+                )
+            )
+            if all(r.request.state == request_pb2.REQUEST_STATE_COMPLETED for r in replies):
+                break
+            await asyncio.sleep(0.5)
+    assert all(r.request.state == request_pb2.REQUEST_STATE_COMPLETED for r in replies)
+    terminal = await terminal_events(stack.redis_url, ids)
+    assert set(terminal.values()) == {1}, "a request finished other than once"
