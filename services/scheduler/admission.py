@@ -27,6 +27,7 @@ __all__ = [
     "MODEL_NAME",
     "AdmissionLimits",
     "fingerprint",
+    "fleet_name",
     "input_sizes",
     "is_deterministic",
     "prompt_characters",
@@ -283,6 +284,16 @@ def validate_submit(
     if len(submit.traceparent) > _MAX_TRACEPARENT:
         out.append(FieldViolation("traceparent", f"at most {_MAX_TRACEPARENT} characters"))
     return out
+
+
+def fleet_name(model: str, known: Collection[str]) -> str | None:
+    """The catalogue's name for ``model``: itself, or with Ollama's implied ``:latest``
+    added or dropped; None when the fleet offers neither."""
+    if model in known:
+        return model
+    base, sep, tag = model.rpartition(":")
+    alternative = base if sep and tag == "latest" else (f"{model}:latest" if not sep else "")
+    return alternative if alternative in known else None
 
 
 def unknown_model_message(model: str, known: Collection[str], shown: int = 20) -> str:

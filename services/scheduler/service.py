@@ -141,7 +141,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         violations = admission.validate_submit(request, limits, now)
         if violations:
             raise InvalidArgument(violations)
-        await self._check_served(request.model)
+        request.model = await self._served_name(request.model)
         tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
         new = await self._new_request(request, caller, tenant_limits, now)
         await self._admit(new, tenant_limits)
@@ -164,7 +164,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         )
         if violations:
             raise InvalidArgument(violations)
-        await self._check_served(batch[0].model)
+        served = await self._served_name(batch[0].model)
+        for item in batch:
+            item.model = served
         tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
         news = [await self._new_request(r, caller, tenant_limits, now) for r in batch]
         admitted: list[NewRequest] = []
@@ -299,16 +301,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             replayed=outcome.status == "replayed",
         )
 
-    async def _check_served(self, model: str) -> None:
-        """NOT_FOUND for a model no instance offers, before anything is stored. A name
-        missing from the cached catalogue is looked up once more (a model pulled a moment
-        ago is found); with no catalogue yet (no Pool has reported) any name is queued."""
+    async def _served_name(self, model: str) -> str:
+        """The fleet's name for ``model`` (``x`` is ``x:latest``, as in Ollama), or
+        NOT_FOUND before anything is stored. A name missing from the cached catalogue is
+        looked up once more (a model pulled a moment ago is found); with no catalogue yet
+        (no Pool has reported) any name is queued as given."""
         known = await self.store.served_models()
-        if not known or model in known:
-            return
-        known = await self.store.served_models(fresh=True)
-        if known and model not in known:
+        if not known:
+            return model
+        found = admission.fleet_name(model, known)
+        if found is None:
+            known = await self.store.served_models(fresh=True)
+            found = admission.fleet_name(model, known) if known else model
+        if found is None:
             raise NotFound(admission.unknown_model_message(model, known))
+        return found
 
     def _cost(self, new: NewRequest) -> float:
         averages = self.store.cached_averages(new.model)

@@ -315,3 +315,14 @@ async def test_a_model_the_fleet_does_not_offer_is_not_found_and_stores_nothing(
     await client.aclose()
     assert stray == []
     assert b"no-such-model:7b" not in listed
+
+
+async def test_a_name_without_its_tag_is_the_fleets_latest(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    untagged = scheduler_pb2.SubmitRequest(
+        model="nomic-embed-text", embed=request_pb2.EmbedInput(input=["hello"])
+    )
+    submitted = await scheduler.Submit(untagged, metadata=auth("alice"))
+    assert submitted.request.model == "nomic-embed-text:latest"
+    updates = await watch_all(notifier, submitted.request.id)
+    assert updates[-1].request.state == request_pb2.REQUEST_STATE_COMPLETED
