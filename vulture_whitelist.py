@@ -64,13 +64,13 @@ _.idempotency  # unused method (usher/keys.py:198)
 _.stream_unary  # unused method (usher/tls.py:278)
 _.stream_stream  # unused method (usher/tls.py:281)
 # pydantic-settings calls these (usher/settings.py): the source's loader, the model's config,
-# the sources hook (its keyword parameters are pydantic's names) and field validators.
+# and the sources hook (its keyword parameters are pydantic's names); validators are
+# skipped by the Makefile's --ignore-decorators.
 _._load_env_vars  # unused method (usher/settings.py)
 model_config  # unused variable (usher/settings.py)
 _.settings_customise_sources  # unused method (usher/settings.py)
 dotenv_settings  # unused variable (usher/settings.py)
 file_secret_settings  # unused variable (usher/settings.py)
-_._lowercase  # unused method (usher/settings.py)
 _.set_code  # grpc ServicerContext API (usher/inprocess.py)
 _.set_details  # grpc ServicerContext API (usher/inprocess.py)
 _.set_trailing_metadata  # grpc ServicerContext API (usher/inprocess.py)

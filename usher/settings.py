@@ -115,13 +115,16 @@ def _describe(cls: type[UsherSettings], exc: ValidationError, env: Mapping[str, 
     """The first error as ``VARIABLE='value': what is wrong``."""
     source = os.environ if env is None else env
     error = exc.errors()[0]
-    name = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across fields: its message names the variables
+        return message
+    name = str(error["loc"][0])
     field = cls.model_fields.get(name)
     names = variables(name, field) if field is not None else (name,)
     variable = next((n for n in names if source.get(n, "").strip()), names[0])
     value = source.get(variable)
     shown = f"={value!r}" if value is not None else ""
-    return f"{variable}{shown}: {error['msg']}"
+    return f"{variable}{shown}: {message}"
 
 
 class ServiceSettings(UsherSettings):

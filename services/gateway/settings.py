@@ -42,10 +42,13 @@ tenant; a shared default token makes every anonymous caller one tenant).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Any, Self
+
+from pydantic import Field, field_validator, model_validator
 
 from usher.auth import open_access_from_env
-from usher.config import ConfigError, env_float, env_int, env_str
+from usher.config import ConfigError
+from usher.settings import LogLevel, UsherSettings
 
 __all__ = ["GatewaySettings", "split_listen"]
 
@@ -54,94 +57,73 @@ def split_listen(listen: str) -> tuple[str, int]:
     """``host:port`` (``[::1]:8080`` for IPv6) → (host, port)."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"USHER_GATEWAY_LISTEN={listen!r}: expected host:port")
+        raise ValueError("expected host:port")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-@dataclass(frozen=True)
-class GatewaySettings:
-    listen: str = "127.0.0.1:8080"
+class GatewaySettings(UsherSettings):
+    listen: str = Field("127.0.0.1:8080", validation_alias="USHER_GATEWAY_LISTEN")
     scheduler_address: str = "127.0.0.1:50051"
     notifier_address: str = "127.0.0.1:50053"
     pool_address: str = "127.0.0.1:50052"
     service_token: str = ""
-    admin_token: str = ""
-    default_token: str = ""
-    open_access: bool = False
-    rpc_timeout_seconds: float = 10.0
+    admin_token: str = Field("", validation_alias="USHER_GATEWAY_ADMIN_TOKEN")
+    default_token: str = Field("", validation_alias="USHER_GATEWAY_DEFAULT_TOKEN")
+    #: USHER_AUTH_OPEN, refused in production mode (read by ``from_env``).
+    open_access: bool = Field(False, validation_alias="USHER_AUTH_OPEN")
+    rpc_timeout_seconds: float = Field(
+        10.0, gt=0, validation_alias="USHER_GATEWAY_RPC_TIMEOUT_SECONDS"
+    )
     #: How long a client may take to send its request (headers and body) and how long an
     #: idle keep-alive connection stays open.
-    read_timeout_seconds: float = 30.0
-    model_cache_seconds: float = 2.0
-    max_body_bytes: int = 64 * 1024 * 1024
-    ollama_version: str = "0.12.0"
-    default_parallel: int = 1
-    default_queue_limit: int = 100
-    shutdown_grace_seconds: float = 10.0
-    keepalive_seconds: float = 15.0
-    watch_secret: str = ""
-    watch_token_seconds: float = 600.0
-    log_level: str = "info"
+    read_timeout_seconds: float = Field(
+        30.0, gt=0, validation_alias="USHER_GATEWAY_READ_TIMEOUT_SECONDS"
+    )
+    model_cache_seconds: float = Field(
+        2.0, ge=0, validation_alias="USHER_GATEWAY_MODEL_CACHE_SECONDS"
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, validation_alias="USHER_GATEWAY_MAX_BODY_BYTES"
+    )
+    ollama_version: str = Field("0.12.0", validation_alias="USHER_GATEWAY_OLLAMA_VERSION")
+    default_parallel: int = Field(1, ge=1)
+    default_queue_limit: int = Field(100, ge=1, validation_alias="USHER_QUEUE_MAX_SIZE")
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    keepalive_seconds: float = Field(15.0, gt=0, validation_alias="USHER_GATEWAY_KEEPALIVE_SECONDS")
+    watch_secret: str = Field("", validation_alias="USHER_GATEWAY_WATCH_SECRET")
+    watch_token_seconds: float = Field(
+        600.0, gt=0, validation_alias="USHER_GATEWAY_WATCH_TOKEN_SECONDS"
+    )
+    log_level: LogLevel = "info"
 
+    @field_validator("listen")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
-        d = cls()
-        settings = cls(
-            listen=env_str("USHER_GATEWAY_LISTEN", d.listen, env),
-            scheduler_address=env_str("USHER_SCHEDULER_ADDRESS", d.scheduler_address, env),
-            notifier_address=env_str("USHER_NOTIFIER_ADDRESS", d.notifier_address, env),
-            pool_address=env_str("USHER_POOL_ADDRESS", d.pool_address, env),
-            service_token=env_str("USHER_SERVICE_TOKEN", d.service_token, env),
-            admin_token=env_str("USHER_GATEWAY_ADMIN_TOKEN", d.admin_token, env),
-            default_token=env_str("USHER_GATEWAY_DEFAULT_TOKEN", d.default_token, env),
-            open_access=open_access_from_env(env),
-            rpc_timeout_seconds=env_float(
-                "USHER_GATEWAY_RPC_TIMEOUT_SECONDS", d.rpc_timeout_seconds, env
-            ),
-            read_timeout_seconds=env_float(
-                "USHER_GATEWAY_READ_TIMEOUT_SECONDS", d.read_timeout_seconds, env
-            ),
-            model_cache_seconds=env_float(
-                "USHER_GATEWAY_MODEL_CACHE_SECONDS", d.model_cache_seconds, env
-            ),
-            max_body_bytes=env_int("USHER_GATEWAY_MAX_BODY_BYTES", d.max_body_bytes, env),
-            ollama_version=env_str("USHER_GATEWAY_OLLAMA_VERSION", d.ollama_version, env),
-            default_parallel=env_int("USHER_DEFAULT_PARALLEL", d.default_parallel, env),
-            default_queue_limit=env_int("USHER_QUEUE_MAX_SIZE", d.default_queue_limit, env),
-            shutdown_grace_seconds=env_float(
-                "USHER_SHUTDOWN_GRACE_SECONDS", d.shutdown_grace_seconds, env
-            ),
-            keepalive_seconds=env_float(
-                "USHER_GATEWAY_KEEPALIVE_SECONDS", d.keepalive_seconds, env
-            ),
-            watch_secret=env_str("USHER_GATEWAY_WATCH_SECRET", d.watch_secret, env),
-            watch_token_seconds=env_float(
-                "USHER_GATEWAY_WATCH_TOKEN_SECONDS", d.watch_token_seconds, env
-            ),
-            log_level=env_str("USHER_LOG_LEVEL", d.log_level, env),
-        )
-        settings.check()
-        return settings
+    def _host_and_port(cls, listen: str) -> str:
+        split_listen(listen)
+        return listen
 
-    def check(self) -> None:
-        """Raise ConfigError naming the first bad setting."""
-        split_listen(self.listen)
+    @field_validator("watch_secret")
+    @classmethod
+    def _long_enough(cls, secret: str) -> str:
+        if secret and len(secret.encode()) < 16:
+            raise ValueError("must be at least 16 bytes")
+        return secret
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _can_read_the_fleet(self) -> Self:
         if not self.service_token and not self.admin_token:
             raise ConfigError(
                 "USHER_SERVICE_TOKEN is needed to read the fleet from the Pool at "
                 "USHER_POOL_ADDRESS (or set USHER_GATEWAY_ADMIN_TOKEN)"
             )
-        if self.rpc_timeout_seconds <= 0:
-            raise ConfigError("USHER_GATEWAY_RPC_TIMEOUT_SECONDS must be positive")
-        if not self.read_timeout_seconds > 0:
-            raise ConfigError("USHER_GATEWAY_READ_TIMEOUT_SECONDS must be positive")
-        if self.model_cache_seconds < 0:
-            raise ConfigError("USHER_GATEWAY_MODEL_CACHE_SECONDS must not be negative")
-        if self.max_body_bytes < 1024:
-            raise ConfigError("USHER_GATEWAY_MAX_BODY_BYTES must be at least 1024")
-        if self.keepalive_seconds <= 0:
-            raise ConfigError("USHER_GATEWAY_KEEPALIVE_SECONDS must be positive")
-        if self.watch_secret and len(self.watch_secret.encode()) < 16:
-            raise ConfigError("USHER_GATEWAY_WATCH_SECRET must be at least 16 bytes")
-        if self.watch_token_seconds <= 0:
-            raise ConfigError("USHER_GATEWAY_WATCH_TOKEN_SECONDS must be positive")
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **given: Any) -> Self:
+        # Open access has its own rule (refused in production), shared with the services.
+        return super().from_env(env, **{"open_access": open_access_from_env(env), **given})
