@@ -61,6 +61,12 @@ def test_a_bad_url_is_refused_naming_the_setting_and_the_fault(url: str, named: 
     assert named in str(caught.value)
 
 
+def test_credentials_read_as_redis_py_reads_them() -> None:
+    assert parse_redis_url("redis+cluster://usher@a:1").username == "usher"
+    assert parse_redis_url("redis+cluster://usher@a:1").password is None
+    assert parse_redis_url("redis+cluster://:p%3Aw@a:1").password == "p:w"
+
+
 def test_messages_never_show_the_password() -> None:
     assert (
         redacted_redis_url("redis+cluster://u:hunter2@a:1,b:2") == "redis+cluster://u:***@a:1,b:2"

@@ -109,9 +109,8 @@ def _credentials(netloc: str) -> tuple[str | None, str | None]:
     if "@" not in netloc:
         return None, None
     userinfo = netloc.rsplit("@", 1)[0]
-    user, sep, password = userinfo.partition(":")
-    if not sep:
-        return None, unquote(user) or None  # "redis://secret@host" is a bare password
+    # As redis-py reads any Redis URL: "user@host" names a user, ":password@host" a password.
+    user, _sep, password = userinfo.partition(":")
     return unquote(user) or None, unquote(password) or None
 
 
