@@ -4,6 +4,7 @@ use it (tokens only on stdout, one error line, exit codes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from clients.aio import AsyncUsherClient
+from clients.errors import UsherError
 from clients.types import RequestState
 from tests.clients.helpers import MODEL, REPO, cli_env, run_cli, wait_for_state
 from tests.clients.terminal import Terminal
@@ -114,14 +116,21 @@ async def test_a_full_queue_says_when_to_retry(
 ) -> None:
     model = "qwen2.5:0.5b"
     await operator.admin.update_queue_config(model, max_queue_size=1)
+    # Long enough answers that the slots stay busy while the CLI starts, however slow the
+    # machine is; cancelled once the CLI has answered.
+    held: list[str] = []
     try:
         for i in (1, 2):
-            blocker = await bob.submit(model, f"cli blocker {i}", num_predict=100)
+            blocker = await bob.submit(model, f"cli blocker {i}", num_predict=5000)
+            held.append(blocker.id)
             await wait_for_state(bob, blocker.id, RequestState.RUNNING, RequestState.COMPLETED)
-        await bob.submit(model, "cli waiting", num_predict=10)
+        held.append((await bob.submit(model, "cli waiting", num_predict=10)).id)
         full = run_cli("chat", model, "hi", "--retry-for", "0", env=cli_env(stack))
     finally:
         await operator.admin.update_queue_config(model, max_queue_size=100)
+        for request_id in held:
+            with contextlib.suppress(UsherError):
+                await bob.cancel(request_id, "test over")
     assert full.code == 4
     assert re.search(
         r"usher: the queue for model 'qwen2.5:0.5b' is full .*; retry in \d+s", full.stderr

@@ -5,8 +5,8 @@ streams that stay alive while queued (the official ``openai`` and ``ollama`` cli
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -264,18 +264,24 @@ async def test_badges_over_sse_and_websocket(session: aiohttp.ClientSession, bus
     ) as stream:
         assert stream.status == 200
         levels: list[str] = []
-        async for event in sse_events(stream):
-            if event.event != "message":
-                continue
-            (badge,) = event.json()["badges"]
-            assert badge["model"] == MODEL and badge["label"].startswith(MODEL)
-            levels.append(badge["level"])
-            if len(levels) == 1:
-                await busy.add(7)  # the queue grows past "long"
-            if badge["level"] == "long":
-                assert badge["suggestion"].startswith("Consider ")
-                break
-    assert levels[-1] == "long" and levels[0] != "long", levels
+        grown = False
+        async with asyncio.timeout(60):
+            async for event in sse_events(stream):
+                if event.event != "message":
+                    continue
+                (badge,) = event.json()["badges"]
+                assert badge["model"] == MODEL and badge["label"].startswith(MODEL)
+                levels.append(badge["level"])
+                if not grown:
+                    # Once the queue is short (an earlier test's requests may still be
+                    # leaving it on a busy machine), it grows past "long".
+                    if badge["level"] != "long":
+                        grown = True
+                        await busy.add(7)
+                elif badge["level"] == "long":
+                    assert badge["suggestion"].startswith("Consider ")
+                    break
+    assert grown and levels[-1] == "long", levels
     async with session.ws_connect("/queue/models/ws", headers=ALICE) as ws:
         message = await ws.receive_json(timeout=10)
         assert {b["model"] for b in message["badges"]} >= {MODEL}
@@ -284,19 +290,20 @@ async def test_badges_over_sse_and_websocket(session: aiohttp.ClientSession, bus
 
 
 async def test_openai_stream_sends_headers_and_comments_while_queued(
-    stack: LocalStack, session: aiohttp.ClientSession, busy: Ahead
+    stack: LocalStack, session: aiohttp.ClientSession, services: Services, busy: Ahead
 ) -> None:
     await busy.add(2)
-    started = time.monotonic()
     comments: list[str] = []
     async with session.post(
         "/v1/chat/completions",
         json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
         headers=ALICE,
     ) as stream:
-        # Headers come while the request still waits behind bob's.
-        assert stream.status == 200 and time.monotonic() - started < 1.5
+        # Headers come while the request still waits behind bob's (long before its end).
+        assert stream.status == 200
         assert stream.headers["X-Usher-Request-Id"] and stream.headers["X-Usher-Watch-Token"]
+        waiting = await services.get(stream.headers["X-Usher-Request-Id"])
+        assert waiting.state in (S.REQUEST_STATE_QUEUED, S.REQUEST_STATE_RUNNING)
         chunks: list[dict[str, Any]] = []
         async for event in sse_events(stream):
             if event.event == "comment":
@@ -321,13 +328,14 @@ async def test_ollama_stream_sends_headers_at_once_and_errors_in_stream(
     stack: LocalStack, session: aiohttp.ClientSession, services: Services, busy: Ahead
 ) -> None:
     await busy.add(2)
-    started = time.monotonic()
     async with session.post(
         "/api/generate",
         json={"model": MODEL, "prompt": "in a hurry"},
         headers={**ALICE, "X-Usher-Queue-Timeout": "0.5"},
     ) as stream:
-        assert stream.status == 200 and time.monotonic() - started < 1.5
+        # 200, then the timeout as the stream's last line: the headers went out while the
+        # request waited (sent when it left the queue, they'd have been a 504).
+        assert stream.status == 200
         request_id = stream.headers["X-Usher-Request-Id"]
         lines = [json.loads(line) async for line in stream.content if line.strip()]
     assert lines[-1]["code"] == "timeout" and lines[-1]["error"]
