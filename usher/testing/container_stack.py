@@ -52,6 +52,8 @@ HOSTS = {
     "usher-notifier": 14,
     "usher-gateway": 15,
 }
+#: The services usher.env addresses through their headless Services.
+HEADLESS = ("usher-pool", "usher-scheduler", "usher-notifier")
 MODEL = "llama3.2:1b"
 
 
@@ -97,7 +99,11 @@ class Stack:
         return f"{host}-{self.run_id}"
 
     def hosts(self) -> list[str]:
-        return [arg for host in HOSTS for arg in ("--add-host", f"{host}:{self.ip(host)}")]
+        """Every Service name usher.env uses, the headless ones (``dns:///usher-pool-headless``,
+        for client-side balancing) resolving to the same container."""
+        names = [(host, host) for host in HOSTS]
+        names += [(f"{host}-headless", host) for host in HEADLESS]
+        return [arg for name, host in names for arg in ("--add-host", f"{name}:{self.ip(host)}")]
 
     def secrets(self) -> None:
         """Fresh secrets, as an overlay gets them (the same tool, the same files)."""
