@@ -260,11 +260,11 @@ async def test_a_client_that_leaves_mid_answer_cancels_its_request(
     assert "usher_gateway_disconnects_total" in metrics
 
 
+# Only the trio: in one process the Notifier cannot restart apart from the gateway.
+@pytest.mark.parametrize("stack", ["trio"], indirect=True)
 async def test_a_stream_survives_a_notifier_restart(
     stack: LocalStack, http: httpx.AsyncClient, services: Services
 ) -> None:
-    if stack.serve is not None:
-        pytest.skip("all in one process, the Notifier cannot restart apart from the gateway")
     lines: list[dict[str, object]] = []
     async with http.stream(
         "POST",

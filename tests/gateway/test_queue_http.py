@@ -417,13 +417,13 @@ async def test_another_sites_page_is_refused(
         assert reply.status == 202
 
 
+# Only the trio: in one process the Notifier cannot restart apart from the gateway.
+@pytest.mark.parametrize("stack", ["trio"], indirect=True)
 async def test_a_status_stream_survives_a_notifier_restart(
     stack: LocalStack, session: aiohttp.ClientSession, services: Services
 ) -> None:
     """The gateway resumes its Notifier watch after the last event it passed on: the
     browser's stream goes on, nothing lost, nothing twice."""
-    if stack.config.all_in_one:
-        pytest.skip("all in one process: the Notifier cannot restart without the gateway")
     body, _ = await submit(session, "keep going", max_tokens=40)
     events: list[SseEvent] = []
     restarted = False
