@@ -199,13 +199,20 @@ def herd() -> Iterator[tuple[str, str, dict[str, int]]]:
     network namespace: the namespace, the router's URL there, and the process ids."""
     home = peer_venv(HERD)
     namespace = _namespace()
-    work = Path(tempfile.mkdtemp(prefix="usher-herd-"))
+    # Its SQLite trace store commits per request: on tmpfs, so the disk's fsync doesn't
+    # bound it (the bench measures proxies, not disks; Usher's Redis fsyncs its AOF once a second,
+    # off the request path).
+    work = Path(tempfile.mkdtemp(prefix="usher-herd-", dir="/dev/shm"))
     emulator_port, router_port = free_port(), free_port()
     quiet = {
         "HOME": str(work),  # its state and logs stay in the throwaway directory
         "FLEET_TELEMETRY": "false",
         "FLEET_NODE_TELEMETRY": "false",
         "OLLAMA_NUM_PARALLEL": "64",
+        # Its --log-level doesn't reach these: by default it writes DEBUG lines to a JSONL
+        # file and INFO lines through rich to the console, which cost it most of its CPU.
+        "FLEET_LOG_LEVEL": "WARNING",
+        "FLEET_CONSOLE_LOG_LEVEL": "WARNING",
     }
     router_url = f"http://{NAMESPACE_LOOPBACK}:{router_port}"
     processes: list[subprocess.Popen[bytes]] = []
