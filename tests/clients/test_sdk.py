@@ -84,14 +84,19 @@ async def test_a_watch_survives_the_notifier_dying_mid_answer(
     submission = await alice.submit(MODEL, "A long answer, please", num_predict=250)
     updates: list[Update] = []
     restart: asyncio.Task[ServiceProcess] | None = None
-    async with watcher:
-        async for update in watcher.watch(submission.id):
-            updates.append(update)
-            if restart is None and update.kind == UpdateKind.PROGRESS:
-                stack.notifiers[0].kill()  # SIGKILL mid-answer: the stream drops
-                restart = asyncio.create_task(asyncio.to_thread(stack.start_notifier, 0))
+    try:
+        async with watcher:
+            async for update in watcher.watch(submission.id):
+                updates.append(update)
+                if restart is None and update.kind == UpdateKind.PROGRESS:
+                    stack.notifiers[0].kill()  # SIGKILL mid-answer: the stream drops
+                    restart = asyncio.create_task(asyncio.to_thread(stack.start_notifier, 0))
+    finally:
+        # Even when the watch fails: a restart still under way after the stack stops
+        # would leave a Notifier running after the suite.
+        if restart is not None:
+            await restart
     assert restart is not None
-    await restart
     assert any(r.method == "Watch" for r in retries), "the stream should have been resumed"
     ids = [u.event_id for u in updates if u.event_id]
     assert len(ids) == len(set(ids)), "an event was delivered twice"
