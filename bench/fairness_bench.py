@@ -27,9 +27,10 @@ from typing import Any
 from bench import plots
 from bench.fairness_path import full_path
 from bench.stats import goal, latency_ms, percentile
-from services.scheduler.store import FinishedWork, Lease, NewRequest, QueueDefaults, QueueStore
+from services.scheduler.store import FinishedWork, Lease, NewRequest, QueueStore
 from usher.connections import connect_redis
 from usher.ids import new_request_id
+from usher.queue.records import QueueDefaults
 from usher.testing import RedisServer
 from usher.v1 import request_pb2, scheduler_pb2
 

@@ -37,8 +37,9 @@ import psutil  # type: ignore[import-untyped]
 from bench.load import TERMINAL, USERS
 from bench.load import auth as _auth
 from bench.stats import goal, percentile
-from services.scheduler.store import FinishedWork, Lease, QueueDefaults, QueueStore
+from services.scheduler.store import FinishedWork, Lease, QueueStore
 from usher.connections import connect_redis
+from usher.queue.records import QueueDefaults
 from usher.testing import RedisServer, ServiceProcess, free_port
 from usher.testing.stack import DEFAULT_TOKENS
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2, scheduler_pb2_grpc

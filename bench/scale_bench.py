@@ -21,9 +21,10 @@ from bench.load import Trio, closed_loop, http_client, http_generate, rss_mb, st
 from bench.notifier_bench import Fanout, fanout_latency
 from bench.overhead_bench import stack_config
 from bench.stats import latency_ms
-from services.scheduler.store import NewRequest, QueueDefaults, QueueStore
+from services.scheduler.store import NewRequest, QueueStore
 from usher.connections import connect_redis
 from usher.ids import new_request_id
+from usher.queue.records import QueueDefaults
 from usher.testing import RedisServer
 from usher.testing.stack import LocalStack
 from usher.v1 import request_pb2, scheduler_pb2

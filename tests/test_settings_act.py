@@ -33,7 +33,7 @@ SKIP_DIRS = ("usher/v1", "usher/testing")
 SETTINGS_CLASSES = (
     ("services/scheduler/settings.py", "SchedulerSettings"),
     ("services/scheduler/dispatcher.py", "DispatchSettings"),
-    ("services/scheduler/store.py", "QueueDefaults"),
+    ("usher/queue/records.py", "QueueDefaults"),
     ("services/scheduler/quotas.py", "Limits"),
     ("services/pool/config.py", "PoolSettings"),
     ("services/pool/config.py", "InstanceSpec"),

@@ -12,12 +12,13 @@ from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
 from services.notifier.heap import HeapFreezer
 from services.notifier.service import NotifierServicer
-from services.scheduler.store import QueueDefaults, QueueStore
 from usher.auth import Authenticator, Principal, load_token_map
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import metrics_host, serve_metrics
+from usher.queue.reads import QueueReader
+from usher.queue.records import QueueDefaults
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.settings import ServiceSettings
@@ -55,7 +56,7 @@ class NotifierApp:
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.redis = connect_redis(settings.redis_url)
-        self.store = QueueStore(self.redis, QueueDefaults(), sealer_from_env())
+        self.store = QueueReader(self.redis, QueueDefaults(), sealer_from_env())
         self.fanout = Fanout(
             self.store,
             settings.position_interval_seconds,

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 from services.notifier import updates
-from services.scheduler.store import QueueStore
 from usher import keys
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.queue.reads import QueueReader
 from usher.v1 import notifier_pb2
 
 __all__ = ["BadgeBoard"]
@@ -31,7 +31,7 @@ CapacitySource = Callable[[Sequence[str]], Awaitable[dict[str, int]]]
 class BadgeBoard:
     def __init__(
         self,
-        store: QueueStore,
+        store: QueueReader,
         capacity: CapacitySource | None = None,
         external_alternative: str = "",
         interval: float = 1.0,

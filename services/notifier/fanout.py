@@ -32,13 +32,14 @@ from typing import Any, cast
 from redis.crc import key_slot
 
 from services.notifier import updates
-from services.scheduler.eta import ModelAverages
-from services.scheduler.store import QUEUED, QueueStore, StoredRequest
 from usher import keys, metrics
 from usher.connections import is_cluster
 from usher.ids import event_id_key
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.queue.eta import ModelAverages
+from usher.queue.reads import QueueReader
+from usher.queue.records import QUEUED, StoredRequest
 from usher.v1 import notifier_pb2
 
 __all__ = [
@@ -258,7 +259,7 @@ class AveragesCache:
     """Model averages for ETAs, read at most once a second per model by one caller while
     the others keep using the previous value (no herd of watchers reading the same hash)."""
 
-    def __init__(self, store: QueueStore, ttl: float = AVERAGES_TTL_SECONDS) -> None:
+    def __init__(self, store: QueueReader, ttl: float = AVERAGES_TTL_SECONDS) -> None:
         self.store = store
         self.ttl = ttl
         self._values: dict[str, tuple[float, tuple[ModelAverages, int]]] = {}
@@ -303,7 +304,7 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 class Fanout:
     def __init__(
         self,
-        store: QueueStore,
+        store: QueueReader,
         position_interval: float = 0.2,
         position_rate: float = 2000.0,
     ) -> None:

@@ -10,8 +10,6 @@ from typing import Any, cast
 from services.notifier import updates
 from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout, PositionUpdate, Update
-from services.scheduler import records
-from services.scheduler.store import QueueStore, StoredRequest
 from usher import messages, metrics
 from usher.auth import SERVICE_ROLE, Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
@@ -19,6 +17,9 @@ from usher.grpc_types import Context
 from usher.ids import event_id_key, is_event_id, is_request_id
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.queue import records
+from usher.queue.reads import QueueReader
+from usher.queue.records import StoredRequest
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2
 
 __all__ = ["NotifierServicer"]
@@ -57,7 +58,7 @@ class _Cursor:
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     def __init__(
-        self, store: QueueStore, fanout: Fanout, board: BadgeBoard, auth: Authenticator
+        self, store: QueueReader, fanout: Fanout, board: BadgeBoard, auth: Authenticator
     ) -> None:
         self.store = store
         self.fanout = fanout

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.scheduler.eta import Estimate, ModelAverages, queued_eta
 from usher import messages
 from usher.messages import request_message
+from usher.queue.eta import Estimate, ModelAverages, queued_eta
 from usher.v1 import notifier_pb2
 
 __all__ = [

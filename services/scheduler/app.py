@@ -10,13 +10,14 @@ from services.scheduler.quotas import Quotas
 from services.scheduler.reaper import reap_forever
 from services.scheduler.service import SchedulerAdminServicer, SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.store import QueueDefaults, QueueStore
+from services.scheduler.store import QueueStore
 from usher.audit import AuditInterceptor, AuditLog
 from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import metrics_host, serve_metrics
+from usher.queue.records import QueueDefaults
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls

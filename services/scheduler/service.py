@@ -14,7 +14,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from services.scheduler import admission, fairness, records
+from services.scheduler import admission
 from services.scheduler.quotas import LIVE_GRACE_MS, Limits, Quotas, StorageCharge
 from services.scheduler.reaper import settle_ended
 from services.scheduler.settings import SchedulerSettings
@@ -22,7 +22,6 @@ from services.scheduler.store import (
     TENANT_LISTING_MAX,
     NewRequest,
     QueueStore,
-    StoredRequest,
     SubmitOutcome,
 )
 from usher import keys, metrics, tracing
@@ -40,6 +39,8 @@ from usher.errors import (
 )
 from usher.grpc_types import Context
 from usher.ids import is_request_id, new_request_id
+from usher.queue import fairness, records
+from usher.queue.records import StoredRequest
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SchedulerAdminServicer", "SchedulerServicer"]

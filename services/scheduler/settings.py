@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.scheduler.fairness import DEFAULT_PRIORITY_LEAD
 from services.scheduler.quotas import Limits
 from usher.auth import Principal, load_token_map
 from usher.config import ConfigError, env_float, env_int, env_list, env_str
+from usher.queue.fairness import DEFAULT_PRIORITY_LEAD
 
 __all__ = ["FALLBACK_POLICIES", "SchedulerSettings"]
 

@@ -1,36 +1,43 @@
 """The Redis adapter of the scheduler: one method per Lua script, typed records in and out.
 
 Every change is one atomic script (services/scheduler/lua/, one file each, loaded once and
-called by SHA). Cross-model index keys (id → model, the caller's listing, the model set)
-are pipelined *before* the script in the same round trip, so Redis applies them first and
-a crash in between cannot leave a queued request that Get or List cannot find.
+called by SHA); the reads the Notifier shares, and the records, are in usher/queue/.
+Cross-model index keys (id → model, the caller's listing, the model set) are pipelined
+*before* the script in the same round trip, so Redis applies them first and a crash in
+between cannot leave a queued request that Get or List cannot find.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, WatchError
+from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
-from services.scheduler import eta, fairness
-from services.scheduler.eta import SERVICE_ALPHA, ModelAverages
 from services.scheduler.quotas import Footprint
 from usher import keys
 from usher.connections import is_cluster
 from usher.crypto import NullSealer
 from usher.errors import Unavailable
 from usher.keys import ModelKeys
+from usher.queue import eta, fairness
+from usher.queue.eta import SERVICE_ALPHA
+from usher.queue.reads import QueueReader, now_ms
+from usher.queue.records import (
+    QUEUED,
+    ModelConfig,
+    QueueDefaults,
+    StoredRequest,
+    decode,
+    pairs,
+)
 from usher.smoothing import EWMA_ALPHA
 from usher.v1 import request_pb2
 
@@ -42,23 +49,11 @@ __all__ = [
     "Lease",
     "NewRequest",
     "ProgressEvent",
-    "QueueDefaults",
     "QueueStore",
     "ReapCounts",
-    "StoredRequest",
     "SubmitOutcome",
 ]
 
-QUEUED = request_pb2.REQUEST_STATE_QUEUED
-RUNNING = request_pb2.REQUEST_STATE_RUNNING
-TERMINAL_STATES = frozenset(
-    {
-        request_pb2.REQUEST_STATE_COMPLETED,
-        request_pb2.REQUEST_STATE_FAILED,
-        request_pb2.REQUEST_STATE_CANCELLED,
-        request_pb2.REQUEST_STATE_EXPIRED,
-    }
-)
 #: A caller's listing keeps its newest entries only.
 TENANT_LISTING_MAX = 10_000
 #: The id → model index outlives the request's own keys by this much (queue time + slack).
@@ -68,34 +63,8 @@ INDEX_SLACK_SECONDS = 2 * 86_400
 REQUEST_INDEX_BYTES = 512
 #: Tenant weights are read at most this often per process.
 CACHE_SECONDS = 1.0
-#: Model averages (with the fair clock and running count ETAs start from) at most this
-#: often: the clock moves with every claim, and a second-old one overstates waits.
-AVERAGES_CACHE_SECONDS = 0.1
 #: The fleet's catalogue of models is reused this long (a miss is read again at once).
 CATALOGUE_CACHE_SECONDS = 2.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDefaults:
-    """Per-model limits used until an operator sets the model's own (UpdateQueueConfig)."""
-
-    max_queue_size: int = 100
-    queue_timeout_ms: int = 300_000
-    max_attempts: int = 3
-    lease_ms: int = 30_000
-    parallel: int = 1
-    result_ttl_seconds: int = 86_400
-    idempotency_ttl_seconds: int = 86_400
-    priority_lead: float = fairness.DEFAULT_PRIORITY_LEAD
-    default_output_tokens: float = 256.0
-    #: After an enqueue, WAIT until this many replicas hold it (0 = answer at once, as
-    #: Redis's asynchronous replication does); fewer within the timeout is UNAVAILABLE.
-    wait_replicas: int = 0
-    wait_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,124 +121,6 @@ class SubmitOutcome:
     request: StoredRequest | None = None
 
 
-def _decode(reply: bytes | str) -> str:
-    """A reply as text. Our client keeps ``decode_responses=False``, so replies are bytes."""
-    return reply.decode() if isinstance(reply, bytes) else reply
-
-
-def _text(raw: dict[bytes, bytes], name: str, default: str = "") -> str:
-    value = raw.get(name.encode())
-    return default if value is None else value.decode()
-
-
-def _int(raw: dict[bytes, bytes], name: str, default: int = 0) -> int:
-    value = raw.get(name.encode())
-    return default if value is None or value == b"" else int(float(value))
-
-
-def _float(raw: dict[bytes, bytes], name: str, default: float = 0.0) -> float:
-    value = raw.get(name.encode())
-    return default if value is None or value == b"" else float(value)
-
-
-def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRequest:
-    """A request as Redis holds it (payload and result still serialized)."""
-
-    id: str
-    model: str
-    kind: int
-    state: int
-    user: str
-    organization: str
-    priority: int
-    fallback: int
-    route: int
-    created_ms: int
-    started_ms: int
-    finished_ms: int
-    deadline_ms: int
-    queue_timeout_ms: int
-    attempts: int
-    max_attempts: int
-    error: str
-    idempotency_key: str
-    cancel_requested: bool
-    labels: dict[str, str]
-    traceparent: str
-    payload: bytes
-    result: bytes
-    usage: bytes
-    prompt_tokens: int
-    cost: float
-    lease_token: str
-    #: Why it went to the external lane ("timeout", "switched", "unavailable").
-    route_reason: str = ""
-    #: The wait (ms) promised when it was queued; 0 when none was.
-    promised_wait_ms: int = 0
-    #: Its fair start tag (fairness.py), for the ETA.
-    start: float = 0.0
-    owners: frozenset[str] = frozenset()
-    position: int = 0
-    queue_length: int = 0
-
-    @property
-    def tenant(self) -> str:
-        return keys.tenant_id(self.organization, self.user)
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    @classmethod
-    def from_hash(
-        cls,
-        raw: dict[bytes, bytes],
-        owners: frozenset[str] = frozenset(),
-        position: int = 0,
-        queue_length: int = 0,
-    ) -> StoredRequest:
-        return cls(
-            id=_text(raw, "id"),
-            model=_text(raw, "model"),
-            kind=_int(raw, "kind"),
-            state=_int(raw, "state"),
-            user=_text(raw, "user"),
-            organization=_text(raw, "org"),
-            priority=_int(raw, "priority"),
-            fallback=_int(raw, "fallback"),
-            route=_int(raw, "route"),
-            created_ms=_int(raw, "created_ms"),
-            started_ms=_int(raw, "started_ms"),
-            finished_ms=_int(raw, "finished_ms"),
-            deadline_ms=_int(raw, "deadline_ms"),
-            queue_timeout_ms=_int(raw, "queue_timeout_ms"),
-            attempts=_int(raw, "attempts"),
-            max_attempts=_int(raw, "max_attempts"),
-            error=_text(raw, "error"),
-            idempotency_key=_text(raw, "idem"),
-            cancel_requested=_text(raw, "cancel") == "1",
-            labels=json.loads(_text(raw, "labels", "{}")),
-            traceparent=_text(raw, "traceparent"),
-            payload=raw.get(b"payload", b""),
-            result=raw.get(b"result", b""),
-            usage=raw.get(b"usage", b""),
-            prompt_tokens=_int(raw, "prompt_tokens"),
-            cost=_float(raw, "cost"),
-            lease_token=_text(raw, "lease_token"),
-            route_reason=_text(raw, "route_reason"),
-            promised_wait_ms=_int(raw, "promised_wait_ms"),
-            start=_float(raw, "start"),
-            owners=owners,
-            position=position,
-            queue_length=queue_length,
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class Lease:
     """The right to run one request until ``expires_ms``, fenced by ``token``."""
@@ -310,7 +161,7 @@ class Ended:
 def _ended(model: str, flat: Sequence[bytes]) -> tuple[Ended, ...]:
     """{id, org, user, ...} from a script → Ended records."""
     return tuple(
-        Ended(_decode(flat[i]), model, keys.tenant_id(_decode(flat[i + 1]), _decode(flat[i + 2])))
+        Ended(decode(flat[i]), model, keys.tenant_id(decode(flat[i + 1]), decode(flat[i + 2])))
         for i in range(0, len(flat), 3)
     )
 
@@ -337,53 +188,28 @@ RESETTABLE_COUNTERS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    model: str
-    max_queue_size: int
-    queue_timeout_ms: int
-    max_attempts: int
-    lease_ms: int
-    parallel: int
-    paused: bool = False
-    #: Fallback policy of requests that name none; 0 = the Scheduler's default.
-    fallback: int = 0
+class QueueStore(QueueReader):
+    """Per-model fair queues, leases and the request records, on one Redis: the shared
+    reads (usher/queue/reads.py) and every change, one Lua script each."""
 
-
-class _Scripts:
-    """The Lua scripts, each prefixed with the key header and the shared library."""
-
-    NAMES = (
-        "enqueue",
-        "claim",
-        "heartbeat",
-        "complete",
-        "cancel",
-        "reap",
-        "inspect",
-        "requeue",
-        "progress",
-        "switch",
-        "drain",
-        "retry",
-        "retire",
-        "unavailable",
-    )
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        folder = resources.files("services.scheduler") / "lua"
-        prelude = keys.lua_key_header() + (folder / "_lib.lua").read_text()
-        self.by_name: dict[str, AsyncScript] = {
-            name: client.register_script(prelude + (folder / f"{name}.lua").read_text())
-            for name in self.NAMES
-        }
-
-    def __getitem__(self, name: str) -> AsyncScript:
-        return self.by_name[name]
-
-
-class QueueStore:
-    """Per-model fair queues, leases and the request records, on one Redis."""
+    SCRIPTS: ClassVar[Mapping[str, Sequence[str]]] = {
+        **QueueReader.SCRIPTS,
+        "services.scheduler": (
+            "enqueue",
+            "claim",
+            "heartbeat",
+            "complete",
+            "cancel",
+            "reap",
+            "requeue",
+            "progress",
+            "switch",
+            "drain",
+            "retry",
+            "retire",
+            "unavailable",
+        ),
+    }
 
     def __init__(
         self,
@@ -391,39 +217,9 @@ class QueueStore:
         defaults: QueueDefaults | None = None,
         sealer: NullSealer | None = None,
     ) -> None:
-        self.redis = client
-        self.defaults = defaults or QueueDefaults()
-        #: Encrypts prompts and results at rest (a NullSealer when no key is configured).
-        self.sealer = sealer or NullSealer()
-        self._scripts = _Scripts(client)
+        super().__init__(client, defaults, sealer)
         self._weights: dict[str, tuple[float, float]] = {}
-        self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
-        self._averages_reads: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
         self._catalogue: tuple[float, frozenset[str]] = (-1e9, frozenset())
-
-    def _stored(
-        self,
-        raw: dict[bytes, bytes],
-        owners: frozenset[str] = frozenset(),
-        position: int = 0,
-        queue_length: int = 0,
-    ) -> StoredRequest:
-        """A request read from Redis, its prompt and result decrypted."""
-        stored = StoredRequest.from_hash(raw, owners, position, queue_length)
-        return replace(
-            stored,
-            payload=self.sealer.open(stored.payload, stored.id),
-            result=self.sealer.open(stored.result, stored.id) if stored.result else b"",
-        )
-
-    async def _run(self, name: str, model: str, args: Sequence[Any]) -> Any:
-        mk = ModelKeys(model)
-        return await self._scripts[name](keys=[mk.queue], args=[mk.base, now_ms(), *args])
-
-    def _queue_script(self, pipe: Pipeline, name: str, model: str, args: Sequence[Any]) -> None:
-        """Add a script call to a pipeline by SHA (no per-call SCRIPT EXISTS round trip)."""
-        mk = ModelKeys(model)
-        pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
 
     def _queue_wait(self, pipe: Pipeline, model: str) -> None:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
@@ -457,28 +253,8 @@ class QueueStore:
                 "replicas; retry with the same idempotency key"
             )
 
-    async def _execute(self, build: Callable[[Pipeline], None]) -> list[Any]:
-        """Run a pipeline; if Redis lost its script cache (a restart), load and run it again.
-        Every command in our pipelines is safe to repeat."""
-        for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                build(pipe)
-                try:
-                    return list(await pipe.execute())
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-            for script in self._scripts.by_name.values():
-                await self.redis.script_load(script.script)
-        raise AssertionError("unreachable")
-
-    # Typed reads: our client keeps decode_responses=False, so members and fields are bytes.
-
     async def _zrevrange(self, key: str, start: int, end: int) -> list[bytes]:
         return cast("list[bytes]", await self.redis.zrevrange(key, start, end))
-
-    async def _hgetall(self, key: str) -> dict[bytes, bytes]:
-        return cast("dict[bytes, bytes]", await self.redis.hgetall(key))
 
     # ---- submit ---------------------------------------------------------------------------
 
@@ -696,25 +472,6 @@ class QueueStore:
     async def remember_promised_wait(self, model: str, request_id: str, wait_ms: int) -> None:
         await self.redis.hset(ModelKeys(model).request(request_id), "promised_wait_ms", wait_ms)
 
-    async def model_of(self, request_id: str) -> str | None:
-        raw = await self.redis.get(keys.request_index(request_id))
-        return _decode(raw) if raw else None
-
-    async def get(self, request_id: str) -> StoredRequest | None:
-        model = await self.model_of(request_id)
-        if model is None:
-            return None
-        return await self.inspect(model, request_id)
-
-    async def inspect(self, model: str, request_id: str) -> StoredRequest | None:
-        reply = await self._run("inspect", model, [request_id])
-        if reply is None:
-            return None
-        flat, owners, position, length = reply
-        return self._stored(
-            _pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
-        )
-
     async def list_for(
         self, tenant: str, offset: int, limit: int
     ) -> tuple[list[StoredRequest], bool]:
@@ -732,7 +489,7 @@ class QueueStore:
             for request_id in ids:
                 pipe.get(keys.request_index(request_id))
             models = await pipe.execute()
-        wanted = [(i, _decode(m)) for i, m in zip(ids, models, strict=True) if m]
+        wanted = [(i, decode(m)) for i, m in zip(ids, models, strict=True) if m]
 
         def build(pipe: Pipeline) -> None:
             for request_id, model in wanted:
@@ -745,7 +502,7 @@ class QueueStore:
                 flat, owners, position, length = reply
                 found.append(
                     self._stored(
-                        _pairs(flat),
+                        pairs(flat),
                         frozenset(o.decode() for o in owners),
                         int(position),
                         int(length),
@@ -753,19 +510,9 @@ class QueueStore:
                 )
         return found, more
 
-    async def models(self) -> list[str]:
-        return sorted(_decode(m) for m in await self.redis.smembers(keys.MODELS))
-
     async def queue_length(self, model: str) -> int:
         length: int = await self.redis.zcard(ModelKeys(model).queue)
         return length
-
-    def cached_averages(self, model: str) -> ModelAverages:
-        """The averages last read for ``model`` (defaults when never read)."""
-        cached = self._averages.get(model)
-        if cached is None:
-            return ModelAverages(30.0, output_tokens=self.defaults.default_output_tokens)
-        return cached[1]
 
     async def served_models(self, *, fresh: bool = False) -> frozenset[str]:
         """The models the fleet offers (the Pool's catalogue, cached briefly); empty until
@@ -776,75 +523,6 @@ class QueueStore:
             models = frozenset(m.decode() for m in raw)
             self._catalogue = (time.monotonic(), models)
         return models
-
-    async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
-        """Moving averages and parallel slots of a model (cached briefly). Slots are the
-        operator's setting if any, else what the Pool last reported, else the default.
-        One read at a time per model: callers arriving meanwhile share its answer rather
-        than pile their own reads onto the connection pool."""
-        cached = self._averages.get(model)
-        if cached and cached[0] > time.monotonic():
-            return cached[1], cached[2]
-        reading = self._averages_reads.get(model)
-        if reading is None:
-            reading = asyncio.ensure_future(self._read_averages(model))
-            self._averages_reads[model] = reading
-            reading.add_done_callback(lambda _: self._averages_reads.pop(model, None))
-        return await asyncio.shield(reading)
-
-    async def _read_averages(self, model: str) -> tuple[ModelAverages, int]:
-        now = time.monotonic()
-        mk = ModelKeys(model)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
-            pipe.hget(mk.config, "parallel")
-            pipe.hget(keys.POOL_CAPACITY, model)
-            pipe.hmget(mk.fairness, ["vtime", "act_since"])
-            pipe.zcard(mk.leases)
-            active_since = now_ms() - eta.ACTIVE_FLOW_SECONDS * 1000
-            pipe.zrevrangebyscore(mk.flows, "+inf", active_since, start=0, num=eta.MAX_FLOWS)
-            (
-                (service, variance, output, tps),
-                parallel,
-                capacity,
-                (vtime, since),
-                running,
-                flow_names,
-            ) = await pipe.execute()
-        averages = ModelAverages(
-            service_seconds=float(service) / 1000 if service else 30.0,
-            service_variance=float(variance) / 1e6 if variance else 0.0,
-            output_tokens=float(output) if output else self.defaults.default_output_tokens,
-            tokens_per_second=float(tps) if tps else 0.0,
-            virtual_time=float(vtime) if vtime else 0.0,
-            running=int(running),
-            flows=await self._flow_activity(mk, flow_names, since),
-            priority_lead=self.defaults.priority_lead,
-        )
-        slots = int(parallel or capacity or 0) or self.defaults.parallel
-        self._averages[model] = (now + AVERAGES_CACHE_SECONDS, averages, slots)
-        return averages, slots
-
-    async def _flow_activity(
-        self, mk: ModelKeys, names: Sequence[bytes], since: bytes | None
-    ) -> tuple[eta.FlowActivity, ...]:
-        """The recently active flows of a model: finish tags and arrival rates (for ETAs)."""
-        if not names or since is None:
-            return ()
-        flows = [name.decode() for name in names]
-        fields = [f"{prefix}{flow}" for flow in flows for prefix in ("flow:", "act:")]
-        values = await self.redis.hmget(mk.fairness, fields)
-        now, observed_since = time.time(), float(since) / 1000
-        found = []
-        for i, flow in enumerate(flows):
-            finish, record = values[2 * i], values[2 * i + 1]
-            if record:
-                activity = eta.activity_from_record(
-                    flow, float(finish or 0), _decode(record), now, observed_since
-                )
-                if activity is not None:
-                    found.append(activity)
-        return tuple(found)
 
     async def counters(self, model: str) -> dict[str, float]:
         raw = await self._hgetall(ModelKeys(model).stats)
@@ -868,20 +546,6 @@ class QueueStore:
         return [r for r in found if r is not None]
 
     # ---- config ---------------------------------------------------------------------------
-
-    async def config(self, model: str) -> ModelConfig:
-        raw = await self._hgetall(ModelKeys(model).config)
-        d = self.defaults
-        return ModelConfig(
-            model=model,
-            max_queue_size=_int(raw, "max_queue_size", d.max_queue_size),
-            queue_timeout_ms=_int(raw, "queue_timeout_ms", d.queue_timeout_ms),
-            max_attempts=_int(raw, "max_attempts", d.max_attempts),
-            lease_ms=_int(raw, "lease_ms", d.lease_ms),
-            parallel=_int(raw, "parallel", d.parallel),
-            paused=_int(raw, "paused") == 1,
-            fallback=_int(raw, "fallback"),
-        )
 
     async def set_paused(self, model: str, paused: bool) -> ModelConfig:
         await self.update_config(model, {"paused": 1 if paused else 0})
@@ -980,7 +644,7 @@ class QueueStore:
         )
         if not flat:
             return None
-        return Lease(self._stored(_pairs(flat)), token, owner)
+        return Lease(self._stored(pairs(flat)), token, owner)
 
     async def heartbeat(self, lease: Lease, lease_ms: int | None = None) -> int:
         """-1: lease lost; 1: cancel requested; 0: carry on."""

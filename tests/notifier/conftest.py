@@ -10,9 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.notifier.app import NotifierApp, NotifierSettings
-from services.scheduler.store import QueueDefaults, QueueStore
+from services.scheduler.store import QueueStore
 from usher.auth import parse_token_map
 from usher.inprocess import LocalChannel
+from usher.queue.records import QueueDefaults
 from usher.testing import free_port
 from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.v1 import notifier_pb2_grpc

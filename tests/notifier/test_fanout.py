@@ -15,9 +15,10 @@ from services.notifier.fanout import (
     Update,
     Watched,
 )
-from services.scheduler.eta import ModelAverages
-from services.scheduler.store import QUEUED, FinishedWork, QueueStore, StoredRequest
+from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
+from usher.queue.eta import ModelAverages
+from usher.queue.records import QUEUED, StoredRequest
 from usher.v1 import notifier_pb2, request_pb2
 
 MODEL = "fan-model"

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.scheduler.store import QueueDefaults, QueueStore
+from services.scheduler.store import QueueStore
+from usher.queue.records import QueueDefaults
 
 
 @pytest.fixture

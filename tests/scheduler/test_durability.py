@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 
-from services.scheduler.store import QueueDefaults, QueueStore
+from services.scheduler.store import QueueStore
 from tests.scheduler.conftest import TOKENS
 from tests.scheduler.factories import generate_submit
 from usher.connections import connect_redis
+from usher.queue.records import QueueDefaults
 from usher.testing import RedisServer, ServiceProcess, free_port
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -137,7 +138,8 @@ async def test_sigkill_the_scheduler_mid_load_loses_nothing(
 
 LEASE_HOLDER = """
 import asyncio, sys
-from services.scheduler.store import QueueDefaults, QueueStore
+from services.scheduler.store import QueueStore
+from usher.queue.records import QueueDefaults
 from usher.connections import connect_redis
 
 async def main():

@@ -1,4 +1,4 @@
-"""The queued-wait estimate under fair queuing (services/scheduler/eta.py), pure and on Redis."""
+"""The queued-wait estimate under fair queuing (usher/queue/eta.py), pure and on Redis."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.scheduler import eta, fairness, records
 from services.scheduler.store import QueueStore
 from tests.scheduler.factories import new_request
+from usher.queue import eta, fairness, records
 
 MODEL = "llama3.2"
 

@@ -1,4 +1,4 @@
-"""Properties of the pure fairness and ETA math (services/scheduler/fairness.py, eta.py)."""
+"""Properties of the pure fairness and ETA math (usher/queue/fairness.py, eta.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scheduler import eta, fairness
-from services.scheduler.fairness import FairQueue
 from usher import smoothing
+from usher.queue import eta, fairness
+from usher.queue.fairness import FairQueue
 
 costs = st.floats(min_value=1, max_value=4000, allow_nan=False)
 weights = st.floats(min_value=0.1, max_value=10, allow_nan=False)

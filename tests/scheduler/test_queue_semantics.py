@@ -8,10 +8,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.fairness import FairQueue
 from services.scheduler.reaper import reap_once
-from services.scheduler.store import FinishedWork, QueueDefaults, QueueStore
+from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
+from usher.queue.fairness import FairQueue
+from usher.queue.records import QueueDefaults
 from usher.v1 import request_pb2
 
 MODEL = "llama3.2"

@@ -10,11 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
 
-from services.scheduler.store import FinishedWork, QueueDefaults, QueueStore
+from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
 from usher.config import ConfigError
 from usher.crypto import Sealer, sealer_from_env
 from usher.keys import ModelKeys
+from usher.queue.records import QueueDefaults
 from usher.v1 import request_pb2
 
 KEY_A = base64.b64encode(os.urandom(32)).decode()

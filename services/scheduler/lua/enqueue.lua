@@ -60,7 +60,7 @@ if length >= limit then
   return {'full', '', 0, length}
 end
 
--- Start-time fair queuing (services/scheduler/fairness.py: enqueue_tags).
+-- Start-time fair queuing (usher/queue/fairness.py: enqueue_tags).
 local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
 local flow_finish = tonumber(redis.call('HGET', K.fairness, 'flow:' .. flow) or '0')
 local start = math.max(vtime, flow_finish)

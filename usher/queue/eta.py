@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from services.scheduler.fairness import DEFAULT_PRIORITY_LEAD, NORMAL_CLASS
+from usher.queue.fairness import DEFAULT_PRIORITY_LEAD, NORMAL_CLASS
 
 __all__ = [
     "ACTIVE_FLOW_SECONDS",

@@ -1,0 +1,224 @@
+"""The read side of the request queue on Redis: records, places, models, averages.
+
+The Notifier reads the queue through a ``QueueReader``; the Scheduler's ``QueueStore``
+(services/scheduler/store.py) is one too, with the writes added. Scripts load by name from
+the packages given (each package's ``lua/`` folder), after the key header and the queue's
+shared library (usher/queue/lua/_lib.lua), and are called by SHA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from importlib import resources
+from typing import Any, ClassVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from usher import keys
+from usher.crypto import NullSealer
+from usher.keys import ModelKeys
+from usher.queue import eta
+from usher.queue.eta import ModelAverages
+from usher.queue.records import ModelConfig, QueueDefaults, StoredRequest, decode, pairs
+
+__all__ = ["AVERAGES_CACHE_SECONDS", "QueueReader", "Scripts", "now_ms"]
+
+#: Model averages (with the fair clock and running count ETAs start from) at most this
+#: often: the clock moves with every claim, and a second-old one overstates waits.
+AVERAGES_CACHE_SECONDS = 0.1
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Scripts:
+    """Lua scripts by name, each prefixed with the key header and the shared library."""
+
+    def __init__(self, client: aioredis.Redis, packages: Mapping[str, Sequence[str]]) -> None:
+        library = (resources.files("usher.queue") / "lua" / "_lib.lua").read_text()
+        prelude = keys.lua_key_header() + library
+        self.by_name: dict[str, AsyncScript] = {}
+        for package, names in packages.items():
+            folder = resources.files(package) / "lua"
+            for name in names:
+                text = (folder / f"{name}.lua").read_text()
+                self.by_name[name] = client.register_script(prelude + text)
+
+    def __getitem__(self, name: str) -> AsyncScript:
+        return self.by_name[name]
+
+
+class QueueReader:
+    """Reads of per-model fair queues and the request records, on one Redis."""
+
+    #: The scripts to load: package → names of the ``lua/<name>.lua`` files it holds.
+    SCRIPTS: ClassVar[Mapping[str, Sequence[str]]] = {"usher.queue": ("inspect",)}
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        defaults: QueueDefaults | None = None,
+        sealer: NullSealer | None = None,
+    ) -> None:
+        self.redis = client
+        self.defaults = defaults or QueueDefaults()
+        #: Encrypts prompts and results at rest (a NullSealer when no key is configured).
+        self.sealer = sealer or NullSealer()
+        self._scripts = Scripts(client, self.SCRIPTS)
+        self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
+        self._averages_reads: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
+
+    def _stored(
+        self,
+        raw: dict[bytes, bytes],
+        owners: frozenset[str] = frozenset(),
+        position: int = 0,
+        queue_length: int = 0,
+    ) -> StoredRequest:
+        """A request read from Redis, its prompt and result decrypted."""
+        stored = StoredRequest.from_hash(raw, owners, position, queue_length)
+        return replace(
+            stored,
+            payload=self.sealer.open(stored.payload, stored.id),
+            result=self.sealer.open(stored.result, stored.id) if stored.result else b"",
+        )
+
+    async def _run(self, name: str, model: str, args: Sequence[Any]) -> Any:
+        mk = ModelKeys(model)
+        return await self._scripts[name](keys=[mk.queue], args=[mk.base, now_ms(), *args])
+
+    def _queue_script(self, pipe: Pipeline, name: str, model: str, args: Sequence[Any]) -> None:
+        """Add a script call to a pipeline by SHA (no per-call SCRIPT EXISTS round trip)."""
+        mk = ModelKeys(model)
+        pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
+
+    async def _execute(self, build: Callable[[Pipeline], None]) -> list[Any]:
+        """Run a pipeline; if Redis lost its script cache (a restart), load and run it again.
+        Every command in our pipelines is safe to repeat."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    return list(await pipe.execute())
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            for script in self._scripts.by_name.values():
+                await self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    # Typed reads: our client keeps decode_responses=False, so members and fields are bytes.
+
+    async def _hgetall(self, key: str) -> dict[bytes, bytes]:
+        return cast("dict[bytes, bytes]", await self.redis.hgetall(key))
+
+    # ---- read -----------------------------------------------------------------------------
+
+    async def model_of(self, request_id: str) -> str | None:
+        raw = await self.redis.get(keys.request_index(request_id))
+        return decode(raw) if raw else None
+
+    async def get(self, request_id: str) -> StoredRequest | None:
+        model = await self.model_of(request_id)
+        if model is None:
+            return None
+        return await self.inspect(model, request_id)
+
+    async def inspect(self, model: str, request_id: str) -> StoredRequest | None:
+        reply = await self._run("inspect", model, [request_id])
+        if reply is None:
+            return None
+        flat, owners, position, length = reply
+        return self._stored(
+            pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
+        )
+
+    async def models(self) -> list[str]:
+        return sorted(decode(m) for m in await self.redis.smembers(keys.MODELS))
+
+    def cached_averages(self, model: str) -> ModelAverages:
+        """The averages last read for ``model`` (defaults when never read)."""
+        cached = self._averages.get(model)
+        if cached is None:
+            return ModelAverages(30.0, output_tokens=self.defaults.default_output_tokens)
+        return cached[1]
+
+    async def model_averages(self, model: str) -> tuple[ModelAverages, int]:
+        """Moving averages and parallel slots of a model (cached briefly). Slots are the
+        operator's setting if any, else what the Pool last reported, else the default.
+        One read at a time per model: callers arriving meanwhile share its answer rather
+        than pile their own reads onto the connection pool."""
+        cached = self._averages.get(model)
+        if cached and cached[0] > time.monotonic():
+            return cached[1], cached[2]
+        reading = self._averages_reads.get(model)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_averages(model))
+            self._averages_reads[model] = reading
+            reading.add_done_callback(lambda _: self._averages_reads.pop(model, None))
+        return await asyncio.shield(reading)
+
+    async def _read_averages(self, model: str) -> tuple[ModelAverages, int]:
+        now = time.monotonic()
+        mk = ModelKeys(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
+            pipe.hget(mk.config, "parallel")
+            pipe.hget(keys.POOL_CAPACITY, model)
+            pipe.hmget(mk.fairness, ["vtime", "act_since"])
+            pipe.zcard(mk.leases)
+            active_since = now_ms() - eta.ACTIVE_FLOW_SECONDS * 1000
+            pipe.zrevrangebyscore(mk.flows, "+inf", active_since, start=0, num=eta.MAX_FLOWS)
+            (
+                (service, variance, output, tps),
+                parallel,
+                capacity,
+                (vtime, since),
+                running,
+                flow_names,
+            ) = await pipe.execute()
+        averages = ModelAverages(
+            service_seconds=float(service) / 1000 if service else 30.0,
+            service_variance=float(variance) / 1e6 if variance else 0.0,
+            output_tokens=float(output) if output else self.defaults.default_output_tokens,
+            tokens_per_second=float(tps) if tps else 0.0,
+            virtual_time=float(vtime) if vtime else 0.0,
+            running=int(running),
+            flows=await self._flow_activity(mk, flow_names, since),
+            priority_lead=self.defaults.priority_lead,
+        )
+        slots = int(parallel or capacity or 0) or self.defaults.parallel
+        self._averages[model] = (now + AVERAGES_CACHE_SECONDS, averages, slots)
+        return averages, slots
+
+    async def _flow_activity(
+        self, mk: ModelKeys, names: Sequence[bytes], since: bytes | None
+    ) -> tuple[eta.FlowActivity, ...]:
+        """The recently active flows of a model: finish tags and arrival rates (for ETAs)."""
+        if not names or since is None:
+            return ()
+        flows = [name.decode() for name in names]
+        fields = [f"{prefix}{flow}" for flow in flows for prefix in ("flow:", "act:")]
+        values = await self.redis.hmget(mk.fairness, fields)
+        now, observed_since = time.time(), float(since) / 1000
+        found = []
+        for i, flow in enumerate(flows):
+            finish, record = values[2 * i], values[2 * i + 1]
+            if record:
+                activity = eta.activity_from_record(
+                    flow, float(finish or 0), decode(record), now, observed_since
+                )
+                if activity is not None:
+                    found.append(activity)
+        return tuple(found)
+
+    async def config(self, model: str) -> ModelConfig:
+        raw = await self._hgetall(ModelKeys(model).config)
+        return ModelConfig.from_hash(model, raw, self.defaults)
