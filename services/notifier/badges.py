@@ -11,11 +11,8 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import cast
 
 from services.notifier import updates
-from usher import keys
-from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.queue.reads import QueueReader
 from usher.v1 import notifier_pb2
@@ -72,14 +69,7 @@ class BadgeBoard:
     async def refresh(self, extra_models: Sequence[str] = ()) -> None:
         models = sorted(set(await self.store.models()) | set(extra_models) | set(self._named))
         capacity = await self._capacity(models) if self._capacity else {}
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            for model in models:
-                pipe.zcard(ModelKeys(model).queue)
-                pipe.zcard(ModelKeys(model).leases)
-            pipe.exists(keys.POOL_EXTERNAL)
-            *replies, external = await pipe.execute()
-        counts = cast(list[int], replies)
-        self.external_available = bool(external)
+        counts, self.external_available = await self.store.badge_counts(models)
         fresh: dict[str, notifier_pb2.QueueBadge] = {}
         for i, model in enumerate(models):
             averages, parallel = await self.store.model_averages(model)
@@ -87,8 +77,8 @@ class BadgeBoard:
             fresh[model] = updates.badge(
                 updates.BadgeInputs(
                     model=model,
-                    queued=int(counts[2 * i]),
-                    running=int(counts[2 * i + 1]),
+                    queued=counts[i][0],
+                    running=counts[i][1],
                     capacity=capacity.get(model, parallel),
                     averages=averages,
                     max_queue_size=config.max_queue_size,

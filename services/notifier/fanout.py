@@ -26,14 +26,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.crc import key_slot
-
 from services.notifier import updates
-from usher import keys, metrics
-from usher.connections import is_cluster
+from usher import metrics
 from usher.ids import event_id_key
 from usher.keys import ModelKeys
 from usher.logs import get_logger
@@ -71,11 +68,6 @@ IDLE_CHECK_SECONDS = 30.0
 IDLE_CHECKS_PER_SECOND = 200
 #: How long the list of models (and model averages) are reused before they are read again.
 MODELS_TTL_SECONDS = 1.0
-#: On a Redis Cluster the event streams are polled (no blocking read spans slots): how long
-#: to rest after a read that found nothing. A watcher's extra latency is half this on average.
-CLUSTER_POLL_SECONDS = 0.05
-
-_StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 AVERAGES_TTL_SECONDS = 1.0
 #: Request ids are ULIDs: the queue member ends with one.
 _ID_LENGTH = 26
@@ -309,7 +301,6 @@ class Fanout:
         position_rate: float = 2000.0,
     ) -> None:
         self.store = store
-        self.redis = store.redis
         self.position_interval = position_interval
         #: Position messages per second, at most (all watchers together).
         self.position_rate = max(1.0, position_rate)
@@ -373,8 +364,7 @@ class Fanout:
         now = time.monotonic()
         if now - fetched_at < MODELS_TTL_SECONDS:
             return models
-        raw = cast(set[bytes], await self.redis.smembers(keys.MODELS))
-        models = sorted(m.decode() for m in raw)
+        models = await self.store.models()
         self._models_cache = (now, models)
         return models
 
@@ -390,11 +380,7 @@ class Fanout:
             if not first_scan:
                 self._last_ids[model] = "0-0"
                 continue
-            stream = ModelKeys(model).events
-            last = cast(
-                list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrevrange(stream, count=1)
-            )
-            self._last_ids[model] = last[0][0].decode() if last else "0-0"
+            self._last_ids[model] = await self.store.events_end(model)
 
     async def prime(self) -> None:
         """Note where every model's stream ends now. Called before the server takes Watch
@@ -411,7 +397,7 @@ class Fanout:
         streams = {ModelKeys(m).events: self._last_ids[m] for m in models}
         by_stream = {ModelKeys(m).events: m for m in models}
         events: list[Event] = []
-        for stream, entries in await self._read_streams(streams, block_ms):
+        for stream, entries in await self.store.read_streams(streams, block_ms):
             model = by_stream[stream.decode()]
             for entry_id, raw in entries:
                 self._last_ids[model] = entry_id.decode()
@@ -419,26 +405,6 @@ class Fanout:
         if events:
             await self.dispatch_batch(events)
         return len(events)
-
-    async def _read_streams(self, streams: dict[str, str], block_ms: int) -> _StreamReply:
-        """New entries of the given streams (name → last id seen): one blocking XREAD on a
-        single Redis; on a Cluster, whose XREAD cannot span slots, one non-blocking XREAD per
-        slot in one pipelined round trip per node, polled every CLUSTER_POLL_SECONDS while
-        nothing arrives (a blocking read per slot would hold a connection per model)."""
-        if not is_cluster(self.redis):
-            reply = await self.redis.xread(streams, count=2000, block=block_ms)  # type: ignore[arg-type]
-            return cast(_StreamReply, reply or [])
-        by_slot: dict[int, dict[str, str]] = {}
-        for stream, last in streams.items():
-            by_slot.setdefault(key_slot(stream.encode()), {})[stream] = last
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for group in by_slot.values():
-                pipe.xread(group, count=2000)  # type: ignore[arg-type]
-            replies = cast(list[_StreamReply | None], await pipe.execute())
-        found = [item for reply in replies for item in (reply or [])]
-        if not found:
-            await asyncio.sleep(min(block_ms / 1000, CLUSTER_POLL_SECONDS))
-        return found
 
     async def dispatch_batch(self, events: list[Event]) -> None:
         """Hand a batch of events out, with one pipelined read of the requests whose state
@@ -467,45 +433,13 @@ class Fanout:
                 self.dispatch(event, None, read and request_id in wanted)
 
     async def read_requests(self, wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
-        """The current records of the given requests (id → model), in one round trip (two
-        when some are queued: their places), prompts left out; None for one that is gone."""
-        ids = list(wanted)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in ids:
-                pipe.hgetall(ModelKeys(wanted[request_id]).request(request_id))
-            raws = cast(list[dict[bytes, bytes]], await pipe.execute())
-        found: dict[str, StoredRequest | None] = {}
-        queued: list[tuple[str, bytes]] = []
-        sealer = self.store.sealer
-        for request_id, raw in zip(ids, raws, strict=True):
-            if not raw:
-                found[request_id] = None
-                continue
-            raw.pop(b"payload", None)  # the prompt: watchers never show it
-            stored = StoredRequest.from_hash(raw)
-            if stored.result:
-                stored = replace(stored, result=sealer.open(stored.result, request_id))
-            found[request_id] = stored
-            member = raw.get(b"member")
+        """The current records of the given requests (id → model), with their places,
+        prompts left out; None for one that is gone. Their queue members are kept."""
+        found, members = await self.store.watched_requests(wanted)
+        for request_id, member in members.items():
             group = self._groups.get(request_id)
-            if member and group is not None:
+            if group is not None:
                 group.member = member
-            if stored.state == QUEUED and member:
-                queued.append((request_id, member))
-        if queued:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for request_id, member in queued:
-                    queue = ModelKeys(wanted[request_id]).queue
-                    pipe.zrank(queue, member)
-                    pipe.zcard(queue)
-                places = cast(list[int | None], await pipe.execute())
-            for i, (request_id, _) in enumerate(queued):
-                rank, length = places[2 * i], places[2 * i + 1]
-                record = found[request_id]
-                if rank is not None and record is not None:
-                    found[request_id] = replace(
-                        record, position=int(rank) + 1, queue_length=int(length or 0)
-                    )
         return found
 
     def dispatch(
@@ -589,11 +523,10 @@ class Fanout:
         """1-based places of the given requests, and the queue's length: one read of the
         whole queue when the watched are a good share of it, else one ZRANK each (so a
         long queue with few watchers costs work per watcher, not per queued request)."""
-        mk = ModelKeys(model)
-        length = int(await self.redis.zcard(mk.queue))
+        length = await self.store.queue_length(model)
         ranks: dict[str, int] = {}
         if len(groups) * FULL_READ_RATIO > length:
-            queue = cast(list[bytes], await self.redis.zrange(mk.queue, 0, -1))
+            queue = await self.store.queue_members(model)
             wanted = {g.request_id.encode(): g.request_id for g in groups}
             for place, member in enumerate(queue, 1):
                 request_id = wanted.get(member[-_ID_LENGTH:])
@@ -602,17 +535,11 @@ class Fanout:
             return ranks, len(queue)
         unknown = [g for g in groups if g.member is None]
         if unknown:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for group in unknown:
-                    pipe.hget(mk.request(group.request_id), "member")
-                members = cast(list[bytes | None], await pipe.execute())
+            members = await self.store.members_of(model, [g.request_id for g in unknown])
             for group, known in zip(unknown, members, strict=True):
                 group.member = known
         ranked = [g for g in groups if g.member is not None]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for group in ranked:
-                pipe.zrank(mk.queue, cast(bytes, group.member))
-            found = cast(list[int | None], await pipe.execute())
+        found = await self.store.ranks(model, [cast(bytes, g.member) for g in ranked])
         for group, rank in zip(ranked, found, strict=True):
             if rank is not None:
                 ranks[group.request_id] = rank + 1

@@ -15,7 +15,6 @@ from usher.auth import SERVICE_ROLE, Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from usher.grpc_types import Context
 from usher.ids import event_id_key, is_event_id, is_request_id
-from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.queue import records
 from usher.queue.reads import QueueReader
@@ -95,17 +94,6 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         averages, parallel = await self.fanout.averages.get(stored.model)
         return records.to_proto(stored, averages, parallel)
 
-    async def _replay(
-        self, model: str, request_id: str, after: str
-    ) -> list[tuple[str, dict[str, str]]]:
-        raw = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await self.store.redis.xrange(
-                ModelKeys(model).request_events(request_id), f"({after}", "+"
-            ),
-        )
-        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
-
     async def Watch(
         self, request: notifier_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[notifier_pb2.WatchResponse]:
@@ -173,7 +161,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         attempt so far, and the last event id (in a function of its own, so the history
         read for it is not kept alive for the stream's life)."""
         stored = cursor.stored
-        history = await self._replay(stored.model, stored.id, "0-0")
+        history = await self.store.request_events(stored.model, stored.id, "0-0")
         so_far = _current_attempt_tokens([f for _, f in history])
         text = "".join(self._text(f, stored.id) for f in so_far)
         cursor.tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
@@ -203,7 +191,9 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     async def _catch_up(self, cursor: _Cursor) -> AsyncIterator[notifier_pb2.WatchResponse]:
         """Replay the request's events after the cursor from its own stream."""
         stored = cursor.stored
-        for event_id, fields in await self._replay(stored.model, stored.id, cursor.last):
+        for event_id, fields in await self.store.request_events(
+            stored.model, stored.id, cursor.last
+        ):
             yield await self._live(cursor, Update({**fields, "eid": event_id}))
 
     async def _live(self, cursor: _Cursor, update: Update) -> notifier_pb2.WatchResponse:

@@ -510,10 +510,6 @@ class QueueStore(QueueReader):
                 )
         return found, more
 
-    async def queue_length(self, model: str) -> int:
-        length: int = await self.redis.zcard(ModelKeys(model).queue)
-        return length
-
     async def served_models(self, *, fresh: bool = False) -> frozenset[str]:
         """The models the fleet offers (the Pool's catalogue, cached briefly); empty until
         a Pool has reported."""

@@ -18,20 +18,35 @@ from typing import Any, ClassVar, cast
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from usher import keys
+from usher.connections import is_cluster
 from usher.crypto import NullSealer
 from usher.keys import ModelKeys
 from usher.queue import eta
 from usher.queue.eta import ModelAverages
-from usher.queue.records import ModelConfig, QueueDefaults, StoredRequest, decode, pairs
+from usher.queue.records import QUEUED, ModelConfig, QueueDefaults, StoredRequest, decode, pairs
 
-__all__ = ["AVERAGES_CACHE_SECONDS", "QueueReader", "Scripts", "now_ms"]
+__all__ = [
+    "AVERAGES_CACHE_SECONDS",
+    "CLUSTER_POLL_SECONDS",
+    "QueueReader",
+    "Scripts",
+    "StreamReply",
+    "now_ms",
+]
 
 #: Model averages (with the fair clock and running count ETAs start from) at most this
 #: often: the clock moves with every claim, and a second-old one overstates waits.
 AVERAGES_CACHE_SECONDS = 0.1
+#: On a Redis Cluster the event streams are polled (no blocking read spans slots): how long
+#: to rest after a read that found nothing. A watcher's extra latency is half this on average.
+CLUSTER_POLL_SECONDS = 0.05
+
+#: XREAD's answer: (stream, [(entry id, fields)]) per stream with new entries.
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 
 def now_ms() -> int:
@@ -143,6 +158,10 @@ class QueueReader:
     async def models(self) -> list[str]:
         return sorted(decode(m) for m in await self.redis.smembers(keys.MODELS))
 
+    async def queue_length(self, model: str) -> int:
+        length: int = await self.redis.zcard(ModelKeys(model).queue)
+        return length
+
     def cached_averages(self, model: str) -> ModelAverages:
         """The averages last read for ``model`` (defaults when never read)."""
         cached = self._averages.get(model)
@@ -222,3 +241,122 @@ class QueueReader:
     async def config(self, model: str) -> ModelConfig:
         raw = await self._hgetall(ModelKeys(model).config)
         return ModelConfig.from_hash(model, raw, self.defaults)
+
+    # ---- for watchers: events, places, counts ---------------------------------------------
+
+    async def request_events(
+        self, model: str, request_id: str, after: str
+    ) -> list[tuple[str, dict[str, str]]]:
+        """The entries of a request's own event stream after id ``after``, decoded."""
+        raw = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await self.redis.xrange(ModelKeys(model).request_events(request_id), f"({after}", "+"),
+        )
+        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
+
+    async def events_end(self, model: str) -> str:
+        """The id of the last entry of the model's event stream ("0-0" when it is empty)."""
+        last = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await self.redis.xrevrange(ModelKeys(model).events, count=1),
+        )
+        return last[0][0].decode() if last else "0-0"
+
+    async def read_streams(self, streams: dict[str, str], block_ms: int) -> StreamReply:
+        """New entries of the given streams (name → last id seen): one blocking XREAD on a
+        single Redis; on a Cluster, whose XREAD cannot span slots, one non-blocking XREAD per
+        slot in one pipelined round trip per node, polled every CLUSTER_POLL_SECONDS while
+        nothing arrives (a blocking read per slot would hold a connection per model)."""
+        if not is_cluster(self.redis):
+            reply = await self.redis.xread(streams, count=2000, block=block_ms)  # type: ignore[arg-type]
+            return cast(StreamReply, reply or [])
+        by_slot: dict[int, dict[str, str]] = {}
+        for stream, last in streams.items():
+            by_slot.setdefault(key_slot(stream.encode()), {})[stream] = last
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for group in by_slot.values():
+                pipe.xread(group, count=2000)  # type: ignore[arg-type]
+            replies = cast(list[StreamReply | None], await pipe.execute())
+        found = [item for reply in replies for item in (reply or [])]
+        if not found:
+            await asyncio.sleep(min(block_ms / 1000, CLUSTER_POLL_SECONDS))
+        return found
+
+    async def watched_requests(
+        self, wanted: Mapping[str, str]
+    ) -> tuple[dict[str, StoredRequest | None], dict[str, bytes]]:
+        """The current records of the given requests (id → model), in one round trip (two
+        when some are queued: their places), prompts left out; None for one that is gone.
+        Also the queue members of those that have one (id → member)."""
+        ids = list(wanted)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hgetall(ModelKeys(wanted[request_id]).request(request_id))
+            raws = cast(list[dict[bytes, bytes]], await pipe.execute())
+        found: dict[str, StoredRequest | None] = {}
+        members: dict[str, bytes] = {}
+        queued: list[tuple[str, bytes]] = []
+        sealer = self.sealer
+        for request_id, raw in zip(ids, raws, strict=True):
+            if not raw:
+                found[request_id] = None
+                continue
+            raw.pop(b"payload", None)  # the prompt: watchers never show it
+            stored = StoredRequest.from_hash(raw)
+            if stored.result:
+                stored = replace(stored, result=sealer.open(stored.result, request_id))
+            found[request_id] = stored
+            member = raw.get(b"member")
+            if member:
+                members[request_id] = member
+            if stored.state == QUEUED and member:
+                queued.append((request_id, member))
+        if queued:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request_id, member in queued:
+                    queue = ModelKeys(wanted[request_id]).queue
+                    pipe.zrank(queue, member)
+                    pipe.zcard(queue)
+                places = cast(list[int | None], await pipe.execute())
+            for i, (request_id, _) in enumerate(queued):
+                rank, length = places[2 * i], places[2 * i + 1]
+                record = found[request_id]
+                if rank is not None and record is not None:
+                    found[request_id] = replace(
+                        record, position=int(rank) + 1, queue_length=int(length or 0)
+                    )
+        return found, members
+
+    async def queue_members(self, model: str) -> list[bytes]:
+        """The model's whole queue in fair order."""
+        return cast(list[bytes], await self.redis.zrange(ModelKeys(model).queue, 0, -1))
+
+    async def members_of(self, model: str, request_ids: Sequence[str]) -> list[bytes | None]:
+        """The queue members of the given requests (None: it has none), in one round trip."""
+        mk = ModelKeys(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hget(mk.request(request_id), "member")
+            return cast(list[bytes | None], await pipe.execute())
+
+    async def ranks(self, model: str, members: Sequence[bytes]) -> list[int | None]:
+        """0-based ranks of the given members in the model's queue (None: not in it)."""
+        queue = ModelKeys(model).queue
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.zrank(queue, member)
+            return cast(list[int | None], await pipe.execute())
+
+    async def badge_counts(self, models: Sequence[str]) -> tuple[list[tuple[int, int]], bool]:
+        """Queued and running counts of each model, and whether an external lane is
+        configured, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcard(ModelKeys(model).queue)
+                pipe.zcard(ModelKeys(model).leases)
+            pipe.exists(keys.POOL_EXTERNAL)
+            *replies, external = await pipe.execute()
+        counts = cast(list[int], replies)
+        return [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(models))], bool(
+            external
+        )
