@@ -269,7 +269,3 @@ class InstanceKeys:
     def model_slots(self, model: str) -> str:
         """ZSET slot id → lease expiry (ms), one model."""
         return f"{self.base}model-slots:{model}"
-
-    def slot(self, slot_id: str) -> str:
-        """HASH of one slot: model, holder, route; expires with the lease."""
-        return f"{self.base}slot:{slot_id}"

@@ -36,7 +36,8 @@ class PoolApp:
         self.router = FleetRouter(self.registry, self.slots, settings)
         auth = Authenticator.from_env(settings.tokens)
         self.audit = AuditLog(self.redis)
-        public = PoolServicer(self.router, PoolStats(self.redis), auth, settings)
+        self.stats = PoolStats(self.redis)
+        public = PoolServicer(self.router, self.stats, auth, settings)
         admin = PoolAdminServicer(self.registry, auth)
         names = pool_pb2.DESCRIPTOR.services_by_name
         #: The servicers, for the gRPC server and for an in-process channel (usher serve).
@@ -107,6 +108,8 @@ class PoolApp:
         await self.server.stop()
         self._stop.set()
         await asyncio.gather(*self._tasks)
+        with contextlib.suppress(Exception):  # Redis away: the samples are only statistics
+            await self.stats.aclose()
         await self.registry.aclose()
         await self.audit.aclose()
         await self.redis.aclose()

@@ -31,7 +31,6 @@ from services.pool.upstream import (
     status_is_retryable,
 )
 from usher.auth import Authenticator, Principal
-from usher.background import Background
 from usher.config import ConfigError
 from usher.errors import (
     DeadlineExceeded,
@@ -145,9 +144,13 @@ class FleetRouter:
         instances = [s.id for s in self.registry.instances.values() if s.spec.external == external]
         if not instances:
             return None
-        usage = await self.slots.usage(instances, model)
         role = role or self.model_roles.get(model)
+        usage = await self.slots.recent_usage(instances, model)
         candidates = self.registry.candidates(model, usage, external, exclude, role=role)
+        if not any(routing.eligible(c) for c in candidates):
+            # Looked full: slots freed through other replicas are seen at the poll's pace.
+            usage = await self.slots.recent_usage(instances, model, POLL_SECONDS)
+            candidates = self.registry.candidates(model, usage, external, exclude, role=role)
         turn_key = (model, external)
         turn: int | None = None
         if self.strategy is routing.Strategy.WEIGHTED_ROUND_ROBIN and any(
@@ -367,7 +370,6 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         self.stats = stats
         self.auth = auth
         self.settings = settings
-        self._background = Background()
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -561,9 +563,9 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                             )
                         self.registry.record(state, model, True, first_token or event.total_seconds)
                         self.router.settle_trial(grant.id)
-                        # In the background: neither the answer nor the slot's release (and
-                        # with it the next request) waits for the fleet statistics.
-                        self._background.spawn(self.stats.record_done(model, state.id, event))
+                        # Batched: neither the answer nor the slot's release (and with it
+                        # the next request) waits for the fleet statistics.
+                        self.stats.record_done(model, event)
                         yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
         except UpstreamError as error:
             if status_is_retryable(error.status):

@@ -7,6 +7,7 @@ leases that expire, so a replica that dies mid-request frees its slots within on
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from collections.abc import Sequence
@@ -43,12 +44,50 @@ class SlotUsage:
     total_active: int
 
 
+#: Slot ids are "<instance>/<token>.<route>.<model>.<holder>" (model and holder in unpadded
+#: base64url): a slot carries what its grant says, so no Redis record of it is written or
+#: read, and any replica can find its keys and check it is still held (one ZSCORE).
+_ID_PARTS = 4
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+
+
+def slot_id(instance: str, model: str, holder: str, route: int) -> str:
+    return f"{instance}/{secrets.token_hex(8)}.{route}.{_b64(model)}.{_b64(holder)}"
+
+
 def instance_of(slot_id: str) -> str:
-    """Slot ids are "<instance>/<token>", so any replica can find a slot's keys."""
+    """The instance a slot id names (any replica can find the slot's keys)."""
     instance, sep, token = slot_id.rpartition("/")
     if not sep or not instance or not token:
         raise ValueError(f"{slot_id!r} is not a slot id")
     return instance
+
+
+def grant_of(slot_id: str) -> SlotGrant | None:
+    """The grant a slot id describes; None when the id is of an older form (a slot granted
+    before an upgrade, to be reserved again). ValueError when it names no instance."""
+    instance = instance_of(slot_id)
+    parts = slot_id.rpartition("/")[2].split(".")
+    if len(parts) != _ID_PARTS or not parts[1].isdigit():
+        return None
+    try:
+        model, holder = _unb64(parts[2]), _unb64(parts[3])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return SlotGrant(slot_id, instance, model, holder, int(parts[1]))
+
+
+#: Slot counts read for routing are reused this long: a stale count only ranks instances
+#: (the reserve script enforces the limits), and this replica's own grants and releases
+#: keep them current meanwhile.
+USAGE_MAX_AGE_SECONDS = 0.25
 
 
 class SlotStore:
@@ -60,11 +99,15 @@ class SlotStore:
             name: client.register_script((folder / f"{name}.lua").read_text())
             for name in ("reserve", "renew", "release")
         }
+        #: (instance, model) → (when read, slots of the model held there); instance →
+        #: (when read, slots held there in all): what routing ranks instances by.
+        self._model_held: dict[tuple[str, str], tuple[float, int]] = {}
+        self._instance_held: dict[str, tuple[float, int]] = {}
 
     @staticmethod
-    def _keys(instance: str, model: str, slot_id: str) -> list[str]:
+    def _keys(instance: str, model: str) -> list[str]:
         ik = InstanceKeys(instance)
-        return [ik.slots, ik.model_slots(model), ik.slot(slot_id)]
+        return [ik.slots, ik.model_slots(model)]
 
     async def try_reserve(
         self,
@@ -75,54 +118,55 @@ class SlotStore:
         holder: str,
         route: int,
     ) -> SlotGrant | None:
-        slot_id = f"{instance}/{secrets.token_hex(8)}"
-        granted = await self._scripts["reserve"](
-            keys=self._keys(instance, model, slot_id),
-            args=[
-                _now_ms(),
-                self.lease_ms,
-                slot_id,
-                per_model_limit,
-                instance_limit,
-                "model",
-                model,
-                "holder",
-                holder,
-                "route",
-                route,
-            ],
+        new_id = slot_id(instance, model, holder, route)
+        granted, model_held, instance_held = await self._scripts["reserve"](
+            keys=self._keys(instance, model),
+            args=[_now_ms(), self.lease_ms, new_id, per_model_limit, instance_limit],
         )
+        now = time.monotonic()
+        self._model_held[instance, model] = (now, int(model_held))
+        if int(instance_held) >= 0:
+            self._instance_held[instance] = (now, int(instance_held))
+        elif int(granted) == 1:
+            self._count(instance, model, +1, model_too=False)
         if int(granted) != 1:
             return None
-        return SlotGrant(slot_id, instance, model, holder, route)
+        return SlotGrant(new_id, instance, model, holder, route)
+
+    def _count(self, instance: str, model: str, change: int, *, model_too: bool = True) -> None:
+        """Move the remembered counts by this replica's own grant or release."""
+        if instance in self._instance_held:
+            at, held = self._instance_held[instance]
+            self._instance_held[instance] = (at, max(0, held + change))
+        if model_too and (instance, model) in self._model_held:
+            at, held = self._model_held[instance, model]
+            self._model_held[instance, model] = (at, max(0, held + change))
 
     async def renew(self, grant: SlotGrant) -> bool:
         reply = await self._scripts["renew"](
-            keys=self._keys(grant.instance, grant.model, grant.id),
+            keys=self._keys(grant.instance, grant.model),
             args=[_now_ms(), self.lease_ms, grant.id],
         )
         return int(reply) == 1
 
     async def release(self, grant: SlotGrant) -> bool:
         reply = await self._scripts["release"](
-            keys=self._keys(grant.instance, grant.model, grant.id), args=[grant.id]
+            keys=self._keys(grant.instance, grant.model), args=[grant.id]
         )
+        if int(reply) == 1:
+            self._count(grant.instance, grant.model, -1)
         return int(reply) == 1
 
     async def lookup(self, slot_id: str) -> SlotGrant | None:
-        instance = instance_of(slot_id)
-        raw = cast(
-            dict[bytes, bytes], await self.redis.hgetall(InstanceKeys(instance).slot(slot_id))
-        )
-        if not raw:
+        """The grant of a slot that is still held (None when it expired, was released, or
+        its id is of an older form); ValueError when the id names no instance."""
+        grant = grant_of(slot_id)
+        if grant is None:
             return None
-        return SlotGrant(
-            slot_id,
-            instance,
-            raw[b"model"].decode(),
-            raw.get(b"holder", b"").decode(),
-            int(raw.get(b"route", b"0")),
+        expiry = await self.redis.zscore(
+            InstanceKeys(grant.instance).model_slots(grant.model), slot_id
         )
+        return grant if expiry is not None and float(expiry) > _now_ms() else None
 
     async def usage(self, instances: Sequence[str], model: str) -> dict[str, SlotUsage]:
         """Live (unexpired) slots per instance, in one round trip."""
@@ -133,7 +177,26 @@ class SlotStore:
                 pipe.zcount(ik.model_slots(model), now, "+inf")
                 pipe.zcount(ik.slots, now, "+inf")
             counts = cast(list[int], await pipe.execute())
+        read_at = time.monotonic()
+        for i, instance in enumerate(instances):
+            self._model_held[instance, model] = (read_at, int(counts[2 * i]))
+            self._instance_held[instance] = (read_at, int(counts[2 * i + 1]))
         return {
             instance: SlotUsage(int(counts[2 * i]), int(counts[2 * i + 1]))
             for i, instance in enumerate(instances)
         }
+
+    async def recent_usage(
+        self, instances: Sequence[str], model: str, max_age: float = USAGE_MAX_AGE_SECONDS
+    ) -> dict[str, SlotUsage]:
+        """Slots per instance as read (or granted) within ``max_age`` seconds, kept current
+        by this replica's own grants and releases; read again when any count is older."""
+        oldest = time.monotonic() - max_age
+        found: dict[str, SlotUsage] = {}
+        for instance in instances:
+            in_model = self._model_held.get((instance, model))
+            in_all = self._instance_held.get(instance)
+            if in_model is None or in_all is None or min(in_model[0], in_all[0]) < oldest:
+                return await self.usage(instances, model)
+            found[instance] = SlotUsage(in_model[1], in_all[1])
+        return found

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
-from services.pool.slots import SlotStore
+from services.pool.slots import SlotStore, SlotUsage
 from usher.connections import connect_redis
 from usher.testing.redis_server import ExternalRedis, RedisServer
 
@@ -66,3 +67,34 @@ async def test_a_dead_holders_slot_expires_and_renewal_keeps_it(
     assert taken is not None
     assert not await store.renew(kept)
     assert await store.lookup(kept.id) is None
+
+
+async def test_any_replica_finds_a_slot_from_its_id(
+    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+) -> None:
+    granting, other = SlotStore(redis_client), SlotStore(connect_redis(redis_server.url))
+    grant = await granting.try_reserve("gpu/1", "hf.co/org/model:Q4", 2, 0, "host:42", 2)
+    assert grant is not None
+    assert await other.lookup(grant.id) == grant  # no record of it in Redis: the id says it
+    assert await other.release(grant)
+    assert await granting.lookup(grant.id) is None
+    # A slot of an older form (granted before an upgrade) is gone: reserve again.
+    assert await other.lookup("gpu/1/0123456789abcdef") is None
+    with pytest.raises(ValueError):
+        await other.lookup("not-a-slot")
+    await other.redis.aclose()
+
+
+async def test_routing_counts_follow_this_replicas_grants_and_releases(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = SlotStore(redis_client)
+    assert (await store.recent_usage(["gpu-1"], "a"))["gpu-1"] == SlotUsage(0, 0)
+    grants = [await store.try_reserve("gpu-1", "a", 3, 5, "d", 1) for _ in range(2)]
+    assert (await store.recent_usage(["gpu-1"], "a"))["gpu-1"] == SlotUsage(2, 2)
+    assert grants[0] is not None and await store.release(grants[0])
+    assert (await store.recent_usage(["gpu-1"], "a"))["gpu-1"] == SlotUsage(1, 1)
+    # Another replica's grant is seen once the counts are read again.
+    assert await SlotStore(redis_client).try_reserve("gpu-1", "a", 3, 5, "d", 1)
+    assert (await store.recent_usage(["gpu-1"], "a"))["gpu-1"] == SlotUsage(1, 1)
+    assert (await store.recent_usage(["gpu-1"], "a", max_age=0))["gpu-1"] == SlotUsage(2, 2)

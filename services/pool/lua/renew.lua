@@ -1,5 +1,5 @@
 -- Extend a slot's lease while its request runs.
--- KEYS[1] instance slots, KEYS[2] model slots, KEYS[3] slot hash
+-- KEYS[1] instance slots, KEYS[2] model slots
 -- ARGV: 1 now ms, 2 lease ms, 3 slot id
 -- Returns 1, or 0 when the slot is gone (expired and possibly given to someone else).
 local expiry = tonumber(ARGV[1]) + tonumber(ARGV[2])
@@ -8,5 +8,4 @@ if redis.call('ZADD', KEYS[2], 'XX', 'CH', expiry, ARGV[3]) == 0
   return 0
 end
 redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[3])
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]))
 return 1
