@@ -24,15 +24,11 @@ from dataclasses import dataclass
 import grpc
 
 from services.gateway.backend import Backend, bearer
-from services.gateway.translation import (
-    GatewayError,
-    error_from_request,
-    error_from_rpc,
-    queue_wait_ms,
-)
+from services.gateway.bodies import queue_wait_ms
+from services.gateway.errors import GatewayError, error_from_request, rpc_error
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
 
-__all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "continuation", "rpc_error"]
+__all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "continuation"]
 
 K = notifier_pb2
 _TERMINAL = frozenset(
@@ -69,12 +65,6 @@ def continuation(emitted: str, attempt: str) -> str | None:
     if len(attempt) <= len(emitted):
         return "" if emitted.startswith(attempt) else None
     return attempt[len(emitted) :] if attempt.startswith(emitted) else None
-
-
-def rpc_error(exc: grpc.aio.AioRpcError, model: str = "") -> GatewayError:
-    trailing = exc.trailing_metadata()
-    pairs = [(str(k), v) for k, v in trailing] if trailing else []
-    return error_from_rpc(exc.code(), exc.details() or "", pairs, model=model)
 
 
 class RequestFlow:

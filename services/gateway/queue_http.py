@@ -36,12 +36,16 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import grpc
+import psutil  # type: ignore[import-untyped]  # psutil ships no stubs
 from aiohttp import WSMsgType, web
 
-from services.gateway import status
-from services.gateway import translation as tr
+from services.gateway import status, views
 from services.gateway.backend import Backend, bearer
-from services.gateway.flow import rpc_error
+from services.gateway.bodies import decode_json
+from services.gateway.controls import apply_controls, parse_controls
+from services.gateway.errors import GatewayError, bad_request, model_not_found, rpc_error
+from services.gateway.openai_shapes import openai_chat
+from services.gateway.responses import dumps, json_response
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Keepalive, open_event_stream
 from services.gateway.watch_tokens import (
@@ -53,7 +57,8 @@ from services.gateway.watch_tokens import (
 from usher import keys, messages
 from usher.ids import is_event_id, is_request_id
 from usher.logs import get_logger
-from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
+from usher.modelservers import auto_parallel
+from usher.v1 import notifier_pb2, pool_pb2, request_pb2, scheduler_pb2
 
 __all__ = [
     "WATCH_COOKIE",
@@ -61,6 +66,7 @@ __all__ = [
     "Credential",
     "QueueHttp",
     "check_origin",
+    "memory_now",
     "watch_cookie_path",
 ]
 
@@ -82,21 +88,11 @@ class TokenOf(Protocol):
     def __call__(self, request: web.Request, *, allow_default: bool = True) -> str: ...
 
 
-Fail = Callable[[web.Request, tr.GatewayError], web.Response]
+Fail = Callable[[web.Request, GatewayError], web.Response]
 
 
 def watch_cookie_path(request_id: str) -> str:
     return f"/queue/requests/{request_id}"
-
-
-def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        text=status.dumps(body),
-        status=status_code,
-        content_type="application/json",
-        charset="utf-8",
-        headers=headers,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +125,7 @@ def check_origin(request: web.Request) -> None:
     host = urlsplit(origin).netloc.lower()
     allowed = {request.host.lower(), request.headers.get("X-Forwarded-Host", "").lower()}
     if host not in allowed:
-        raise tr.GatewayError(403, "forbidden", "a request from another site's page is refused")
+        raise GatewayError(403, "forbidden", "a request from another site's page is refused")
 
 
 class QueueHttp:
@@ -160,6 +156,8 @@ class QueueHttp:
         r.add_post("/queue/watch-tokens", self.watch_token)
         r.add_get("/queue/models/events", self.model_events)
         r.add_get("/queue/models/ws", self.model_socket)
+        r.add_get("/queue/stats", self.queue_stats)
+        r.add_get("/queue/memory", self.queue_memory)
 
     # -- credentials ---------------------------------------------------------------------
 
@@ -167,7 +165,7 @@ class QueueHttp:
         """The caller's own ``Authorization: Bearer`` token, "" when none was sent."""
         try:
             return self._token_of(request, allow_default=False)
-        except tr.GatewayError:
+        except GatewayError:
             return ""
 
     def _credential(self, request: web.Request, scope: str) -> Credential:
@@ -187,7 +185,7 @@ class QueueHttp:
                 continue
             return Credential(self.backend.pool_token, delegated=True)
         if reason:
-            raise tr.GatewayError(401, "unauthorized", reason)
+            raise GatewayError(401, "unauthorized", reason)
         return Credential(self._token_of(request), delegated=False)
 
     def _issue(
@@ -223,7 +221,7 @@ class QueueHttp:
     def _request_id(self, request: web.Request) -> str:
         request_id = request.match_info["id"]
         if not is_request_id(request_id):
-            raise tr.bad_request("id", f"{request_id[:40]!r} is not a request id")
+            raise bad_request("id", f"{request_id[:40]!r} is not a request id")
         return request_id
 
     async def _get(self, request_id: str, token: str) -> request_pb2.LlmRequest:
@@ -261,16 +259,14 @@ class QueueHttp:
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise tr.bad_request("body", "is too large") from None
-            parsed = tr.openai_chat(tr.decode_json(raw))
+                raise bad_request("body", "is too large") from None
+            parsed = openai_chat(decode_json(raw))
             model = parsed.model
             resolved = await self.backend.resolve_model(parsed.model)
             if resolved is None:
-                raise tr.GatewayError(
-                    404, "model_not_found", f"model '{model}' not found", field="model"
-                )
+                raise model_not_found(model, request.path)
             parsed.submit.model = resolved
-            tr.apply_controls(parsed.submit, tr.parse_controls(request.headers), time.time())
+            apply_controls(parsed.submit, parse_controls(request.headers), time.time())
             try:
                 reply = await self.backend.scheduler.Submit(
                     parsed.submit,
@@ -279,7 +275,7 @@ class QueueHttp:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc, model) from None
-        except tr.GatewayError as error:
+        except GatewayError as error:
             return self._fail(request, error.with_model(model))
         queued = reply.request
         body = await self._view(queued)
@@ -288,16 +284,16 @@ class QueueHttp:
         issued, attach = self._issue(
             request, request_scope(queued.id), tenant, watch_cookie_path(queued.id)
         )
-        response = _json({**body, **issued}, 202, {"X-Usher-Request-Id": queued.id})
+        response = json_response({**body, **issued}, 202, {"X-Usher-Request-Id": queued.id})
         attach(response)
         return response
 
     async def get(self, request: web.Request) -> web.Response:
         try:
             found = await self._get(self._request_id(request), self._token_of(request))
-        except tr.GatewayError as error:
+        except GatewayError as error:
             return self._fail(request, error)
-        return _json(await self._view(found))
+        return json_response(await self._view(found))
 
     async def _act(
         self, request: web.Request, rpc: Callable[..., Any], message: Any
@@ -315,9 +311,9 @@ class QueueHttp:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc) from None
-        except tr.GatewayError as error:
+        except GatewayError as error:
             return self._fail(request, error)
-        return _json(await self._view(reply.request))
+        return json_response(await self._view(reply.request))
 
     async def cancel(self, request: web.Request) -> web.Response:
         return await self._act(
@@ -337,21 +333,21 @@ class QueueHttp:
             check_origin(request)
             token = self._token_of(request)
             raw = await request.read()
-            body = tr.decode_json(raw) if raw.strip() else {}
+            body = decode_json(raw) if raw.strip() else {}
             request_id = body.get("request_id")
             if request_id is None:
                 tenant = await self._whoami(token)
                 scope, path = QUEUES_SCOPE, "/queue/models"
             else:
                 if not isinstance(request_id, str) or not is_request_id(request_id):
-                    raise tr.bad_request("request_id", "is not a request id")
+                    raise bad_request("request_id", "is not a request id")
                 found = await self._get(request_id, token)  # owner or admin, else 403/404
                 tenant = keys.tenant_id(found.tenant.organization, found.tenant.user)
                 scope, path = request_scope(request_id), watch_cookie_path(request_id)
-        except tr.GatewayError as error:
+        except GatewayError as error:
             return self._fail(request, error)
         issued, attach = self._issue(request, scope, tenant, path)
-        response = _json({"scope": scope, **issued})
+        response = json_response({"scope": scope, **issued})
         attach(response)
         return response
 
@@ -378,10 +374,10 @@ class QueueHttp:
             credential = self._credential(request, request_scope(request_id))
             last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id", "")
             if last and not is_event_id(last):
-                raise tr.bad_request("last_event_id", "is not an event id this service gave out")
+                raise bad_request("last_event_id", "is not an event id this service gave out")
             if not credential.delegated:
                 await self._get(request_id, credential.token)  # owner or admin
-        except tr.GatewayError as error:
+        except GatewayError as error:
             return self._fail(request, error)
         return request_id, credential, last
 
@@ -410,7 +406,7 @@ class QueueHttp:
                 call.cancel()
             resumes += 1
             if resumes > _MAX_RESUMES:
-                raise tr.GatewayError(502, "upstream_error", "the status stream ended early")
+                raise GatewayError(502, "upstream_error", "the status stream ended early")
             await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
 
     async def _bodies(
@@ -425,7 +421,7 @@ class QueueHttp:
                 async for update in updates:
                     body = status.update_json(update, fleet=await self._fleet(), now=time.time())
                     yield update.event_id, body
-        except tr.GatewayError as error:
+        except GatewayError as error:
             end = {"error": error.message, "code": error.code, "status": error.status}
         yield None, end
 
@@ -459,7 +455,7 @@ class QueueHttp:
             async with contextlib.aclosing(self._bodies(*opened)) as bodies:
                 async for event_id, body in bodies:
                     ending = {"kind": "end", **body} if event_id is None else body
-                    await socket.send_str(status.dumps(ending))
+                    await socket.send_str(dumps(ending))
 
         return await self._socket(request, send)
 
@@ -532,7 +528,7 @@ class QueueHttp:
             credential = self._credential(request, QUEUES_SCOPE)
             stream = self._badges(credential, self._models(request))
             first = await anext(stream)
-        except tr.GatewayError as error:
+        except GatewayError as error:
             return self._fail(request, error)
         return stream, first
 
@@ -548,7 +544,7 @@ class QueueHttp:
                 response, self.settings.keepalive_seconds, lambda: status.sse_comment("keepalive")
             ):
                 await response.write(status.sse_event(status.badges_json(first)))
-                with contextlib.suppress(tr.GatewayError):
+                with contextlib.suppress(GatewayError):
                     async for badges in stream:
                         await response.write(status.sse_event(status.badges_json(badges)))
             await response.write_eof()
@@ -561,10 +557,95 @@ class QueueHttp:
         stream, first = opened
 
         async def send(socket: web.WebSocketResponse) -> None:
-            await socket.send_str(status.dumps(status.badges_json(first)))
-            with contextlib.suppress(tr.GatewayError):
+            await socket.send_str(dumps(status.badges_json(first)))
+            with contextlib.suppress(GatewayError):
                 async for badges in stream:
-                    await socket.send_str(status.dumps(status.badges_json(badges)))
+                    await socket.send_str(dumps(status.badges_json(badges)))
 
         async with contextlib.aclosing(stream):
             return await self._socket(request, send)
+
+    # -- the queues' figures ---------------------------------------------------------------
+
+    async def _queue_stats(
+        self, request: web.Request, models: list[str], wanted: str
+    ) -> tuple[scheduler_pb2.GetQueueStatsResponse, bool]:
+        """The Scheduler's statistics and whether the caller may see all of them: an admin's
+        own token sees everything; anyone else sees the public part, read with the
+        gateway's admin token when one is configured (else they are refused)."""
+        try:
+            own: str | None = self._token_of(request, allow_default=False)
+        except GatewayError:
+            if not self.settings.admin_token:
+                raise
+            own = None
+        for token, full in ((own, True), (self.settings.admin_token, False)):
+            if not token:
+                continue
+            try:
+                reply = await self.backend.admin.GetQueueStats(
+                    scheduler_pb2.GetQueueStatsRequest(models=models),
+                    metadata=bearer(token),
+                    timeout=self.settings.rpc_timeout_seconds,
+                )
+                return reply, full
+            except grpc.aio.AioRpcError as exc:
+                denied = exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                if full and denied and self.settings.admin_token:
+                    continue
+                raise rpc_error(exc, wanted) from None
+        raise GatewayError(401, "unauthorized", "missing 'Authorization: Bearer <token>' header")
+
+    async def queue_stats(self, request: web.Request) -> web.Response:
+        wanted = request.query.get("model", "").strip()
+        try:
+            models: list[str] = []
+            if wanted:
+                resolved = await self.backend.resolve_model(wanted)
+                if resolved is None:
+                    raise model_not_found(wanted, request.path)
+                models = [resolved]
+            queues, full = await self._queue_stats(request, models, wanted)
+        except GatewayError as error:
+            return self._fail(request, error.with_model(wanted))
+        try:
+            fleet = list(
+                (
+                    await self.backend.pool.GetModelStats(
+                        pool_pb2.GetModelStatsRequest(models=models),
+                        metadata=bearer(self.backend.pool_token),
+                        timeout=self.settings.rpc_timeout_seconds,
+                    )
+                ).stats
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("pool_stats_unavailable", code=exc.code().name)
+            fleet = []
+        body = views.queue_stats_body(
+            list(queues.stats),
+            fleet,
+            default_parallel=self.settings.default_parallel,
+            default_queue_limit=self.settings.default_queue_limit,
+            uptime_seconds=time.time() - self.backend.started_at,
+        )
+        if not full:
+            body = views.public_queue_stats(body)
+        if models:
+            return json_response(body["models"].get(models[0], {"model": models[0]}))
+        return json_response(body)
+
+    async def queue_memory(self, request: web.Request) -> web.Response:
+        return json_response(memory_now())
+
+
+def memory_now() -> dict[str, Any]:
+    """This machine's memory (``/queue/memory``, ``/health``) and the parallel slots it
+    would give a model."""
+    memory = psutil.virtual_memory()
+    return views.memory_body(
+        int(memory.total),
+        int(memory.available),
+        int(memory.used),
+        float(memory.percent),
+        auto_parallel(int(memory.available)),
+    )

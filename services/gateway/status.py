@@ -5,12 +5,12 @@ offer the external provider with the product's prompts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway.translation import openai_usage
+from services.gateway.openai_shapes import openai_usage
+from services.gateway.responses import dumps
 from usher import messages
 from usher.v1 import notifier_pb2, pool_pb2, request_pb2
 
@@ -18,7 +18,6 @@ __all__ = [
     "NO_FLEET",
     "Fleet",
     "badges_json",
-    "dumps",
     "fallback_prompt",
     "fleet_of",
     "is_terminal",
@@ -73,10 +72,6 @@ def fleet_of(instances: Sequence[pool_pb2.InstanceStatus]) -> Fleet:
             m for i in healthy if not i.config.external for m in i.available_models
         ),
     )
-
-
-def dumps(body: Any) -> str:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
 def is_terminal(kind: int) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from services.gateway.translation import ollama_timestamp
+from services.gateway.ollama_shapes import ollama_timestamp
 from usher.v1 import pool_pb2, scheduler_pb2
 
 __all__ = [

@@ -13,12 +13,38 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from services.gateway import translation as tr
 from services.gateway import views
+from services.gateway.bodies import decode_json
+from services.gateway.controls import apply_controls, parse_controls
+from services.gateway.errors import (
+    GatewayError,
+    error_from_request,
+    error_from_rpc,
+    ollama_error_body,
+    openai_error_body,
+    openai_status,
+)
 from services.gateway.flow import continuation
+from services.gateway.ollama_shapes import (
+    ollama_chat,
+    ollama_chunk,
+    ollama_embed,
+    ollama_embed_response,
+    ollama_embeddings,
+    ollama_embeddings_response,
+    ollama_final,
+    ollama_generate,
+)
+from services.gateway.openai_shapes import (
+    openai_chat,
+    openai_completion,
+    openai_embeddings,
+    openai_embeddings_response,
+)
 from services.gateway.settings import GatewaySettings, split_listen
 from usher.config import ConfigError
 from usher.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from usher.structs import plain_json
 from usher.v1 import pool_pb2, request_pb2, scheduler_pb2
 
 
@@ -50,7 +76,7 @@ def finished(**usage: Any) -> request_pb2.LlmRequest:
 
 
 def test_ollama_chat_maps_messages_options_and_extras() -> None:
-    parsed = tr.ollama_chat(
+    parsed = ollama_chat(
         {
             "model": "llama3.2:1b",
             "messages": [
@@ -71,36 +97,36 @@ def test_ollama_chat_maps_messages_options_and_extras() -> None:
     assert submit.options.temperature == pytest.approx(0.2)
     assert submit.options.num_predict == 40
     assert list(submit.options.stop) == ["###"]
-    extra = tr.plain_json(dict(submit.options.extra))
+    extra = plain_json(dict(submit.options.extra))
     assert extra == {"mirostat": 2, "think": True}
     assert len(submit.chat.tools) == 1
 
 
 def test_ollama_generate_and_its_load_and_unload_shortcuts() -> None:
-    parsed = tr.ollama_generate(
+    parsed = ollama_generate(
         {"model": "qwen2.5:0.5b", "prompt": "Why?", "system": "s", "raw": True, "stream": False}
     )
     assert parsed.stream is False and parsed.submit.generate.prompt == "Why?"
     assert parsed.submit.generate.raw and parsed.submit.generate.system == "s"
-    assert tr.ollama_generate({"model": "m"}).shortcut == "load"
-    assert tr.ollama_generate({"model": "m", "keep_alive": 0}).shortcut == "unload"
-    assert tr.ollama_chat({"model": "m", "messages": []}).shortcut == "load"
+    assert ollama_generate({"model": "m"}).shortcut == "load"
+    assert ollama_generate({"model": "m", "keep_alive": 0}).shortcut == "unload"
+    assert ollama_chat({"model": "m", "messages": []}).shortcut == "load"
 
 
 def test_embed_bodies() -> None:
-    embed = tr.ollama_embed({"model": "nomic-embed-text", "input": "one", "dimensions": 64})
+    embed = ollama_embed({"model": "nomic-embed-text", "input": "one", "dimensions": 64})
     assert list(embed.submit.embed.input) == ["one"]
     assert embed.submit.embed.truncate is True  # Ollama's default
     assert embed.submit.embed.dimensions == 64
-    legacy = tr.ollama_embeddings({"model": "nomic-embed-text", "prompt": "x"})
+    legacy = ollama_embeddings({"model": "nomic-embed-text", "prompt": "x"})
     assert legacy.kind == "embeddings" and list(legacy.submit.embed.input) == ["x"]
-    assert tr.ollama_embeddings({"model": "nomic-embed-text"}).shortcut == "load"
-    openai = tr.openai_embeddings({"model": "e", "input": ["a", "b"], "encoding_format": "base64"})
+    assert ollama_embeddings({"model": "nomic-embed-text"}).shortcut == "load"
+    openai = openai_embeddings({"model": "e", "input": ["a", "b"], "encoding_format": "base64"})
     assert openai.encoding_format == "base64" and list(openai.submit.embed.input) == ["a", "b"]
 
 
 def test_openai_chat_body() -> None:
-    parsed = tr.openai_chat(
+    parsed = openai_chat(
         {
             "model": "llama3.2:1b",
             "messages": [
@@ -132,7 +158,7 @@ def test_openai_chat_body() -> None:
     ]
     options = parsed.submit.options
     assert (options.num_predict, options.seed, list(options.stop)) == (12, 7, ["a", "b"])
-    assert tr.plain_json(dict(options.extra)) == {"presence_penalty": 0.5}
+    assert plain_json(dict(options.extra)) == {"presence_penalty": 0.5}
     assert parsed.submit.chat.format == "json"
     assert parsed.stream and parsed.include_usage
 
@@ -140,36 +166,36 @@ def test_openai_chat_body() -> None:
 @pytest.mark.parametrize(
     ("parse", "body", "field"),
     [
-        (tr.ollama_chat, {"messages": []}, "model"),
-        (tr.ollama_chat, {"model": "bad name!", "messages": []}, "model"),
-        (tr.ollama_chat, {"model": "m", "messages": "hi"}, "messages"),
+        (ollama_chat, {"messages": []}, "model"),
+        (ollama_chat, {"model": "bad name!", "messages": []}, "model"),
+        (ollama_chat, {"model": "m", "messages": "hi"}, "messages"),
         (
-            tr.ollama_chat,
+            ollama_chat,
             {"model": "m", "messages": [{"role": "x", "content": ""}]},
             "messages[0].role",
         ),
-        (tr.ollama_chat, {"model": "m", "messages": [], "stream": "yes"}, "stream"),
-        (tr.ollama_generate, {"model": "m", "prompt": 3}, "prompt"),
+        (ollama_chat, {"model": "m", "messages": [], "stream": "yes"}, "stream"),
+        (ollama_generate, {"model": "m", "prompt": 3}, "prompt"),
         (
-            tr.ollama_generate,
+            ollama_generate,
             {"model": "m", "prompt": "p", "options": {"seed": 1.5}},
             "options.seed",
         ),
         (
-            tr.ollama_generate,
+            ollama_generate,
             {"model": "m", "prompt": "p", "options": {"top_p": "x"}},
             "options.top_p",
         ),
-        (tr.ollama_generate, {"model": "m", "prompt": "p", "format": 3}, "format"),
-        (tr.ollama_embed, {"model": "m", "input": [1, 2]}, "input"),
-        (tr.openai_chat, {"model": "m", "messages": []}, "messages"),
+        (ollama_generate, {"model": "m", "prompt": "p", "format": 3}, "format"),
+        (ollama_embed, {"model": "m", "input": [1, 2]}, "input"),
+        (openai_chat, {"model": "m", "messages": []}, "messages"),
         (
-            tr.openai_chat,
+            openai_chat,
             {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2},
             "n",
         ),
         (
-            tr.openai_chat,
+            openai_chat,
             {
                 "model": "m",
                 "messages": [
@@ -181,26 +207,26 @@ def test_openai_chat_body() -> None:
             },
             "messages[0].content[0].image_url",
         ),
-        (tr.openai_embeddings, {"model": "m", "input": [[1, 2]]}, "input"),
+        (openai_embeddings, {"model": "m", "input": [[1, 2]]}, "input"),
         (
-            tr.openai_embeddings,
+            openai_embeddings,
             {"model": "m", "input": "x", "encoding_format": "hex"},
             "encoding_format",
         ),
     ],
 )
 def test_bad_bodies_name_the_field(parse: Any, body: dict[str, Any], field: str) -> None:
-    with pytest.raises(tr.GatewayError) as info:
+    with pytest.raises(GatewayError) as info:
         parse(body)
     assert info.value.status == 400
     assert info.value.field == field
 
 
 def test_decode_json() -> None:
-    assert tr.decode_json(b'{"a": 1}') == {"a": 1}
+    assert decode_json(b'{"a": 1}') == {"a": 1}
     for raw in (b"", b"{", b"[1]"):
-        with pytest.raises(tr.GatewayError) as info:
-            tr.decode_json(raw)
+        with pytest.raises(GatewayError) as info:
+            decode_json(raw)
         assert info.value.field == "body"
 
 
@@ -208,7 +234,7 @@ def test_decode_json() -> None:
 
 
 def test_controls_from_headers() -> None:
-    controls = tr.parse_controls(
+    controls = parse_controls(
         {
             "X-Usher-Priority": "High",
             "X-Usher-Fallback": "after-timeout",
@@ -218,14 +244,14 @@ def test_controls_from_headers() -> None:
         }
     )
     submit = scheduler_pb2.SubmitRequest(model="m")
-    tr.apply_controls(submit, controls, now=1000.0)
+    apply_controls(submit, controls, now=1000.0)
     assert submit.priority == request_pb2.PRIORITY_HIGH
     assert submit.fallback_policy == request_pb2.FALLBACK_POLICY_AFTER_TIMEOUT
     assert submit.queue_timeout.ToMilliseconds() == 2500
     assert submit.deadline.ToMilliseconds() == 1_030_000
     assert submit.idempotency_key == "abc-1"
     empty = scheduler_pb2.SubmitRequest(model="m")
-    tr.apply_controls(empty, tr.parse_controls({}), now=0)
+    apply_controls(empty, parse_controls({}), now=0)
     assert not empty.HasField("queue_timeout") and empty.priority == 0
 
 
@@ -240,8 +266,8 @@ def test_controls_from_headers() -> None:
     ],
 )
 def test_bad_headers_are_named(header: str, value: str) -> None:
-    with pytest.raises(tr.GatewayError) as info:
-        tr.parse_controls({header: value})
+    with pytest.raises(GatewayError) as info:
+        parse_controls({header: value})
     assert info.value.status == 400 and info.value.field == header
 
 
@@ -250,15 +276,15 @@ def test_bad_headers_are_named(header: str, value: str) -> None:
 
 def test_queue_full_maps_to_503_with_retry_after_and_429_for_openai() -> None:
     status = ResourceExhausted("the queue for model 'm' is full (5 waiting)", 2.2)
-    error = tr.error_from_rpc(
+    error = error_from_rpc(
         grpc.StatusCode.RESOURCE_EXHAUSTED, status.message, trailing_of(status), model="m"
     )
     assert (error.status, error.code, error.retry_after_header()) == (503, "queue_full", "3")
-    body = tr.ollama_error_body(error)
+    body = ollama_error_body(error)
     assert body["error"] == "queue_full" and body["model"] == "m" and "message" in body
-    assert tr.openai_status(error) == 429
-    assert tr.openai_error_body(error)["error"]["type"] == "rate_limit_error"
-    limited = tr.error_from_rpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit: at most 5")
+    assert openai_status(error) == 429
+    assert openai_error_body(error)["error"]["type"] == "rate_limit_error"
+    limited = error_from_rpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit: at most 5")
     assert (limited.status, limited.code) == (429, "rate_limited")
 
 
@@ -266,10 +292,10 @@ def test_invalid_argument_names_the_http_field() -> None:
     status = InvalidArgument(
         [FieldViolation("generate.prompt", "must not be empty"), FieldViolation("priority", "x")]
     )
-    error = tr.error_from_rpc(grpc.StatusCode.INVALID_ARGUMENT, status.message, trailing_of(status))
+    error = error_from_rpc(grpc.StatusCode.INVALID_ARGUMENT, status.message, trailing_of(status))
     assert (error.status, error.field) == (400, "prompt")
     assert error.message.startswith("prompt: must not be empty")
-    openai = tr.openai_error_body(error)["error"]
+    openai = openai_error_body(error)["error"]
     assert openai == {
         "message": error.message,
         "type": "invalid_request_error",
@@ -290,20 +316,20 @@ def test_invalid_argument_names_the_http_field() -> None:
     ],
 )
 def test_other_statuses(code: grpc.StatusCode, status: int) -> None:
-    assert tr.error_from_rpc(code, "x").status == status
+    assert error_from_rpc(code, "x").status == status
 
 
 def test_terminal_states_map_to_errors() -> None:
     request = request_pb2.LlmRequest(model="m", state=request_pb2.REQUEST_STATE_EXPIRED)
-    expired = tr.error_from_request(request)
+    expired = error_from_request(request)
     assert expired is not None and (expired.status, expired.code) == (504, "timeout")
-    assert tr.ollama_error_body(expired)["error"] == "timeout"
+    assert ollama_error_body(expired)["error"] == "timeout"
     request.state = request_pb2.REQUEST_STATE_FAILED
     request.error = "llama runner crashed"
-    failed = tr.error_from_request(request)
+    failed = error_from_request(request)
     assert failed is not None and failed.status == 500 and "crashed" in failed.message
     request.state = request_pb2.REQUEST_STATE_COMPLETED
-    assert tr.error_from_request(request) is None
+    assert error_from_request(request) is None
 
 
 # -- answers ---------------------------------------------------------------------------------
@@ -311,7 +337,7 @@ def test_terminal_states_map_to_errors() -> None:
 
 def test_ollama_final_chunk_has_ollamas_fields_in_nanoseconds() -> None:
     request = finished()
-    final = tr.ollama_final("generate", "llama3.2", request, stream=False)
+    final = ollama_final("generate", "llama3.2", request, stream=False)
     assert final["response"] == "Hello there" and final["done"] is True
     assert final["done_reason"] == "stop" and final["model"] == "llama3.2"
     assert final["total_duration"] == 800_000_000  # queue wait + processing
@@ -320,16 +346,16 @@ def test_ollama_final_chunk_has_ollamas_fields_in_nanoseconds() -> None:
     assert final["prompt_eval_count"] == 9
     assert final["prompt_eval_duration"] == 200_000_000
     assert final["created_at"].endswith("Z")
-    streamed = tr.ollama_final("chat", "llama3.2", request, stream=True)
+    streamed = ollama_final("chat", "llama3.2", request, stream=True)
     assert streamed["message"] == {"role": "assistant", "content": ""}
-    chunk = tr.ollama_chunk("chat", "m", "tok", datetime(2025, 1, 1, tzinfo=UTC))
+    chunk = ollama_chunk("chat", "m", "tok", datetime(2025, 1, 1, tzinfo=UTC))
     assert chunk == {
         "model": "m",
         "created_at": "2025-01-01T00:00:00.000000Z",
         "message": {"role": "assistant", "content": "tok"},
         "done": False,
     }
-    assert "eval_count" not in tr.ollama_final(
+    assert "eval_count" not in ollama_final(
         "generate", "m", finished(completion=0, tps=0.0), stream=False
     )
 
@@ -347,10 +373,10 @@ def test_chat_result_message_and_tool_calls() -> None:
         }
     )
     request.result.message.CopyFrom(message)
-    final = tr.ollama_final("chat", "m", request, stream=False)
+    final = ollama_final("chat", "m", request, stream=False)
     assert final["message"]["content"] == "Hello there"
     assert final["message"]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo", "n": 2}
-    completion = tr.openai_completion("chatcmpl-1", 1, "m", request)
+    completion = openai_completion("chatcmpl-1", 1, "m", request)
     choice = completion["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     call = choice["message"]["tool_calls"][0]
@@ -364,12 +390,12 @@ def test_chat_result_message_and_tool_calls() -> None:
 def test_embedding_answers() -> None:
     request = finished()
     request.result.embeddings.add(values=[0.5, -1.0])
-    assert tr.ollama_embed_response("e", request)["embeddings"] == [[0.5, -1.0]]
-    assert tr.ollama_embeddings_response(request) == {"embedding": [0.5, -1.0]}
-    body = tr.openai_embeddings_response("e", request, "base64")
+    assert ollama_embed_response("e", request)["embeddings"] == [[0.5, -1.0]]
+    assert ollama_embeddings_response(request) == {"embedding": [0.5, -1.0]}
+    body = openai_embeddings_response("e", request, "base64")
     raw = base64.b64decode(body["data"][0]["embedding"])
     assert list(struct.unpack("<2f", raw)) == [0.5, -1.0]
-    assert tr.openai_embeddings_response("e", request, "float")["data"][0]["embedding"] == [
+    assert openai_embeddings_response("e", request, "float")["data"][0]["embedding"] == [
         0.5,
         -1.0,
     ]
@@ -494,13 +520,13 @@ def test_settings() -> None:
 
 
 def test_grpc_transport_text_never_reaches_the_caller() -> None:
-    down = tr.error_from_rpc(
+    down = error_from_rpc(
         grpc.StatusCode.UNAVAILABLE,
         "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.5:50051: "
         "Failed to connect to remote host: Connection refused",
     )
     assert down.status == 503 and "10.0.0.5" not in down.message
-    crashed = tr.error_from_rpc(grpc.StatusCode.UNKNOWN, "Unexpected <class 'KeyError'>: 'x'")
+    crashed = error_from_rpc(grpc.StatusCode.UNKNOWN, "Unexpected <class 'KeyError'>: 'x'")
     assert crashed.status == 500 and crashed.message == "internal error"
-    ours = tr.error_from_rpc(grpc.StatusCode.UNAVAILABLE, "the queue store is unreachable")
+    ours = error_from_rpc(grpc.StatusCode.UNAVAILABLE, "the queue store is unreachable")
     assert ours.message == "the queue store is unreachable"

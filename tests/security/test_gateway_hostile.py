@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from services.gateway import translation as tr
+from services.gateway.bodies import json_problem
 from usher.testing.stack import LocalStack, StackConfig
 
 pytestmark = pytest.mark.slow
@@ -117,10 +117,10 @@ def test_json_problems_name_the_field_at_any_depth() -> None:
     deep: object = "leaf"
     for _ in range(10_000):
         deep = [deep]
-    assert tr.json_problem({"a": deep}) == ("a" + "[0]" * 32, "nests deeper than 32 levels")
-    assert tr.json_problem({"a": {"b": [1, float("inf")]}}) == ("a.b[1]", "must be a finite number")
-    assert tr.json_problem({"k": 2**64}) == ("k", "is out of range")
-    assert tr.json_problem({"ok": [1, "two", {"three": 3.0}]}) is None
+    assert json_problem({"a": deep}) == ("a" + "[0]" * 32, "nests deeper than 32 levels")
+    assert json_problem({"a": {"b": [1, float("inf")]}}) == ("a.b[1]", "must be a finite number")
+    assert json_problem({"k": 2**64}) == ("k", "is out of range")
+    assert json_problem({"ok": [1, "two", {"three": 3.0}]}) is None
 
 
 async def test_a_client_that_stalls_mid_body_is_cut_off(stack: LocalStack) -> None:
