@@ -74,6 +74,12 @@ def test_messages_never_show_the_password() -> None:
     with pytest.raises(ValueError) as caught:
         parse_redis_url("redis+sentinel://:hunter2@h:1")
     assert "hunter2" not in str(caught.value)
+    # The sentinels' own password rides in the query.
+    redacted = redacted_redis_url("redis+sentinel://h:1/svc?sentinel_password=hunter3&x=/a")
+    assert redacted == "redis+sentinel://h:1/svc?sentinel_password=***&x=/a"
+    with pytest.raises(ValueError) as caught:
+        parse_redis_url("redis+sentinel://h:1/svc/x?sentinel_password=hunter3")
+    assert "hunter3" not in str(caught.value)
 
 
 @given(

@@ -54,6 +54,8 @@ DEFAULT_RETRY_SECONDS: Mapping[Topology, float] = {
     "cluster": 30.0,
 }
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+#: Query options whose values are secrets, hidden by ``redacted_redis_url``.
+_SECRET_OPTIONS = ("sentinel_password", "password")
 _OWN_OPTIONS = ("retry_seconds", "sentinel_password", "sentinel_username", *_TLS_OPTIONS)
 _SCHEMES: Mapping[str, tuple[Topology, bool]] = {
     "redis": ("standalone", False),
@@ -172,13 +174,18 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 
 def redacted_redis_url(url: str) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL with its passwords (the userinfo's, ``sentinel_password``) replaced, for
+    messages and logs."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, hosts = parts.netloc.rsplit("@", 1)
-    user = userinfo.partition(":")[0] if ":" in userinfo else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+    if "@" in parts.netloc:
+        userinfo, hosts = parts.netloc.rsplit("@", 1)
+        user = userinfo.partition(":")[0] if ":" in userinfo else ""
+        parts = parts._replace(netloc=f"{user}:***@{hosts}")
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name in _SECRET_OPTIONS for name, _value in options):
+        hidden = [(n, "***" if n in _SECRET_OPTIONS else v) for n, v in options]
+        parts = parts._replace(query=urlencode(hidden, safe="*/"))
+    return urlunsplit(parts)
 
 
 def _retry(seconds: float) -> Retry:

@@ -192,6 +192,17 @@ def _is_out_of_memory(exc: redis.exceptions.RedisError) -> bool:
     )
 
 
+def _is_refused_access(exc: redis.exceptions.RedisError) -> bool:
+    # A wrong password, or an ACL user without a command, key or channel (NOPERM; inside a
+    # script it arrives as a plain ResponseError): retrying cannot help, an operator must.
+    refused = (
+        redis.exceptions.NoPermissionError,
+        redis.exceptions.AuthenticationError,
+        redis.exceptions.AuthorizationError,
+    )
+    return isinstance(exc, refused) or str(exc).lstrip("-").startswith("NOPERM")
+
+
 def to_error(exc: Exception) -> UsherError | None:
     """The documented status of ``exc``, worded for callers (never Redis's own text, which
     may quote commands and keys); None for exceptions that are not ours to map."""
@@ -206,6 +217,12 @@ def to_error(exc: Exception) -> UsherError | None:
         )
     if isinstance(exc, redis.exceptions.BusyLoadingError):
         return Unavailable("the queue store is loading its data; retry shortly")
+    if _is_refused_access(exc):
+        log.error("redis_access_refused", error_type=type(exc).__name__, error=str(exc)[:300])
+        return Internal(
+            "the queue store refused Usher's Redis user (password or ACL permissions); "
+            "an operator must fix it (logged)"
+        )
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return Unavailable("the queue store is unreachable; retry shortly")
     # Read-only replicas during a failover, cluster redirections, a script or command

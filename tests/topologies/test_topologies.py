@@ -36,13 +36,16 @@ TERMINAL = {
 
 
 def stack_on(
-    servers: TopologyServers, tmp: Path, scheduler_env: dict[str, str] | None = None
+    servers: TopologyServers,
+    tmp: Path,
+    scheduler_env: dict[str, str] | None = None,
+    tokens_per_second: int = 300,
 ) -> LocalStack:
     return LocalStack(
         StackConfig(
             state_dir=str(tmp / "stack"),
             redis_url=servers.url,
-            emulator_args=emulator_args(),
+            emulator_args=emulator_args(tokens_per_second=tokens_per_second),
             instance_options=";parallel=4;max_loaded=16",
             scheduler_env={
                 "USHER_DISPATCH_CONCURRENCY": "16",

