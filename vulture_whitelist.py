@@ -70,6 +70,7 @@ _._load_env_vars  # unused method (usher/settings.py)
 model_config  # unused variable (usher/settings.py)
 _.settings_customise_sources  # unused method (usher/settings.py)
 dotenv_settings  # unused variable (usher/settings.py)
+env_settings  # unused variable (usher/settings.py): the environment is read from a given mapping
 file_secret_settings  # unused variable (usher/settings.py)
 _.set_code  # grpc ServicerContext API (usher/inprocess.py)
 _.set_details  # grpc ServicerContext API (usher/inprocess.py)

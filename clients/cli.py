@@ -564,59 +564,82 @@ _INSTANCE_ACTIONS: dict[
 }
 
 
+#: The Scheduler's admin actions (the rest are the Pool's: instances and models).
+_QUEUE_ACTIONS = (
+    "queue-config",
+    "queue-stats",
+    "tenant-weight",
+    "dead-letters",
+    "retry-dead-letter",
+)
+
+
 async def cmd_admin(args: argparse.Namespace, out: _Out) -> int:
     async with _client(args, out) as client:
-        admin = client.admin
         action: str = args.admin_command
-        if action == "queue-config":
-            config = await admin.update_queue_config(
-                args.model,
-                max_queue_size=args.max_queue_size,
-                queue_timeout=args.queue_timeout,
-                max_attempts=args.max_attempts,
-                lease_duration=args.lease,
-                parallel=args.parallel,
-            )
-            _print_message(out, config, args.json)
-        elif action == "queue-stats":
-            all_stats = await admin.queue_stats(args.models)
-            if args.json:
-                for stat in all_stats:
-                    out.write(_as_json(stat) + "\n")
-            else:
-                out.out.print(_queue_stats_table(all_stats))
-        elif action == "tenant-weight":
-            organization, user, weight = _tenant_weight_args(args.values)
-            response = await admin.set_tenant_weight(organization, weight, user)
-            _print_message(out, response, args.json)
-        elif action == "dead-letters":
-            dead = await admin.dead_letters(args.model, page_size=args.limit)
-            if args.json:
-                for request in dead:
-                    out.write(_as_json(request.raw) + "\n")
-            else:
-                out.out.print(_requests_table(dead))
-        elif action == "instances":
-            instances = await client.list_instances()
-            if args.json:
-                for instance in instances:
-                    out.write(_as_json(instance) + "\n")
-            else:
-                from clients.dashboard import render_instances
-
-                out.out.print(render_instances(instances))
-        elif action in _INSTANCE_ACTIONS:
-            instance = await _INSTANCE_ACTIONS[action](admin, args)
-            _print_instance(out, instance, args.json)
-        elif action == "deregister":
-            await admin.deregister_instance(args.id)
-            out.note(f"{args.id}: deregistered")
-        elif action == "pull":
-            await _pull(admin, args, out)
-        elif action == "retry-dead-letter":
-            request = await admin.retry_dead_letter(args.request_id)
-            _print_message(out, request.raw, args.json)
+        if action in _QUEUE_ACTIONS:
+            await _queue_admin(client.admin, action, args, out)
+        else:
+            await _fleet_admin(client, action, args, out)
     return EXIT_OK
+
+
+async def _queue_admin(admin: AsyncAdmin, action: str, args: argparse.Namespace, out: _Out) -> None:
+    """Queues, tenants and dead letters (the Scheduler)."""
+    if action == "queue-config":
+        config = await admin.update_queue_config(
+            args.model,
+            max_queue_size=args.max_queue_size,
+            queue_timeout=args.queue_timeout,
+            max_attempts=args.max_attempts,
+            lease_duration=args.lease,
+            parallel=args.parallel,
+        )
+        _print_message(out, config, args.json)
+    elif action == "queue-stats":
+        all_stats = await admin.queue_stats(args.models)
+        if args.json:
+            for stat in all_stats:
+                out.write(_as_json(stat) + "\n")
+        else:
+            out.out.print(_queue_stats_table(all_stats))
+    elif action == "tenant-weight":
+        organization, user, weight = _tenant_weight_args(args.values)
+        response = await admin.set_tenant_weight(organization, weight, user)
+        _print_message(out, response, args.json)
+    elif action == "dead-letters":
+        dead = await admin.dead_letters(args.model, page_size=args.limit)
+        if args.json:
+            for request in dead:
+                out.write(_as_json(request.raw) + "\n")
+        else:
+            out.out.print(_requests_table(dead))
+    elif action == "retry-dead-letter":
+        request = await admin.retry_dead_letter(args.request_id)
+        _print_message(out, request.raw, args.json)
+
+
+async def _fleet_admin(
+    client: AsyncUsherClient, action: str, args: argparse.Namespace, out: _Out
+) -> None:
+    """Instances and their models (the Pool)."""
+    if action == "instances":
+        instances = await client.list_instances()
+        if args.json:
+            for instance in instances:
+                out.write(_as_json(instance) + "\n")
+        else:
+            from clients.dashboard import render_instances
+
+            out.out.print(render_instances(instances))
+    elif action in _INSTANCE_ACTIONS:
+        instance = await _INSTANCE_ACTIONS[action](client.admin, args)
+        _print_instance(out, instance, args.json)
+    elif action == "deregister":
+        await client.admin.deregister_instance(args.id)
+        out.note(f"{args.id}: deregistered")
+    elif action == "pull":
+        await _pull(client.admin, args, out)
 
 
 async def _pull(admin: AsyncAdmin, args: argparse.Namespace, out: _Out) -> None:

@@ -48,7 +48,7 @@ from pydantic import Field, field_validator, model_validator
 
 from usher.auth import open_access_from_env
 from usher.config import ConfigError
-from usher.settings import LogLevel, UsherSettings
+from usher.settings import LogLevel, SettingsFile, UsherSettings, lowercase
 
 __all__ = ["GatewaySettings", "split_listen"]
 
@@ -109,10 +109,7 @@ class GatewaySettings(UsherSettings):
             raise ValueError("must be at least 16 bytes")
         return secret
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lowercase(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
+    _lowercase = field_validator("log_level", mode="before")(lowercase)
 
     @model_validator(mode="after")
     def _can_read_the_fleet(self) -> Self:
@@ -124,6 +121,10 @@ class GatewaySettings(UsherSettings):
         return self
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **given: Any) -> Self:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, file: SettingsFile | None = None, **given: Any
+    ) -> Self:
         # Open access has its own rule (refused in production), shared with the services.
-        return super().from_env(env, **{"open_access": open_access_from_env(env), **given})
+        return super().from_env(
+            env, file=file, **{"open_access": open_access_from_env(env), **given}
+        )

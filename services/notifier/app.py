@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any, Self
 
 from pydantic import Field
 
@@ -12,7 +10,7 @@ from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
 from services.notifier.heap import HeapFreezer
 from services.notifier.service import NotifierServicer
-from usher.auth import Authenticator, Principal, load_token_map
+from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
@@ -32,8 +30,6 @@ log = get_logger(__name__)
 
 class NotifierSettings(ServiceSettings):
     listen: str = Field("127.0.0.1:50053", validation_alias="USHER_NOTIFIER_LISTEN")
-    #: API keys (USHER_API_TOKENS / _FILE), read by ``from_env``.
-    tokens: Mapping[str, Principal] = Field(default_factory=dict, exclude=True)
     #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
     external_alternative: str = ""
     position_interval_seconds: float = Field(0.2, gt=0)
@@ -46,10 +42,6 @@ class NotifierSettings(ServiceSettings):
     heap_freeze_seconds: float = Field(
         2.0, ge=0, validation_alias="USHER_NOTIFIER_HEAP_FREEZE_SECONDS"
     )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **given: Any) -> Self:
-        return super().from_env(env, **{"tokens": load_token_map(env), **given})
 
 
 class NotifierApp:

@@ -7,8 +7,9 @@ Where settings come from, lowest precedence first:
    ``instances``, a ``circuit`` block and ``default_memory_budget``; an unknown key is an
    error, so a typo does not silently fall back to a default).
 3. Environment variables: they override the file, as deployments expect (one ConfigMap,
-   a per-pod override). Those of ``ENV_FLOATS``, ``ENV_INTS`` and ``ENV_STRINGS`` below,
-   and ``USHER_POOL_STRATEGY``, ``USHER_REDIS_URL`` (or ``REDIS_URL``),
+   a per-pod override). Each field's (``PoolSettings``: ``USHER_`` + its name unless it
+   names its variable), among them ``USHER_POOL_STRATEGY``, ``USHER_REDIS_URL`` (or
+   ``REDIS_URL``),
    ``USHER_API_TOKENS`` (``token=user@org[:role+role],...``, only from the environment),
    ``USHER_FALLBACK_MODELS`` (``big=small+smaller,...``), ``USHER_EXTERNAL_MODELS``
    (``llama3.2=gpt-4o-mini,...``), ``MAX_MODEL_MEMORY_GB`` and
@@ -54,19 +55,34 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import NoDecode
 
 from services.pool.circuit import CircuitConfig
 from services.pool.routing import Strategy
-from usher.auth import Principal, load_token_map
-from usher.config import ConfigError, env_float, env_int, env_str
+from usher.config import ConfigError
 from usher.modelservers import auto_parallel
+from usher.settings import ServiceSettings, SettingsFile, lowercase, replaced
 from usher.v1 import pool_pb2
 
 __all__ = [
@@ -91,8 +107,9 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-KIND_OLLAMA = "ollama"
-KIND_OPENAI = "openai"
+Kind = Literal["ollama", "openai"]
+KIND_OLLAMA: Kind = "ollama"
+KIND_OPENAI: Kind = "openai"
 KINDS = (KIND_OLLAMA, KIND_OPENAI)
 ROLE_CHAT = "chat"
 ROLE_EMBEDDING = "embedding"
@@ -101,9 +118,8 @@ OLLAMA_DEFAULT_PORT = 11434
 DEFAULT_OLLAMA_URL = f"http://127.0.0.1:{OLLAMA_DEFAULT_PORT}"
 #: Id of the single instance named by OLLAMA_HOST or the default.
 DEFAULT_INSTANCE_ID = "ollama"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-_KIND_TO_PROTO: dict[str, pool_pb2.InstanceKind.ValueType] = {
+_KIND_TO_PROTO: dict[Kind, pool_pb2.InstanceKind.ValueType] = {
     KIND_OLLAMA: pool_pb2.INSTANCE_KIND_OLLAMA,
     KIND_OPENAI: pool_pb2.INSTANCE_KIND_OPENAI,
 }
@@ -201,72 +217,157 @@ def is_local_url(url: str) -> bool:
         return False
 
 
+# --- One instance ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class InstanceSpec:
+class InstanceContext:
+    """What resolving a configured instance needs beyond its own entry: this machine's
+    memory (for ``parallel: auto``, read once and only if needed) and the memory budget of
+    local instances that set none."""
+
+    total_memory: Callable[[], int] = field(default_factory=lambda: _memory_reader(None))
+    default_memory_budget: int = 0
+
+
+#: The context instances are validated in (``resolving``); the default measures this machine.
+_CONTEXT: ContextVar[InstanceContext | None] = ContextVar("usher_pool_instances", default=None)
+
+
+@contextmanager
+def resolving(context: InstanceContext) -> Iterator[None]:
+    token = _CONTEXT.set(context)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+#: Other spellings of an instance's keys (USHER_INSTANCES' short ones among them).
+_KEY_ALIASES = {
+    "url": "base_url",
+    "memory": "memory_budget_bytes",
+    "memory_budget": "memory_budget_bytes",
+    "max_loaded": "max_loaded_models",
+    "allowed": "allowed_models",
+    "request_timeout": "request_timeout_seconds",
+}
+
+
+def _names(value: object) -> object:
+    """A list of names: a YAML list, or text separated by ``+`` or ``,``."""
+    if isinstance(value, str):
+        return [name.strip() for name in re.split(r"[+,]", value) if name.strip()]
+    return () if value is None else value
+
+
+def _model_name(name: str) -> str:
+    if not name or name != name.strip():
+        raise ValueError(f"bad model name {name!r}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+#: Bytes, from a number or a size such as ``8GiB`` (see ``parse_memory``).
+MemorySize = Annotated[int, BeforeValidator(parse_memory), Field(ge=0)]
+
+
+class InstanceSpec(BaseModel):
     """One model server as configured. Construction validates (ConfigError naming the field)
-    and canonicalizes ``base_url``; ``parallel`` is already resolved here (never "auto")."""
+    and canonicalizes ``base_url``; ``parallel`` is resolved here (``auto`` by memory).
+
+    The same model reads a YAML entry, a USHER_INSTANCES entry and values given in code:
+    keys may use their short spellings (``url``, ``memory``, ...); lists may be text joined
+    with ``+``; an entry without ``memory_budget`` gets the context's default budget when it
+    is local (see ``resolving``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
+    kind: Kind = KIND_OLLAMA
     base_url: str = DEFAULT_OLLAMA_URL
-    kind: str = KIND_OLLAMA
-    weight: float = 1.0
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     #: "chat", "embedding"; empty = both.
-    roles: frozenset[str] = frozenset()
-    parallel: int = 1
+    roles: frozenset[Literal["chat", "embedding"]] = frozenset()
+    parallel: int = Field(1, ge=1)
     #: 0 = unlimited.
-    memory_budget_bytes: int = 0
+    memory_budget_bytes: MemorySize = 0
     #: 0 = no limit beyond memory.
-    max_loaded_models: int = 0
-    preload: tuple[str, ...] = ()
+    max_loaded_models: int = Field(0, ge=0)
+    preload: tuple[ModelName, ...] = ()
     #: Empty = every model the server has.
-    allowed_models: frozenset[str] = frozenset()
+    allowed_models: frozenset[ModelName] = frozenset()
     external: bool = False
     #: Name of the environment variable holding the API key (never the key itself).
     api_key_env: str = ""
     #: Longest one request may run here; 0 = the Pool's request_timeout_seconds.
-    request_timeout_seconds: float = 0.0
+    request_timeout_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        def bad(field_name: str, problem: str) -> ConfigError:
-            return ConfigError(f"instance {self.id!r}: {field_name}: {problem}")
-
-        if not self.id or len(self.id) > 128 or _ID_FORBIDDEN.search(self.id):
-            raise bad("id", "must be 1-128 characters without spaces or , ; = / { }")
-        if self.kind not in KINDS:
-            raise bad("kind", f"unknown kind {self.kind!r} (one of {', '.join(KINDS)})")
-        default_port = OLLAMA_DEFAULT_PORT if self.kind == KIND_OLLAMA else None
+    def __init__(self, **values: Any) -> None:
         try:
-            url = normalize_base_url(self.base_url, default_port=default_port)
-        except ValueError as exc:
-            raise bad("base_url", str(exc)) from None
-        object.__setattr__(self, "base_url", url)
-        if not math.isfinite(self.weight) or self.weight <= 0:
-            raise bad("weight", f"must be positive, got {self.weight!r}")
-        unknown_roles = sorted(self.roles - set(ROLES))
-        if unknown_roles:
-            raise bad("roles", f"unknown role {unknown_roles[0]!r} (one of {', '.join(ROLES)})")
-        if self.parallel < 1:
-            raise bad("parallel", f"must be at least 1 or auto, got {self.parallel!r}")
-        if self.memory_budget_bytes < 0:
-            raise bad("memory_budget", "must not be negative")
-        if self.max_loaded_models < 0:
-            raise bad("max_loaded_models", "must not be negative (0 = no limit)")
-        for name in (*self.preload, *self.allowed_models):
-            if not name or name != name.strip():
-                raise bad("preload/allowed_models", f"bad model name {name!r}")
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_instance_error(values, exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _entry(cls, raw: object) -> object:
+        """Canonical keys, ``parallel: auto`` and the default memory budget resolved."""
+        if not isinstance(raw, Mapping):
+            return raw
+        values = {_KEY_ALIASES.get(k, k): v for k, v in ((_key(k), v) for k, v in raw.items())}
+        if values.get("parallel", "") != "auto" and "memory_budget_bytes" in values:
+            return values
+        context = _CONTEXT.get() or InstanceContext()
+        local = _local_entry(values)
+        if isinstance(values.get("parallel"), str) and values["parallel"].lower() == "auto":
+            values["parallel"] = auto_parallel(context.total_memory()) if local else 1
+        values.setdefault("memory_budget_bytes", context.default_memory_budget if local else 0)
+        return values
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, ident: str) -> str:
+        if not ident or len(ident) > 128 or _ID_FORBIDDEN.search(ident):
+            raise ValueError("must be 1-128 characters without spaces or , ; = / { }")
+        return ident
+
+    _kind = field_validator("kind", mode="before")(lowercase)
+
+    @field_validator("base_url")
+    @classmethod
+    def _canonical_url(cls, url: str, info: ValidationInfo) -> str:
+        return normalize_base_url(url, default_port=_default_port(info.data.get("kind")))
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _roles(cls, value: object) -> object:
+        names = _names(value)
+        return [lowercase(n) for n in names] if isinstance(names, list | tuple | set) else names
+
+    _lists = field_validator("preload", "allowed_models", mode="before")(_names)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _allow_listed(cls, name: str) -> str:
+        if name and not _UPSTREAM_KEY_NAME.fullmatch(name):
+            raise ValueError(
+                f"must name a variable {UPSTREAM_KEY_PREFIX}<NAME> (letters, digits, _), "
+                f"set in the environment or in USHER_UPSTREAM_KEYS_FILE"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _preload_is_allowed(self) -> Self:
         if len(set(self.preload)) != len(self.preload):
-            raise bad("preload", "lists a model twice")
+            raise ValueError("preload: lists a model twice")
         outside = [m for m in self.preload if self.allowed_models and m not in self.allowed_models]
         if outside:
-            raise bad("preload", f"{outside[0]!r} is not in allowed_models")
-        if not math.isfinite(self.request_timeout_seconds) or self.request_timeout_seconds < 0:
-            raise bad("request_timeout_seconds", "must be positive (or 0: the Pool's default)")
-        if self.api_key_env and not _UPSTREAM_KEY_NAME.fullmatch(self.api_key_env):
-            raise bad(
-                "api_key_env",
-                f"must name a variable {UPSTREAM_KEY_PREFIX}<NAME> (letters, digits, _), "
-                f"set in the environment or in USHER_UPSTREAM_KEYS_FILE",
-            )
+            raise ValueError(f"preload: {outside[0]!r} is not in allowed_models")
+        return self
+
+    def replace(self, **changes: Any) -> Self:
+        return replaced(self, changes)
 
     @property
     def local(self) -> bool:
@@ -305,39 +406,73 @@ class InstanceSpec:
         auto (resolved as in the config file; ``total_memory_bytes`` defaults to psutil's).
         """
         kinds = {v: k for k, v in _KIND_TO_PROTO.items()}
-        if config.kind == pool_pb2.INSTANCE_KIND_UNSPECIFIED:
-            kind = KIND_OLLAMA
-        elif config.kind in kinds:
-            kind = kinds[config.kind]
-        else:
+        if config.kind != pool_pb2.INSTANCE_KIND_UNSPECIFIED and config.kind not in kinds:
             raise ConfigError(f"instance {config.id!r}: kind: unknown kind {config.kind}")
         if config.parallel < 0:
             raise ConfigError(f"instance {config.id!r}: parallel: must be at least 1 or 0 (auto)")
-        base_url = config.base_url
-        if config.parallel == 0:
-            default_port = OLLAMA_DEFAULT_PORT if kind == KIND_OLLAMA else None
-            try:
-                local = is_local_url(normalize_base_url(base_url, default_port=default_port))
-            except ValueError:
-                local = False  # the constructor names the bad base_url
-            parallel = _auto_parallel_for(local and not config.external, total_memory_bytes)
-        else:
-            parallel = config.parallel
-        return cls(
-            id=config.id,
-            base_url=base_url,
-            kind=kind,
-            weight=config.weight or 1.0,
-            roles=frozenset(config.roles),
-            parallel=parallel,
-            memory_budget_bytes=config.memory_budget_bytes,
-            max_loaded_models=config.max_loaded_models,
-            preload=tuple(config.preload),
-            allowed_models=frozenset(config.allowed_models),
-            external=config.external,
-            api_key_env=config.api_key_env,
-            request_timeout_seconds=config.request_timeout.ToMilliseconds() / 1000,
+        with resolving(InstanceContext(_memory_reader(total_memory_bytes))):
+            return cls(
+                id=config.id,
+                base_url=config.base_url,
+                kind=kinds.get(config.kind, KIND_OLLAMA),
+                weight=config.weight or 1.0,
+                roles=frozenset(config.roles),
+                parallel=config.parallel or "auto",
+                memory_budget_bytes=config.memory_budget_bytes,
+                max_loaded_models=config.max_loaded_models,
+                preload=tuple(config.preload),
+                allowed_models=frozenset(config.allowed_models),
+                external=config.external,
+                api_key_env=config.api_key_env,
+                request_timeout_seconds=config.request_timeout.ToMilliseconds() / 1000,
+            )
+
+
+def _key(key: object) -> str:
+    return str(key).strip().lower().replace("-", "_")
+
+
+def _default_port(kind: object) -> int | None:
+    """Ollama's port when none is given; an OpenAI-compatible server has no usual one."""
+    return OLLAMA_DEFAULT_PORT if kind in (None, KIND_OLLAMA) else None
+
+
+def _local_entry(values: Mapping[str, object]) -> bool:
+    """A raw entry names a server on this machine that is not the external lane (whose
+    memory ``auto`` and the default budget are about); a bad URL is no local one."""
+    kind = lowercase(values.get("kind", KIND_OLLAMA))
+    try:
+        url = normalize_base_url(
+            str(values.get("base_url", DEFAULT_OLLAMA_URL)), default_port=_default_port(kind)
         )
+        external = TypeAdapter(bool).validate_python(values.get("external", False))
+    except (ValueError, ValidationError):
+        return False  # the field's own validator names the problem
+    return is_local_url(url) and not external
+
+
+def _instance_error(values: Mapping[str, object], exc: ValidationError) -> str:
+    """``instance 'id': field: what is wrong`` for the first error."""
+    error = exc.errors()[0]
+    ident = values.get("id")
+    label = f"instance {ident!r}: " if isinstance(ident, str) else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across fields names its field
+        return label + message
+    return f"{label}{error['loc'][0]}: {message}"
+
+
+def _memory_reader(total_memory_bytes: int | None) -> Callable[[], int]:
+    if total_memory_bytes is not None:
+        return lambda: total_memory_bytes
+    cache: list[int] = []
+
+    def read() -> int:
+        if not cache:
+            cache.append(_system_memory())
+        return cache[0]
+
+    return read
 
 
 def _system_memory() -> int:
@@ -347,51 +482,109 @@ def _system_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def _auto_parallel_for(local: bool, total_memory_bytes: int | None) -> int:
-    if not local:
-        return 1
-    return auto_parallel(_system_memory() if total_memory_bytes is None else total_memory_bytes)
+# --- The Pool ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PoolSettings:
-    instances: tuple[InstanceSpec, ...] = (InstanceSpec(DEFAULT_INSTANCE_ID),)
-    strategy: Strategy = Strategy.AFFINITY
-    listen: str = "127.0.0.1:50052"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    tokens: Mapping[str, Principal] = field(default_factory=dict)
-    log_level: str = "info"
-    health_interval_seconds: float = 2.0
-    health_timeout_seconds: float = 3.0
+class PoolSettings(ServiceSettings):
+    #: Set by ``load_pool_settings`` from exactly one place (see the module docstring).
+    instances: Annotated[tuple[InstanceSpec, ...], NoDecode] = (
+        InstanceSpec(id=DEFAULT_INSTANCE_ID),
+    )
+    strategy: Strategy = Field(Strategy.AFFINITY, validation_alias="USHER_POOL_STRATEGY")
+    listen: str = Field("127.0.0.1:50052", validation_alias="USHER_POOL_LISTEN")
+    health_interval_seconds: float = Field(
+        2.0, gt=0, validation_alias="USHER_POOL_HEALTH_INTERVAL_SECONDS"
+    )
+    health_timeout_seconds: float = Field(
+        3.0, gt=0, validation_alias="USHER_POOL_HEALTH_TIMEOUT_SECONDS"
+    )
     #: Failed health checks in a row before an instance leaves rotation.
-    unhealthy_after_failures: int = 1
+    unhealthy_after_failures: int = Field(
+        1, ge=1, validation_alias="USHER_POOL_UNHEALTHY_AFTER_FAILURES"
+    )
     #: Longest one upstream call may take (a whole generation, not the first token).
-    request_timeout_seconds: float = 600.0
-    circuit_failure_threshold: int = 5
-    circuit_failure_window_seconds: float = 30.0
-    circuit_open_seconds: float = 10.0
-    circuit_half_open_max_calls: int = 1
-    circuit_backoff_multiplier: float = 2.0
-    circuit_max_open_seconds: float = 300.0
+    request_timeout_seconds: float = Field(
+        600.0, gt=0, validation_alias="USHER_POOL_REQUEST_TIMEOUT_SECONDS"
+    )
+    circuit_failure_threshold: int = Field(5, ge=1)
+    circuit_failure_window_seconds: float = Field(30.0, gt=0)
+    circuit_open_seconds: float = Field(10.0, gt=0)
+    circuit_half_open_max_calls: int = Field(1, ge=1)
+    circuit_backoff_multiplier: float = Field(2.0, ge=1)
+    circuit_max_open_seconds: float = Field(300.0, gt=0)
     #: Unload a model idle this long (PRD MODEL_POOL_AUTO_UNLOAD_MINUTES=10); 0 = never.
-    idle_unload_seconds: float = 600.0
+    idle_unload_seconds: float = Field(
+        600.0, ge=0, validation_alias="USHER_POOL_IDLE_UNLOAD_SECONDS"
+    )
     #: Load a model on one more instance when its queue is at least this long per
     #: instance serving it; 0 = never scale out.
-    scale_out_queue_length: int = 8
-    placement_interval_seconds: float = 5.0
+    scale_out_queue_length: int = Field(
+        8, ge=0, validation_alias="USHER_POOL_SCALE_OUT_QUEUE_LENGTH"
+    )
+    placement_interval_seconds: float = Field(
+        5.0, gt=0, validation_alias="USHER_POOL_PLACEMENT_INTERVAL_SECONDS"
+    )
     #: How long a reserved slot is held for its Generate call.
-    slot_lease_seconds: float = 30.0
-    #: On SIGTERM, how long in-flight calls may take before they are cut off.
-    shutdown_grace_seconds: float = 10.0
-    #: Port of the Prometheus /metrics endpoint; 0 = off.
-    metrics_port: int = 0
-    #: model → models to try instead, in order (e.g. a smaller one when it cannot load).
-    fallback_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    #: model → the external provider's model for requests sent to the external lane.
-    external_models: Mapping[str, str] = field(default_factory=dict)
+    slot_lease_seconds: float = Field(30.0, gt=0, validation_alias="USHER_POOL_SLOT_LEASE_SECONDS")
+    #: model → models to try instead, in order (e.g. a smaller one when it cannot load);
+    #: from the environment ``big=small+smaller,...``.
+    fallback_models: Annotated[Mapping[str, tuple[ModelName, ...]], NoDecode] = Field(
+        default_factory=dict, validation_alias="USHER_FALLBACK_MODELS"
+    )
+    #: model → the external provider's model for requests sent to the external lane; from
+    #: the environment ``llama3.2=gpt-4o-mini,...``.
+    external_models: Annotated[Mapping[ModelName, ModelName], NoDecode] = Field(
+        default_factory=dict, validation_alias="USHER_EXTERNAL_MODELS"
+    )
 
-    def __post_init__(self) -> None:
-        self.check()
+    @field_validator("instances")
+    @classmethod
+    def _unique_ids(cls, instances: tuple[InstanceSpec, ...]) -> tuple[InstanceSpec, ...]:
+        ids = [spec.id for spec in instances]
+        duplicate = next((i for i in ids if ids.count(i) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"duplicate id {duplicate!r}")
+        return instances
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: object) -> object:
+        return Strategy.parse(value) if isinstance(value, str) else value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, listen: str) -> str:
+        _, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("expected host:port")
+        return listen
+
+    @field_validator("fallback_models", mode="before")
+    @classmethod
+    def _fallback_pairs(cls, value: object) -> object:
+        if isinstance(value, str):  # "a=b+c,d=e"
+            return {model: _names(rest) for model, rest in _pairs(value, "fallback+fallback")}
+        if isinstance(value, Mapping):  # one fallback may be written without a list
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("fallback_models")
+    @classmethod
+    def _no_cycle(cls, graph: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:
+        for model in graph:
+            _model_name(model)
+        cycle = _find_cycle(graph)
+        if cycle:
+            raise ValueError(f"cycle {' -> '.join(cycle)}")
+        return graph
+
+    @field_validator("external_models", mode="before")
+    @classmethod
+    def _external_pairs(cls, value: object) -> object:
+        return dict(_pairs(value, "provider_model")) if isinstance(value, str) else value
+
+    def replace(self, **changes: Any) -> Self:
+        return replaced(self, changes)
 
     @property
     def circuit(self) -> CircuitConfig:
@@ -438,55 +631,18 @@ class PoolSettings:
         visit(model)
         return tuple(chain)
 
-    def check(self) -> None:
-        """Raise ConfigError naming the first bad field."""
-        seen: set[str] = set()
-        for spec in self.instances:
-            if spec.id in seen:
-                raise ConfigError(f"instances: duplicate id {spec.id!r}")
-            seen.add(spec.id)
-        positive = (
-            "health_interval_seconds",
-            "health_timeout_seconds",
-            "request_timeout_seconds",
-            "circuit_failure_window_seconds",
-            "circuit_open_seconds",
-            "placement_interval_seconds",
-            "slot_lease_seconds",
-        )
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)!r}")
-        at_least_one = (
-            "unhealthy_after_failures",
-            "circuit_failure_threshold",
-            "circuit_half_open_max_calls",
-        )
-        for name in at_least_one:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)!r}")
-        for name in ("idle_unload_seconds", "scale_out_queue_length", "shutdown_grace_seconds"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must not be negative (0 = off)")
-        if self.circuit_backoff_multiplier < 1:
-            raise ConfigError("circuit_backoff_multiplier: must be at least 1")
-        if self.log_level.lower() not in LOG_LEVELS:
-            raise ConfigError(
-                f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
-            )
-        _, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ConfigError(f"listen: expected host:port, got {self.listen!r}")
-        for model, fallbacks in self.fallback_models.items():
-            for name in (model, *fallbacks):
-                if not isinstance(name, str) or not name.strip():
-                    raise ConfigError(f"fallback_models: bad model name {name!r} for {model!r}")
-        cycle = _find_cycle(self.fallback_models)
-        if cycle:
-            raise ConfigError(f"fallback_models: cycle {' -> '.join(cycle)}")
-        for model, target in self.external_models.items():
-            if not model.strip() or not isinstance(target, str) or not target.strip():
-                raise ConfigError(f"external_models: bad entry {model!r}: {target!r}")
+
+def _pairs(text: str, right: str) -> list[tuple[str, str]]:
+    """``model=value,...`` from the environment."""
+    pairs = []
+    for entry in (e.strip() for e in text.split(",")):
+        model, sep, value = entry.partition("=")
+        if not entry:
+            continue
+        if not sep or not model.strip():
+            raise ValueError(f"expected model={right}, got {entry!r}")
+        pairs.append((model.strip(), value.strip()))
+    return pairs
 
 
 def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str] | None:
@@ -514,242 +670,7 @@ def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str] | None:
     return None
 
 
-# --- Reading raw values (YAML or strings from the environment) ------------------------------
-
-
-def _as_str(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{what}: expected text, got {value!r} (quote it)")
-    return value.strip()
-
-
-def _as_names(value: object, what: str) -> tuple[str, ...]:
-    """A list of names: a YAML list, or text separated by ``+`` or ``,``."""
-    if isinstance(value, str):
-        items: Iterable[object] = re.split(r"[+,]", value)
-    elif isinstance(value, list | tuple):
-        items = value
-    elif value is None:
-        return ()
-    else:
-        raise ConfigError(f"{what}: expected a list, got {value!r}")
-    names = tuple(_as_str(item, what) for item in items)
-    return tuple(n for n in names if n)
-
-
-def _as_float(value: object, what: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a number, got {value!r}")
-    try:
-        result = float(value) if isinstance(value, int | float | str) else math.nan
-    except ValueError:
-        result = math.nan
-    if not math.isfinite(result):
-        raise ConfigError(f"{what}: expected a number, got {value!r}")
-    return result
-
-
-def _as_int(value: object, what: str) -> int:
-    number = _as_float(value, what)
-    if number != int(number):
-        raise ConfigError(f"{what}: expected a whole number, got {value!r}")
-    return int(number)
-
-
-def _as_bool(value: object, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{what}: expected true or false, got {value!r}")
-
-
-_INSTANCE_KEYS = {
-    "id": "id",
-    "base_url": "base_url",
-    "url": "base_url",
-    "kind": "kind",
-    "weight": "weight",
-    "roles": "roles",
-    "parallel": "parallel",
-    "memory_budget": "memory_budget",
-    "memory_budget_bytes": "memory_budget",
-    "memory": "memory_budget",
-    "max_loaded_models": "max_loaded_models",
-    "max_loaded": "max_loaded_models",
-    "preload": "preload",
-    "allowed_models": "allowed_models",
-    "allowed": "allowed_models",
-    "external": "external",
-    "api_key_env": "api_key_env",
-    "request_timeout_seconds": "request_timeout_seconds",
-    "request_timeout": "request_timeout_seconds",
-}
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What resolving an instance needs beyond its own entry."""
-
-    total_memory: Callable[[], int]
-    default_memory_budget: int = 0
-
-
-def _instance(raw: Mapping[str, object], where: str, ctx: _Context) -> InstanceSpec:
-    """An InstanceSpec from a YAML mapping or a parsed USHER_INSTANCES entry."""
-    values: dict[str, object] = {}
-    for key, value in raw.items():
-        canonical = _INSTANCE_KEYS.get(str(key).strip().lower().replace("-", "_"))
-        if canonical is None:
-            raise ConfigError(f"{where}: unknown field {key!r}")
-        values[canonical] = value
-    if "id" not in values:
-        raise ConfigError(f"{where}: id: missing")
-    ident = _as_str(values["id"], f"{where}: id")
-    label = f"{where}: instance {ident!r}"
-
-    def field_name(name: str) -> str:
-        return f"{label}: {name}"
-
-    kind = _as_str(values.get("kind", KIND_OLLAMA), field_name("kind")).lower()
-    if kind not in KINDS:
-        raise ConfigError(
-            f"{field_name('kind')}: unknown kind {kind!r} (one of {', '.join(KINDS)})"
-        )
-    default_port = OLLAMA_DEFAULT_PORT if kind == KIND_OLLAMA else None
-    raw_url = _as_str(values.get("base_url", DEFAULT_OLLAMA_URL), field_name("base_url"))
-    try:
-        base_url = normalize_base_url(raw_url, default_port=default_port)
-    except ValueError as exc:
-        raise ConfigError(f"{field_name('base_url')}: {exc}") from None
-    local = is_local_url(base_url)
-    external = _as_bool(values.get("external", False), field_name("external"))
-
-    if "memory_budget" in values:
-        try:
-            memory = parse_memory(values["memory_budget"])
-        except ValueError as exc:
-            raise ConfigError(f"{field_name('memory_budget')}: {exc}") from None
-    else:
-        memory = ctx.default_memory_budget if local and not external else 0
-
-    raw_parallel = values.get("parallel", "auto")
-    if isinstance(raw_parallel, str) and raw_parallel.strip().lower() == "auto":
-        parallel = auto_parallel(ctx.total_memory()) if local and not external else 1
-    else:
-        parallel = _as_int(raw_parallel, field_name("parallel"))
-        if parallel < 1:
-            raise ConfigError(f"{field_name('parallel')}: must be at least 1 or auto")
-
-    try:
-        return InstanceSpec(
-            id=ident,
-            base_url=base_url,
-            kind=kind,
-            weight=_as_float(values.get("weight", 1.0), field_name("weight")),
-            roles=frozenset(r.lower() for r in _as_names(values.get("roles"), field_name("roles"))),
-            parallel=parallel,
-            memory_budget_bytes=memory,
-            max_loaded_models=_as_int(
-                values.get("max_loaded_models", 0), field_name("max_loaded_models")
-            ),
-            preload=_as_names(values.get("preload"), field_name("preload")),
-            allowed_models=frozenset(
-                _as_names(values.get("allowed_models"), field_name("allowed_models"))
-            ),
-            external=external,
-            api_key_env=_as_str(values.get("api_key_env", ""), field_name("api_key_env")),
-            request_timeout_seconds=_as_float(
-                values.get("request_timeout_seconds", 0.0), field_name("request_timeout_seconds")
-            ),
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def parse_instances(
-    spec: str,
-    *,
-    total_memory_bytes: int | None = None,
-    default_memory_budget: int = 0,
-    source: str = "USHER_INSTANCES",
-) -> tuple[InstanceSpec, ...]:
-    """Instances from the one-line ``USHER_INSTANCES`` syntax (see the module docstring)."""
-    ctx = _Context(_memory_reader(total_memory_bytes), default_memory_budget)
-    out: list[InstanceSpec] = []
-    for position, entry in enumerate(e.strip() for e in spec.split(",")):
-        if not entry:
-            continue
-        head, *options = (part.strip() for part in entry.split(";"))
-        name, sep, url = head.partition("=")
-        raw: dict[str, object] = {}
-        if sep and "/" not in name and ":" not in name:
-            raw["id"], raw["base_url"] = name.strip(), url.strip()
-        else:
-            raw["base_url"] = head
-        for option in options:
-            if not option:
-                continue
-            key, eq, value = option.partition("=")
-            if not eq:
-                raise ConfigError(
-                    f"{source} entry {position + 1}: expected key=value, got {option!r}"
-                )
-            raw[key.strip()] = value.strip()
-        if "id" not in raw:
-            kind = str(raw.get("kind", KIND_OLLAMA)).strip().lower()
-            default_port = OLLAMA_DEFAULT_PORT if kind == KIND_OLLAMA else None
-            try:
-                netloc = urlsplit(normalize_base_url(head, default_port=default_port)).netloc
-            except ValueError as exc:
-                raise ConfigError(f"{source} entry {position + 1}: base_url: {exc}") from None
-            raw["id"] = netloc
-        out.append(_instance(raw, f"{source} entry {position + 1}", ctx))
-    return tuple(out)
-
-
-def _memory_reader(total_memory_bytes: int | None) -> Callable[[], int]:
-    if total_memory_bytes is not None:
-        return lambda: total_memory_bytes
-    cache: list[int] = []
-
-    def read() -> int:
-        if not cache:
-            cache.append(_system_memory())
-        return cache[0]
-
-    return read
-
-
-# --- Loading -----------------------------------------------------------------------------
-
-#: Environment variables that override the file (and the defaults), by field.
-ENV_FLOATS = {
-    "health_interval_seconds": "USHER_POOL_HEALTH_INTERVAL_SECONDS",
-    "health_timeout_seconds": "USHER_POOL_HEALTH_TIMEOUT_SECONDS",
-    "request_timeout_seconds": "USHER_POOL_REQUEST_TIMEOUT_SECONDS",
-    "circuit_failure_window_seconds": "USHER_CIRCUIT_FAILURE_WINDOW_SECONDS",
-    "circuit_open_seconds": "USHER_CIRCUIT_OPEN_SECONDS",
-    "circuit_backoff_multiplier": "USHER_CIRCUIT_BACKOFF_MULTIPLIER",
-    "circuit_max_open_seconds": "USHER_CIRCUIT_MAX_OPEN_SECONDS",
-    "idle_unload_seconds": "USHER_POOL_IDLE_UNLOAD_SECONDS",
-    "placement_interval_seconds": "USHER_POOL_PLACEMENT_INTERVAL_SECONDS",
-    "slot_lease_seconds": "USHER_POOL_SLOT_LEASE_SECONDS",
-    "shutdown_grace_seconds": "USHER_SHUTDOWN_GRACE_SECONDS",
-}
-ENV_INTS = {
-    "unhealthy_after_failures": "USHER_POOL_UNHEALTHY_AFTER_FAILURES",
-    "circuit_failure_threshold": "USHER_CIRCUIT_FAILURE_THRESHOLD",
-    "circuit_half_open_max_calls": "USHER_CIRCUIT_HALF_OPEN_MAX_CALLS",
-    "scale_out_queue_length": "USHER_POOL_SCALE_OUT_QUEUE_LENGTH",
-    "metrics_port": "USHER_METRICS_PORT",
-}
-ENV_STRINGS = {
-    "listen": "USHER_POOL_LISTEN",
-    "log_level": "USHER_LOG_LEVEL",
-}
+# --- Loading -------------------------------------------------------------------------------------
 
 _CIRCUIT_KEYS = {
     "failure_threshold",
@@ -759,7 +680,31 @@ _CIRCUIT_KEYS = {
     "backoff_multiplier",
     "max_open_seconds",
 }
+#: Keys of the file that are no field of PoolSettings as they stand.
 _FILE_ONLY_KEYS = {"instances", "circuit", "default_memory_budget"}
+
+
+def load_pool_settings(
+    env: Mapping[str, str] | None = None, *, total_memory_bytes: int | None = None
+) -> PoolSettings:
+    """Settings from ``USHER_POOL_CONFIG`` and the environment (see the module docstring).
+
+    ``env`` defaults to ``os.environ``; ``total_memory_bytes`` to psutil's reading (used
+    only to resolve ``parallel: auto`` on local instances).
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    path = environ.get("USHER_POOL_CONFIG", "").strip()
+    data = _read_file(path) if path else {}
+    source = path or "settings"  # names the file in errors about its contents
+    context = InstanceContext(
+        _memory_reader(total_memory_bytes), _default_memory_budget(data, source, environ)
+    )
+    given: dict[str, Any] = {"instances": _load_instances(data, source, environ, context)}
+    minutes = environ.get("MODEL_POOL_AUTO_UNLOAD_MINUTES", "").strip()
+    if minutes and not environ.get("USHER_POOL_IDLE_UNLOAD_SECONDS", "").strip():
+        given["idle_unload_seconds"] = _number("MODEL_POOL_AUTO_UNLOAD_MINUTES", minutes) * 60
+    file = SettingsFile(source, _file_settings(data, source))
+    return PoolSettings.from_env(environ, file=file, **given)
 
 
 def _read_file(path: str) -> dict[str, object]:
@@ -777,173 +722,129 @@ def _read_file(path: str) -> dict[str, object]:
     return {str(k): v for k, v in data.items()}
 
 
-def _fallbacks(value: object, where: str) -> dict[str, tuple[str, ...]]:
-    if isinstance(value, str):  # env: "a=b+c,d=e"
-        out: dict[str, tuple[str, ...]] = {}
-        for entry in (e.strip() for e in value.split(",")):
-            model, sep, rest = entry.partition("=")
-            if not entry:
-                continue
-            if not sep or not model.strip():
-                raise ConfigError(f"{where}: expected model=fallback+fallback, got {entry!r}")
-            out[model.strip()] = _as_names(rest.replace(",", "+"), f"{where}: {model.strip()}")
-        return out
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping of model to fallback models")
-    return {
-        _as_str(k, where): _as_names([v] if isinstance(v, str) else v, f"{where}: {k}")
-        for k, v in value.items()
-    }
-
-
-def _external_models(value: object, where: str) -> dict[str, str]:
-    if isinstance(value, str):  # env: "llama3.2=gpt-4o-mini,..."
-        pairs = [e.partition("=") for e in (e.strip() for e in value.split(",")) if e]
-        if any(not sep for _, sep, _ in pairs):
-            raise ConfigError(f"{where}: expected model=provider_model entries")
-        return {k.strip(): v.strip() for k, _, v in pairs}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping of model to provider model")
-    return {_as_str(k, where): _as_str(v, f"{where}: {k}") for k, v in value.items()}
-
-
-def load_pool_settings(
-    env: Mapping[str, str] | None = None, *, total_memory_bytes: int | None = None
-) -> PoolSettings:
-    """Settings from ``USHER_POOL_CONFIG`` and the environment (see the module docstring).
-
-    ``env`` defaults to ``os.environ``; ``total_memory_bytes`` to psutil's reading (used
-    only to resolve ``parallel: auto`` on local instances).
-    """
-    environ: Mapping[str, str] = os.environ if env is None else env
-    path = environ.get("USHER_POOL_CONFIG", "").strip()
-    data = _read_file(path) if path else {}
-    source = path or "settings"  # names the file in errors about its contents
-    known = {f.name for f in fields(PoolSettings)} | _FILE_ONLY_KEYS
-    unknown = sorted(set(data) - known)
+def _file_settings(data: Mapping[str, object], source: str) -> dict[str, object]:
+    """The file's values of PoolSettings fields (its ``circuit`` block flattened; a flat
+    ``circuit_*`` key wins); an unknown key is an error, so a typo falls back to nothing."""
+    unknown = sorted(set(data) - set(PoolSettings.model_fields) - _FILE_ONLY_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unknown setting {unknown[0]!r}")
     if "tokens" in data:
         raise ConfigError(f"{source}: tokens: set USHER_API_TOKENS in the environment instead")
-
-    values: dict[str, Any] = {}
+    values = {k: v for k, v in data.items() if k not in _FILE_ONLY_KEYS}
     circuit = data.get("circuit") or {}
     if not isinstance(circuit, dict):
         raise ConfigError(f"{source}: circuit: expected a mapping")
     for key, value in circuit.items():
         if key not in _CIRCUIT_KEYS:
             raise ConfigError(f"{source}: circuit: unknown setting {key!r}")
-        data.setdefault(f"circuit_{key}", value)
-    for name, variable in ENV_FLOATS.items():
-        if name in data:
-            values[name] = _as_float(data[name], f"{source}: {name}")
-        values[name] = env_float(variable, values.get(name, _DEFAULTS[name]), environ)
-    if (
-        "USHER_POOL_IDLE_UNLOAD_SECONDS" not in environ
-        and "MODEL_POOL_AUTO_UNLOAD_MINUTES" in environ
-    ):
-        minutes = env_float("MODEL_POOL_AUTO_UNLOAD_MINUTES", 10.0, environ)
-        values["idle_unload_seconds"] = minutes * 60.0
-    for name, variable in ENV_INTS.items():
-        if name in data:
-            values[name] = _as_int(data[name], f"{source}: {name}")
-        values[name] = env_int(variable, values.get(name, _DEFAULTS[name]), environ)
-    for name, variable in ENV_STRINGS.items():
-        if name in data:
-            values[name] = _as_str(data[name], f"{source}: {name}")
-        values[name] = env_str(variable, values.get(name, _DEFAULTS[name]), environ)
-    values["log_level"] = values["log_level"].lower()
+        values.setdefault(f"circuit_{key}", value)
+    return values
 
-    redis_default = _as_str(data.get("redis_url", _DEFAULTS["redis_url"]), f"{source}: redis_url")
-    values["redis_url"] = env_str(
-        "USHER_REDIS_URL", env_str("REDIS_URL", redis_default, environ), environ
-    )
-    values["tokens"] = load_token_map(environ)
 
-    strategy = env_str("USHER_POOL_STRATEGY", "", environ)
-    strategy_source = "USHER_POOL_STRATEGY"
-    if not strategy:
-        strategy = _as_str(data.get("strategy", Strategy.AFFINITY.value), f"{source}: strategy")
-        strategy_source = f"{source}: strategy"
+def _default_memory_budget(
+    data: Mapping[str, object], source: str, environ: Mapping[str, str]
+) -> int:
+    """MAX_MODEL_MEMORY_GB (a plain number is gigabytes, the variable's name; ``24GiB``
+    etc. also work), else the file's ``default_memory_budget``, else none."""
+    raw = environ.get("MAX_MODEL_MEMORY_GB", "").strip()
+    where, value = f"MAX_MODEL_MEMORY_GB={raw!r}", data.get("default_memory_budget", 0)
+    if raw:
+        value = f"{raw}GB" if _is_number(raw) else raw
+    elif "default_memory_budget" in data:
+        where = f"{source}: default_memory_budget"
     try:
-        values["strategy"] = Strategy.parse(strategy)
+        return parse_memory(value)
     except ValueError as exc:
-        raise ConfigError(f"{strategy_source}: {exc}") from None
-
-    fallback_env = environ.get("USHER_FALLBACK_MODELS", "").strip()
-    if fallback_env:
-        values["fallback_models"] = _fallbacks(fallback_env, "USHER_FALLBACK_MODELS")
-    elif "fallback_models" in data:
-        values["fallback_models"] = _fallbacks(
-            data["fallback_models"], f"{source}: fallback_models"
-        )
-    external_env = environ.get("USHER_EXTERNAL_MODELS", "").strip()
-    if external_env:
-        values["external_models"] = _external_models(external_env, "USHER_EXTERNAL_MODELS")
-    elif "external_models" in data:
-        values["external_models"] = _external_models(
-            data["external_models"], f"{source}: external_models"
-        )
-
-    values["instances"] = _load_instances(data, source, environ, total_memory_bytes)
-    try:
-        return PoolSettings(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-
-
-_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in fields(PoolSettings) if not callable(f.default_factory)
-}
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _load_instances(
     data: Mapping[str, object],
     source: str,
     environ: Mapping[str, str],
-    total_memory_bytes: int | None,
+    context: InstanceContext,
 ) -> tuple[InstanceSpec, ...]:
-    budget = 0
-    raw_budget = environ.get("MAX_MODEL_MEMORY_GB", "").strip()
-    if raw_budget:
-        try:
-            # A plain number is gigabytes (the variable's name); "24GiB" etc. also work.
-            budget = parse_memory(f"{raw_budget}GB" if _is_number(raw_budget) else raw_budget)
-        except ValueError as exc:
-            raise ConfigError(f"MAX_MODEL_MEMORY_GB={raw_budget!r}: {exc}") from None
-    elif "default_memory_budget" in data:
-        try:
-            budget = parse_memory(data["default_memory_budget"])
-        except ValueError as exc:
-            raise ConfigError(f"{source}: default_memory_budget: {exc}") from None
-    ctx = _Context(_memory_reader(total_memory_bytes), budget)
-
+    """The file's ``instances``, else USHER_INSTANCES, else OLLAMA_HOST, else the default."""
     env_instances = environ.get("USHER_INSTANCES", "").strip()
-    if "instances" in data:
-        if env_instances:
-            raise ConfigError(
-                f"instances are set in both {source} and USHER_INSTANCES; keep one of them"
-            )
-        raw = data["instances"] or []
-        if not isinstance(raw, list):
-            raise ConfigError(f"{source}: instances: expected a list")
-        specs = []
-        for index, entry in enumerate(raw):
-            if not isinstance(entry, dict):
-                raise ConfigError(f"{source}: instances[{index}]: expected a mapping")
-            specs.append(_instance(entry, f"{source}: instances[{index}]", ctx))
-        return tuple(specs)
-    if env_instances:
-        return parse_instances(
-            env_instances,
-            total_memory_bytes=total_memory_bytes,
-            default_memory_budget=budget,
+    if "instances" in data and env_instances:
+        raise ConfigError(
+            f"instances are set in both {source} and USHER_INSTANCES; keep one of them"
         )
-    host = environ.get("OLLAMA_HOST", "").strip()
-    where = f"OLLAMA_HOST={host!r}" if host else "default instance"
-    return (
-        _instance({"id": DEFAULT_INSTANCE_ID, "base_url": host or DEFAULT_OLLAMA_URL}, where, ctx),
+    if env_instances:
+        return _parse_instances(env_instances, context)
+    if "instances" not in data:
+        host = environ.get("OLLAMA_HOST", "").strip()
+        where = f"OLLAMA_HOST={host!r}" if host else "default instance"
+        entry = {"id": DEFAULT_INSTANCE_ID, "base_url": host or DEFAULT_OLLAMA_URL}
+        return (_instance(entry, where, context),)
+    raw = data["instances"] or []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: instances: expected a list")
+    return tuple(
+        _instance(entry, f"{source}: instances[{index}]", context)
+        for index, entry in enumerate(raw)
     )
+
+
+def _instance(entry: object, where: str, context: InstanceContext) -> InstanceSpec:
+    """An instance of the configuration: ``parallel`` is ``auto`` unless it says otherwise."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    with resolving(context):
+        try:
+            return InstanceSpec(**{"parallel": "auto", **{_key(k): v for k, v in entry.items()}})
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def parse_instances(
+    spec: str,
+    *,
+    total_memory_bytes: int | None = None,
+    default_memory_budget: int = 0,
+) -> tuple[InstanceSpec, ...]:
+    """Instances from the one-line ``USHER_INSTANCES`` syntax (see the module docstring)."""
+    context = InstanceContext(_memory_reader(total_memory_bytes), default_memory_budget)
+    return _parse_instances(spec, context)
+
+
+def _parse_instances(spec: str, context: InstanceContext) -> tuple[InstanceSpec, ...]:
+    out: list[InstanceSpec] = []
+    for position, entry in enumerate(e.strip() for e in spec.split(",")):
+        if entry:
+            where = f"USHER_INSTANCES entry {position + 1}"
+            out.append(_instance(_entry(entry, where), where, context))
+    return tuple(out)
+
+
+def _entry(text: str, where: str) -> dict[str, object]:
+    """``[id=]url;key=value;...`` → its keys; the id defaults to the URL's ``host:port``."""
+    head, *options = (part.strip() for part in text.split(";"))
+    name, sep, url = head.partition("=")
+    raw: dict[str, object] = {}
+    if sep and "/" not in name and ":" not in name:
+        raw["id"], raw["base_url"] = name.strip(), url.strip()
+    else:
+        raw["base_url"] = head
+    for option in filter(None, options):
+        key, eq, value = option.partition("=")
+        if not eq:
+            raise ConfigError(f"{where}: expected key=value, got {option!r}")
+        raw[_key(key)] = value.strip()
+    if "id" not in raw:
+        kind = lowercase(raw.get("kind", KIND_OLLAMA))
+        try:
+            raw["id"] = urlsplit(normalize_base_url(head, default_port=_default_port(kind))).netloc
+        except ValueError as exc:
+            raise ConfigError(f"{where}: base_url: {exc}") from None
+    return raw
+
+
+def _number(variable: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{variable}={text!r}: expected a number") from None
 
 
 def _is_number(text: str) -> bool:

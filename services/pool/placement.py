@@ -170,58 +170,94 @@ def plan(
     ``scale_out_queue_length`` ≤ 0 disables scaling out. ``min_idle_seconds`` is passed to
     ``evictions_to_fit``.
     """
-    state = {v.id: v for v in sorted(instances, key=lambda v: v.id)}
-    actions: list[Action] = []
-    loading: set[str] = set()  # instances that got their one load in this plan
-    wanted = frozenset(m for m, n in demand.items() if n > 0)
-
-    def unload(view_id: str, model: str, reason: str) -> None:
-        view = state[view_id]
-        state[view_id] = replace(view, loaded=tuple(i for i in view.loaded if i.model != model))
-        actions.append(Action("unload", view_id, model, reason))
-
-    def load(view_id: str, model: str, evict: list[str], reason: str) -> None:
-        for victim in evict:
-            unload(view_id, victim, f"evict least recently used idle model to fit {model}")
-        view = state[view_id]
-        info = LoadedInfo(model, sizes.get(model, 0), last_used=now)
-        state[view_id] = replace(view, loaded=(*view.loaded, info))
-        loading.add(view_id)
-        actions.append(Action("load", view_id, model, reason))
-
-    def reachable(v: InstanceView) -> bool:
-        return v.healthy and not v.external
-
-    # 1. Idle unloads.
+    planner = _Planner(demand, sizes, instances, now, min_idle_seconds)
     if idle_unload_seconds > 0:
-        for view in list(state.values()):
-            if not reachable(view):
+        planner.idle_unloads(idle_unload_seconds)
+    planner.demand_loads(scale_out_queue_length)
+    planner.preloads()
+    return planner.actions
+
+
+class _Planner:
+    """One plan in the making: the fleet as the actions so far leave it, rule by rule."""
+
+    def __init__(
+        self,
+        demand: Mapping[str, int],
+        sizes: Mapping[str, int],
+        instances: Sequence[InstanceView],
+        now: float,
+        min_idle_seconds: float,
+    ) -> None:
+        self.demand = demand
+        self.sizes = sizes
+        self.now = now
+        self.min_idle_seconds = min_idle_seconds
+        self.state = {v.id: v for v in sorted(instances, key=lambda v: v.id)}
+        self.actions: list[Action] = []
+        self.loading: set[str] = set()  # instances that got their one load in this plan
+        self.wanted = frozenset(m for m, n in demand.items() if n > 0)
+
+    def unload(self, view_id: str, model: str, reason: str) -> None:
+        view = self.state[view_id]
+        loaded = tuple(i for i in view.loaded if i.model != model)
+        self.state[view_id] = replace(view, loaded=loaded)
+        self.actions.append(Action("unload", view_id, model, reason))
+
+    def load(self, view_id: str, model: str, evict: list[str], reason: str) -> None:
+        for victim in evict:
+            self.unload(view_id, victim, f"evict least recently used idle model to fit {model}")
+        view = self.state[view_id]
+        info = LoadedInfo(model, self.sizes.get(model, 0), last_used=self.now)
+        self.state[view_id] = replace(view, loaded=(*view.loaded, info))
+        self.loading.add(view_id)
+        self.actions.append(Action("load", view_id, model, reason))
+
+    def idle_unloads(self, idle_unload_seconds: float) -> None:
+        """Rule 1: models nobody uses or waits for, idle this long (preloads stay)."""
+        for view in list(self.state.values()):
+            if not _reachable(view):
                 continue
             for info in sorted(view.loaded, key=lambda i: (i.last_used, i.model)):
-                idle_for = now - info.last_used
+                idle_for = self.now - info.last_used
                 if (
                     info.active <= 0
-                    and info.model not in wanted
+                    and info.model not in self.wanted
                     and info.model not in view.preload
                     and idle_for >= idle_unload_seconds
                 ):
-                    unload(view.id, info.model, f"idle for {idle_for:.0f}s")
+                    self.unload(view.id, info.model, f"idle for {idle_for:.0f}s")
 
-    def targets(model: str) -> list[tuple[tuple[float, ...], str, list[str]]]:
+    def demand_loads(self, scale_out_queue_length: int) -> None:
+        """Rule 2: queued models that no instance serves, or too few do; longest queue first."""
+        for model in sorted(self.wanted, key=lambda m: (-self.demand[m], m)):
+            queued = self.demand[model]
+            hosts = [v.id for v in self.state.values() if _open(v) and v.has_loaded(model)]
+            if not hosts:
+                reason = f"{queued} queued, not loaded on any healthy instance"
+            elif scale_out_queue_length > 0 and queued >= scale_out_queue_length * len(hosts):
+                reason = f"{queued} queued, {len(hosts)} instance(s) serving it: scale out"
+            else:
+                continue
+            options = self.targets(model)
+            if options:
+                _, view_id, evict = options[0]
+                self.load(view_id, model, evict, reason)
+
+    def targets(self, model: str) -> list[tuple[tuple[float, ...], str, list[str]]]:
         """Instances that could load the model now, cheapest first."""
-        size = sizes.get(model, 0)
+        size = self.sizes.get(model, 0)
         options: list[tuple[tuple[float, ...], str, list[str]]] = []
-        for view in state.values():
+        for view in self.state.values():
             if (
-                not reachable(view)
-                or view.draining
-                or view.id in loading
+                not _open(view)
+                or view.id in self.loading
                 or view.has_loaded(model)
                 or not serves(view, model)
             ):
                 continue
             evict = evictions_to_fit(
-                view, size, now, protect=wanted, min_idle_seconds=min_idle_seconds
+                view, size, self.now, protect=self.wanted, min_idle_seconds=self.min_idle_seconds
             )
             if evict is None:
                 continue
@@ -234,39 +270,32 @@ def plan(
         options.sort(key=lambda o: (o[0], o[1]))
         return options
 
-    # 2. Demand: longest queue first.
-    for model in sorted(wanted, key=lambda m: (-demand[m], m)):
-        queued = demand[model]
-        hosts = [
-            v.id for v in state.values() if reachable(v) and not v.draining and v.has_loaded(model)
-        ]
-        if not hosts:
-            reason = f"{queued} queued, not loaded on any healthy instance"
-        elif scale_out_queue_length > 0 and queued >= scale_out_queue_length * len(hosts):
-            reason = f"{queued} queued, {len(hosts)} instance(s) serving it: scale out"
-        else:
-            continue
-        options = targets(model)
-        if options:
-            _, view_id, evict = options[0]
-            load(view_id, model, evict, reason)
-
-    # 3. Preloads missing on their instance.
-    for view in list(state.values()):
-        if not reachable(view) or view.draining or view.id in loading:
-            continue
-        for model in sorted(view.preload):
-            current = state[view.id]
-            if current.has_loaded(model) or not serves(current, model):
+    def preloads(self) -> None:
+        """Rule 3: a preloaded model missing on its instance (one load per instance)."""
+        for view in list(self.state.values()):
+            if not _open(view) or view.id in self.loading:
                 continue
-            victims = evictions_to_fit(
-                current,
-                sizes.get(model, 0),
-                now,
-                protect=wanted | current.preload,
-                min_idle_seconds=min_idle_seconds,
-            )
-            if victims is not None:
-                load(view.id, model, victims, "preload")
-                break
-    return actions
+            for model in sorted(view.preload):
+                current = self.state[view.id]
+                if current.has_loaded(model) or not serves(current, model):
+                    continue
+                victims = evictions_to_fit(
+                    current,
+                    self.sizes.get(model, 0),
+                    self.now,
+                    protect=self.wanted | current.preload,
+                    min_idle_seconds=self.min_idle_seconds,
+                )
+                if victims is not None:
+                    self.load(view.id, model, victims, "preload")
+                    break
+
+
+def _reachable(view: InstanceView) -> bool:
+    """Ours to place models on: healthy, and not an external provider."""
+    return view.healthy and not view.external
+
+
+def _open(view: InstanceView) -> bool:
+    """Reachable and taking new models (not draining)."""
+    return _reachable(view) and not view.draining

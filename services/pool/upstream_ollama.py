@@ -74,6 +74,41 @@ def _format(value: str) -> Any:
         return value  # Ollama answers 400 with its own message
 
 
+def _chat_fields(chat: request_pb2.ChatInput) -> dict[str, Any]:
+    messages = []
+    for m in chat.messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.images:
+            message["images"] = list(m.images)
+        messages.append(message)
+    fields: dict[str, Any] = {"messages": messages}
+    if chat.tools:
+        fields["tools"] = [struct_to_dict(t) for t in chat.tools]
+    return fields
+
+
+def _generate_fields(gen: request_pb2.GenerateInput) -> dict[str, Any]:
+    fields: dict[str, Any] = {"prompt": gen.prompt}
+    if gen.system:
+        fields["system"] = gen.system
+    if gen.suffix:
+        fields["suffix"] = gen.suffix
+    if gen.images:
+        fields["images"] = list(gen.images)
+    if gen.raw:
+        fields["raw"] = True
+    return fields
+
+
+def _embed_fields(emb: request_pb2.EmbedInput) -> dict[str, Any]:
+    # truncate is sent as given: false means "fail on over-long input" (Ollama's default
+    # is true).
+    fields: dict[str, Any] = {"input": list(emb.input), "truncate": emb.truncate}
+    if emb.dimensions > 0:
+        fields["dimensions"] = emb.dimensions
+    return fields
+
+
 def _seconds(ns: object) -> float:
     return ns / 1e9 if isinstance(ns, (int, float)) and not isinstance(ns, bool) else 0.0
 
@@ -207,46 +242,20 @@ class OllamaUpstream(HttpUpstream):
         body: dict[str, Any] = {"model": request.model, **top}
         which = request.WhichOneof("input")
         if which == "chat":
-            chat = request.chat
-            messages = []
-            for m in chat.messages:
-                msg: dict[str, Any] = {"role": m.role, "content": m.content}
-                if m.images:
-                    msg["images"] = list(m.images)
-                messages.append(msg)
-            body["messages"] = messages
-            if chat.tools:
-                body["tools"] = [struct_to_dict(t) for t in chat.tools]
-            fmt = _format(chat.format)
-            path = "/api/chat"
+            path, fields, fmt = "/api/chat", _chat_fields(request.chat), request.chat.format
         elif which == "generate":
-            gen = request.generate
-            body["prompt"] = gen.prompt
-            if gen.system:
-                body["system"] = gen.system
-            if gen.suffix:
-                body["suffix"] = gen.suffix
-            if gen.images:
-                body["images"] = list(gen.images)
-            if gen.raw:
-                body["raw"] = True
-            fmt = _format(gen.format)
-            path = "/api/generate"
+            path, fields = "/api/generate", _generate_fields(request.generate)
+            fmt = request.generate.format
         elif which == "embed":
-            emb = request.embed
-            body["input"] = list(emb.input)
-            # Sent as given: false means "fail on over-long input" (Ollama's default is true).
-            body["truncate"] = emb.truncate
-            if emb.dimensions > 0:
-                body["dimensions"] = emb.dimensions
-            fmt = None
-            path = "/api/embed"
+            path, fields, fmt = "/api/embed", _embed_fields(request.embed), ""
         else:
             raise UpstreamError(
                 "request has no input (chat, generate or embed)", status=400, retryable=False
             )
-        if fmt is not None:
-            body["format"] = fmt
+        body.update(fields)
+        formatted = _format(fmt)
+        if formatted is not None:
+            body["format"] = formatted
         if options:
             body["options"] = options
         if keep_alive_seconds is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import replace
 
 import grpc
 import pytest
@@ -49,8 +48,8 @@ async def test_one_trace_across_every_service(
     spans: InMemorySpanExporter, redis_server: RedisServer | ExternalRedis, redis_client: object
 ) -> None:
     async with EmulatorFleet([fast_emulator_config()]) as fleet:
-        pool_settings = replace(
-            settings_for(redis_server.url, fleet.urls), tokens=parse_token_map(TOKENS)
+        pool_settings = settings_for(redis_server.url, fleet.urls).replace(
+            tokens=parse_token_map(TOKENS)
         )
         pool = PoolApp(pool_settings)
         await pool.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,7 +140,10 @@ def test_normalize_base_url_rejects(raw: str) -> None:
 
 def test_openai_kind_has_no_default_port() -> None:
     assert normalize_base_url("localhost", default_port=None) == "http://localhost"
-    assert InstanceSpec("v", "localhost:8000", kind="openai").base_url == "http://localhost:8000"
+    assert (
+        InstanceSpec(id="v", base_url="localhost:8000", kind="openai").base_url
+        == "http://localhost:8000"
+    )
 
 
 @pytest.mark.parametrize(
@@ -183,16 +185,16 @@ def test_is_local_url(url: str, local: bool) -> None:
 def test_instance_spec_names_the_bad_field(changes: dict[str, object], field: str) -> None:
     values: dict[str, object] = {"id": "gpu-1", **changes}
     with pytest.raises(ConfigError, match=rf"instance .*{field}"):
-        InstanceSpec(**values)  # type: ignore[arg-type]
+        InstanceSpec(**values)
 
 
 def test_instance_spec_defaults_and_roles() -> None:
-    spec = InstanceSpec("gpu-1")
+    spec = InstanceSpec(id="gpu-1")
     assert spec.base_url == "http://127.0.0.1:11434"
     assert spec.local
     assert spec.serves_role("chat")
     assert spec.serves_role("embedding")
-    embedder = replace(spec, roles=frozenset({"embedding"}))
+    embedder = spec.replace(roles=frozenset({"embedding"}))
     assert not embedder.serves_role("chat")
 
 
@@ -225,8 +227,8 @@ def test_proto_round_trip(spec: InstanceSpec) -> None:
 
 
 def test_proto_kinds() -> None:
-    assert InstanceSpec("a").to_proto().kind == pool_pb2.INSTANCE_KIND_OLLAMA
-    assert InstanceSpec("a", kind="openai").to_proto().kind == pool_pb2.INSTANCE_KIND_OPENAI
+    assert InstanceSpec(id="a").to_proto().kind == pool_pb2.INSTANCE_KIND_OLLAMA
+    assert InstanceSpec(id="a", kind="openai").to_proto().kind == pool_pb2.INSTANCE_KIND_OPENAI
 
 
 def test_from_proto_zeros_mean_defaults() -> None:
@@ -519,7 +521,7 @@ def test_environment_settings() -> None:
     [
         ({"USHER_POOL_STRATEGY": "random"}, "USHER_POOL_STRATEGY"),
         ({"USHER_POOL_HEALTH_INTERVAL_SECONDS": "soon"}, "USHER_POOL_HEALTH_INTERVAL_SECONDS"),
-        ({"USHER_CIRCUIT_OPEN_SECONDS": "0"}, "circuit_open_seconds"),
+        ({"USHER_CIRCUIT_OPEN_SECONDS": "0"}, "USHER_CIRCUIT_OPEN_SECONDS=.0."),
         ({"USHER_FALLBACK_MODELS": "a=b,b=a"}, "cycle a -> b -> a"),
         ({"USHER_FALLBACK_MODELS": "justamodel"}, "USHER_FALLBACK_MODELS"),
         ({"USHER_API_TOKENS": "nonsense"}, "USHER_API_TOKENS"),
@@ -538,7 +540,7 @@ def test_max_model_memory_accepts_units() -> None:
 
 def test_settings_validate_on_construction() -> None:
     with pytest.raises(ConfigError, match="duplicate id"):
-        PoolSettings(instances=(InstanceSpec("a"), InstanceSpec("a", "h2")))
+        PoolSettings(instances=(InstanceSpec(id="a"), InstanceSpec(id="a", base_url="h2")))
     with pytest.raises(ConfigError, match="unhealthy_after_failures"):
         PoolSettings(unhealthy_after_failures=0)
     assert PoolSettings().instance("ollama") is not None

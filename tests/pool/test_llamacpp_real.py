@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -173,8 +173,7 @@ async def test_real_model_through_the_pool(
     llama_server: LlamaServer, redis_server: RedisServer | ExternalRedis, redis_client: object
 ) -> None:
     """Reserve a slot and stream a real answer through the Pool's gRPC API."""
-    settings = replace(
-        settings_for(redis_server.url, []),
+    settings = settings_for(redis_server.url, []).replace(
         instances=(
             InstanceSpec(id="llamacpp", base_url=llama_server.url, kind="openai", parallel=1),
         ),

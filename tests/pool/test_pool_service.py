@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -73,7 +73,7 @@ def settings_for(
         circuit_failure_threshold=3,
         circuit_open_seconds=0.3,
     )
-    return replace(base, **overrides)
+    return base.replace(**overrides)
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -50,7 +50,7 @@ async def running_scheduler(
         reap_interval_seconds=0.05,
         shutdown_grace_seconds=0.5,
     )
-    app = SchedulerApp(replace(base, **overrides))
+    app = SchedulerApp(base.replace(**overrides))
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
