@@ -2,10 +2,13 @@
 
 A steady stream of requests goes through the SDK while the Scheduler, the Pool, the
 Notifier, a model server and Redis (AOF, appendfsync always) are SIGKILLed and brought back
-in turn at random intervals. Then the accounting: accepted vs finished (nothing may be
+in turn at random intervals. With gateways in the stack, every other request goes through
+one of them over HTTP instead (an idempotency key each, the next gateway on a refused
+connection or a 5xx, as a load balancer in front of them would), and with two or more a
+gateway can be a victim too. Then the accounting: accepted vs finished (nothing may be
 lost), how many terminal events each request's log holds (exactly one: nothing finished
-twice), events delivered twice to watchers (none, both through the SDK and on the
-Notifier's own streams) and how long each outage lasted for clients::
+twice), events delivered twice to watchers (none, through the SDK, on the Notifier's own
+streams and on the gateways' event streams) and how long each outage lasted::
 
     report = await run_chaos(160, rate=8.0, kill_each_at_least=1)
     assert report.lost == 0 and report.duplicates == 0 and not report.not_finished_once
@@ -23,6 +26,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiohttp
 import grpc
 import grpc.aio
 
@@ -34,10 +38,12 @@ from usher.balancing import channel_target
 from usher.connections import connect_redis
 from usher.ids import event_id_key
 from usher.testing.redis_topologies import LocalRedisCluster, LocalSentinel
+from usher.testing.sse import sse_events
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
 __all__ = [
+    "GATEWAY",
     "MODEL",
     "VICTIMS",
     "ChaosReport",
@@ -48,8 +54,10 @@ __all__ = [
 ]
 
 MODEL = "llama3.2:1b"
-#: What can be killed, in the words the report uses.
+#: What can be killed, in the words the report uses (the default victims).
 VICTIMS = ("scheduler", "pool", "notifier", "redis", "model server")
+#: A gateway replica: a victim too when the stack runs two or more.
+GATEWAY = "gateway"
 TOKEN = "alice-token"
 _TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED")
 _TERMINAL_EVENTS = {b"completed", b"failed", b"cancelled", b"expired"}
@@ -132,6 +140,12 @@ class ChaosReport:
     #: Watched request → event ids sent on plain Notifier streams (resumed from the last
     #: event id seen, without the SDK's filter of ids already seen).
     streamed: dict[str, list[str]] = field(default_factory=dict)
+    #: Watched request (submitted through a gateway) → event ids the gateways' event
+    #: streams (Server-Sent Events) sent, resumed by hand with Last-Event-ID on the next
+    #: gateway when one broke.
+    relayed: dict[str, list[str]] = field(default_factory=dict)
+    #: Requests submitted through a gateway (the others through the SDK).
+    through_gateway: set[str] = field(default_factory=set)
     #: Watched request → how many times its plain stream broke and was resumed.
     resumed: Counter[str] = field(default_factory=Counter)
     #: "sdk <id>" / "stream <id>" → how the watch ended: the last update's kind, or the error.
@@ -173,6 +187,11 @@ class ChaosReport:
     def notifier_duplicates(self) -> int:
         """Events the Notifier sent more than once on one watcher's (resumed) streams."""
         return sum(len(ids) - len(set(ids)) for ids in self.streamed.values())
+
+    @property
+    def gateway_duplicates(self) -> int:
+        """Events the gateways sent more than once on one watcher's (resumed) streams."""
+        return sum(len(ids) - len(set(ids)) for ids in self.relayed.values())
 
     @property
     def watches_not_completed(self) -> dict[str, str]:
@@ -229,9 +248,14 @@ async def run_chaos(
     Killing stops when the last request is accepted, or, with ``kill_each_at_least``, once
     every victim was killed that many times. Then waits up to ``settle_timeout`` seconds for
     every accepted request to finish and ``watch_timeout`` for the watches to end."""
-    unknown = set(victims) - set(VICTIMS)
+    config = config or chaos_config()
+    known = (*VICTIMS, GATEWAY)
+    unknown = set(victims) - set(known)
     if unknown or not victims:
-        raise ValueError(f"victims must be some of {VICTIMS}, got {list(victims)}")
+        raise ValueError(f"victims must be some of {known}, got {list(victims)}")
+    if GATEWAY in victims and (not config.gateway or config.gateway_replicas < 2):
+        # One gateway killed is an outage for its clients, not a replica's loss.
+        raise ValueError("a gateway is a victim only among two or more (gateway_replicas)")
     plan = ChaosPlan(
         requests,
         rate,
@@ -244,7 +268,7 @@ async def run_chaos(
         settle_timeout,
         watch_timeout,
     )
-    with LocalStack(config or chaos_config()) as stack:
+    with LocalStack(config) as stack:
         run = _ChaosRun(plan, stack)
         try:
             await run.run()
@@ -279,8 +303,13 @@ class _ChaosRun:
             ],
         )
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(self.plain)
+        self.http = aiohttp.ClientSession(
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=30),
+        )
         self.done_submitting = asyncio.Event()
         self.watchers: list[asyncio.Task[None]] = []
+        self._relayed_kinds: dict[str, str] = {}
         self.began = time.monotonic()
         self.began_wall = time.time()
 
@@ -301,20 +330,83 @@ class _ChaosRun:
         await asyncio.gather(*self.watchers, return_exceptions=True)
         await self.client.close()
         await self.plain.close()
+        await self.http.close()
 
     async def submit_all(self) -> None:
         report = self.report
+        gateways = bool(self.stack.gateways)
         for i in range(self.plan.requests):
-            submission = await self.client.submit(MODEL, f"chaos {i}")
-            request_id = submission.request.id
+            through_gateway = gateways and i % 2 == 1
+            if through_gateway:
+                request_id = await self.submit_through_gateway(i)
+                report.through_gateway.add(request_id)
+            else:
+                request_id = (await self.client.submit(MODEL, f"chaos {i}")).request.id
             report.accepted.append(request_id)
             report.accepted_at.append(time.monotonic() - self.began)
-            if i % self.plan.watch_every == 0:
-                for kind, how in (("sdk", self.watch), ("stream", self.stream)):
+            # The first of each watch_every through the SDK, the second through a gateway.
+            if i % self.plan.watch_every == 0 or (
+                through_gateway and i % self.plan.watch_every == 1
+            ):
+                watches = [("sdk", self.watch), ("stream", self.stream)]
+                if through_gateway:
+                    watches.append(("gateway", self.relay))
+                for kind, how in watches:
                     key = f"{kind} {request_id}"
                     self.watchers.append(asyncio.create_task(self.ending(key, how(request_id))))
             await asyncio.sleep(1 / self.plan.rate)
         self.done_submitting.set()
+
+    async def submit_through_gateway(self, i: int) -> str:
+        """POST /queue/requests with an idempotency key, to the gateways in turn from the
+        i-th: a refused connection or a 5xx moves to the next (so a retry after a gateway
+        died mid-answer finds the request it queued, never a second one)."""
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"chaos {i}"}]}
+        headers = {"Idempotency-Key": f"chaos-{self.plan.seed}-{i}"}
+        for attempt in itertools.count():
+            urls = self.stack.gateway_urls
+            url = urls[(i + attempt) % len(urls)]
+            try:
+                async with self.http.post(
+                    f"{url}/queue/requests", json=body, headers=headers
+                ) as reply:
+                    if reply.status == 202:
+                        return str((await reply.json())["id"])
+                    if reply.status < 500 and reply.status != 429:
+                        raise RuntimeError(f"{url} refused: {reply.status} {await reply.text()}")
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # that gateway is down (or died answering): the next one
+            await asyncio.sleep(min(1.0, 0.05 * 2 ** min(attempt, 5)))
+        raise AssertionError("unreachable")
+
+    async def relay(self, request_id: str) -> str:
+        """A gateway's event stream (SSE) to the end, resumed with Last-Event-ID on the
+        next gateway when it breaks, as a browser's EventSource behind a load balancer."""
+        seen = self.report.relayed.setdefault(request_id, [])
+        for attempt in itertools.count():
+            urls = self.stack.gateway_urls
+            url = f"{urls[attempt % len(urls)]}/queue/requests/{request_id}/events"
+            headers = {"Last-Event-ID": seen[-1]} if seen else {}
+            try:
+                async with self.http.get(url, headers=headers) as response:
+                    if response.status == 200:
+                        async for event in sse_events(response):
+                            if event.event == "end":
+                                ending = event.json() if event.data else {}
+                                if not ending:
+                                    return self._last_relayed_kind(request_id)
+                                break  # the gateway lost its upstream: resume
+                            if event.id:
+                                seen.append(event.id)
+                                self._relayed_kinds[request_id] = event.json().get("kind", "")
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass  # the gateway died mid-stream
+            self.report.resumed[request_id] += 1
+            await asyncio.sleep(0.2)
+        raise AssertionError("unreachable")
+
+    def _last_relayed_kind(self, request_id: str) -> str:
+        return self._relayed_kinds.get(request_id, "no update").upper()
 
     async def ending(self, key: str, watching: Coroutine[Any, Any, str]) -> None:
         self.report.watch_endings[key] = "still watching when the run ended"
@@ -378,16 +470,32 @@ class _ChaosRun:
             was_running = process is not None and process.poll() is None
             kill()
             await asyncio.to_thread(restart)
-        # Recovered when a client call goes through again.
+        # Recovered when a client call goes through again (a gateway: through every one,
+        # its clients having gone to the others meanwhile).
         while True:
-            try:
-                await self.client.get(self.report.accepted[-1])
+            if await self.answers(victim):
                 break
-            except UsherError:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
         self.report.kills.append(
             Kill(victim, started - self.began, time.monotonic() - started, was_running)
         )
+
+    async def answers(self, victim: str) -> bool:
+        last = self.report.accepted[-1]
+        if victim == GATEWAY:
+            for url in self.stack.gateway_urls:
+                try:
+                    async with self.http.get(f"{url}/queue/requests/{last}") as reply:
+                        if reply.status != 200:
+                            return False
+                except (aiohttp.ClientError, TimeoutError):
+                    return False
+            return True
+        try:
+            await self.client.get(last)
+        except UsherError:
+            return False
+        return True
 
     async def chaos(self) -> None:
         # Every kind of victim in turn, in a shuffled order, at random intervals.
@@ -439,6 +547,13 @@ def _service(
     if victim == "pool":
         i = rng.randrange(len(stack.pools))
         return stack.pools[i].process, stack.pools[i].kill, lambda: stack.start_pool(i)
+    if victim == GATEWAY:
+        i = rng.randrange(len(stack.gateways))
+        return (
+            stack.gateways[i].process,
+            stack.gateways[i].kill,
+            lambda: stack.start_gateway(None, i),
+        )
     cluster = stack.redis_topology
     if isinstance(cluster, LocalRedisCluster):
         node = cluster.node(rng.choice(cluster.primary_ports()))

@@ -16,7 +16,7 @@ import grpc
 import httpx
 import pytest
 
-from bench.chaos import chaos_config, run_chaos, terminal_events
+from bench.chaos import GATEWAY, chaos_config, run_chaos, terminal_events
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -100,19 +100,24 @@ GATEWAY_CHAOS_REQUESTS = 150
 
 @pytest.mark.timeout(600)
 async def test_one_replica_of_each_kind_killed_in_turn_loses_nothing(tmp_path: Path) -> None:
-    """2 Schedulers, 2 Pools, 2 Notifiers; one replica of each kind SIGKILLed in turn (and
-    brought back) under load: every accepted request completes exactly once and no watcher
-    sees an event twice."""
+    """2 Schedulers, 2 Pools, 2 Notifiers, 2 gateways; one replica of each kind SIGKILLed in
+    turn (and brought back) under load: every accepted request completes exactly once and
+    no watcher sees an event twice. Half the requests go through the gateways (their
+    clients retry on the other gateway with the same idempotency key, as a load balancer
+    would) and are watched on the gateways' event streams too."""
     config = replace(
         chaos_config(str(tmp_path), tokens_per_second=50, max_attempts=50),
         scheduler_replicas=2,
         notifier_replicas=2,
         pool_replicas=2,
+        gateway=True,
+        gateway_replicas=2,
     )
+    victims = ("scheduler", "pool", "notifier", GATEWAY)
     report = await run_chaos(
         CHAOS_REQUESTS,
         rate=8.0,
-        victims=("scheduler", "pool", "notifier"),
+        victims=victims,
         config=config,
         watch_every=4,
         pause=(1.0, 2.0),
@@ -122,15 +127,20 @@ async def test_one_replica_of_each_kind_killed_in_turn_loses_nothing(tmp_path: P
     )
     logs = f"(services' logs in {report.state_dir})"
     print(
-        f"{len(report.accepted)} accepted, {dict(report.outcomes)}, kills {dict(report.killed())}"
+        f"{len(report.accepted)} accepted ({len(report.through_gateway)} through a gateway), "
+        f"{dict(report.outcomes)}, kills {dict(report.killed())}, "
+        f"gateway streams resumed {sum(report.resumed[r] for r in report.relayed)}"
     )
-    assert all(report.killed()[v] >= 1 for v in ("scheduler", "pool", "notifier"))
+    assert all(report.killed()[v] >= 1 for v in victims)
     assert len(report.accepted) == CHAOS_REQUESTS
+    assert len(set(report.accepted)) == CHAOS_REQUESTS  # none queued twice
+    assert len(report.through_gateway) == CHAOS_REQUESTS // 2
     assert report.lost == 0, logs
     assert report.completed == len(report.accepted), f"{dict(report.outcomes)} {logs}"
     assert report.not_finished_once == {}, logs
     assert report.duplicates == 0, logs
     assert report.notifier_duplicates == 0, logs
+    assert report.relayed and report.gateway_duplicates == 0, logs
     assert report.watches_not_completed == {}, logs
 
 
