@@ -56,7 +56,17 @@ PARSING = {
     "_load_instances",
     "_instance",
     "parse_instances",
+    "_parse_instances",
+    "_entry",
+    "_file_settings",
+    "_default_memory_budget",
+    "_local_entry",
+    "_instance_error",
+    "replace",
 }
+#: pydantic's validators (``@field_validator``, ``@model_validator``) only parse and check
+#: too: a field read only there acts on nothing. Found by their decorators.
+_VALIDATORS = ("field_validator", "model_validator")
 _NAME = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 _ENV = re.compile(r"^[A-Z][A-Z0-9_]{2,}$")
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -113,6 +123,8 @@ class Index:
         self.uses: dict[str, set[tuple[str, str]]] = {}
         self.strings: set[str] = set()
         self.fields: dict[tuple[str, str], list[str]] = {}
+        #: (module, function) of every pydantic validator.
+        self.validators: set[tuple[str, str]] = set()
         for module, tree in sources():
             self._walk(module, tree)
         self._declared_variables()
@@ -142,6 +154,8 @@ class Index:
                     self.env_reads.setdefault(node.value, set()).add(filled)
             elif isinstance(node, ast.Attribute):
                 self.uses.setdefault(node.attr, set()).add((module, _function_of(node, parents)))
+            elif isinstance(node, ast.FunctionDef) and _is_validator(node):
+                self.validators.add((module, node.name))
             elif isinstance(node, ast.ClassDef) and (module, node.name) in SETTINGS_CLASSES:
                 self.fields[(module, node.name)] = [
                     s.target.id
@@ -152,9 +166,19 @@ class Index:
     def acts(self, field: str) -> bool:
         """Read somewhere other than the parsing and validation of settings."""
         return any(
-            module not in SETTINGS_MODULES or function not in PARSING
+            module not in SETTINGS_MODULES
+            or (function not in PARSING and (module, function) not in self.validators)
             for module, function in self.uses.get(field, ())
         )
+
+
+def _is_validator(node: ast.FunctionDef) -> bool:
+    for decorator in node.decorator_list:
+        called = decorator.func if isinstance(decorator, ast.Call) else decorator
+        name = called.attr if isinstance(called, ast.Attribute) else getattr(called, "id", "")
+        if name in _VALIDATORS:
+            return True
+    return False
 
 
 def _function_of(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -31,6 +31,7 @@ from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -207,8 +208,10 @@ class ServiceSettings(UsherSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("USHER_REDIS_URL", "REDIS_URL")
     )
-    #: API keys (USHER_API_TOKENS / _FILE), read by ``from_env``.
-    tokens: Mapping[str, Principal] = Field(default_factory=dict, exclude=True)
+    #: API keys (USHER_API_TOKENS / _FILE): their own syntax, read by ``from_env``.
+    tokens: Annotated[Mapping[str, Principal], NoDecode] = Field(
+        default_factory=dict, exclude=True, validation_alias="USHER_API_TOKENS"
+    )
     #: How long in-flight work may finish after SIGTERM.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     #: Port of the Prometheus /metrics endpoint; 0 = off.
