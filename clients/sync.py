@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
-from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import grpc
-
-from clients.aio import AsyncAdmin, AsyncUsherClient, ChatMessageLike, SubmitOptions, TokenStream
-from clients.retry import RetryPolicy
-from clients.types import Badge, Request, Submission, Update
+from clients.aio import AsyncAdmin, AsyncUsherClient, TokenStream
+from clients.types import Request, Submission
 
 __all__ = ["Admin", "SyncTokenStream", "UsherClient"]
 
@@ -143,6 +140,43 @@ def blocking(
     return call
 
 
+def iterating(
+    method: Callable[Concatenate[Any, _P], AsyncIterator[_T]],
+) -> Callable[Concatenate[_Driver, _P], Iterator[_T]]:
+    """The blocking twin of an async iterator method: the same arguments, its items
+    stepped on the driver's loop."""
+
+    def call(driver: _Driver, /, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[_T]:
+        return driver._runner.iterate(method(driver._target, *args, **kwargs))
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+def streaming(
+    method: Callable[Concatenate[Any, _P], TokenStream],
+) -> Callable[Concatenate[_Driver, _P], SyncTokenStream]:
+    """The blocking twin of a method that answers with a ``TokenStream``."""
+
+    def call(driver: _Driver, /, *args: _P.args, **kwargs: _P.kwargs) -> SyncTokenStream:
+        return SyncTokenStream(method(driver._target, *args, **kwargs), driver._runner)
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+def arguments_of(
+    source: Callable[_P, object],
+) -> Callable[[Callable[..., None]], Callable[Concatenate[Any, _P], None]]:
+    """Types an ``__init__`` that passes everything on to ``source`` as taking what
+    ``source`` takes, so its signature is written once."""
+
+    def typed(init: Callable[..., None]) -> Callable[Concatenate[Any, _P], None]:
+        return init
+
+    return typed
+
+
 class Admin(_Driver):
     """Blocking operator calls (see ``clients.aio.AsyncAdmin``)."""
 
@@ -167,36 +201,9 @@ class Admin(_Driver):
 class UsherClient(_Driver):
     """The blocking twin of ``AsyncUsherClient``: same arguments, same methods."""
 
-    def __init__(
-        self,
-        scheduler_address: str | None = None,
-        notifier_address: str | None = None,
-        *,
-        pool_address: str | None = None,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 10.0,
-        stream_timeout: float = 300.0,
-        retry: RetryPolicy | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._client = self._target = AsyncUsherClient(
-            scheduler_address,
-            notifier_address,
-            pool_address=pool_address,
-            token=token,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            credentials=credentials,
-            timeout=timeout,
-            stream_timeout=stream_timeout,
-            retry=retry,
-            channel_options=channel_options,
-        )
+    @arguments_of(AsyncUsherClient)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._client = self._target = AsyncUsherClient(*args, **kwargs)
         self._runner = _LoopThread()
         self.admin = Admin(self._client.admin, self._runner)
 
@@ -227,43 +234,13 @@ class UsherClient(_Driver):
     cancel = blocking(AsyncUsherClient.cancel)
     switch_provider = blocking(AsyncUsherClient.switch_provider)
 
-    def watch(
-        self, request_id: str, last_event_id: str = "", *, timeout: float | None = None
-    ) -> Iterator[Update]:
-        return self._runner.iterate(self._client.watch(request_id, last_event_id, timeout=timeout))
-
+    watch = iterating(AsyncUsherClient.watch)
     wait = blocking(AsyncUsherClient.wait)
     submit_and_wait = blocking(AsyncUsherClient.submit_and_wait)
 
-    def stream_tokens(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatMessageLike] | None = None,
-        on_update: Callable[[Update], None] | None = None,
-        on_restart: Callable[[], None] | None = None,
-        **options: Unpack[SubmitOptions],
-    ) -> SyncTokenStream:
-        stream = self._client.stream_tokens(
-            model, prompt, messages=messages, on_update=on_update, on_restart=on_restart, **options
-        )
-        return SyncTokenStream(stream, self._runner)
-
-    def tokens(
-        self,
-        request_id: str,
-        *,
-        on_update: Callable[[Update], None] | None = None,
-        on_restart: Callable[[], None] | None = None,
-    ) -> SyncTokenStream:
-        stream = self._client.tokens(request_id, on_update=on_update, on_restart=on_restart)
-        return SyncTokenStream(stream, self._runner)
-
-    def queues(
-        self, models: Sequence[str] = (), *, timeout: float | None = None
-    ) -> Iterator[tuple[Badge, ...]]:
-        return self._runner.iterate(self._client.queues(models, timeout=timeout))
+    stream_tokens = streaming(AsyncUsherClient.stream_tokens)
+    tokens = streaming(AsyncUsherClient.tokens)
+    queues = iterating(AsyncUsherClient.queues)
 
     list_instances = blocking(AsyncUsherClient.list_instances)
     model_stats = blocking(AsyncUsherClient.model_stats)

@@ -28,6 +28,7 @@ from google.protobuf import text_format
 from usher import keys
 from usher.auth import Principal
 from usher.grpc_types import Context, MethodHandler
+from usher.ids import event_id_key
 from usher.logs import get_logger
 
 __all__ = ["REFUSED_SUMMARY_SECONDS", "AuditEntry", "AuditInterceptor", "AuditLog"]
@@ -152,12 +153,7 @@ class AuditLog:
                 await self.redis.xrevrange(stream, upper, "-", count=count),
             )
             merged += [_entry(entry_id, fields) for entry_id, fields in raw]
-        return heapq.nlargest(count, merged, key=lambda e: _id_key(e.id))
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+        return heapq.nlargest(count, merged, key=lambda e: event_id_key(e.id) or (0, 0))
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> AuditEntry:

@@ -19,10 +19,12 @@ __all__ = [
     "TIMEOUT_PROMPT",
     "TIMEOUT_PROMPT_SHARE",
     "UNAVAILABLE_NOTICE",
+    "badge_label",
     "duration_phrase",
     "fallback_prompt",
     "position_message",
     "progress_message",
+    "queued_comment",
     "ready_message",
     "request_message",
     "suggestion_message",
@@ -100,6 +102,27 @@ _EXTERNAL_NOTICES = {
 }
 
 
+def badge_label(
+    model: str,
+    queued: int,
+    min_seconds: float,
+    max_seconds: float,
+    *,
+    available: bool,
+    full: bool,
+    long_wait: bool,
+) -> str:
+    """A model picker's label: "llama3.2 (Available now)", "qwq (Queue full - 2–3 minutes
+    wait)", "qwq (8 in queue - 6+ min wait)" (a long wait), "mistral (2 in queue)"."""
+    if available:
+        return f"{model} (Available now)"
+    if full:
+        return f"{model} (Queue full - {wait_phrase(min_seconds, max_seconds)} wait)"
+    if long_wait:
+        return f"{model} ({queued} in queue - {round(max_seconds / 60)}+ min wait)"
+    return f"{model} ({queued} in queue)"
+
+
 def suggestion_message(model: str) -> str:
     """A model picker's hint when another model (or the external provider) is quicker."""
     return f"Consider {model} for faster results"
@@ -137,6 +160,19 @@ def fallback_prompt(request: request_pb2.LlmRequest, external_available: bool, n
     if request.position.queue_length >= LONG_QUEUE_LENGTH:
         return LONG_QUEUE_PROMPT
     return ""
+
+
+def queued_comment(request: request_pb2.LlmRequest | None) -> str:
+    """What a queued stream's keepalive comment says: ``queued 3 of 7, about 2–3 minutes``
+    (``queued`` before the place is known, ``waiting`` when not queued)."""
+    if request is None or request.state != request_pb2.REQUEST_STATE_QUEUED:
+        return "waiting"
+    if not request.position.position:
+        return "queued"
+    wait = wait_phrase(
+        request.eta.min.ToMilliseconds() / 1000, request.eta.max.ToMilliseconds() / 1000
+    )
+    return f"queued {request.position.position} of {request.position.queue_length}, about {wait}"
 
 
 def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: float = 0.0) -> str:

@@ -11,22 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from services.gateway.bodies import (
-    INT32,
-    INT64,
-    ROLES,
-    Kind,
-    Parsed,
-    bool_field,
-    embedding_vectors,
-    integer_field,
-    model_field,
-    number_field,
-    result_message,
-    string_field,
-    strings_field,
-    tools_field,
-)
+from services.gateway import bodies
 from services.gateway.errors import bad_request
 from usher.structs import dict_to_struct
 from usher.v1 import request_pb2, scheduler_pb2
@@ -87,14 +72,16 @@ def _ollama_options(raw: Any, top: Mapping[str, Any]) -> request_pb2.GenerationO
             if value is None:
                 continue
             if key in _TYPED_INT_OPTIONS:
-                number = integer_field(value, where, INT64 if key == "seed" else INT32)
+                number = bodies.integer_field(
+                    value, where, bodies.INT64 if key == "seed" else bodies.INT32
+                )
                 if key == "num_ctx" and number < 1:
                     raise bad_request(where, "must be positive")
                 setattr(options, key, number)
             elif key in _TYPED_FLOAT_OPTIONS:
-                setattr(options, key, number_field(value, where))
+                setattr(options, key, bodies.number_field(value, where))
             elif key == "stop":
-                options.stop.extend(strings_field(value, where))
+                options.stop.extend(bodies.strings_field(value, where))
             else:
                 extra[str(key)] = value
     for key in _TOP_LEVEL_EXTRA:
@@ -115,54 +102,56 @@ def _ollama_messages(raw: Any) -> list[request_pb2.ChatMessage]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(where, "must be an object")
-        role = string_field(message, "role", where + ".").lower()
-        if role not in ROLES:
-            raise bad_request(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
+        role = bodies.string_field(message, "role", where + ".").lower()
+        if role not in bodies.ROLES:
+            raise bad_request(f"{where}.role", f"must be one of {', '.join(sorted(bodies.ROLES))}")
         out.append(
             request_pb2.ChatMessage(
                 role=role,
-                content=string_field(message, "content", where + "."),
+                content=bodies.string_field(message, "content", where + "."),
                 images=_images(message.get("images"), f"{where}.images"),
             )
         )
     return out
 
 
-def ollama_chat(body: Mapping[str, Any]) -> Parsed:
-    model = model_field(body)
+def ollama_chat(body: Mapping[str, Any]) -> bodies.Parsed:
+    model = bodies.model_field(body)
     messages = _ollama_messages(body.get("messages"))
     submit = scheduler_pb2.SubmitRequest(
         model=model,
         chat=request_pb2.ChatInput(
             messages=messages,
             format=_format(body.get("format")),
-            tools=tools_field(body.get("tools")),
+            tools=bodies.tools_field(body.get("tools")),
         ),
         options=_ollama_options(body.get("options"), body),
     )
-    parsed = Parsed(submit, model, "chat", stream=bool_field(body, "stream", True))
+    parsed = bodies.Parsed(submit, model, "chat", stream=bodies.bool_field(body, "stream", True))
     if not messages:
         parsed.shortcut = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
     return parsed
 
 
-def ollama_generate(body: Mapping[str, Any]) -> Parsed:
-    model = model_field(body)
-    prompt = string_field(body, "prompt")
+def ollama_generate(body: Mapping[str, Any]) -> bodies.Parsed:
+    model = bodies.model_field(body)
+    prompt = bodies.string_field(body, "prompt")
     images = _images(body.get("images"), "images")
     submit = scheduler_pb2.SubmitRequest(
         model=model,
         generate=request_pb2.GenerateInput(
             prompt=prompt,
-            system=string_field(body, "system"),
-            suffix=string_field(body, "suffix"),
+            system=bodies.string_field(body, "system"),
+            suffix=bodies.string_field(body, "suffix"),
             images=images,
             format=_format(body.get("format")),
-            raw=bool_field(body, "raw", False),
+            raw=bodies.bool_field(body, "raw", False),
         ),
         options=_ollama_options(body.get("options"), body),
     )
-    parsed = Parsed(submit, model, "generate", stream=bool_field(body, "stream", True))
+    parsed = bodies.Parsed(
+        submit, model, "generate", stream=bodies.bool_field(body, "stream", True)
+    )
     if not prompt and not images:
         parsed.shortcut = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
     return parsed
@@ -172,37 +161,39 @@ def _embed_options(body: Mapping[str, Any]) -> request_pb2.GenerationOptions:
     return _ollama_options(body.get("options"), {})
 
 
-def ollama_embed(body: Mapping[str, Any]) -> Parsed:
-    model = model_field(body)
+def ollama_embed(body: Mapping[str, Any]) -> bodies.Parsed:
+    model = bodies.model_field(body)
     raw = body.get("input")
-    inputs = [] if raw is None or raw == "" else strings_field(raw, "input")
+    inputs = [] if raw is None or raw == "" else bodies.strings_field(raw, "input")
     dimensions = body.get("dimensions")
     submit = scheduler_pb2.SubmitRequest(
         model=model,
         embed=request_pb2.EmbedInput(
             input=inputs,
             # Ollama truncates over-long input unless told not to.
-            truncate=bool_field(body, "truncate", True),
-            dimensions=integer_field(dimensions, "dimensions") if dimensions is not None else 0,
+            truncate=bodies.bool_field(body, "truncate", True),
+            dimensions=bodies.integer_field(dimensions, "dimensions")
+            if dimensions is not None
+            else 0,
         ),
         options=_embed_options(body),
     )
-    parsed = Parsed(submit, model, "embed")
+    parsed = bodies.Parsed(submit, model, "embed")
     if not inputs:
         parsed.shortcut = "load"
     return parsed
 
 
-def ollama_embeddings(body: Mapping[str, Any]) -> Parsed:
+def ollama_embeddings(body: Mapping[str, Any]) -> bodies.Parsed:
     """The legacy ``/api/embeddings`` (``prompt`` → ``embedding``)."""
-    model = model_field(body)
-    prompt = string_field(body, "prompt")
+    model = bodies.model_field(body)
+    prompt = bodies.string_field(body, "prompt")
     submit = scheduler_pb2.SubmitRequest(
         model=model,
         embed=request_pb2.EmbedInput(input=[prompt] if prompt else [], truncate=True),
         options=_embed_options(body),
     )
-    parsed = Parsed(submit, model, "embeddings")
+    parsed = bodies.Parsed(submit, model, "embeddings")
     if not prompt:
         parsed.shortcut = "load"
     return parsed
@@ -243,7 +234,9 @@ def ollama_metrics(request: request_pb2.LlmRequest) -> dict[str, int]:
     return {k: v for k, v in values.items() if v}
 
 
-def ollama_chunk(kind: Kind, model: str, text: str, now: datetime | None = None) -> dict[str, Any]:
+def ollama_chunk(
+    kind: bodies.Kind, model: str, text: str, now: datetime | None = None
+) -> dict[str, Any]:
     """One streamed NDJSON object (``done: false``)."""
     out: dict[str, Any] = {"model": model, "created_at": ollama_timestamp(now)}
     if kind == "chat":
@@ -255,7 +248,7 @@ def ollama_chunk(kind: Kind, model: str, text: str, now: datetime | None = None)
 
 
 def ollama_final(
-    kind: Kind,
+    kind: bodies.Kind,
     model: str,
     request: request_pb2.LlmRequest,
     *,
@@ -266,7 +259,7 @@ def ollama_final(
     (tool calls of a chat ride on it either way)."""
     out: dict[str, Any] = {"model": model, "created_at": ollama_timestamp(now)}
     if kind == "chat":
-        message = result_message(request)
+        message = bodies.result_message(request)
         if stream:
             message["content"] = ""
             message.pop("thinking", None)
@@ -280,7 +273,7 @@ def ollama_final(
 
 
 def ollama_shortcut_final(
-    kind: Kind, model: str, reason: str, now: datetime | None = None
+    kind: bodies.Kind, model: str, reason: str, now: datetime | None = None
 ) -> dict[str, Any]:
     """The answer to a load / unload request (empty prompt)."""
     if kind in ("embed", "embeddings"):
@@ -296,7 +289,7 @@ def ollama_shortcut_final(
 
 
 def ollama_embed_response(model: str, request: request_pb2.LlmRequest) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": model, "embeddings": embedding_vectors(request)}
+    out: dict[str, Any] = {"model": model, "embeddings": bodies.embedding_vectors(request)}
     usage = request.usage
     total = usage.queue_wait.ToNanoseconds() + usage.processing.ToNanoseconds()
     if total:
@@ -309,5 +302,5 @@ def ollama_embed_response(model: str, request: request_pb2.LlmRequest) -> dict[s
 
 
 def ollama_embeddings_response(request: request_pb2.LlmRequest) -> dict[str, Any]:
-    vectors = embedding_vectors(request)
+    vectors = bodies.embedding_vectors(request)
     return {"embedding": vectors[0] if vectors else []}

@@ -32,6 +32,7 @@ from services.gateway.openai_shapes import (
 )
 from services.gateway.responses import json_response
 from services.gateway.streams import SSE, Keepalive
+from usher import messages
 
 __all__ = ["OpenAIHttp"]
 
@@ -95,7 +96,7 @@ class OpenAIHttp(ApiRoutes):
         keepalive = Keepalive(
             response,
             self.settings.keepalive_seconds,
-            lambda: status.sse_comment(status.queued_comment(flow.latest)),
+            lambda: status.sse_comment(messages.queued_comment(flow.latest)),
         )
         try:
             async with contextlib.aclosing(flow.events()) as events:

@@ -13,20 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway.bodies import (
-    INT64,
-    ROLES,
-    Parsed,
-    bool_field,
-    embedding_vectors,
-    integer_field,
-    model_field,
-    number_field,
-    result_message,
-    string_field,
-    strings_field,
-    tools_field,
-)
+from services.gateway import bodies
 from services.gateway.errors import bad_request
 from usher.structs import dict_to_struct
 from usher.v1 import request_pb2, scheduler_pb2
@@ -69,10 +56,10 @@ def _openai_messages(raw: Any) -> list[request_pb2.ChatMessage]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(where, "must be an object")
-        role = string_field(message, "role", where + ".").lower()
+        role = bodies.string_field(message, "role", where + ".").lower()
         if role == "developer":
             role = "system"
-        if role not in ROLES:
+        if role not in bodies.ROLES:
             raise bad_request(
                 f"{where}.role", "must be one of system, developer, user, assistant, tool"
             )
@@ -91,7 +78,7 @@ def _openai_messages(raw: Any) -> list[request_pb2.ChatMessage]:
             if kind == "text":
                 out.append(
                     request_pb2.ChatMessage(
-                        role=role, content=string_field(part, "text", part_where)
+                        role=role, content=bodies.string_field(part, "text", part_where)
                     )
                 )
             elif kind == "image_url":
@@ -136,21 +123,21 @@ def _openai_options(body: Mapping[str, Any]) -> request_pb2.GenerationOptions:
     options = request_pb2.GenerationOptions()
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
-            setattr(options, name, number_field(body[name], name))
+            setattr(options, name, bodies.number_field(body[name], name))
     if body.get("seed") is not None:
-        options.seed = integer_field(body["seed"], "seed", INT64)
+        options.seed = bodies.integer_field(body["seed"], "seed", bodies.INT64)
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:
-            limit = integer_field(body[name], name)
+            limit = bodies.integer_field(body[name], name)
             if limit < 1:
                 raise bad_request(name, "must be at least 1")
             options.num_predict = limit
             break
     if body.get("stop") is not None:
-        options.stop.extend(strings_field(body["stop"], "stop"))
+        options.stop.extend(bodies.strings_field(body["stop"], "stop"))
     extra = {k: body[k] for k in _OPENAI_EXTRA_OPTIONS if body.get(k) is not None}
     for key, value in extra.items():
-        number_field(value, key)
+        bodies.number_field(value, key)
     if extra:
         options.extra.CopyFrom(dict_to_struct(extra))
     return options
@@ -158,15 +145,15 @@ def _openai_options(body: Mapping[str, Any]) -> request_pb2.GenerationOptions:
 
 def _openai_streaming(body: Mapping[str, Any]) -> tuple[bool, bool]:
     """``stream`` and ``stream_options.include_usage``."""
-    stream = bool_field(body, "stream", False)
+    stream = bodies.bool_field(body, "stream", False)
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise bad_request("stream_options", "must be an object")
     return stream, bool(stream_options and stream_options.get("include_usage") is True)
 
 
-def openai_chat(body: Mapping[str, Any]) -> Parsed:
-    model = model_field(body)
+def openai_chat(body: Mapping[str, Any]) -> bodies.Parsed:
+    model = bodies.model_field(body)
     messages = _openai_messages(body.get("messages"))
     options = _openai_options(body)
     stream, include_usage = _openai_streaming(body)
@@ -175,16 +162,16 @@ def openai_chat(body: Mapping[str, Any]) -> Parsed:
         chat=request_pb2.ChatInput(
             messages=messages,
             format=_openai_format(body.get("response_format")),
-            tools=tools_field(body.get("tools")),
+            tools=bodies.tools_field(body.get("tools")),
         ),
         options=options,
     )
-    return Parsed(submit, model, "chat", stream=stream, include_usage=include_usage)
+    return bodies.Parsed(submit, model, "chat", stream=stream, include_usage=include_usage)
 
 
-def openai_text_completion(body: Mapping[str, Any]) -> Parsed:
+def openai_text_completion(body: Mapping[str, Any]) -> bodies.Parsed:
     """The legacy ``/v1/completions``: one prompt (a string, or a list of one), raw text."""
-    model = model_field(body)
+    model = bodies.model_field(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -196,21 +183,23 @@ def openai_text_completion(body: Mapping[str, Any]) -> Parsed:
     stream, include_usage = _openai_streaming(body)
     submit = scheduler_pb2.SubmitRequest(
         model=model,
-        generate=request_pb2.GenerateInput(prompt=prompt, suffix=string_field(body, "suffix")),
+        generate=request_pb2.GenerateInput(
+            prompt=prompt, suffix=bodies.string_field(body, "suffix")
+        ),
         options=options,
     )
-    return Parsed(submit, model, "generate", stream=stream, include_usage=include_usage)
+    return bodies.Parsed(submit, model, "generate", stream=stream, include_usage=include_usage)
 
 
-def openai_embeddings(body: Mapping[str, Any]) -> Parsed:
-    model = model_field(body)
+def openai_embeddings(body: Mapping[str, Any]) -> bodies.Parsed:
+    model = bodies.model_field(body)
     raw = body.get("input")
     if raw is None or raw == [] or raw == "":
         raise bad_request("input", "must not be empty")
     if isinstance(raw, list) and raw and not all(isinstance(x, str) for x in raw):
         raise bad_request("input", "token arrays are not supported; send text")
-    inputs = strings_field(raw, "input")
-    fmt = string_field(body, "encoding_format").lower() or "float"
+    inputs = bodies.strings_field(raw, "input")
+    fmt = bodies.string_field(body, "encoding_format").lower() or "float"
     if fmt not in ("float", "base64"):
         raise bad_request("encoding_format", "must be float or base64")
     dimensions = body.get("dimensions")
@@ -219,10 +208,12 @@ def openai_embeddings(body: Mapping[str, Any]) -> Parsed:
         embed=request_pb2.EmbedInput(
             input=inputs,
             truncate=True,
-            dimensions=integer_field(dimensions, "dimensions") if dimensions is not None else 0,
+            dimensions=bodies.integer_field(dimensions, "dimensions")
+            if dimensions is not None
+            else 0,
         ),
     )
-    return Parsed(submit, model, "embed", encoding_format=fmt)
+    return bodies.Parsed(submit, model, "embed", encoding_format=fmt)
 
 
 # -- answers -------------------------------------------------------------------------------
@@ -291,7 +282,7 @@ def openai_chunk(
 def openai_completion(
     completion_id: str, created: int, model: str, request: request_pb2.LlmRequest
 ) -> dict[str, Any]:
-    message = result_message(request)
+    message = bodies.result_message(request)
     calls = openai_tool_calls(message, request.id)
     answer: dict[str, Any] = {"role": "assistant", "content": request.result.text}
     if calls:
@@ -339,7 +330,9 @@ class OpenAIFrames:
 
     def ending(self, done: request_pb2.LlmRequest) -> list[dict[str, Any]]:
         """Tool calls (chat), the finish reason, usage when asked for."""
-        calls = [] if self.text_completion else openai_tool_calls(result_message(done), done.id)
+        calls = (
+            [] if self.text_completion else openai_tool_calls(bodies.result_message(done), done.id)
+        )
         out = [self._frame({"tool_calls": calls})] if calls else []
         out.append(self._frame({}, finish_reason(done.result.done_reason, bool(calls))))
         if self.include_usage:
@@ -382,7 +375,7 @@ def openai_embeddings_response(
     model: str, request: request_pb2.LlmRequest, encoding_format: str
 ) -> dict[str, Any]:
     data: list[dict[str, Any]] = []
-    for i, vector in enumerate(embedding_vectors(request)):
+    for i, vector in enumerate(bodies.embedding_vectors(request)):
         value: Any = vector
         if encoding_format == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -21,7 +21,6 @@ __all__ = [
     "fallback_prompt",
     "fleet_of",
     "is_terminal",
-    "queued_comment",
     "request_json",
     "sse_comment",
     "sse_event",
@@ -94,16 +93,6 @@ def sse_comment(text: str) -> bytes:
 
 def _seconds(duration: Any) -> float:
     return round(float(duration.ToMilliseconds()) / 1000, 3)
-
-
-def queued_comment(request: request_pb2.LlmRequest | None) -> str:
-    """``queued 3 of 7, about 2–3 minutes`` (or ``queued`` before the place is known)."""
-    if request is None or request.state != R.REQUEST_STATE_QUEUED:
-        return "waiting"
-    if not request.position.position:
-        return "queued"
-    wait = messages.wait_phrase(_seconds(request.eta.min), _seconds(request.eta.max))
-    return f"queued {request.position.position} of {request.position.queue_length}, about {wait}"
 
 
 def switch_offered(request: request_pb2.LlmRequest, fleet: Fleet) -> bool:

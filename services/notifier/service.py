@@ -331,7 +331,7 @@ def _response(
         event_id=event_id,
         kind=kind,  # type: ignore[arg-type]
         request=request,
-        message=updates.request_message(request, kind, progress),
+        message=messages.request_message(request, kind, progress),
         text_delta=text_delta,
         completion_tokens=completion_tokens,
         progress=progress,

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from usher import messages
-from usher.messages import request_message
 from usher.queue.eta import Estimate, ModelAverages, queued_eta
 from usher.v1 import notifier_pb2
 
@@ -21,7 +20,6 @@ __all__ = [
     "is_terminal_kind",
     "level_for",
     "progress_fraction",
-    "request_message",
     "suggest",
 ]
 
@@ -109,16 +107,15 @@ def badge(inputs: BadgeInputs) -> notifier_pb2.QueueBadge:
     )
     level = level_for(inputs.queued, free_slot, wait)
     full = inputs.queued >= inputs.max_queue_size
-    if level == K.QUEUE_LEVEL_AVAILABLE:
-        label = f"{inputs.model} (Available now)"
-    elif full:
-        phrase = messages.wait_phrase(wait.min_seconds, wait.max_seconds)
-        label = f"{inputs.model} (Queue full - {phrase} wait)"
-    elif level == K.QUEUE_LEVEL_LONG and wait.max_seconds > MEDIUM_MAX_SECONDS:
-        minutes = round(wait.max_seconds / 60)
-        label = f"{inputs.model} ({inputs.queued} in queue - {minutes}+ min wait)"
-    else:
-        label = f"{inputs.model} ({inputs.queued} in queue)"
+    label = messages.badge_label(
+        inputs.model,
+        inputs.queued,
+        wait.min_seconds,
+        wait.max_seconds,
+        available=level == K.QUEUE_LEVEL_AVAILABLE,
+        full=full,
+        long_wait=level == K.QUEUE_LEVEL_LONG and wait.max_seconds > MEDIUM_MAX_SECONDS,
+    )
     result = notifier_pb2.QueueBadge(
         model=inputs.model,
         queued=inputs.queued,

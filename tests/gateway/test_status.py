@@ -24,8 +24,8 @@ def queued(position: int = 3, length: int = 7, waited: float = 10.0) -> R.LlmReq
 
 
 def test_the_queued_comment_names_the_place_and_the_wait() -> None:
-    assert status.queued_comment(queued()) == "queued 3 of 7, about 2–3 minutes"
-    assert status.queued_comment(None) == "waiting"
+    assert messages.queued_comment(queued()) == "queued 3 of 7, about 2–3 minutes"
+    assert messages.queued_comment(None) == "waiting"
     assert status.sse_comment("a\nb") == b": a b\n\n"
 
 
