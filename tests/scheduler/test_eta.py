@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -148,6 +149,88 @@ def test_a_later_place_never_waits_less(position: int, parallel: int, start: flo
     later = eta.queued_eta(position + 1, parallel, averages, start, "a|3")
     assert 0 <= here.min_seconds <= here.max_seconds
     assert later.mid_seconds >= here.mid_seconds
+
+
+def burst_record(requests: int, seconds: float, started: float, cost: float) -> str:
+    """What enqueue.lua keeps for a flow after ``requests`` arrivals over ``seconds``."""
+    count, at = 0.0, started
+    for i in range(requests):
+        arrived = started + seconds * i / max(1, requests - 1)
+        count, at = eta.decayed_count(count, at, arrived), arrived
+    return f"{count} {at * 1000} {cost} 1"
+
+
+def test_a_higher_class_burst_is_not_extrapolated_over_the_wait() -> None:
+    """A fresh model with 2-second answers on 2 slots; a tenant of a higher class sent 40
+    short requests (cost 10 tokens) in 2 s; a normal request is 3rd in line. The burst's
+    rate (about 20/s) times the wait would fill the higher class's whole room (its lead:
+    20,000 tokens, 2,000 requests): "28-38 minutes". At most the 40 it was seen sending
+    are expected ahead: well under two minutes."""
+    now = 1002.0
+    burst = eta.activity_from_record(
+        "acme/batch|2", 400.0, burst_record(40, 2.0, 1000.0, 10), now, 1000.0
+    )
+    assert burst is not None
+    assert burst.seen == pytest.approx(40, rel=0.05)
+    averages = eta.ModelAverages(service_seconds=2.0, virtual_time=400, running=2, flows=(burst,))
+    unbounded = replace(averages, flows=(replace(burst, seen=math.inf),))
+    assert eta.queued_eta(3, 2, unbounded, start_tag=400, flow="acme/alice|3").min_seconds > 1500
+    estimate = eta.queued_eta(3, 2, averages, start_tag=400, flow="acme/alice|3")
+    assert estimate.max_seconds < 120
+    # Place in line (3rd, 2 slots busy, 1 s a completion) and the burst's 40 at most.
+    assert estimate.mid_seconds == pytest.approx((2 + 1 + 40) * 1.0, rel=0.05)
+
+
+flow_activities = st.builds(
+    eta.FlowActivity,
+    flow=st.sampled_from(["a|1", "b|2", "c|3", "d|4", "e|3"]),
+    finish=st.floats(0, 1e6),
+    rate=st.floats(0, 1e4),
+    cost=st.floats(0, 1e5),
+    weight=st.floats(0.01, 100),
+    seen=st.floats(0, 1e4),
+)
+
+
+@given(
+    position=st.integers(1, 500),
+    parallel=slot_counts,
+    running=st.integers(0, 64),
+    service=st.floats(0.01, 600),
+    variance=st.floats(0, 1e4),
+    start=st.floats(0, 1e6),
+    virtual_time=st.floats(0, 1e6),
+    flows=st.lists(flow_activities, max_size=6),
+)
+def test_the_wait_is_bounded_by_the_place_and_what_others_were_seen_sending(
+    position: int,
+    parallel: int,
+    running: int,
+    service: float,
+    variance: float,
+    start: float,
+    virtual_time: float,
+    flows: list[eta.FlowActivity],
+) -> None:
+    """Whatever the rates, rooms and classes: no less than the place in line takes, no
+    more than the place plus every other flow's recent arrivals takes (each completion
+    service / slots apart), within the range's spread."""
+    averages = eta.ModelAverages(
+        service_seconds=service,
+        service_variance=variance,
+        virtual_time=virtual_time,
+        running=running,
+        flows=tuple(flows),
+    )
+    estimate = eta.queued_eta(position, parallel, averages, start, "a|3")
+    unit = service / parallel
+    free = max(0, parallel - running)
+    others = sum(f.seen for f in flows if f.flow != "a|3")
+    lowest = max(0, position - free) * unit * (1 - averages.spread)
+    highest = max(0, position - free + others) * unit * (1 + averages.spread)
+    assert 0 <= estimate.min_seconds <= estimate.max_seconds
+    assert estimate.min_seconds >= lowest * (1 - 1e-9) - 1e-9
+    assert estimate.max_seconds <= highest * (1 + 1e-9) + 1e-9
 
 
 def test_a_steady_flow_reads_at_its_rate_young_or_old() -> None:

@@ -10,9 +10,14 @@ later arrivals of other tenants whose start tags fall below its own: a tenant wi
 queued can overtake, until its finish tag reaches the request's start tag. So the work
 ahead is
 
-    ahead = (place - 1) + sum over other flows of min(room / cost, arrival rate x wait)
+    ahead = (place - 1) + sum over other flows of min(room / cost, arrival rate x wait, seen)
 
-where room is how far below the request's tag the flow's next tag would be. The k slots
+where room is how far below the request's tag the flow's next tag would be, and seen is
+how many requests the flow sent lately (its decayed count, about the last minute's): a
+rate measured during a burst, extrapolated over a long wait, would have a flow that sent
+40 requests in two seconds send thousands more (a higher class's room is its lead, 20,000
+tokens, so it holds that many), and a 2-second answer read "32-45 minutes". A flow is
+expected to send at most again what it was seen sending. The k slots
 finish a request every service_time / k seconds on average (M/M/k: a request with n ahead
 and every slot busy starts after n + 1 completions), and the wait is the least solution of
 
@@ -115,6 +120,9 @@ class FlowActivity:
     #: Typical token cost of one of its requests (a moving average).
     cost: float
     weight: float = 1.0
+    #: Requests it sent lately (its decayed arrival count now): the most it is expected to
+    #: put ahead during one wait. Unknown: no bound beyond room and rate.
+    seen: float = math.inf
 
 
 def activity_from_record(
@@ -127,7 +135,8 @@ def activity_from_record(
     except ValueError:
         return None
     rate = arrival_rate(count, at_ms / 1000, now, observed_since)
-    return FlowActivity(flow, finish, rate, cost, weight)
+    seen = max(0.0, count) * math.exp(-max(0.0, now - at_ms / 1000) / ARRIVAL_TAU_SECONDS)
+    return FlowActivity(flow, finish, rate, cost, weight, seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +239,8 @@ def queued_eta(
     """Time until a request at 1-based ``position`` starts, with ``parallel`` slots serving.
 
     With the request's ``start_tag`` and ``flow``, other flows' expected arrivals that fair
-    queuing will serve first count too; without them, the place in line alone.
+    queuing will serve first count too (each at most what it was seen sending lately);
+    without them, the place in line alone.
     """
     if position < 1:
         raise ValueError("position is 1-based")
@@ -241,8 +251,11 @@ def queued_eta(
         klass = flow_class(flow) if flow else NORMAL_CLASS
         competitors = [
             (
-                overtaking_room(
-                    start_tag, klass, averages.virtual_time, other, averages.priority_lead
+                min(
+                    other.seen,
+                    overtaking_room(
+                        start_tag, klass, averages.virtual_time, other, averages.priority_lead
+                    ),
                 ),
                 other.rate,
             )
