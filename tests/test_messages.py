@@ -48,3 +48,16 @@ def test_a_request_the_external_provider_serves_is_told_why_and_never_of_the_loc
     assert messages.request_message(request) == messages.EXTERNAL_PROCESSING
     request.route = request_pb2.ROUTE_LOCAL
     assert messages.request_message(request) == messages.LOCAL_PROCESSING
+
+
+def test_badge_labels_as_the_model_picker_shows_them() -> None:
+    def label(queued: int, low: float, high: float, **how: bool) -> str:
+        flags = {"available": False, "full": False, "long_wait": False, **how}
+        return messages.badge_label("qwq", queued, low, high, **flags)
+
+    assert label(0, 0, 0, available=True) == "qwq (Available now)"
+    assert label(9, 130, 170, full=True) == "qwq (Queue full - 2–3 minutes wait)"
+    assert label(8, 300, 370, long_wait=True) == "qwq (8 in queue - 6+ min wait)"
+    assert label(2, 30, 60) == "qwq (2 in queue)"
+    # A free slot is said first, even on a queue at its limit.
+    assert label(0, 0, 0, available=True, full=True) == "qwq (Available now)"
