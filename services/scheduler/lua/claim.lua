@@ -6,26 +6,40 @@ local source = KEYS[1]
 -- An operator paused this model's dispatching (PauseQueue): nothing is claimed.
 if redis.call('HGET', K.config, 'paused') == '1' then return nil end
 for _ = 1, 100 do
-  local head = redis.call('ZRANGE', source, 0, 0)
+  local head = redis.call('ZPOPMIN', source)
   if #head == 0 then return nil end
-  local member = head[1]
-  redis.call('ZREM', source, member)
-  local id = string.sub(member, 18)
+  local id = string.sub(head[1], 18)
   local rk = req_key(id)
-  if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
+  -- The hash is read once: the checks below use it, and it is the reply (with what this
+  -- claim changes written into it).
+  local fields = redis.call('HGETALL', rk)
+  local at = {}
+  for i = 1, #fields, 2 do at[fields[i]] = i + 1 end
+  local function get(name) return at[name] and fields[at[name]] end
+  if tonumber(get('state')) == QUEUED then
     if ARGV[6] == '1' then
       local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
-      local start = tonumber(redis.call('HGET', rk, 'start'))
+      local start = tonumber(get('start'))
       if start > vtime then redis.call('HSET', K.fairness, 'vtime', fmt(start)) end
     end
-    local attempts = redis.call('HINCRBY', rk, 'attempts', 1)
-    redis.call('HSET', rk, 'state', RUNNING, 'started_ms', NOW, 'lease_token', ARGV[5],
-      'lease_owner', ARGV[4])
+    local changes = {'attempts', tostring(tonumber(get('attempts') or '0') + 1),
+      'state', tostring(RUNNING), 'started_ms', tostring(NOW), 'lease_token', ARGV[5],
+      'lease_owner', ARGV[4]}
+    redis.call('HSET', rk, unpack(changes))
+    for i = 1, #changes, 2 do
+      local name, value = changes[i], changes[i + 1]
+      if at[name] then
+        fields[at[name]] = value
+      else
+        fields[#fields + 1] = name
+        fields[#fields + 1] = value
+      end
+    end
     redis.call('ZADD', K.leases, NOW + tonumber(ARGV[3]), id)
     redis.call('ZREM', K.deadlines, id)
-    emit(id, 'running', RUNNING, {'attempt', tostring(attempts)})
-    return redis.call('HGETALL', rk)
+    emit(id, 'running', RUNNING, {'attempt', changes[2]})
+    return fields
   end
-  -- A member whose request is gone or no longer queued is stale: drop it and look again.
+  -- A member whose request is gone or no longer queued is stale: dropped, look again.
 end
 return nil

@@ -54,57 +54,75 @@ if redis.call('EXISTS', RETIRED) == 1 then
 end
 
 local length = redis.call('ZCARD', K.queue)
-local limit = tonumber(redis.call('HGET', K.config, 'max_queue_size') or ARGV[10])
+-- Each of the model's hashes is read once and written once below: this runs per request.
+local config = redis.call('HMGET', K.config, 'max_queue_size', 'max_attempts', 'queue_timeout_ms')
+local limit = tonumber(config[1] or ARGV[10])
 if length >= limit then
   redis.call('HINCRBY', K.stats, 'rejected', 1)
   return {'full', '', 0, length}
 end
 
 -- Start-time fair queuing (usher/queue/fairness.py: enqueue_tags).
-local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
-local flow_finish = tonumber(redis.call('HGET', K.fairness, 'flow:' .. flow) or '0')
+local fair = redis.call('HMGET', K.fairness, 'vtime', 'flow:' .. flow, 'act:' .. flow,
+  'act_since', 'seq')
+local vtime = tonumber(fair[1] or '0')
+local flow_finish = tonumber(fair[2] or '0')
 local start = math.max(vtime, flow_finish)
 local score = start + lead * (class - 1)
-redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(start + cost / weight),
-  'last:' .. flow, fmt(start))
 
 -- How often this flow sends, for ETAs: other flows' expected arrivals are what overtakes a
 -- queued request (eta.py: decayed_count, activity_from_record). "count at_ms cost weight":
 -- each arrival weighs exp(-age / tau); cost is a moving average of its requests' costs.
 local tau = tonumber(ARGV[19])
 local count, typical = 1, cost
-local act = redis.call('HGET', K.fairness, 'act:' .. flow)
+local act = fair[3]
 if act then
   local c, at, avg = string.match(act, '^(%S+) (%S+) (%S+)')
   count = tonumber(c) * math.exp(-math.max(0, NOW - tonumber(at)) / tau) + 1
   typical = tonumber(avg) + 0.2 * (cost - tonumber(avg))
 end
-redis.call('HSET', K.fairness, 'act:' .. flow,
-  string.format('%.6g %d %.6g %s', count, NOW, typical, fmt(weight)))
-redis.call('HSETNX', K.fairness, 'act_since', NOW)
+-- The arrival sequence orders equal scores first come, first served. It lives in the
+-- fairness hash (written with the tags); a model queued before it moved there goes on
+-- from its old counter.
+local seq = tonumber(fair[5] or redis.call('GET', K.sequence) or '0') + 1
+local fairness = {'flow:' .. flow, fmt(start + cost / weight), 'last:' .. flow, fmt(start),
+  'act:' .. flow, string.format('%.6g %d %.6g %s', count, NOW, typical, fmt(weight)),
+  'seq', string.format('%d', seq)}
+if not fair[4] then
+  fairness[#fairness + 1] = 'act_since'
+  fairness[#fairness + 1] = NOW
+end
+redis.call('HSET', K.fairness, unpack(fairness))
 redis.call('ZADD', K.flows, NOW, flow)
--- Flows silent for five time constants are forgotten, a few per call.
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', K.flows, '-inf', NOW - 5 * tau, 'LIMIT', 0, 8)) do
-  redis.call('ZREM', K.flows, old)
-  redis.call('HDEL', K.fairness, 'act:' .. old)
+-- Flows silent for five time constants are forgotten, a batch every 16 arrivals.
+if seq % 16 == 0 then
+  local old = redis.call('ZRANGEBYSCORE', K.flows, '-inf', NOW - 5 * tau, 'LIMIT', 0, 64)
+  if #old > 0 then
+    local fields = {}
+    for i, name in ipairs(old) do fields[i] = 'act:' .. name end
+    redis.call('ZREM', K.flows, unpack(old))
+    redis.call('HDEL', K.fairness, unpack(fields))
+  end
 end
 
-local seq = redis.call('INCR', K.sequence)
 local member = string.format('%016d:%s', seq, id)
-local max_attempts = redis.call('HGET', K.config, 'max_attempts') or ARGV[15]
+local max_attempts = config[2] or ARGV[15]
 local timeout = tonumber(ARGV[14])
 if timeout <= 0 then
-  timeout = tonumber(redis.call('HGET', K.config, 'queue_timeout_ms') or ARGV[16])
+  timeout = tonumber(config[3] or ARGV[16])
 end
 local expires = tonumber(ARGV[17]) + timeout
 local deadline = tonumber(ARGV[18])
 if deadline > 0 and deadline < expires then expires = deadline end
 
-redis.call('HSET', rk, unpack(ARGV, 20))
-redis.call('HSET', rk, 'state', QUEUED, 'member', member, 'score', fmt(score), 'start', fmt(start),
-  'cost', fmt(cost), 'weight', fmt(weight), 'flow', flow, 'attempts', 0,
-  'max_attempts', max_attempts, 'expires_ms', expires, 'dedup', fingerprint,
-  'queue_timeout_ms', timeout, 'created_ms', ARGV[17], 'deadline_ms', deadline)
+local fields = {unpack(ARGV, 20)}
+for _, value in ipairs({'state', QUEUED, 'member', member, 'score', fmt(score),
+    'start', fmt(start), 'cost', fmt(cost), 'weight', fmt(weight), 'flow', flow, 'attempts', 0,
+    'max_attempts', max_attempts, 'expires_ms', expires, 'dedup', fingerprint,
+    'queue_timeout_ms', timeout, 'created_ms', ARGV[17], 'deadline_ms', deadline}) do
+  fields[#fields + 1] = value
+end
+redis.call('HSET', rk, unpack(fields))
 redis.call('ZADD', K.queue, fmt(score), member)
 redis.call('ZADD', K.deadlines, expires, id)
 redis.call('SADD', req_owners_key(id), tenant)

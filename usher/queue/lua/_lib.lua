@@ -30,23 +30,36 @@ local function emit(id, kind, state, extra)
 end
 
 -- Mark a request finished: state, reason, expiry of its keys, dedup entry released.
-local function finish(id, rk, state, reason, ttl)
-  redis.call('HSET', rk, 'state', state, 'finished_ms', NOW, 'error', reason or '')
-  redis.call('HDEL', rk, 'lease_token', 'lease_owner')
+-- ``known`` (optional) spares what a caller has already done: ``fields``, more field/value
+-- pairs for the request's hash; ``dedup``, its fingerprint as read (false: none);
+-- ``counted``, the outcome already counted in the model's stats; ``running``, it was
+-- running (so it is off the deadline index: claim took it off).
+local function finish(id, rk, state, reason, ttl, known)
+  known = known or {}
+  local fields = {'state', state, 'finished_ms', NOW, 'error', reason or ''}
+  for _, value in ipairs(known.fields or {}) do fields[#fields + 1] = value end
+  redis.call('HSET', rk, unpack(fields))
   -- The prompt is not needed once a request ends (it may be megabytes of images): only the
   -- metadata and result stay for the result TTL. A failed request keeps it, as a dead
   -- letter may be retried.
-  if state ~= FAILED then redis.call('HDEL', rk, 'payload') end
+  if state ~= FAILED then
+    redis.call('HDEL', rk, 'lease_token', 'lease_owner', 'payload')
+  else
+    redis.call('HDEL', rk, 'lease_token', 'lease_owner')
+  end
   redis.call('ZREM', K.leases, id)
-  redis.call('ZREM', K.deadlines, id)
-  local fp = redis.call('HGET', rk, 'dedup')
+  if not known.running then redis.call('ZREM', K.deadlines, id) end
+  local fp = known.dedup
+  if fp == nil then fp = redis.call('HGET', rk, 'dedup') end
   if fp and fp ~= '' then
     local dk = dedup_key(fp)
     if redis.call('GET', dk) == id then redis.call('DEL', dk) end
   end
-  local counter = ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled',
-    [EXPIRED] = 'expired'})[state]
-  redis.call('HINCRBY', K.stats, counter, 1)
+  if not known.counted then
+    local counter = ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled',
+      [EXPIRED] = 'expired'})[state]
+    redis.call('HINCRBY', K.stats, counter, 1)
+  end
   redis.call('EXPIRE', rk, ttl)
   redis.call('EXPIRE', req_owners_key(id), ttl)
   redis.call('EXPIRE', req_events_key(id), ttl)
