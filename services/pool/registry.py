@@ -22,7 +22,8 @@ from services.pool.config import InstanceSpec, PoolSettings, upstream_api_key
 from services.pool.placement import InstanceView, LoadedInfo
 from services.pool.routing import Candidate
 from services.pool.slots import SlotUsage
-from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError, make_upstream
+from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError
+from services.pool.upstream_kinds import make_upstream
 from usher import keys, metrics
 from usher.keys import ModelKeys
 from usher.logs import get_logger

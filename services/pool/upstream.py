@@ -3,7 +3,7 @@
 An ``Upstream`` talks to exactly one server, either Ollama's native API
 (``upstream_ollama.OllamaUpstream``) or an OpenAI-compatible one such as vLLM, the
 llama.cpp server, LM Studio or an external provider (``upstream_openai.OpenAIUpstream``).
-Build one with ``make_upstream(kind, base_url)``.
+Build one with ``upstream_kinds.make_upstream(kind, base_url)``.
 
 ``generate()`` turns a ``pool_pb2.GenerateRequest`` into a stream of events::
 
@@ -62,7 +62,6 @@ __all__ = [
     "aclose_events",
     "error_text",
     "keep_alive_value",
-    "make_upstream",
     "parse_timestamp",
     "plain_json",
     "status_is_retryable",
@@ -546,37 +545,3 @@ class HttpUpstream:
         finally:
             await resp.aclose()
         raise self.status_error(resp.status_code, content, path)
-
-
-def make_upstream(
-    kind: str,
-    base_url: str,
-    *,
-    api_key: str | None = None,
-    connect_timeout: float = 2.0,
-    read_timeout: float = 300.0,
-    max_connections: int = 256,
-    standard_only: bool = False,
-) -> Upstream:
-    """An adapter for ``kind`` ``"ollama"`` or ``"openai"`` at ``base_url``.
-
-    ``api_key`` is sent as ``Authorization: Bearer``. ``standard_only`` (OpenAI
-    kind) sends only fields of OpenAI's own API, dropping ``top_k`` and the
-    ``extra`` options that local servers accept but strict providers reject.
-    """
-    # Imported here: the adapter modules import this one.
-    from services.pool.upstream_ollama import OllamaUpstream
-    from services.pool.upstream_openai import OpenAIUpstream
-
-    normalized = kind.strip().lower()
-    common: dict[str, Any] = {
-        "api_key": api_key,
-        "connect_timeout": connect_timeout,
-        "read_timeout": read_timeout,
-        "max_connections": max_connections,
-    }
-    if normalized == "ollama":
-        return OllamaUpstream(base_url, **common)
-    if normalized == "openai":
-        return OpenAIUpstream(base_url, standard_only=standard_only, **common)
-    raise ValueError(f"unknown upstream kind {kind!r} (expected 'ollama' or 'openai')")

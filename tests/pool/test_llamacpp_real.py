@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from services.pool.config import InstanceSpec
-from services.pool.upstream import Delta, Done, Event, Started, Upstream, make_upstream
+from services.pool.upstream import Delta, Done, Event, Started, Upstream
+from services.pool.upstream_kinds import make_upstream
 from tests.pool.test_pool_service import SVC, reserve, running_pool, settings_for
 from usher.testing.llamacpp import LlamaServer, LlamaServerError, running_llama_server
 from usher.testing.redis_server import ExternalRedis, RedisServer

@@ -33,9 +33,9 @@ from services.pool.upstream import (
     UpstreamModel,
     aclose_events,
     error_text,
-    make_upstream,
     parse_timestamp,
 )
+from services.pool.upstream_kinds import make_upstream
 from services.pool.upstream_ollama import OllamaUpstream, ollama_options
 from services.pool.upstream_openai import OpenAIUpstream, SseDecoder, image_url
 from usher.emulator import EmulatorConfig, EmulatorServer

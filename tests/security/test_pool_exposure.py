@@ -13,7 +13,8 @@ import psutil  # type: ignore[import-untyped]  # psutil ships no stubs
 import pytest
 
 from services.pool.config import InstanceSpec, upstream_api_key
-from services.pool.upstream import HttpUpstream, make_upstream
+from services.pool.upstream import HttpUpstream
+from services.pool.upstream_kinds import make_upstream
 from services.scheduler.app import SchedulerApp
 from services.scheduler.settings import SchedulerSettings
 from tests.pool.conftest import fast_emulator_config
