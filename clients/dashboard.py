@@ -58,7 +58,7 @@ def render_queues(badges: Sequence[Badge]) -> Table:
             badge.label or badge.model,
             status,
             str(badge.queued),
-            f"{badge.running}/{badge.capacity}",
+            messages.running_phrase(badge.running, badge.capacity, badge.external_running),
             wait,
             badge.suggestion,
         )

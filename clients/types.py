@@ -380,6 +380,7 @@ class Badge:
 
     model: str
     queued: int
+    #: Running on the fleet's slots (of capacity).
     running: int
     capacity: int
     #: Estimated wait of a request submitted now.
@@ -391,6 +392,8 @@ class Badge:
     suggestion: str
     queue_full: bool
     raw: notifier_pb2.QueueBadge = field(repr=False, compare=False, hash=False)
+    #: Running at the external provider (no slot taken, so not in running).
+    external_running: int = 0
 
     @classmethod
     def from_proto(cls, badge: notifier_pb2.QueueBadge) -> Badge:
@@ -406,4 +409,5 @@ class Badge:
             suggestion=badge.suggestion,
             queue_full=badge.queue_full,
             raw=badge,
+            external_running=badge.external_running,
         )

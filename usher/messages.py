@@ -27,6 +27,7 @@ __all__ = [
     "queued_comment",
     "ready_message",
     "request_message",
+    "running_phrase",
     "suggestion_message",
     "switch_offered",
     "wait_phrase",
@@ -121,6 +122,13 @@ def badge_label(
     if long_wait:
         return f"{model} ({queued} in queue - {round(max_seconds / 60)}+ min wait)"
     return f"{model} ({queued} in queue)"
+
+
+def running_phrase(running: int, capacity: int, external_running: int = 0) -> str:
+    """A badge's use of the fleet: "1/2 running", and the external provider's apart (it
+    takes no slot): "1/1 running +1 external"."""
+    phrase = f"{running}/{capacity} running"
+    return f"{phrase} +{external_running} external" if external_running > 0 else phrase
 
 
 def suggestion_message(model: str) -> str:

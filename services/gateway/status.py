@@ -174,6 +174,7 @@ def badges_json(response: notifier_pb2.WatchQueuesResponse) -> dict[str, Any]:
                 "queued": b.queued,
                 "running": b.running,
                 "capacity": b.capacity,
+                "external_running": b.external_running,
                 "wait": {"min_seconds": _seconds(b.wait.min), "max_seconds": _seconds(b.wait.max)},
                 "suggested_model": b.suggested_model,
                 "suggestion": b.suggestion,

@@ -77,11 +77,12 @@ class BadgeBoard:
             fresh[model] = updates.badge(
                 updates.BadgeInputs(
                     model=model,
-                    queued=counts[i][0],
-                    running=counts[i][1],
+                    queued=counts[i].queued,
+                    running=counts[i].running,
                     capacity=capacity.get(model, parallel),
                     averages=averages,
                     max_queue_size=config.max_queue_size,
+                    external_running=counts[i].external_running,
                 )
             )
         for badge in fresh.values():

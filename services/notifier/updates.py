@@ -63,10 +63,13 @@ def progress_fraction(tokens: int, expected_tokens: float) -> float:
 class BadgeInputs:
     model: str
     queued: int
+    #: Running on the fleet's slots (of capacity).
     running: int
     capacity: int
     averages: ModelAverages
     max_queue_size: int
+    #: Running at the external provider: no slot taken.
+    external_running: int = 0
 
 
 def level_for(queued: int, free_slot: bool, wait: Estimate) -> int:
@@ -124,6 +127,7 @@ def badge(inputs: BadgeInputs) -> notifier_pb2.QueueBadge:
         level=level,  # type: ignore[arg-type]
         label=label,
         queue_full=full,
+        external_running=inputs.external_running,
     )
     result.wait.min.FromMilliseconds(round(wait.min_seconds * 1000))
     result.wait.max.FromMilliseconds(round(wait.max_seconds * 1000))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, ClassVar, cast
 
@@ -28,10 +28,12 @@ from usher.keys import ModelKeys
 from usher.queue import eta
 from usher.queue.eta import ModelAverages
 from usher.queue.records import QUEUED, ModelConfig, QueueDefaults, StoredRequest, decode, pairs
+from usher.v1 import request_pb2
 
 __all__ = [
     "AVERAGES_CACHE_SECONDS",
     "CLUSTER_POLL_SECONDS",
+    "BadgeCounts",
     "QueueReader",
     "Scripts",
     "StreamReply",
@@ -51,6 +53,23 @@ StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class BadgeCounts:
+    """What a model's badge counts: waiting, running on the fleet's slots, and running at
+    the external provider (no slot: a badge's running/capacity must not count them)."""
+
+    queued: int
+    running: int
+    external_running: int = 0
+
+
+_EXTERNAL_ROUTE = str(request_pb2.ROUTE_EXTERNAL).encode()
+
+
+def _is_external(route: bytes | None) -> bool:
+    return route == _EXTERNAL_ROUTE
 
 
 class Scripts:
@@ -347,16 +366,29 @@ class QueueReader:
                 pipe.zrank(queue, member)
             return cast(list[int | None], await pipe.execute())
 
-    async def badge_counts(self, models: Sequence[str]) -> tuple[list[tuple[int, int]], bool]:
-        """Queued and running counts of each model, and whether an external lane is
-        configured, in one round trip."""
+    async def badge_counts(self, models: Sequence[str]) -> tuple[list[BadgeCounts], bool]:
+        """Each model's queued requests and running ones, those on the fleet's slots apart
+        from those the external provider answers (both hold a lease; a request's route
+        tells them apart), and whether some Pool sees an external provider: two round
+        trips."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for model in models:
                 pipe.zcard(ModelKeys(model).queue)
-                pipe.zcard(ModelKeys(model).leases)
+                pipe.zrange(ModelKeys(model).leases, 0, -1)
             pipe.exists(keys.POOL_EXTERNAL)
             *replies, external = await pipe.execute()
-        counts = cast(list[int], replies)
-        return [(int(counts[2 * i]), int(counts[2 * i + 1])) for i in range(len(models))], bool(
-            external
-        )
+        queued = [int(cast(int, replies[2 * i])) for i in range(len(models))]
+        leased = [cast(list[bytes], replies[2 * i + 1]) for i in range(len(models))]
+        routes: list[bytes | None] = []
+        if any(leased):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model, ids in zip(models, leased, strict=True):
+                    for request_id in ids:
+                        pipe.hget(ModelKeys(model).request(request_id.decode()), "route")
+                routes = cast(list[bytes | None], await pipe.execute())
+        counts, taken = [], 0
+        for waiting, ids in zip(queued, leased, strict=True):
+            mine, taken = routes[taken : taken + len(ids)], taken + len(ids)
+            outside = sum(1 for route in mine if _is_external(route))
+            counts.append(BadgeCounts(waiting, len(ids) - outside, outside))
+        return counts, bool(external)

@@ -197,10 +197,13 @@ class QueueBadge(_message.Message):
     SUGGESTED_MODEL_FIELD_NUMBER: _builtins.int
     SUGGESTION_FIELD_NUMBER: _builtins.int
     QUEUE_FULL_FIELD_NUMBER: _builtins.int
+    EXTERNAL_RUNNING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     queued: _builtins.int
     running: _builtins.int
+    """Requests running on the fleet's slots now (of capacity)."""
     capacity: _builtins.int
+    """Slots the fleet offers this model."""
     level: Global___QueueLevel.ValueType
     label: _builtins.str
     """e.g. "deepseek-r1 (3 in queue)", "qwq (Queue full - 5+ min wait)", "llama3.2 (Available now)"."""
@@ -208,6 +211,10 @@ class QueueBadge(_message.Message):
     """Set when the queue is long: a less busy local model or an external alternative."""
     suggestion: _builtins.str
     queue_full: _builtins.bool
+    external_running: _builtins.int
+    """Requests of this model the external provider is answering now: they take no slot,
+    so they are not in running.
+    """
     @_builtins.property
     def wait(self) -> _request_pb2.EtaRange:
         """Estimated wait of a request submitted now."""
@@ -225,10 +232,11 @@ class QueueBadge(_message.Message):
         suggested_model: _builtins.str = ...,
         suggestion: _builtins.str = ...,
         queue_full: _builtins.bool = ...,
+        external_running: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "label", b"label", "level", b"level", "model", b"model", "queue_full", b"queue_full", "queued", b"queued", "running", b"running", "suggested_model", b"suggested_model", "suggestion", b"suggestion", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "external_running", b"external_running", "label", b"label", "level", b"level", "model", b"model", "queue_full", b"queue_full", "queued", b"queued", "running", b"running", "suggested_model", b"suggested_model", "suggestion", b"suggestion", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

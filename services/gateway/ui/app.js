@@ -162,7 +162,9 @@
       level.textContent = LEVEL_WORDS[badge.level] || badge.level;
       const wait = document.createElement("span");
       wait.className = "wait";
-      wait.textContent = `${badge.running}/${badge.capacity} running • ${waitWords(badge.wait)}`;
+      // External runs take no slot of the fleet: apart (as usher.messages.running_phrase).
+      const external = badge.external_running > 0 ? ` +${badge.external_running} external` : "";
+      wait.textContent = `${badge.running}/${badge.capacity} running${external} • ${waitWords(badge.wait)}`;
       item.append(dot, label, level, wait);
       items.push(item);
     }
