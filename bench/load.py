@@ -66,7 +66,8 @@ def prompt(worker: int, n: int) -> str:
 
 def stack_pids(stack: LocalStack) -> dict[str, int]:
     """Process id of each part of a LocalStack that runs: scheduler, pool, notifier, gateway
-    (or the one ``serve`` process of all four), redis and the emulated model servers."""
+    (or the one ``serve`` process of all four), redis and the emulated model servers (one
+    ``emulator`` process for the fleet, or ``emulator-N`` for one process each)."""
     pids: dict[str, int] = {}
     if stack.serve is not None and stack.serve.process is not None:
         pids["serve"] = stack.serve.process.pid
@@ -81,6 +82,8 @@ def stack_pids(stack: LocalStack) -> dict[str, int]:
             pids[name] = proc.pid
     if stack.emulators is not None:
         pids["emulator"] = stack.emulators.pid
+    for index, server in enumerate(stack.model_servers):
+        pids[f"emulator-{index}"] = server.pid
     return pids
 
 

@@ -1,8 +1,13 @@
 """Streaming at scale: STREAMS answers streamed at once, each generated at a real model's
 pace (RATE tokens/s, TOKENS tokens), relayed model server → client three ways: directly
-(the emulated Ollama itself), through the trio's HTTP gateway, and through ``usher serve``
-(Ollama's ``POST /api/generate``, stream true). Both stacks run in the same run, one after
-the other.
+(the emulated Ollamas themselves), through the trio's HTTP gateway, and through ``usher
+serve`` (Ollama's ``POST /api/generate``, stream true). Both stacks run in the same run, one
+after the other.
+
+Load generation is spread so the harness is not the bottleneck: the fleet's SERVERS
+emulated Ollamas run one process each (the direct path spreads its streams over them as
+Usher does), and the streams are read by CLIENTS client processes, each holding its share
+of the streams, started together.
 
 A token's delay is when it reached the client minus when the model server made it. The
 server makes token ``i`` of a stream at ``t0 + i / RATE``; ``t0`` is taken as the earliest
@@ -10,14 +15,19 @@ that every token of the stream allows (``min(arrival_i - i / RATE)``), so a dela
 lower bound, exact when any one token of the stream came through at once. Tokens that
 arrive together in one chunk each count with their own delay. Reported per path: p50/p95/
 p99 token delay, time to first token, streams completed, CPU ms per relayed token of each
-process."""
+process (the client processes' own CPU as ``clients``).
+
+``python -m bench.streaming_bench client URL... FIRST COUNT`` is one client process: it
+warms up, prints ``ready``, waits for a line on stdin, streams COUNT answers (numbered from
+FIRST, each to the URL it falls on) and prints its figures as one JSON line."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
@@ -32,6 +42,13 @@ RATE = 50.0
 TOKENS = 100
 GOAL_P99_MS = 100.0
 PATHS = ("direct", "trio", "serve")
+#: Emulated model servers, one process each.
+SERVERS = 2
+#: Client processes the streams are spread over.
+CLIENTS = 4
+USERS = ("alice", "bob", "carol")
+#: A client's figures come back as one JSON line (every token's delay: a few hundred KB).
+RESULT_LINE_LIMIT = 64 * 2**20
 
 
 @dataclass
@@ -42,13 +59,17 @@ class Streams:
     tokens: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
 
+    def add(self, other: Streams) -> None:
+        self.delays += other.delays
+        self.first_token += other.first_token
+        self.completed += other.completed
+        self.tokens += other.tokens
+
 
 def stack_config(all_in_one: bool) -> StackConfig:
     return StackConfig(
         all_in_one=all_in_one,
         emulator_args=(
-            "--fleet",
-            "2",
             "--tokens-per-second",
             str(RATE),
             "--ttft",
@@ -60,6 +81,7 @@ def stack_config(all_in_one: bool) -> StackConfig:
             "--output-tokens",
             f"{TOKENS}:{TOKENS}",
         ),
+        model_server_processes=SERVERS,
         instance_options=f";parallel={STREAMS}",
         scheduler_env={
             "USHER_DISPATCH_CONCURRENCY": str(STREAMS + 16),
@@ -83,11 +105,23 @@ def token_delays(arrivals: list[tuple[float, int]]) -> list[float]:
     return [at - i / RATE - start for at, i in timed]
 
 
+def count_words(words: int, ended_in_space: bool, piece: str) -> tuple[int, bool]:
+    """Words in a text after ``piece`` is appended to one of ``words`` words (ending in
+    whitespace or not): a word split across two pieces counts once. Linear in the piece, so
+    a stream's tokens cost the same whatever its length."""
+    if not piece:
+        return words, ended_in_space
+    added = len(piece.split())
+    if added and words and not ended_in_space and not piece[0].isspace():
+        added -= 1  # the piece continues the last word
+    return words + added, piece[-1].isspace()
+
+
 async def one_stream(http: aiohttp.ClientSession, url: str, n: int, out: Streams) -> None:
     body = {"model": MODEL, "prompt": f"stream {n}: tell me a story", "stream": True}
-    headers = {"Authorization": f"Bearer {('alice', 'bob', 'carol')[n % 3]}-token"}
+    headers = {"Authorization": f"Bearer {USERS[n % len(USERS)]}-token"}
     arrivals: list[tuple[float, int]] = []
-    text = ""
+    words, spaced = 0, True
     sent = time.perf_counter()
     try:
         async with http.post(f"{url}/api/generate", json=body, headers=headers) as reply:
@@ -97,8 +131,8 @@ async def one_stream(http: aiohttp.ClientSession, url: str, n: int, out: Streams
                 chunk = json.loads(line)
                 piece = chunk.get("response", "")
                 if piece:
-                    text += piece
-                    arrivals.append((time.perf_counter(), len(text.split())))
+                    words, spaced = count_words(words, spaced, piece)
+                    arrivals.append((time.perf_counter(), words))
                 if chunk.get("done"):
                     out.completed += 1
     except (aiohttp.ClientError, TimeoutError):
@@ -109,16 +143,73 @@ async def one_stream(http: aiohttp.ClientSession, url: str, n: int, out: Streams
         out.tokens += arrivals[-1][1]
 
 
-async def stream_all(url: str, pids: dict[str, int]) -> Streams:
+async def client(urls: list[str], first: int, count: int) -> None:
+    """One client process: its streams, once the parent says go (a line on stdin)."""
     out = Streams()
-    # aiohttp: the lightest client here (httpx's CPU per chunk bounded the direct path).
-    connector = aiohttp.TCPConnector(limit=STREAMS)
+    connector = aiohttp.TCPConnector(limit=count + 8)
     timeout = aiohttp.ClientTimeout(total=180)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        await asyncio.gather(*(one_stream(http, url, n, Streams()) for n in range(8)))  # warm
+        warm = [one_stream(http, urls[n % len(urls)], n, Streams()) for n in range(2)]
+        await asyncio.gather(*warm)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        own = time.process_time()
+        await asyncio.gather(
+            *(one_stream(http, urls[n % len(urls)], n, out) for n in range(first, first + count))
+        )
+        out.cpu = {"clients": time.process_time() - own}
+    print(json.dumps(asdict(out)), flush=True)
+
+
+async def _result_line(child: asyncio.subprocess.Process) -> bytes:
+    assert child.stdout is not None
+    return await child.stdout.readline()
+
+
+async def stream_all(urls: list[str], pids: dict[str, int]) -> Streams:
+    """STREAMS streams spread over CLIENTS client processes (and over ``urls``)."""
+    share = -(-STREAMS // CLIENTS)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.streaming_bench",
+            "client",
+            *urls,
+            str(first),
+            str(min(share, STREAMS - first)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=RESULT_LINE_LIMIT,
+        )
+        for first in range(0, STREAMS, share)
+    ]
+    try:
+        for child in children:  # each warmed up (its connections, the model loaded)
+            assert child.stdout is not None
+            ready = await child.stdout.readline()
+            if ready.strip() != b"ready":
+                raise RuntimeError(f"a streaming client failed to start: {ready!r}")
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        await asyncio.gather(*(one_stream(http, url, n, out) for n in range(STREAMS)))
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+        # Read together: a child blocks writing its (long) line until it is read.
+        lines = await asyncio.gather(*(_result_line(child) for child in children))
+        out = Streams()
+        clients_cpu = 0.0
+        for line in lines:
+            part = json.loads(line)
+            clients_cpu += part.pop("cpu").get("clients", 0.0)
+            out.add(Streams(**part))
         out.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        out.cpu["clients"] = clients_cpu
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
     return out
 
 
@@ -137,13 +228,24 @@ def _figures(streams: Streams) -> dict[str, Any]:
     }
 
 
-async def run() -> dict[str, Any]:
+async def measure(paths: tuple[str, ...] = PATHS) -> dict[str, Streams]:
     results: dict[str, Streams] = {}
-    with LocalStack(stack_config(all_in_one=False)) as trio:
-        results["direct"] = await stream_all(trio.model_urls[0], {})
-        results["trio"] = await stream_all(trio.gateway_url, stack_pids(trio))
-    with LocalStack(stack_config(all_in_one=True)) as serve:
-        results["serve"] = await stream_all(serve.gateway_url, stack_pids(serve))
+    if "direct" in paths or "trio" in paths:
+        with LocalStack(stack_config(all_in_one=False)) as trio:
+            pids = stack_pids(trio)
+            if "direct" in paths:
+                servers = {k: v for k, v in pids.items() if k.startswith("emulator")}
+                results["direct"] = await stream_all(trio.model_urls, servers)
+            if "trio" in paths:
+                results["trio"] = await stream_all([trio.gateway_url], pids)
+    if "serve" in paths:
+        with LocalStack(stack_config(all_in_one=True)) as serve:
+            results["serve"] = await stream_all([serve.gateway_url], stack_pids(serve))
+    return results
+
+
+async def run() -> dict[str, Any]:
+    results = await measure()
     summary: dict[str, Any] = {path: _figures(results[path]) for path in PATHS}
     summary["goals"] = {
         "serve_token_delay_p99_ms": goal(
@@ -151,9 +253,10 @@ async def run() -> dict[str, Any]:
         )
     }
     summary["note"] = (
-        f"{STREAMS} streams at once, {RATE:.0f} tokens/s, {TOKENS} tokens each; a token's "
-        "delay is a lower bound (the stream's least-delayed token taken as instant); the "
-        "direct path's delays are the client's own"
+        f"{STREAMS} streams at once, {RATE:.0f} tokens/s, {TOKENS} tokens each, read by "
+        f"{CLIENTS} client processes from {SERVERS} emulated Ollamas (a process each); a "
+        "token's delay is a lower bound (the stream's least-delayed token taken as instant); "
+        "the direct path is the harness's own ceiling"
     )
     saved: list[str] = []
     with plots.figure(
@@ -174,3 +277,11 @@ async def run() -> dict[str, Any]:
         first.legend()
     summary["plots"] = saved
     return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "client":
+        *targets, start, size = sys.argv[2:]
+        asyncio.run(client(targets, int(start), int(size)))
+    else:
+        sys.exit("usage: python -m bench.streaming_bench client URL... FIRST COUNT")

@@ -1,5 +1,6 @@
 """The benchmarks' pure helpers (no services started): percentiles, JSON tidying, Jain's
-index and the non-preemptive floor the fairness scenario prints."""
+index and the non-preemptive floor the fairness scenario prints, the streaming scenario's
+token delays and word counts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 import math
 import statistics
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bench.fairness_bench import first_free_waits, jain
 from bench.stats import goal, percentile, tidy
+from bench.streaming_bench import count_words, token_delays
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -50,3 +55,19 @@ def test_first_free_wait_of_exponential_service_is_mean_over_slots() -> None:
 def test_first_free_wait_of_one_fixed_service_is_half_of_it() -> None:
     waits = first_free_waits(1, lambda _: 0.04, arrivals=5_000)
     assert math.isclose(statistics.fmean(waits), 0.02, rel_tol=0.05)
+
+
+@given(st.lists(st.text(alphabet=" ab\n", max_size=8), max_size=12))
+def test_count_words_piecewise_matches_the_whole_text(pieces: list[str]) -> None:
+    words, spaced = 0, True
+    for piece in pieces:
+        words, spaced = count_words(words, spaced, piece)
+    assert words == len("".join(pieces).split())
+
+
+def test_token_delays_take_the_least_delayed_token_as_instant() -> None:
+    # 50 tokens/s: token i is made 20 ms after token i-1. Tokens 2 and 3 arrive together
+    # at 1.05 s, token 3 (due 60 ms after token 0) least delayed of all: it sets the clock.
+    arrivals = [(1.000, 1), (1.020, 2), (1.050, 4)]
+    delays = token_delays(arrivals)
+    assert [round(d, 3) for d in delays] == [0.01, 0.01, 0.02, 0.0]

@@ -437,16 +437,28 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         renewer = asyncio.create_task(self._keep_alive(grant))
         held = [grant]
         began = asyncio.get_running_loop().time()
+        released = False
         try:
             async for event in self._run_with_failover(request, held, began):
+                if event.HasField("done"):
+                    # The model server is done: its slots go back before the answer does,
+                    # not once the caller has read on to the end of the stream (an
+                    # in-process caller that stops at the answer never does), so the next
+                    # request can start while this one is being finished.
+                    released = True
+                    await self._release_held(renewer, held)
                 yield event
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            for slot in held:
-                self.router.release_trial(slot.id)
-                await self.router.release(slot)
+            if not released:
+                await self._release_held(renewer, held)
+
+    async def _release_held(self, renewer: asyncio.Task[None], held: list[SlotGrant]) -> None:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        for slot in held:
+            self.router.release_trial(slot.id)
+            await self.router.release(slot)
 
     async def _keep_alive(self, grant: SlotGrant) -> None:
         interval = self.router.slots.lease_ms / 3000
