@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -78,6 +79,16 @@ class Registration:
 
     add: Callable[[grpc.aio.Server], None]
     service_name: str
+
+    @classmethod
+    def of(
+        cls,
+        add: Callable[[ServicerT, grpc.aio.Server], None],
+        servicer: ServicerT,
+        service: ServiceDescriptor,
+    ) -> Registration:
+        """``servicer`` of ``service``, added by its generated ``add_*_to_server``."""
+        return cls(lambda server: add(servicer, server), service.full_name)
 
 
 class GrpcServer:
@@ -178,6 +189,7 @@ class _App(Protocol):
 
 
 S = TypeVar("S", bound=_Settings)
+ServicerT = TypeVar("ServicerT")
 
 
 def run_service(prog: str, load: Callable[[], S], make_app: Callable[[S], _App]) -> None:

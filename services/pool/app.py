@@ -39,16 +39,16 @@ class PoolApp:
         self.stats = PoolStats(self.redis)
         public = PoolServicer(self.router, self.stats, auth, settings)
         admin = PoolAdminServicer(self.registry, auth)
-        names = pool_pb2.DESCRIPTOR.services_by_name
+        services = pool_pb2.DESCRIPTOR.services_by_name
         #: The servicers, for the gRPC server and for an in-process channel (usher serve).
         self.registrations = [
-            Registration(
-                lambda s: pool_pb2_grpc.add_PoolServiceServicer_to_server(public, s),
-                names["PoolService"].full_name,
+            Registration.of(
+                pool_pb2_grpc.add_PoolServiceServicer_to_server, public, services["PoolService"]
             ),
-            Registration(
-                lambda s: pool_pb2_grpc.add_PoolAdminServiceServicer_to_server(admin, s),
-                names["PoolAdminService"].full_name,
+            Registration.of(
+                pool_pb2_grpc.add_PoolAdminServiceServicer_to_server,
+                admin,
+                services["PoolAdminService"],
             ),
         ]
         self.server = GrpcServer(

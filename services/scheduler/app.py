@@ -59,16 +59,18 @@ class SchedulerApp:
         self.audit = AuditLog(self.redis)
         public = SchedulerServicer(self.store, auth, self.settings, self.quotas, self.audit)
         admin = SchedulerAdminServicer(self.store, auth, self.settings, self.quotas, self.audit)
-        names = scheduler_pb2.DESCRIPTOR.services_by_name
+        services = scheduler_pb2.DESCRIPTOR.services_by_name
         #: The servicers, for the gRPC server and for an in-process channel (usher serve).
         self.registrations = [
-            Registration(
-                lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(public, s),
-                names["SchedulerService"].full_name,
+            Registration.of(
+                scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
+                public,
+                services["SchedulerService"],
             ),
-            Registration(
-                lambda s: scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(admin, s),
-                names["SchedulerAdminService"].full_name,
+            Registration.of(
+                scheduler_pb2_grpc.add_SchedulerAdminServiceServicer_to_server,
+                admin,
+                services["SchedulerAdminService"],
             ),
         ]
         self.server = GrpcServer(

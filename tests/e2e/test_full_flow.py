@@ -12,7 +12,7 @@ from typing import cast
 import grpc
 import pytest
 
-from usher.testing.stack import LocalStack, StackConfig
+from usher.testing.stack import LocalStack, StackConfig, quick_fleet
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -28,18 +28,7 @@ def auth(user: str) -> tuple[tuple[str, str]]:
 def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     config = StackConfig(
         all_in_one=request.param == "serve",
-        emulator_args=(
-            "--fleet",
-            "2",
-            "--tokens-per-second",
-            "300",
-            "--load-time",
-            "0.05",
-            "--parallel",
-            "2",
-            "--output-tokens",
-            "20:40",
-        ),
+        emulator_args=quick_fleet(300),
         # Everything here also runs with prompts and results encrypted at rest.
         scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8", "USHER_ENCRYPTION_KEYS": KEYS},
         notifier_env={"USHER_ENCRYPTION_KEYS": KEYS},

@@ -15,7 +15,7 @@ import pytest
 
 from services.gateway import views
 from tests.gateway.conftest import ADMIN, Services
-from usher.testing.stack import LocalStack, StackConfig
+from usher.testing.stack import LocalStack, StackConfig, quick_fleet
 from usher.v1 import request_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.slow
@@ -27,18 +27,7 @@ EMBED = "nomic-embed-text"
 def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     config = StackConfig(
         all_in_one=request.param == "serve",
-        emulator_args=(
-            "--fleet",
-            "2",
-            "--tokens-per-second",
-            "400",
-            "--load-time",
-            "0.05",
-            "--parallel",
-            "2",
-            "--output-tokens",
-            "20:40",
-        ),
+        emulator_args=quick_fleet(400),
         scheduler_env={"USHER_DISPATCH_CONCURRENCY": "8"},
         gateway=True,
         gateway_env={"USHER_GATEWAY_DEFAULT_TOKEN": "alice-token"},

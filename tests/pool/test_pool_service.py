@@ -114,6 +114,20 @@ def make_pool(
     return make
 
 
+@contextlib.asynccontextmanager
+async def room_for_one_of_two(make_pool: Any) -> AsyncIterator[RunningPool]:
+    """A Pool over one instance with two 1 GiB models and room (1.5 GiB) for one of them."""
+    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
+    config = fast_emulator_config(models=small, memory_budget=int(1.5 * 1024**3))
+    async with (
+        EmulatorFleet([config]) as fleet,
+        make_pool(
+            fleet.urls, idle_unload_seconds=3600, memory_budget_bytes=int(1.5 * 1024**3)
+        ) as pool,
+    ):
+        yield pool
+
+
 def generate_request(
     slot: pool_pb2.Slot, prompt: str = "hello", **options: Any
 ) -> pool_pb2.GenerateRequest:
@@ -318,14 +332,7 @@ async def test_fallback_model_serves_when_the_model_is_missing(make_pool: Any) -
 async def test_demand_loads_models_and_evicts_lru_to_fit_memory(
     make_pool: Any, redis_client: aioredis.Redis
 ) -> None:
-    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
-    config = fast_emulator_config(models=small, memory_budget=int(1.5 * 1024**3))
-    async with (
-        EmulatorFleet([config]) as fleet,
-        make_pool(
-            fleet.urls, idle_unload_seconds=3600, memory_budget_bytes=int(1.5 * 1024**3)
-        ) as pool,
-    ):
+    async with room_for_one_of_two(make_pool) as pool:
         await run(pool, "llama3.2:1b")  # loaded, now idle (not yet past the idle TTL)
         await redis_client.sadd(keys.MODELS, "qwen2.5:0.5b")
         await redis_client.zadd(ModelKeys("qwen2.5:0.5b").queue, {"0000000000000001:X": 1})
@@ -403,14 +410,7 @@ def test_bad_instance_config_is_a_clear_error_at_start() -> None:
 async def test_placement_never_evicts_a_model_that_is_running(
     make_pool: Any, redis_client: aioredis.Redis
 ) -> None:
-    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
-    config = fast_emulator_config(models=small, memory_budget=int(1.5 * 1024**3))
-    async with (
-        EmulatorFleet([config]) as fleet,
-        make_pool(
-            fleet.urls, idle_unload_seconds=3600, memory_budget_bytes=int(1.5 * 1024**3)
-        ) as pool,
-    ):
+    async with room_for_one_of_two(make_pool) as pool:
         await run(pool, "llama3.2:1b")
         held = await reserve(pool, "llama3.2:1b")  # a request is running on it now
         await redis_client.sadd(keys.MODELS, "qwen2.5:0.5b")

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from aiohttp import web
 
-from usher.emulator.engine import Engine
+from usher.emulator.engine import ApiError, Crash, Drop, Engine, StreamError
+from usher.emulator.stats import ModelStats
 
-__all__ = ["abort_connection", "dumps", "error_response", "json_response", "start_stream"]
+__all__ = [
+    "abort_connection",
+    "dumps",
+    "error_response",
+    "fail_generation",
+    "json_response",
+    "start_stream",
+]
 
 
 def dumps(obj: Any) -> str:
@@ -50,3 +59,25 @@ async def abort_connection(request: web.Request, engine: Engine, *, crash: bool)
         transport.abort()
     # Nothing more can be sent; end the handler the way a disconnect would.
     raise asyncio.CancelledError
+
+
+async def fail_generation(
+    request: web.Request,
+    engine: Engine,
+    model_stats: ModelStats,
+    resp: web.StreamResponse | None,
+    fault: StreamError | Drop | Crash,
+    error_line: Callable[[str], bytes],
+) -> web.StreamResponse:
+    """A generation's fault, as the API's server shows it: an error before any output is
+    a plain 500 (ApiError); after output, the API's own error line (``error_line`` of the
+    message) ends the stream; a dropped connection or a crash cuts it."""
+    model_stats.failed += 1
+    if isinstance(fault, StreamError) and resp is None:
+        raise ApiError(500, fault.message)  # counted where the error is answered
+    engine.stats.requests_failed += 1
+    if not isinstance(fault, StreamError) or resp is None:
+        await abort_connection(request, engine, crash=isinstance(fault, Crash))
+    await resp.write(error_line(fault.message))
+    await resp.write_eof()
+    return resp

@@ -19,22 +19,20 @@ from usher.emulator import protocol, textgen
 from usher.emulator.config import ModelSpec, model_spec
 from usher.emulator.engine import (
     ApiError,
-    Crash,
     Done,
-    Drop,
     Engine,
     Event,
     GenerationJob,
-    StreamError,
     Tokens,
 )
 from usher.emulator.httputil import (
-    abort_connection,
     dumps,
     error_response,
+    fail_generation,
     json_response,
     start_stream,
 )
+from usher.emulator.scheduler import Lease
 from usher.emulator.tools import ToolChoice, choose_tool, ollama_tool_call
 
 __all__ = ["NativeApi", "display_name", "tool_arguments"]
@@ -191,20 +189,14 @@ class NativeApi:
             self._fail_if_armed()
             engine = self.engine
             if not p.prompt and p.keep_alive == 0:
-                engine.scheduler.expire(spec.name)
-                engine.stats.requests_served += 1
-                return json_response(
-                    protocol.generate_final(p.model, text="", done_reason="unload")
+                return self._unloaded(
+                    spec, protocol.generate_final(p.model, text="", done_reason="unload")
                 )
             if p.raw and (p.template or p.system or p.context is not None):
                 raise ApiError(400, "raw mode does not support template, system, or context")
             self._check_think(spec, p.model, p.think)
-            if "completion" not in spec.capabilities:
-                raise ApiError(400, f"{protocol.go_quote(p.model)} does not support generate")
-            opts = protocol.parse_options(p.options)
-            num_ctx = engine.default_num_ctx(spec, opts.num_ctx)
-            lease = await engine.acquire(
-                spec, num_ctx=num_ctx, keep_alive=p.keep_alive, slot=bool(p.prompt)
+            lease, opts = await self._lease(
+                spec, p.model, "generate", p.options, p.keep_alive, bool(p.prompt)
             )
             try:
                 if not p.prompt:
@@ -257,16 +249,12 @@ class NativeApi:
             self._fail_if_armed()
             engine = self.engine
             if not p.messages and p.keep_alive == 0:
-                engine.scheduler.expire(spec.name)
-                engine.stats.requests_served += 1
-                return json_response(protocol.chat_final(p.model, text="", done_reason="unload"))
+                return self._unloaded(
+                    spec, protocol.chat_final(p.model, text="", done_reason="unload")
+                )
             self._check_think(spec, p.model, p.think)
-            if "completion" not in spec.capabilities:
-                raise ApiError(400, f"{protocol.go_quote(p.model)} does not support chat")
-            opts = protocol.parse_options(p.options)
-            num_ctx = engine.default_num_ctx(spec, opts.num_ctx)
-            lease = await engine.acquire(
-                spec, num_ctx=num_ctx, keep_alive=p.keep_alive, slot=bool(p.messages)
+            lease, opts = await self._lease(
+                spec, p.model, "chat", p.options, p.keep_alive, bool(p.messages)
             )
             try:
                 if not p.messages:
@@ -298,6 +286,32 @@ class NativeApi:
                 engine.release(lease)
 
         return await self._respond(run)
+
+    def _unloaded(self, spec: ModelSpec, answer: dict[str, Any]) -> web.Response:
+        """An empty request with ``keep_alive: 0``: unload the model now."""
+        self.engine.scheduler.expire(spec.name)
+        self.engine.stats.requests_served += 1
+        return json_response(answer)
+
+    async def _lease(
+        self,
+        spec: ModelSpec,
+        model: str,
+        api: str,
+        options: object,
+        keep_alive: float | None,
+        has_input: bool,
+    ) -> tuple[Lease, protocol.Options]:
+        """The model loaded (and a slot, when there is input to run) for a text request;
+        a model that cannot complete text is refused as Ollama does."""
+        if "completion" not in spec.capabilities:
+            raise ApiError(400, f"{protocol.go_quote(model)} does not support {api}")
+        opts = protocol.parse_options(options)
+        num_ctx = self.engine.default_num_ctx(spec, opts.num_ctx)
+        lease = await self.engine.acquire(
+            spec, num_ctx=num_ctx, keep_alive=keep_alive, slot=has_input
+        )
+        return lease, opts
 
     async def _render(
         self,
@@ -341,19 +355,10 @@ class NativeApi:
                     await resp.write((dumps(final(event, "")) + "\n").encode())
                     await resp.write_eof()
                     return resp
-                elif isinstance(event, StreamError):
-                    model_stats.failed += 1
-                    if resp is None:
-                        # Nothing written yet: Ollama answers with the status instead.
-                        raise ApiError(500, event.message)
-                    engine.stats.requests_failed += 1
-                    await resp.write((dumps({"error": event.message}) + "\n").encode())
-                    await resp.write_eof()
-                    return resp
-                elif isinstance(event, (Drop, Crash)):
-                    model_stats.failed += 1
-                    engine.stats.requests_failed += 1
-                    await abort_connection(request, engine, crash=isinstance(event, Crash))
+                else:
+                    return await fail_generation(
+                        request, engine, model_stats, resp, event, _error_line
+                    )
         raise ApiError(500, "generation ended without a result")
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
@@ -447,3 +452,8 @@ def _with_calls(body: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, 
     if calls:
         body["message"]["tool_calls"] = calls
     return body
+
+
+def _error_line(message: str) -> bytes:
+    """Ollama's NDJSON error line, ending a stream that has started."""
+    return (dumps({"error": message}) + "\n").encode()

@@ -24,15 +24,17 @@ from usher.emulator import protocol
 from usher.emulator.config import ModelSpec
 from usher.emulator.engine import (
     ApiError,
-    Crash,
     Done,
-    Drop,
     GenerationJob,
     Metrics,
-    StreamError,
     Tokens,
 )
-from usher.emulator.httputil import abort_connection, dumps, json_response, start_stream
+from usher.emulator.httputil import (
+    dumps,
+    fail_generation,
+    json_response,
+    start_stream,
+)
 from usher.emulator.native import NativeApi, display_name, tool_arguments
 from usher.emulator.scheduler import Lease
 from usher.emulator.tools import ToolChoice, choose_tool, openai_tool_call
@@ -287,19 +289,16 @@ class OpenAIApi:
                     await resp.write(frames.ending(event, calls, first, include_usage))
                     await resp.write_eof()
                     return resp
-                elif isinstance(event, StreamError):
-                    model_stats.failed += 1
-                    if resp is None:
-                        raise ApiError(500, event.message)
-                    engine.stats.requests_failed += 1
+                else:
                     # Ollama's ChatWriter decodes the error line as an empty chunk.
-                    await resp.write(_sse(frames.chunk({"content": ""}, None)))
-                    await resp.write_eof()
-                    return resp
-                elif isinstance(event, (Drop, Crash)):
-                    model_stats.failed += 1
-                    engine.stats.requests_failed += 1
-                    await abort_connection(request, engine, crash=isinstance(event, Crash))
+                    return await fail_generation(
+                        request,
+                        engine,
+                        model_stats,
+                        resp,
+                        event,
+                        lambda _: _sse(frames.chunk({"content": ""}, None)),
+                    )
         raise ApiError(500, "generation ended without a result")
 
     # -- completions --------------------------------------------------------------
@@ -377,18 +376,15 @@ class OpenAIApi:
                     await resp.write(frames.ending(event))
                     await resp.write_eof()
                     return resp
-                elif isinstance(event, StreamError):
-                    model_stats.failed += 1
-                    if resp is None:
-                        raise ApiError(500, event.message)
-                    engine.stats.requests_failed += 1
-                    await resp.write(_sse(frames.chunk("", None)))
-                    await resp.write_eof()
-                    return resp
-                elif isinstance(event, (Drop, Crash)):
-                    model_stats.failed += 1
-                    engine.stats.requests_failed += 1
-                    await abort_connection(request, engine, crash=isinstance(event, Crash))
+                else:
+                    return await fail_generation(
+                        request,
+                        engine,
+                        model_stats,
+                        resp,
+                        event,
+                        lambda _: _sse(frames.chunk("", None)),
+                    )
         raise ApiError(500, "generation ended without a result")
 
     # -- embeddings -----------------------------------------------------------------

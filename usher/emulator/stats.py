@@ -13,8 +13,9 @@ __all__ = ["EmulatorStats", "ModelStats"]
 
 
 @dataclass
-class ModelStats:
-    """Per-model counters."""
+class _Counters:
+    """What both an instance and each of its models count: loads and why models left,
+    requests running now (and the most at once), tokens generated."""
 
     loads: int = 0
     unloads: int = 0
@@ -24,27 +25,28 @@ class ModelStats:
     reloads: int = 0
     #: Unloaded because its keep-alive ran out (or keep_alive was 0).
     expirations: int = 0
+    in_flight: int = 0
+    in_flight_max: int = 0
+    tokens_generated: int = 0
+
+
+@dataclass
+class ModelStats(_Counters):
+    """Per-model counters."""
+
     #: Requests that got a slot and started generating/embedding.
     requests: int = 0
     completed: int = 0
     failed: int = 0
-    in_flight: int = 0
-    in_flight_max: int = 0
-    tokens_generated: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
-class EmulatorStats:
+class EmulatorStats(_Counters):
     """Instance-wide counters plus a ``ModelStats`` per model name."""
 
-    loads: int = 0
-    unloads: int = 0
-    evictions: int = 0
-    reloads: int = 0
-    expirations: int = 0
     #: Every inference request that reached a handler (including rejected ones).
     requests_received: int = 0
     #: Inference requests that completed successfully (loads/unloads included).
@@ -52,11 +54,8 @@ class EmulatorStats:
     requests_failed: int = 0
     #: 503 "server busy" rejections.
     requests_rejected: int = 0
-    in_flight: int = 0
-    in_flight_max: int = 0
     queue_depth: int = 0
     queue_depth_max: int = 0
-    tokens_generated: int = 0
     models: dict[str, ModelStats] = field(default_factory=dict)
 
     def model(self, name: str) -> ModelStats:

@@ -15,7 +15,7 @@ from usher.testing.processes import ServiceProcess, free_port
 from usher.testing.redis_server import RedisServer
 from usher.testing.redis_topologies import LocalRedisCluster, LocalSentinel
 
-__all__ = ["DEFAULT_TOKENS", "LocalStack", "StackConfig"]
+__all__ = ["DEFAULT_TOKENS", "LocalStack", "StackConfig", "quick_fleet"]
 
 #: Demo callers: three tenants, an operator, and the identity services use with each other.
 DEFAULT_TOKENS = (
@@ -23,6 +23,15 @@ DEFAULT_TOKENS = (
     "admin-token=ops@usher:admin,service-token=scheduler@usher:service"
 )
 SERVICE_TOKEN = "service-token"
+
+
+def quick_fleet(tokens_per_second: int, output_tokens: str = "20:40") -> tuple[str, ...]:
+    """Emulator arguments of the usual test fleet: two instances running two requests of a
+    model at once, loads in 50 ms, answers of ``output_tokens`` (a range) at this speed."""
+    return (
+        *("--fleet", "2", "--parallel", "2", "--load-time", "0.05"),
+        *("--tokens-per-second", str(tokens_per_second), "--output-tokens", output_tokens),
+    )
 
 
 @dataclass
