@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, expect
 
@@ -21,6 +22,7 @@ from usher.v1 import request_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.slow
 MODEL = WAITING_MODELS[0]
+EMBEDDING = "nomic-embed-text:latest"
 S = request_pb2
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1100, "height": 900}
@@ -28,8 +30,10 @@ DESKTOP = {"width": 1100, "height": 900}
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[LocalStack]:
-    # About 2 s per answer.
-    yield from one_slot_stack(tokens_per_second="12", output_tokens="20:28", keepalive="1")
+    # About 2 s per answer; an embedding model beside the chat models.
+    yield from one_slot_stack(
+        tokens_per_second="12", output_tokens="20:28", keepalive="1", extra_models=(EMBEDDING,)
+    )
 
 
 async def idle(services: Services, timeout: float = 20.0) -> None:
@@ -100,6 +104,23 @@ async def test_without_a_token_the_page_asks_for_one(page: Page, artifacts: Path
     # The models are listed all the same (no token needed for the list).
     await expect(page.locator("#model option")).to_have_count(2)
     await snap(page, artifacts, "00-no-token")
+
+
+async def test_the_picker_offers_only_models_that_can_chat(page: Page, stack: LocalStack) -> None:
+    """The fleet serves an embedding-only model too (its /api/show: capabilities
+    ["embedding"]; /v1/models lists it): the chat picker leaves it out."""
+    await use_token(page, "alice-token")
+    async with httpx.AsyncClient(timeout=30) as client:
+        embedded = await client.post(
+            stack.gateway_url + "/api/embed",
+            json={"model": EMBEDDING, "input": "a vector, please"},
+            headers={"authorization": "Bearer alice-token"},
+        )
+    assert embedded.status_code == 200, embedded.text  # it is served, for embeddings
+    options = page.locator("#model option")
+    await expect(options).to_have_count(len(WAITING_MODELS))
+    offered = [await option.get_attribute("value") or "" for option in await options.all()]
+    assert sorted(offered) == sorted(WAITING_MODELS)
 
 
 async def test_waiting_in_the_queue_until_the_answer(

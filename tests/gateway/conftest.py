@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -65,18 +65,21 @@ def one_slot_stack(
     *,
     open_access: bool = False,
     all_in_one: bool = False,
+    extra_models: Sequence[str] = (),
 ) -> Iterator[LocalStack]:
     """A fleet of one slot per model (a few requests make a queue that moves), an external
     provider, the gateway; badges every 0.2 s suggesting "gpt-4o" when nothing local is
     calmer; ``open_access``: the local open mode (no credentials needed). For a module
-    fixture: ``yield from one_slot_stack(...)``; ``all_in_one``: as ``usher serve``."""
+    fixture: ``yield from one_slot_stack(...)``; ``all_in_one``: as ``usher serve``;
+    ``extra_models``: served beside WAITING_MODELS."""
+    models = (*WAITING_MODELS, *extra_models)
     config = StackConfig(
         all_in_one=all_in_one,
         emulator_args=(
             "--fleet",
             "1",
             "--models",
-            ",".join(WAITING_MODELS),
+            ",".join(models),
             "--tokens-per-second",
             tokens_per_second,
             "--load-time",
@@ -100,8 +103,8 @@ def one_slot_stack(
     with LocalStack(config) as running:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            models = httpx.get(running.gateway_url + "/api/tags").json()["models"]
-            if len(models) >= len(WAITING_MODELS):
+            listed = httpx.get(running.gateway_url + "/api/tags").json()["models"]
+            if len(listed) >= len(models):
                 break
             time.sleep(0.1)
         yield running

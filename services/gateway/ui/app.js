@@ -26,6 +26,8 @@
   const state = {
     token: sessionStorage.getItem(TOKEN_KEY) || "",
     models: [],
+    // Listed models that cannot chat (embedding-only): left out of the picker.
+    notChat: new Set(),
     badges: new Map(),
     badgeSource: null,
     badgeRetry: 0,
@@ -111,12 +113,32 @@
   async function loadModels() {
     try {
       const listed = await api("GET", "/v1/models");
-      state.models = listed.data.map((m) => m.id).sort();
+      const names = listed.data.map((m) => m.id).sort();
+      // The picker is for chatting: an embedding-only model cannot answer.
+      const chat = await Promise.all(names.map(canChat));
+      state.models = names.filter((_, i) => chat[i]);
+      state.notChat = new Set(names.filter((_, i) => !chat[i]));
     } catch (error) {
       state.models = [];
       showModelsError("Cannot list models: " + error.message);
     }
     renderPicker();
+  }
+
+  // Whether a model can chat: Ollama's /api/show lists its capabilities ("completion",
+  // "embedding", "tools", ...); without them (an OpenAI-compatible server, an error) its
+  // name decides, as the gateway's own stand-in for /api/show does.
+  async function canChat(name) {
+    try {
+      const described = await api("POST", "/api/show", { model: name });
+      const capabilities = described && described.capabilities;
+      if (Array.isArray(capabilities) && capabilities.length > 0) {
+        return capabilities.includes("completion");
+      }
+    } catch (_) {
+      // Unknown: judged by its name below.
+    }
+    return !/embed/i.test(name);
   }
 
   function showModelsError(text) {
@@ -128,7 +150,10 @@
   function renderPicker() {
     const select = $("model");
     const chosen = select.value || sessionStorage.getItem("usher.model") || "";
-    const names = Array.from(new Set([...state.models, ...state.badges.keys()])).sort();
+    // Badged models too (one asked for by name), never one known not to chat.
+    const names = Array.from(new Set([...state.models, ...state.badges.keys()]))
+      .filter((name) => !state.notChat.has(name))
+      .sort();
     select.replaceChildren(
       ...names.map((name) => {
         const option = document.createElement("option");
