@@ -36,6 +36,7 @@ def queue_defaults(settings: SchedulerSettings) -> QueueDefaults:
         lease_ms=int(settings.lease_seconds * 1000),
         parallel=settings.parallel,
         result_ttl_seconds=settings.result_ttl_seconds,
+        dead_letter_retention_seconds=settings.dead_letter_retention_seconds,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         priority_lead=settings.priority_lead,
         default_output_tokens=settings.default_output_tokens,

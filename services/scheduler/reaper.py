@@ -49,7 +49,13 @@ async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str
             metrics.REQUESTS.labels(model, "expired").inc(counts.expired)
         if counts.dead_lettered:
             metrics.REQUESTS.labels(model, "failed").inc(counts.dead_lettered)
-        if counts.requeued or counts.dead_lettered or counts.expired or counts.to_external:
+        if (
+            counts.requeued
+            or counts.dead_lettered
+            or counts.expired
+            or counts.to_external
+            or counts.dead_letters_deleted
+        ):
             log.info(
                 "reaped",
                 model=model,
@@ -57,6 +63,7 @@ async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str
                 dead_lettered=counts.dead_lettered,
                 expired=counts.expired,
                 to_external=counts.to_external,
+                dead_letters_deleted=counts.dead_letters_deleted,
             )
         done[model] = counts
     await fall_back_when_unavailable(store, list(done))

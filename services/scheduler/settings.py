@@ -39,6 +39,9 @@ class SchedulerSettings(ServiceSettings):
     parallel: int = Field(1, ge=1, validation_alias="USHER_DEFAULT_PARALLEL")
     #: How long finished requests (and their results and events) stay readable.
     result_ttl_seconds: int = Field(86_400, ge=1)
+    #: How long a dead letter waits for an operator to retry it before it is deleted with
+    #: its data; 0 = until retried.
+    dead_letter_retention_seconds: int = Field(7 * 86_400, ge=0)
     idempotency_ttl_seconds: int = Field(86_400, ge=1)
     priority_lead: float = Field(
         DEFAULT_PRIORITY_LEAD, ge=0, validation_alias="USHER_PRIORITY_LEAD_TOKENS"

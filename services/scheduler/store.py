@@ -174,6 +174,8 @@ class ReapCounts:
     to_external: int = 0
     #: The requests that ended in this pass (expired, dead-lettered, cancelled).
     ended: tuple[Ended, ...] = ()
+    #: Dead letters deleted: older than the retention (QueueDefaults).
+    dead_letters_deleted: int = 0
 
 
 #: The counters ResetQueueStats zeroes (every other field of a model's stats is an average).
@@ -722,11 +724,22 @@ class QueueStore(QueueReader):
             )
 
     async def reap(self, model: str, limit: int = 500) -> ReapCounts:
-        requeued, dead, expired, external, ended = await self._run(
-            "reap", model, [limit, self.defaults.result_ttl_seconds]
+        requeued, dead, expired, external, ended, deleted = await self._run(
+            "reap",
+            model,
+            [
+                limit,
+                self.defaults.result_ttl_seconds,
+                self.defaults.dead_letter_retention_seconds * 1000,
+            ],
         )
         return ReapCounts(
-            int(requeued), int(dead), int(expired), int(external), _ended(model, ended)
+            int(requeued),
+            int(dead),
+            int(expired),
+            int(external),
+            _ended(model, ended),
+            int(deleted),
         )
 
     async def footprint(self, model: str, request_id: str) -> Footprint:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from services.scheduler.reaper import reap_once
 from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
+from usher.keys import ModelKeys
 from usher.queue.fairness import FairQueue
 from usher.queue.records import QueueDefaults
 from usher.v1 import request_pb2
@@ -114,6 +115,52 @@ async def test_max_attempts_dead_letters(redis_client: aioredis.Redis) -> None:
     assert failed is not None and failed.state == request_pb2.REQUEST_STATE_FAILED
     assert "2 attempts" in failed.error
     assert [r.id for r in await store.dead_letters(MODEL, 10)] == [request.id]
+
+
+async def dead_letter(store: QueueStore, user: str) -> str:
+    """A request that failed its every attempt (one), onto the dead-letter list."""
+    request = new_request(user=user)
+    await store.submit(request)
+    assert await store.claim(MODEL, "d", lease_ms=10) is not None
+    await asyncio.sleep(0.03)
+    assert (await store.reap(MODEL)).dead_lettered == 1
+    return request.id
+
+
+async def test_dead_letters_are_deleted_after_their_retention(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A dead letter keeps its data (no expiry: it waits to be retried) for the retention,
+    then the reaper deletes it, its record, owners and events; a younger one stays."""
+    store = QueueStore(redis_client, QueueDefaults(max_attempts=1, dead_letter_retention_seconds=1))
+    old = await dead_letter(store, "old")
+    assert (await store.reap(MODEL)).dead_letters_deleted == 0
+    await asyncio.sleep(0.7)
+    young = await dead_letter(store, "young")
+    deleted = 0
+    for _ in range(100):  # until the retention has passed (the reaper reads the clock)
+        await asyncio.sleep(0.1)
+        deleted += (await reap_once(store))[MODEL].dead_letters_deleted
+        if await store.get(old) is None:
+            break
+    assert deleted == 1
+    assert [r.id for r in await store.dead_letters(MODEL, 10)] == [young]
+    assert await store.dead_letter_count(MODEL) == 1
+    mk = ModelKeys(MODEL)
+    assert not await redis_client.exists(
+        mk.request(old), mk.request_owners(old), mk.request_events(old)
+    )
+    assert await redis_client.ttl(mk.request(young)) == -1  # still kept whole, no expiry
+
+
+async def test_dead_letters_are_kept_until_retried_with_no_retention(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = QueueStore(redis_client, QueueDefaults(max_attempts=1, dead_letter_retention_seconds=0))
+    kept = await dead_letter(store, "kept")
+    await asyncio.sleep(1.1)
+    assert (await store.reap(MODEL)).dead_letters_deleted == 0
+    assert [r.id for r in await store.dead_letters(MODEL, 10)] == [kept]
 
 
 async def test_queue_timeout_expires_or_falls_back(store: QueueStore) -> None:

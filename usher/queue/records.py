@@ -54,6 +54,8 @@ class QueueDefaults:
     lease_ms: int = 30_000
     parallel: int = 1
     result_ttl_seconds: int = 86_400
+    #: How long a dead letter waits to be retried before it is deleted; 0 = for ever.
+    dead_letter_retention_seconds: int = 7 * 86_400
     idempotency_ttl_seconds: int = 86_400
     priority_lead: float = fairness.DEFAULT_PRIORITY_LEAD
     default_output_tokens: float = 256.0

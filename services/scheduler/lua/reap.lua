@@ -1,11 +1,11 @@
 -- Return requests whose lease expired to their original place, and end (or hand to the
 -- external provider) requests whose queue timeout or deadline passed.
 -- KEYS[1] queue (declares the slot)
--- ARGV: 1 base, 2 now, 3 batch limit, 4 ttl s
+-- ARGV: 1 base, 2 now, 3 batch limit, 4 ttl s, 5 dead-letter retention ms (0 = for ever)
 -- Returns {requeued, dead-lettered, expired, handed to external, {id, org, user, ...} of
--- the requests that ended}.
-local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local requeued, dead, expired, external = 0, 0, 0, 0
+-- the requests that ended, dead letters deleted}.
+local limit, ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5] or '0')
+local requeued, dead, expired, external, pruned = 0, 0, 0, 0, 0
 local ended = {}
 
 for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
@@ -71,4 +71,16 @@ for _, id in ipairs(redis.call('ZRANGE', K.deadlines, '-inf', NOW, 'BYSCORE', 'L
     end
   end
 end
-return {requeued, dead, expired, external, ended}
+-- Dead letters an operator left alone for the retention are deleted with their data (a
+-- dead letter's keys do not expire: it waits to be retried).
+if retention > 0 then
+  local old = redis.call('ZRANGE', K.dead_letters, '-inf', NOW - retention, 'BYSCORE', 'LIMIT', 0, limit)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', K.dead_letters, id)
+    if tonumber(redis.call('HGET', req_key(id), 'state')) == FAILED then
+      redis.call('DEL', req_key(id), req_owners_key(id), req_events_key(id))
+    end
+    pruned = pruned + 1
+  end
+end
+return {requeued, dead, expired, external, ended, pruned}
