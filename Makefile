@@ -62,7 +62,7 @@ lint: $(DEV)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/vulture services usher clients bench tests vulture_whitelist.py --exclude usher/v1 --min-confidence 60 --ignore-decorators "@field_validator,@model_validator"
+	$(VENV)/bin/vulture services usher clients bench tests vulture_whitelist.py --exclude usher/v1,buf --min-confidence 60 --ignore-decorators "@field_validator,@model_validator"
 	$(VENV)/bin/buf lint
 	./scripts/buf_breaking.sh
 	./scripts/gen_protos.sh --check

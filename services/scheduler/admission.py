@@ -1,7 +1,10 @@
 """What the scheduler checks and derives from a Submit before touching Redis (pure).
 
-``validate_submit`` names every bad field; ``fingerprint`` identifies requests that may
-share one answer; ``prompt_characters`` feeds the token-cost estimate.
+``validate_submit`` names every bad field: the simple rules declared on the fields in
+proto/ (``buf.validate``: required, lengths, ranges, defined enum values), checked with
+protovalidate, then the rules across fields and against this server's limits, here.
+``fingerprint`` identifies requests that may share one answer; ``prompt_characters`` feeds
+the token-cost estimate.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
+import protovalidate
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -26,6 +29,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MODEL_NAME",
     "AdmissionLimits",
+    "declared_violations",
     "fingerprint",
     "fleet_name",
     "input_sizes",
@@ -40,15 +44,9 @@ __all__ = [
 #: Ollama-style names: "llama3.2", "qwen2.5:0.5b", "library/model:tag", "hf.co/org/repo:Q4".
 #: Braces are excluded because the name becomes a Redis Cluster hash tag.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}(:[A-Za-z0-9._\-]{1,100})?")
-_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
-_ROLES = {"system", "user", "assistant", "tool"}
-_MAX_LABELS = 32
-_MAX_LABEL_VALUE = 256
-_MAX_TRACEPARENT = 256
 #: Deepest nesting of tools, options.extra and structured messages (each level a Struct,
 #: a Value or a list): deeper JSON is refused rather than recursed through.
 MAX_JSON_DEPTH = 64
-_MAX_QUEUE_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +119,8 @@ def _check_format(field: str, value: str, out: list[FieldViolation]) -> None:
 
 def _check_model(model: str, limits: AdmissionLimits, out: list[FieldViolation]) -> None:
     if not model:
-        out.append(FieldViolation("model", "is required"))
-    elif not MODEL_NAME.fullmatch(model):
+        return  # required: a declared rule
+    if not MODEL_NAME.fullmatch(model):
         out.append(
             FieldViolation(
                 "model", f"{model[:80]!r} is not a model name like 'llama3.2' or 'qwen2.5:0.5b'"
@@ -134,15 +132,6 @@ def _check_model(model: str, limits: AdmissionLimits, out: list[FieldViolation])
 
 def _check_chat(chat: request_pb2.ChatInput, out: list[FieldViolation]) -> None:
     messages = chat.messages
-    if not messages:
-        out.append(FieldViolation("chat.messages", "must not be empty"))
-    for i, message in enumerate(messages):
-        if message.role not in _ROLES:
-            out.append(
-                FieldViolation(
-                    f"chat.messages[{i}].role", f"must be one of {', '.join(sorted(_ROLES))}"
-                )
-            )
     if messages and not any(m.content.strip() or m.images for m in messages):
         out.append(FieldViolation("chat.messages", "every message is empty"))
     _check_format("chat.format", chat.format, out)
@@ -150,22 +139,16 @@ def _check_chat(chat: request_pb2.ChatInput, out: list[FieldViolation]) -> None:
 
 def _check_input(submit: scheduler_pb2.SubmitRequest, out: list[FieldViolation]) -> None:
     kind = submit.WhichOneof("input")
-    if kind is None:
-        out.append(FieldViolation("input", "one of chat, generate or embed is required"))
-    elif kind == "chat":
+    if kind == "chat":
         _check_chat(submit.chat, out)
     elif kind == "generate":
         if not submit.generate.prompt.strip() and not submit.generate.images:
             out.append(FieldViolation("generate.prompt", "must not be empty"))
         _check_format("generate.format", submit.generate.format, out)
-    else:
-        if not submit.embed.input:
-            out.append(FieldViolation("embed.input", "must not be empty"))
+    elif kind == "embed":
         for i, text in enumerate(submit.embed.input):
             if not text.strip():
                 out.append(FieldViolation(f"embed.input[{i}]", "must not be empty"))
-        if submit.embed.dimensions < 0:
-            out.append(FieldViolation("embed.dimensions", "must not be negative"))
 
 
 def _check_size(
@@ -186,61 +169,12 @@ def _check_size(
         )
 
 
-def _check_serving(
+def _check_deadline(
     submit: scheduler_pb2.SubmitRequest, now_seconds: float, out: list[FieldViolation]
 ) -> None:
-    if submit.priority not in request_pb2.Priority.values():
-        out.append(FieldViolation("priority", f"{submit.priority} is not a priority class (0-5)"))
-    if submit.fallback_policy not in request_pb2.FallbackPolicy.values():
-        out.append(
-            FieldViolation(
-                "fallback_policy", f"{submit.fallback_policy} is not a fallback policy (0-3)"
-            )
-        )
-    if submit.idempotency_key and not _IDEMPOTENCY_KEY.fullmatch(submit.idempotency_key):
-        out.append(
-            FieldViolation(
-                "idempotency_key", "must be 1-128 printable ASCII characters without spaces"
-            )
-        )
-    if submit.HasField("queue_timeout"):
-        timeout = submit.queue_timeout.ToTimedelta()
-        if timeout <= timedelta(0) or timeout > _MAX_QUEUE_TIMEOUT:
-            out.append(FieldViolation("queue_timeout", "must be positive and at most 24h"))
-    if submit.HasField("request_timeout"):
-        limit = submit.request_timeout.ToTimedelta()
-        if limit <= timedelta(0) or limit > _MAX_QUEUE_TIMEOUT:
-            out.append(FieldViolation("request_timeout", "must be positive and at most 24h"))
+    # Against the caller's clock reading (now_seconds), so it is no declared rule.
     if submit.HasField("deadline") and submit.deadline.ToMicroseconds() / 1e6 <= now_seconds:
         out.append(FieldViolation("deadline", "is already past"))
-
-
-def _check_options(options: request_pb2.GenerationOptions, out: list[FieldViolation]) -> None:
-    if options.HasField("temperature") and not 0 <= options.temperature <= 100:
-        out.append(FieldViolation("options.temperature", "must be between 0 and 100"))
-    if options.HasField("num_predict") and options.num_predict < -2:
-        out.append(FieldViolation("options.num_predict", "must be -2, -1 or a token count"))
-    if options.HasField("num_ctx") and options.num_ctx <= 0:
-        out.append(FieldViolation("options.num_ctx", "must be positive"))
-    if options.HasField("top_p") and not 0 <= options.top_p <= 1:
-        out.append(FieldViolation("options.top_p", "must be between 0 and 1"))
-    if options.HasField("top_k") and options.top_k < 0:
-        out.append(FieldViolation("options.top_k", "must not be negative"))
-
-
-def _check_labels(labels: Mapping[str, str], out: list[FieldViolation]) -> None:
-    if len(labels) > _MAX_LABELS:
-        out.append(FieldViolation("labels", f"at most {_MAX_LABELS} labels"))
-    for key, value in labels.items():
-        if not key or len(key) > 63:
-            out.append(FieldViolation(f"labels[{key[:20]}]", "keys must be 1-63 characters"))
-        if len(value) > _MAX_LABEL_VALUE:
-            # Labels stay with the request's metadata for the result TTL: they must be small.
-            out.append(
-                FieldViolation(
-                    f"labels[{key[:20]}]", f"values must be at most {_MAX_LABEL_VALUE} characters"
-                )
-            )
 
 
 def _json_problem(value: Message, depth: int = 0) -> str:
@@ -269,21 +203,37 @@ def validate_submit(
     submit: scheduler_pb2.SubmitRequest, limits: AdmissionLimits, now_seconds: float
 ) -> list[FieldViolation]:
     """Every problem with a Submit, each naming its field. Empty means valid."""
-    out: list[FieldViolation] = []
+    out = declared_violations(submit)
     _check_model(submit.model, limits, out)
     _check_input(submit, out)
     _check_size(submit, limits, out)
-    _check_serving(submit, now_seconds, out)
-    _check_options(submit.options, out)
-    _check_labels(submit.labels, out)
+    _check_deadline(submit, now_seconds, out)
     for name in ("options", submit.WhichOneof("input")):
         if name and submit.HasField(name):
             problem = _json_problem(getattr(submit, name))
             if problem:
                 out.append(FieldViolation(name, problem))
-    if len(submit.traceparent) > _MAX_TRACEPARENT:
-        out.append(FieldViolation("traceparent", f"at most {_MAX_TRACEPARENT} characters"))
     return out
+
+
+def declared_violations(message: Message) -> list[FieldViolation]:
+    """The message's fields that break the rules proto/ declares on them (protovalidate),
+    each named by its path: ``options.temperature``, ``chat.messages[0].role``,
+    ``labels[key]``."""
+    return [
+        FieldViolation(_path(violation.proto.field), violation.proto.message)
+        for violation in protovalidate.collect_violations(message)
+    ]
+
+
+def _path(field: protovalidate.FieldPathPb | None) -> str:
+    parts = []
+    for element in field.elements if field is not None else ():
+        subscript = element.subscript
+        # A map key or list index; a key is cut short (it is the caller's text).
+        index = "" if subscript is None else f"[{str(subscript.value)[:20]}]"
+        parts.append(f"{element.field_name}{index}")
+    return ".".join(parts)
 
 
 def fleet_name(model: str, known: Collection[str]) -> str | None:

@@ -22,54 +22,73 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16usher/v1/request.proto\x12\x08usher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x06Tenant\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x14\n\x0corganization\x18\x02 \x01(\t\"<\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\t\"l\n\tChatInput\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.usher.v1.ChatMessage\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12&\n\x05tools\x18\x03 \x03(\x0b\x32\x17.google.protobuf.Struct\"l\n\rGenerateInput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06system\x18\x02 \x01(\t\x12\x0e\n\x06suffix\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\t\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x0b\n\x03raw\x18\x06 \x01(\x08\"A\n\nEmbedInput\x12\r\n\x05input\x18\x01 \x03(\t\x12\x10\n\x08truncate\x18\x02 \x01(\x08\x12\x12\n\ndimensions\x18\x03 \x01(\x05\"\x97\x02\n\x11GenerationOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0bnum_predict\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x07num_ctx\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12&\n\x05\x65xtra\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x0e\n\x0c_num_predictB\n\n\x08_num_ctxB\x08\n\x06_top_pB\x08\n\x06_top_k\"7\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x14\n\x0cqueue_length\x18\x02 \x01(\x03\"Z\n\x08\x45taRange\x12&\n\x03min\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdb\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12-\n\nqueue_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nprocessing\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\'\n\x04load\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xba\x01\n\rRequestResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\nembeddings\x18\x03 \x03(\x0b\x32\x13.usher.v1.Embedding\x12\x13\n\x0b\x64one_reason\x18\x04 \x01(\t\x12\x17\n\x0fserved_by_model\x18\x05 \x01(\t\x12\x1a\n\x12served_by_instance\x18\x06 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xdf\x06\n\nLlmRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.usher.v1.RequestKind\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.usher.v1.RequestState\x12 \n\x06tenant\x18\x05 \x01(\x0b\x32\x10.usher.v1.Tenant\x12$\n\x08priority\x18\x06 \x01(\x0e\x32\x12.usher.v1.Priority\x12\x31\n\x0f\x66\x61llback_policy\x18\x07 \x01(\x0e\x32\x18.usher.v1.FallbackPolicy\x12\x1e\n\x05route\x18\x08 \x01(\x0e\x32\x0f.usher.v1.Route\x12)\n\x08position\x18\t \x01(\x0b\x32\x17.usher.v1.QueuePosition\x12\x1f\n\x03\x65ta\x18\n \x01(\x0b\x32\x12.usher.v1.EtaRange\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rqueue_timeout\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12\'\n\x06result\x18\x12 \x01(\x0b\x32\x17.usher.v1.RequestResult\x12\x1e\n\x05usage\x18\x13 \x01(\x0b\x32\x0f.usher.v1.Usage\x12\x17\n\x0fidempotency_key\x18\x14 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x15 \x01(\x08\x12\x30\n\x06labels\x18\x16 \x03(\x0b\x32 .usher.v1.LlmRequest.LabelsEntry\x12\x14\n\x0croute_reason\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*u\n\x0bRequestKind\x12\x1c\n\x18REQUEST_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_KIND_CHAT\x10\x01\x12\x19\n\x15REQUEST_KIND_GENERATE\x10\x02\x12\x16\n\x12REQUEST_KIND_EMBED\x10\x03*\xd1\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REQUEST_STATE_QUEUED\x10\x01\x12\x19\n\x15REQUEST_STATE_RUNNING\x10\x02\x12\x1b\n\x17REQUEST_STATE_COMPLETED\x10\x03\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x04\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x05\x12\x19\n\x15REQUEST_STATE_EXPIRED\x10\x06*\x89\x01\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11PRIORITY_CRITICAL\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02\x12\x13\n\x0fPRIORITY_NORMAL\x10\x03\x12\x10\n\x0cPRIORITY_LOW\x10\x04\x12\x12\n\x0ePRIORITY_BATCH\x10\x05*\x8e\x01\n\x0e\x46\x61llbackPolicy\x12\x1f\n\x1b\x46\x41LLBACK_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41LLBACK_POLICY_NONE\x10\x01\x12!\n\x1d\x46\x41LLBACK_POLICY_AFTER_TIMEOUT\x10\x02\x12\x1e\n\x1a\x46\x41LLBACK_POLICY_LOCAL_ONLY\x10\x03*C\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROUTE_LOCAL\x10\x01\x12\x12\n\x0eROUTE_EXTERNAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16usher/v1/request.proto\x12\x08usher.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x06Tenant\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x14\n\x0corganization\x18\x02 \x01(\t\"b\n\x0b\x43hatMessage\x12\x32\n\x04role\x18\x01 \x01(\tB$\xbaH!r\x1fR\x06systemR\x04userR\tassistantR\x04tool\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\t\"v\n\tChatInput\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x15.usher.v1.ChatMessageB\x08\xbaH\x05\x92\x01\x02\x08\x01\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12&\n\x05tools\x18\x03 \x03(\x0b\x32\x17.google.protobuf.Struct\"l\n\rGenerateInput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06system\x18\x02 \x01(\t\x12\x0e\n\x06suffix\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\t\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x0b\n\x03raw\x18\x06 \x01(\x08\"T\n\nEmbedInput\x12\x17\n\x05input\x18\x01 \x03(\tB\x08\xbaH\x05\x92\x01\x02\x08\x01\x12\x10\n\x08truncate\x18\x02 \x01(\x08\x12\x1b\n\ndimensions\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\"\xed\x02\n\x11GenerationOptions\x12\x31\n\x0btemperature\x18\x01 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00Y@)\x00\x00\x00\x00\x00\x00\x00\x00H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12*\n\x0bnum_predict\x18\x03 \x01(\x05\x42\x10\xbaH\r\x1a\x0b(\xfe\xff\xff\xff\xff\xff\xff\xff\xff\x01H\x02\x88\x01\x01\x12\x1d\n\x07num_ctx\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02 \x00H\x03\x88\x01\x01\x12+\n\x05top_p\x18\x05 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00H\x04\x88\x01\x01\x12\x1b\n\x05top_k\x18\x06 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12&\n\x05\x65xtra\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x0e\n\x0c_num_predictB\n\n\x08_num_ctxB\x08\n\x06_top_pB\x08\n\x06_top_k\"7\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x14\n\x0cqueue_length\x18\x02 \x01(\x03\"Z\n\x08\x45taRange\x12&\n\x03min\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdb\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12-\n\nqueue_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nprocessing\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\'\n\x04load\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xba\x01\n\rRequestResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\nembeddings\x18\x03 \x03(\x0b\x32\x13.usher.v1.Embedding\x12\x13\n\x0b\x64one_reason\x18\x04 \x01(\t\x12\x17\n\x0fserved_by_model\x18\x05 \x01(\t\x12\x1a\n\x12served_by_instance\x18\x06 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xdf\x06\n\nLlmRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.usher.v1.RequestKind\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.usher.v1.RequestState\x12 \n\x06tenant\x18\x05 \x01(\x0b\x32\x10.usher.v1.Tenant\x12$\n\x08priority\x18\x06 \x01(\x0e\x32\x12.usher.v1.Priority\x12\x31\n\x0f\x66\x61llback_policy\x18\x07 \x01(\x0e\x32\x18.usher.v1.FallbackPolicy\x12\x1e\n\x05route\x18\x08 \x01(\x0e\x32\x0f.usher.v1.Route\x12)\n\x08position\x18\t \x01(\x0b\x32\x17.usher.v1.QueuePosition\x12\x1f\n\x03\x65ta\x18\n \x01(\x0b\x32\x12.usher.v1.EtaRange\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rqueue_timeout\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12\'\n\x06result\x18\x12 \x01(\x0b\x32\x17.usher.v1.RequestResult\x12\x1e\n\x05usage\x18\x13 \x01(\x0b\x32\x0f.usher.v1.Usage\x12\x17\n\x0fidempotency_key\x18\x14 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x15 \x01(\x08\x12\x30\n\x06labels\x18\x16 \x03(\x0b\x32 .usher.v1.LlmRequest.LabelsEntry\x12\x14\n\x0croute_reason\x18\x17 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*u\n\x0bRequestKind\x12\x1c\n\x18REQUEST_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_KIND_CHAT\x10\x01\x12\x19\n\x15REQUEST_KIND_GENERATE\x10\x02\x12\x16\n\x12REQUEST_KIND_EMBED\x10\x03*\xd1\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REQUEST_STATE_QUEUED\x10\x01\x12\x19\n\x15REQUEST_STATE_RUNNING\x10\x02\x12\x1b\n\x17REQUEST_STATE_COMPLETED\x10\x03\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x04\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x05\x12\x19\n\x15REQUEST_STATE_EXPIRED\x10\x06*\x89\x01\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11PRIORITY_CRITICAL\x10\x01\x12\x11\n\rPRIORITY_HIGH\x10\x02\x12\x13\n\x0fPRIORITY_NORMAL\x10\x03\x12\x10\n\x0cPRIORITY_LOW\x10\x04\x12\x12\n\x0ePRIORITY_BATCH\x10\x05*\x8e\x01\n\x0e\x46\x61llbackPolicy\x12\x1f\n\x1b\x46\x41LLBACK_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41LLBACK_POLICY_NONE\x10\x01\x12!\n\x1d\x46\x41LLBACK_POLICY_AFTER_TIMEOUT\x10\x02\x12\x1e\n\x1a\x46\x41LLBACK_POLICY_LOCAL_ONLY\x10\x03*C\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROUTE_LOCAL\x10\x01\x12\x12\n\x0eROUTE_EXTERNAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usher.v1.request_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CHATMESSAGE'].fields_by_name['role']._loaded_options = None
+  _globals['_CHATMESSAGE'].fields_by_name['role']._serialized_options = b'\272H!r\037R\006systemR\004userR\tassistantR\004tool'
+  _globals['_CHATINPUT'].fields_by_name['messages']._loaded_options = None
+  _globals['_CHATINPUT'].fields_by_name['messages']._serialized_options = b'\272H\005\222\001\002\010\001'
+  _globals['_EMBEDINPUT'].fields_by_name['input']._loaded_options = None
+  _globals['_EMBEDINPUT'].fields_by_name['input']._serialized_options = b'\272H\005\222\001\002\010\001'
+  _globals['_EMBEDINPUT'].fields_by_name['dimensions']._loaded_options = None
+  _globals['_EMBEDINPUT'].fields_by_name['dimensions']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_GENERATIONOPTIONS'].fields_by_name['temperature']._loaded_options = None
+  _globals['_GENERATIONOPTIONS'].fields_by_name['temperature']._serialized_options = b'\272H\024\022\022\031\000\000\000\000\000\000Y@)\000\000\000\000\000\000\000\000'
+  _globals['_GENERATIONOPTIONS'].fields_by_name['num_predict']._loaded_options = None
+  _globals['_GENERATIONOPTIONS'].fields_by_name['num_predict']._serialized_options = b'\272H\r\032\013(\376\377\377\377\377\377\377\377\377\001'
+  _globals['_GENERATIONOPTIONS'].fields_by_name['num_ctx']._loaded_options = None
+  _globals['_GENERATIONOPTIONS'].fields_by_name['num_ctx']._serialized_options = b'\272H\004\032\002 \000'
+  _globals['_GENERATIONOPTIONS'].fields_by_name['top_p']._loaded_options = None
+  _globals['_GENERATIONOPTIONS'].fields_by_name['top_p']._serialized_options = b'\272H\024\022\022\031\000\000\000\000\000\000\360?)\000\000\000\000\000\000\000\000'
+  _globals['_GENERATIONOPTIONS'].fields_by_name['top_k']._loaded_options = None
+  _globals['_GENERATIONOPTIONS'].fields_by_name['top_k']._serialized_options = b'\272H\004\032\002(\000'
   _globals['_LLMREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LLMREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_REQUESTKIND']._serialized_start=2263
-  _globals['_REQUESTKIND']._serialized_end=2380
-  _globals['_REQUESTSTATE']._serialized_start=2383
-  _globals['_REQUESTSTATE']._serialized_end=2592
-  _globals['_PRIORITY']._serialized_start=2595
-  _globals['_PRIORITY']._serialized_end=2732
-  _globals['_FALLBACKPOLICY']._serialized_start=2735
-  _globals['_FALLBACKPOLICY']._serialized_end=2877
-  _globals['_ROUTE']._serialized_start=2879
-  _globals['_ROUTE']._serialized_end=2946
-  _globals['_TENANT']._serialized_start=131
-  _globals['_TENANT']._serialized_end=175
-  _globals['_CHATMESSAGE']._serialized_start=177
-  _globals['_CHATMESSAGE']._serialized_end=237
-  _globals['_CHATINPUT']._serialized_start=239
-  _globals['_CHATINPUT']._serialized_end=347
-  _globals['_GENERATEINPUT']._serialized_start=349
-  _globals['_GENERATEINPUT']._serialized_end=457
-  _globals['_EMBEDINPUT']._serialized_start=459
-  _globals['_EMBEDINPUT']._serialized_end=524
-  _globals['_GENERATIONOPTIONS']._serialized_start=527
-  _globals['_GENERATIONOPTIONS']._serialized_end=806
-  _globals['_QUEUEPOSITION']._serialized_start=808
-  _globals['_QUEUEPOSITION']._serialized_end=863
-  _globals['_ETARANGE']._serialized_start=865
-  _globals['_ETARANGE']._serialized_end=955
-  _globals['_USAGE']._serialized_start=958
-  _globals['_USAGE']._serialized_end=1177
-  _globals['_REQUESTRESULT']._serialized_start=1180
-  _globals['_REQUESTRESULT']._serialized_end=1366
-  _globals['_EMBEDDING']._serialized_start=1368
-  _globals['_EMBEDDING']._serialized_end=1395
-  _globals['_LLMREQUEST']._serialized_start=1398
-  _globals['_LLMREQUEST']._serialized_end=2261
-  _globals['_LLMREQUEST_LABELSENTRY']._serialized_start=2216
-  _globals['_LLMREQUEST_LABELSENTRY']._serialized_end=2261
+  _globals['_REQUESTKIND']._serialized_start=2445
+  _globals['_REQUESTKIND']._serialized_end=2562
+  _globals['_REQUESTSTATE']._serialized_start=2565
+  _globals['_REQUESTSTATE']._serialized_end=2774
+  _globals['_PRIORITY']._serialized_start=2777
+  _globals['_PRIORITY']._serialized_end=2914
+  _globals['_FALLBACKPOLICY']._serialized_start=2917
+  _globals['_FALLBACKPOLICY']._serialized_end=3059
+  _globals['_ROUTE']._serialized_start=3061
+  _globals['_ROUTE']._serialized_end=3128
+  _globals['_TENANT']._serialized_start=160
+  _globals['_TENANT']._serialized_end=204
+  _globals['_CHATMESSAGE']._serialized_start=206
+  _globals['_CHATMESSAGE']._serialized_end=304
+  _globals['_CHATINPUT']._serialized_start=306
+  _globals['_CHATINPUT']._serialized_end=424
+  _globals['_GENERATEINPUT']._serialized_start=426
+  _globals['_GENERATEINPUT']._serialized_end=534
+  _globals['_EMBEDINPUT']._serialized_start=536
+  _globals['_EMBEDINPUT']._serialized_end=620
+  _globals['_GENERATIONOPTIONS']._serialized_start=623
+  _globals['_GENERATIONOPTIONS']._serialized_end=988
+  _globals['_QUEUEPOSITION']._serialized_start=990
+  _globals['_QUEUEPOSITION']._serialized_end=1045
+  _globals['_ETARANGE']._serialized_start=1047
+  _globals['_ETARANGE']._serialized_end=1137
+  _globals['_USAGE']._serialized_start=1140
+  _globals['_USAGE']._serialized_end=1359
+  _globals['_REQUESTRESULT']._serialized_start=1362
+  _globals['_REQUESTRESULT']._serialized_end=1548
+  _globals['_EMBEDDING']._serialized_start=1550
+  _globals['_EMBEDDING']._serialized_end=1577
+  _globals['_LLMREQUEST']._serialized_start=1580
+  _globals['_LLMREQUEST']._serialized_end=2443
+  _globals['_LLMREQUEST_LABELSENTRY']._serialized_start=2398
+  _globals['_LLMREQUEST_LABELSENTRY']._serialized_end=2443
 # @@protoc_insertion_point(module_scope)

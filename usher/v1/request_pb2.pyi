@@ -303,7 +303,9 @@ class GenerationOptions(_message.Message):
     temperature: _builtins.float
     seed: _builtins.int
     num_predict: _builtins.int
-    """Maximum tokens to generate; also caps the scheduler's cost estimate."""
+    """Maximum tokens to generate (-1: no limit, -2: fill the context); also caps the
+    scheduler's cost estimate.
+    """
     num_ctx: _builtins.int
     """Context window. A loaded model asked for another num_ctx reloads, so routing keys on it."""
     top_p: _builtins.float

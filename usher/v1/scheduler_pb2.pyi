@@ -23,6 +23,11 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class SubmitRequest(_message.Message):
+    """Simple rules (required, lengths, ranges) are declared on the fields (buf.validate) and
+    checked with protovalidate; rules across fields or against the server's settings are
+    services/scheduler/admission.py's. Either way INVALID_ARGUMENT names the field.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -59,6 +64,7 @@ class SubmitRequest(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """Ollama-style, e.g. "llama3.2" or "qwen2.5:0.5b"."""
     priority: _request_pb2.Priority.ValueType
     idempotency_key: _builtins.str
     """A retried Submit with the same key (per caller and model) returns the original request."""
@@ -82,7 +88,9 @@ class SubmitRequest(_message.Message):
         """After this instant the answer is useless: the request expires wherever it is."""
 
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 32; they stay with the request's metadata for the result TTL, so they are small."""
+
     @_builtins.property
     def request_timeout(self) -> _duration_pb2.Duration:
         """Longest the request may run once started (never longer than the serving instance's
