@@ -33,7 +33,7 @@ from services.pool.config import load_pool_settings
 from services.scheduler.app import SchedulerApp
 from services.scheduler.settings import SchedulerSettings
 from usher import eventloop, tracing
-from usher.config import ConfigError, env_str
+from usher.config import ConfigError
 from usher.inprocess import LocalChannel
 from usher.logs import configure_logging, get_logger
 from usher.production import require_production_ready
@@ -66,12 +66,12 @@ def serve_environment(environ: Mapping[str, str]) -> dict[str, str]:
     minted for this process's own calls when ``USHER_SERVICE_TOKEN`` is unset."""
     env = dict(environ)
     for listen, (address, default) in _LISTEN.items():
-        env[address] = dial_address(env_str(listen, default, environ))
-    if not env_str("USHER_SERVICE_TOKEN", "", environ):
+        env[address] = dial_address(environ.get(listen, "").strip() or default)
+    if not environ.get("USHER_SERVICE_TOKEN", "").strip():
         token = secrets.token_urlsafe(24)
         env["USHER_SERVICE_TOKEN"] = token
         own = f"{token}=usher@serve:service"
-        tokens = env_str("USHER_API_TOKENS", "", environ)
+        tokens = environ.get("USHER_API_TOKENS", "").strip()
         env["USHER_API_TOKENS"] = f"{tokens},{own}" if tokens else own
     return env
 

@@ -41,6 +41,11 @@ SETTINGS_CLASSES = (
     ("services/notifier/app.py", "NotifierSettings"),
     ("services/gateway/settings.py", "GatewaySettings"),
     ("usher/settings.py", "ServiceSettings"),
+    ("usher/auth.py", "AuthSettings"),
+    ("usher/tls.py", "TlsSettings"),
+    ("usher/crypto.py", "EncryptionSettings"),
+    ("usher/server.py", "ConnectionSettings"),
+    ("usher/metrics.py", "MetricsSettings"),
 )
 SETTINGS_MODULES = frozenset(module for module, _ in SETTINGS_CLASSES)
 #: Functions (of those modules) that only parse, validate or serialize settings: a field used only there acts

@@ -26,19 +26,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+from pydantic import Field
 
-from usher.config import ConfigError, env_bool, env_str
-from usher.errors import PermissionDenied, Unauthenticated
-from usher.keys import tenant_id
+from usher.config import ConfigError
+from usher.errors import Unauthenticated
+from usher.principals import ADMIN_ROLE, Principal
+from usher.settings import UsherSettings
 
 __all__ = [
     "ADMIN_ROLE",
     "OPEN_ORGANIZATION",
     "SERVICE_ROLE",
+    "AuthSettings",
     "Authenticator",
     "JwtVerifier",
     "Principal",
@@ -48,31 +51,30 @@ __all__ = [
     "parse_token_map",
 ]
 
-ADMIN_ROLE = "admin"
 #: The role of Usher's own services calling each other.
 SERVICE_ROLE = "service"
 #: The organization of callers admitted by open access (no key, or an unknown one).
 OPEN_ORGANIZATION = "local"
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    user: str
-    organization: str
-    roles: frozenset[str] = field(default_factory=frozenset)
+class AuthSettings(UsherSettings):
+    """The credentials every service and the gateway accept (see the module docstring)."""
 
-    @property
-    def tenant(self) -> str:
-        """The "org/user" identity that owns requests and fairness flows (keys.tenant_id)."""
-        return tenant_id(self.organization, self.user)
-
-    @property
-    def is_admin(self) -> bool:
-        return ADMIN_ROLE in self.roles
-
-    def require_admin(self) -> None:
-        if not self.is_admin:
-            raise PermissionDenied("this method needs the admin role")
+    #: ``token=user@org[:role+role],...``
+    api_tokens: str = ""
+    #: The same lines in a file (e.g. a mounted Secret), added to ``api_tokens``.
+    api_tokens_file: str = ""
+    #: HS256 key; or ``jwt_public_key`` (RS256, PEM text or a path), not both.
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_org_claim: str = Field("org", min_length=1)
+    jwt_roles_claim: str = Field("roles", min_length=1)
+    #: Open access for one trusted machine; refused in production.
+    auth_open: bool = False
+    #: Production mode (usher.production): open access and weak secrets are refused.
+    production: bool = False
 
 
 def parse_token_map(spec: str) -> dict[str, Principal]:
@@ -94,8 +96,8 @@ def parse_token_map(spec: str) -> dict[str, Principal]:
 
 def load_token_map(env: Mapping[str, str] | None = None) -> dict[str, Principal]:
     """API keys from USHER_API_TOKENS and the file named by USHER_API_TOKENS_FILE."""
-    spec = env_str("USHER_API_TOKENS", "", env)
-    path = env_str("USHER_API_TOKENS_FILE", "", env)
+    settings = AuthSettings.from_env(env)
+    spec, path = settings.api_tokens, settings.api_tokens_file
     if path:
         try:
             text = Path(path).read_text()
@@ -119,8 +121,12 @@ class JwtVerifier:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> JwtVerifier | None:
-        secret = env_str("USHER_JWT_SECRET", "", env)
-        public = env_str("USHER_JWT_PUBLIC_KEY", "", env)
+        return cls.from_settings(AuthSettings.from_env(env))
+
+    @classmethod
+    def from_settings(cls, settings: AuthSettings) -> JwtVerifier | None:
+        """The verifier the settings describe; None without a JWT key."""
+        secret, public = settings.jwt_secret, settings.jwt_public_key
         if secret and public:
             raise ConfigError(
                 "set USHER_JWT_SECRET (HS256) or USHER_JWT_PUBLIC_KEY (RS256), not both"
@@ -135,10 +141,10 @@ class JwtVerifier:
         return cls(
             key=secret or public,
             algorithm="HS256" if secret else "RS256",
-            audience=env_str("USHER_JWT_AUDIENCE", "", env),
-            issuer=env_str("USHER_JWT_ISSUER", "", env),
-            org_claim=env_str("USHER_JWT_ORG_CLAIM", "org", env),
-            roles_claim=env_str("USHER_JWT_ROLES_CLAIM", "roles", env),
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            org_claim=settings.jwt_org_claim,
+            roles_claim=settings.jwt_roles_claim,
         )
 
     def verify(self, token: str) -> Principal:
@@ -210,13 +216,13 @@ class Authenticator:
 
 def open_access_from_env(env: Mapping[str, str] | None = None) -> bool:
     """USHER_AUTH_OPEN, refused when USHER_PRODUCTION is set."""
-    open_access = env_bool("USHER_AUTH_OPEN", False, env)
-    if open_access and env_bool("USHER_PRODUCTION", False, env):
+    settings = AuthSettings.from_env(env)
+    if settings.auth_open and settings.production:
         raise ConfigError(
             "USHER_AUTH_OPEN=true admits anyone and is refused in production "
             "(USHER_PRODUCTION=true)"
         )
-    return open_access
+    return settings.auth_open
 
 
 def open_principal(key: str) -> Principal:

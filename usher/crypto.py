@@ -18,9 +18,10 @@ from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from usher.config import ConfigError, env_str
+from usher.config import ConfigError
+from usher.settings import UsherSettings
 
-__all__ = ["NullSealer", "Sealer", "sealer_from_env"]
+__all__ = ["EncryptionSettings", "NullSealer", "Sealer", "sealer_from_env"]
 
 _MAGIC = b"ug1"
 _TEXT_PREFIX = "enc:"
@@ -78,8 +79,18 @@ class Sealer(NullSealer):
         return self.open(base64.b64decode(text[len(_TEXT_PREFIX) :]), request_id).decode()
 
 
+class EncryptionSettings(UsherSettings):
+    """Keys that seal prompts and results at rest; none = stored in the clear."""
+
+    #: ``kid:<base64 of 32 bytes>,...``; every key opens, the active one seals.
+    encryption_keys: str = ""
+    #: The kid that seals; the first key's when empty.
+    encryption_key_id: str = ""
+
+
 def sealer_from_env(env: Mapping[str, str] | None = None) -> NullSealer:
-    spec = env_str("USHER_ENCRYPTION_KEYS", "", env)
+    settings = EncryptionSettings.from_env(env)
+    spec = settings.encryption_keys
     if not spec:
         return NullSealer()
     keys: dict[str, bytes] = {}
@@ -94,5 +105,4 @@ def sealer_from_env(env: Mapping[str, str] | None = None) -> NullSealer:
                 f"USHER_ENCRYPTION_KEYS entry {kid or '?'!r}: expected kid:<base64 of 32 bytes>"
             )
         keys[kid] = key
-    active = env_str("USHER_ENCRYPTION_KEY_ID", next(iter(keys)), env)
-    return Sealer(keys, active)
+    return Sealer(keys, settings.encryption_key_id or next(iter(keys)))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from usher.config import env_str
+from usher.settings import UsherSettings
 
 __all__ = [
     "CIRCUIT_STATE",
@@ -35,6 +35,7 @@ __all__ = [
     "TIME_TO_FIRST_TOKEN",
     "WATCHERS",
     "WATCH_UPDATES",
+    "MetricsSettings",
     "metrics_host",
     "serve_metrics",
 ]
@@ -136,11 +137,16 @@ FANOUT_LAG = Histogram(
 )
 
 
+class MetricsSettings(UsherSettings):
+    #: The host /metrics listens on; empty = the host of the service's own address.
+    metrics_host: str = ""
+
+
 def metrics_host(listen: str, env: Mapping[str, str] | None = None) -> str:
     """Where /metrics listens: ``USHER_METRICS_HOST`` when set, else the host of the
     service's own address (``listen``), so a service kept on loopback keeps its metrics
     there too."""
-    explicit = env_str("USHER_METRICS_HOST", "", env)
+    explicit = MetricsSettings.from_env(env).metrics_host
     if explicit:
         return explicit.strip("[]")
     host = listen.rpartition(":")[0].strip("[]")

@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
-from usher.auth import load_token_map
-from usher.config import ConfigError, env_bool, env_str
+from usher.auth import AuthSettings, load_token_map
+from usher.config import ConfigError
 
 __all__ = ["MIN_SECRET_LENGTH", "PLACEHOLDER", "require_production_ready", "secret_problems"]
 
@@ -58,13 +58,12 @@ def secret_problems(env: Mapping[str, str]) -> list[str]:
             problems.append(
                 f"{where} has {len(value)} characters, at least {MIN_SECRET_LENGTH} are needed"
             )
-    has_tokens = bool(
-        env_str("USHER_API_TOKENS", "", env) or env_str("USHER_API_TOKENS_FILE", "", env)
-    )
-    has_jwt = bool(env_str("USHER_JWT_SECRET", "", env) or env_str("USHER_JWT_PUBLIC_KEY", "", env))
+    auth = AuthSettings.from_env(env)
+    has_tokens = bool(auth.api_tokens or auth.api_tokens_file)
+    has_jwt = bool(auth.jwt_secret or auth.jwt_public_key)
     if not has_tokens and not has_jwt:
         problems.append("no credentials: set USHER_API_TOKENS(_FILE) or USHER_JWT_*")
-    if env_bool("USHER_AUTH_OPEN", False, env):
+    if auth.auth_open:
         problems.append("USHER_AUTH_OPEN=true admits anyone (usher/auth.py)")
     return problems
 
@@ -72,7 +71,7 @@ def secret_problems(env: Mapping[str, str]) -> list[str]:
 def require_production_ready(env: Mapping[str, str] | None = None) -> None:
     """Raise ConfigError naming every problem when ``USHER_PRODUCTION`` is true."""
     env = os.environ if env is None else env
-    if not env_bool("USHER_PRODUCTION", False, env):
+    if not AuthSettings.from_env(env).production:
         return
     problems = secret_problems(env)
     if problems:

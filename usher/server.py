@@ -14,17 +14,25 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import Field
 
 from usher import eventloop, metrics, tracing
-from usher.config import ConfigError, env_float
+from usher.config import ConfigError
 from usher.errors import ErrorMappingInterceptor
 from usher.grpc_types import MethodHandler
 from usher.logs import configure_logging, get_logger
 from usher.production import require_production_ready
 from usher.readiness import READINESS_SERVICE
+from usher.settings import UsherSettings
 from usher.tls import ServerTls
 
-__all__ = ["GrpcServer", "Registration", "connection_age_options", "run_service"]
+__all__ = [
+    "ConnectionSettings",
+    "GrpcServer",
+    "Registration",
+    "connection_age_options",
+    "run_service",
+]
 
 log = get_logger(__name__)
 
@@ -36,21 +44,26 @@ DEFAULT_MAX_CONNECTION_AGE_SECONDS = 60.0
 DEFAULT_MAX_CONNECTION_AGE_GRACE_SECONDS = 300.0
 
 
+class ConnectionSettings(UsherSettings):
+    """How long a client connection to a gRPC service lasts (every service reads them)."""
+
+    #: 0 = no limit.
+    grpc_max_connection_age_seconds: float = Field(DEFAULT_MAX_CONNECTION_AGE_SECONDS, ge=0)
+    grpc_max_connection_age_grace_seconds: float = Field(
+        DEFAULT_MAX_CONNECTION_AGE_GRACE_SECONDS, ge=0
+    )
+
+
 def connection_age_options(
     env: Mapping[str, str] | None = None,
 ) -> list[tuple[str, int]]:
     """gRPC server options from USHER_GRPC_MAX_CONNECTION_AGE_SECONDS (0 = no limit) and
     USHER_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS."""
-    age = env_float(
-        "USHER_GRPC_MAX_CONNECTION_AGE_SECONDS", DEFAULT_MAX_CONNECTION_AGE_SECONDS, env
+    settings = ConnectionSettings.from_env(env)
+    age, grace = (
+        settings.grpc_max_connection_age_seconds,
+        settings.grpc_max_connection_age_grace_seconds,
     )
-    grace = env_float(
-        "USHER_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", DEFAULT_MAX_CONNECTION_AGE_GRACE_SECONDS, env
-    )
-    if age < 0 or grace < 0:
-        raise ConfigError(
-            "USHER_GRPC_MAX_CONNECTION_AGE_SECONDS and _GRACE_SECONDS must not be negative"
-        )
     if age == 0:
         return []
     return [

@@ -36,8 +36,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from usher.auth import Principal, load_token_map
 from usher.config import ConfigError
+from usher.principals import Principal
 
 __all__ = [
     "LogLevel",
@@ -224,5 +224,8 @@ class ServiceSettings(UsherSettings):
     def from_env(
         cls, env: Mapping[str, str] | None = None, *, file: SettingsFile | None = None, **given: Any
     ) -> Self:
-        # The API keys have their own syntax and file (usher.auth), shared with the gateway.
+        # The API keys have their own syntax and file (usher.auth, whose settings build on
+        # this module: imported here, where they are read).
+        from usher.auth import load_token_map
+
         return super().from_env(env, file=file, **{"tokens": load_token_map(env), **given})

@@ -28,8 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from usher.balancing import channel_target
-from usher.config import ConfigError, env_str
+from usher.config import ConfigError
 from usher.logs import get_logger
+from usher.settings import UsherSettings
 
 __all__ = [
     "KEEPALIVE",
@@ -37,6 +38,7 @@ __all__ = [
     "ClientTls",
     "ReloadingChannel",
     "ServerTls",
+    "TlsSettings",
     "key_pair_problem",
     "open_channel",
 ]
@@ -81,6 +83,20 @@ def key_pair_problem(cert: bytes, key: bytes) -> str | None:
     return None
 
 
+class TlsSettings(UsherSettings):
+    """Files (PEM) of the TLS between Usher's processes; empty = plaintext."""
+
+    #: A service's certificate and key, and the CA its clients' certificates must chain to
+    #: (mutual TLS) when set.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    #: What a caller trusts, and its own certificate and key for mutual TLS.
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+
+
 @dataclass(frozen=True)
 class ServerTls:
     cert: bytes
@@ -92,13 +108,17 @@ class ServerTls:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerTls | None:
-        cert = env_str("USHER_TLS_CERT", "", env)
-        key = env_str("USHER_TLS_KEY", "", env)
+        return cls.from_settings(TlsSettings.from_env(env))
+
+    @classmethod
+    def from_settings(cls, settings: TlsSettings) -> ServerTls | None:
+        """The server's certificate (and client CA), read from the files named; None when
+        the settings name none."""
+        cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
         if not cert and not key:
             return None
         if not cert or not key:
             raise ConfigError("USHER_TLS_CERT and USHER_TLS_KEY must be set together")
-        client_ca = env_str("USHER_TLS_CLIENT_CA", "", env)
         tls = cls(
             _read("USHER_TLS_CERT", cert),
             _read("USHER_TLS_KEY", key),
@@ -166,11 +186,15 @@ class ClientTls:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientTls | None:
-        ca = env_str("USHER_TLS_CA", "", env)
+        return cls.from_settings(TlsSettings.from_env(env))
+
+    @classmethod
+    def from_settings(cls, settings: TlsSettings) -> ClientTls | None:
+        """The CA to trust (and the client's own certificate) from the files named; None
+        when the settings name no CA."""
+        ca, cert, key = settings.tls_ca, settings.tls_client_cert, settings.tls_client_key
         if not ca:
             return None
-        cert = env_str("USHER_TLS_CLIENT_CERT", "", env)
-        key = env_str("USHER_TLS_CLIENT_KEY", "", env)
         if bool(cert) != bool(key):
             raise ConfigError("USHER_TLS_CLIENT_CERT and USHER_TLS_CLIENT_KEY must be set together")
         return cls(
