@@ -31,7 +31,7 @@ from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 from usher.waiters import Waiters
 
-__all__ = ["DispatchSettings", "Dispatcher", "ProgressBuffer"]
+__all__ = ["DispatchSettings", "Dispatcher", "ProgressBuffer", "ProgressWriter"]
 
 log = get_logger(__name__)
 
@@ -43,6 +43,8 @@ HEARTBEAT_STOP_SECONDS = 5.0
 RUN_LIMIT_MARGIN_SECONDS = 10.0
 #: Longest an idle loop sleeps unwoken (a safety net: work wakes loops one at a time).
 IDLE_REST_SECONDS = 1.0
+#: Most requests' progress written in one pipeline.
+PROGRESS_BATCH = 256
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
@@ -95,6 +97,7 @@ class Dispatcher:
             )
             pool = pool_pb2_grpc.PoolServiceStub(self._channel)
         self._pool = pool
+        self.progress = ProgressWriter(store)
         self._demand: tuple[float, dict[str, int], dict[str, int]] = (0.0, {}, {})
         #: Loops waiting in Reserve now, local and external: never more than there is work.
         self._reserving = {False: 0, True: 0}
@@ -262,7 +265,7 @@ class Dispatcher:
         started = time.monotonic()
         ended = asyncio.Event()
         watcher = asyncio.create_task(self._heartbeat(lease, ended))
-        progress = ProgressBuffer(self.store, lease, self.settings.token_flush_seconds)
+        progress = ProgressBuffer(self.progress, lease, self.settings.token_flush_seconds)
         runner = asyncio.create_task(self._consume(call, progress, lease, started))
         drain = asyncio.create_task(self._drain_deadline())
         done, _ = await asyncio.wait({watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED)
@@ -420,6 +423,51 @@ class Dispatcher:
         await self.store.finish(lease, FinishedWork(state=FAILED, error=details))
 
 
+class ProgressWriter:
+    """The progress writes of every request running here, coalesced: those due while a
+    write is under way go to Redis together in the next pipeline (up to PROGRESS_BATCH), so
+    hundreds of streams cost a few round trips per interval, not one each. One request's
+    writes stay in order (its buffer has one under way at a time)."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self._store = store
+        self._pending: list[tuple[Lease, list[ProgressEvent], asyncio.Future[bool]]] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    def write(self, lease: Lease, events: list[ProgressEvent]) -> asyncio.Future[bool]:
+        """Queue ``events`` for ``lease``'s stream; the future says whether the lease held
+        (or carries the Redis error)."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((lease, events, written))
+        if self._writing is None:
+            self._writing = loop.create_task(self._write_pending())
+        return written
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:PROGRESS_BATCH]
+                del self._pending[:PROGRESS_BATCH]
+                try:
+                    held = await self._store.progress_of_many([(ls, ev) for ls, ev, _ in batch])
+                except asyncio.CancelledError:
+                    for _, _, written in batch + self._pending:
+                        written.cancel()
+                    self._pending.clear()
+                    raise
+                except Exception as exc:  # each waiter hears of it
+                    for _, _, written in batch:
+                        if not written.done():
+                            written.set_exception(exc)
+                    continue
+                for (_, _, written), ok in zip(batch, held, strict=True):
+                    if not written.done():
+                        written.set_result(ok)
+        finally:
+            self._writing = None
+
+
 class ProgressBuffer:
     """Output on its way to a running request's stream, at most one write every
     ``interval`` seconds. Tokens go out at once when the last write is that old (the first
@@ -428,8 +476,8 @@ class ProgressBuffer:
     with the first tokens, and what is pending when the answer completes goes out in the
     same round trip as the completion: a short answer costs one script call, not three."""
 
-    def __init__(self, store: QueueStore, lease: Lease, interval: float) -> None:
-        self._store = store
+    def __init__(self, writer: ProgressWriter, lease: Lease, interval: float) -> None:
+        self._writer = writer
         self._lease = lease
         self._interval = interval
         self._started: ProgressEvent | None = None
@@ -437,7 +485,9 @@ class ProgressBuffer:
         self._count = 0
         self._last_write = -math.inf
         self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[bool] | None = None
+        #: A write is under way (until its outcome was handled): no second one, no timer.
+        self._writing = False
         self._closed = False
 
     def started(self, instance: str, served_model: str) -> None:
@@ -465,12 +515,11 @@ class ProgressBuffer:
         self._closed = True
         self._cancel_timer()
         if self._flushing is not None:
-            with contextlib.suppress(Exception):
-                await self._flushing
+            await asyncio.wait({self._flushing})  # landed or failed: either way, done
         return self.take()
 
     def _schedule(self, urgent: bool) -> None:
-        if self._closed or (self._flushing is not None and not self._flushing.done()):
+        if self._closed or self._writing:
             return  # the write under way schedules what arrived meanwhile when it ends
         loop = asyncio.get_running_loop()
         due = self._last_write + self._interval
@@ -490,19 +539,20 @@ class ProgressBuffer:
     def _fire(self) -> None:
         self._timer = None
         self._last_write = asyncio.get_running_loop().time()
-        self._flushing = asyncio.create_task(self._flush())
+        self._writing = True
+        self._flushing = self._writer.write(self._lease, self.take())
+        self._flushing.add_done_callback(self._written)
 
-    async def _flush(self) -> None:
-        try:
-            await self._store.progress_events(self._lease, self.take())
-        except Exception as exc:  # Redis away: the completion carries the output anyway
-            log.warning("progress not written", request_id=self._lease.request.id, error=str(exc))
-        finally:
-            if not self._closed and (self._started is not None or self._text):
-                # More arrived while writing: it goes out when the interval is up.
-                self._timer = asyncio.get_running_loop().call_at(
-                    self._last_write + self._interval, self._fire
-                )
+    def _written(self, written: asyncio.Future[bool]) -> None:
+        self._writing = False
+        if not written.cancelled() and (error := written.exception()) is not None:
+            # Redis away: the completion carries the output anyway.
+            log.warning("progress not written", request_id=self._lease.request.id, error=str(error))
+        if not self._closed and (self._started is not None or self._text):
+            # More arrived while writing: it goes out when the interval is up.
+            self._timer = asyncio.get_running_loop().call_at(
+                self._last_write + self._interval, self._fire
+            )
 
 
 async def _stop_heartbeat(watcher: asyncio.Task[_Cancelled | None], ended: asyncio.Event) -> None:

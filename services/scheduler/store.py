@@ -710,6 +710,24 @@ class QueueStore(QueueReader):
         replies = await self._execute(lambda pipe: self._queue_progress(pipe, lease, events))
         return all(reply != -1 for reply in replies)
 
+    async def progress_of_many(
+        self, writes: Sequence[tuple[Lease, Sequence[ProgressEvent]]]
+    ) -> list[bool]:
+        """``progress_events`` for several running requests in one round trip (each False
+        when its lease was lost)."""
+
+        def build(pipe: Pipeline) -> None:
+            for lease, events in writes:
+                self._queue_progress(pipe, lease, events)
+
+        replies = await self._execute(build)
+        held: list[bool] = []
+        at = 0
+        for _, events in writes:
+            held.append(all(reply != -1 for reply in replies[at : at + len(events)]))
+            at += len(events)
+        return held
+
     def _queue_progress(
         self, pipe: Pipeline, lease: Lease, events: Sequence[ProgressEvent]
     ) -> None:

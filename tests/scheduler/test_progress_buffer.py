@@ -7,7 +7,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from services.scheduler.dispatcher import ProgressBuffer
+from services.scheduler.dispatcher import ProgressBuffer, ProgressWriter
 from services.scheduler.store import FinishedWork, Lease, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
@@ -38,7 +38,7 @@ async def test_the_first_token_goes_out_at_once_with_the_started_note(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
     lease = await _claimed(store)
-    buffer = ProgressBuffer(store, lease, interval=5.0)
+    buffer = ProgressBuffer(ProgressWriter(store), lease, interval=5.0)
     buffer.started("gpu-1", lease.request.model)
     await asyncio.sleep(0.1)
     assert "started" not in await _written(redis_client, lease)  # the note can wait
@@ -63,7 +63,7 @@ async def test_a_short_answer_costs_one_write_with_its_completion(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
     lease = await _claimed(store)
-    buffer = ProgressBuffer(store, lease, interval=5.0)
+    buffer = ProgressBuffer(ProgressWriter(store), lease, interval=5.0)
     buffer.started("gpu-1", lease.request.model)
     pending = await buffer.close()  # the answer was done before the note was due
     assert [kind for kind, _ in pending] == ["started"]
@@ -77,10 +77,27 @@ async def test_tokens_within_the_interval_follow_when_it_is_up(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
     lease = await _claimed(store)
-    buffer = ProgressBuffer(store, lease, interval=0.05)
+    buffer = ProgressBuffer(ProgressWriter(store), lease, interval=0.05)
     buffer.tokens("first", 1)
     await asyncio.sleep(0.01)  # written at once
     buffer.tokens(" second", 2)  # within the interval: waits for it
     await asyncio.sleep(0.3)  # the model server goes quiet: what it said is out anyway
     assert (await _written(redis_client, lease))[-2:] == ["tokens", "tokens"]
     assert await buffer.close() == []
+
+
+async def test_writes_of_many_requests_go_together_each_to_its_own_stream(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    leases = [await _claimed(store) for _ in range(5)]
+    lost = leases[2]
+    await store.requeue(lost, "taken back", count_attempt=False)  # its lease is gone
+    writer = ProgressWriter(store)
+    written = [
+        writer.write(lease, [("tokens", {"text": f"t{i}", "tokens": 1})])
+        for i, lease in enumerate(leases)
+    ]
+    assert await asyncio.gather(*written) == [True, True, False, True, True]
+    for lease in leases:
+        types = await _written(redis_client, lease)
+        assert ("tokens" in types) is (lease is not lost)
