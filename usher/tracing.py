@@ -33,6 +33,7 @@ __all__ = [
     "consumer_span",
     "current_traceparent",
     "enabled",
+    "http_client_span",
     "install_provider",
     "instrument_httpx",
     "server_interceptors",
@@ -108,6 +109,22 @@ def instrument_httpx(client: httpx.AsyncClient) -> None:
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
         HTTPXClientInstrumentor.instrument_client(client)
+
+
+@contextmanager
+def http_client_span(method: str, url: str, headers: dict[str, str]) -> Iterator[None]:
+    """A CLIENT span for an HTTP call made without an instrumented client (the Pool's
+    aiohttp calls to model servers), its context injected into ``headers``; nothing at all
+    when tracing is off."""
+    if not _enabled:
+        yield
+        return
+    attributes = {"http.request.method": method, "url.full": url}
+    with tracer("usher.http").start_as_current_span(
+        method, kind=SpanKind.CLIENT, attributes=attributes
+    ):
+        propagate.inject(headers)
+        yield
 
 
 def current_traceparent() -> str:

@@ -17,8 +17,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
-
 from services.pool.upstream import (
     Delta,
     Done,
@@ -26,8 +24,10 @@ from services.pool.upstream import (
     HttpUpstream,
     LoadedModelInfo,
     PullProgress,
+    TransportFailure,
     UpstreamError,
     UpstreamModel,
+    UpstreamResponse,
     keep_alive_value,
     parse_timestamp,
     struct_to_dict,
@@ -199,11 +199,11 @@ class OllamaUpstream(HttpUpstream):
         path = "/api/pull"
         resp = await self.open_stream(path, {"model": model, "stream": True})
         try:
-            lines = resp.aiter_lines()
+            lines = resp.lines()
             while True:
                 try:
                     line = await anext(lines, None)
-                except httpx.TransportError as exc:
+                except TransportFailure as exc:
                     raise self.transport_error(exc, path, before_first_token=False) from exc
                 if line is None:
                     return
@@ -268,7 +268,7 @@ class OllamaUpstream(HttpUpstream):
         return path == "/api/embed"
 
     def stream_events(
-        self, resp: httpx.Response, path: str, started: float
+        self, resp: UpstreamResponse, path: str, started: float
     ) -> AsyncGenerator[Event, None]:
         return self._ndjson(resp, path, started, chat=path == "/api/chat")
 
@@ -285,19 +285,19 @@ class OllamaUpstream(HttpUpstream):
         )
 
     async def _ndjson(
-        self, resp: httpx.Response, path: str, started: float, *, chat: bool
+        self, resp: UpstreamResponse, path: str, started: float, *, chat: bool
     ) -> AsyncGenerator[Event, None]:
         parts: list[str] = []
         thinking: list[str] = []
         tool_calls: list[Any] = []
         chunks = 0
-        lines = resp.aiter_lines()
+        lines = resp.lines()
         while True:
             try:
                 line = await anext(lines)
             except StopAsyncIteration:
                 break
-            except httpx.TransportError as exc:
+            except TransportFailure as exc:
                 raise self.transport_error(exc, path, before_first_token=chunks == 0) from exc
             if not line.strip():
                 continue

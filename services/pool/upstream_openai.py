@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from services.pool.upstream import (
     Delta,
     Done,
@@ -45,8 +43,10 @@ from services.pool.upstream import (
     HttpUpstream,
     LoadedModelInfo,
     PullProgress,
+    TransportFailure,
     UpstreamError,
     UpstreamModel,
+    UpstreamResponse,
     error_text,
     status_is_retryable,
     struct_to_dict,
@@ -292,7 +292,7 @@ class OpenAIUpstream(HttpUpstream):
         return path == "/embeddings"
 
     def stream_events(
-        self, resp: httpx.Response, path: str, started: float
+        self, resp: UpstreamResponse, path: str, started: float
     ) -> AsyncGenerator[Event, None]:
         return self._sse(resp, path, started, chat=path == "/chat/completions")
 
@@ -326,18 +326,18 @@ class OpenAIUpstream(HttpUpstream):
         return [float(x) for x in value]
 
     async def _sse(
-        self, resp: httpx.Response, path: str, started: float, *, chat: bool
+        self, resp: UpstreamResponse, path: str, started: float, *, chat: bool
     ) -> AsyncGenerator[Event, None]:
         state = _StreamState()
         decoder = SseDecoder()
-        lines = resp.aiter_lines()
+        lines = resp.lines()
         finished = False
         while not finished:
             try:
                 line: str | None = await anext(lines)
             except StopAsyncIteration:
                 line = None
-            except httpx.TransportError as exc:
+            except TransportFailure as exc:
                 raise self.transport_error(exc, path, before_first_token=state.chunks == 0) from exc
             event = decoder.feed(line) if line is not None else decoder.flush()
             if event is not None:

@@ -1,5 +1,6 @@
 """Upstream adapters against the Ollama emulator over real HTTP, plus wire-level
-checks (request bodies, headers, SSE/NDJSON parsing) with ``httpx.MockTransport``.
+checks (request bodies, headers, SSE/NDJSON parsing) against a recording HTTP server that
+answers with canned bodies, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from services.pool.upstream import (
     Delta,
@@ -583,35 +586,62 @@ async def test_task_cancel_stops_upstream(upstream_emulator_config: ConfigFactor
         assert server.stats.model(CHAT_MODEL).completed == 0
 
 
-# -- wire format (MockTransport) -------------------------------------------------------------------
+# -- wire format (a recording server) -------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    content: bytes
 
 
 class Recorder:
-    """A MockTransport handler that records requests and answers with canned bodies."""
+    """A model server that records requests and answers with canned bodies, writing each
+    chunk on its own (serve it with ``serving``)."""
 
     def __init__(self, body: bytes | Sequence[bytes], content_type: str, status: int = 200):
         self.chunks = [body] if isinstance(body, bytes) else list(body)
         self.content_type = content_type
         self.status = status
-        self.requests: list[httpx.Request] = []
+        self.requests: list[Recorded] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        chunks = self.chunks
-
-        async def stream() -> AsyncIterator[bytes]:
-            for chunk in chunks:
-                yield chunk
-
-        return httpx.Response(
-            self.status, headers={"content-type": self.content_type}, content=stream()
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(
+            Recorded(
+                request.method, request.path, CIMultiDict(request.headers), await request.read()
+            )
         )
+        reply = web.StreamResponse(status=self.status, headers={"Content-Type": self.content_type})
+        await reply.prepare(request)
+        for chunk in self.chunks:
+            await reply.write(chunk)
+            await asyncio.sleep(0)  # each chunk its own write
+        await reply.write_eof()
+        return reply
 
     @property
     def body(self) -> dict[str, Any]:
         data = json.loads(self.requests[-1].content)
         assert isinstance(data, dict)
         return data
+
+
+@contextlib.asynccontextmanager
+async def serving(recorder: Recorder) -> AsyncIterator[str]:
+    """``recorder`` on a free loopback port; yields its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", recorder.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sockets = runner.addresses
+    try:
+        yield f"http://127.0.0.1:{sockets[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def ndjson(*objs: dict[str, Any]) -> bytes:
@@ -673,10 +703,10 @@ async def test_ollama_request_body_and_headers() -> None:
             extra=struct({"num_gpu": 1, "repeat_penalty": 1.1, "think": True, "seed": 1}),
         ),
     )
-    async with OllamaUpstream("http://ollama:11434", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OllamaUpstream(url) as up:
         _, done = split(await collect(up, request, keep_alive_seconds=300, traceparent=TRACEPARENT))
     sent = rec.requests[0]
-    assert sent.url == "http://ollama:11434/api/chat"
+    assert (sent.method, sent.path) == ("POST", "/api/chat")
     assert sent.headers["traceparent"] == TRACEPARENT
     assert "authorization" not in sent.headers
     assert rec.body == {
@@ -717,14 +747,14 @@ async def test_ollama_request_body_and_headers() -> None:
 
 async def test_ollama_generate_and_embed_bodies() -> None:
     rec = Recorder(ndjson({"response": "", "done": True, "done_reason": "stop"}), "x")
-    async with OllamaUpstream("http://o", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OllamaUpstream(url) as up:
         await collect(
             up,
             generate_request(
                 "m", "P", system="S", suffix="X", images=["img"], format="json", raw=True
             ),
         )
-        assert rec.requests[-1].url.path == "/api/generate"
+        assert rec.requests[-1].path == "/api/generate"
         assert rec.body == {
             "model": "m",
             "prompt": "P",
@@ -737,7 +767,7 @@ async def test_ollama_generate_and_embed_bodies() -> None:
         }
         rec.chunks = [json.dumps({"embeddings": [[1, 2]], "prompt_eval_count": 2}).encode()]
         _, done = split(await collect(up, embed_request(["a"], "e", dimensions=2)))
-        assert rec.requests[-1].url.path == "/api/embed"
+        assert rec.requests[-1].path == "/api/embed"
         assert rec.body == {"model": "e", "input": ["a"], "truncate": False, "dimensions": 2}
         assert done.embeddings == [[1.0, 2.0]] and done.prompt_tokens == 2
 
@@ -750,7 +780,7 @@ async def test_ollama_tool_calls_and_thinking() -> None:
         {"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"},
     )
     rec = Recorder(body, "application/x-ndjson")
-    async with OllamaUpstream("http://o", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OllamaUpstream(url) as up:
         deltas, done = split(await collect(up, chat_request("m")))
     assert [d.message for d in deltas] == [
         {"role": "assistant", "content": "", "thinking": "hmm"},
@@ -775,7 +805,7 @@ async def test_ollama_tool_calls_and_thinking() -> None:
 )
 async def test_ollama_broken_streams(body: bytes, match: str, before: bool) -> None:
     rec = Recorder(body, "application/x-ndjson")
-    async with OllamaUpstream("http://o", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OllamaUpstream(url) as up:
         with pytest.raises(UpstreamError, match=match) as info:
             await collect(up, generate_request("m"))
     assert info.value.before_first_token is before
@@ -803,11 +833,10 @@ async def test_openai_request_body_and_headers() -> None:
         extra=struct({"min_p": 0.05}),
     )
     request = generate_request("m", "P", system="S", images=["/9j/abc"], options=options)
-    up = OpenAIUpstream("http://vllm:8000", api_key="sk-test", transport=httpx.MockTransport(rec))
-    async with up:
+    async with serving(rec) as url, OpenAIUpstream(url, api_key="sk-test") as up:
         deltas, done = split(await collect(up, request, traceparent=TRACEPARENT))
     sent = rec.requests[0]
-    assert sent.url == "http://vllm:8000/v1/chat/completions"
+    assert sent.path == "/v1/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-test"
     assert sent.headers["traceparent"] == TRACEPARENT
     assert rec.body == {
@@ -844,12 +873,9 @@ async def test_openai_standard_only_and_completions() -> None:
         "text/event-stream",
     )
     options = request_pb2.GenerationOptions(top_k=20, num_predict=-1, extra=struct({"min_p": 1}))
-    up = OpenAIUpstream(
-        "https://api.example.com/v1", standard_only=True, transport=httpx.MockTransport(rec)
-    )
-    async with up:
+    async with serving(rec) as url, OpenAIUpstream(f"{url}/v1", standard_only=True) as up:
         _, done = split(await collect(up, generate_request("m", "P", suffix="Q", options=options)))
-    assert rec.requests[0].url == "https://api.example.com/v1/completions"
+    assert rec.requests[0].path == "/v1/completions"
     assert rec.body == {
         "model": "m",
         "prompt": "P",
@@ -877,7 +903,7 @@ async def test_openai_tool_calls_are_assembled() -> None:
         ),
         "text/event-stream",
     )
-    async with OpenAIUpstream("http://h", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OpenAIUpstream(url) as up:
         deltas, done = split(await collect(up, chat_request("m")))
     assert len(deltas) == 3 and all(d.message and "tool_calls" in d.message for d in deltas)
     assert done.done_reason == "tool_calls"
@@ -929,7 +955,7 @@ async def test_openai_stream_errors(
     body: bytes, match: str, status: int | None, before: bool
 ) -> None:
     rec = Recorder(body, "text/event-stream")
-    async with OpenAIUpstream("http://h", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OpenAIUpstream(url) as up:
         with pytest.raises(UpstreamError, match=match) as info:
             await collect(up, chat_request("m"))
     assert info.value.status == status
@@ -940,7 +966,7 @@ async def test_openai_stream_errors(
 async def test_openai_http_error_dialects() -> None:
     vllm_404 = {"object": "error", "message": "The model `m` does not exist.", "code": 404}
     rec = Recorder(json.dumps(vllm_404).encode(), "application/json", status=404)
-    async with OpenAIUpstream("http://h", transport=httpx.MockTransport(rec)) as up:
+    async with serving(rec) as url, OpenAIUpstream(url) as up:
         with pytest.raises(ModelNotFound, match="does not exist"):
             await collect(up, chat_request("m"))
         rec.status, rec.chunks = 401, [b'{"error":{"message":"bad key","type":"auth"}}']
@@ -992,14 +1018,11 @@ def test_stream_survives_arbitrary_chunking(pieces: list[str], cuts: list[int], 
     chunks.append(body[pos:])
 
     async def run() -> list[Event]:
-        transport = httpx.MockTransport(Recorder(chunks, "x"))
-        up: OllamaUpstream | OpenAIUpstream
-        if kind == "ollama":
-            up = OllamaUpstream("http://h", transport=transport)
-        else:
-            up = OpenAIUpstream("http://h", transport=transport)
-        async with up:
-            return await collect(up, generate_request("m", raw=True))
+        async with serving(Recorder(chunks, "x")) as url:
+            up: OllamaUpstream | OpenAIUpstream
+            up = OllamaUpstream(url) if kind == "ollama" else OpenAIUpstream(url)
+            async with up:
+                return await collect(up, generate_request("m", raw=True))
 
     # A private loop in a worker thread: leaves pytest-asyncio's loop alone.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
