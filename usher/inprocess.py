@@ -143,14 +143,36 @@ async def _within(deadline: float | None, work: Awaitable[Any]) -> Any:
 
 
 class LocalStreamCall:
-    """One server-streaming call: ``async for`` its messages, ``cancel()`` to close it."""
+    """One server-streaming call: ``async for`` its messages, ``cancel()`` to close it.
+
+    Its deadline is one timer for the whole call, not one per message (a stream of tokens
+    has thousands): when it fires while the caller waits for a message, that wait is
+    cancelled and ends in DEADLINE_EXCEEDED; between messages it only marks the call."""
 
     def __init__(self, handler: _StreamHandler, request: Any, context: LocalContext) -> None:
         self._context = context
         self._stream = handler(request, cast(Context, context))
         self._running: asyncio.Task[Any] | None = None
         self._done = False
+        self._expired = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        if context.deadline is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.0, context.deadline - time.monotonic()), self._expire
+            )
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._expired = True
+        if self._running is not None:
+            self._running.cancel()
+
+    def _end(self) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def __aiter__(self) -> LocalStreamCall:
         return self
@@ -158,18 +180,28 @@ class LocalStreamCall:
     async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
-        self._running = asyncio.current_task()
+        if self._expired:  # it passed between two messages: the servicer's stream ends too
+            self._end()
+            self._close_soon()
+            raise _deadline_error()
+        task = self._running = asyncio.current_task()
         try:
-            return await _within(self._context.deadline, self._stream.__anext__())
+            return await self._stream.__anext__()
         except StopAsyncIteration:
-            self._done = True
+            self._end()
             self._context.raise_set_status()
             raise
+        except asyncio.CancelledError:
+            # The deadline's cancel (and no other) ends the call as a deadline would.
+            if self._expired and task is not None and task.uncancel() == 0:
+                self._end()
+                raise _deadline_error() from None
+            raise
         except _Aborted as aborted:
-            self._done = True
+            self._end()
             raise aborted.error from None
         except Exception as exc:  # the generator ended with it
-            self._done = True
+            self._end()
             raise _as_rpc_error(exc) from None
         finally:
             self._running = None
@@ -185,20 +217,23 @@ class LocalStreamCall:
         with contextlib.suppress(Exception):
             await self._stream.aclose()
 
+    def _close_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def cancel(self) -> bool:
         """Close the stream: the servicer's generator is ended (its ``finally`` runs), as
         when a gRPC client cancels. A caller waiting for the next message gets
         ``asyncio.CancelledError``, as from a cancelled ``grpc.aio`` call."""
         if self._done:
             return False
-        self._done = True
+        self._end()
         running = self._running
         if running is not None and running is not asyncio.current_task():
             running.cancel()  # the generator is mid-step in that task: end it there
             return True
-        task = asyncio.get_running_loop().create_task(self._close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._close_soon()
         return True
 
     def done(self) -> bool:

@@ -255,19 +255,43 @@ async def _until(
     """The model server's events until the loop's clock reaches ``deadline``; then its call
     is closed (the pending read is cancelled, which closes the HTTP response) and the
     request ends with DEADLINE_EXCEEDED. Only the reads wait under the timer, never a
-    consumer holding an event."""
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
+    consumer holding an event. One timer for the whole answer, not one per event: it
+    cancels a read under way, or marks the answer for the next read."""
+    reading: asyncio.Task[Any] | None = None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        if reading is not None:
+            reading.cancel()
+
+    def exceeded() -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"the request ran longer than its run-time limit of {limit:g}s; "
+            "the model server's call was closed"
+        )
+
+    timer = asyncio.get_running_loop().call_at(deadline, expire)
+    try:
+        while True:
+            if expired:
+                raise exceeded()
+            task = reading = asyncio.current_task()
+            try:
                 event = await anext(events, None)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"the request ran longer than its run-time limit of {limit:g}s; "
-                "the model server's call was closed"
-            ) from None
-        if event is None:
-            return
-        yield event
+            except asyncio.CancelledError:
+                # The timer's cancel (and no other) ends the answer as its limit.
+                if expired and task is not None and task.uncancel() == 0:
+                    raise exceeded() from None
+                raise
+            finally:
+                reading = None
+            if event is None:
+                return
+            yield event
+    finally:
+        timer.cancel()
 
 
 def _give_back(trials: list[CircuitBreaker]) -> None:
