@@ -155,6 +155,8 @@ class ApiRoutes:
         if resolved is None:
             raise model_not_found(parsed.model, ex.request.path)
         parsed.submit.model = resolved
+        # An answer sent whole needs no token stream in the queue's store.
+        parsed.submit.result_only = not parsed.stream
         apply_controls(parsed.submit, controls, time.time())
         flow = RequestFlow(
             self.backend, token, parsed.submit, deadline_seconds=controls.deadline_seconds

@@ -20,7 +20,7 @@ from typing import cast
 
 import grpc
 
-from services.scheduler.quotas import Quotas
+from services.scheduler.quotas import Footprint, Quotas
 from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
 from usher import keys, metrics, tracing
 from usher.backoff import exponential_backoff
@@ -35,8 +35,13 @@ __all__ = ["DispatchSettings", "Dispatcher", "ProgressBuffer", "ProgressWriter"]
 
 log = get_logger(__name__)
 
-#: How often a replica looks for work queued through other replicas.
+#: How often a replica looks for work queued through other replicas (or handed back by the
+#: reaper) while there was work lately; with none, the look slows down, doubling up to
+#: IDLE_POLL_MAX_SECONDS, until a submit here or work found brings it back.
 IDLE_POLL_SECONDS = 0.05
+IDLE_POLL_MAX_SECONDS = 0.5
+#: The model set is read again at most this often (it grows when a model first queues).
+MODELS_CACHE_SECONDS = 1.0
 #: How long a request's ending waits for its heartbeat to stop (it stops within a turn).
 HEARTBEAT_STOP_SECONDS = 5.0
 #: How much longer than a request's run-time limit the dispatcher waits for the Pool to end it.
@@ -98,8 +103,18 @@ class Dispatcher:
             pool = pool_pb2_grpc.PoolServiceStub(self._channel)
         self._pool = pool
         self.progress = ProgressWriter(store)
-        self._demand: tuple[float, dict[str, int], dict[str, int]] = (0.0, {}, {})
-        #: Loops waiting in Reserve now, local and external: never more than there is work.
+        #: Queued requests per model (local lane, external lane) as this replica believes:
+        #: read by the poll, moved by submits here and by this replica's claims, so a
+        #: dispatcher loop needs no Redis read to know whether to reserve a slot.
+        self._demand: tuple[dict[str, int], dict[str, int]] = ({}, {})
+        self._models: tuple[float, list[str]] = (-math.inf, [])
+        #: Something was queued or claimed here since the last poll.
+        self._active = False
+        #: Changes to the demand made while a read of it is under way, applied to what the
+        #: read finds (else a claim made meanwhile would count again and wake a loop for it).
+        self._changes_during_read: list[tuple[str, bool, int | None]] | None = None
+        #: Loops reserving a slot and claiming now, local and external: never more than
+        #: there is work.
         self._reserving = {False: 0, True: 0}
         #: Request id → event that wakes its heartbeat (set when its cancel is announced).
         self._cancel_nudges: dict[str, asyncio.Event] = {}
@@ -115,44 +130,64 @@ class Dispatcher:
             await self._channel.close()
 
     async def models_with_work(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Queued requests per model, local and waiting for the external provider.
-        Read at most every 20 ms per replica, however many loops ask."""
+        """Queued requests per model, local and waiting for the external provider, read
+        from Redis now (one read at a time per replica, however many ask)."""
         async with self._demand_lock:
-            at, local, external = self._demand
-            if time.monotonic() - at < 0.02:
-                return local, external
-            models = sorted(
-                m.decode() for m in cast(set[bytes], await self.store.redis.smembers(keys.MODELS))
-            )
-            async with self.store.redis.pipeline(transaction=False) as pipe:
-                for model in models:
-                    pipe.zcard(ModelKeys(model).queue)
-                    pipe.zcard(ModelKeys(model).external)
-                counts = cast(list[int], await pipe.execute())
-            local = {m: int(counts[2 * i]) for i, m in enumerate(models) if counts[2 * i]}
-            external = {
-                m: int(counts[2 * i + 1]) for i, m in enumerate(models) if counts[2 * i + 1]
-            }
-            self._demand = (time.monotonic(), local, external)
-            return local, external
+            at, models = self._models
+            if time.monotonic() - at > MODELS_CACHE_SECONDS:
+                raw = cast(set[bytes], await self.store.redis.smembers(keys.MODELS))
+                models = sorted(m.decode() for m in raw)
+                self._models = (time.monotonic(), models)
+            self._changes_during_read = []
+            try:
+                async with self.store.redis.pipeline(transaction=False) as pipe:
+                    for model in models:
+                        pipe.zcard(ModelKeys(model).queue)
+                        pipe.zcard(ModelKeys(model).external)
+                    counts = cast(list[int], await pipe.execute())
+                local = {m: int(counts[2 * i]) for i, m in enumerate(models) if counts[2 * i]}
+                external = {
+                    m: int(counts[2 * i + 1]) for i, m in enumerate(models) if counts[2 * i + 1]
+                }
+                self._demand = (local, external)
+            finally:
+                changes, self._changes_during_read = self._changes_during_read, None
+            for model, is_external, change in changes:
+                self._count_work(model, is_external, change)
+            return self._demand
 
     def notify_work(self, model: str, external: bool = False) -> None:
         """A request was just queued here: wake the idle loops (other replicas' loops find
         it on their next look)."""
-        _, local, waiting = self._demand
-        counts = waiting if external else local
-        counts[model] = counts.get(model, 0) + 1
+        self._count_work(model, external, +1)
+        self._active = True
         self._idle[external].wake_first()
+
+    def _count_work(self, model: str, external: bool, change: int | None) -> None:
+        """Move the believed demand by ``change`` (None: the lane was found empty)."""
+        if self._changes_during_read is not None:
+            self._changes_during_read.append((model, external, change))
+        counts = self._demand[1 if external else 0]
+        left = 0 if change is None else counts.get(model, 0) + change
+        if left > 0:
+            counts[model] = left
+        else:
+            counts.pop(model, None)
 
     async def _poll_for_work(self, stop: asyncio.Event) -> None:
         """Wake an idle loop when work queued through another replica waits here."""
+        rest = IDLE_POLL_SECONDS
         while not stop.is_set():
-            await asyncio.sleep(IDLE_POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rest)
             try:
                 local, external = await self.models_with_work()
             except Exception as exc:  # Redis away: the loops' own errors report it
                 log.debug("work poll failed", error=str(exc))
                 continue
+            busy = self._active or bool(local) or bool(external)
+            self._active = False
+            rest = IDLE_POLL_SECONDS if busy else min(2 * rest, IDLE_POLL_MAX_SECONDS)
             for is_external, work in ((False, local), (True, external)):
                 if self._idle[is_external] and sum(work.values()) > self._reserving[is_external]:
                     self._idle[is_external].wake_first()
@@ -185,8 +220,7 @@ class Dispatcher:
                 await self._idle[external].wait(None, IDLE_REST_SECONDS)
 
     async def dispatch_one(self, external: bool = False) -> bool:
-        local, waiting_external = await self.models_with_work()
-        work = waiting_external if external else local
+        work = self._demand[1 if external else 0]
         # Only as many loops wait for slots as there are requests to run: a herd of idle
         # loops reserving (then releasing) slots for one request costs dozens of scripts.
         if not work or self._reserving[external] >= sum(work.values()):
@@ -195,27 +229,12 @@ class Dispatcher:
         if sum(work.values()) > self._reserving[external]:
             self._idle[external].wake_first()  # more work than loops on it: start the next
         try:
-            reply = await self._pool.Reserve(
-                pool_pb2.ReserveRequest(
-                    models=sorted(work),
-                    holder=self.holder,
-                    route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
-                    wait=duration_from_seconds(self.settings.reserve_wait_seconds),
-                ),
-                metadata=self._metadata,
-                timeout=self.settings.reserve_wait_seconds + 5,
-            )
+            claimed = await self._reserve_and_claim(sorted(work), external)
         finally:
             self._reserving[external] -= 1
-        if not reply.HasField("slot"):
+        if claimed is None:
             return False
-        slot = reply.slot
-        lease = await self.store.claim(slot.model, self.holder, external=external)
-        if lease is None:  # another replica took the last request first
-            await self._pool.Release(
-                pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata
-            )
-            return False
+        lease, slot = claimed
         waited = max(0, lease.request.started_ms - lease.request.created_ms) / 1000
         metrics.QUEUE_WAIT.labels(slot.model).observe(waited)
         if lease.request.promised_wait_ms and lease.request.attempts == 1:
@@ -231,15 +250,48 @@ class Dispatcher:
                 "usher.instance": slot.instance,
             },
         ):
-            await self.run_request(lease, slot)
+            footprint = await self.run_request(lease, slot)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
         # (a requeued request is charged again only if it is resubmitted, never twice), and
         # its storage is charged at what it keeps now (its result, or its prompt if queued).
-        footprint = await self.store.footprint(lease.request.model, lease.request.id)
+        if footprint is None:  # not measured by its completion (requeued, cancelled, failed)
+            footprint = await self.store.footprint(lease.request.model, lease.request.id)
         await self.quotas.settle(lease.request.tenant, lease.request.id, footprint)
         return True
 
-    async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> None:
+    async def _reserve_and_claim(
+        self, models: list[str], external: bool
+    ) -> tuple[Lease, pool_pb2.Slot] | None:
+        """A slot for one of ``models`` and the next request of its model, claimed under a
+        lease (the slot handed back when another replica took the request first). The
+        demand believed here moves before this returns, so a loop that looks meanwhile
+        (still counted as reserving) does not go for the same request."""
+        reply = await self._pool.Reserve(
+            pool_pb2.ReserveRequest(
+                models=models,
+                holder=self.holder,
+                route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
+                wait=duration_from_seconds(self.settings.reserve_wait_seconds),
+            ),
+            metadata=self._metadata,
+            timeout=self.settings.reserve_wait_seconds + 5,
+        )
+        if not reply.HasField("slot"):
+            return None
+        slot = reply.slot
+        lease = await self.store.claim(slot.model, self.holder, external=external)
+        self._count_work(slot.model, external, None if lease is None else -1)
+        self._active = True
+        if lease is None:  # another replica took the last request first
+            await self._pool.Release(
+                pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata
+            )
+            return None
+        return lease, slot
+
+    async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> Footprint | None:
+        """Run a claimed request to its end; what it holds in Redis when it completed
+        (None when it ended otherwise)."""
         submit = scheduler_pb2.SubmitRequest.FromString(lease.request.payload)
         generate = pool_pb2.GenerateRequest(
             slot_id=slot.id,
@@ -247,7 +299,8 @@ class Dispatcher:
             model=slot.model,
             options=submit.options,
             traceparent=tracing.current_traceparent() or lease.request.traceparent,
-            stream=True,
+            # A caller who reads only the result gets no tokens streamed: none are sent.
+            stream=not submit.result_only,
         )
         kind = submit.WhichOneof("input")
         if kind is not None:
@@ -279,7 +332,7 @@ class Dispatcher:
             await _stop_heartbeat(watcher, ended)
             await progress.close()  # to be run again from the start: partial output is moot
             await self.store.requeue(lease, "scheduler replica shutting down", count_attempt=False)
-            return
+            return None
         if watcher in done and not runner.done():
             call.cancel()  # closes the stream: the Pool stops the model server's work
             runner.cancel()
@@ -287,23 +340,27 @@ class Dispatcher:
                 await runner
             await progress.close()
             stop = watcher.result()
-            if stop is not None and not stop.lost:
-                # An empty error lets the store record the reason given with the cancel.
-                await self.store.finish(lease, FinishedWork(state=CANCELLED))
-                metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
-            return
+            if stop is None or stop.lost:
+                return None
+            # An empty error lets the store record the reason given with the cancel.
+            metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
+            return await self.store.finish(lease, FinishedWork(state=CANCELLED))
         await _stop_heartbeat(watcher, ended)
         work_or_error = runner.result()
         pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
-            await self.store.finish(lease, work_or_error, pending)
+            # The result says it all to a caller who reads only that.
+            footprint = await self.store.finish(
+                lease, work_or_error, () if submit.result_only else pending
+            )
             metrics.REQUESTS.labels(lease.request.model, "completed").inc()
             metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(
                 work_or_error.service_ms / 1000
             )
-            return
+            return footprint
         await self.store.progress_events(lease, pending)  # what it said before it failed
         await self._handle_error(lease, work_or_error)
+        return None
 
     async def _back_off(self, lease: Lease) -> bool:
         """Hold a failed request (its lease kept by heartbeats, no Pool slot held) for the
@@ -405,8 +462,11 @@ class Dispatcher:
         if code in retryable and lease.request.attempts < lease.request.max_attempts:
             # Back to its original place after a backoff, to run again elsewhere; watchers
             # are told to discard any partial output (the requeued event).
-            if await self._back_off(lease):
-                await self.store.requeue(lease, details, count_attempt=True)
+            if await self._back_off(lease) and await self.store.requeue(
+                lease, details, count_attempt=True
+            ):
+                external = lease.request.route == request_pb2.ROUTE_EXTERNAL
+                self.notify_work(lease.request.model, external)
             return
         metrics.REQUESTS.labels(lease.request.model, "failed").inc()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -474,7 +534,7 @@ class ProgressBuffer:
     token is never held back: time to first token is what a waiting user feels), else when
     the interval is up. The model server's "started" note waits up to an interval to ride
     with the first tokens, and what is pending when the answer completes goes out in the
-    same round trip as the completion: a short answer costs one script call, not three."""
+    same script call as the completion: a short answer costs one script call, not three."""
 
     def __init__(self, writer: ProgressWriter, lease: Lease, interval: float) -> None:
         self._writer = writer

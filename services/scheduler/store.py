@@ -655,39 +655,41 @@ class QueueStore(QueueReader):
 
     async def finish(
         self, lease: Lease, work: FinishedWork, progress: Sequence[ProgressEvent] = ()
-    ) -> bool:
-        """Record the outcome; False when the lease was lost and someone else owns it now.
-        ``progress`` still unwritten goes first, in the same round trip."""
+    ) -> Footprint | None:
+        """Record the outcome, with ``progress`` still unwritten before it, in one script
+        call; what the request holds now (for its tenant's storage charge), or None when
+        the lease was lost and someone else owns it now."""
         extra: list[str | bytes] = []
         if work.result:
             extra += ["result", self.sealer.seal(work.result, lease.request.id)]
         if work.usage:
             extra += ["usage", work.usage]
-
-        def build(pipe: Pipeline) -> None:
-            self._queue_progress(pipe, lease, progress)
-            self._queue_script(
-                pipe,
-                "complete",
-                lease.request.model,
-                [
-                    lease.request.id,
-                    lease.token,
-                    work.state,
-                    work.error,
-                    self.defaults.result_ttl_seconds,
-                    -1 if work.actual_tokens is None else work.actual_tokens,
-                    repr(work.service_ms),
-                    repr(work.tokens_per_second),
-                    work.output_tokens,
-                    repr(EWMA_ALPHA),
-                    repr(SERVICE_ALPHA),
-                    *extra,
-                ],
-            )
-
-        replies = await self._execute(build)
-        return int(replies[-1]) == 1
+        reply = await self._run(
+            "complete",
+            lease.request.model,
+            [
+                lease.request.id,
+                lease.token,
+                work.state,
+                work.error,
+                self.defaults.result_ttl_seconds,
+                -1 if work.actual_tokens is None else work.actual_tokens,
+                repr(work.service_ms),
+                repr(work.tokens_per_second),
+                work.output_tokens,
+                repr(EWMA_ALPHA),
+                repr(SERVICE_ALPHA),
+                len(extra),
+                *extra,
+                *self._packed(lease, progress),
+            ],
+        )
+        if not isinstance(reply, list):
+            return None
+        # A request that failed for good stays (a dead letter) until an operator retries it.
+        kept = work.state == request_pb2.REQUEST_STATE_FAILED
+        expires = 0 if kept else now_ms() + self.defaults.result_ttl_seconds * 1000
+        return Footprint(int(reply[1]) + REQUEST_INDEX_BYTES, expires)
 
     async def requeue(self, lease: Lease, reason: str, count_attempt: bool = False) -> bool:
         """Give a leased request back to its original place (False when the lease was lost)."""
@@ -703,43 +705,39 @@ class QueueStore(QueueReader):
         return await self.progress_events(lease, [(kind, fields)])
 
     async def progress_events(self, lease: Lease, events: Sequence[ProgressEvent]) -> bool:
-        """Append progress/token events to the request's stream in one round trip (False:
+        """Append progress/token events to the request's stream in one script call (False:
         the lease was lost)."""
-        if not events:
-            return True
-        replies = await self._execute(lambda pipe: self._queue_progress(pipe, lease, events))
-        return all(reply != -1 for reply in replies)
+        return (await self.progress_of_many([(lease, events)]))[0]
 
     async def progress_of_many(
         self, writes: Sequence[tuple[Lease, Sequence[ProgressEvent]]]
     ) -> list[bool]:
         """``progress_events`` for several running requests in one round trip (each False
         when its lease was lost)."""
+        wanted = [(lease, events) for lease, events in writes if events]
 
         def build(pipe: Pipeline) -> None:
-            for lease, events in writes:
-                self._queue_progress(pipe, lease, events)
+            for lease, events in wanted:
+                self._queue_script(
+                    pipe,
+                    "progress",
+                    lease.request.model,
+                    [lease.request.id, lease.token, *self._packed(lease, events)],
+                )
 
-        replies = await self._execute(build)
-        held: list[bool] = []
-        at = 0
-        for _, events in writes:
-            held.append(all(reply != -1 for reply in replies[at : at + len(events)]))
-            at += len(events)
-        return held
+        replies = iter(await self._execute(build) if wanted else [])
+        return [next(replies) != -1 if events else True for _, events in writes]
 
-    def _queue_progress(
-        self, pipe: Pipeline, lease: Lease, events: Sequence[ProgressEvent]
-    ) -> None:
+    def _packed(self, lease: Lease, events: Sequence[ProgressEvent]) -> list[str | int | float]:
+        """Events as the scripts read them (emit_packed): type, item count, items."""
+        packed: list[str | int | float] = []
         for kind, fields in events:
-            flat: list[str | int | float] = []
+            packed += [kind, 2 * len(fields)]
             for name, value in fields.items():
                 if name == "text":  # generated output is a result: sealed like one
                     value = self.sealer.seal_text(str(value), lease.request.id)
-                flat += [name, value]
-            self._queue_script(
-                pipe, "progress", lease.request.model, [lease.request.id, lease.token, kind, *flat]
-            )
+                packed += [name, value]
+        return packed
 
     async def reap(self, model: str, limit: int = 500) -> ReapCounts:
         requeued, dead, expired, external, ended, deleted = await self._run(

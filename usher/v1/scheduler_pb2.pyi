@@ -63,6 +63,7 @@ class SubmitRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
+    RESULT_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Ollama-style, e.g. "llama3.2" or "qwen2.5:0.5b"."""
     priority: _request_pb2.Priority.ValueType
@@ -71,6 +72,12 @@ class SubmitRequest(_message.Message):
     fallback_policy: _request_pb2.FallbackPolicy.ValueType
     traceparent: _builtins.str
     """W3C trace context of the caller's span; filled by the SDK when tracing is on."""
+    result_only: _builtins.bool
+    """The caller reads only the final result (no token stream): no output is written to the
+    request's event stream while it runs (a long run still notes the instance serving it)
+    and the result arrives with COMPLETED. Watchers see the same states without progress
+    updates. Saves the queue's store work per token.
+    """
     @_builtins.property
     def chat(self) -> _request_pb2.ChatInput: ...
     @_builtins.property
@@ -114,10 +121,11 @@ class SubmitRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         request_timeout: _duration_pb2.Duration | None = ...,
+        result_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "fallback_policy", b"fallback_policy", "generate", b"generate", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "model", b"model", "options", b"options", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "fallback_policy", b"fallback_policy", "generate", b"generate", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "model", b"model", "options", b"options", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout", "result_only", b"result_only", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

@@ -3,8 +3,10 @@
 -- ARGV: 1 base, 2 now, 3 id, 4 lease token, 5 state, 6 error, 7 ttl s,
 --       8 actual token cost (-1 = unknown), 9 service ms, 10 tokens/s, 11 output tokens,
 --       12 moving-average alpha, 13 service time's moving-average alpha,
---       14.. extra field/value pairs (result, usage)
--- Returns 1, or -1 when the lease was lost (another dispatcher owns the request now).
+--       14 the count of extra items that follow, then extra field/value pairs (result,
+--       usage), then progress events not yet written (packed as emit_packed reads them)
+-- Returns {1, bytes the request holds now (its hash, events and owners)}, or -1 when the
+-- lease was lost (another dispatcher owns the request now).
 -- Every hash is read once (HMGET) and written once: this runs for every request.
 local id, state = ARGV[3], tonumber(ARGV[5])
 local rk = req_key(id)
@@ -13,8 +15,9 @@ local r = redis.call('HMGET', rk, 'state', 'lease_token', 'flow', 'cost', 'weigh
 if tonumber(r[1]) ~= RUNNING or r[2] ~= ARGV[4] then
   return -1
 end
-local extra = {}
-for i = 14, #ARGV do extra[#extra + 1] = ARGV[i] end
+local extras = tonumber(ARGV[14])
+local extra = {unpack(ARGV, 15, 14 + extras)}
+emit_packed(id, RUNNING, 15 + extras)
 
 -- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish), never
 -- below the start of the flow's newest request, so its queued requests keep their order.
@@ -84,4 +87,9 @@ if state == FAILED then
 end
 emit(id, ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
   state, {'error', reason})
-return 1
+-- What it holds now, for the tenant's storage charge (no second round trip to measure it).
+local bytes = 0
+for _, key in ipairs({rk, req_events_key(id), req_owners_key(id)}) do
+  bytes = bytes + (redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or 0)
+end
+return {1, bytes}

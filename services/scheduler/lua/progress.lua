@@ -1,9 +1,8 @@
 -- Append output progress of a running request to its event streams, fenced by the lease.
 -- KEYS[1] queue (declares the slot)
--- ARGV: 1 base, 2 now, 3 id, 4 lease token, 5 event type, 6.. field/value pairs
--- Returns the event id, or -1 when the lease was lost (stop streaming: someone else owns it).
+-- ARGV: 1 base, 2 now, 3 id, 4 lease token, 5.. the events, packed as emit_packed reads them
+-- Returns the last event's id, or -1 when the lease was lost (stop streaming: someone else
+-- owns it).
 local id = ARGV[3]
 if redis.call('HGET', req_key(id), 'lease_token') ~= ARGV[4] then return -1 end
-local extra = {}
-for i = 6, #ARGV do extra[#extra + 1] = ARGV[i] end
-return emit(id, ARGV[5], RUNNING, extra)
+return emit_packed(id, RUNNING, 5)

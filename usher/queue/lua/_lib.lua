@@ -29,6 +29,18 @@ local function emit(id, kind, state, extra)
   return eid
 end
 
+-- Emit the events packed in ARGV from index ``first`` on, in order: each is its type, the
+-- count of field/value items that follow, then those items. Returns the last event's id.
+local function emit_packed(id, state, first)
+  local i, eid = first, nil
+  while i <= #ARGV do
+    local kind, count = ARGV[i], tonumber(ARGV[i + 1])
+    eid = emit(id, kind, state, {unpack(ARGV, i + 2, i + 1 + count)})
+    i = i + 2 + count
+  end
+  return eid
+end
+
 -- Mark a request finished: state, reason, expiry of its keys, dedup entry released.
 -- ``known`` (optional) spares what a caller has already done: ``fields``, more field/value
 -- pairs for the request's hash; ``dedup``, its fingerprint as read (false: none);
