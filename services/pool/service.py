@@ -461,20 +461,21 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         renewer = asyncio.create_task(self._keep_alive(grant))
         held = [grant]
         began = asyncio.get_running_loop().time()
-        released = False
+        releasing: asyncio.Task[None] | None = None
         try:
             async for event in self._run_with_failover(request, held, began):
                 if event.HasField("done"):
-                    # The model server is done: its slots go back before the answer does,
-                    # not once the caller has read on to the end of the stream (an
-                    # in-process caller that stops at the answer never does), so the next
-                    # request can start while this one is being finished.
-                    released = True
-                    await self._release_held(renewer, held)
+                    # The model server is done: its slots go back beside the answer, not
+                    # once the caller has read on to the end of the stream (an in-process
+                    # caller that stops at the answer never does), so the next request can
+                    # start while this one is being finished.
+                    releasing = asyncio.create_task(self._release_held(renewer, held))
                 yield event
         finally:
-            if not released:
+            if releasing is None:
                 await self._release_held(renewer, held)
+            else:
+                await releasing  # a caller that reads to the end sees them released
 
     async def _release_held(self, renewer: asyncio.Task[None], held: list[SlotGrant]) -> None:
         renewer.cancel()

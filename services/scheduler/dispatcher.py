@@ -544,7 +544,9 @@ class ProgressBuffer:
         self._text: list[str] = []
         self._count = 0
         self._last_write = -math.inf
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        #: The timer is the next turn of the loop (urgent tokens).
+        self._soon = False
         self._flushing: asyncio.Future[bool] | None = None
         #: A write is under way (until its outcome was handled): no second one, no timer.
         self._writing = False
@@ -584,20 +586,27 @@ class ProgressBuffer:
         loop = asyncio.get_running_loop()
         due = self._last_write + self._interval
         if urgent and loop.time() >= due:
-            self._cancel_timer()
-            self._fire()
+            if not self._soon:
+                # Out at the next turn of the loop, not in this one: an answer whose last
+                # tokens and end arrive together (a short one) then goes out in one write
+                # with its completion instead of two.
+                self._cancel_timer()
+                self._timer = loop.call_soon(self._fire)
+                self._soon = True
         elif self._timer is None:
             # Tokens: when the interval since the last write is up; the note: an interval on.
             at = due if urgent else max(due, loop.time() + self._interval)
             self._timer = loop.call_at(at, self._fire)
 
     def _cancel_timer(self) -> None:
+        self._soon = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _fire(self) -> None:
         self._timer = None
+        self._soon = False
         self._last_write = asyncio.get_running_loop().time()
         self._writing = True
         self._flushing = self._writer.write(self._lease, self.take())
