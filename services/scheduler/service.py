@@ -289,10 +289,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         if stored is None:  # finished and expired between the two calls
             raise NotFound(f"request {outcome.request_id} is gone")
         view = await self.view(stored)
-        if outcome.status == "queued" and view.HasField("eta"):
+        promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
+        if outcome.status == "queued" and promised:
             # Remember the wait promised now, to measure the estimate's error at dispatch;
-            # the caller's answer doesn't wait for it (a request claimed first goes unmeasured).
-            promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
+            # the caller's answer doesn't wait for it (a request claimed first goes unmeasured,
+            # as does one promised no wait: the dispatcher reads 0 as no promise).
             self._background.spawn(
                 self.store.remember_promised_wait(stored.model, stored.id, promised)
             )

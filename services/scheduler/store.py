@@ -10,6 +10,8 @@ between cannot leave a queued request that Get or List cannot find.
 from __future__ import annotations
 
 import json
+import math
+import random
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -65,6 +67,12 @@ REQUEST_INDEX_BYTES = 512
 CACHE_SECONDS = 1.0
 #: The fleet's catalogue of models is reused this long (a miss is read again at once).
 CATALOGUE_CACHE_SECONDS = 2.0
+#: A submit adds its model to the model set unless this process did so this recently (a
+#: model that was retired meanwhile is added back by the revival its enqueue reports).
+MODEL_SET_SECONDS = 10.0
+#: A caller's listing is trimmed to TENANT_LISTING_MAX on about one submit in this many
+#: (it may run over by a few entries between trims).
+LISTING_TRIM_EVERY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +230,8 @@ class QueueStore(QueueReader):
         super().__init__(client, defaults, sealer)
         self._weights: dict[str, tuple[float, float]] = {}
         self._catalogue: tuple[float, frozenset[str]] = (-1e9, frozenset())
+        #: model → when this process last added it to the model set.
+        self._model_set_at: dict[str, float] = {}
 
     def _queue_wait(self, pipe: Pipeline, model: str) -> None:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
@@ -394,14 +404,17 @@ class QueueStore(QueueReader):
             ],
         )
 
-    @staticmethod
-    def _index(pipe: Pipeline, prepared: _Prepared) -> None:
+    def _index(self, pipe: Pipeline, prepared: _Prepared) -> None:
         """The id's index entry, the caller's listing and the model set (other slots)."""
         request = prepared.request
         pipe.set(keys.request_index(request.id), request.model, ex=prepared.index_ttl)
         pipe.zadd(prepared.listing, {request.id: prepared.created})
-        pipe.zremrangebyrank(prepared.listing, 0, -TENANT_LISTING_MAX - 1)
-        pipe.sadd(keys.MODELS, request.model)
+        if random.randrange(LISTING_TRIM_EVERY) == 0:
+            pipe.zremrangebyrank(prepared.listing, 0, -TENANT_LISTING_MAX - 1)
+        now = time.monotonic()
+        if now - self._model_set_at.get(request.model, -math.inf) > MODEL_SET_SECONDS:
+            pipe.sadd(keys.MODELS, request.model)
+            self._model_set_at[request.model] = now
 
     async def _unindex(self, prepared: Sequence[_Prepared], shared: Sequence[str | None]) -> None:
         """Nothing was stored under these ids: point each caller's listing at the request
@@ -565,6 +578,7 @@ class QueueStore(QueueReader):
         let its keys expire in ``ttl_seconds``, when nothing of it is queued, running or
         dead-lettered; False (and it stays) otherwise."""
         await self.redis.srem(keys.MODELS, model)
+        self._model_set_at.pop(model, None)
         if int(await self._run("retire", model, [ttl_seconds])) == 1:
             self._averages.pop(model, None)
             return True

@@ -14,6 +14,15 @@ local function is_terminal(state)
   return state == COMPLETED or state == FAILED or state == CANCELLED or state == EXPIRED
 end
 
+-- The value of ``name`` in a hash read with HGETALL (a flat field/value list), or nil: a
+-- script that reads the whole hash anyway needs no HGET for one of its fields.
+local function field_of(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+
 -- Append one event to the request's own stream (for replay), then to the model's stream
 -- (for live fan-out) carrying the request stream's entry id as 'eid', the resume token.
 local function emit(id, kind, state, extra)

@@ -7,8 +7,8 @@ local rk = req_key(id)
 local fields = redis.call('HGETALL', rk)
 if #fields == 0 then return nil end
 local position = 0
-if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
-  local rank = redis.call('ZRANK', K.queue, redis.call('HGET', rk, 'member'))
+if tonumber(field_of(fields, 'state')) == QUEUED then
+  local rank = redis.call('ZRANK', K.queue, field_of(fields, 'member'))
   if rank then position = rank + 1 end
 end
 return {fields, redis.call('SMEMBERS', req_owners_key(id)), position, redis.call('ZCARD', K.queue)}
