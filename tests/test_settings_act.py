@@ -196,7 +196,7 @@ def _function_of(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str:
 
 def _filled_field(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str | None:
     """The settings field a variable's value goes to: the keyword its reader's value is
-    passed as (``field=env_int("NAME", ...)``), the key it maps from (``{"field": "NAME"}``)
+    passed as (``field=environ.get("NAME")``), the key it maps from (``{"field": "NAME"}``)
     or the field it names (``field: int = Field(..., validation_alias="NAME")``); "" when
     it is read where it acts; None when the name is not read here (a key of a mapping that
     sets it for another process)."""

@@ -3,9 +3,10 @@
 Where settings come from, lowest precedence first:
 
 1. Defaults: one Ollama at ``http://127.0.0.1:11434``.
-2. A YAML file named by ``USHER_POOL_CONFIG`` (keys are ``PoolSettings`` field names, plus
-   ``instances``, a ``circuit`` block and ``default_memory_budget``; an unknown key is an
-   error, so a typo does not silently fall back to a default).
+2. A YAML file (or JSON, which YAML reads) named by ``USHER_POOL_CONFIG``: keys are
+   ``PoolSettings`` field names, plus ``instances``, a ``circuit`` block and
+   ``default_memory_budget``; an unknown key is an error, so a typo does not silently fall
+   back to a default.
 3. Environment variables: they override the file, as deployments expect (one ConfigMap,
    a per-pod override). Each field's (``PoolSettings``: ``USHER_`` + its name unless it
    names its variable), among them ``USHER_POOL_STRATEGY``, ``USHER_REDIS_URL`` (or
