@@ -67,6 +67,9 @@ _MODEL_SUFFIXES = {
     "external": "external",
     # ZSET request id → when it was dead-lettered (ms).
     "dead_letters": "dead",
+    # ZSET request id → when its retry backoff ends (ms): a failed attempt's request waits
+    # here, QUEUED but out of line, until the reaper puts it back in its place.
+    "retrying": "retrying",
     # HASH of runtime-updatable limits (max_queue_size, queue_timeout_ms, ...).
     "config": "config",
     # HASH "vtime" → queue virtual time; "flow:<tenant>|<class>" → flow finish tag;
@@ -166,6 +169,7 @@ class ModelKeys:
     deadlines = property(lambda self: self._k("deadlines"))
     external = property(lambda self: self._k("external"))
     dead_letters = property(lambda self: self._k("dead_letters"))
+    retrying = property(lambda self: self._k("retrying"))
     config = property(lambda self: self._k("config"))
     fairness = property(lambda self: self._k("fairness"))
     flows = property(lambda self: self._k("flows"))

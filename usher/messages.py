@@ -27,6 +27,7 @@ __all__ = [
     "queued_comment",
     "ready_message",
     "request_message",
+    "retry_message",
     "running_phrase",
     "suggestion_message",
     "switch_offered",
@@ -131,6 +132,12 @@ def running_phrase(running: int, capacity: int, external_running: int = 0) -> st
     return f"{phrase} +{external_running} external" if external_running > 0 else phrase
 
 
+def retry_message(attempts: int) -> str:
+    """A request waiting out the backoff after a failed attempt (queued again, no place in
+    line yet)."""
+    return f"Attempt {attempts} did not complete • Your request will be retried in a moment"
+
+
 def suggestion_message(model: str) -> str:
     """A model picker's hint when another model (or the external provider) is quicker."""
     return f"Consider {model} for faster results"
@@ -190,6 +197,8 @@ def request_message(request: request_pb2.LlmRequest, kind: int = 0, fraction: fl
         # Why it left the local fleet, even when it already runs by the time this is read.
         return _EXTERNAL_NOTICES.get(request.route_reason, _TIMEOUT_NOTICE)
     if state == request_pb2.REQUEST_STATE_QUEUED:
+        if request.HasField("retry_at"):
+            return retry_message(request.attempts)
         if request.route == request_pb2.ROUTE_EXTERNAL:
             return _EXTERNAL_NOTICES.get(request.route_reason, _TIMEOUT_NOTICE)
         if request.position.position:

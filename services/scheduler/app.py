@@ -107,7 +107,11 @@ class SchedulerApp:
         self._tasks.append(
             asyncio.create_task(
                 reap_forever(
-                    self.store, self.settings.reap_interval_seconds, self._stopping, self.quotas
+                    self.store,
+                    self.settings.reap_interval_seconds,
+                    self._stopping,
+                    self.quotas,
+                    self.dispatcher.notify_work if self.dispatcher is not None else None,
                 )
             )
         )

@@ -362,31 +362,6 @@ class Dispatcher:
         await self._handle_error(lease, work_or_error)
         return None
 
-    async def _back_off(self, lease: Lease) -> bool:
-        """Hold a failed request (its lease kept by heartbeats, no Pool slot held) for the
-        retry backoff. False when it was cancelled meanwhile (then finished here) or its
-        lease lost; a replica shutting down hands it back at once."""
-        delay = exponential_backoff(
-            lease.request.attempts,
-            self.settings.retry_backoff_seconds,
-            self.settings.retry_backoff_max_seconds,
-        )
-        if delay <= 0:
-            return True
-        ended = asyncio.Event()
-        watcher = asyncio.create_task(self._heartbeat(lease, ended))
-        stopping = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({watcher, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if watcher.done():
-            stop = watcher.result()
-            if stop is not None and not stop.lost:
-                await self.store.finish(lease, FinishedWork(state=CANCELLED))
-                metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
-            return stop is None
-        await _stop_heartbeat(watcher, ended)
-        return True
-
     async def _drain_deadline(self) -> None:
         await self._stop.wait()
         await asyncio.sleep(self.settings.drain_seconds)
@@ -461,10 +436,19 @@ class Dispatcher:
         )
         if code in retryable and lease.request.attempts < lease.request.max_attempts:
             # Back to its original place after a backoff, to run again elsewhere; watchers
-            # are told to discard any partial output (the requeued event).
-            if await self._back_off(lease) and await self.store.requeue(
-                lease, details, count_attempt=True
-            ):
+            # are told to discard any partial output (the requeued event). It waits out the
+            # backoff QUEUED, out of line: no lease, no dispatcher, no slot held (the reaper
+            # puts it back and wakes the dispatchers).
+            delay = exponential_backoff(
+                lease.request.attempts,
+                self.settings.retry_backoff_seconds,
+                self.settings.retry_backoff_max_seconds,
+            )
+            backoff_ms = round(delay * 1000)
+            requeued = await self.store.requeue(
+                lease, details, count_attempt=True, backoff_ms=backoff_ms
+            )
+            if requeued and backoff_ms == 0:
                 external = lease.request.route == request_pb2.ROUTE_EXTERNAL
                 self.notify_work(lease.request.model, external)
             return

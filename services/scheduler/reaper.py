@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from services.scheduler.quotas import Quotas
 from services.scheduler.store import Ended, QueueStore, ReapCounts
@@ -40,10 +40,18 @@ async def settle_ended(store: QueueStore, quotas: Quotas | None, ended: Sequence
         await quotas.settle(entry.tenant, entry.request_id, footprint)
 
 
-async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str, ReapCounts]:
+async def reap_once(
+    store: QueueStore,
+    quotas: Quotas | None = None,
+    on_work: Callable[[str], None] | None = None,
+) -> dict[str, ReapCounts]:
+    """One pass over every model; ``on_work(model)`` when requests went back in line (the
+    dispatchers wake for them at once)."""
     done: dict[str, ReapCounts] = {}
     for model in await store.models():
         counts = await store.reap(model)
+        if on_work is not None and (counts.requeued or counts.back_in_line):
+            on_work(model)
         await settle_ended(store, quotas, counts.ended)
         if counts.expired:
             metrics.REQUESTS.labels(model, "expired").inc(counts.expired)
@@ -55,6 +63,7 @@ async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str
             or counts.expired
             or counts.to_external
             or counts.dead_letters_deleted
+            or counts.back_in_line
         ):
             log.info(
                 "reaped",
@@ -64,6 +73,7 @@ async def reap_once(store: QueueStore, quotas: Quotas | None = None) -> dict[str
                 expired=counts.expired,
                 to_external=counts.to_external,
                 dead_letters_deleted=counts.dead_letters_deleted,
+                back_in_line=counts.back_in_line,
             )
         done[model] = counts
     await fall_back_when_unavailable(store, list(done))
@@ -120,7 +130,11 @@ async def refresh_gauges(store: QueueStore) -> None:
 
 
 async def reap_forever(
-    store: QueueStore, interval_seconds: float, stop: asyncio.Event, quotas: Quotas | None = None
+    store: QueueStore,
+    interval_seconds: float,
+    stop: asyncio.Event,
+    quotas: Quotas | None = None,
+    on_work: Callable[[str], None] | None = None,
 ) -> None:
     """Reap every ``interval_seconds`` until ``stop`` is set. Stopping by event rather than
     by cancelling lets a pass finish its script instead of abandoning a Redis call midway."""
@@ -128,7 +142,7 @@ async def reap_forever(
     retire_every = max(1, round(RETIRE_EVERY_SECONDS / interval_seconds))
     while not stop.is_set():
         try:
-            await reap_once(store, quotas)
+            await reap_once(store, quotas, on_work)
             passes += 1
             if passes % max(1, round(2 / interval_seconds)) == 0:  # gauges about every 2 s
                 await refresh_gauges(store)

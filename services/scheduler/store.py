@@ -184,6 +184,8 @@ class ReapCounts:
     ended: tuple[Ended, ...] = ()
     #: Dead letters deleted: older than the retention (QueueDefaults).
     dead_letters_deleted: int = 0
+    #: Requests back in line after their retry backoff.
+    back_in_line: int = 0
 
 
 #: The counters ResetQueueStats zeroes (every other field of a model's stats is an average).
@@ -705,12 +707,16 @@ class QueueStore(QueueReader):
         expires = 0 if kept else now_ms() + self.defaults.result_ttl_seconds * 1000
         return Footprint(int(reply[1]) + REQUEST_INDEX_BYTES, expires)
 
-    async def requeue(self, lease: Lease, reason: str, count_attempt: bool = False) -> bool:
-        """Give a leased request back to its original place (False when the lease was lost)."""
+    async def requeue(
+        self, lease: Lease, reason: str, count_attempt: bool = False, backoff_ms: int = 0
+    ) -> bool:
+        """Give a leased request back to its original place (False when the lease was
+        lost); with ``backoff_ms``, only once that has passed (the reaper puts it back),
+        QUEUED meanwhile and holding nothing."""
         reply = await self._run(
             "requeue",
             lease.request.model,
-            [lease.request.id, lease.token, "1" if count_attempt else "0", reason],
+            [lease.request.id, lease.token, "1" if count_attempt else "0", reason, backoff_ms],
         )
         return int(reply) == 1
 
@@ -754,7 +760,7 @@ class QueueStore(QueueReader):
         return packed
 
     async def reap(self, model: str, limit: int = 500) -> ReapCounts:
-        requeued, dead, expired, external, ended, deleted = await self._run(
+        requeued, dead, expired, external, ended, deleted, back = await self._run(
             "reap",
             model,
             [
@@ -770,6 +776,7 @@ class QueueStore(QueueReader):
             int(external),
             _ended(model, ended),
             int(deleted),
+            int(back),
         )
 
     async def footprint(self, model: str, request_id: str) -> Footprint:

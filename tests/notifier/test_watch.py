@@ -222,3 +222,40 @@ async def test_badges_name_the_models_asked_for_before_their_first_request(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await anext(aiter(too_many))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_request_in_retry_backoff_shows_queued_then_takes_its_place(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    """A failed attempt waiting out its backoff is shown as QUEUED (to be retried), not
+    RUNNING; then back in line, then running again."""
+    request_id = await _submit(store)
+    watcher = Watcher(notifier, request_id)
+    await watcher.until(K.UPDATE_KIND_SNAPSHOT)
+    lease = await _claim(store, request_id)
+    await watcher.until(K.UPDATE_KIND_RUNNING)
+    assert await store.requeue(lease, "model server failed", count_attempt=True, backoff_ms=300)
+    requeued = await watcher.until(K.UPDATE_KIND_REQUEUED)
+    assert requeued.request.state == request_pb2.REQUEST_STATE_QUEUED
+    assert requeued.request.HasField("retry_at")
+    assert "will be retried" in requeued.message
+    for _ in range(100):  # the reaper puts it back once the backoff has passed
+        if (await store.reap(MODEL)).back_in_line:
+            break
+        await asyncio.sleep(0.05)
+    back = await watcher.until(K.UPDATE_KIND_QUEUED)
+    assert back.request.state == request_pb2.REQUEST_STATE_QUEUED
+    assert not back.request.HasField("retry_at")
+    again = await _claim(store, request_id)
+    await _complete(store, again)
+    updates = await watcher.finished()
+    states = {K.UPDATE_KIND_RUNNING, K.UPDATE_KIND_REQUEUED, K.UPDATE_KIND_QUEUED}
+    assert [u.kind for u in updates if u.kind in states | {K.UPDATE_KIND_COMPLETED}] == [
+        K.UPDATE_KIND_RUNNING,
+        K.UPDATE_KIND_REQUEUED,
+        K.UPDATE_KIND_QUEUED,
+        K.UPDATE_KIND_RUNNING,
+        K.UPDATE_KIND_COMPLETED,
+    ]
+    event_ids = [u.event_id for u in updates if u.event_id]
+    assert len(event_ids) == len(set(event_ids))

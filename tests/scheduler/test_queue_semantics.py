@@ -13,7 +13,7 @@ from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
 from usher.queue.fairness import FairQueue
-from usher.queue.records import QueueDefaults
+from usher.queue.records import QueueDefaults, to_proto
 from usher.v1 import request_pb2
 
 MODEL = "llama3.2"
@@ -161,6 +161,62 @@ async def test_dead_letters_are_kept_until_retried_with_no_retention(
     await asyncio.sleep(1.1)
     assert (await store.reap(MODEL)).dead_letters_deleted == 0
     assert [r.id for r in await store.dead_letters(MODEL, 10)] == [kept]
+
+
+async def test_a_backoff_waits_out_of_line_queued_and_holding_nothing(
+    store: QueueStore,
+) -> None:
+    """A failed attempt requeued with a backoff is QUEUED (with when it retries) but not in
+    line: nothing can claim it and it holds no lease; once the backoff passes the reaper
+    puts it back in its original place, ahead of later arrivals."""
+    first, later = new_request(user="a"), new_request(user="b")
+    await store.submit(first)
+    lease = await store.claim(MODEL, "d")
+    assert lease is not None and lease.request.id == first.id
+    await store.submit(later)
+    assert await store.requeue(lease, "model server failed", count_attempt=True, backoff_ms=400)
+
+    waiting = await store.get(first.id)
+    assert waiting is not None and waiting.state == request_pb2.REQUEST_STATE_QUEUED
+    assert waiting.retry_at_ms > 0
+    assert to_proto(waiting).HasField("retry_at")
+    assert await store.running_count(MODEL) == 0
+    assert (await store.reap(MODEL)).back_in_line == 0  # not yet
+    other = await store.claim(MODEL, "d")  # only the later one is in line
+    assert other is not None and other.request.id == later.id
+    assert await store.requeue(other, "no slot", count_attempt=False)
+
+    for _ in range(100):  # until the backoff has passed (the reaper reads the clock)
+        await asyncio.sleep(0.05)
+        if (await store.reap(MODEL)).back_in_line:
+            break
+    back = await store.get(first.id)
+    assert back is not None and back.retry_at_ms == 0 and not to_proto(back).HasField("retry_at")
+    assert await claim_order(store, 2) == [first.id, later.id]  # its own place again
+
+
+async def test_a_request_in_backoff_can_be_cancelled_drained_or_expire(
+    store: QueueStore,
+) -> None:
+    cancelled, drained, expiring = (new_request(user=u) for u in ("c", "d", "e"))
+    for request in (cancelled, drained, expiring):
+        await store.submit(request)
+        lease = await store.claim(MODEL, "d")
+        assert lease is not None
+        assert await store.requeue(lease, "failed", count_attempt=True, backoff_ms=60_000)
+    assert await store.cancel(MODEL, cancelled.id, "", True, "changed my mind") == "cancelled"
+    # Its queue timeout passes while it waits out the backoff: it expires.
+    await store.redis.hset(ModelKeys(MODEL).request(expiring.id), "expires_ms", 1)
+    await store.redis.zadd(ModelKeys(MODEL).deadlines, {expiring.id: 1})
+    assert (await store.reap(MODEL)).expired == 1
+    assert [e.request_id for e in await store.drain(MODEL, "maintenance")] == [drained.id]
+    states = {r.id: await store.get(r.id) for r in (cancelled, drained, expiring)}
+    assert {i: r.state for i, r in states.items() if r is not None} == {
+        cancelled.id: request_pb2.REQUEST_STATE_CANCELLED,
+        drained.id: request_pb2.REQUEST_STATE_CANCELLED,
+        expiring.id: request_pb2.REQUEST_STATE_EXPIRED,
+    }
+    assert await store.redis.zcard(ModelKeys(MODEL).retrying) == 0
 
 
 async def test_queue_timeout_expires_or_falls_back(store: QueueStore) -> None:

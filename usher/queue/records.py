@@ -124,6 +124,8 @@ class StoredRequest:
     route_reason: str = ""
     #: The wait (ms) promised when it was queued; 0 when none was.
     promised_wait_ms: int = 0
+    #: While a failed attempt's retry backoff runs: when it is back in line (ms); else 0.
+    retry_at_ms: int = 0
     #: Its fair start tag (fairness.py), for the ETA.
     start: float = 0.0
     owners: frozenset[str] = frozenset()
@@ -176,6 +178,7 @@ class StoredRequest:
             lease_token=_text(raw, "lease_token"),
             route_reason=_text(raw, "route_reason"),
             promised_wait_ms=_int(raw, "promised_wait_ms"),
+            retry_at_ms=_int(raw, "retry_at_ms"),
             start=_float(raw, "start"),
             owners=owners,
             position=position,
@@ -264,6 +267,8 @@ def to_proto(
         message.deadline.CopyFrom(_timestamp(stored.deadline_ms))
     if stored.queue_timeout_ms:
         message.queue_timeout.FromMilliseconds(stored.queue_timeout_ms)
+    if state == QUEUED and stored.retry_at_ms:
+        message.retry_at.CopyFrom(_timestamp(stored.retry_at_ms))
     if state == QUEUED and stored.position > 0:
         message.position.position = stored.position
         message.position.queue_length = stored.queue_length

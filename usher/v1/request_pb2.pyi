@@ -555,6 +555,7 @@ class LlmRequest(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ROUTE_REASON_FIELD_NUMBER: _builtins.int
+    RETRY_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque id, unique across models."""
     model: _builtins.str
@@ -600,6 +601,12 @@ class LlmRequest(_message.Message):
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def retry_at(self) -> _timestamp_pb2.Timestamp:
+        """Set while a failed attempt's retry backoff runs: the request is QUEUED but not yet back
+        in line (no place, no slot held); this is when it takes its place again.
+        """
+
     def __init__(
         self,
         *,
@@ -626,10 +633,11 @@ class LlmRequest(_message.Message):
         cancel_requested: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         route_reason: _builtins.str = ...,
+        retry_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "eta", b"eta", "finished_at", b"finished_at", "position", b"position", "queue_timeout", b"queue_timeout", "result", b"result", "started_at", b"started_at", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "eta", b"eta", "finished_at", b"finished_at", "position", b"position", "queue_timeout", b"queue_timeout", "result", b"result", "retry_at", b"retry_at", "started_at", b"started_at", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline", b"deadline", "error", b"error", "eta", b"eta", "fallback_policy", b"fallback_policy", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "model", b"model", "position", b"position", "priority", b"priority", "queue_timeout", b"queue_timeout", "result", b"result", "route", b"route", "route_reason", b"route_reason", "started_at", b"started_at", "state", b"state", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline", b"deadline", "error", b"error", "eta", b"eta", "fallback_policy", b"fallback_policy", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "labels", b"labels", "model", b"model", "position", b"position", "priority", b"priority", "queue_timeout", b"queue_timeout", "result", b"result", "retry_at", b"retry_at", "route", b"route", "route_reason", b"route_reason", "started_at", b"started_at", "state", b"state", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,6 +17,8 @@ end
 if state == QUEUED then
   redis.call('ZREM', K.queue, redis.call('HGET', rk, 'member'))
   redis.call('ZREM', K.external, redis.call('HGET', rk, 'member'))
+  redis.call('ZREM', K.retrying, id)
+  redis.call('HDEL', rk, 'retry_at_ms')
   finish(id, rk, CANCELLED, ARGV[6], tonumber(ARGV[7]))
   emit(id, 'cancelled', CANCELLED, {'error', ARGV[6]})
   return 'cancelled'

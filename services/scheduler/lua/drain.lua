@@ -1,4 +1,5 @@
--- Emergency drain: end queued requests of a model (both lanes) with a reason watchers see.
+-- Emergency drain: end queued requests of a model (both lanes, and those waiting out a retry
+-- backoff) with a reason watchers see.
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 reason, 4 batch limit, 5 ttl s
 -- Returns {how many were drained in this call (call again until 0), {id, org, user, ...}}.
@@ -15,6 +16,17 @@ for _, lane in ipairs({K.queue, K.external}) do
       drained = drained + 1
       ended_entry(ended, rk, id)
     end
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', K.retrying, 0, tonumber(ARGV[4]) - 1)) do
+  redis.call('ZREM', K.retrying, id)
+  local rk = req_key(id)
+  if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
+    redis.call('HDEL', rk, 'retry_at_ms')
+    finish(id, rk, CANCELLED, ARGV[3], tonumber(ARGV[5]))
+    emit(id, 'cancelled', CANCELLED, {'error', ARGV[3]})
+    drained = drained + 1
+    ended_entry(ended, rk, id)
   end
 end
 return {drained, ended}

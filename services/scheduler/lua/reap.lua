@@ -1,11 +1,12 @@
--- Return requests whose lease expired to their original place, and end (or hand to the
--- external provider) requests whose queue timeout or deadline passed.
+-- Return requests whose lease expired, or whose retry backoff ended, to their original
+-- place, and end (or hand to the external provider) requests whose queue timeout or
+-- deadline passed.
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 batch limit, 4 ttl s, 5 dead-letter retention ms (0 = for ever)
 -- Returns {requeued, dead-lettered, expired, handed to external, {id, org, user, ...} of
--- the requests that ended, dead letters deleted}.
+-- the requests that ended, dead letters deleted, back in line after their backoff}.
 local limit, ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5] or '0')
-local requeued, dead, expired, external, pruned = 0, 0, 0, 0, 0
+local requeued, dead, expired, external, pruned, back = 0, 0, 0, 0, 0, 0
 local ended = {}
 
 for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
@@ -42,10 +43,25 @@ for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMI
   end
 end
 
+for _, id in ipairs(redis.call('ZRANGE', K.retrying, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
+  local rk = req_key(id)
+  redis.call('ZREM', K.retrying, id)
+  if tonumber(redis.call('HGET', rk, 'state')) == QUEUED and redis.call('HDEL', rk, 'retry_at_ms') == 1 then
+    local lane = K.queue
+    if tonumber(redis.call('HGET', rk, 'route')) == ROUTE_EXTERNAL then lane = K.external end
+    redis.call('ZADD', lane, redis.call('HGET', rk, 'score'), redis.call('HGET', rk, 'member'))
+    emit(id, 'queued', QUEUED, {'retried', '1'})
+    back = back + 1
+  end
+end
+
 for _, id in ipairs(redis.call('ZRANGE', K.deadlines, '-inf', NOW, 'BYSCORE', 'LIMIT', 0, limit)) do
   local rk = req_key(id)
   redis.call('ZREM', K.deadlines, id)
   if tonumber(redis.call('HGET', rk, 'state')) == QUEUED then
+    -- Its backoff may still run: it ends (or goes external) from there too.
+    redis.call('ZREM', K.retrying, id)
+    redis.call('HDEL', rk, 'retry_at_ms')
     local member = redis.call('HGET', rk, 'member')
     local deadline = tonumber(redis.call('HGET', rk, 'deadline_ms') or '0')
     local fallback = tonumber(redis.call('HGET', rk, 'fallback') or '0')
@@ -83,4 +99,4 @@ if retention > 0 then
     pruned = pruned + 1
   end
 end
-return {requeued, dead, expired, external, ended, pruned}
+return {requeued, dead, expired, external, ended, pruned, back}

@@ -4,7 +4,7 @@
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 seconds until its keys expire
 -- Returns 1 when the model was retired, 0 when it still has work.
-for _, lane in ipairs({K.queue, K.leases, K.external, K.deadlines, K.dead_letters}) do
+for _, lane in ipairs({K.queue, K.leases, K.external, K.deadlines, K.dead_letters, K.retrying}) do
   if redis.call('ZCARD', lane) > 0 then return 0 end
 end
 local ttl = tonumber(ARGV[3])

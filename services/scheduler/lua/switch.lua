@@ -14,6 +14,9 @@ if state ~= QUEUED then return 'not_queued' end
 if tonumber(redis.call('HGET', rk, 'route')) == ROUTE_EXTERNAL then return 'already' end
 local member = redis.call('HGET', rk, 'member')
 redis.call('ZREM', K.queue, member)
+-- One waiting out a retry backoff goes at once: the external provider is another server.
+redis.call('ZREM', K.retrying, id)
+redis.call('HDEL', rk, 'retry_at_ms')
 redis.call('ZADD', K.external, redis.call('HGET', rk, 'score'), member)
 -- The external lane gets its own wait limit, so a request never waits there forever.
 local expires = NOW + tonumber(ARGV[6])
