@@ -124,6 +124,9 @@ def request_json(
     if request.state == R.REQUEST_STATE_QUEUED and request.position.position:
         body["position"] = request.position.position
         body["queue_length"] = request.position.queue_length
+    if request.state == R.REQUEST_STATE_QUEUED and request.HasField("retry_at"):
+        # Waiting out a failed attempt's backoff, out of line until then (epoch seconds).
+        body["retry_at"] = request.retry_at.ToMilliseconds() / 1000
     if request.HasField("eta") and request.state in (
         R.REQUEST_STATE_QUEUED,
         R.REQUEST_STATE_RUNNING,

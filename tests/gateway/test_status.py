@@ -108,6 +108,11 @@ def test_update_json() -> None:
     assert final["result"]["text"] == "hello" and "position" not in final
     assert status.is_terminal(notifier_pb2.UPDATE_KIND_COMPLETED)
     assert not status.is_terminal(notifier_pb2.UPDATE_KIND_PROGRESS)
+    backing_off = R.LlmRequest(id="r1", state=R.REQUEST_STATE_QUEUED, attempts=1)
+    backing_off.retry_at.FromMilliseconds(1_700_000_004_500)
+    waiting = status.request_json(backing_off)
+    assert waiting["retry_at"] == 1_700_000_004.5 and "position" not in waiting
+    assert "retry_at" not in status.request_json(queued())
 
 
 def test_badges_json() -> None:
