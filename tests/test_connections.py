@@ -4,10 +4,13 @@ Redis Cluster and Sentinel setups in tests/topologies)."""
 from __future__ import annotations
 
 import pytest
+import redis
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.exceptions import AuthenticationError
 
-from usher.connections import parse_redis_url, redacted_redis_url
+from usher.connections import connect_redis, parse_redis_url, redacted_redis_url
+from usher.testing.redis_server import RedisSecurity, RedisServer
 
 
 def test_a_plain_url_passes_through_to_redis_py_without_our_options() -> None:
@@ -92,3 +95,19 @@ def test_messages_never_show_the_password() -> None:
 def test_every_seed_node_is_kept_in_order(nodes: list[tuple[str, int]]) -> None:
     url = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in nodes)
     assert parse_redis_url(url).nodes == tuple(nodes)
+
+
+async def test_a_refused_password_is_not_retried_for_the_whole_budget() -> None:
+    """A wrong password is a ConnectionError to redis-py, but waiting never mends it: the
+    call fails on the first refusal (the server's ACL LOG counts every denied AUTH), not
+    after retry_seconds of attempts."""
+    with RedisServer(security=RedisSecurity(password="right")) as server:
+        client = connect_redis(f"redis://:wrong@127.0.0.1:{server.port}/0?retry_seconds=30")
+        try:
+            with pytest.raises(AuthenticationError):
+                await client.get("anything")
+        finally:
+            await client.aclose()
+        with redis.Redis(port=server.port, password="right") as admin:
+            log = admin.acl_log()
+    assert sum(int(entry["count"]) for entry in log if entry["reason"] == "auth") == 1

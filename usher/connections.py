@@ -30,6 +30,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     BusyLoadingError,
     ConnectionError,
     ReadOnlyError,
@@ -188,8 +190,18 @@ def redacted_redis_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+def _retryable(error: Exception) -> bool:
+    # A refused password or user is a ConnectionError to redis-py, but no wait mends it:
+    # retrying only delayed the answer (a minute on a Cluster's 30 s budget).
+    return not isinstance(error, AuthenticationError | AuthorizationError)
+
+
 def _retry(seconds: float) -> Retry:
-    return Retry(ExponentialBackoff(cap=0.5, base=0.02), max(1, int(seconds / 0.25)))
+    return Retry(
+        ExponentialBackoff(cap=0.5, base=0.02),
+        max(1, int(seconds / 0.25)),
+        is_retryable=_retryable,
+    )
 
 
 # A primary that was demoted answers writes with READONLY until clients follow the new one;
