@@ -338,7 +338,7 @@ async def test_ollama_stream_sends_headers_at_once_and_errors_in_stream(
         assert stream.status == 200
         request_id = stream.headers["X-Usher-Request-Id"]
         lines = [json.loads(line) async for line in stream.content if line.strip()]
-    assert lines[-1]["code"] == "timeout" and lines[-1]["error"]
+    assert lines[-1].get("code") == "timeout" and lines[-1]["error"], lines[-3:]
     expired = await services.get(request_id)
     assert expired.state == S.REQUEST_STATE_EXPIRED
     # The official client raises the error line as Ollama's own would.

@@ -47,6 +47,11 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
+#: How long a service may take to listen. A second when the machine is idle; the 8 processes
+#: of a multi-replica stack starting side by side beside other suites on 2 cores took over 20.
+READY_SECONDS = 60.0
+
+
 class ServiceProcess:
     """``python -m <module>`` with the given environment, listening on ``port``."""
 
@@ -65,7 +70,7 @@ class ServiceProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> ServiceProcess:
+    def start(self, timeout: float = READY_SECONDS) -> ServiceProcess:
         return self.launch().ready(timeout)
 
     def launch(self) -> ServiceProcess:
@@ -79,11 +84,21 @@ class ServiceProcess:
         )
         return self
 
-    def ready(self, timeout: float = 20.0) -> ServiceProcess:
+    def ready(self, timeout: float = READY_SECONDS) -> ServiceProcess:
         """Wait until the launched process listens on its port."""
         assert self.process is not None, "launch() first"
-        wait_for_port(self.port, timeout, self.process)
+        try:
+            wait_for_port(self.port, timeout, self.process)
+        except (TimeoutError, RuntimeError) as exc:
+            raise type(exc)(f"{self.module}: {exc}{self._log_tail()}") from None
         return self
+
+    def _log_tail(self, lines: int = 5) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, "rb") as log:
+            tail = log.read()[-4000:].decode(errors="replace").strip().splitlines()[-lines:]
+        return "; its log ends: " + " | ".join(tail) if tail else ""
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up (as in a node crash)."""
