@@ -138,6 +138,9 @@ class Dispatcher:
                 raw = cast(set[bytes], await self.store.redis.smembers(keys.MODELS))
                 models = sorted(m.decode() for m in raw)
                 self._models = (time.monotonic(), models)
+            # A model first queued here since the set was read is read too (its count is
+            # not to be lost to a set read before it joined).
+            models = sorted({*models, *self._demand[0], *self._demand[1]})
             self._changes_during_read = []
             try:
                 async with self.store.redis.pipeline(transaction=False) as pipe:
