@@ -448,7 +448,11 @@ class LocalStack:
         # side by side instead of one after another.
         services = [*self.gateways, *self.notifiers, *self.schedulers, *self.pools]
         if self.serve is not None:
-            services = [self.serve]
+            # The four aliases of the one process stop with it; a replica a test started
+            # beside it (a second Notifier, say) stops as in the trio: it used to outlive
+            # the suite.
+            alone = self.serve.process
+            services = [self.serve, *(p for p in services if p.process is not alone)]
         for process in services:
             process.signal_stop()
         for process in services:
