@@ -48,18 +48,18 @@ class NotifierApp:
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.redis = connect_redis(settings.redis_url)
-        self.store = QueueReader(self.redis, QueueDefaults(), sealer_from_env())
+        self.queue = QueueReader(self.redis, QueueDefaults(), sealer_from_env())
         self.fanout = Fanout(
-            self.store,
+            self.queue,
             settings.position_interval_seconds,
             settings.position_updates_per_second,
         )
         # Capacity per model comes from the Pool through Redis (usher.keys.POOL_CAPACITY).
         self.board = BadgeBoard(
-            self.store, None, settings.external_alternative, settings.badge_interval_seconds
+            self.queue, None, settings.external_alternative, settings.badge_interval_seconds
         )
         servicer = NotifierServicer(
-            self.store, self.fanout, self.board, Authenticator.from_env(settings.tokens)
+            self.queue, self.fanout, self.board, Authenticator.from_env(settings.tokens)
         )
         #: The servicer, for the gRPC server and for an in-process channel (usher serve).
         self.registrations = [

@@ -28,12 +28,12 @@ CapacitySource = Callable[[Sequence[str]], Awaitable[dict[str, int]]]
 class BadgeBoard:
     def __init__(
         self,
-        store: QueueReader,
+        queue: QueueReader,
         capacity: CapacitySource | None = None,
         external_alternative: str = "",
         interval: float = 1.0,
     ) -> None:
-        self.store = store
+        self.queue = queue
         self._capacity = capacity
         self.external_alternative = external_alternative
         self.interval = interval
@@ -67,13 +67,13 @@ class BadgeBoard:
         return [self._badges[m] for m in models if m in self._badges]
 
     async def refresh(self, extra_models: Sequence[str] = ()) -> None:
-        models = sorted(set(await self.store.models()) | set(extra_models) | set(self._named))
+        models = sorted(set(await self.queue.models()) | set(extra_models) | set(self._named))
         capacity = await self._capacity(models) if self._capacity else {}
-        counts, self.external_available = await self.store.badge_counts(models)
+        counts, self.external_available = await self.queue.badge_counts(models)
         fresh: dict[str, notifier_pb2.QueueBadge] = {}
         for i, model in enumerate(models):
-            averages, parallel = await self.store.model_averages(model)
-            config = await self.store.config(model)
+            averages, parallel = await self.queue.model_averages(model)
+            config = await self.queue.config(model)
             fresh[model] = updates.badge(
                 updates.BadgeInputs(
                     model=model,

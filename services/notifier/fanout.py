@@ -251,8 +251,8 @@ class AveragesCache:
     """Model averages for ETAs, read at most once a second per model by one caller while
     the others keep using the previous value (no herd of watchers reading the same hash)."""
 
-    def __init__(self, store: QueueReader, ttl: float = AVERAGES_TTL_SECONDS) -> None:
-        self.store = store
+    def __init__(self, queue: QueueReader, ttl: float = AVERAGES_TTL_SECONDS) -> None:
+        self.queue = queue
         self.ttl = ttl
         self._values: dict[str, tuple[float, tuple[ModelAverages, int]]] = {}
         self._loading: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
@@ -262,7 +262,7 @@ class AveragesCache:
         entry = self._values.get(model)
         if entry is not None:
             return entry[1]
-        return self.store.cached_averages(model), self.store.defaults.parallel
+        return self.queue.cached_averages(model), self.queue.defaults.parallel
 
     async def get(self, model: str) -> tuple[ModelAverages, int]:
         """Fresh enough averages: the cached value while a refresh runs in the background;
@@ -281,7 +281,7 @@ class AveragesCache:
 
     async def _load(self, model: str) -> tuple[ModelAverages, int]:
         try:
-            value = await self.store.model_averages(model)
+            value = await self.queue.model_averages(model)
             self._values[model] = (time.monotonic() + self.ttl, value)
             return value
         finally:
@@ -296,15 +296,15 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 class Fanout:
     def __init__(
         self,
-        store: QueueReader,
+        queue: QueueReader,
         position_interval: float = 0.2,
         position_rate: float = 2000.0,
     ) -> None:
-        self.store = store
+        self.queue = queue
         self.position_interval = position_interval
         #: Position messages per second, at most (all watchers together).
         self.position_rate = max(1.0, position_rate)
-        self.averages = AveragesCache(store)
+        self.averages = AveragesCache(queue)
         self._groups: dict[str, Watched] = {}
         self._by_model: dict[str, dict[str, Watched]] = {}
         self._subscribers: set[Subscriber] = set()
@@ -364,7 +364,7 @@ class Fanout:
         now = time.monotonic()
         if now - fetched_at < MODELS_TTL_SECONDS:
             return models
-        models = await self.store.models()
+        models = await self.queue.models()
         self._models_cache = (now, models)
         return models
 
@@ -380,7 +380,7 @@ class Fanout:
             if not first_scan:
                 self._last_ids[model] = "0-0"
                 continue
-            self._last_ids[model] = await self.store.events_end(model)
+            self._last_ids[model] = await self.queue.events_end(model)
 
     async def prime(self) -> None:
         """Note where every model's stream ends now. Called before the server takes Watch
@@ -397,7 +397,7 @@ class Fanout:
         streams = {ModelKeys(m).events: self._last_ids[m] for m in models}
         by_stream = {ModelKeys(m).events: m for m in models}
         events: list[Event] = []
-        for stream, entries in await self.store.read_streams(streams, block_ms):
+        for stream, entries in await self.queue.read_streams(streams, block_ms):
             model = by_stream[stream.decode()]
             for entry_id, raw in entries:
                 self._last_ids[model] = entry_id.decode()
@@ -435,7 +435,7 @@ class Fanout:
     async def read_requests(self, wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
         """The current records of the given requests (id → model), with their places,
         prompts left out; None for one that is gone. Their queue members are kept."""
-        found, members = await self.store.watched_requests(wanted)
+        found, members = await self.queue.watched_requests(wanted)
         for request_id, member in members.items():
             group = self._groups.get(request_id)
             if group is not None:
@@ -523,10 +523,10 @@ class Fanout:
         """1-based places of the given requests, and the queue's length: one read of the
         whole queue when the watched are a good share of it, else one ZRANK each (so a
         long queue with few watchers costs work per watcher, not per queued request)."""
-        length = await self.store.queue_length(model)
+        length = await self.queue.queue_length(model)
         ranks: dict[str, int] = {}
         if len(groups) * FULL_READ_RATIO > length:
-            queue = await self.store.queue_members(model)
+            queue = await self.queue.queue_members(model)
             wanted = {g.request_id.encode(): g.request_id for g in groups}
             for place, member in enumerate(queue, 1):
                 request_id = wanted.get(member[-_ID_LENGTH:])
@@ -535,11 +535,11 @@ class Fanout:
             return ranks, len(queue)
         unknown = [g for g in groups if g.member is None]
         if unknown:
-            members = await self.store.members_of(model, [g.request_id for g in unknown])
+            members = await self.queue.members_of(model, [g.request_id for g in unknown])
             for group, known in zip(unknown, members, strict=True):
                 group.member = known
         ranked = [g for g in groups if g.member is not None]
-        found = await self.store.ranks(model, [cast(bytes, g.member) for g in ranked])
+        found = await self.queue.ranks(model, [cast(bytes, g.member) for g in ranked])
         for group, rank in zip(ranked, found, strict=True):
             if rank is not None:
                 ranks[group.request_id] = rank + 1

@@ -57,9 +57,9 @@ class _Cursor:
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     def __init__(
-        self, store: QueueReader, fanout: Fanout, board: BadgeBoard, auth: Authenticator
+        self, queue: QueueReader, fanout: Fanout, board: BadgeBoard, auth: Authenticator
     ) -> None:
-        self.store = store
+        self.queue = queue
         self.fanout = fanout
         self.board = board
         self.auth = auth
@@ -72,7 +72,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("id", f"{request_id[:40]!r} is not a request id")]
             )
-        stored = await self.store.get(request_id)
+        stored = await self.queue.get(request_id)
         if stored is None:
             raise NotFound(f"request {request_id} not found")
         # The service role is the gateway watching for a browser whose signed watch token it
@@ -88,7 +88,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         return replace(stored, payload=b"", owners=frozenset())
 
     def _text(self, fields: dict[str, str], request_id: str) -> str:
-        return self.store.sealer.open_text(fields.get("text", ""), request_id)
+        return self.queue.sealer.open_text(fields.get("text", ""), request_id)
 
     async def _view(self, stored: StoredRequest) -> request_pb2.LlmRequest:
         averages, parallel = await self.fanout.averages.get(stored.model)
@@ -161,7 +161,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         attempt so far, and the last event id (in a function of its own, so the history
         read for it is not kept alive for the stream's life)."""
         stored = cursor.stored
-        history = await self.store.request_events(stored.model, stored.id, "0-0")
+        history = await self.queue.request_events(stored.model, stored.id, "0-0")
         so_far = _current_attempt_tokens([f for _, f in history])
         text = "".join(self._text(f, stored.id) for f in so_far)
         cursor.tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
@@ -169,7 +169,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             cursor.advance(history[-1][0])
             if history[-1][1].get("state") != str(stored.state):
                 # It moved on between the two reads: show it as of the last event read.
-                fresh = await self.store.inspect(stored.model, stored.id)
+                fresh = await self.queue.inspect(stored.model, stored.id)
                 if fresh is not None:
                     cursor.stored = replace(fresh, payload=b"")
                     cursor.view = await self._view(cursor.stored)
@@ -191,7 +191,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     async def _catch_up(self, cursor: _Cursor) -> AsyncIterator[notifier_pb2.WatchResponse]:
         """Replay the request's events after the cursor from its own stream."""
         stored = cursor.stored
-        for event_id, fields in await self.store.request_events(
+        for event_id, fields in await self.queue.request_events(
             stored.model, stored.id, cursor.last
         ):
             yield await self._live(cursor, Update({**fields, "eid": event_id}))
@@ -256,7 +256,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         if update.read:
             fresh = update.snapshot  # read once for all watchers by the fan-out
         else:
-            fresh = await self.store.inspect(cursor.stored.model, cursor.stored.id)
+            fresh = await self.queue.inspect(cursor.stored.model, cursor.stored.id)
             if fresh is not None:
                 fresh = replace(fresh, payload=b"")
                 cursor.stored = fresh
