@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -122,22 +123,26 @@ class OllamaHttp(ApiRoutes):
         return json_response({"version": self.settings.ollama_version})
 
     async def tags(self, request: web.Request) -> web.Response:
-        ex = Exchange(request, "ollama")
-        try:
-            instances = await self._fleet()
-        except GatewayError as error:
-            return self._error(ex, error)
-        metadata = await self.backend.tag_metadata(instances)
-        return json_response(views.tags_body(instances, metadata))
+        return await self._models_view(request, views.tags_body)
 
     async def ps(self, request: web.Request) -> web.Response:
+        return await self._models_view(request, views.ps_body)
+
+    async def _models_view(
+        self,
+        request: web.Request,
+        render: Callable[
+            [Sequence[pool_pb2.InstanceStatus], Mapping[str, Mapping[str, Any]]], dict[str, Any]
+        ],
+    ) -> web.Response:
+        """The fleet's models as /api/tags or /api/ps shows them."""
         ex = Exchange(request, "ollama")
         try:
             instances = await self._fleet()
         except GatewayError as error:
             return self._error(ex, error)
         metadata = await self.backend.tag_metadata(instances)
-        return json_response(views.ps_body(instances, metadata))
+        return json_response(render(instances, metadata))
 
     async def show(self, request: web.Request) -> web.Response:
         ex = Exchange(request, "ollama")

@@ -20,11 +20,11 @@ from tests.topologies.conftest import MODELS, TopologyServers
 from tests.topologies.test_topologies import (
     ALICE,
     Load,
+    every_model_watched,
     final_states,
     stack_on,
     stubs,
     submit_request,
-    watch_to_end,
 )
 from usher.connections import connect_redis
 from usher.testing.certs import make_certificates
@@ -128,13 +128,7 @@ async def test_the_whole_flow_runs_on_protected_servers(
     running request cancelled (its cancel is published on the cancel channel)."""
     with stack_on(secured, tmp_path, tokens_per_second=8) as stack:
         async with stubs(stack) as (scheduler, notifier):
-            submitted = [
-                await scheduler.Submit(submit_request(m, f"hello {m}"), metadata=ALICE)
-                for m in MODELS
-            ]
-            watched = await asyncio.gather(
-                *(watch_to_end(notifier, s.request.id) for s in submitted)
-            )
+            watched = await every_model_watched(scheduler, notifier)
             for model, updates in zip(MODELS, watched, strict=True):
                 final = updates[-1]
                 assert final.kind == notifier_pb2.UPDATE_KIND_COMPLETED, (model, final)

@@ -89,6 +89,17 @@ async def watch_to_end(
     ]
 
 
+async def every_model_watched(
+    scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+    notifier: notifier_pb2_grpc.NotifierServiceAsyncStub,
+) -> list[list[notifier_pb2.WatchResponse]]:
+    """One request per model, each watched to its end (in MODELS' order)."""
+    submitted = [
+        await scheduler.Submit(submit_request(m, f"hello {m}"), metadata=ALICE) for m in MODELS
+    ]
+    return await asyncio.gather(*(watch_to_end(notifier, s.request.id) for s in submitted))
+
+
 def primaries_of_models(servers: LocalRedisCluster) -> set[int]:
     """The primaries (ports) whose slots hold the models' keys."""
     client = redis.RedisCluster(host="127.0.0.1", port=servers.nodes[0].port)
@@ -109,13 +120,7 @@ async def test_the_whole_flow_runs_on_twelve_models_across_slots(
         assert len(primaries_of_models(topology)) == 3  # every primary holds some model
     with stack_on(topology, tmp_path) as stack:
         async with stubs(stack) as (scheduler, notifier):
-            submitted = [
-                await scheduler.Submit(submit_request(m, f"hello {m}"), metadata=ALICE)
-                for m in MODELS
-            ]
-            watched = await asyncio.gather(
-                *(watch_to_end(notifier, s.request.id) for s in submitted)
-            )
+            watched = await every_model_watched(scheduler, notifier)
             for model, updates in zip(MODELS, watched, strict=True):
                 final = updates[-1]
                 assert final.kind == notifier_pb2.UPDATE_KIND_COMPLETED, (model, final)
