@@ -48,7 +48,9 @@ async def session(stack: LocalStack) -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def busy(services: Services) -> AsyncIterator[Ahead]:
-    ahead = Ahead(services)
+    # HIGH: a slot that frees between bob's Submits and the test's own must not let the
+    # test's request (alice's, fairer by usage) start before bob's.
+    ahead = Ahead(services, S.PRIORITY_HIGH)
     yield ahead
     await ahead.release()
 
