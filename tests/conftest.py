@@ -6,9 +6,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings as hypothesis_settings
 
 from usher.connections import connect_redis
 from usher.testing.redis_server import ExternalRedis, RedisServer, redis_for_tests
+
+# No per-example deadline: on a loaded 2-core machine hypothesis's default 200 ms fails
+# examples that are merely slow, and speed is the benchmarks' business, not the tests'.
+hypothesis_settings.register_profile("usher", deadline=None)
+hypothesis_settings.load_profile("usher")
 
 
 @pytest.fixture(scope="session")
