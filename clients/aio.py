@@ -582,12 +582,18 @@ class AsyncUsherClient:
     # -- live status ---------------------------------------------------------------------
 
     async def watch(
-        self, request_id: str, last_event_id: str = "", *, timeout: float | None = None
+        self,
+        request_id: str,
+        last_event_id: str = "",
+        *,
+        timeout: float | None = None,
+        model: str = "",
     ) -> AsyncGenerator[Update, None]:
         """Every update of a request until it ends (the first is its status now, unless
         resuming after ``last_event_id``). A dropped stream is resumed from the last event
         delivered: nothing is missed and no event is delivered twice. ``timeout`` bounds
-        the whole watch (None: until the request ends)."""
+        the whole watch (None: until the request ends). ``model``, the request's model when
+        known, spares the Notifier a lookup."""
         last = last_event_id
         reconnects = _Reconnects("Watch", self.retry)
         ends_at = None if timeout is None else time.monotonic() + timeout
@@ -599,7 +605,7 @@ class AsyncUsherClient:
                     raise DeadlineExceeded(f"watching {request_id} took longer than {timeout}s")
             attempt_started = time.monotonic()
             call = self._notifier.Watch(
-                notifier_pb2.WatchRequest(id=request_id, last_event_id=last),
+                notifier_pb2.WatchRequest(id=request_id, last_event_id=last, model=model),
                 metadata=self._metadata(),
                 timeout=attempt_timeout,
             )
@@ -607,6 +613,7 @@ class AsyncUsherClient:
             try:
                 async for response in call:
                     reconnects.progress()
+                    model = response.request.model
                     if response.event_id:
                         if _already_seen(response.event_id, last):
                             continue

@@ -132,8 +132,12 @@ class RequestFlow:
         attempt = ""  # text of the current run
         resumes = 0
         while True:
+            # The model as Submit answered it spares the Notifier a lookup.
+            model = self.latest.model if self.latest is not None else self.model
             call = self.backend.notifier.Watch(
-                notifier_pb2.WatchRequest(id=self.request_id, last_event_id=last_event_id),
+                notifier_pb2.WatchRequest(
+                    id=self.request_id, last_event_id=last_event_id, model=model
+                ),
                 metadata=bearer(self.token),
                 timeout=self._remaining(),
             )

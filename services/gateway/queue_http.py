@@ -386,14 +386,16 @@ class QueueHttp:
     ) -> AsyncGenerator[notifier_pb2.WatchResponse, None]:
         """Notifier.Watch until the request ends, resumed after the last event on a break."""
         resumes = 0
+        model = ""  # learnt from the first update: a resumed watch names it (no lookup)
         while True:
             call = self.backend.notifier.Watch(
-                notifier_pb2.WatchRequest(id=request_id, last_event_id=last_event_id),
+                notifier_pb2.WatchRequest(id=request_id, last_event_id=last_event_id, model=model),
                 metadata=bearer(credential.token),
             )
             try:
                 async for update in call:
                     resumes = 0
+                    model = update.request.model
                     if update.event_id:
                         last_event_id = update.event_id
                     yield update

@@ -235,11 +235,12 @@ class Watched:
 
     __slots__ = ("member", "model", "position", "queued", "request_id", "stored", "subscribers")
 
-    def __init__(self, stored: StoredRequest) -> None:
-        self.request_id = stored.id
-        self.model = stored.model
-        self.stored = stored
-        self.queued = stored.state == QUEUED
+    def __init__(self, request_id: str, model: str) -> None:
+        self.request_id = request_id
+        self.model = model
+        #: The request as last read (prompt left out); None until its first watcher's read.
+        self.stored: StoredRequest | None = None
+        self.queued = False
         #: Its member in the queue's sorted set (fixed at enqueue), once read.
         self.member: bytes | None = None
         #: Last place computed; None forces the next round to consider it.
@@ -270,14 +271,27 @@ class AveragesCache:
         entry = self._values.get(model)
         if entry is not None and entry[0] > time.monotonic():
             return entry[1]
+        loading = self._refresh(model)
+        if entry is not None:
+            return entry[1]
+        return await asyncio.shield(loading)
+
+    def peek(self, model: str) -> tuple[ModelAverages, int]:
+        """The cached value (defaults before the first read), never waiting: for a request
+        that is not queued, whose ETA does not count places. A stale value is refreshed in
+        the background, for later callers."""
+        entry = self._values.get(model)
+        if entry is None or entry[0] <= time.monotonic():
+            self._refresh(model)
+        return self.cached(model)
+
+    def _refresh(self, model: str) -> asyncio.Future[tuple[ModelAverages, int]]:
         loading = self._loading.get(model)
         if loading is None:
             loading = asyncio.ensure_future(self._load(model))
             loading.add_done_callback(_retrieve)  # a failed refresh nobody awaited: no warning
             self._loading[model] = loading
-        if entry is not None:
-            return entry[1]
-        return await asyncio.shield(loading)
+        return loading
 
     async def _load(self, model: str) -> tuple[ModelAverages, int]:
         try:
@@ -323,21 +337,36 @@ class Fanout:
     # ---- subscriptions ----------------------------------------------------------------------
 
     def subscribe(self, stored: StoredRequest) -> Subscriber:
-        group = self._groups.get(stored.id)
+        """``join`` and ``opened`` at once, for a request already read."""
+        subscriber = self.join(stored.id, stored.model)
+        self.opened(subscriber, stored)
+        return subscriber
+
+    def join(self, request_id: str, model: str) -> Subscriber:
+        """A new watcher of a request, before its record is read (so no event can fall
+        between the read and the subscription); ``opened`` completes it."""
+        group = self._groups.get(request_id)
         if group is None:
-            group = self._groups[stored.id] = Watched(stored)
-            self._by_model.setdefault(stored.model, {})[stored.id] = group
-            if stored.model not in self._last_ids:
+            group = self._groups[request_id] = Watched(request_id, model)
+            self._by_model.setdefault(model, {})[request_id] = group
+            if model not in self._last_ids:
                 self._models_cache = (0.0, [])  # a model the reader does not know yet
         subscriber = Subscriber(group)
-        if stored.state == QUEUED:
-            subscriber.told = (stored.position, stored.queue_length)
         group.subscribers.append(subscriber)
         self._subscribers.add(subscriber)
+        return subscriber
+
+    def opened(self, subscriber: Subscriber, stored: StoredRequest) -> None:
+        """The watcher's request as its watch read it (prompt and owners left out)."""
+        group = subscriber.group
+        if group.stored is None:
+            group.stored = stored
+            group.queued = stored.state == QUEUED
+        if stored.state == QUEUED:
+            subscriber.told = (stored.position, stored.queue_length)
         if group.queued:
             group.position = None
-            self._dirty.add(stored.model)
-        return subscriber
+            self._dirty.add(group.model)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
@@ -506,6 +535,8 @@ class Fanout:
             if not group.queued or not group.subscribers:
                 continue
             update: PositionUpdate | None = None
+            if group.stored is None:
+                continue
             for subscriber in group.subscribers:
                 if subscriber.told == place:
                     continue

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from services.notifier import updates
 from services.notifier.badges import BadgeBoard
-from services.notifier.fanout import Fanout, PositionUpdate, Update
+from services.notifier.fanout import Fanout, PositionUpdate, Subscriber, Update
 from usher import messages, metrics
 from usher.auth import SERVICE_ROLE, Authenticator, Principal
 from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
@@ -17,7 +17,8 @@ from usher.grpc_types import Context
 from usher.ids import event_id_key, is_event_id, is_request_id
 from usher.logs import get_logger
 from usher.queue import records
-from usher.queue.reads import QueueReader
+from usher.queue.eta import ModelAverages
+from usher.queue.reads import Entries, QueueReader, WatchStart
 from usher.queue.records import StoredRequest
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2
 
@@ -32,6 +33,8 @@ _TERMINAL_KIND = {
     request_pb2.REQUEST_STATE_EXPIRED: K.UPDATE_KIND_EXPIRED,
 }
 _MAX_BADGE_MODELS = 100
+#: A model hint longer than any model name is a mistake, not a hint.
+_MAX_MODEL_HINT = 400
 
 
 class _Cursor:
@@ -67,32 +70,65 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
 
-    async def _owned(self, request_id: str, caller: Principal) -> StoredRequest:
+    async def _open(
+        self, request: notifier_pb2.WatchRequest, caller: Principal
+    ) -> tuple[Subscriber, WatchStart]:
+        """Subscribe, then read the request and its events at one instant and check the
+        caller may watch it: one round trip when the model is given (a lookup first when
+        not, or when the one given does not hold the request)."""
+        request_id = request.id
         if not is_request_id(request_id):
             raise InvalidArgument(
                 [FieldViolation("id", f"{request_id[:40]!r} is not a request id")]
             )
-        stored = await self.queue.get(request_id)
-        if stored is None:
-            raise NotFound(f"request {request_id} not found")
-        # The service role is the gateway watching for a browser whose signed watch token it
-        # checked for this request (services.gateway.watch_tokens).
-        if (
-            caller.tenant not in stored.owners
-            and not caller.is_admin
-            and SERVICE_ROLE not in caller.roles
-        ):
-            raise PermissionDenied(f"request {request_id} belongs to another caller")
-        # Neither the prompt nor the owners are shown to a watcher: do not keep them for the
-        # stream's life.
-        return replace(stored, payload=b"", owners=frozenset())
+        if len(request.model) > _MAX_MODEL_HINT:
+            raise InvalidArgument([FieldViolation("model", "is not a model name")])
+        after = request.last_event_id or "0-0"
+        model = request.model or await self.queue.model_of(request_id)
+        start: WatchStart | None = None
+        subscriber: Subscriber | None = None
+        try:
+            if model is not None:
+                # Subscribe before reading history so nothing falls between the two.
+                subscriber = self.fanout.join(request_id, model)
+                start = await self.queue.open_watch(model, request_id, after)
+            if start is None and request.model:
+                actual = await self.queue.model_of(request_id)
+                if actual is not None and actual != model:
+                    if subscriber is not None:
+                        self.fanout.unsubscribe(subscriber)
+                    subscriber = self.fanout.join(request_id, actual)
+                    start = await self.queue.open_watch(actual, request_id, after)
+            if start is None or subscriber is None:
+                raise NotFound(f"request {request_id} not found")
+            stored = start.stored
+            # The service role is the gateway watching for a browser whose signed watch
+            # token it checked for this request (services.gateway.watch_tokens).
+            if (
+                caller.tenant not in stored.owners
+                and not caller.is_admin
+                and SERVICE_ROLE not in caller.roles
+            ):
+                raise PermissionDenied(f"request {request_id} belongs to another caller")
+            # The owners are not shown to a watcher: not kept for the stream's life (the
+            # prompt was not read).
+            stored = replace(stored, owners=frozenset())
+            self.fanout.opened(subscriber, stored)
+            return subscriber, WatchStart(stored, start.events)
+        except BaseException:
+            if subscriber is not None:
+                self.fanout.unsubscribe(subscriber)
+            raise
 
     def _text(self, fields: dict[str, str], request_id: str) -> str:
         return self.queue.sealer.open_text(fields.get("text", ""), request_id)
 
-    async def _view(self, stored: StoredRequest) -> request_pb2.LlmRequest:
-        averages, parallel = await self.fanout.averages.get(stored.model)
-        return records.to_proto(stored, averages, parallel)
+    async def _averages(self, stored: StoredRequest) -> tuple[ModelAverages, int]:
+        """ETA inputs: read (at most once per cache period) for a queued request, whose ETA
+        counts places; the cached ones otherwise, without waiting."""
+        if stored.state == records.QUEUED:
+            return await self.fanout.averages.get(stored.model)
+        return self.fanout.averages.peek(stored.model)
 
     async def Watch(
         self, request: notifier_pb2.WatchRequest, context: Context
@@ -102,26 +138,28 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("last_event_id", "is not an event id this service gave out")]
             )
-        stored = await self._owned(request.id, caller)
-        # Subscribe before reading history so nothing falls between the two.
-        subscriber = self.fanout.subscribe(stored)
+        subscriber, start = await self._open(request, caller)
         metrics.WATCHERS.inc()
         # One generator for the whole stream (no inner one to pass each update through).
         try:
-            averages, _ = await self.fanout.averages.get(stored.model)
-            cursor = _Cursor(stored, await self._view(stored), max(1.0, averages.output_tokens))
+            stored = start.stored
+            averages = await self._averages(stored)
+            cursor = _Cursor(
+                stored, records.to_proto(stored, *averages), max(1.0, averages[0].output_tokens)
+            )
             if request.last_event_id:
                 cursor.advance(request.last_event_id)
-                async for response in self._catch_up(cursor):
+                for response in await self._replay(cursor, start, averages):
                     yield response
                     if updates.is_terminal_kind(response.kind):
                         return
             else:
                 # A new watcher gets the status now plus all output so far, in one message
                 # (not kept in this frame: it can be large).
-                yield await self._snapshot(cursor)
+                yield self._snapshot(cursor, start.events)
                 if cursor.view.state in _TERMINAL_KIND:
                     return
+            del start
             view = cursor.view
             subscriber.told = (view.position.position, view.position.queue_length)
             if cursor.stored.is_terminal:
@@ -130,7 +168,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 item = await subscriber.get()
                 if item is None:
                     # Fell behind (or quiet for long): replay from the last event sent.
-                    async for response in self._catch_up(cursor):
+                    for response in await self._catch_up(cursor):
                         yield response
                         if updates.is_terminal_kind(response.kind):
                             return
@@ -156,23 +194,15 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             metrics.WATCHERS.dec()
             self.fanout.unsubscribe(subscriber)
 
-    async def _snapshot(self, cursor: _Cursor) -> notifier_pb2.WatchResponse:
+    def _snapshot(self, cursor: _Cursor, history: Entries) -> notifier_pb2.WatchResponse:
         """The first message of a new watch: the request now, all output of its current
-        attempt so far, and the last event id (in a function of its own, so the history
-        read for it is not kept alive for the stream's life)."""
+        attempt so far, and the last event id (read at the same instant as the request)."""
         stored = cursor.stored
-        history = await self.queue.request_events(stored.model, stored.id, "0-0")
         so_far = _current_attempt_tokens([f for _, f in history])
         text = "".join(self._text(f, stored.id) for f in so_far)
         cursor.tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
         if history:
             cursor.advance(history[-1][0])
-            if history[-1][1].get("state") != str(stored.state):
-                # It moved on between the two reads: show it as of the last event read.
-                fresh = await self.queue.inspect(stored.model, stored.id)
-                if fresh is not None:
-                    cursor.stored = replace(fresh, payload=b"")
-                    cursor.view = await self._view(cursor.stored)
         # A finished request's snapshot is its final update, so every watch ends on one.
         kind = _TERMINAL_KIND.get(cursor.view.state, K.UPDATE_KIND_SNAPSHOT)
         tokens = cursor.tokens
@@ -188,13 +218,28 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         _count(kind)
         return response
 
-    async def _catch_up(self, cursor: _Cursor) -> AsyncIterator[notifier_pb2.WatchResponse]:
-        """Replay the request's events after the cursor from its own stream."""
+    async def _replay(
+        self, cursor: _Cursor, start: WatchStart, averages: tuple[ModelAverages, int]
+    ) -> list[notifier_pb2.WatchResponse]:
+        """The responses to events read with the request at one instant: each state change
+        shows the request as read then (as the state its event announced)."""
+        return [
+            await self._live(
+                cursor, Update({**fields, "eid": event_id}, start.stored, True, averages)
+            )
+            for event_id, fields in start.events
+        ]
+
+    async def _catch_up(self, cursor: _Cursor) -> list[notifier_pb2.WatchResponse]:
+        """Replay the request's events after the cursor, read again with the request."""
         stored = cursor.stored
-        for event_id, fields in await self.queue.request_events(
-            stored.model, stored.id, cursor.last
-        ):
-            yield await self._live(cursor, Update({**fields, "eid": event_id}))
+        start = await self.queue.open_watch(stored.model, stored.id, cursor.last)
+        if start is None:
+            return []
+        fresh = replace(start.stored, owners=frozenset())
+        return await self._replay(
+            cursor, WatchStart(fresh, start.events), await self._averages(fresh)
+        )
 
     async def _live(self, cursor: _Cursor, update: Update) -> notifier_pb2.WatchResponse:
         """The response to one event. What every watcher of the request would build alike

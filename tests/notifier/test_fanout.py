@@ -56,7 +56,7 @@ def _stored(request_id: str = "01JAAAAAAAAAAAAAAAAAAAAAAA") -> StoredRequest:
 
 
 async def test_mailbox_keeps_order_and_coalesces_positions() -> None:
-    subscriber = Subscriber(Watched(_stored()))
+    subscriber = Subscriber(Watched(_stored().id, MODEL))
     first, second = Update({"eid": "1-0"}), Update({"eid": "2-0"})
     averages = (ModelAverages(30.0), 1)
     subscriber.offer(first)
@@ -70,7 +70,7 @@ async def test_mailbox_keeps_order_and_coalesces_positions() -> None:
 
 
 async def test_a_watcher_that_falls_behind_is_told_to_replay() -> None:
-    subscriber = Subscriber(Watched(_stored()))
+    subscriber = Subscriber(Watched(_stored().id, MODEL))
     for i in range(SUBSCRIBER_BUFFER + 1):
         subscriber.offer(Update({"eid": f"{i + 1}-0"}))
     assert subscriber.lagged
@@ -79,7 +79,7 @@ async def test_a_watcher_that_falls_behind_is_told_to_replay() -> None:
 
 
 async def test_a_waiting_watcher_wakes_on_an_update() -> None:
-    subscriber = Subscriber(Watched(_stored()))
+    subscriber = Subscriber(Watched(_stored().id, MODEL))
     waiting = asyncio.ensure_future(subscriber.get())
     await asyncio.sleep(0.01)
     assert not waiting.done()

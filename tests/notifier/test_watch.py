@@ -50,11 +50,14 @@ async def _complete(store: QueueStore, lease: Lease, text: str = "done") -> None
 class Watcher:
     """One Watch call, its updates collected as they arrive."""
 
-    def __init__(self, notifier: NotifierClient, request_id: str, last: str = "") -> None:
+    def __init__(
+        self, notifier: NotifierClient, request_id: str, last: str = "", model: str = ""
+    ) -> None:
         self.updates: list[notifier_pb2.WatchResponse] = []
         self.arrived = asyncio.Event()
         self.call = notifier.stub.Watch(
-            K.WatchRequest(id=request_id, last_event_id=last), metadata=notifier.auth("alice")
+            K.WatchRequest(id=request_id, last_event_id=last, model=model),
+            metadata=notifier.auth("alice"),
         )
         self.task = asyncio.ensure_future(self._collect())
 
@@ -151,6 +154,48 @@ async def test_resuming_replays_only_what_came_after(
     assert resumed[-1].request.result.text == "done"
     # Resuming after the final update: nothing is left to send, the stream just ends.
     assert await Watcher(notifier, request_id, last=resumed[-1].event_id).finished() == []
+
+
+@pytest.mark.parametrize("hint", [MODEL, "another-model"])
+async def test_a_model_hint_opens_the_watch_and_a_wrong_one_is_ignored(
+    notifier: NotifierClient, store: QueueStore, hint: str
+) -> None:
+    request_id = await _submit(store)
+    lease = await _claim(store, request_id)
+    await store.progress(lease, "tokens", {"text": "a", "tokens": 1})
+    first = Watcher(notifier, request_id, model=hint)
+    snapshot = await first.until(K.UPDATE_KIND_SNAPSHOT)
+    assert snapshot.text_delta == "a" and snapshot.request.model == MODEL
+    await store.progress(lease, "tokens", {"text": "b", "tokens": 2})
+    await first.until(K.UPDATE_KIND_PROGRESS)
+    first.call.cancel()
+    await _complete(store, lease)
+    resumed = await Watcher(notifier, request_id, last=snapshot.event_id, model=hint).finished()
+    assert [u.kind for u in resumed] == [K.UPDATE_KIND_PROGRESS, K.UPDATE_KIND_COMPLETED]
+    assert resumed[-1].request.result.text == "done"
+    await _no_watchers_left(notifier)  # every watcher, the wrong model's too, is gone
+
+
+async def test_a_model_hint_does_not_skip_the_owner_check(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store, user="bob")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await Watcher(notifier, request_id, model=MODEL).finished()
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    missing = "01JAAAAAAAAAAAAAAAAAAAAAAA"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await Watcher(notifier, missing, model=MODEL).finished()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await _no_watchers_left(notifier)
+
+
+async def _no_watchers_left(notifier: NotifierClient) -> None:
+    for _ in range(100):  # a cancelled call's handler ends soon after, not at once
+        if not notifier.app.fanout._groups:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"watchers left: {list(notifier.app.fanout._groups)}")
 
 
 async def test_a_watcher_that_lagged_catches_up_from_redis(

@@ -34,9 +34,11 @@ __all__ = [
     "AVERAGES_CACHE_SECONDS",
     "CLUSTER_POLL_SECONDS",
     "BadgeCounts",
+    "Entries",
     "QueueReader",
     "Scripts",
     "StreamReply",
+    "WatchStart",
     "now_ms",
 ]
 
@@ -63,6 +65,29 @@ class BadgeCounts:
     queued: int
     running: int
     external_running: int = 0
+
+
+#: A stream's entries as read: (entry id, fields), decoded.
+Entries = list[tuple[str, dict[str, str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchStart:
+    """What a watch opens on, read at one instant: the request (prompt left out, owners
+    and place in) and its own events after the id asked for."""
+
+    stored: StoredRequest
+    events: Entries
+
+
+def _entries(raw: Any) -> Entries:
+    """Stream entries decoded (XRANGE through redis-py gives dicts, from a script flat lists)."""
+    found: Entries = []
+    for entry_id, fields in raw or ():
+        if not isinstance(fields, dict):
+            fields = pairs(fields)
+        found.append((entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
+    return found
 
 
 _EXTERNAL_ROUTE = str(request_pb2.ROUTE_EXTERNAL).encode()
@@ -93,7 +118,7 @@ class QueueReader:
     """Reads of per-model fair queues and the request records, on one Redis."""
 
     #: The scripts to load: package → names of the ``lua/<name>.lua`` files it holds.
-    SCRIPTS: ClassVar[Mapping[str, Sequence[str]]] = {"usher.queue": ("inspect",)}
+    SCRIPTS: ClassVar[Mapping[str, Sequence[str]]] = {"usher.queue": ("inspect", "watch")}
 
     def __init__(
         self,
@@ -173,6 +198,20 @@ class QueueReader:
         return self._stored(
             pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
         )
+
+    async def open_watch(self, model: str, request_id: str, after: str) -> WatchStart | None:
+        """The request under ``model`` with its events after ``after``, in one round trip;
+        None when ``model`` holds no such request."""
+        reply = await self._run("watch", model, [request_id, after])
+        if reply is None:
+            return None
+        flat, owners, position, length, events = reply
+        stored = StoredRequest.from_hash(
+            pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
+        )
+        if stored.result:
+            stored = replace(stored, result=self.sealer.open(stored.result, request_id))
+        return WatchStart(stored, _entries(events))
 
     async def models(self) -> list[str]:
         return sorted(decode(m) for m in await self.redis.smembers(keys.MODELS))
@@ -263,15 +302,10 @@ class QueueReader:
 
     # ---- for watchers: events, places, counts ---------------------------------------------
 
-    async def request_events(
-        self, model: str, request_id: str, after: str
-    ) -> list[tuple[str, dict[str, str]]]:
+    async def request_events(self, model: str, request_id: str, after: str) -> Entries:
         """The entries of a request's own event stream after id ``after``, decoded."""
-        raw = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await self.redis.xrange(ModelKeys(model).request_events(request_id), f"({after}", "+"),
-        )
-        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
+        key = ModelKeys(model).request_events(request_id)
+        return _entries(await self.redis.xrange(key, f"({after}", "+"))
 
     async def events_end(self, model: str) -> str:
         """The id of the last entry of the model's event stream ("0-0" when it is empty)."""

@@ -109,18 +109,24 @@ class WatchRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     last_event_id: _builtins.str
     """Resume after this event (from an earlier WatchResponse.event_id)."""
+    model: _builtins.str
+    """Optional: the request's model, as Submit answered it (LlmRequest.model). It saves the
+    Notifier a lookup; a model that does not hold the request is ignored.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         last_event_id: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "last_event_id", b"last_event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "last_event_id", b"last_event_id", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
