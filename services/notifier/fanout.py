@@ -233,13 +233,24 @@ class Subscriber:
 class Watched:
     """A request with local watchers: what the reader and the position rounds know of it."""
 
-    __slots__ = ("member", "model", "position", "queued", "request_id", "stored", "subscribers")
+    __slots__ = (
+        "at",
+        "member",
+        "model",
+        "position",
+        "queued",
+        "request_id",
+        "stored",
+        "subscribers",
+    )
 
     def __init__(self, request_id: str, model: str) -> None:
         self.request_id = request_id
         self.model = model
-        #: The request as last read (prompt left out); None until its first watcher's read.
+        #: The request as last known (prompt left out); None until its first watcher's read.
         self.stored: StoredRequest | None = None
+        #: The id (as a key) of the request's event ``stored`` reflects, at least.
+        self.at: tuple[int, int] = (0, 0)
         self.queued = False
         #: Its member in the queue's sorted set (fixed at enqueue), once read.
         self.member: bytes | None = None
@@ -336,10 +347,10 @@ class Fanout:
 
     # ---- subscriptions ----------------------------------------------------------------------
 
-    def subscribe(self, stored: StoredRequest) -> Subscriber:
+    def subscribe(self, stored: StoredRequest, tip: str = "0-0") -> Subscriber:
         """``join`` and ``opened`` at once, for a request already read."""
         subscriber = self.join(stored.id, stored.model)
-        self.opened(subscriber, stored)
+        self.opened(subscriber, stored, tip)
         return subscriber
 
     def join(self, request_id: str, model: str) -> Subscriber:
@@ -356,11 +367,13 @@ class Fanout:
         self._subscribers.add(subscriber)
         return subscriber
 
-    def opened(self, subscriber: Subscriber, stored: StoredRequest) -> None:
-        """The watcher's request as its watch read it (prompt and owners left out)."""
+    def opened(self, subscriber: Subscriber, stored: StoredRequest, tip: str = "0-0") -> None:
+        """The watcher's request as its watch read it (prompt and owners left out), as of
+        its event ``tip``."""
         group = subscriber.group
-        if group.stored is None:
-            group.stored = stored
+        at = event_id_key(tip) or (0, 0)
+        if group.stored is None or at > group.at:
+            group.stored, group.at = stored, at
             group.queued = stored.state == QUEUED
         if stored.state == QUEUED:
             subscriber.told = (stored.position, stored.queue_length)
@@ -436,13 +449,28 @@ class Fanout:
         return len(events)
 
     async def dispatch_batch(self, events: list[Event]) -> None:
-        """Hand a batch of events out, with one pipelined read of the requests whose state
-        changed (for those that have watchers here)."""
+        """Hand a batch of events out. A state change of a request with watchers here
+        shows the request as that event left it: worked out from the event when it says
+        all it changed (``updates.after_event``), else from one pipelined read of those
+        requests for the whole batch."""
         wanted: dict[str, str] = {}
-        for event in events:
+        known: dict[int, StoredRequest] = {}  # event's index → the request after it
+        latest: dict[str, StoredRequest] = {}
+        for index, event in enumerate(events):
             request_id = event.fields.get("id", "")
-            if request_id in self._groups and event.type != "tokens":
+            group = self._groups.get(request_id)
+            if group is None or event.type == "tokens" or request_id in wanted:
+                continue
+            before = latest.get(request_id) or group.stored
+            key = event_id_key(event.eid)
+            if before is not None and key is not None and key <= group.at:
+                known[index] = before  # it knows a later state already: shown as that
+                continue
+            after = None if before is None else updates.after_event(before, event.fields)
+            if after is None:
                 wanted[request_id] = event.model
+            else:
+                known[index] = latest[request_id] = after
         snapshots: dict[str, StoredRequest | None] = {}
         read = False
         if wanted:
@@ -454,9 +482,13 @@ class Fanout:
             for model in set(wanted.values()):
                 with contextlib.suppress(Exception):
                     await self.averages.get(model)
-        for event in events:
+        for model in {events[index].model for index in known}:
+            self.averages.peek(model)  # a running request's ETA: cached, kept fresh
+        for index, event in enumerate(events):
             request_id = event.fields.get("id", "")
-            if request_id in snapshots:
+            if index in known:
+                self.dispatch(event, known[index], True)
+            elif request_id in snapshots:
                 self.dispatch(event, snapshots[request_id], read)
             else:
                 self.dispatch(event, None, read and request_id in wanted)
@@ -482,6 +514,7 @@ class Fanout:
             update = Update(event.fields, snapshot, read, self.averages.cached(event.model))
             if snapshot is not None:
                 group.stored = snapshot
+                group.at = max(group.at, update.key)
                 group.queued = snapshot.state == QUEUED
             elif event.fields.get("state"):
                 group.queued = event.fields["state"] == str(QUEUED)

@@ -113,8 +113,8 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             # The owners are not shown to a watcher: not kept for the stream's life (the
             # prompt was not read).
             stored = replace(stored, owners=frozenset())
-            self.fanout.opened(subscriber, stored)
-            return subscriber, WatchStart(stored, start.events)
+            self.fanout.opened(subscriber, stored, start.tip)
+            return subscriber, replace(start, stored=stored)
         except BaseException:
             if subscriber is not None:
                 self.fanout.unsubscribe(subscriber)
@@ -236,10 +236,8 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         start = await self.queue.open_watch(stored.model, stored.id, cursor.last)
         if start is None:
             return []
-        fresh = replace(start.stored, owners=frozenset())
-        return await self._replay(
-            cursor, WatchStart(fresh, start.events), await self._averages(fresh)
-        )
+        start = replace(start, stored=replace(start.stored, owners=frozenset()))
+        return await self._replay(cursor, start, await self._averages(start.stored))
 
     async def _live(self, cursor: _Cursor, update: Update) -> notifier_pb2.WatchResponse:
         """The response to one event. What every watcher of the request would build alike

@@ -7,15 +7,17 @@ minutes), medium (3–5, 2–5 minutes), long (more than 5, or over 5 minutes).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from usher import messages
 from usher.queue.eta import Estimate, ModelAverages, queued_eta
+from usher.queue.records import QUEUED, RUNNING, StoredRequest
 from usher.v1 import notifier_pb2
 
 __all__ = [
     "EVENT_KINDS",
     "BadgeInputs",
+    "after_event",
     "badge",
     "is_terminal_kind",
     "level_for",
@@ -46,6 +48,30 @@ _TERMINAL = {
 }
 SHORT_MAX_QUEUED, MEDIUM_MAX_QUEUED = 2, 5
 SHORT_MAX_SECONDS, MEDIUM_MAX_SECONDS = 120.0, 300.0
+
+
+def after_event(stored: StoredRequest, fields: Mapping[str, str]) -> StoredRequest | None:
+    """The request as an event left it, worked out from the request before the event and
+    what the event says; None when the event does not say all it changed (its record must
+    be read). Only the frequent changes that carry all they wrote: a claim ("running":
+    the attempt and its start, written by services/scheduler/lua/claim.lua) and a cancel
+    asked of a running request ("cancel_requested", cancel.lua)."""
+    kind = fields.get("type")
+    if kind == "running" and stored.state == QUEUED:
+        attempt, started = fields.get("attempt", ""), fields.get("ts", "")
+        if not (attempt.isdigit() and started.isdigit()):
+            return None
+        return replace(
+            stored,
+            state=RUNNING,
+            attempts=int(attempt),
+            started_ms=int(started),
+            position=0,
+            queue_length=0,
+        )
+    if kind == "cancel_requested" and stored.state == RUNNING:
+        return replace(stored, cancel_requested=True)
+    return None
 
 
 def is_terminal_kind(kind: int) -> bool:

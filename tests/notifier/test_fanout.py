@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -15,10 +16,11 @@ from services.notifier.fanout import (
     Update,
     Watched,
 )
+from services.notifier.updates import after_event
 from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
 from usher.queue.eta import ModelAverages
-from usher.queue.records import QUEUED, StoredRequest
+from usher.queue.records import QUEUED, StoredRequest, to_proto
 from usher.v1 import notifier_pb2, request_pb2
 
 MODEL = "fan-model"
@@ -126,6 +128,59 @@ async def test_watchers_of_one_request_share_one_update_and_one_read(
     result = request_pb2.RequestResult.FromString(completed.snapshot.result)
     assert result.text == "the answer"
     assert completed.snapshot.payload == b""  # the prompt is never carried to watchers
+
+
+async def test_a_claim_is_shown_from_its_event_without_a_read(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    watcher = fanout.subscribe(replace(stored, payload=b"", owners=frozenset()))
+    reads: list[dict[str, str]] = []
+    original = fanout.read_requests
+
+    async def counting(wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
+        reads.append(dict(wanted))
+        return await original(wanted)
+
+    monkeypatch.setattr(fanout, "read_requests", counting)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    await store.cancel(MODEL, stored.id, "acme/alice", False, "enough")
+    await _drain(fanout)
+    assert reads == []
+    running, asked = await _take(watcher)
+    assert isinstance(running, Update) and isinstance(asked, Update)
+    assert running.read and running.snapshot is not None and asked.snapshot is not None
+    # What a read would have shown, field for field.
+    read = await store.inspect(MODEL, stored.id)
+    assert read is not None
+    assert to_proto(running.snapshot) == to_proto(
+        replace(read, cancel_requested=False, owners=frozenset())
+    )
+    assert to_proto(asked.snapshot) == to_proto(replace(read, owners=frozenset()))
+    assert asked.snapshot.cancel_requested
+
+
+async def test_an_event_older_than_the_watchers_read_does_not_turn_it_back(
+    store: QueueStore,
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()  # the reader starts before the claim: it delivers it late
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
+    start = await store.open_watch(MODEL, stored.id, "0-0")
+    assert start is not None and start.tip == start.events[-1][0]
+    watcher = fanout.subscribe(start.stored, start.tip)
+    await _drain(fanout)
+    running, completed = await _take(watcher)
+    assert isinstance(running, Update) and running.snapshot is start.stored
+    assert isinstance(completed, Update) and completed.snapshot is start.stored
+    group = fanout._groups[stored.id]
+    assert group.stored is start.stored and not group.queued
 
 
 async def test_a_failed_read_leaves_each_watcher_to_read_for_itself(
@@ -303,3 +358,19 @@ async def test_a_long_queue_with_few_watchers_is_ranked_one_by_one(
     many = [fanout.subscribe(r).group for r in requests[:5]]
     ranks, _ = await fanout._ranks(MODEL, many)
     assert full_reads == 1 and ranks == {r.id: i + 1 for i, r in enumerate(requests[:5])}
+
+
+def test_only_events_that_say_all_they_changed_are_applied() -> None:
+    queued = _stored()
+    running = after_event(queued, {"type": "running", "attempt": "2", "ts": "1700000000000"})
+    assert running is not None
+    assert (running.state, running.attempts, running.started_ms) == (
+        request_pb2.REQUEST_STATE_RUNNING,
+        2,
+        1700000000000,
+    )
+    # Not from a state the claim could not have started from, nor with its facts missing.
+    assert after_event(running, {"type": "running", "attempt": "3", "ts": "1"}) is None
+    assert after_event(queued, {"type": "running"}) is None
+    # A completion carries no result: its record is read.
+    assert after_event(running, {"type": "completed", "state": "3", "ts": "2"}) is None

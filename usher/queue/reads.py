@@ -74,10 +74,12 @@ Entries = list[tuple[str, dict[str, str]]]
 @dataclass(frozen=True, slots=True)
 class WatchStart:
     """What a watch opens on, read at one instant: the request (prompt left out, owners
-    and place in) and its own events after the id asked for."""
+    and place in), its own events after the id asked for, and the id of its stream's last
+    event (the record is as that event left it; "0-0": none)."""
 
     stored: StoredRequest
     events: Entries
+    tip: str = "0-0"
 
 
 def _entries(raw: Any) -> Entries:
@@ -205,13 +207,13 @@ class QueueReader:
         reply = await self._run("watch", model, [request_id, after])
         if reply is None:
             return None
-        flat, owners, position, length, events = reply
+        flat, owners, position, length, events, tip = reply
         stored = StoredRequest.from_hash(
             pairs(flat), frozenset(o.decode() for o in owners), int(position), int(length)
         )
         if stored.result:
             stored = replace(stored, result=self.sealer.open(stored.result, request_id))
-        return WatchStart(stored, _entries(events))
+        return WatchStart(stored, _entries(events), decode(tip))
 
     async def models(self) -> list[str]:
         return sorted(decode(m) for m in await self.redis.smembers(keys.MODELS))

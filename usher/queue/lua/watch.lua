@@ -4,7 +4,8 @@
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 id, 4 after (an event id; "0-0" for all)
 -- Returns {hash as flat list without 'payload', owners, position (0 when not queued),
--- queue length (0 when not queued), events after ARGV[4]}, or nil when there is no request.
+-- queue length (0 when not queued), events after ARGV[4], the id of the stream's last
+-- entry ("0-0" when empty)}, or nil when there is no request.
 local id = ARGV[3]
 local rk = req_key(id)
 local raw = redis.call('HGETALL', rk)
@@ -24,5 +25,12 @@ if tonumber(field_of(fields, 'state')) == QUEUED then
     length = redis.call('ZCARD', K.queue)
   end
 end
-return {fields, redis.call('SMEMBERS', req_owners_key(id)), position, length,
-  redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')}
+local events = redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')
+local tip = '0-0'
+if #events > 0 then
+  tip = events[#events][1]
+else
+  local last = redis.call('XREVRANGE', req_events_key(id), '+', '-', 'COUNT', 1)
+  if #last > 0 then tip = last[1][1] end
+end
+return {fields, redis.call('SMEMBERS', req_owners_key(id)), position, length, events, tip}
