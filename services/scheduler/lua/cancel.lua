@@ -4,13 +4,14 @@
 -- Returns notfound | denied | finished | detached | cancelled | cancel_requested.
 local id, caller = ARGV[3], ARGV[4]
 local rk = req_key(id)
-local state = tonumber(redis.call('HGET', rk, 'state'))
+local r = redis.call('HMGET', rk, 'state', 'owner', 'shared')
+local state = tonumber(r[1])
 if not state then return 'notfound' end
-local owner = redis.call('SISMEMBER', req_owners_key(id), caller) == 1
+local owner = is_owner(id, r[2], r[3], caller)
 if not owner and ARGV[5] ~= '1' then return 'denied' end
 if is_terminal(state) then return 'finished' end
 -- A deduplicated request shared by several callers goes on for the others.
-if owner and redis.call('SCARD', req_owners_key(id)) > 1 then
+if owner and has_owners_set(r[2], r[3]) and redis.call('SCARD', req_owners_key(id)) > 1 then
   redis.call('SREM', req_owners_key(id), caller)
   return 'detached'
 end

@@ -5,13 +5,14 @@
 --       12 moving-average alpha, 13 service time's moving-average alpha,
 --       14 the count of extra items that follow, then extra field/value pairs (result,
 --       usage), then progress events not yet written (packed as emit_packed reads them)
--- Returns {1, bytes the request holds now (its hash, events and owners)}, or -1 when the
+-- Returns {1, bytes the request holds now (its hash, events and any owners set)}, or -1 when the
 -- lease was lost (another dispatcher owns the request now).
 -- Every hash is read once (HMGET) and written once: this runs for every request.
 local id, state = ARGV[3], tonumber(ARGV[5])
 local rk = req_key(id)
 local r = redis.call('HMGET', rk, 'state', 'lease_token', 'flow', 'cost', 'weight',
-  'started_ms', 'created_ms', 'dedup', 'cancel_reason')
+  'started_ms', 'created_ms', 'dedup', 'cancel_reason', 'owner', 'shared')
+local owners_set = has_owners_set(r[10], r[11])
 if tonumber(r[1]) ~= RUNNING or r[2] ~= ARGV[4] then
   return -1
 end
@@ -76,20 +77,22 @@ if state == CANCELLED and reason == '' then
   reason = r[9] or 'cancelled'
 end
 finish(id, rk, state, reason, tonumber(ARGV[7]),
-  {fields = extra, dedup = r[8], counted = true, running = true})
+  {fields = extra, dedup = r[8], counted = true, running = true, owners_set = owners_set})
 if state == FAILED then
   -- A dispatched request that failed for good (its last attempt, or an error no retry can
   -- mend) is kept, with its cause, on the dead-letter list until an operator retries it.
   redis.call('ZADD', K.dead_letters, NOW, id)
   redis.call('PERSIST', rk)
-  redis.call('PERSIST', req_owners_key(id))
+  if owners_set then redis.call('PERSIST', req_owners_key(id)) end
   redis.call('PERSIST', req_events_key(id))
 end
 emit(id, ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
   state, {'error', reason})
 -- What it holds now, for the tenant's storage charge (no second round trip to measure it).
+local measured = {rk, req_events_key(id)}
+if owners_set then measured[3] = req_owners_key(id) end
 local bytes = 0
-for _, key in ipairs({rk, req_events_key(id), req_owners_key(id)}) do
+for _, key in ipairs(measured) do
   bytes = bytes + (redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or 0)
 end
 return {1, bytes}

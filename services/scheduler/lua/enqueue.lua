@@ -22,10 +22,10 @@ end
 
 if idem ~= '' then
   local earlier = redis.call('GET', idem_key(tenant, idem))
-  -- Replay only what this caller owns: the key names the caller, and the owners set says
-  -- so too (a key that somehow points elsewhere is never a way into another's result).
-  if earlier and redis.call('EXISTS', req_key(earlier)) == 1
-      and redis.call('SISMEMBER', req_owners_key(earlier), tenant) == 1 then
+  -- Replay only what this caller owns: the key names the caller, and the request's owners
+  -- say so too (a key that somehow points elsewhere is never a way into another's result).
+  local found = earlier and redis.call('HMGET', req_key(earlier), 'state', 'owner', 'shared')
+  if found and found[1] and is_owner(earlier, found[2], found[3], tenant) then
     return {'replayed', earlier, position_of(earlier), redis.call('ZCARD', K.queue)}
   end
 end
@@ -35,9 +35,11 @@ end
 if fingerprint ~= '' then
   local live = redis.call('GET', dedup_key(fingerprint))
   if live then
-    local state = tonumber(redis.call('HGET', req_key(live), 'state'))
+    local lk = req_key(live)
+    local found = redis.call('HMGET', lk, 'state', 'owner', 'shared')
+    local state = tonumber(found[1])
     if state == QUEUED or state == RUNNING then
-      redis.call('SADD', req_owners_key(live), tenant)
+      share_with(lk, live, found[2], found[3], tenant)
       redis.call('HINCRBY', K.stats, 'deduplicated', 1)
       if idem ~= '' then redis.call('SET', idem_key(tenant, idem), live, 'EX', ARGV[13]) end
       return {'dedup', live, position_of(live), redis.call('ZCARD', K.queue)}
@@ -119,13 +121,13 @@ local fields = {unpack(ARGV, 20)}
 for _, value in ipairs({'state', QUEUED, 'member', member, 'score', fmt(score),
     'start', fmt(start), 'cost', fmt(cost), 'weight', fmt(weight), 'flow', flow, 'attempts', 0,
     'max_attempts', max_attempts, 'expires_ms', expires, 'dedup', fingerprint,
-    'queue_timeout_ms', timeout, 'created_ms', ARGV[17], 'deadline_ms', deadline}) do
+    'queue_timeout_ms', timeout, 'created_ms', ARGV[17], 'deadline_ms', deadline,
+    'owner', tenant}) do
   fields[#fields + 1] = value
 end
 redis.call('HSET', rk, unpack(fields))
 redis.call('ZADD', K.queue, fmt(score), member)
 redis.call('ZADD', K.deadlines, expires, id)
-redis.call('SADD', req_owners_key(id), tenant)
 if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
 if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
 redis.call('HINCRBY', K.stats, 'submitted', 1)

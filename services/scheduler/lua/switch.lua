@@ -4,9 +4,10 @@
 -- Returns notfound | denied | local_only | not_queued | already | switched.
 local id = ARGV[3]
 local rk = req_key(id)
-local state = tonumber(redis.call('HGET', rk, 'state'))
+local r = redis.call('HMGET', rk, 'state', 'owner', 'shared')
+local state = tonumber(r[1])
 if not state then return 'notfound' end
-if redis.call('SISMEMBER', req_owners_key(id), ARGV[4]) == 0 and ARGV[5] ~= '1' then
+if not is_owner(id, r[2], r[3], ARGV[4]) and ARGV[5] ~= '1' then
   return 'denied'
 end
 if tonumber(redis.call('HGET', rk, 'fallback') or '0') == FALLBACK_LOCAL_ONLY then return 'local_only' end

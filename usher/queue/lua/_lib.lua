@@ -50,11 +50,40 @@ local function emit_packed(id, state, first)
   return eid
 end
 
+-- A request's owners: the caller who created it (its hash's 'owner'), until a deduplicated
+-- submit shares it; from then on (and for a record written before 'owner' existed) its
+-- owners set, which the first share fills with the creator too. Most requests are never
+-- shared, so most have no set to write, expire or measure. ``owner`` and ``shared`` are
+-- the two fields as read (nil or false when absent).
+local function has_owners_set(owner, shared)
+  return not owner or (shared and true or false)
+end
+
+local function is_owner(id, owner, shared, tenant)
+  if not has_owners_set(owner, shared) then return owner == tenant end
+  return redis.call('SISMEMBER', req_owners_key(id), tenant) == 1
+end
+
+local function owners_of(id, owner, shared)
+  if not has_owners_set(owner, shared) then return {owner} end
+  return redis.call('SMEMBERS', req_owners_key(id))
+end
+
+local function share_with(rk, id, owner, shared, tenant)
+  if has_owners_set(owner, shared) then
+    redis.call('SADD', req_owners_key(id), tenant)
+  else
+    redis.call('SADD', req_owners_key(id), owner, tenant)
+    redis.call('HSET', rk, 'shared', 1)
+  end
+end
+
 -- Mark a request finished: state, reason, expiry of its keys, dedup entry released.
 -- ``known`` (optional) spares what a caller has already done: ``fields``, more field/value
 -- pairs for the request's hash; ``dedup``, its fingerprint as read (false: none);
 -- ``counted``, the outcome already counted in the model's stats; ``running``, it was
--- running (so it is off the deadline index: claim took it off).
+-- running (so it is off the deadline index: claim took it off); ``owners_set``, false
+-- when it has no owners set to expire (has_owners_set).
 local function finish(id, rk, state, reason, ttl, known)
   known = known or {}
   local fields = {'state', state, 'finished_ms', NOW, 'error', reason or ''}
@@ -82,7 +111,7 @@ local function finish(id, rk, state, reason, ttl, known)
     redis.call('HINCRBY', K.stats, counter, 1)
   end
   redis.call('EXPIRE', rk, ttl)
-  redis.call('EXPIRE', req_owners_key(id), ttl)
+  if known.owners_set ~= false then redis.call('EXPIRE', req_owners_key(id), ttl) end
   redis.call('EXPIRE', req_events_key(id), ttl)
 end
 

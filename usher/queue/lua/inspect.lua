@@ -11,4 +11,5 @@ if tonumber(field_of(fields, 'state')) == QUEUED then
   local rank = redis.call('ZRANK', K.queue, field_of(fields, 'member'))
   if rank then position = rank + 1 end
 end
-return {fields, redis.call('SMEMBERS', req_owners_key(id)), position, redis.call('ZCARD', K.queue)}
+local owners = owners_of(id, field_of(fields, 'owner'), field_of(fields, 'shared'))
+return {fields, owners, position, redis.call('ZCARD', K.queue)}

@@ -33,4 +33,5 @@ else
   local last = redis.call('XREVRANGE', req_events_key(id), '+', '-', 'COUNT', 1)
   if #last > 0 then tip = last[1][1] end
 end
-return {fields, redis.call('SMEMBERS', req_owners_key(id)), position, length, events, tip}
+local owners = owners_of(id, field_of(fields, 'owner'), field_of(fields, 'shared'))
+return {fields, owners, position, length, events, tip}
