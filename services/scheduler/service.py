@@ -99,17 +99,10 @@ class _Handlers:
         #: Called with the model when a request is queued (wakes local dispatchers).
         self.on_queued: Callable[[str], None] | None = None
         self._background = Background()
-        #: model → (read at, its default fallback policy): read at most once a second.
-        self._fallbacks: dict[str, tuple[float, int]] = {}
 
     async def _model_fallback(self, model: str) -> int:
         """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
-        now = time.monotonic()
-        cached = self._fallbacks.get(model)
-        if cached is None or now - cached[0] > 1.0:
-            cached = (now, (await self.store.config(model)).fallback)
-            self._fallbacks[model] = cached
-        return cached[1]
+        return (await self.store.cached_config(model)).fallback
 
     def caller(self, context: Context) -> Principal:
         return self.auth.authenticate(context.invocation_metadata())
@@ -288,7 +281,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         stored = outcome.request or await self.store.inspect(request.model, outcome.request_id)
         if stored is None:  # finished and expired between the two calls
             raise NotFound(f"request {outcome.request_id} is gone")
-        view = await self.view(stored)
+        if outcome.averages is not None:  # the ETA from what the enqueue saw
+            view = records.to_proto(stored, *outcome.averages)
+        else:
+            view = await self.view(stored)
         promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
         if outcome.status == "queued" and promised:
             # Remember the wait promised now, to measure the estimate's error at dispatch;
@@ -326,7 +322,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
     async def _admit(self, new: NewRequest, limits: Limits) -> None:
         if limits.unlimited and self.settings.tenant_max_stored_bytes <= 0:
             return
-        await self.store.model_averages(new.model)  # warms the cache _cost reads
+        await self.store.submit_averages(new.model)  # warms the cache _cost reads
         timeout = new.queue_timeout_ms or self.store.defaults.queue_timeout_ms
         live_until = new.created_ms + timeout
         storage = StorageCharge(

@@ -30,7 +30,7 @@ from usher.crypto import NullSealer
 from usher.errors import Unavailable
 from usher.keys import ModelKeys
 from usher.queue import eta, fairness
-from usher.queue.eta import SERVICE_ALPHA
+from usher.queue.eta import SERVICE_ALPHA, ModelAverages
 from usher.queue.reads import QueueReader, now_ms
 from usher.queue.records import (
     QUEUED,
@@ -63,7 +63,9 @@ INDEX_SLACK_SECONDS = 2 * 86_400
 #: What a request stores outside its own keys (index entry, listing entry, idempotency
 #: key, model stream events), charged to its tenant on top of what its keys hold.
 REQUEST_INDEX_BYTES = 512
-#: Tenant weights are read at most this often per process.
+#: What Submit reads that rarely changes (tenant weights, a model's config, and its moving
+#: averages and active flows for the cost and ETA) is reused this long by the process that
+#: read it; a change made through this process's admin calls applies at once.
 CACHE_SECONDS = 1.0
 #: The fleet's catalogue of models is reused this long (a miss is read again at once).
 CATALOGUE_CACHE_SECONDS = 2.0
@@ -127,6 +129,9 @@ class SubmitOutcome:
     queue_length: int
     #: The request as stored, when it was queued just now (no need to read it back).
     request: StoredRequest | None = None
+    #: With ``request``: the model's averages and slots for its ETA, with the fair clock and
+    #: running count as the enqueue saw them (no read of its own).
+    averages: tuple[ModelAverages, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +239,9 @@ class QueueStore(QueueReader):
         self._catalogue: tuple[float, frozenset[str]] = (-1e9, frozenset())
         #: model → when this process last added it to the model set.
         self._model_set_at: dict[str, float] = {}
+        #: model → (read until, config) and (read until, averages, slots): CACHE_SECONDS.
+        self._configs: dict[str, tuple[float, ModelConfig]] = {}
+        self._slow_averages: dict[str, tuple[float, ModelAverages, int]] = {}
 
     def _queue_wait(self, pipe: Pipeline, model: str) -> None:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
@@ -289,6 +297,33 @@ class QueueStore(QueueReader):
     async def set_tenant_weight(self, organization: str, user: str, weight: float) -> None:
         await self.redis.hset(keys.TENANT_WEIGHTS, keys.tenant_id(organization, user), repr(weight))
         self._weights.clear()
+
+    async def cached_config(self, model: str) -> ModelConfig:
+        """The model's config as read at most CACHE_SECONDS ago (or as changed here since)."""
+        cached = self._configs.get(model)
+        if cached is None or cached[0] <= time.monotonic():
+            config = await self.config(model)
+            cached = (time.monotonic() + CACHE_SECONDS, config)
+            self._configs[model] = cached
+        return cached[1]
+
+    async def submit_averages(self, model: str) -> tuple[ModelAverages, int]:
+        """The model's averages and slots for a new request's cost and ETA, read at most
+        CACHE_SECONDS ago (so a flow that started sending since is not yet expected to
+        overtake); the fair clock and running count, which move with every claim, come
+        with each enqueue's reply instead (SubmitOutcome.averages)."""
+        cached = self._slow_averages.get(model)
+        if cached is None or cached[0] <= time.monotonic():
+            averages, slots = await self.model_averages(model)
+            cached = (time.monotonic() + CACHE_SECONDS, averages, slots)
+            self._slow_averages[model] = cached
+        return cached[1], cached[2]
+
+    def _forget_model(self, model: str) -> None:
+        """Its config changed here, or it left: read it afresh next time."""
+        self._averages.pop(model, None)
+        self._slow_averages.pop(model, None)
+        self._configs.pop(model, None)
 
     async def submit(self, request: NewRequest) -> SubmitOutcome:
         """Queue ``request`` (or find the request it repeats or shares) in one round trip."""
@@ -349,7 +384,7 @@ class QueueStore(QueueReader):
 
     async def _prepare(self, request: NewRequest) -> _Prepared:
         """What enqueueing ``request`` writes: the script's arguments and its cost."""
-        averages, _ = await self.model_averages(request.model)
+        averages, _ = await self.submit_averages(request.model)
         weight = await self.tenant_weight(request.organization, request.user)
         klass = fairness.priority_class(request.priority)
         cost = fairness.estimate_cost(
@@ -439,7 +474,7 @@ class QueueStore(QueueReader):
         status, request_id, position, length, *queued = reply
         outcome = SubmitOutcome(status.decode(), request_id.decode(), int(position), int(length))
         if queued:
-            start, max_attempts, queue_timeout_ms, revived = queued
+            start, max_attempts, queue_timeout_ms, revived, virtual_time, running = queued
             if int(revived):
                 # Its keys were expiring after it left the fleet, and a retire pass may have
                 # taken it off the model set meanwhile: every loop must walk it again.
@@ -479,10 +514,19 @@ class QueueStore(QueueReader):
                     position=int(position),
                     queue_length=int(length),
                 ),
+                averages=await self._enqueued_averages(
+                    request.model, float(virtual_time), int(running)
+                ),
             )
         if outcome.request_id != request.id or outcome.status == "full":
             await self._unindex([prepared], [outcome.request_id])
         return outcome
+
+    async def _enqueued_averages(
+        self, model: str, virtual_time: float, running: int
+    ) -> tuple[ModelAverages, int]:
+        averages, slots = await self.submit_averages(model)
+        return replace(averages, virtual_time=virtual_time, running=running), slots
 
     # ---- read -----------------------------------------------------------------------------
 
@@ -582,7 +626,7 @@ class QueueStore(QueueReader):
         await self.redis.srem(keys.MODELS, model)
         self._model_set_at.pop(model, None)
         if int(await self._run("retire", model, [ttl_seconds])) == 1:
-            self._averages.pop(model, None)
+            self._forget_model(model)
             return True
         await self.redis.sadd(keys.MODELS, model)
         return False
@@ -603,7 +647,7 @@ class QueueStore(QueueReader):
                 pipe.hset(ModelKeys(model).config, mapping=mapping)
                 pipe.sadd(keys.MODELS, model)
                 await pipe.execute()
-        self._averages.pop(model, None)
+        self._forget_model(model)
         return await self.config(model)
 
     # ---- cancel ---------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 --       16 default queue timeout ms, 17 created ms, 18 deadline ms (0 = none),
 --       19 time constant (ms) of flows' arrival rates, 20.. field/value pairs of the request hash
 -- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full;
--- 'queued' adds the start tag, max attempts and queue timeout (ms) it was given, and 1 when
--- the model's keys were expiring (retire.lua) and are kept again.
+-- 'queued' adds the start tag, max attempts and queue timeout (ms) it was given, 1 when
+-- the model's keys were expiring (retire.lua) and are kept again (else 0), and the fair
+-- clock and the count of running requests (the caller's ETA needs them: no read of its own).
 local id, tenant, flow = ARGV[3], ARGV[4], ARGV[5]
 local weight, cost, class, lead = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
   tonumber(ARGV[9])
@@ -134,4 +135,4 @@ redis.call('HINCRBY', K.stats, 'submitted', 1)
 emit(id, 'queued', QUEUED)
 -- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
 return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1, fmt(start),
-  tostring(max_attempts), tostring(timeout), revived}
+  tostring(max_attempts), tostring(timeout), revived, fmt(vtime), redis.call('ZCARD', K.leases)}
