@@ -8,8 +8,10 @@ slots in use) are refreshed by a small loop, since Prometheus collectors cannot 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 from usher.settings import UsherSettings
 
@@ -35,6 +37,7 @@ __all__ = [
     "TIME_TO_FIRST_TOKEN",
     "WATCHERS",
     "WATCH_UPDATES",
+    "Children",
     "MetricsSettings",
     "metrics_host",
     "serve_metrics",
@@ -61,6 +64,24 @@ _LATENCY_BUCKETS = (
     1800,
     3600,
 )
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+class Children(Generic[_M]):
+    """A labelled metric's children, each looked up once: ``labels()`` checks the names
+    and takes a lock on every call, a cost paid per request on the hot paths."""
+
+    def __init__(self, metric: _M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *labels: str) -> _M:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
 
 # ---- Every service ---------------------------------------------------------------------------
 GRPC_CALLS = Counter(

@@ -75,6 +75,9 @@ def connection_age_options(
 class _CallCounter(grpc.aio.ServerInterceptor):
     """Counts every call by method (health checks aside) in usher_grpc_server_calls_total."""
 
+    def __init__(self) -> None:
+        self._calls = metrics.Children(metrics.GRPC_CALLS)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
@@ -82,7 +85,7 @@ class _CallCounter(grpc.aio.ServerInterceptor):
     ) -> MethodHandler | None:
         method = str(handler_call_details.method)
         if not method.startswith("/grpc."):
-            metrics.GRPC_CALLS.labels(method).inc()
+            self._calls(method).inc()
         return await continuation(handler_call_details)
 
 

@@ -37,6 +37,9 @@ __all__ = ["InstanceState", "Registry", "health_after_check"]
 log = get_logger(__name__)
 
 _CIRCUIT_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+#: Counted per request: the labelled children are looked up once each.
+_POOL_REQUESTS = metrics.Children(metrics.POOL_REQUESTS)
+_TIME_TO_FIRST_TOKEN = metrics.Children(metrics.TIME_TO_FIRST_TOKEN)
 #: How long a model stays in the catalogue after the last instance offering it went away
 #: (an instance that is down for a while, or a Pool restart, doesn't unlist its models).
 CATALOGUE_RETENTION_SECONDS = 24 * 3600
@@ -327,9 +330,9 @@ class Registry:
             state.circuit.record_failure(now)
             circuit.record_failure(now)
         state.error_rate = ewma(state.error_rate, 0.0 if ok else 1.0, ALPHA)
-        metrics.POOL_REQUESTS.labels(state.id, model, "ok" if ok else "error").inc()
+        _POOL_REQUESTS(state.id, model, "ok" if ok else "error").inc()
         if ok and latency is not None:
-            metrics.TIME_TO_FIRST_TOKEN.labels(state.id, model).observe(latency)
+            _TIME_TO_FIRST_TOKEN(state.id, model).observe(latency)
         if latency is not None:
             state.latency = ewma(state.latency, latency, ALPHA)
 

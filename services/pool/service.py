@@ -553,11 +553,12 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
     ) -> AsyncIterator[pool_pb2.GenerateResponse]:
         requested = request.timeout.ToMilliseconds() / 1000 if request.HasField("timeout") else 0
         limit = self.settings.run_time_limit(state.spec, requested)
-        upstream_request = pool_pb2.GenerateRequest()
-        upstream_request.CopyFrom(request)
-        upstream_request.model = (
-            self.settings.external_models.get(model, model) if state.spec.external else model
-        )
+        name = self.settings.external_models.get(model, model) if state.spec.external else model
+        upstream_request = request
+        if name != request.model:  # a fallback model or a provider's name: a copy to rename
+            upstream_request = pool_pb2.GenerateRequest()
+            upstream_request.CopyFrom(request)
+            upstream_request.model = name
         started_at = time.monotonic()
         first_token: float | None = None
         sent_started = False
