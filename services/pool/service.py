@@ -241,12 +241,18 @@ class FleetRouter:
             # Slots freed through other replicas are found by polling.
             await self._waiting.wait(frozenset(models), min(POLL_SECONDS, remaining))
 
-    async def release(self, grant: SlotGrant) -> None:
-        await self.slots.release(grant)
-        # The oldest waiter for this model; else the oldest at all (a freed slot can make
-        # room on its instance for another model).
-        if not self._waiting.wake_first(lambda models: grant.model in models):
-            self._waiting.wake_first()
+    def release(self, grant: SlotGrant) -> asyncio.Future[bool]:
+        """Free ``grant``; once Redis has it, a Reserve waiting here is woken."""
+        released = self.slots.release(grant)
+
+        def wake(_: asyncio.Future[bool]) -> None:
+            # The oldest waiter for this model; else the oldest at all (a freed slot can
+            # make room on its instance for another model).
+            if not self._waiting.wake_first(lambda models: grant.model in models):
+                self._waiting.wake_first()
+
+        released.add_done_callback(wake)
+        return released
 
 
 async def _until(
@@ -458,10 +464,10 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("model", f"slot {grant.id} is for {grant.model}")]
             )
-        renewer = asyncio.create_task(self._keep_alive(grant))
+        self.router.slots.hold(grant)  # its lease is renewed while it runs
         held = [grant]
         began = asyncio.get_running_loop().time()
-        releasing: asyncio.Task[None] | None = None
+        released: list[asyncio.Future[bool]] = []
         try:
             async for event in self._run_with_failover(request, held, began):
                 if event.HasField("done"):
@@ -469,27 +475,19 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     # once the caller has read on to the end of the stream (an in-process
                     # caller that stops at the answer never does), so the next request can
                     # start while this one is being finished.
-                    releasing = asyncio.create_task(self._release_held(renewer, held))
+                    released = self._release_held(held)
                 yield event
         finally:
-            if releasing is None:
-                await self._release_held(renewer, held)
-            else:
-                await releasing  # a caller that reads to the end sees them released
+            for release in released or self._release_held(held):
+                await release  # a caller that reads to the end sees them released
 
-    async def _release_held(self, renewer: asyncio.Task[None], held: list[SlotGrant]) -> None:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+    def _release_held(self, held: list[SlotGrant]) -> list[asyncio.Future[bool]]:
+        """Release every slot the request took (failover may have taken several)."""
+        releases = []
         for slot in held:
             self.router.release_trial(slot.id)
-            await self.router.release(slot)
-
-    async def _keep_alive(self, grant: SlotGrant) -> None:
-        interval = self.router.slots.lease_ms / 3000
-        while True:
-            await asyncio.sleep(interval)
-            await self.router.slots.renew(grant)
+            releases.append(self.router.release(slot))
+        return releases
 
     async def _run_with_failover(
         self, request: pool_pb2.GenerateRequest, held: list[SlotGrant], began: float
@@ -513,6 +511,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     if current is None:
                         break
                     held.append(current)
+                    self.router.slots.hold(current)
                 tried.add(current.instance)
                 state = self.registry.instances.get(current.instance)
                 if state is None or not state.spec.serves_role(role):

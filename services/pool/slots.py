@@ -7,20 +7,26 @@ leases that expire, so a replica that dies mid-request frees its slots within on
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from usher.keys import InstanceKeys
+from usher.logs import get_logger
 
 __all__ = ["SlotGrant", "SlotStore", "SlotUsage"]
+
+log = get_logger(__name__)
 
 
 def _now_ms() -> int:
@@ -84,6 +90,19 @@ def grant_of(slot_id: str) -> SlotGrant | None:
     return SlotGrant(slot_id, instance, model, holder, int(parts[1]))
 
 
+@dataclass(slots=True)
+class _Call:
+    """One slot script call waiting for the next pipeline."""
+
+    script: str
+    keys: list[str]
+    args: list[Any]
+    reply: asyncio.Future[Any] = field(repr=False)
+
+
+#: Slot script calls sent in one pipeline at most.
+BATCH = 256
+
 #: Slot counts read for routing are reused this long: a stale count only ranks instances
 #: (the reserve script enforces the limits), and this replica's own grants and releases
 #: keep them current meanwhile.
@@ -103,6 +122,13 @@ class SlotStore:
         #: (when read, slots held there in all): what routing ranks instances by.
         self._model_held: dict[tuple[str, str], tuple[float, int]] = {}
         self._instance_held: dict[str, tuple[float, int]] = {}
+        #: Script calls due while a pipeline is under way: they go together in the next
+        #: one, so concurrent requests' reserves and releases share round trips.
+        self._pending: list[_Call] = []
+        self._writing: asyncio.Task[None] | None = None
+        #: Slots held by requests running here → when their lease was last renewed: one
+        #: loop renews them all (keep_held), not a timer task per request.
+        self._held: dict[SlotGrant, float] = {}
 
     @staticmethod
     def _keys(instance: str, model: str) -> list[str]:
@@ -119,9 +145,10 @@ class SlotStore:
         route: int,
     ) -> SlotGrant | None:
         new_id = slot_id(instance, model, holder, route)
-        granted, model_held, instance_held = await self._scripts["reserve"](
-            keys=self._keys(instance, model),
-            args=[_now_ms(), self.lease_ms, new_id, per_model_limit, instance_limit],
+        granted, model_held, instance_held = await self._call(
+            "reserve",
+            self._keys(instance, model),
+            [_now_ms(), self.lease_ms, new_id, per_model_limit, instance_limit],
         )
         now = time.monotonic()
         self._model_held[instance, model] = (now, int(model_held))
@@ -143,19 +170,135 @@ class SlotStore:
             self._model_held[instance, model] = (at, max(0, held + change))
 
     async def renew(self, grant: SlotGrant) -> bool:
-        reply = await self._scripts["renew"](
-            keys=self._keys(grant.instance, grant.model),
-            args=[_now_ms(), self.lease_ms, grant.id],
+        reply = await self._call(
+            "renew", self._keys(grant.instance, grant.model), [_now_ms(), self.lease_ms, grant.id]
         )
         return int(reply) == 1
 
-    async def release(self, grant: SlotGrant) -> bool:
-        reply = await self._scripts["release"](
-            keys=self._keys(grant.instance, grant.model), args=[grant.id]
-        )
-        if int(reply) == 1:
-            self._count(grant.instance, grant.model, -1)
-        return int(reply) == 1
+    def hold(self, grant: SlotGrant) -> None:
+        """A request runs on ``grant``: keep_held renews its lease until it is released."""
+        self._held[grant] = time.monotonic()
+
+    async def keep_held(self, stop: asyncio.Event) -> None:
+        """Renew the leases of the slots held here, every lease at most a third of a lease
+        after its last renewal, all due ones in one round trip."""
+        interval = self.lease_ms / 6000
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            due = time.monotonic() - self.lease_ms / 3000
+            stale = [grant for grant, renewed in self._held.items() if renewed <= due]
+            if not stale:
+                continue
+            keys = self._keys
+            renewals = [
+                self._call("renew", keys(g.instance, g.model), [_now_ms(), self.lease_ms, g.id])
+                for g in stale
+            ]
+            try:
+                await asyncio.gather(*renewals)
+            except Exception as exc:  # Redis away: the next pass tries again
+                log.warning("slot renewal failed", error=str(exc))
+                continue
+            now = time.monotonic()
+            for grant in stale:
+                if grant in self._held:
+                    self._held[grant] = now
+
+    def release(self, grant: SlotGrant) -> asyncio.Future[bool]:
+        """Free ``grant`` (no longer renewed from now on); the future says whether it was
+        still held. It rides the next pipeline with the other replicas' work of the moment."""
+        self._held.pop(grant, None)
+        reply = self._call("release", self._keys(grant.instance, grant.model), [grant.id])
+        released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if released.done():
+                return
+            if done.cancelled():
+                released.cancel()
+            elif (error := done.exception()) is not None:
+                released.set_exception(error)
+            else:
+                if int(done.result()) == 1:
+                    self._count(grant.instance, grant.model, -1)
+                released.set_result(int(done.result()) == 1)
+
+        reply.add_done_callback(settle)
+        return released
+
+    def _call(self, script: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue a script call for the next pipeline; the future carries its reply."""
+        loop = asyncio.get_running_loop()
+        call = _Call(script, keys, args, loop.create_future())
+        self._pending.append(call)
+        if self._writing is None:
+            self._writing = loop.create_task(self._write_pending())
+        return call.reply
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                # A reserve whose caller went away before it was sent is dropped; any
+                # other call (a release) is made whatever became of its caller.
+                batch = [
+                    c
+                    for c in self._pending[:BATCH]
+                    if not (c.script == "reserve" and c.reply.cancelled())
+                ]
+                del self._pending[:BATCH]
+                if not batch:
+                    continue
+                try:
+                    replies = await self._execute(batch)
+                except asyncio.CancelledError:
+                    for call in batch + self._pending:
+                        call.reply.cancel()
+                    self._pending.clear()
+                    raise
+                except Exception as exc:  # each caller hears of it
+                    for call in batch:
+                        if not call.reply.done():
+                            call.reply.set_exception(exc)
+                    continue
+                for call, reply in zip(batch, replies, strict=True):
+                    self._settle(call, reply)
+        finally:
+            self._writing = None
+
+    def _settle(self, call: _Call, reply: Any) -> None:
+        if call.reply.cancelled():
+            if call.script == "reserve" and not isinstance(reply, Exception) and int(reply[0]):
+                # Granted to a caller that went away meanwhile: the slot goes back now, not
+                # when its lease runs out.
+                self._call("release", call.keys, [call.args[2]])
+            return
+        if isinstance(reply, Exception):
+            call.reply.set_exception(reply)
+        else:
+            call.reply.set_result(reply)
+
+    async def _execute(self, calls: Sequence[_Call]) -> list[Any]:
+        """The calls' replies (an error in place of a call that failed), in one pipeline;
+        calls Redis no longer has the script of (a restart) are made again after loading it."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    call = calls[i]
+                    pipe.evalsha(
+                        self._scripts[call.script].sha, len(call.keys), *call.keys, *call.args
+                    )
+                got = await pipe.execute(raise_on_error=False)
+            for i, reply in zip(todo, got, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo or attempt == 2:
+                break
+            for script in self._scripts.values():
+                await self.redis.script_load(script.script)
+        return replies
 
     async def lookup(self, slot_id: str) -> SlotGrant | None:
         """The grant of a slot that is still held (None when it expired, was released, or
