@@ -97,6 +97,7 @@ class PoolApp:
             ),
             asyncio.create_task(watch_readiness(self._ready, self.server.set_ready, self._stop)),
             asyncio.create_task(self.slots.keep_held(self._stop)),
+            asyncio.create_task(self.router.watch_usage(self._stop)),
         ]
         log.info(
             "pool listening",

@@ -19,7 +19,7 @@ from services.pool import routing
 from services.pool.circuit import CircuitBreaker, CircuitState, admit_all
 from services.pool.config import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
 from services.pool.registry import InstanceState, Registry
-from services.pool.slots import SlotGrant, SlotStore
+from services.pool.slots import USAGE_MAX_AGE_SECONDS, SlotGrant, SlotStore
 from services.pool.stats import PoolStats
 from services.pool.upstream import (
     Delta,
@@ -93,6 +93,8 @@ class FleetRouter:
         self._returned_turns: dict[tuple[str, bool], list[int]] = {}
         #: Slot id → the half-open circuits whose trial call its grant took.
         self._trials: dict[str, list[CircuitBreaker]] = {}
+        #: (model, external lane) routed since watch_usage last looked.
+        self._routed: set[tuple[str, bool]] = set()
 
     def _fresh(self, granted_at: float) -> bool:
         """Granted well inside the slot's lease (half of it ago at most)."""
@@ -141,11 +143,16 @@ class FleetRouter:
         false, only where the model is already loaded (when it is loaded anywhere). Only
         instances serving ``role`` (default: the role learned for the model) qualify."""
         self._forget_stale()
-        instances = [s.id for s in self.registry.instances.values() if s.spec.external == external]
+        instances = self._lane(external)
         if not instances:
             return None
         role = role or self.model_roles.get(model)
-        usage = await self.slots.recent_usage(instances, model)
+        # This replica's view, however old, ranks the instances (watch_usage reads what
+        # other replicas did in the background); Redis is asked only the first time.
+        self._routed.add((model, external))
+        usage = self.slots.known_usage(instances, model)
+        if usage is None:
+            usage = await self.slots.usage(instances, model)
         candidates = self.registry.candidates(model, usage, external, exclude, role=role)
         if not any(routing.eligible(c) for c in candidates):
             # Looked full: slots freed through other replicas are seen at the poll's pace.
@@ -170,6 +177,26 @@ class FleetRouter:
         if turn is not None:
             self._returned_turns.setdefault(turn_key, []).append(turn)
         return None
+
+    def _lane(self, external: bool) -> list[str]:
+        """The instances of the local fleet, or of the external providers."""
+        return [s.id for s in self.registry.instances.values() if s.spec.external == external]
+
+    async def watch_usage(self, stop: asyncio.Event) -> None:
+        """Read the slot counts of the models routed lately again when they are older than
+        USAGE_MAX_AGE_SECONDS, so other replicas' grants and releases reach this replica's
+        routing without a read on any request's path. Nothing is read while idle."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), USAGE_MAX_AGE_SECONDS)
+            routed, self._routed = self._routed, set()
+            for model, external in routed:
+                instances = self._lane(external)
+                try:
+                    if instances:
+                        await self.slots.recent_usage(instances, model)
+                except Exception as exc:  # Redis away: routing keeps the last counts
+                    log.warning("slot counts not read", error=str(exc))
 
     async def _grant_on(
         self, instance: str, model: str, holder: str, external: bool

@@ -103,9 +103,10 @@ class _Call:
 #: Slot script calls sent in one pipeline at most.
 BATCH = 256
 
-#: Slot counts read for routing are reused this long: a stale count only ranks instances
-#: (the reserve script enforces the limits), and this replica's own grants and releases
-#: keep them current meanwhile.
+#: Slot counts for routing are read again when older than this (off the request's path,
+#: FleetRouter.watch_usage): a stale count only ranks instances (the reserve script
+#: enforces the limits), and this replica's own grants and releases, and the counts each
+#: reserve script returns, keep them current meanwhile.
 USAGE_MAX_AGE_SECONDS = 0.25
 
 
@@ -328,6 +329,19 @@ class SlotStore:
             instance: SlotUsage(int(counts[2 * i]), int(counts[2 * i + 1]))
             for i, instance in enumerate(instances)
         }
+
+    def known_usage(self, instances: Sequence[str], model: str) -> dict[str, SlotUsage] | None:
+        """Slots per instance as this replica last knew them (read, or returned by a
+        reserve, then moved by its own grants and releases), however old; None when a
+        count was never read."""
+        found: dict[str, SlotUsage] = {}
+        for instance in instances:
+            in_model = self._model_held.get((instance, model))
+            in_all = self._instance_held.get(instance)
+            if in_model is None or in_all is None:
+                return None
+            found[instance] = SlotUsage(in_model[1], in_all[1])
+        return found
 
     async def recent_usage(
         self, instances: Sequence[str], model: str, max_age: float = USAGE_MAX_AGE_SECONDS

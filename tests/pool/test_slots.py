@@ -98,3 +98,50 @@ async def test_routing_counts_follow_this_replicas_grants_and_releases(
     assert await SlotStore(redis_client).try_reserve("gpu-1", "a", 3, 5, "d", 1)
     assert (await store.recent_usage(["gpu-1"], "a"))["gpu-1"] == SlotUsage(1, 1)
     assert (await store.recent_usage(["gpu-1"], "a", max_age=0))["gpu-1"] == SlotUsage(2, 2)
+
+
+async def test_concurrent_calls_share_pipelines_and_keep_the_limits(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = SlotStore(redis_client)
+    grants = await asyncio.gather(
+        *(store.try_reserve("gpu-1", "a", 3, 0, "d", 1) for _ in range(10))
+    )
+    held = [g for g in grants if g is not None]
+    assert len(held) == 3
+    assert all(await asyncio.gather(*(store.release(g) for g in held)))
+    assert not await store.release(held[0])  # already gone
+    assert (await store.usage(["gpu-1"], "a"))["gpu-1"] == SlotUsage(0, 0)
+
+
+async def test_held_slots_are_renewed_by_one_loop_until_released(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = SlotStore(redis_client, lease_ms=90)
+    stop = asyncio.Event()
+    renewing = asyncio.create_task(store.keep_held(stop))
+    grant = await store.try_reserve("gpu-1", "a", 1, 0, "d", 1)
+    assert grant is not None
+    store.hold(grant)
+    await asyncio.sleep(0.3)  # three leases: renewed all along
+    assert await store.lookup(grant.id) == grant
+    assert await store.release(grant)
+    stop.set()
+    await renewing
+
+
+async def test_routing_reads_the_counts_once_then_keeps_them_without_reading(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = SlotStore(redis_client)
+    assert store.known_usage(["gpu-1"], "a") is None  # never read: the caller reads
+    await store.usage(["gpu-1"], "a")
+    grant = await store.try_reserve("gpu-1", "a", 3, 5, "d", 1)
+    assert store.known_usage(["gpu-1"], "a") == {"gpu-1": SlotUsage(1, 1)}
+    assert grant is not None and await store.release(grant)
+    assert store.known_usage(["gpu-1"], "a") == {"gpu-1": SlotUsage(0, 0)}
+    # Another replica's grant reaches the view when the counts are read again.
+    assert await SlotStore(redis_client).try_reserve("gpu-1", "a", 3, 5, "d", 1)
+    assert store.known_usage(["gpu-1"], "a") == {"gpu-1": SlotUsage(0, 0)}
+    await store.recent_usage(["gpu-1"], "a", max_age=0)
+    assert store.known_usage(["gpu-1"], "a") == {"gpu-1": SlotUsage(1, 1)}
