@@ -600,6 +600,8 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             ) as events:
                 async for event in _until(events, began + limit, limit):
                     if isinstance(event, Started):
+                        if not request.stream:
+                            continue  # a caller of the result alone hears only of that
                         sent_started = True
                         yield pool_pb2.GenerateResponse(
                             started=pool_pb2.GenerationStarted(
@@ -621,7 +623,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                         if pending:
                             yield _delta(pending)
                             pending = []
-                        if not sent_started:
+                        if request.stream and not sent_started:
                             yield pool_pb2.GenerateResponse(
                                 started=pool_pb2.GenerationStarted(instance=state.id, model=model)
                             )

@@ -506,3 +506,12 @@ async def test_health_takes_an_instance_out_after_the_threshold_and_back_on_reco
         await fleet[0].restart()
         await registry.check(state)
         assert await health() == pool_pb2.INSTANCE_HEALTH_HEALTHY
+
+
+async def test_a_caller_of_the_result_alone_gets_one_message(make_pool: Any) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        request = generate_request(await reserve(pool))
+        request.stream = False
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert [e.WhichOneof("event") for e in events] == ["done"]
+        assert events[0].done.result.text and events[0].done.result.served_by_instance

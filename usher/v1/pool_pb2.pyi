@@ -419,7 +419,7 @@ class GenerateRequest(_message.Message):
     traceparent: _builtins.str
     """W3C trace context to continue."""
     stream: _builtins.bool
-    """Stream token deltas (false: only the final result)."""
+    """Stream a started note and token deltas (false: only the final result, done)."""
     @_builtins.property
     def chat(self) -> _request_pb2.ChatInput: ...
     @_builtins.property
