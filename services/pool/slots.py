@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from usher.keys import InstanceKeys
 from usher.logs import get_logger
@@ -127,6 +127,8 @@ class SlotStore:
         #: one, so concurrent requests' reserves and releases share round trips.
         self._pending: list[_Call] = []
         self._writing: asyncio.Task[None] | None = None
+        #: Calls made at once (nothing else was under way) and not answered yet.
+        self._direct = 0
         #: Slots held by requests running here → when their lease was last renewed: one
         #: loop renews them all (keep_held), not a timer task per request.
         self._held: dict[SlotGrant, float] = {}
@@ -146,7 +148,7 @@ class SlotStore:
         route: int,
     ) -> SlotGrant | None:
         new_id = slot_id(instance, model, holder, route)
-        granted, model_held, instance_held = await self._call(
+        granted, model_held, instance_held = await self._run(
             "reserve",
             self._keys(instance, model),
             [_now_ms(), self.lease_ms, new_id, per_model_limit, instance_limit],
@@ -171,7 +173,7 @@ class SlotStore:
             self._model_held[instance, model] = (at, max(0, held + change))
 
     async def renew(self, grant: SlotGrant) -> bool:
-        reply = await self._call(
+        reply = await self._run(
             "renew", self._keys(grant.instance, grant.model), [_now_ms(), self.lease_ms, grant.id]
         )
         return int(reply) == 1
@@ -228,6 +230,17 @@ class SlotStore:
         reply.add_done_callback(settle)
         return released
 
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """A script call's reply: made at once when no other is under way (a lone request
+        pays for no pipeline and no task), else in the next pipeline with the others."""
+        if self._direct or self._writing is not None:
+            return await self._call(script, keys, args)
+        self._direct += 1
+        try:
+            return await self._scripts[script](keys=keys, args=args)
+        finally:
+            self._direct -= 1
+
     def _call(self, script: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """Queue a script call for the next pipeline; the future carries its reply."""
         loop = asyncio.get_running_loop()
@@ -282,6 +295,12 @@ class SlotStore:
     async def _execute(self, calls: Sequence[_Call]) -> list[Any]:
         """The calls' replies (an error in place of a call that failed), in one pipeline;
         calls Redis no longer has the script of (a restart) are made again after loading it."""
+        if len(calls) == 1:  # alone: one command, no pipeline (the script reloads itself)
+            call = calls[0]
+            try:
+                return [await self._scripts[call.script](keys=call.keys, args=call.args)]
+            except ResponseError as error:  # this call's own failure, as in a pipeline
+                return [error]
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (1, 2):
