@@ -195,7 +195,6 @@ class ReapCounts:
 
 #: The counters ResetQueueStats zeroes (every other field of a model's stats is an average).
 RESETTABLE_COUNTERS = (
-    "submitted",
     "completed",
     "failed",
     "cancelled",

@@ -30,7 +30,10 @@ if idem ~= '' then
     return {'replayed', earlier, position_of(earlier), redis.call('ZCARD', K.queue)}
   end
 end
-if redis.call('EXISTS', rk) == 1 then
+-- One EXISTS for the request and the model's retirement marker: on the common path
+-- neither exists.
+local existing = redis.call('EXISTS', rk, RETIRED)
+if existing > 0 and redis.call('EXISTS', rk) == 1 then
   return {'exists', id, position_of(id), redis.call('ZCARD', K.queue)}
 end
 if fingerprint ~= '' then
@@ -50,7 +53,7 @@ end
 
 -- The model had left the fleet and its keys were expiring: it is back, they stay.
 local revived = 0
-if redis.call('EXISTS', RETIRED) == 1 then
+if existing > 0 and redis.call('EXISTS', RETIRED) == 1 then
   for _, key in pairs(K) do redis.call('PERSIST', key) end
   redis.call('DEL', RETIRED)
   revived = 1
@@ -131,7 +134,6 @@ redis.call('ZADD', K.queue, fmt(score), member)
 redis.call('ZADD', K.deadlines, expires, id)
 if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
 if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
-redis.call('HINCRBY', K.stats, 'submitted', 1)
 emit(id, 'queued', QUEUED)
 -- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
 return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1, fmt(start),
