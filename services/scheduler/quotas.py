@@ -79,6 +79,11 @@ class Quotas:
         self._settle_script = client.register_script((folder / "settle.lua").read_text())
         self._cache: dict[str, tuple[float, Limits]] = {}
 
+    def stale(self, organization: str, user: str) -> bool:
+        """Whether limits_for would read Redis now."""
+        cached = self._cache.get(keys.tenant_id(organization, user))
+        return cached is None or cached[0] <= time.monotonic()
+
     async def limits_for(self, organization: str, user: str) -> Limits:
         tenant = keys.tenant_id(organization, user)
         cached = self._cache.get(tenant)

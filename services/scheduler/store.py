@@ -14,7 +14,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, cast
 
@@ -317,6 +317,30 @@ class QueueStore(QueueReader):
             cached = (time.monotonic() + CACHE_SECONDS, averages, slots)
             self._slow_averages[model] = cached
         return cached[1], cached[2]
+
+    def stale_reads(
+        self, model: str, organization: str, user: str
+    ) -> list[Coroutine[Any, Any, object]]:
+        """The reads a Submit of ``model`` by this tenant would make now (what the caches
+        above don't hold fresh), to run side by side rather than one after another; none
+        while they are fresh. A model's own are left out until the catalogue names it, so
+        a name nobody serves fills no cache."""
+        now = time.monotonic()
+        reads: list[Coroutine[Any, Any, object]] = []
+        at, known = self._catalogue
+        if now - at > CATALOGUE_CACHE_SECONDS:
+            reads.append(self.served_models())
+        weight = self._weights.get(keys.tenant_id(organization, user))
+        if weight is None or weight[0] <= now:
+            reads.append(self.tenant_weight(organization, user))
+        if model in known:
+            config = self._configs.get(model)
+            if config is None or config[0] <= now:
+                reads.append(self.cached_config(model))
+            averages = self._slow_averages.get(model)
+            if averages is None or averages[0] <= now:
+                reads.append(self.submit_averages(model))
+        return reads
 
     def _forget_model(self, model: str) -> None:
         """Its config changed here, or it left: read it afresh next time."""
