@@ -327,6 +327,16 @@ async def _until(
         timer.cancel()
 
 
+def _first_token(measured: float | None, done: Done) -> float | None:
+    """Time to the first token: as measured, else (an answer read whole) the server's load
+    and prompt time, else (an embedding) the whole call's; None when nothing says."""
+    if measured is not None:
+        return measured
+    if done.completion_tokens == 0:
+        return done.total_seconds
+    return (done.load_seconds + done.prompt_seconds) or None
+
+
 def _give_back(trials: list[CircuitBreaker]) -> None:
     now = time.monotonic()
     for breaker in trials:
@@ -596,6 +606,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     upstream_request,
                     keep_alive_seconds=self.settings.keep_alive_for(state.spec, model),
                     traceparent=request.traceparent,
+                    whole=not request.stream,
                 )
             ) as events:
                 async for event in _until(events, began + limit, limit):
@@ -627,7 +638,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                             yield pool_pb2.GenerateResponse(
                                 started=pool_pb2.GenerationStarted(instance=state.id, model=model)
                             )
-                        self.registry.record(state, model, True, first_token or event.total_seconds)
+                        self.registry.record(state, model, True, _first_token(first_token, event))
                         self.router.settle_trial(grant.id)
                         # Batched: neither the answer nor the slot's release (and with it
                         # the next request) waits for the fleet statistics.

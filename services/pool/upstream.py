@@ -313,8 +313,11 @@ class Upstream(Protocol):
         *,
         keep_alive_seconds: float | None = None,
         traceparent: str = "",
+        whole: bool = False,
     ) -> AsyncGenerator[Event, None]:
-        """Run one request; see the module docstring for the event order.
+        """Run one request; see the module docstring for the event order. ``whole``: the
+        caller wants only the result, so a server that can answer in one body is asked
+        to (no deltas then).
 
         An async generator, so ``contextlib.aclosing`` / ``aclose()`` stop it."""
         ...
@@ -568,7 +571,11 @@ class HttpUpstream:
     # What each kind of server defines: how a request becomes a call, how its answer reads.
 
     def build(
-        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None = None
+        self,
+        request: pool_pb2.GenerateRequest,
+        keep_alive_seconds: float | None = None,
+        *,
+        whole: bool = False,
     ) -> tuple[str, dict[str, Any]]:
         raise NotImplementedError
 
@@ -589,8 +596,9 @@ class HttpUpstream:
         *,
         keep_alive_seconds: float | None = None,
         traceparent: str = "",
+        whole: bool = False,
     ) -> AsyncGenerator[Event, None]:
-        path, body = self.build(request, keep_alive_seconds)
+        path, body = self.build(request, keep_alive_seconds, whole=whole)
         started = time.perf_counter()
         resp = await self.open_stream(path, body, traceparent=traceparent)
         try:

@@ -235,9 +235,14 @@ class OllamaUpstream(HttpUpstream):
     # -- inference ------------------------------------------------------------------
 
     def build(
-        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None = None
+        self,
+        request: pool_pb2.GenerateRequest,
+        keep_alive_seconds: float | None = None,
+        *,
+        whole: bool = False,
     ) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body) for a request."""
+        """(path, JSON body) for a request; with ``whole``, answered in one JSON object
+        (read as a stream of one final line: no token is parsed on its own)."""
         options, top = ollama_options(request.options)
         body: dict[str, Any] = {"model": request.model, **top}
         which = request.WhichOneof("input")
@@ -261,7 +266,7 @@ class OllamaUpstream(HttpUpstream):
         if keep_alive_seconds is not None:
             body["keep_alive"] = keep_alive_value(keep_alive_seconds)
         if which != "embed":
-            body["stream"] = True
+            body["stream"] = not whole
         return path, body
 
     def is_embedding(self, path: str) -> bool:

@@ -235,9 +235,14 @@ class OpenAIUpstream(HttpUpstream):
     # -- inference ------------------------------------------------------------------
 
     def build(
-        self, request: pool_pb2.GenerateRequest, keep_alive_seconds: float | None = None
+        self,
+        request: pool_pb2.GenerateRequest,
+        keep_alive_seconds: float | None = None,
+        *,
+        whole: bool = False,
     ) -> tuple[str, dict[str, Any]]:
-        """(path, JSON body) for a request."""
+        """(path, JSON body) for a request; always streamed (``whole`` aside: the usage
+        of a whole answer comes in another shape)."""
         options = openai_options(request.options, standard_only=self.standard_only)
         stream = {"stream": True, "stream_options": {"include_usage": True}}
         which = request.WhichOneof("input")

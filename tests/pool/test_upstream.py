@@ -331,6 +331,21 @@ async def test_chat_stream(emulator_upstream: Upstream) -> None:
     assert done.embeddings == []
 
 
+@both_kinds
+async def test_a_whole_answer_is_the_streamed_one_without_deltas(
+    emulator_upstream: Upstream,
+) -> None:
+    streamed = split(await collect(emulator_upstream, chat_request(seed=5)))[1]
+    for request in (chat_request(seed=5), generate_request(prompt="hello")):
+        events = await collect(emulator_upstream, request, whole=True)
+        deltas, done = split(events)
+        # Ollama answers in one body; an OpenAI-compatible server still streams.
+        assert not deltas if emulator_upstream.kind == "ollama" else deltas
+        assert done.text and done.completion_tokens > 0 and done.done_reason == "stop"
+    whole = split(await collect(emulator_upstream, chat_request(seed=5), whole=True))[1]
+    assert (whole.text, whole.message) == (streamed.text, streamed.message)
+
+
 async def test_ollama_done_durations(upstream_emulator_config: ConfigFactory) -> None:
     config = upstream_emulator_config(load_time=0.05, time_to_first_token=0.02)
     async with running(config) as (_, upstream):
