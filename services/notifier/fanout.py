@@ -36,7 +36,7 @@ from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.queue.eta import ModelAverages
 from usher.queue.reads import QueueReader
-from usher.queue.records import QUEUED, StoredRequest
+from usher.queue.records import QUEUED, StoredRequest, WrittenEvents
 from usher.v1 import notifier_pb2
 
 __all__ = [
@@ -69,6 +69,14 @@ IDLE_CHECKS_PER_SECOND = 200
 #: How long the list of models (and model averages) are reused before they are read again.
 MODELS_TTL_SECONDS = 1.0
 AVERAGES_TTL_SECONDS = 1.0
+#: Script calls handed over in process that may wait per request for the reader to bring
+#: what came before them; older ones are left to the reader.
+MAX_HANDED = 16
+#: Events a writer in the same process hands over (services/scheduler/store.py: finish),
+#: and how long the reader waits for them before reading the record instead (a completion
+#: written by another process waits that long once).
+HANDED_TYPES = frozenset({"completed", "failed", "cancelled"})
+HAND_OVER_WAIT_SECONDS = 0.002
 #: Request ids are ULIDs: the queue member ends with one.
 _ID_LENGTH = 26
 
@@ -153,6 +161,7 @@ class Subscriber:
         "_items",
         "_position",
         "_waiter",
+        "covered",
         "group",
         "heard",
         "lagged",
@@ -176,6 +185,10 @@ class Subscriber:
         #: (position, queue length) last handed to this watcher; (0, 0): none / unknown.
         self.told: tuple[int, int] = (0, 0)
         self.heard = time.monotonic()
+        #: Every event of the request up to this id (as a key) is with this watcher or on
+        #: its way (its watch's read, its mailbox, or the replay a lag forces): a later
+        #: copy of one is not offered again.
+        self.covered: tuple[int, int] = (0, 0)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -184,6 +197,8 @@ class Subscriber:
 
     def offer(self, item: Update) -> None:
         self.heard = time.monotonic()
+        if item.key > self.covered:
+            self.covered = item.key
         if self.lagged:
             return  # it replays from Redis anyway
         if len(self._items) >= SUBSCRIBER_BUFFER:
@@ -235,6 +250,7 @@ class Watched:
 
     __slots__ = (
         "at",
+        "handed",
         "member",
         "model",
         "position",
@@ -251,6 +267,8 @@ class Watched:
         self.stored: StoredRequest | None = None
         #: The id (as a key) of the request's event ``stored`` reflects, at least.
         self.at: tuple[int, int] = (0, 0)
+        #: Events handed over in process that wait for the reader to deliver those before.
+        self.handed: list[WrittenEvents] = []
         self.queued = False
         #: Its member in the queue's sorted set (fixed at enqueue), once read.
         self.member: bytes | None = None
@@ -313,6 +331,16 @@ class AveragesCache:
             self._loading.pop(model, None)
 
 
+def _wanted_by(group: Watched, key: tuple[int, int]) -> bool:
+    """Whether some watcher of the request does not have its event ``key`` yet."""
+    return any(subscriber.covered < key for subscriber in group.subscribers)
+
+
+def _handed(group: Watched, event_id: str) -> bool:
+    """Whether the event was handed over in process and waits for those before it."""
+    return any(event_id == eid for written in group.handed for eid, _ in written.events)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -342,6 +370,10 @@ class Fanout:
         self._last_ids: dict[str, str] = {}
         self._models_cache: tuple[float, list[str]] = (0.0, [])
         self._started = False
+        #: Set once a writer in this process hands events over (usher serve).
+        self._hands_over = False
+        #: Set when a writer hands events over, for the reader waiting for them.
+        self._handed_signal: asyncio.Future[None] | None = None
         self.delivered = 0
         self.positions_sent = 0
 
@@ -372,6 +404,7 @@ class Fanout:
         its event ``tip``."""
         group = subscriber.group
         at = event_id_key(tip) or (0, 0)
+        subscriber.covered = max(subscriber.covered, at)
         if group.stored is None or at > group.at:
             group.stored, group.at = stored, at
             group.queued = stored.state == QUEUED
@@ -453,33 +486,30 @@ class Fanout:
         shows the request as that event left it: worked out from the event when it says
         all it changed (``updates.after_event``), else from one pipelined read of those
         requests for the whole batch."""
-        wanted: dict[str, str] = {}
-        known: dict[int, StoredRequest] = {}  # event's index → the request after it
-        latest: dict[str, StoredRequest] = {}
-        for index, event in enumerate(events):
-            request_id = event.fields.get("id", "")
-            group = self._groups.get(request_id)
-            if group is None or event.type == "tokens" or request_id in wanted:
-                continue
-            before = latest.get(request_id) or group.stored
-            key = event_id_key(event.eid)
-            if before is not None and key is not None and key <= group.at:
-                known[index] = before  # it knows a later state already: shown as that
-                continue
-            after = None if before is None else updates.after_event(before, event.fields)
-            if after is None:
-                wanted[request_id] = event.model
-            else:
-                known[index] = latest[request_id] = after
+        wanted, known = self._plan(events)
+        if self._hands_over and any(events[i].type in HANDED_TYPES for i in wanted.values()):
+            # usher serve: Redis answers this reader before the script that wrote the
+            # events, whose writer hands them over a moment later. Wait that moment (at
+            # most HAND_OVER_WAIT_SECONDS) rather than read what it brings.
+            deadline = time.monotonic() + HAND_OVER_WAIT_SECONDS
+            while (remaining := deadline - time.monotonic()) > 0:
+                signal = self._handed_signal = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(signal, remaining)
+                wanted, known = self._plan(events)
+                if not any(events[i].type in HANDED_TYPES for i in wanted.values()):
+                    break
+            self._handed_signal = None
+        by_id = {request_id: events[i].model for request_id, i in wanted.items()}
         snapshots: dict[str, StoredRequest | None] = {}
         read = False
-        if wanted:
+        if by_id:
             try:
-                snapshots = await self.read_requests(wanted)
+                snapshots = await self.read_requests(by_id)
                 read = True
             except Exception as exc:  # each watcher reads for itself instead
                 log.warning("request read failed", error=str(exc))
-            for model in set(wanted.values()):
+            for model in set(by_id.values()):
                 with contextlib.suppress(Exception):
                     await self.averages.get(model)
         for model in {events[index].model for index in known}:
@@ -492,6 +522,32 @@ class Fanout:
                 self.dispatch(event, snapshots[request_id], read)
             else:
                 self.dispatch(event, None, read and request_id in wanted)
+
+    def _plan(self, events: list[Event]) -> tuple[dict[str, int], dict[int, StoredRequest]]:
+        """Which requests of a batch must be read (id → index of its first event that
+        needs it) and, for the other state changes of watched requests, the request as
+        each left it (event's index → request), from what the events say."""
+        wanted: dict[str, int] = {}
+        known: dict[int, StoredRequest] = {}
+        latest: dict[str, StoredRequest] = {}
+        for index, event in enumerate(events):
+            request_id = event.fields.get("id", "")
+            group = self._groups.get(request_id)
+            if group is None or event.type == "tokens" or request_id in wanted:
+                continue
+            key = event_id_key(event.eid)
+            if key is not None and (not _wanted_by(group, key) or _handed(group, event.eid)):
+                continue  # handed over in process (or about to be, once those before are)
+            before = latest.get(request_id) or group.stored
+            if before is not None and key is not None and key <= group.at:
+                known[index] = before  # it knows a later state already: shown as that
+                continue
+            after = None if before is None else updates.after_event(before, event.fields)
+            if after is None:
+                wanted[request_id] = index
+            else:
+                known[index] = latest[request_id] = after
+        return wanted, known
 
     async def read_requests(self, wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
         """The current records of the given requests (id → model), with their places,
@@ -511,20 +567,97 @@ class Fanout:
             metrics.FANOUT_LAG.observe(max(0.0, time.time() - int(stamp) / 1000))
         group = self._groups.get(event.fields.get("id", ""))
         if group is not None:
-            update = Update(event.fields, snapshot, read, self.averages.cached(event.model))
-            if snapshot is not None:
-                group.stored = snapshot
-                group.at = max(group.at, update.key)
-                group.queued = snapshot.state == QUEUED
-            elif event.fields.get("state"):
-                group.queued = event.fields["state"] == str(QUEUED)
-            if not group.queued:
-                self._pending.pop(group, None)
-            for subscriber in group.subscribers:
-                subscriber.offer(update)
-            self.delivered += len(group.subscribers)
+            key = event_id_key(event.eid)
+            if key is None or _wanted_by(group, key):
+                update = Update(event.fields, snapshot, read, self.averages.cached(event.model))
+                self._deliver(group, update)
+            if group.handed:
+                self._flush_handed(group)
         if event.type in QUEUE_CHANGES:
             self._dirty.add(event.model)
+
+    def _deliver(self, group: Watched, update: Update) -> None:
+        """One event to each watcher of its request that does not have it yet."""
+        snapshot = update.snapshot
+        if snapshot is not None:
+            if update.key >= group.at:
+                group.stored = snapshot
+                group.at = update.key
+            group.queued = group.stored is not None and group.stored.state == QUEUED
+        elif update.kind == notifier_pb2.UPDATE_KIND_PROGRESS:
+            group.at = max(group.at, update.key)  # output changes nothing in the record
+        else:
+            # A change not read (Redis away): what the group knew of the request is void
+            # until the next read (events handed over wait for the reader meanwhile).
+            group.stored = None
+            if update.fields.get("state"):
+                group.queued = update.fields["state"] == str(QUEUED)
+        if not group.queued:
+            self._pending.pop(group, None)
+        key = update.key
+        for subscriber in group.subscribers:
+            if not update.eid or subscriber.covered < key:
+                subscriber.offer(update)
+                self.delivered += 1
+
+    # ---- events handed over in process --------------------------------------------------------
+
+    def hand_over(self, written: WrittenEvents) -> None:
+        """Events a script of this process just wrote (``usher serve``): to the request's
+        watchers now, without waiting for the reader or reading the record, provided each
+        watcher has every event before them; the reader still reads the stream and brings
+        them to any watcher that did not get them here (never one twice: ``covered``)."""
+        self._hands_over = True
+        signal = self._handed_signal
+        if signal is not None and not signal.done():
+            signal.set_result(None)
+        group = self._groups.get(written.request_id)
+        if group is None or not written.events:
+            return
+        group.handed.append(written)
+        if len(group.handed) > MAX_HANDED:
+            del group.handed[0]  # the reader brings those
+        self._flush_handed(group)
+
+    def _flush_handed(self, group: Watched) -> None:
+        while group.handed:
+            written = group.handed[0]
+            last = event_id_key(written.events[-1][0]) or (0, 0)
+            if last <= group.at:
+                group.handed.pop(0)  # the reader brought them first
+                continue
+            if group.stored is None or group.at < (event_id_key(written.after) or (0, 0)):
+                return  # what came before them is still on its way through the reader
+            group.handed.pop(0)
+            self._deliver_handed(group, written)
+
+    def _deliver_handed(self, group: Watched, written: WrittenEvents) -> None:
+        averages = self.averages.cached(written.model)
+        for event_id, fields in written.events:
+            key = event_id_key(event_id)
+            before = group.stored
+            if key is None or key <= group.at or before is None:
+                continue
+            snapshot: StoredRequest | None = None
+            if fields.get("type") != "tokens":
+                snapshot = updates.after_event(before, fields) or updates.ended_by(
+                    before, fields, written.result, written.usage
+                )
+                if snapshot is None:
+                    return  # one it cannot show without a read: the reader brings the rest
+            update = Update(fields, snapshot, snapshot is not None, averages)
+            # A watcher gets it only if it has every event before it: else the reader's copy.
+            previous = group.at
+            for subscriber in group.subscribers:
+                if subscriber.covered >= previous and subscriber.covered < key:
+                    subscriber.offer(update)
+                    self.delivered += 1
+            if snapshot is not None:
+                group.stored = snapshot
+                group.queued = snapshot.state == QUEUED
+                if not group.queued:
+                    self._pending.pop(group, None)
+            group.at = key
 
     # ---- positions ----------------------------------------------------------------------------
 

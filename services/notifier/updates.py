@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from usher import messages
 from usher.queue.eta import Estimate, ModelAverages, queued_eta
-from usher.queue.records import QUEUED, RUNNING, StoredRequest
+from usher.queue.records import QUEUED, RUNNING, TERMINAL_STATES, StoredRequest
 from usher.v1 import notifier_pb2
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "BadgeInputs",
     "after_event",
     "badge",
+    "ended_by",
     "is_terminal_kind",
     "level_for",
     "progress_fraction",
@@ -72,6 +73,28 @@ def after_event(stored: StoredRequest, fields: Mapping[str, str]) -> StoredReque
     if kind == "cancel_requested" and stored.state == RUNNING:
         return replace(stored, cancel_requested=True)
     return None
+
+
+def ended_by(
+    stored: StoredRequest, fields: Mapping[str, str], result: bytes, usage: bytes
+) -> StoredRequest | None:
+    """The request as a completion (services/scheduler/lua/complete.lua) left it, from the
+    request before it, the event, and the result and usage its writer handed over with it;
+    None when the event does not end the request."""
+    state, finished = fields.get("state", ""), fields.get("ts", "")
+    if not (state.isdigit() and finished.isdigit()) or int(state) not in TERMINAL_STATES:
+        return None
+    return replace(
+        stored,
+        state=int(state),
+        finished_ms=int(finished),
+        error=fields.get("error", ""),
+        result=result or stored.result,
+        usage=usage or stored.usage,
+        lease_token="",
+        position=0,
+        queue_length=0,
+    )
 
 
 def is_terminal_kind(kind: int) -> bool:

@@ -14,7 +14,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, cast
 
@@ -37,6 +37,7 @@ from usher.queue.records import (
     ModelConfig,
     QueueDefaults,
     StoredRequest,
+    WrittenEvents,
     decode,
     pairs,
 )
@@ -162,6 +163,53 @@ class FinishedWork:
     output_tokens: int = 0
 
 
+_ENDED_TYPES: dict[int, str] = {
+    request_pb2.REQUEST_STATE_COMPLETED: "completed",
+    request_pb2.REQUEST_STATE_FAILED: "failed",
+    request_pb2.REQUEST_STATE_CANCELLED: "cancelled",
+}
+
+
+def _as_text(value: str | int | float) -> str:
+    """A script argument as Redis keeps it (redis-py writes floats with repr)."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _finish_written(
+    lease: Lease,
+    work: FinishedWork,
+    packed: Sequence[str | int | float],
+    now: int,
+    reply: Sequence[Any],
+) -> WrittenEvents | None:
+    """The events complete.lua just wrote, as its reply names them (None when it cannot
+    say them all: a cancel without a reason takes the one the script finds)."""
+    kind = _ENDED_TYPES.get(work.state)
+    if kind is None or len(reply) < 4 or (not work.error and kind == "cancelled"):
+        return None
+    request_id = lease.request.id
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in reply[3]]
+    base = {"id": request_id, "ts": str(now)}
+    events: list[tuple[str, dict[str, str]]] = []
+    at = 0
+    while at < len(packed):
+        count = int(packed[at + 1])
+        fields = {"type": str(packed[at]), **base, "state": str(request_pb2.REQUEST_STATE_RUNNING)}
+        items = packed[at + 2 : at + 2 + count]
+        fields.update((str(n), _as_text(v)) for n, v in zip(items[::2], items[1::2], strict=True))
+        events.append((ids[len(events)], fields))
+        at += 2 + count
+    events.append((ids[-1], {"type": kind, **base, "state": str(work.state), "error": work.error}))
+    if len(events) != len(ids):
+        return None
+    after = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+    for event_id, fields in events:
+        fields["eid"] = event_id
+    return WrittenEvents(
+        lease.request.model, request_id, after, tuple(events), work.result, work.usage
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Ended:
     """A request a script ended, with its owner, whose quotas the caller settles."""
@@ -234,6 +282,9 @@ class QueueStore(QueueReader):
         sealer: NullSealer | None = None,
     ) -> None:
         super().__init__(client, defaults, sealer)
+        #: Told of the events a completion wrote as soon as its script returns (``usher
+        #: serve`` hands them to its Notifier's fan-out); None: nobody in this process is.
+        self.on_written: Callable[[WrittenEvents], None] | None = None
         self._weights: dict[str, tuple[float, float]] = {}
         self._catalogue: tuple[float, frozenset[str]] = (-1e9, frozenset())
         #: model → when this process last added it to the model set.
@@ -747,6 +798,8 @@ class QueueStore(QueueReader):
             extra += ["result", self.sealer.seal(work.result, lease.request.id)]
         if work.usage:
             extra += ["usage", work.usage]
+        now = now_ms()
+        packed = self._packed(lease, progress)
         reply = await self._run(
             "complete",
             lease.request.model,
@@ -764,11 +817,16 @@ class QueueStore(QueueReader):
                 repr(SERVICE_ALPHA),
                 len(extra),
                 *extra,
-                *self._packed(lease, progress),
+                *packed,
             ],
+            now,
         )
         if not isinstance(reply, list):
             return None
+        if self.on_written is not None:
+            written = _finish_written(lease, work, packed, now, reply)
+            if written is not None:
+                self.on_written(written)
         # A request that failed for good stays (a dead letter) until an operator retries it.
         kept = work.state == request_pb2.REQUEST_STATE_FAILED
         expires = 0 if kept else now_ms() + self.defaults.result_ttl_seconds * 1000

@@ -174,9 +174,11 @@ async def test_an_event_older_than_the_watchers_read_does_not_turn_it_back(
     await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
     start = await store.open_watch(MODEL, stored.id, "0-0")
     assert start is not None and start.tip == start.events[-1][0]
+    early = fanout.subscribe(stored)  # watching since before the claim
     watcher = fanout.subscribe(start.stored, start.tip)
     await _drain(fanout)
-    running, completed = await _take(watcher)
+    assert await _take(watcher) == []  # its read had both: not offered again
+    running, completed = await _take(early)
     assert isinstance(running, Update) and running.snapshot is start.stored
     assert isinstance(completed, Update) and completed.snapshot is start.stored
     group = fanout._groups[stored.id]
@@ -374,3 +376,97 @@ def test_only_events_that_say_all_they_changed_are_applied() -> None:
     assert after_event(queued, {"type": "running"}) is None
     # A completion carries no result: its record is read.
     assert after_event(running, {"type": "completed", "state": "3", "ts": "2"}) is None
+
+
+async def test_a_completion_handed_over_in_process_reaches_watchers_once_without_a_read(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """usher serve: the completion's events go to the watchers as its script returns; the
+    reader's copies are not offered again and cost no read."""
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    watcher = fanout.subscribe(replace(stored, payload=b"", owners=frozenset()))
+    store.on_written = fanout.hand_over
+    reads: list[dict[str, str]] = []
+    original = fanout.read_requests
+
+    async def counting(wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
+        reads.append(dict(wanted))
+        return await original(wanted)
+
+    monkeypatch.setattr(fanout, "read_requests", counting)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    usage = request_pb2.Usage(completion_tokens=2).SerializeToString()
+    await store.finish(
+        lease,
+        FinishedWork(
+            state=request_pb2.REQUEST_STATE_COMPLETED,
+            result=request_pb2.RequestResult(text="at once").SerializeToString(),
+            usage=usage,
+        ),
+        progress=[("tokens", {"text": "at once", "tokens": 2})],
+    )
+    # Handed over before the reader brought the claim: held until it does.
+    assert watcher.pending == 0
+    await _drain(fanout)
+    assert reads == []
+    running, tokens, completed = await _take(watcher)
+    assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
+    assert isinstance(tokens, Update) and tokens.fields["text"] == "at once"
+    assert isinstance(completed, Update) and completed.snapshot is not None
+    # As a read would show it.
+    read = await store.inspect(MODEL, stored.id)
+    assert read is not None
+    assert to_proto(completed.snapshot) == to_proto(replace(read, owners=frozenset()))
+    assert request_pb2.RequestResult.FromString(completed.snapshot.result).text == "at once"
+    eids = [i.eid for i in (running, tokens, completed) if isinstance(i, Update)]
+    everything = await store.open_watch(MODEL, stored.id, "0-0")
+    assert everything is not None and eids == [e for e, _ in everything.events[1:]]
+
+    # Once the watcher has what came before, a completion goes out before the reader runs.
+    (second,) = await _queued(store, 1)
+    start = await store.open_watch(MODEL, second.id, "0-0")
+    assert start is not None
+    other = fanout.subscribe(start.stored, start.tip)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None and lease.request.id == second.id
+    await _drain(fanout)
+    assert [i.kind for i in await _take(other) if isinstance(i, Update)] == [
+        notifier_pb2.UPDATE_KIND_RUNNING
+    ]
+    await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_FAILED, error="boom"))
+    (failed,) = await _take(other)
+    assert isinstance(failed, Update) and failed.snapshot is not None
+    assert (failed.snapshot.state, failed.snapshot.error) == (
+        request_pb2.REQUEST_STATE_FAILED,
+        "boom",
+    )
+    await _drain(fanout)
+    assert await _take(other) == [] and reads == []
+
+
+async def test_a_watcher_missing_earlier_events_gets_a_handed_one_from_the_reader(
+    store: QueueStore,
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    store.on_written = fanout.hand_over
+    before = await store.open_watch(MODEL, stored.id, "0-0")
+    assert before is not None
+    behind = fanout.subscribe(before.stored, before.tip)  # read before the claim
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    after = await store.open_watch(MODEL, stored.id, "0-0")
+    assert after is not None
+    ahead = fanout.subscribe(after.stored, after.tip)  # read after it; the reader is behind
+    await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
+    (completed,) = await _take(ahead)  # at once, from the hand-over
+    assert isinstance(completed, Update) and completed.kind == notifier_pb2.UPDATE_KIND_COMPLETED
+    assert behind.pending == 0  # it lacks the claim: the reader brings both, in order
+    await _drain(fanout)
+    kinds = [i.kind for i in await _take(behind) if isinstance(i, Update)]
+    assert kinds == [notifier_pb2.UPDATE_KIND_RUNNING, notifier_pb2.UPDATE_KIND_COMPLETED]
+    assert await _take(ahead) == []

@@ -151,9 +151,10 @@ class QueueReader:
             result=self.sealer.open(stored.result, stored.id) if stored.result else b"",
         )
 
-    async def _run(self, name: str, model: str, args: Sequence[Any]) -> Any:
+    async def _run(self, name: str, model: str, args: Sequence[Any], now: int | None = None) -> Any:
         mk = ModelKeys(model)
-        return await self._scripts[name](keys=[mk.queue], args=[mk.base, now_ms(), *args])
+        stamp = now_ms() if now is None else now
+        return await self._scripts[name](keys=[mk.queue], args=[mk.base, stamp, *args])
 
     def _queue_script(self, pipe: Pipeline, name: str, model: str, args: Sequence[Any]) -> None:
         """Add a script call to a pipeline by SHA (no per-call SCRIPT EXISTS round trip)."""

@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "QueueDefaults",
     "StoredRequest",
+    "WrittenEvents",
     "decode",
     "eta_for",
     "pairs",
@@ -184,6 +185,23 @@ class StoredRequest:
             position=position,
             queue_length=queue_length,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenEvents:
+    """Events one script call appended to a request's stream, as the model stream's reader
+    reads them (each with its 'eid'), handed to a Notifier in the same process (``usher
+    serve``) as soon as the script returns; the stream stays the record and is read too."""
+
+    model: str
+    request_id: str
+    #: The id of the request's event before the first of these ("0-0": none).
+    after: str
+    #: (request stream entry id, fields) in order.
+    events: tuple[tuple[str, dict[str, str]], ...]
+    #: When the last one ends the request: its result and usage as stored, decrypted.
+    result: bytes = b""
+    usage: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@
 --       12 moving-average alpha, 13 service time's moving-average alpha,
 --       14 the count of extra items that follow, then extra field/value pairs (result,
 --       usage), then progress events not yet written (packed as emit_packed reads them)
--- Returns {1, bytes the request holds now (its hash, events and any owners set)}, or -1 when the
--- lease was lost (another dispatcher owns the request now).
+-- Returns {1, bytes the request holds now (its hash, events and any owners set), the id of
+-- the request's event before this call's, the ids of the events this call wrote in order},
+-- or -1 when the lease was lost (another dispatcher owns the request now).
 -- Every hash is read once (HMGET) and written once: this runs for every request.
 local id, state = ARGV[3], tonumber(ARGV[5])
 local rk = req_key(id)
@@ -18,7 +19,9 @@ if tonumber(r[1]) ~= RUNNING or r[2] ~= ARGV[4] then
 end
 local extras = tonumber(ARGV[14])
 local extra = {unpack(ARGV, 15, 14 + extras)}
-emit_packed(id, RUNNING, 15 + extras)
+local after = last_event_id(id)
+local written = {}
+emit_packed(id, RUNNING, 15 + extras, written)
 
 -- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish), never
 -- below the start of the flow's newest request, so its queued requests keep their order.
@@ -86,7 +89,8 @@ if state == FAILED then
   if owners_set then redis.call('PERSIST', req_owners_key(id)) end
   redis.call('PERSIST', req_events_key(id))
 end
-emit(id, ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
+written[#written + 1] = emit(id,
+  ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
   state, {'error', reason})
 -- What it holds now, for the tenant's storage charge (no second round trip to measure it).
 local measured = {rk, req_events_key(id)}
@@ -95,4 +99,4 @@ local bytes = 0
 for _, key in ipairs(measured) do
   bytes = bytes + (redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or 0)
 end
-return {1, bytes}
+return {1, bytes, after, written}

@@ -39,12 +39,14 @@ local function emit(id, kind, state, extra)
 end
 
 -- Emit the events packed in ARGV from index ``first`` on, in order: each is its type, the
--- count of field/value items that follow, then those items. Returns the last event's id.
-local function emit_packed(id, state, first)
+-- count of field/value items that follow, then those items. Returns the last event's id;
+-- each one's is appended to ``written`` when given.
+local function emit_packed(id, state, first, written)
   local i, eid = first, nil
   while i <= #ARGV do
     local kind, count = ARGV[i], tonumber(ARGV[i + 1])
     eid = emit(id, kind, state, {unpack(ARGV, i + 2, i + 1 + count)})
+    if written then written[#written + 1] = eid end
     i = i + 2 + count
   end
   return eid
@@ -76,6 +78,14 @@ local function share_with(rk, id, owner, shared, tenant)
     redis.call('SADD', req_owners_key(id), owner, tenant)
     redis.call('HSET', rk, 'shared', 1)
   end
+end
+
+-- The id of the last entry of a request's own stream ("0-0": none): what a caller handing
+-- the events it writes next to a reader in its own process says they follow.
+local function last_event_id(id)
+  local last = redis.call('XREVRANGE', req_events_key(id), '+', '-', 'COUNT', 1)
+  if #last > 0 then return last[1][1] end
+  return '0-0'
 end
 
 -- Mark a request finished: state, reason, expiry of its keys, dedup entry released.

@@ -26,12 +26,6 @@ if tonumber(field_of(fields, 'state')) == QUEUED then
   end
 end
 local events = redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')
-local tip = '0-0'
-if #events > 0 then
-  tip = events[#events][1]
-else
-  local last = redis.call('XREVRANGE', req_events_key(id), '+', '-', 'COUNT', 1)
-  if #last > 0 then tip = last[1][1] end
-end
+local tip = #events > 0 and events[#events][1] or last_event_id(id)
 local owners = owners_of(id, field_of(fields, 'owner'), field_of(fields, 'shared'))
 return {fields, owners, position, length, events, tip}
