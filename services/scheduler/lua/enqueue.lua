@@ -80,11 +80,12 @@ local score = start + lead * (class - 1)
 -- queued request (eta.py: decayed_count, activity_from_record). "count at_ms cost weight":
 -- each arrival weighs exp(-age / tau); cost is a moving average of its requests' costs.
 local tau = tonumber(ARGV[19])
-local count, typical = 1, cost
+local count, typical, previous = 1, cost, nil
 local act = fair[3]
 if act then
   local c, at, avg = string.match(act, '^(%S+) (%S+) (%S+)')
-  count = tonumber(c) * math.exp(-math.max(0, NOW - tonumber(at)) / tau) + 1
+  previous = tonumber(at)
+  count = tonumber(c) * math.exp(-math.max(0, NOW - previous) / tau) + 1
   typical = tonumber(avg) + 0.2 * (cost - tonumber(avg))
 end
 -- The arrival sequence orders equal scores first come, first served. It lives in the
@@ -99,7 +100,12 @@ if not fair[4] then
   fairness[#fairness + 1] = NOW
 end
 redis.call('HSET', K.fairness, unpack(fairness))
-redis.call('ZADD', K.flows, NOW, flow)
+-- The flows index picks flows by when they last sent, to within minutes (eta.py:
+-- ACTIVE_FLOW_SECONDS), so a flow's entry is written at its first arrival in each second,
+-- not at every one: it lags the flow's last arrival by less than a second.
+if not previous or math.floor(previous / 1000) ~= math.floor(NOW / 1000) then
+  redis.call('ZADD', K.flows, NOW, flow)
+end
 -- Flows silent for five time constants are forgotten, a batch every 16 arrivals.
 if seq % 16 == 0 then
   local old = redis.call('ZRANGEBYSCORE', K.flows, '-inf', NOW - 5 * tau, 'LIMIT', 0, 64)
