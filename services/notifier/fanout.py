@@ -607,6 +607,12 @@ class Fanout:
         watchers now, without waiting for the reader or reading the record, provided each
         watcher has every event before them; the reader still reads the stream and brings
         them to any watcher that did not get them here (never one twice: ``covered``)."""
+        try:
+            self._take_over(written)
+        except Exception as exc:  # never the writer's failure: the reader brings them
+            log.warning("events handed over were left to the reader", error=str(exc))
+
+    def _take_over(self, written: WrittenEvents) -> None:
         self._hands_over = True
         signal = self._handed_signal
         if signal is not None and not signal.done():

@@ -9,6 +9,7 @@ between cannot leave a queued request that Get or List cannot find.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -190,24 +191,24 @@ def _finish_written(
     request_id = lease.request.id
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in reply[3]]
     base = {"id": request_id, "ts": str(now)}
-    events: list[tuple[str, dict[str, str]]] = []
+    written: list[dict[str, str]] = []
     at = 0
     while at < len(packed):
         count = int(packed[at + 1])
         fields = {"type": str(packed[at]), **base, "state": str(request_pb2.REQUEST_STATE_RUNNING)}
         items = packed[at + 2 : at + 2 + count]
         fields.update((str(n), _as_text(v)) for n, v in zip(items[::2], items[1::2], strict=True))
-        events.append((ids[len(events)], fields))
+        written.append(fields)
         at += 2 + count
-    events.append((ids[-1], {"type": kind, **base, "state": str(work.state), "error": work.error}))
-    if len(events) != len(ids):
+    written.append({"type": kind, **base, "state": str(work.state), "error": work.error})
+    if len(written) != len(ids):
         return None
     after = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
-    for event_id, fields in events:
-        fields["eid"] = event_id
-    return WrittenEvents(
-        lease.request.model, request_id, after, tuple(events), work.result, work.usage
+    events = tuple(
+        (event_id, {**fields, "eid": event_id})
+        for event_id, fields in zip(ids, written, strict=True)
     )
+    return WrittenEvents(lease.request.model, request_id, after, events, work.result, work.usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,9 +825,11 @@ class QueueStore(QueueReader):
         if not isinstance(reply, list):
             return None
         if self.on_written is not None:
-            written = _finish_written(lease, work, packed, now, reply)
-            if written is not None:
-                self.on_written(written)
+            # The request is finished whatever a listener makes of its events.
+            with contextlib.suppress(Exception):
+                written = _finish_written(lease, work, packed, now, reply)
+                if written is not None:
+                    self.on_written(written)
         # A request that failed for good stays (a dead letter) until an operator retries it.
         kept = work.state == request_pb2.REQUEST_STATE_FAILED
         expires = 0 if kept else now_ms() + self.defaults.result_ttl_seconds * 1000

@@ -20,7 +20,7 @@ from services.notifier.updates import after_event
 from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
 from usher.queue.eta import ModelAverages
-from usher.queue.records import QUEUED, StoredRequest, to_proto
+from usher.queue.records import QUEUED, StoredRequest, WrittenEvents, to_proto
 from usher.v1 import notifier_pb2, request_pb2
 
 MODEL = "fan-model"
@@ -470,3 +470,22 @@ async def test_a_watcher_missing_earlier_events_gets_a_handed_one_from_the_reade
     kinds = [i.kind for i in await _take(behind) if isinstance(i, Update)]
     assert kinds == [notifier_pb2.UPDATE_KIND_RUNNING, notifier_pb2.UPDATE_KIND_COMPLETED]
     assert await _take(ahead) == []
+
+
+async def test_a_listener_that_fails_does_not_fail_the_completion(store: QueueStore) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    watcher = fanout.subscribe(replace(stored, payload=b"", owners=frozenset()))
+
+    def broken(written: WrittenEvents) -> None:
+        raise RuntimeError("listener broke")
+
+    store.on_written = broken
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    done = FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED)
+    assert await store.finish(lease, done) is not None
+    await _drain(fanout)  # the reader brings what was not handed over
+    kinds = [i.kind for i in await _take(watcher) if isinstance(i, Update)]
+    assert kinds[-1] == notifier_pb2.UPDATE_KIND_COMPLETED
