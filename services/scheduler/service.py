@@ -28,7 +28,6 @@ from services.scheduler.store import (
 from usher import keys, metrics, tracing
 from usher.audit import AuditLog
 from usher.auth import Authenticator, Principal
-from usher.background import Background
 from usher.errors import (
     AlreadyFinished,
     FailedPrecondition,
@@ -99,7 +98,6 @@ class _Handlers:
         self.audit = audit
         #: Called with the model when a request is queued (wakes local dispatchers).
         self.on_queued: Callable[[str], None] | None = None
-        self._background = Background()
 
     async def _model_fallback(self, model: str) -> int:
         """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
@@ -300,12 +298,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             view = await self.view(stored)
         promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
         if outcome.status == "queued" and promised:
-            # Remember the wait promised now, to measure the estimate's error at dispatch;
-            # the caller's answer doesn't wait for it (a request claimed first goes unmeasured,
-            # as does one promised no wait: the dispatcher reads 0 as no promise).
-            self._background.spawn(
-                self.store.remember_promised_wait(stored.model, stored.id, promised)
-            )
+            # Remember the wait promised now, to measure the estimate's error at dispatch (in
+            # the background; one promised no wait goes unmeasured: 0 reads as no promise).
+            self.store.remember_promised_wait(stored.model, stored.id, promised)
         return scheduler_pb2.SubmitResponse(
             request=view,
             deduplicated=outcome.status == "dedup",

@@ -26,6 +26,7 @@ from redis.typing import EncodableT, FieldT
 
 from services.scheduler.quotas import Footprint
 from usher import keys
+from usher.background import Background
 from usher.connections import is_cluster
 from usher.crypto import NullSealer
 from usher.errors import Unavailable
@@ -293,6 +294,10 @@ class QueueStore(QueueReader):
         #: model → (read until, config) and (read until, averages, slots): CACHE_SECONDS.
         self._configs: dict[str, tuple[float, ModelConfig]] = {}
         self._slow_averages: dict[str, tuple[float, ModelAverages, int]] = {}
+        #: Promised waits not yet written (remember_promised_wait), and whether a write runs.
+        self._promises: list[tuple[str, str, int]] = []
+        self._writing_promises = False
+        self._background = Background()
 
     def _queue_wait(self, pipe: Pipeline, model: str) -> None:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
@@ -605,8 +610,27 @@ class QueueStore(QueueReader):
 
     # ---- read -----------------------------------------------------------------------------
 
-    async def remember_promised_wait(self, model: str, request_id: str, wait_ms: int) -> None:
-        await self.redis.hset(ModelKeys(model).request(request_id), "promised_wait_ms", wait_ms)
+    def remember_promised_wait(self, model: str, request_id: str, wait_ms: int) -> None:
+        """Note the wait promised to a request at Submit (the dispatcher measures the
+        estimate's error against it). Written in the background: the caller's answer doesn't
+        wait for it, and those promised while a write is under way go together in the next
+        pipeline, not a round trip each. A request claimed before its promise is written
+        goes unmeasured."""
+        self._promises.append((model, request_id, wait_ms))
+        if not self._writing_promises:
+            self._writing_promises = True
+            self._background.spawn(self._write_promises())
+
+    async def _write_promises(self) -> None:
+        try:
+            while self._promises:
+                batch, self._promises = self._promises, []
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for model, request_id, wait_ms in batch:
+                        pipe.hset(ModelKeys(model).request(request_id), "promised_wait_ms", wait_ms)
+                    await pipe.execute()
+        finally:
+            self._writing_promises = False
 
     async def list_for(
         self, tenant: str, offset: int, limit: int
