@@ -632,12 +632,17 @@ class AsyncUsherClient:
             await reconnects.wait(error, time.monotonic() - attempt_started)
 
     async def wait(
-        self, request_id: str, *, timeout: float | None = None, check: bool = True
+        self,
+        request_id: str,
+        *,
+        timeout: float | None = None,
+        check: bool = True,
+        model: str = "",
     ) -> Request:
         """The request once it has ended. With ``check``, raises ``RequestFailed`` unless
         it COMPLETED."""
         final: Request | None = None
-        async for update in self.watch(request_id, timeout=timeout):
+        async for update in self.watch(request_id, timeout=timeout, model=model):
             final = update.request
         if final is None:  # pragma: no cover - watch always ends on a terminal update
             final = await self.get(request_id)
@@ -660,7 +665,9 @@ class AsyncUsherClient:
         ``.usage``). Raises ``RequestFailed`` if it did not complete (unless ``check`` is
         false)."""
         submission = await self.submit(model, prompt, messages=messages, embed=embed, **options)
-        return await self.wait(submission.id, timeout=wait_timeout, check=check)
+        return await self.wait(
+            submission.id, timeout=wait_timeout, check=check, model=submission.request.model
+        )
 
     def stream_tokens(
         self,
