@@ -90,13 +90,8 @@ async def test_a_waiting_watcher_wakes_on_an_update() -> None:
     assert await asyncio.wait_for(waiting, 1) is update
 
 
-async def test_watchers_of_one_request_share_one_update_and_one_read(
-    store: QueueStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (stored,) = await _queued(store, 1)
-    fanout = Fanout(store)
-    await fanout.prime()
-    watchers = [fanout.subscribe(stored) for _ in range(3)]
+def _count_reads(fanout: Fanout, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
+    """The records the fan-out reads from now on, one entry a read."""
     reads: list[dict[str, str]] = []
     original = fanout.read_requests
 
@@ -105,6 +100,17 @@ async def test_watchers_of_one_request_share_one_update_and_one_read(
         return await original(wanted)
 
     monkeypatch.setattr(fanout, "read_requests", counting)
+    return reads
+
+
+async def test_watchers_of_one_request_share_one_update_and_one_read(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    watchers = [fanout.subscribe(stored) for _ in range(3)]
+    reads = _count_reads(fanout, monkeypatch)
     lease = await store.claim(MODEL, "test")
     assert lease is not None
     await store.finish(
@@ -137,14 +143,7 @@ async def test_a_claim_is_shown_from_its_event_without_a_read(
     fanout = Fanout(store)
     await fanout.prime()
     watcher = fanout.subscribe(replace(stored, payload=b"", owners=frozenset()))
-    reads: list[dict[str, str]] = []
-    original = fanout.read_requests
-
-    async def counting(wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
-        reads.append(dict(wanted))
-        return await original(wanted)
-
-    monkeypatch.setattr(fanout, "read_requests", counting)
+    reads = _count_reads(fanout, monkeypatch)
     lease = await store.claim(MODEL, "test")
     assert lease is not None
     await store.cancel(MODEL, stored.id, "acme/alice", False, "enough")
@@ -388,14 +387,7 @@ async def test_a_completion_handed_over_in_process_reaches_watchers_once_without
     await fanout.prime()
     watcher = fanout.subscribe(replace(stored, payload=b"", owners=frozenset()))
     store.on_written = fanout.hand_over
-    reads: list[dict[str, str]] = []
-    original = fanout.read_requests
-
-    async def counting(wanted: dict[str, str]) -> dict[str, StoredRequest | None]:
-        reads.append(dict(wanted))
-        return await original(wanted)
-
-    monkeypatch.setattr(fanout, "read_requests", counting)
+    reads = _count_reads(fanout, monkeypatch)
     lease = await store.claim(MODEL, "test")
     assert lease is not None
     usage = request_pb2.Usage(completion_tokens=2).SerializeToString()
