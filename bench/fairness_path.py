@@ -3,17 +3,22 @@
 tenant (carol, another organization) sends LIGHT requests one after another, alone and
 while a heavy tenant (alice) keeps FLOOD requests in flight; the ratio of its p50 latency
 under the flood to alone is what the hand-offs between a slot freeing and the next fair
-request starting cost on top of the non-preemptive floor."""
+request starting cost on top of the non-preemptive floor. Each light request's time is
+split by its record (``split``): queued (created → started), generating (started →
+finished) and outside the queue (the rest: HTTP, Submit, the answer's way back)."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from bench.stats import latency_ms
+from usher.keys import ModelKeys
 from usher.testing.stack import LocalStack, StackConfig
 
 __all__ = ["full_path"]
@@ -49,7 +54,11 @@ def _config(all_in_one: bool) -> StackConfig:
     )
 
 
-async def _ask(http: aiohttp.ClientSession, url: str, user: str, n: int) -> float | None:
+#: One light request as answered: its id and its latency in seconds.
+Answer = tuple[str, float]
+
+
+async def _ask(http: aiohttp.ClientSession, url: str, user: str, n: int) -> Answer | None:
     body = {"model": MODEL, "prompt": f"{user} {n}", "stream": False}
     started = time.perf_counter()
     try:
@@ -58,17 +67,48 @@ async def _ask(http: aiohttp.ClientSession, url: str, user: str, n: int) -> floa
         ) as reply:
             await reply.read()
             ok = reply.status == 200
+            request_id = reply.headers.get("X-Usher-Request-Id", "")
     except (aiohttp.ClientError, TimeoutError):
         return None
-    return time.perf_counter() - started if ok else None
+    return (request_id, time.perf_counter() - started) if ok else None
 
 
-async def _light(http: aiohttp.ClientSession, url: str) -> list[float]:
-    latencies = [await _ask(http, url, "carol", n) for n in range(LIGHT)]
-    return [s for s in latencies if s is not None]
+async def _light(http: aiohttp.ClientSession, url: str) -> list[Answer]:
+    answers = [await _ask(http, url, "carol", n) for n in range(LIGHT)]
+    return [a for a in answers if a is not None]
 
 
-async def _case(url: str) -> dict[str, Any]:
+async def _split(redis_url: str, answers: list[Answer]) -> dict[str, float]:
+    """Median ms queued, generating and outside the queue, and the share of requests that
+    found a slot within 10 ms."""
+    keys = ModelKeys(MODEL)
+    client = aioredis.Redis.from_url(redis_url)
+    queued: list[float] = []
+    generating: list[float] = []
+    outside: list[float] = []
+    try:
+        for request_id, seconds in answers:
+            fields = ["created_ms", "started_ms", "finished_ms"]
+            times = [t for t in await client.hmget(keys.request(request_id), fields) if t]
+            if len(times) < len(fields):
+                continue
+            created, started, finished = (int(t) for t in times)
+            queued.append(started - created)
+            generating.append(finished - started)
+            outside.append(seconds * 1000 - (finished - created))
+    finally:
+        await client.aclose()
+    if not queued:
+        return {}
+    return {
+        "queued_p50_ms": statistics.median(queued),
+        "generating_p50_ms": statistics.median(generating),
+        "outside_p50_ms": statistics.median(outside),
+        "slot_within_10ms_share": sum(q <= 10 for q in queued) / len(queued),
+    }
+
+
+async def _case(url: str, redis_url: str) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=FLOOD + 8)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=300)
@@ -79,11 +119,16 @@ async def _case(url: str) -> dict[str, Any]:
         await asyncio.sleep(0.5)  # the heavy backlog is queued
         flooded = await _light(http, url)
         await asyncio.gather(*flood)
-    solo, busy = latency_ms(alone), latency_ms(flooded)
+    solo = latency_ms([seconds for _, seconds in alone])
+    busy = latency_ms([seconds for _, seconds in flooded])
     return {
         "alone": solo,
         "under_flood": busy,
         "latency_ratio_p50": busy["p50_ms"] / solo["p50_ms"],
+        "split": {
+            "alone": await _split(redis_url, alone),
+            "under_flood": await _split(redis_url, flooded),
+        },
     }
 
 
@@ -92,5 +137,5 @@ async def full_path() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for shape, all_in_one in (("trio", False), ("serve", True)):
         with LocalStack(_config(all_in_one)) as stack:
-            out[shape] = await _case(stack.gateway_url)
+            out[shape] = await _case(stack.gateway_url, stack.redis_url)
     return out
