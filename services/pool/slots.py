@@ -13,7 +13,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from usher.batching import Coalescer
 from usher.keys import InstanceKeys
 from usher.logs import get_logger
 
@@ -90,14 +91,13 @@ def grant_of(slot_id: str) -> SlotGrant | None:
     return SlotGrant(slot_id, instance, model, holder, int(parts[1]))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Call:
     """One slot script call waiting for the next pipeline."""
 
     script: str
     keys: list[str]
     args: list[Any]
-    reply: asyncio.Future[Any] = field(repr=False)
 
 
 #: Slot script calls sent in one pipeline at most.
@@ -124,9 +124,16 @@ class SlotStore:
         self._model_held: dict[tuple[str, str], tuple[float, int]] = {}
         self._instance_held: dict[str, tuple[float, int]] = {}
         #: Script calls due while a pipeline is under way: they go together in the next
-        #: one, so concurrent requests' reserves and releases share round trips.
-        self._pending: list[_Call] = []
-        self._writing: asyncio.Task[None] | None = None
+        #: one, so concurrent requests' reserves and releases share round trips. A reserve
+        #: whose caller went away before it was sent is dropped (any other call, a release,
+        #: is made whatever became of its caller); one granted to a caller who went away
+        #: meanwhile is given back now, not when its lease runs out.
+        self._calls: Coalescer[_Call, Any] = Coalescer(
+            self._execute,
+            BATCH,
+            droppable=lambda call: call.script == "reserve",
+            orphaned=self._give_back_orphan,
+        )
         #: Calls made at once (nothing else was under way) and not answered yet.
         self._direct = 0
         #: Slots held by requests running here → when their lease was last renewed: one
@@ -233,7 +240,7 @@ class SlotStore:
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """A script call's reply: made at once when no other is under way (a lone request
         pays for no pipeline and no task), else in the next pipeline with the others."""
-        if self._direct or self._writing is not None:
+        if self._direct or self._calls.busy:
             return await self._call(script, keys, args)
         self._direct += 1
         try:
@@ -243,54 +250,11 @@ class SlotStore:
 
     def _call(self, script: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """Queue a script call for the next pipeline; the future carries its reply."""
-        loop = asyncio.get_running_loop()
-        call = _Call(script, keys, args, loop.create_future())
-        self._pending.append(call)
-        if self._writing is None:
-            self._writing = loop.create_task(self._write_pending())
-        return call.reply
+        return self._calls.submit(_Call(script, keys, args))
 
-    async def _write_pending(self) -> None:
-        try:
-            while self._pending:
-                # A reserve whose caller went away before it was sent is dropped; any
-                # other call (a release) is made whatever became of its caller.
-                batch = [
-                    c
-                    for c in self._pending[:BATCH]
-                    if not (c.script == "reserve" and c.reply.cancelled())
-                ]
-                del self._pending[:BATCH]
-                if not batch:
-                    continue
-                try:
-                    replies = await self._execute(batch)
-                except asyncio.CancelledError:
-                    for call in batch + self._pending:
-                        call.reply.cancel()
-                    self._pending.clear()
-                    raise
-                except Exception as exc:  # each caller hears of it
-                    for call in batch:
-                        if not call.reply.done():
-                            call.reply.set_exception(exc)
-                    continue
-                for call, reply in zip(batch, replies, strict=True):
-                    self._settle(call, reply)
-        finally:
-            self._writing = None
-
-    def _settle(self, call: _Call, reply: Any) -> None:
-        if call.reply.cancelled():
-            if call.script == "reserve" and not isinstance(reply, Exception) and int(reply[0]):
-                # Granted to a caller that went away meanwhile: the slot goes back now, not
-                # when its lease runs out.
-                self._call("release", call.keys, [call.args[2]])
-            return
-        if isinstance(reply, Exception):
-            call.reply.set_exception(reply)
-        else:
-            call.reply.set_result(reply)
+    def _give_back_orphan(self, call: _Call, reply: Any) -> None:
+        if call.script == "reserve" and int(reply[0]):
+            self._call("release", call.keys, [call.args[2]])
 
     async def _execute(self, calls: Sequence[_Call]) -> list[Any]:
         """The calls' replies (an error in place of a call that failed), in one pipeline;

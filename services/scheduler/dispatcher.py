@@ -24,6 +24,7 @@ from services.scheduler.quotas import Footprint, Quotas
 from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
 from usher import keys, metrics, tracing
 from usher.backoff import exponential_backoff
+from usher.batching import Coalescer
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.structs import duration_from_seconds
@@ -477,42 +478,14 @@ class ProgressWriter:
     writes stay in order (its buffer has one under way at a time)."""
 
     def __init__(self, store: QueueStore) -> None:
-        self._store = store
-        self._pending: list[tuple[Lease, list[ProgressEvent], asyncio.Future[bool]]] = []
-        self._writing: asyncio.Task[None] | None = None
+        self._writes: Coalescer[tuple[Lease, list[ProgressEvent]], bool] = Coalescer(
+            store.progress_of_many, PROGRESS_BATCH
+        )
 
     def write(self, lease: Lease, events: list[ProgressEvent]) -> asyncio.Future[bool]:
         """Queue ``events`` for ``lease``'s stream; the future says whether the lease held
         (or carries the Redis error)."""
-        loop = asyncio.get_running_loop()
-        written: asyncio.Future[bool] = loop.create_future()
-        self._pending.append((lease, events, written))
-        if self._writing is None:
-            self._writing = loop.create_task(self._write_pending())
-        return written
-
-    async def _write_pending(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[:PROGRESS_BATCH]
-                del self._pending[:PROGRESS_BATCH]
-                try:
-                    held = await self._store.progress_of_many([(ls, ev) for ls, ev, _ in batch])
-                except asyncio.CancelledError:
-                    for _, _, written in batch + self._pending:
-                        written.cancel()
-                    self._pending.clear()
-                    raise
-                except Exception as exc:  # each waiter hears of it
-                    for _, _, written in batch:
-                        if not written.done():
-                            written.set_exception(exc)
-                    continue
-                for (_, _, written), ok in zip(batch, held, strict=True):
-                    if not written.done():
-                        written.set_result(ok)
-        finally:
-            self._writing = None
+        return self._writes.submit((lease, events))
 
 
 class ProgressBuffer:
