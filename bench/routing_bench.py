@@ -21,8 +21,8 @@ from bench.load import emulator_stats
 from bench.stats import goal, percentile
 from services.pool import routing
 from services.pool.app import PoolApp
-from services.pool.config import InstanceSpec, PoolSettings
 from services.pool.routing import Candidate, Strategy
+from services.pool.settings import InstanceSpec, PoolSettings
 from usher.auth import parse_token_map
 from usher.connections import connect_redis
 from usher.emulator import EmulatorConfig, EmulatorFleet, EmulatorProcess, model_spec

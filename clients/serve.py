@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 from services.gateway.app import app_runner, build_app, start_listening
 from services.gateway.backend import Backend
 from services.gateway.settings import GatewaySettings
-from services.notifier.app import NotifierApp, NotifierSettings
+from services.notifier.app import NotifierApp
+from services.notifier.settings import NotifierSettings
 from services.pool.app import PoolApp
-from services.pool.config import load_pool_settings
+from services.pool.settings import load_pool_settings
 from services.scheduler.app import SchedulerApp
 from services.scheduler.settings import SchedulerSettings
 from usher import eventloop, tracing

@@ -136,7 +136,7 @@ def plan_fleet(environ: Mapping[str, str], state_dir: Path) -> Fleet:
     if source == "emulator":
         return Fleet("emulator")
     # The Pool's own parser, so what is accepted here is exactly what the Pool accepts.
-    from services.pool.config import load_pool_settings
+    from services.pool.settings import load_pool_settings
     from usher.config import ConfigError
 
     try:

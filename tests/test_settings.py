@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.notifier.app import NotifierSettings
+from services.notifier.settings import NotifierSettings
 from services.scheduler.quotas import Limits
 from services.scheduler.settings import FALLBACK_POLICIES, SchedulerSettings
 from usher.config import ConfigError

@@ -17,8 +17,8 @@ import pytest
 from pydantic import BaseModel
 
 from services.gateway.settings import GatewaySettings
-from services.notifier.app import NotifierSettings
-from services.pool.config import InstanceSpec, PoolSettings
+from services.notifier.settings import NotifierSettings
+from services.pool.settings import InstanceSpec, PoolSettings
 from services.scheduler.settings import SchedulerSettings
 from usher.settings import variables
 
@@ -56,10 +56,10 @@ class Table:
 #: Variables a service's table documents that its model does not read, and who does.
 READ_ELSEWHERE = {
     "USHER_AUTH_OPEN": "usher.auth.open_access_from_env (every service)",
-    "USHER_INSTANCES": "services.pool.config.load_pool_settings (one source of instances)",
-    "OLLAMA_HOST": "services.pool.config.load_pool_settings (one source of instances)",
-    "MAX_MODEL_MEMORY_GB": "services.pool.config.load_pool_settings (instances' budget)",
-    "MODEL_POOL_AUTO_UNLOAD_MINUTES": "services.pool.config.load_pool_settings (PRD name)",
+    "USHER_INSTANCES": "services.pool.settings.load_pool_settings (one source of instances)",
+    "OLLAMA_HOST": "services.pool.settings.load_pool_settings (one source of instances)",
+    "MAX_MODEL_MEMORY_GB": "services.pool.settings.load_pool_settings (instances' budget)",
+    "MODEL_POOL_AUTO_UNLOAD_MINUTES": "services.pool.settings.load_pool_settings (PRD name)",
 }
 
 SERVICES: list[tuple[type[BaseModel], Table]] = [

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.notifier.app import NotifierApp, NotifierSettings
+from services.notifier.app import NotifierApp
+from services.notifier.settings import NotifierSettings
 from usher.server import run_service
 
 

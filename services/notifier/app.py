@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from pydantic import Field
-
 from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout
 from services.notifier.heap import HeapFreezer
 from services.notifier.service import NotifierServicer
+from services.notifier.settings import NotifierSettings
 from usher.auth import Authenticator
 from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
@@ -19,29 +18,12 @@ from usher.queue.reads import QueueReader
 from usher.queue.records import QueueDefaults
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
-from usher.settings import ServiceSettings
 from usher.tls import ServerTls
 from usher.v1 import notifier_pb2, notifier_pb2_grpc
 
-__all__ = ["NotifierApp", "NotifierSettings"]
+__all__ = ["NotifierApp"]
 
 log = get_logger(__name__)
-
-
-class NotifierSettings(ServiceSettings):
-    listen: str = Field("127.0.0.1:50053", validation_alias="USHER_NOTIFIER_LISTEN")
-    #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
-    external_alternative: str = ""
-    position_interval_seconds: float = Field(0.2, gt=0)
-    #: Position updates sent per second at most, all watchers together (the rest wait
-    #: their turn, newest place only), so a moving queue cannot crowd out other updates.
-    position_updates_per_second: float = Field(2000.0, gt=0)
-    badge_interval_seconds: float = Field(1.0, gt=0)
-    #: How often long-lived objects are frozen out of the garbage collector's walks
-    #: (services/notifier/heap.py); 0 = leave the collector as it is.
-    heap_freeze_seconds: float = Field(
-        2.0, ge=0, validation_alias="USHER_NOTIFIER_HEAP_FREEZE_SECONDS"
-    )
 
 
 class NotifierApp:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.pool.app import PoolApp
-from services.pool.config import load_pool_settings
+from services.pool.settings import load_pool_settings
 from usher.server import run_service
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from services.pool.config import PoolSettings
 from services.pool.placer import place_forever
 from services.pool.registry import Registry
 from services.pool.service import FleetRouter, PoolAdminServicer, PoolServicer
+from services.pool.settings import PoolSettings
 from services.pool.slots import SlotStore
 from services.pool.stats import PoolStats
 from usher import metrics

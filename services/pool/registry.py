@@ -18,9 +18,9 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from services.pool.circuit import CircuitBreaker
-from services.pool.config import InstanceSpec, PoolSettings, upstream_api_key
 from services.pool.placement import InstanceView, LoadedInfo
 from services.pool.routing import Candidate
+from services.pool.settings import InstanceSpec, PoolSettings, upstream_api_key
 from services.pool.slots import SlotUsage
 from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError
 from services.pool.upstream_kinds import make_upstream

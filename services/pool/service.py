@@ -17,8 +17,8 @@ from google.protobuf import struct_pb2
 
 from services.pool import routing
 from services.pool.circuit import CircuitBreaker, CircuitState, admit_all
-from services.pool.config import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
 from services.pool.registry import InstanceState, Registry
+from services.pool.settings import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
 from services.pool.slots import USAGE_MAX_AGE_SECONDS, SlotGrant, SlotStore
 from services.pool.stats import PoolStats
 from services.pool.upstream import (

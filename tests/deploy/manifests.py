@@ -298,8 +298,8 @@ def load_settings(build: Build) -> Iterator[Loaded]:
     """Every Usher container's settings, loaded from its rendered environment by the
     service's own loader (raises the service's ConfigError on a bad value)."""
     from services.gateway.settings import GatewaySettings
-    from services.notifier.app import NotifierSettings
-    from services.pool.config import load_pool_settings
+    from services.notifier.settings import NotifierSettings
+    from services.pool.settings import load_pool_settings
     from services.scheduler.settings import SchedulerSettings
 
     for w in build.workloads():

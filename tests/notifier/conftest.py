@@ -9,7 +9,8 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from services.notifier.app import NotifierApp, NotifierSettings
+from services.notifier.app import NotifierApp
+from services.notifier.settings import NotifierSettings
 from services.scheduler.store import QueueStore
 from usher.auth import parse_token_map
 from usher.inprocess import LocalChannel

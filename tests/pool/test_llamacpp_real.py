@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from services.pool.config import InstanceSpec
+from services.pool.settings import InstanceSpec
 from services.pool.upstream import Delta, Done, Event, Started, Upstream
 from services.pool.upstream_kinds import make_upstream
 from tests.pool.test_pool_service import SVC, reserve, running_pool, settings_for

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.pool.app import PoolApp
-from services.pool.config import InstanceSpec, PoolSettings
 from services.pool.placer import place_once
 from services.pool.routing import Strategy
+from services.pool.settings import InstanceSpec, PoolSettings
 from tests.pool.conftest import fast_emulator_config
 from usher import keys
 from usher.auth import parse_token_map

@@ -12,7 +12,7 @@ import grpc
 import psutil  # type: ignore[import-untyped]  # psutil ships no stubs
 import pytest
 
-from services.pool.config import InstanceSpec, upstream_api_key
+from services.pool.settings import InstanceSpec, upstream_api_key
 from services.pool.upstream import HttpUpstream
 from services.pool.upstream_kinds import make_upstream
 from services.scheduler.app import SchedulerApp

@@ -1,4 +1,4 @@
-"""The Pool's settings (services/pool/config.py)."""
+"""The Pool's settings (services/pool/settings.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.pool.config import (
+from services.pool.routing import Strategy
+from services.pool.settings import (
     GIB,
     InstanceSpec,
     PoolSettings,
@@ -18,7 +19,6 @@ from services.pool.config import (
     parse_instances,
     parse_memory,
 )
-from services.pool.routing import Strategy
 from usher.config import ConfigError
 from usher.modelservers import auto_parallel
 from usher.v1 import pool_pb2
