@@ -115,16 +115,20 @@ async def _case(url: str, redis_url: str) -> dict[str, Any]:
     ) as http:
         await _light(http, url)  # warm up
         alone = await _light(http, url)
+        began = time.perf_counter()
         flood = [asyncio.create_task(_ask(http, url, "alice", n)) for n in range(FLOOD)]
         await asyncio.sleep(0.5)  # the heavy backlog is queued
         flooded = await _light(http, url)
-        await asyncio.gather(*flood)
+        heavy = await asyncio.gather(*flood)
+        flood_seconds = time.perf_counter() - began
     solo = latency_ms([seconds for _, seconds in alone])
     busy = latency_ms([seconds for _, seconds in flooded])
     return {
         "alone": solo,
         "under_flood": busy,
         "latency_ratio_p50": busy["p50_ms"] / solo["p50_ms"],
+        # The heavy tenant's throughput: what holding slots for the light one costs it.
+        "flood_answered_per_s": sum(a is not None for a in heavy) / flood_seconds,
         "split": {
             "alone": await _split(redis_url, alone),
             "under_flood": await _split(redis_url, flooded),

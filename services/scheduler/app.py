@@ -93,11 +93,12 @@ class SchedulerApp:
                     drain_seconds=max(0.0, self.settings.shutdown_grace_seconds - 2),
                     retry_backoff_seconds=self.settings.retry_backoff_seconds,
                     retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,
+                    idle_seconds=self.settings.dispatch_idle_seconds,
                 ),
                 self.pool,
             )
         if self.dispatcher is not None:
-            public.on_queued = self.dispatcher.notify_work
+            public.on_queued = self.dispatcher.notify_submitted
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 

@@ -20,6 +20,7 @@ from typing import cast
 
 import grpc
 
+from services.scheduler.anticipation import Anticipation
 from services.scheduler.quotas import Footprint, Quotas
 from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
 from usher import keys, metrics, tracing
@@ -27,6 +28,7 @@ from usher.backoff import exponential_backoff
 from usher.batching import Coalescer
 from usher.keys import ModelKeys
 from usher.logs import get_logger
+from usher.queue.fairness import flow_key
 from usher.structs import duration_from_seconds
 from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
@@ -72,6 +74,9 @@ class DispatchSettings:
     #: before it goes back to the queue: a failing fleet is not hammered.
     retry_backoff_seconds: float = 1.0
     retry_backoff_max_seconds: float = 30.0
+    #: After a flow's answer, the next slot of its model is held this long for the flow's
+    #: next request when it has been coming back that fast (anticipation.py); 0 = never.
+    idle_seconds: float = 0.01
 
 
 class _Cancelled(Exception):
@@ -125,6 +130,7 @@ class Dispatcher:
         #: and a loop that finds more work than loops reserving wakes the next: a chain,
         #: not a herd of every idle loop waking for each request.
         self._idle: dict[bool, Waiters[None]] = {False: Waiters(), True: Waiters()}
+        self._anticipation = Anticipation(settings.idle_seconds)
 
     async def aclose(self) -> None:
         if self._channel is not None:
@@ -159,6 +165,12 @@ class Dispatcher:
             for model, is_external, change in changes:
                 self._count_work(model, is_external, change)
             return self._demand
+
+    def notify_submitted(self, model: str, flow: str, request_id: str) -> None:
+        """A request was just queued through this replica: a slot held for its flow takes
+        it, or the idle loops wake for it."""
+        self._anticipation.arrived(model, flow, request_id)
+        self.notify_work(model)
 
     def notify_work(self, model: str, external: bool = False) -> None:
         """A request was just queued here: wake the idle loops (other replicas' loops find
@@ -254,7 +266,10 @@ class Dispatcher:
                 "usher.instance": slot.instance,
             },
         ):
-            footprint = await self.run_request(lease, slot)
+            try:
+                footprint = await self.run_request(lease, slot)
+            finally:
+                self._anticipation.ended(slot.model, _flow(lease), lease.request.id)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
         # (a requeued request is charged again only if it is resubmitted, never twice), and
         # its storage is charged at what it keeps now (its result, or its prompt if queued).
@@ -283,15 +298,32 @@ class Dispatcher:
         if not reply.HasField("slot"):
             return None
         slot = reply.slot
-        lease = await self.store.claim(slot.model, self.holder, external=external)
-        self._count_work(slot.model, external, None if lease is None else -1)
-        self._active = True
+        lease = await self._claim(slot.model, external)
         if lease is None:  # another replica took the last request first
             await self._pool.Release(
                 pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata
             )
             return None
         return lease, slot
+
+    async def _claim(self, model: str, external: bool) -> Lease | None:
+        """With a slot for ``model`` in hand: its next request under a lease, the fair head
+        or, when the slot is held for a flow (anticipation.py), that flow's next request."""
+        first = "" if external else await self._anticipation.first_claim(model)
+        lease = await self.store.claim(model, self.holder, external=external, first=first)
+        self._count_work(model, external, None if lease is None else -1)
+        self._active = True
+        if lease is not None:
+            self._anticipation.started(model, _flow(lease), lease.request.id)
+        return lease
+
+    def _answered(self, lease: Lease) -> None:
+        """``lease``'s answer is done and its slot free: held for its flow, if due."""
+        if lease.request.route != request_pb2.ROUTE_EXTERNAL:
+            model = lease.request.model
+            self._anticipation.answered(
+                model, _flow(lease), lease.request.id, model in self._demand[0]
+            )
 
     async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> Footprint | None:
         """Run a claimed request to its end; what it holds in Redis when it completed
@@ -425,6 +457,7 @@ class Dispatcher:
                 elif which == "delta":
                     progress.tokens(reply.delta.text, int(reply.delta.completion_tokens))
                 elif which == "done":
+                    self._answered(lease)  # the Pool freed its slot just before this
                     return _finished(lease, reply.done, time.monotonic() - started)
         except grpc.aio.AioRpcError as error:
             return error
@@ -604,6 +637,10 @@ class _StreamEnded(grpc.aio.AioRpcError):
             grpc.aio.Metadata(),
             details="the pool closed the stream without a result",
         )
+
+
+def _flow(lease: Lease) -> str:
+    return flow_key(lease.request.tenant, lease.request.priority)
 
 
 def _finished(lease: Lease, done: pool_pb2.GenerationDone, seconds: float) -> FinishedWork:

@@ -96,8 +96,9 @@ class _Handlers:
         self.settings = settings
         self.quotas = quotas
         self.audit = audit
-        #: Called with the model when a request is queued (wakes local dispatchers).
-        self.on_queued: Callable[[str], None] | None = None
+        #: Called with the model, the request's fairness flow and its id when a request is
+        #: queued (wakes local dispatchers, or a slot held for the flow).
+        self.on_queued: Callable[[str, str, str], None] | None = None
 
     async def _model_fallback(self, model: str) -> int:
         """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
@@ -272,7 +273,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         """Count, audit and answer one submitted request (RESOURCE_EXHAUSTED when full)."""
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
         if outcome.status == "queued" and self.on_queued is not None:
-            self.on_queued(request.model)
+            flow = fairness.flow_key(new.tenant, fairness.priority_class(new.priority))
+            self.on_queued(request.model, flow, outcome.request_id)
         self.audit.record(
             caller.tenant,
             "submit",

@@ -782,9 +782,16 @@ class QueueStore(QueueReader):
     # ---- dispatch -------------------------------------------------------------------------
 
     async def claim(
-        self, model: str, owner: str, lease_ms: int | None = None, external: bool = False
+        self,
+        model: str,
+        owner: str,
+        lease_ms: int | None = None,
+        external: bool = False,
+        first: str = "",
     ) -> Lease | None:
-        """Take the next request in fair order (or from the external lane) under a lease."""
+        """Take the next request in fair order (or from the external lane) under a lease;
+        the request ``first`` ahead of that order while it is queued (a slot held for its
+        flow: services/scheduler/anticipation.py)."""
         mk = ModelKeys(model)
         token = secrets.token_hex(8)
         flat = await self._scripts["claim"](
@@ -796,6 +803,7 @@ class QueueStore(QueueReader):
                 owner,
                 token,
                 "0" if external else "1",
+                first,
             ],
             client=self.redis,
         )

@@ -1,12 +1,26 @@
 -- Pop the head of a queue and lease it to a dispatcher, in one step so nothing is lost between.
 -- KEYS[1] the queue to claim from (the model's queue, or its external lane)
--- ARGV: 1 base, 2 now, 3 lease ms, 4 owner, 5 lease token, 6 advance virtual time (1/0)
+-- ARGV: 1 base, 2 now, 3 lease ms, 4 owner, 5 lease token, 6 advance virtual time (1/0),
+--       7 a request to claim first, ahead of the fair order ('' = none)
 -- Returns the claimed request hash as a flat field/value list, or nil when the queue is empty.
 local source = KEYS[1]
 -- An operator paused this model's dispatching (PauseQueue): nothing is claimed.
 if redis.call('HGET', K.config, 'paused') == '1' then return nil end
+-- The first request: its flow's answer freed this slot a moment ago and the dispatcher held
+-- it for the flow's next request (services/scheduler/anticipation.py). That flow had
+-- nothing queued and no more than its share of the slots in service, so serving it now
+-- gives it no more than its share: within start-time fair queuing's bound, which counts
+-- service, not the moment a slot turns. Its tags stay as enqueued. When it is no longer
+-- queued here (claimed elsewhere, cancelled), the fair head is taken instead.
+local first = ARGV[7] or ''
 for _ = 1, 100 do
-  local head = redis.call('ZPOPMIN', source)
+  local head = {}
+  if first ~= '' then
+    local member = redis.call('HGET', req_key(first), 'member')
+    if member and redis.call('ZREM', source, member) == 1 then head = {member} end
+    first = ''
+  end
+  if #head == 0 then head = redis.call('ZPOPMIN', source) end
   if #head == 0 then return nil end
   local id = string.sub(head[1], 18)
   local rk = req_key(id)
