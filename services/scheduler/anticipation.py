@@ -10,9 +10,10 @@ short ``slice_idle`` after a request completed, for the process whose think time
 short; this does the same for slots:
 
 - after a flow's answer, with nothing else of that flow queued, other requests waiting, the
-  flow holding no more than its share of the model's slots in service, and its recent
-  think time (answer → its next request, a moving average of samples capped as CFQ caps
-  them) within the window, the next slot granted for that model here is held for the flow;
+  flow holding no more than its share of the model's slots in service (split between the
+  flows running or waiting), and its recent think time (answer → its next request, a
+  moving average of samples capped as CFQ caps them) within the window, the next slot
+  granted for that model here is held for the flow;
 - a request of the flow arriving within the window is claimed on it at once (ahead of the
   fair order: claim.lua's first request), else the slot goes to the fair head when the
   window passes. A flow that does not come back quickly is never waited for.
@@ -52,8 +53,9 @@ class AnswerSeen:
     flow_running: int
     #: Every request of the model running here, the answered one included.
     model_running: int
-    #: Distinct flows among them.
-    flows_running: int
+    #: Distinct flows with requests running here or queued through here, the answered
+    #: one's included.
+    flows_active: int
     #: The flow's think time (moving average, seconds); None until measured once.
     think_seconds: float | None
 
@@ -64,9 +66,10 @@ def idle_seconds(seen: AnswerSeen, window: float) -> float:
         return 0.0  # off, nothing to anticipate, or no one else to keep the slot from
     if seen.think_seconds is None or seen.think_seconds > window:
         return 0.0  # the flow does not come back within the window
-    # Its share: the slots in service split between the flows in service (at least two:
-    # someone else is waiting). A flow holding more than that is not idled for.
-    flows = max(seen.flows_running, 2)
+    # Its share: the slots in service split between the active flows (at least two:
+    # someone else is waiting). A flow holding more than that is not idled for, nor is one
+    # when more flows wait than there are slots (each has less than a slot's share).
+    flows = max(seen.flows_active, 2)
     if seen.flow_running * flows > seen.model_running:
         return 0.0
     return window
@@ -85,8 +88,6 @@ class _Flow:
     think: float | None = None
     #: When its last answer was done with nothing of it queued (None: not since).
     answered_at: float | None = None
-    #: Its newest request queued through this replica.
-    last_arrival: str = ""
     seen_at: float = 0.0
 
 
@@ -107,6 +108,12 @@ class Anticipation:
         self._flows: dict[str, _Flow] = {}
         #: model → flow → ids of its requests running here.
         self._running: dict[str, dict[str, set[str]]] = {}
+        #: model → flow → (its newest request queued through here and not claimed here
+        #: yet, when it was queued). A flow's requests are claimed in the order they came,
+        #: so the flow has nothing queued once that one is claimed. One cancelled or
+        #: claimed elsewhere stays until the flow's next request, or the sweep: meanwhile
+        #: the flow counts as waiting, which only makes holds rarer.
+        self._waiting: dict[str, dict[str, tuple[str, float]]] = {}
         #: model → holds armed and not yet taken by a slot, oldest first.
         self._armed: dict[str, collections.deque[_Hold]] = {}
         #: (model, flow) → its hold, armed or taken, until it ends.
@@ -121,8 +128,8 @@ class Anticipation:
             sample = think_sample(now - state.answered_at, self.window)
             state.think = ewma(state.think, sample)
             state.answered_at = None
-        state.last_arrival = request_id
         state.seen_at = now
+        self._waiting.setdefault(model, {})[flow] = (request_id, now)
         hold = self._holds.get((model, flow))
         if hold is not None and not hold.arrived.done():
             hold.arrived.set_result(request_id)
@@ -130,6 +137,11 @@ class Anticipation:
     def started(self, model: str, flow: str, request_id: str) -> None:
         """A request was claimed here."""
         self._running.setdefault(model, {}).setdefault(flow, set()).add(request_id)
+        waiting = self._waiting.get(model, {})
+        if waiting.get(flow, ("", 0.0))[0] == request_id:
+            del waiting[flow]
+            if not waiting:
+                del self._waiting[model]
 
     def ended(self, model: str, flow: str, request_id: str) -> None:
         """A request claimed here ended (whatever its outcome)."""
@@ -150,15 +162,14 @@ class Anticipation:
         state.seen_at = now
         running = self._running.get(model, {})
         mine = running.get(flow, set())
-        # Its newest request is running (this one, or another claimed here): nothing of it
-        # is queued. One queued through another replica is unknown here: then no hold.
-        flow_queued = state.last_arrival not in mine | {request_id}
+        waiting = self._waiting.get(model, {})
+        flow_queued = flow in waiting
         seen = AnswerSeen(
             flow_queued=flow_queued,
             others_queued=others_queued,
             flow_running=len(mine | {request_id}),
             model_running=sum(len(ids) for ids in running.values()) + (request_id not in mine),
-            flows_running=len(running) + (flow not in running),
+            flows_active=len(running.keys() | waiting.keys() | {flow}),
             think_seconds=state.think,
         )
         if not flow_queued:
@@ -220,6 +231,11 @@ class Anticipation:
         for flow in [f for f, s in self._flows.items() if now - s.seen_at > FORGET_SECONDS]:
             if flow not in running:
                 del self._flows[flow]
+        for model, waiting in list(self._waiting.items()):
+            for flow in [f for f, (_, at) in waiting.items() if now - at > FORGET_SECONDS]:
+                del waiting[flow]
+            if not waiting:
+                del self._waiting[model]
 
 
 def _now() -> float:

@@ -76,7 +76,7 @@ class DispatchSettings:
     retry_backoff_max_seconds: float = 30.0
     #: After a flow's answer, the next slot of its model is held this long for the flow's
     #: next request when it has been coming back that fast (anticipation.py); 0 = never.
-    idle_seconds: float = 0.01
+    idle_seconds: float = 0.025
 
 
 class _Cancelled(Exception):

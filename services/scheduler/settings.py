@@ -69,7 +69,7 @@ class SchedulerSettings(ServiceSettings):
     #: After a flow's answer, the next slot of its model waits this long for the flow's
     #: next request when the flow has been coming back that fast (anticipatory idling,
     #: services/scheduler/anticipation.py); 0 = never.
-    dispatch_idle_seconds: float = Field(0.01, ge=0, le=1)
+    dispatch_idle_seconds: float = Field(0.025, ge=0, le=1)
     #: Limits of every tenant without its own (SetTenantLimits); 0 = unlimited.
     tenant_requests_per_minute: int = Field(0, ge=0)
     tenant_tokens_per_minute: int = Field(0, ge=0)

@@ -27,13 +27,13 @@ thinks = st.none() | st.floats(min_value=0, max_value=2, allow_nan=False)
 def answers(draw: st.DrawFn) -> AnswerSeen:
     flow_running = draw(st.integers(1, 8))
     model_running = flow_running + draw(st.integers(0, 16))
-    flows = draw(st.integers(1, model_running - flow_running + 1))
+    flows = draw(st.integers(1, model_running - flow_running + 4))
     return AnswerSeen(
         flow_queued=draw(st.booleans()),
         others_queued=draw(st.booleans()),
         flow_running=flow_running,
         model_running=model_running,
-        flows_running=flows,
+        flows_active=flows,
         think_seconds=draw(thinks),
     )
 
@@ -46,7 +46,7 @@ def test_a_slot_is_held_only_when_every_condition_holds(seen: AnswerSeen, window
         assert not seen.flow_queued and seen.others_queued
         assert seen.think_seconds is not None and seen.think_seconds <= window
         # The flow has no more than its share of the slots in service.
-        assert seen.flow_running / seen.model_running <= 1 / max(seen.flows_running, 2)
+        assert seen.flow_running / seen.model_running <= 1 / max(seen.flows_active, 2)
 
 
 @given(seen=answers(), window=windows, more=st.integers(1, 8))
@@ -58,7 +58,7 @@ def test_a_flow_with_more_slots_in_service_is_never_held_for_sooner(
         others_queued=seen.others_queued,
         flow_running=seen.flow_running + more,
         model_running=seen.model_running + more,
-        flows_running=seen.flows_running,
+        flows_active=seen.flows_active,
         think_seconds=seen.think_seconds,
     )
     assert idle_seconds(busier, window) <= idle_seconds(seen, window)
@@ -76,6 +76,8 @@ def test_the_light_flow_beside_a_flood_is_held_for() -> None:
     assert idle_seconds(seen, 0.01) == 0.01
     flood = AnswerSeen(False, True, 3, 4, 2, 0.003)  # the flood's own flow
     assert idle_seconds(flood, 0.01) == 0.0
+    crowd = AnswerSeen(False, True, 1, 2, 3, 0.003)  # a third flow waits too: no slot each
+    assert idle_seconds(crowd, 0.01) == 0.0
 
 
 @given(gap=st.floats(-1, 100, allow_nan=False), window=windows)
@@ -189,6 +191,19 @@ async def test_a_flow_that_comes_back_slowly_is_not_waited_for(
     ended(loops, light)  # no hold: her think time is over the window
     await submit(loops, store, new_request(user="carol", org="globex"))
     assert (await claimed(loops)).request.id == flood[2]  # a hold would have taken hers
+
+
+async def test_no_slot_is_held_when_more_flows_wait_than_there_are_slots(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """Dave waits too: carol has her share of the two slots in service but not of the three
+    flows, so her answer's slot goes on in fair order (to dave), however quick she is."""
+    loops = dispatcher(store, redis_client, window=5.0)
+    _, _, light = await flood_and_a_light_flow(loops, store)
+    dave = await submit(loops, store, new_request(user="dave", org="initech"))
+    ended(loops, light)
+    await submit(loops, store, new_request(user="carol", org="globex"))
+    assert (await claimed(loops)).request.id == dave
 
 
 async def test_the_flood_is_never_held_for(store: QueueStore, redis_client: aioredis.Redis) -> None:
