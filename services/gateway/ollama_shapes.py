@@ -7,6 +7,7 @@ its embedding answers. The routes are in ``ollama_http``.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -204,8 +205,23 @@ def ollama_embeddings(body: Mapping[str, Any]) -> bodies.Parsed:
 
 def ollama_timestamp(now: datetime | None = None) -> str:
     """RFC 3339 in UTC with a ``Z``, as Go prints ``created_at``."""
-    moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+    if now is None:
+        return _timestamp_now()
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp_now() -> str:
+    """The time now as ``ollama_timestamp`` writes it, the date and time of day formatted
+    once a second (every streamed line carries one)."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((now - whole) * 1_000_000):06d}Z"
 
 
 def ollama_metrics(request: request_pb2.LlmRequest) -> dict[str, int]:

@@ -1,4 +1,9 @@
-"""Answer bodies on the wire: JSON text, JSON responses, NDJSON lines."""
+"""Answer bodies on the wire: JSON text, JSON responses, NDJSON lines.
+
+Encoded with orjson (a streamed answer writes a line per update: the stdlib encoder cost
+more than the rest of the gateway's work on it); what orjson refuses (an integer beyond 64
+bits, a key that is not a string) falls back to the stdlib encoder, whose output is the same
+for everything else."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 __all__ = ["NDJSON", "dumps", "json_response", "ndjson_line"]
@@ -13,8 +19,15 @@ __all__ = ["NDJSON", "dumps", "json_response", "ndjson_line"]
 NDJSON = "application/x-ndjson"
 
 
+def _encoded(body: Any) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # orjson's JSONEncodeError is one
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def dumps(body: Any) -> str:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return _encoded(body).decode()
 
 
 def json_response(
@@ -30,4 +43,4 @@ def json_response(
 
 
 def ndjson_line(body: Any) -> bytes:
-    return (dumps(body) + "\n").encode()
+    return _encoded(body) + b"\n"

@@ -45,6 +45,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 
 from usher import tracing
 from usher.structs import plain_json, struct_to_dict
@@ -68,6 +69,7 @@ __all__ = [
     "describe_transport_error",
     "error_text",
     "keep_alive_value",
+    "parse_streamed_json",
     "parse_timestamp",
     "plain_json",
     "status_is_retryable",
@@ -212,6 +214,16 @@ class ModelNotFound(UpstreamError):
             retryable=False,
             upstream_message=upstream_message,
         )
+
+
+def parse_streamed_json(text: str) -> Any:
+    """One streamed JSON value (an NDJSON line, an SSE event's data), as ``json.loads``
+    reads it: orjson first (a streamed answer parses one per token), the stdlib for what
+    orjson refuses (NaN, Infinity), which raises ValueError when it is not JSON at all."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def error_text(body: bytes | str, limit: int = 500) -> str:

@@ -29,6 +29,7 @@ from services.pool.upstream import (
     UpstreamModel,
     UpstreamResponse,
     keep_alive_value,
+    parse_streamed_json,
     parse_timestamp,
     struct_to_dict,
 )
@@ -307,7 +308,7 @@ class OllamaUpstream(HttpUpstream):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = parse_streamed_json(line)
             except ValueError:
                 raise self.protocol_error(
                     f"invalid NDJSON line: {line[:200]!r}", path, before_first_token=chunks == 0

@@ -48,6 +48,7 @@ from services.pool.upstream import (
     UpstreamModel,
     UpstreamResponse,
     error_text,
+    parse_streamed_json,
     status_is_retryable,
     struct_to_dict,
 )
@@ -372,7 +373,7 @@ class OpenAIUpstream(HttpUpstream):
         """Fold one SSE event into ``state``; the Delta to emit, if any."""
         before = state.chunks == 0
         try:
-            obj = json.loads(data)
+            obj = parse_streamed_json(data)
         except ValueError:
             if name == "error":
                 obj = {"error": data}
