@@ -178,7 +178,7 @@ async def closed_loop(
 
 
 class Trio:
-    """Submit to the Scheduler, then Watch on the Notifier until the final update."""
+    """Submit to the Scheduler, then Watch on the Notifier for the final update."""
 
     def __init__(self, stack: LocalStack) -> None:
         self._channels = [
@@ -198,9 +198,12 @@ class Trio:
                 metadata=auth(user),
                 timeout=30,
             )
-            async for update in self.notifier.Watch(
-                notifier_pb2.WatchRequest(id=submitted.request.id), metadata=auth(user), timeout=60
-            ):
+            # As the SDK's submit_and_wait asks: the model as Submit answered it and the
+            # final update alone.
+            watch = notifier_pb2.WatchRequest(
+                id=submitted.request.id, model=submitted.request.model, final_only=True
+            )
+            async for update in self.notifier.Watch(watch, metadata=auth(user), timeout=60):
                 if update.kind in TERMINAL:
                     return update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
         except grpc.aio.AioRpcError:

@@ -588,12 +588,14 @@ class AsyncUsherClient:
         *,
         timeout: float | None = None,
         model: str = "",
+        final_only: bool = False,
     ) -> AsyncGenerator[Update, None]:
         """Every update of a request until it ends (the first is its status now, unless
         resuming after ``last_event_id``). A dropped stream is resumed from the last event
         delivered: nothing is missed and no event is delivered twice. ``timeout`` bounds
         the whole watch (None: until the request ends). ``model``, the request's model when
-        known, spares the Notifier a lookup."""
+        known, spares the Notifier a lookup. ``final_only``: the last update alone (the
+        request as it ended), no updates on the way."""
         last = last_event_id
         reconnects = _Reconnects("Watch", self.retry)
         ends_at = None if timeout is None else time.monotonic() + timeout
@@ -605,7 +607,9 @@ class AsyncUsherClient:
                     raise DeadlineExceeded(f"watching {request_id} took longer than {timeout}s")
             attempt_started = time.monotonic()
             call = self._notifier.Watch(
-                notifier_pb2.WatchRequest(id=request_id, last_event_id=last, model=model),
+                notifier_pb2.WatchRequest(
+                    id=request_id, last_event_id=last, model=model, final_only=final_only
+                ),
                 metadata=self._metadata(),
                 timeout=attempt_timeout,
             )
@@ -642,7 +646,7 @@ class AsyncUsherClient:
         """The request once it has ended. With ``check``, raises ``RequestFailed`` unless
         it COMPLETED."""
         final: Request | None = None
-        async for update in self.watch(request_id, timeout=timeout, model=model):
+        async for update in self.watch(request_id, timeout=timeout, model=model, final_only=True):
             final = update.request
         if final is None:  # pragma: no cover - watch always ends on a terminal update
             final = await self.get(request_id)

@@ -217,7 +217,7 @@ class ApiRoutes:
 
     async def _finished(self, ex: Exchange, flow: RequestFlow) -> request_pb2.LlmRequest:
         """Wait for the request's end (non-streaming answers)."""
-        async with contextlib.aclosing(flow.events()) as events:
+        async with contextlib.aclosing(flow.events(final_only=True)) as events:
             async for event in events:
                 if isinstance(event, Started):
                     self._observe_wait(ex.api, event.queue_wait_ms)

@@ -125,7 +125,9 @@ class RequestFlow:
             self._cancel_sent = True
             self.backend.spawn(self.backend.cancel(self.request_id, self.token, reason))
 
-    async def events(self) -> AsyncGenerator[FlowEvent, None]:
+    async def events(self, final_only: bool = False) -> AsyncGenerator[FlowEvent, None]:
+        """The request's events until it ends; ``final_only`` (an answer sent whole) asks the
+        Notifier for the last update alone, so ``Started`` comes just before ``Finished``."""
         last_event_id = ""
         started = False
         emitted = ""  # text the consumer already has
@@ -136,7 +138,10 @@ class RequestFlow:
             model = self.latest.model if self.latest is not None else self.model
             call = self.backend.notifier.Watch(
                 notifier_pb2.WatchRequest(
-                    id=self.request_id, last_event_id=last_event_id, model=model
+                    id=self.request_id,
+                    last_event_id=last_event_id,
+                    model=model,
+                    final_only=final_only,
                 ),
                 metadata=bearer(self.token),
                 timeout=self._remaining(),

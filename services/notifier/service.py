@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any, cast
 
@@ -130,9 +131,18 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             return await self.fanout.averages.get(stored.model)
         return self.fanout.averages.peek(stored.model)
 
-    async def Watch(
+    def Watch(
         self, request: notifier_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[notifier_pb2.WatchResponse]:
+        # A plain function returning the stream: on every server the ErrorMappingInterceptor's
+        # wrapper (usher/server.py) is the async generator gRPC iterates, and the in-process
+        # channel takes any async iterator.
+        stream = self._watch(request, context)
+        return _final_only(stream) if request.final_only else stream
+
+    async def _watch(
+        self, request: notifier_pb2.WatchRequest, context: Context
+    ) -> AsyncGenerator[notifier_pb2.WatchResponse, None]:
         caller = self.caller(context)
         if request.last_event_id and not is_event_id(request.last_event_id):
             raise InvalidArgument(
@@ -342,6 +352,16 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 subscription.clear()
         finally:
             self.board.unsubscribe(subscription, wanted)
+
+
+async def _final_only(
+    stream: AsyncGenerator[notifier_pb2.WatchResponse, None],
+) -> AsyncIterator[notifier_pb2.WatchResponse]:
+    """A watch's last update alone (``WatchRequest.final_only``): every watch ends on one."""
+    async with contextlib.aclosing(stream):
+        async for response in stream:
+            if updates.is_terminal_kind(response.kind):
+                yield response
 
 
 _COUNTERS: dict[int, Any] = {}

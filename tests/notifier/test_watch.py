@@ -51,12 +51,17 @@ class Watcher:
     """One Watch call, its updates collected as they arrive."""
 
     def __init__(
-        self, notifier: NotifierClient, request_id: str, last: str = "", model: str = ""
+        self,
+        notifier: NotifierClient,
+        request_id: str,
+        last: str = "",
+        model: str = "",
+        final_only: bool = False,
     ) -> None:
         self.updates: list[notifier_pb2.WatchResponse] = []
         self.arrived = asyncio.Event()
         self.call = notifier.stub.Watch(
-            K.WatchRequest(id=request_id, last_event_id=last, model=model),
+            K.WatchRequest(id=request_id, last_event_id=last, model=model, final_only=final_only),
             metadata=notifier.auth("alice"),
         )
         self.task = asyncio.ensure_future(self._collect())
@@ -114,6 +119,43 @@ async def test_a_queued_request_sees_its_place_then_its_result(
     assert final.message.startswith("Your response is ready")
     event_ids = [u.event_id for u in updates if u.event_id]
     assert event_ids == sorted(set(event_ids), key=lambda e: tuple(map(int, e.split("-"))))
+
+
+async def test_a_final_only_watch_gets_the_last_update_alone(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    ahead = await _submit(store)
+    mine = await _submit(store)
+    quiet = Watcher(notifier, mine, final_only=True)
+    full = Watcher(notifier, mine)
+    await full.until(K.UPDATE_KIND_SNAPSHOT)
+    await store.cancel(MODEL, ahead, "acme/alice", False, "")  # a new place: not sent to it
+    await full.until(K.UPDATE_KIND_POSITION)
+    lease = await _claim(store, mine)
+    await store.progress(lease, "tokens", {"text": "do", "tokens": 1})
+    await full.until(K.UPDATE_KIND_PROGRESS)
+    await _complete(store, lease)
+    (final,) = await quiet.finished()
+    last = (await full.finished())[-1]
+    assert final.kind == K.UPDATE_KIND_COMPLETED
+    assert (final.event_id, final.request.result.text) == (last.event_id, "done")
+    assert final.request.usage.completion_tokens == 2
+    assert final.message.startswith("Your response is ready")
+
+
+async def test_a_final_only_watch_of_a_finished_request_or_a_resumed_one_ends_at_once(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store)
+    lease = await _claim(store, request_id)
+    await store.progress(lease, "tokens", {"text": "do", "tokens": 1})
+    running = await Watcher(notifier, request_id).until(K.UPDATE_KIND_SNAPSHOT)
+    assert running.event_id and running.text_delta == "do"
+    await _complete(store, lease)
+    for last in ("", running.event_id):
+        (final,) = await Watcher(notifier, request_id, last, final_only=True).finished()
+        assert final.kind == K.UPDATE_KIND_COMPLETED
+        assert final.request.result.text == "done"
 
 
 async def test_many_watchers_of_one_request_each_get_every_update_once(

@@ -110,6 +110,7 @@ class WatchRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    FINAL_ONLY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     last_event_id: _builtins.str
     """Resume after this event (from an earlier WatchResponse.event_id)."""
@@ -117,16 +118,22 @@ class WatchRequest(_message.Message):
     """Optional: the request's model, as Submit answered it (LlmRequest.model). It saves the
     Notifier a lookup; a model that does not hold the request is ignored.
     """
+    final_only: _builtins.bool
+    """Send only the request's final update (COMPLETED, FAILED, CANCELLED or EXPIRED, with
+    its result): no snapshot, position, running or progress updates, for a caller that
+    waits for the answer alone. Each update it does not need is a message not sent.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         last_event_id: _builtins.str = ...,
         model: _builtins.str = ...,
+        final_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "last_event_id", b"last_event_id", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_only", b"final_only", "id", b"id", "last_event_id", b"last_event_id", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
