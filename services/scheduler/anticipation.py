@@ -189,6 +189,11 @@ class Anticipation:
         if self._answers % SWEEP_EVERY == 0:
             self._sweep(now)
 
+    def holding_for(self, model: str) -> list[str]:
+        """The flows the next slots of ``model`` are held for, oldest first."""
+        now = _now()
+        return [hold.flow for hold in self._armed.get(model, ()) if hold.until > now]
+
     async def first_claim(self, model: str) -> str:
         """Called with a slot for ``model`` in hand, before claiming: the id of the request
         to claim on it ahead of the fair order ('' = the fair head). With a hold armed for

@@ -10,7 +10,12 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.scheduler.anticipation import AnswerSeen, idle_seconds, think_sample
+from services.scheduler.anticipation import (
+    AnswerSeen,
+    Anticipation,
+    idle_seconds,
+    think_sample,
+)
 from services.scheduler.dispatcher import Dispatcher, DispatchSettings
 from services.scheduler.quotas import Quotas
 from services.scheduler.store import Lease, NewRequest, QueueStore
@@ -224,3 +229,26 @@ async def test_a_claim_of_a_request_no_longer_queued_takes_the_fair_head(
     assert gone is not None and gone.request.id == ids[0]
     again = await store.claim(MODEL, "here", first=ids[0])  # claimed elsewhere meanwhile
     assert again is not None and again.request.id == ids[1]
+
+
+async def test_a_flow_whose_holds_run_out_is_soon_not_held_for() -> None:
+    """Carol's requests go through another replica, or she stopped: each hold that runs out
+    counts as the longest think time, and after a few she is not waited for."""
+    holds = Anticipation(0.01)
+    light, flood = flow_key("globex/carol", NORMAL_CLASS), flow_key("acme/alice", NORMAL_CLASS)
+    holds.arrived(MODEL, flood, "flood-1")
+    holds.started(MODEL, flood, "flood-1")  # the flood has one slot, and more queued
+    holds.arrived(MODEL, flood, "flood-2")
+    holds.arrived(MODEL, light, "light-0")
+    held: list[bool] = []
+    for n in range(8):
+        holds.started(MODEL, light, f"light-{n}")
+        holds.answered(MODEL, light, f"light-{n}", others_queued=True)
+        holds.ended(MODEL, light, f"light-{n}")
+        held.append(holds.holding_for(MODEL) == [light])
+        if n == 0:
+            holds.arrived(MODEL, light, "light-1")  # once at once: her think time is short
+        else:
+            assert await holds.first_claim(MODEL) == ""  # nothing of hers comes here
+    assert held[:5] == [False, True, True, True, True]  # unknown at first, then held for
+    assert held[5:] == [False] * 3
