@@ -31,6 +31,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+from usher.queue.fairness import flow_class
 from usher.smoothing import ewma
 
 __all__ = ["AnswerSeen", "Anticipation", "idle_seconds", "think_sample"]
@@ -49,6 +50,8 @@ class AnswerSeen:
     flow_queued: bool
     #: Requests are queued for the model (another flow's, when the flow has none).
     others_queued: bool
+    #: A flow of a higher priority class than this one's has requests queued.
+    higher_class_queued: bool
     #: The flow's requests running here, the answered one included.
     flow_running: int
     #: Every request of the model running here, the answered one included.
@@ -64,6 +67,8 @@ def idle_seconds(seen: AnswerSeen, window: float) -> float:
     """How long the slot the answer freed is held for its flow (0: not at all)."""
     if window <= 0 or seen.flow_queued or not seen.others_queued:
         return 0.0  # off, nothing to anticipate, or no one else to keep the slot from
+    if seen.higher_class_queued:
+        return 0.0  # a hold claims ahead of the queue's order, priority included
     if seen.think_seconds is None or seen.think_seconds > window:
         return 0.0  # the flow does not come back within the window
     # Its share: the slots in service split between the active flows (at least two:
@@ -164,9 +169,11 @@ class Anticipation:
         mine = running.get(flow, set())
         waiting = self._waiting.get(model, {})
         flow_queued = flow in waiting
+        klass = flow_class(flow)
         seen = AnswerSeen(
             flow_queued=flow_queued,
             others_queued=others_queued,
+            higher_class_queued=any(flow_class(other) < klass for other in waiting),
             flow_running=len(mine | {request_id}),
             model_running=sum(len(ids) for ids in running.values()) + (request_id not in mine),
             flows_active=len(running.keys() | waiting.keys() | {flow}),

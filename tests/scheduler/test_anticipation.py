@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import pytest
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,6 +37,7 @@ def answers(draw: st.DrawFn) -> AnswerSeen:
     return AnswerSeen(
         flow_queued=draw(st.booleans()),
         others_queued=draw(st.booleans()),
+        higher_class_queued=draw(st.booleans()),
         flow_running=flow_running,
         model_running=model_running,
         flows_active=flows,
@@ -48,7 +50,7 @@ def test_a_slot_is_held_only_when_every_condition_holds(seen: AnswerSeen, window
     held = idle_seconds(seen, window)
     assert held in (0.0, window)
     if held > 0:
-        assert not seen.flow_queued and seen.others_queued
+        assert not seen.flow_queued and seen.others_queued and not seen.higher_class_queued
         assert seen.think_seconds is not None and seen.think_seconds <= window
         # The flow has no more than its share of the slots in service.
         assert seen.flow_running / seen.model_running <= 1 / max(seen.flows_active, 2)
@@ -61,6 +63,7 @@ def test_a_flow_with_more_slots_in_service_is_never_held_for_sooner(
     busier = AnswerSeen(
         flow_queued=seen.flow_queued,
         others_queued=seen.others_queued,
+        higher_class_queued=seen.higher_class_queued,
         flow_running=seen.flow_running + more,
         model_running=seen.model_running + more,
         flows_active=seen.flows_active,
@@ -77,12 +80,14 @@ def test_a_window_of_zero_never_holds(seen: AnswerSeen) -> None:
 def test_the_light_flow_beside_a_flood_is_held_for() -> None:
     """The bench's case: two slots, one each; the flood waits, the light flow asks again
     within a few milliseconds."""
-    seen = AnswerSeen(False, True, 1, 2, 2, 0.003)
+    seen = AnswerSeen(False, True, False, 1, 2, 2, 0.003)
     assert idle_seconds(seen, 0.01) == 0.01
-    flood = AnswerSeen(False, True, 3, 4, 2, 0.003)  # the flood's own flow
+    flood = AnswerSeen(False, True, False, 3, 4, 2, 0.003)  # the flood's own flow
     assert idle_seconds(flood, 0.01) == 0.0
-    crowd = AnswerSeen(False, True, 1, 2, 3, 0.003)  # a third flow waits too: no slot each
+    crowd = AnswerSeen(False, True, False, 1, 2, 3, 0.003)  # a third flow waits too
     assert idle_seconds(crowd, 0.01) == 0.0
+    urgent = AnswerSeen(False, True, True, 1, 2, 2, 0.003)  # the flood is of a higher class
+    assert idle_seconds(urgent, 0.01) == 0.0
 
 
 @given(gap=st.floats(-1, 100, allow_nan=False), window=windows)
@@ -252,3 +257,22 @@ async def test_a_flow_whose_holds_run_out_is_soon_not_held_for() -> None:
             assert await holds.first_claim(MODEL) == ""  # nothing of hers comes here
     assert held[:5] == [False, True, True, True, True]  # unknown at first, then held for
     assert held[5:] == [False] * 3
+
+
+@pytest.mark.parametrize(("light_class", "held"), [(2, True), (3, True), (5, False)])
+async def test_no_slot_is_held_for_a_flow_while_a_higher_class_waits(
+    light_class: int, held: bool
+) -> None:
+    """A hold claims ahead of the queue's order, priority included: a BATCH tenant is not
+    held for while NORMAL work waits; a HIGH or NORMAL one is."""
+    holds = Anticipation(5.0)
+    light, flood = flow_key("globex/carol", light_class), flow_key("acme/alice", NORMAL_CLASS)
+    holds.arrived(MODEL, flood, "flood-1")
+    holds.started(MODEL, flood, "flood-1")
+    holds.arrived(MODEL, flood, "flood-2")  # queued
+    for n in range(2):  # her second answer comes with her think time known
+        holds.arrived(MODEL, light, f"light-{n}")
+        holds.started(MODEL, light, f"light-{n}")
+        holds.answered(MODEL, light, f"light-{n}", others_queued=True)
+        holds.ended(MODEL, light, f"light-{n}")
+    assert holds.holding_for(MODEL) == ([light] if held else [])

@@ -40,6 +40,7 @@ __all__ = [
     "enqueue_tags",
     "estimate_cost",
     "estimate_tokens",
+    "flow_class",
     "flow_key",
     "priority_class",
 ]
@@ -61,6 +62,11 @@ def priority_class(priority: int) -> int:
 def flow_key(tenant: str, klass: int) -> str:
     """The fairness flow of a tenant's requests in one priority class."""
     return f"{tenant}|{klass}"
+
+
+def flow_class(flow: str) -> int:
+    """The priority class of a flow named by ``flow_key``."""
+    return int(flow.rsplit("|", 1)[1])
 
 
 def estimate_tokens(characters: int) -> int:
