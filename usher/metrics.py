@@ -33,6 +33,7 @@ __all__ = [
     "REQUESTS",
     "SLOTS_IN_USE",
     "SLOTS_TOTAL",
+    "SLOT_HOLDS",
     "SUBMITTED",
     "TIME_TO_FIRST_TOKEN",
     "WATCHERS",
@@ -116,6 +117,11 @@ PROCESSING_SECONDS = Histogram(
     "Time from dispatch to the end of the answer.",
     ["model"],
     buckets=_LATENCY_BUCKETS,
+)
+SLOT_HOLDS = Counter(
+    "usher_slot_holds_total",
+    "Slots held for a tenant's next request (anticipatory idling), by how the hold ended.",
+    ["model", "outcome"],
 )
 ETA_ERROR = Histogram(
     "usher_eta_error_seconds",

@@ -201,10 +201,10 @@ class Anticipation:
         now = _now()
         return [hold.flow for hold in self._armed.get(model, ()) if hold.until > now]
 
-    async def first_claim(self, model: str) -> str:
+    async def first_claim(self, model: str) -> str | None:
         """Called with a slot for ``model`` in hand, before claiming: the id of the request
-        to claim on it ahead of the fair order ('' = the fair head). With a hold armed for
-        the model, waits for its flow's request until the hold runs out."""
+        to claim on it ahead of the fair order. With a hold armed for the model, waits for
+        its flow's request until the hold runs out ('': it did; None: no hold)."""
         armed = self._armed.get(model)
         now = _now()
         while armed:
@@ -214,7 +214,7 @@ class Anticipation:
             self._end(hold)
         else:
             self._armed.pop(model, None)
-            return ""
+            return None
         if not armed:
             self._armed.pop(model, None)
         try:

@@ -309,8 +309,10 @@ class Dispatcher:
     async def _claim(self, model: str, external: bool) -> Lease | None:
         """With a slot for ``model`` in hand: its next request under a lease, the fair head
         or, when the slot is held for a flow (anticipation.py), that flow's next request."""
-        first = "" if external else await self._anticipation.first_claim(model)
-        lease = await self.store.claim(model, self.holder, external=external, first=first)
+        first = None if external else await self._anticipation.first_claim(model)
+        if first is not None:
+            metrics.SLOT_HOLDS.labels(model, "arrived" if first else "ran_out").inc()
+        lease = await self.store.claim(model, self.holder, external=external, first=first or "")
         self._count_work(model, external, None if lease is None else -1)
         self._active = True
         if lease is not None:
