@@ -55,8 +55,9 @@ def after_event(stored: StoredRequest, fields: Mapping[str, str]) -> StoredReque
     """The request as an event left it, worked out from the request before the event and
     what the event says; None when the event does not say all it changed (its record must
     be read). Only the frequent changes that carry all they wrote: a claim ("running":
-    the attempt and its start, written by services/scheduler/lua/claim.lua) and a cancel
-    asked of a running request ("cancel_requested", cancel.lua)."""
+    the attempt and its start, written by services/scheduler/lua/claim.lua), a cancel
+    asked of a running request ("cancel_requested", cancel.lua), and the model server's
+    start of a running one ("started", progress.lua: it changes nothing in the record)."""
     kind = fields.get("type")
     if kind == "running" and stored.state == QUEUED:
         attempt, started = fields.get("attempt", ""), fields.get("ts", "")
@@ -72,6 +73,8 @@ def after_event(stored: StoredRequest, fields: Mapping[str, str]) -> StoredReque
         )
     if kind == "cancel_requested" and stored.state == RUNNING:
         return replace(stored, cancel_requested=True)
+    if kind == "started" and stored.state == RUNNING:
+        return stored
     return None
 
 

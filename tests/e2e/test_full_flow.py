@@ -118,6 +118,28 @@ async def test_a_dropped_watch_resumes_without_gaps_or_repeats(clients: tuple) -
     assert "".join(u.text_delta for u in everything) == everything[-1].request.result.text
 
 
+async def test_live_output_and_its_replay_from_redis_agree(clients: tuple) -> None:  # type: ignore[type-arg]
+    """Output reaches a live watcher with the ids Redis keeps (usher serve hands it over in
+    process): in order, once each, and a watch resumed after any of them replays exactly
+    the events that followed."""
+    scheduler, notifier = clients
+    submitted = await scheduler.Submit(
+        generate("Stream a long answer " * 4), metadata=auth("alice")
+    )
+    live = await watch_all(notifier, submitted.request.id)
+    assert live[-1].kind == K.UPDATE_KIND_COMPLETED
+    ids = [u.event_id for u in live if u.event_id]
+    keys = [tuple(int(part) for part in i.split("-")) for i in ids]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    progress = [u for u in live if u.kind == K.UPDATE_KIND_PROGRESS]
+    assert len(progress) >= 2
+    for resume in {progress[0].event_id, progress[len(progress) // 2].event_id}:
+        replayed = await watch_all(notifier, submitted.request.id, last=resume)
+        assert [u.event_id for u in replayed] == ids[ids.index(resume) + 1 :]
+        after = live[[u.event_id for u in live].index(resume) + 1 :]
+        assert [u.text_delta for u in replayed] == [u.text_delta for u in after]
+
+
 async def test_only_the_owner_may_watch(clients: tuple) -> None:  # type: ignore[type-arg]
     scheduler, notifier = clients
     submitted = await scheduler.Submit(generate("private"), metadata=auth("alice"))

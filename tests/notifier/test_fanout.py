@@ -17,10 +17,10 @@ from services.notifier.fanout import (
     Watched,
 )
 from services.notifier.updates import after_event
-from services.scheduler.store import FinishedWork, QueueStore
+from services.scheduler.store import FinishedWork, ProgressEvent, QueueStore
 from tests.scheduler.factories import new_request
 from usher.queue.eta import ModelAverages
-from usher.queue.records import QUEUED, StoredRequest, WrittenEvents, to_proto
+from usher.queue.records import QUEUED, RUNNING, StoredRequest, WrittenEvents, to_proto
 from usher.v1 import notifier_pb2, request_pb2
 
 MODEL = "fan-model"
@@ -462,6 +462,89 @@ async def test_a_watcher_missing_earlier_events_gets_a_handed_one_from_the_reade
     kinds = [i.kind for i in await _take(behind) if isinstance(i, Update)]
     assert kinds == [notifier_pb2.UPDATE_KIND_RUNNING, notifier_pb2.UPDATE_KIND_COMPLETED]
     assert await _take(ahead) == []
+
+
+async def test_output_handed_over_in_process_reaches_watchers_once_in_order(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """usher serve: a running request's output goes to its watchers as its progress script
+    returns, with the ids the stream holds, in order; the reader's copies are not offered
+    again and cost no read; a resume from a handed id gets the rest from Redis."""
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    store.on_written = fanout.hand_over
+    reads = _count_reads(fanout, monkeypatch)
+    start = await store.open_watch(MODEL, stored.id, "0-0")
+    assert start is not None
+    watcher = fanout.subscribe(start.stored, start.tip)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    await _drain(fanout)
+    (running,) = await _take(watcher)
+    assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
+
+    # Each write reaches the watcher before the reader runs.
+    started: ProgressEvent = ("started", {"instance": "ollama-0", "served_model": MODEL})
+    assert await store.progress_events(lease, [started, ("tokens", {"text": "Hel", "tokens": 1})])
+    first = await _take(watcher)
+    assert await store.progress_events(lease, [("tokens", {"text": "lo", "tokens": 2})])
+    second = await _take(watcher)
+    handed = [*first, *second]
+    assert [i.kind for i in handed if isinstance(i, Update)] == [
+        notifier_pb2.UPDATE_KIND_RUNNING,
+        notifier_pb2.UPDATE_KIND_PROGRESS,
+        notifier_pb2.UPDATE_KIND_PROGRESS,
+    ]
+    assert all(isinstance(i, Update) for i in handed)
+    updates = [i for i in handed if isinstance(i, Update)]
+    assert [u.fields.get("text") for u in updates[1:]] == ["Hel", "lo"]
+    # The "started" note changes nothing in the record: shown as it was, without a read.
+    assert updates[0].snapshot is not None and updates[0].snapshot.state == RUNNING
+    # Fields and ids as the reader would have read them from the model stream.
+    everything = await store.open_watch(MODEL, stored.id, "0-0")
+    assert everything is not None
+    assert [u.eid for u in [running, *updates] if isinstance(u, Update)] == [
+        e for e, _ in everything.events[1:]
+    ]
+    for update, (eid, fields) in zip(updates, everything.events[2:], strict=True):
+        assert update.fields == {**fields, "eid": eid}
+
+    await _drain(fanout)  # the reader brings the same events: nothing twice, nothing read
+    assert await _take(watcher) == [] and reads == []
+    assert fanout.delivered == 4
+
+    # A watcher resuming after the first handed token gets what followed, from Redis.
+    rest = await store.open_watch(MODEL, stored.id, updates[1].eid)
+    assert rest is not None
+    assert [(e, f.get("text")) for e, f in rest.events] == [(updates[2].eid, "lo")]
+
+
+async def test_output_handed_over_before_the_reader_brought_the_claim_waits_for_it(
+    store: QueueStore,
+) -> None:
+    """A watcher lacking an earlier event (the claim) gets the handed output only after
+    it, in order: the reader brings all of them."""
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    store.on_written = fanout.hand_over
+    start = await store.open_watch(MODEL, stored.id, "0-0")
+    assert start is not None
+    watcher = fanout.subscribe(start.stored, start.tip)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    assert await store.progress_events(lease, [("tokens", {"text": "a", "tokens": 1})])
+    assert await store.progress_events(lease, [("tokens", {"text": "b", "tokens": 2})])
+    assert watcher.pending == 0
+    await _drain(fanout)
+    got = [i for i in await _take(watcher) if isinstance(i, Update)]
+    assert [(i.kind, i.fields.get("text")) for i in got] == [
+        (notifier_pb2.UPDATE_KIND_RUNNING, None),
+        (notifier_pb2.UPDATE_KIND_PROGRESS, "a"),
+        (notifier_pb2.UPDATE_KIND_PROGRESS, "b"),
+    ]
+    assert len({i.eid for i in got}) == 3
 
 
 async def test_a_listener_that_fails_does_not_fail_the_completion(store: QueueStore) -> None:
