@@ -31,6 +31,7 @@ collected, but only ``aclose()`` is immediate.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -376,6 +377,54 @@ def _env_proxy(base_url: str) -> str | None:
     return proxy
 
 
+class StallWatch:
+    """The read timeout of a streamed body, kept by one timer per timeout period instead
+    of one per chunk: each chunk notes the time (``heard``); the timer, when it fires,
+    fails the body if nothing came for the timeout, else waits for the rest of it. aiohttp
+    keeps the timeout until the headers (a model loading before its first byte)."""
+
+    __slots__ = ("_content", "_heard", "_loop", "_timeout", "_timer")
+
+    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
+        self._content = content
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._heard = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
+            self._heard + timeout, self._check
+        )
+
+    @classmethod
+    def start(cls, resp: aiohttp.ClientResponse) -> StallWatch | None:
+        """Take the read timeout of ``resp``'s connection over (None: it has none)."""
+        connection = resp.connection
+        protocol = connection.protocol if connection is not None else None
+        timeout = protocol.read_timeout if protocol is not None else None
+        if protocol is None or not timeout:
+            return None
+        # Its timer armed last is cancelled by the next chunk (or fires first: silence).
+        protocol.read_timeout = None
+        return cls(resp.content, timeout)
+
+    def heard(self) -> None:
+        self._heard = self._loop.time()
+
+    def _check(self) -> None:
+        silent_until = self._heard + self._timeout
+        if self._loop.time() < silent_until:
+            self._timer = self._loop.call_at(silent_until, self._check)
+            return
+        self._timer = None
+        self._content.set_exception(
+            aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+        )
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class UpstreamResponse:
     """A model server's answer whose headers arrived: its body line by line as it comes
     (``lines``), or whole (``read``). ``aclose()`` it: a body read to its end hands the
@@ -389,24 +438,33 @@ class UpstreamResponse:
 
     async def lines(self) -> AsyncIterator[str]:
         """The body's lines (``\n`` or ``\r\n`` ended, decoded as UTF-8) whatever the
-        TCP segmentation; ``TransportFailure`` when the connection fails."""
-        chunks = self._resp.content.iter_any()
+        TCP segmentation; ``TransportFailure`` when the connection fails, or stays silent
+        for the session's read timeout (``StallWatch``: aiohttp would re-arm a timer for
+        every chunk, a token each)."""
+        content = self._resp.content
+        watch = StallWatch.start(self._resp)
         pending = b""
-        while True:
-            try:
-                chunk = await anext(chunks, None)
-            except TRANSPORT_ERRORS as exc:
-                raise TransportFailure(describe_transport_error(exc)) from exc
-            if chunk is None:
-                break
-            if b"\n" not in chunk:
-                pending += chunk
-                continue
-            *complete, pending = (pending + chunk).split(b"\n")
-            for line in complete:
-                yield line.removesuffix(b"\r").decode("utf-8", "replace")
-        if pending:
-            yield pending.removesuffix(b"\r").decode("utf-8", "replace")
+        try:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except TRANSPORT_ERRORS as exc:
+                    raise TransportFailure(describe_transport_error(exc)) from exc
+                if not chunk:
+                    break
+                if watch is not None:
+                    watch.heard()
+                if b"\n" not in chunk:
+                    pending += chunk
+                    continue
+                *complete, pending = (pending + chunk).split(b"\n")
+                for line in complete:
+                    yield line.removesuffix(b"\r").decode("utf-8", "replace")
+            if pending:
+                yield pending.removesuffix(b"\r").decode("utf-8", "replace")
+        finally:
+            if watch is not None:
+                watch.stop()
 
     async def read(self) -> bytes:
         try:

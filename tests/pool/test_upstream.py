@@ -536,6 +536,18 @@ async def test_read_timeout_mid_stream(kind: str, upstream_emulator: EmulatorSer
     assert not info.value.before_first_token and not info.value.retryable
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_read_timeout_counts_from_the_last_chunk_not_the_first(
+    kind: str, upstream_emulator_config: ConfigFactory
+) -> None:
+    """An answer that never pauses for the read timeout runs as long as it takes: 12
+    tokens at 20/s take 0.6 s, three times the timeout, each 50 ms after the last."""
+    config = upstream_emulator_config(tokens_per_second=20, output_tokens=(12, 12))
+    async with running(config, kind, read_timeout=0.2) as (_, upstream):
+        deltas, done = split(await collect(upstream, chat_request()))
+    assert len(deltas) == 12 and done.text == "".join(d.text for d in deltas)
+
+
 # -- cancellation -------------------------------------------------------------------------------
 
 
