@@ -10,6 +10,7 @@ import pytest
 from services.notifier.fanout import (
     SUBSCRIBER_BUFFER,
     AveragesCache,
+    Event,
     Fanout,
     PositionUpdate,
     Subscriber,
@@ -484,6 +485,12 @@ async def test_output_handed_over_in_process_reaches_watchers_once_in_order(
     (running,) = await _take(watcher)
     assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
 
+    # A watch opening now: it joins, reads the request, and is told what it read only
+    # after the output below was handed over (which it was not offered: it lacked a tip).
+    late = fanout.join(stored.id, MODEL)
+    late_start = await store.open_watch(MODEL, stored.id, "0-0")
+    assert late_start is not None
+
     # Each write reaches the watcher before the reader runs.
     started: ProgressEvent = ("started", {"instance": "ollama-0", "served_model": MODEL})
     assert await store.progress_events(lease, [started, ("tokens", {"text": "Hel", "tokens": 1})])
@@ -510,14 +517,51 @@ async def test_output_handed_over_in_process_reaches_watchers_once_in_order(
     for update, (eid, fields) in zip(updates, everything.events[2:], strict=True):
         assert update.fields == {**fields, "eid": eid}
 
+    fanout.opened(late, late_start.stored, late_start.tip)
     await _drain(fanout)  # the reader brings the same events: nothing twice, nothing read
     assert await _take(watcher) == [] and reads == []
-    assert fanout.delivered == 4
+    # Except to the watcher whose read of the request came before the output.
+    assert [i.eid for i in await _take(late) if isinstance(i, Update)] == [u.eid for u in updates]
+    assert fanout.delivered == 7
 
     # A watcher resuming after the first handed token gets what followed, from Redis.
     rest = await store.open_watch(MODEL, stored.id, updates[1].eid)
     assert rest is not None
     assert [(e, f.get("text")) for e, f in rest.events] == [(updates[2].eid, "lo")]
+
+
+async def test_the_reader_passes_over_output_every_watcher_has_from_the_hand_over(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    store.on_written = fanout.hand_over
+    start = await store.open_watch(MODEL, stored.id, "0-0")
+    assert start is not None
+    watcher = fanout.subscribe(start.stored, start.tip)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    await _drain(fanout)
+    (running,) = await _take(watcher)
+    assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
+    read: list[str] = []
+    original = fanout.dispatch_batch
+
+    async def recording(events: list[Event]) -> None:
+        read.extend(e.type for e in events)
+        await original(events)
+
+    monkeypatch.setattr(fanout, "dispatch_batch", recording)
+    for n in range(3):
+        assert await store.progress_events(lease, [("tokens", {"text": str(n), "tokens": n})])
+    await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
+    got = [i for i in await _take(watcher) if isinstance(i, Update)]
+    assert [i.fields.get("text") for i in got] == ["0", "1", "2", None]
+    await _drain(fanout)
+    # The completion is still read (it moves the queue: positions), the output is not.
+    assert read == ["completed"]
+    assert await _take(watcher) == []
 
 
 async def test_output_handed_over_before_the_reader_brought_the_claim_waits_for_it(
