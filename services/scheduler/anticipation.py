@@ -40,6 +40,9 @@ __all__ = ["AnswerSeen", "Anticipation", "idle_seconds", "think_sample"]
 FORGET_SECONDS = 300.0
 #: Forgotten flows are swept once every this many answers.
 SWEEP_EVERY = 1024
+#: A model's slots in service here are the most of its requests running here at once
+#: within about this long.
+PEAK_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,8 @@ class AnswerSeen:
     higher_class_queued: bool
     #: The flow's requests running here, the answered one included.
     flow_running: int
-    #: Every request of the model running here, the answered one included.
+    #: The model's slots in service here: the most of its requests running here at once
+    #: lately (at an answer some slots are between requests), the answered one included.
     model_running: int
     #: Distinct flows with requests running here or queued through here, the answered
     #: one's included.
@@ -124,6 +128,8 @@ class Anticipation:
         #: (model, flow) → its hold, armed or taken, until it ends.
         self._holds: dict[tuple[str, str], _Hold] = {}
         self._answers = 0
+        #: model → (most of its requests running here at once lately, since when).
+        self._peak: dict[str, tuple[int, float]] = {}
 
     def arrived(self, model: str, flow: str, request_id: str) -> None:
         """A request of ``flow`` was queued through this replica."""
@@ -141,7 +147,13 @@ class Anticipation:
 
     def started(self, model: str, flow: str, request_id: str) -> None:
         """A request was claimed here."""
-        self._running.setdefault(model, {}).setdefault(flow, set()).add(request_id)
+        flows = self._running.setdefault(model, {})
+        flows.setdefault(flow, set()).add(request_id)
+        now = _now()
+        running = sum(len(ids) for ids in flows.values())
+        peak, since = self._peak.get(model, (0, now))
+        if running >= peak or now - since > PEAK_SECONDS:
+            self._peak[model] = (running, now)
         waiting = self._waiting.get(model, {})
         if waiting.get(flow, ("", 0.0))[0] == request_id:
             del waiting[flow]
@@ -175,7 +187,10 @@ class Anticipation:
             others_queued=others_queued,
             higher_class_queued=any(flow_class(other) < klass for other in waiting),
             flow_running=len(mine | {request_id}),
-            model_running=sum(len(ids) for ids in running.values()) + (request_id not in mine),
+            model_running=max(
+                sum(len(ids) for ids in running.values()) + (request_id not in mine),
+                self._peak.get(model, (0, now))[0],
+            ),
             flows_active=len(running.keys() | waiting.keys() | {flow}),
             think_seconds=state.think,
         )
