@@ -389,7 +389,10 @@ class Dispatcher:
         if isinstance(work_or_error, FinishedWork):
             # The result says it all to a caller who reads only that.
             footprint = await self.store.finish(
-                lease, work_or_error, () if submit.result_only else pending
+                lease,
+                work_or_error,
+                () if submit.result_only else pending,
+                streamed=not submit.result_only,
             )
             metrics.REQUESTS.labels(lease.request.model, "completed").inc()
             metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(

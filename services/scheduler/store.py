@@ -66,6 +66,12 @@ INDEX_SLACK_SECONDS = 2 * 86_400
 #: What a request stores outside its own keys (index entry, listing entry, idempotency
 #: key, model stream events), charged to its tenant on top of what its keys hold.
 REQUEST_INDEX_BYTES = 512
+#: What a completed request's keys hold besides its result, usage, labels and streamed
+#: output: its metadata hash (~2.5 KB) and its event stream's first node (~4.7 KB, which
+#: holds a few KB of events), as MEMORY USAGE measures them on Redis 7 (2026-12-06).
+COMPLETED_RECORD_BYTES = 7_200
+#: An owners set (a deduplicated request shared by several callers).
+OWNERS_SET_BYTES = 256
 #: What Submit reads that rarely changes (tenant weights, a model's config, and its moving
 #: averages and active flows for the cost and ETA) is reused this long by the process that
 #: read it; a change made through this process's admin calls applies at once.
@@ -144,6 +150,8 @@ class Lease:
     request: StoredRequest
     token: str
     owner: str
+    #: The id of the event the claim wrote ("running").
+    event_id: str = ""
 
 
 #: One event for a running request's stream: its type ("started", "tokens") and fields.
@@ -236,6 +244,29 @@ def _finish_written(
     base = {"id": lease.request.id, "ts": str(now)}
     written.append({"type": kind, **base, "state": str(work.state), "error": work.error})
     return _written(lease, reply[2], reply[3], written, work.result, work.usage)
+
+
+def completed_footprint(
+    lease: Lease, state: int, extra: Sequence[str | bytes], streamed: bool, owners_set: bool
+) -> int:
+    """What a request holds in Redis once it ended, estimated from what was written rather
+    than measured (a MEMORY USAGE per key cost three commands per request): its record's
+    metadata and event stream (COMPLETED_RECORD_BYTES), its labels, the result and usage
+    written now, the output its events hold when it streamed (the text the result holds),
+    its owners set, its prompt when it failed (a dead letter keeps it), and what lies
+    outside its keys (REQUEST_INDEX_BYTES). For ordinary requests it errs by some hundreds
+    of bytes either way; the quota still bounds what a tenant keeps, in bytes."""
+    stored = lease.request
+    written = sum(len(item) for item in extra)
+    labels = sum(len(k) + len(v) for k, v in stored.labels.items())
+    size = COMPLETED_RECORD_BYTES + REQUEST_INDEX_BYTES + labels + written
+    if streamed and len(extra) >= 2 and extra[0] == "result":
+        size += len(extra[1])
+    if owners_set:
+        size += OWNERS_SET_BYTES
+    if state == request_pb2.REQUEST_STATE_FAILED:
+        size += len(stored.payload)
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -835,7 +866,8 @@ class QueueStore(QueueReader):
         )
         if not flat:
             return None
-        return Lease(self._stored(pairs(flat)), token, owner)
+        raw = pairs(flat)
+        return Lease(self._stored(raw), token, owner, decode(raw.pop(b"claim_event_id", b"")))
 
     async def heartbeat(self, lease: Lease, lease_ms: int | None = None) -> int:
         """-1: lease lost; 1: cancel requested; 0: carry on."""
@@ -847,11 +879,18 @@ class QueueStore(QueueReader):
         return int(reply)
 
     async def finish(
-        self, lease: Lease, work: FinishedWork, progress: Sequence[ProgressEvent] = ()
+        self,
+        lease: Lease,
+        work: FinishedWork,
+        progress: Sequence[ProgressEvent] = (),
+        *,
+        streamed: bool = True,
     ) -> Footprint | None:
         """Record the outcome, with ``progress`` still unwritten before it, in one script
-        call; what the request holds now (for its tenant's storage charge), or None when
-        the lease was lost and someone else owns it now."""
+        call; what the request holds now (for its tenant's storage charge: an estimate from
+        the sizes written, completed_footprint), or None when the lease was lost and
+        someone else owns it now. ``streamed`` False: no progress was written since the
+        claim (a caller of the result alone), so the claim's event is the last one."""
         extra: list[str | bytes] = []
         if work.result:
             extra += ["result", self.sealer.seal(work.result, lease.request.id)]
@@ -859,6 +898,11 @@ class QueueStore(QueueReader):
             extra += ["usage", work.usage]
         now = now_ms()
         packed = self._packed(lease, progress)
+        # The event before this call's, for a reader in this process that is handed them.
+        if self.on_written is None:
+            after = "-"
+        else:
+            after = "" if streamed or not lease.event_id else lease.event_id
         reply = await self._run(
             "complete",
             lease.request.model,
@@ -874,6 +918,7 @@ class QueueStore(QueueReader):
                 work.output_tokens,
                 repr(EWMA_ALPHA),
                 repr(SERVICE_ALPHA),
+                after,
                 len(extra),
                 *extra,
                 *packed,
@@ -891,7 +936,8 @@ class QueueStore(QueueReader):
         # A request that failed for good stays (a dead letter) until an operator retries it.
         kept = work.state == request_pb2.REQUEST_STATE_FAILED
         expires = 0 if kept else now_ms() + self.defaults.result_ttl_seconds * 1000
-        return Footprint(int(reply[1]) + REQUEST_INDEX_BYTES, expires)
+        size = completed_footprint(lease, work.state, extra, streamed, bool(int(reply[1])))
+        return Footprint(size, expires)
 
     async def requeue(
         self, lease: Lease, reason: str, count_attempt: bool = False, backoff_ms: int = 0

@@ -2,7 +2,8 @@
 -- KEYS[1] the queue to claim from (the model's queue, or its external lane)
 -- ARGV: 1 base, 2 now, 3 lease ms, 4 owner, 5 lease token, 6 advance virtual time (1/0),
 --       7 a request to claim first, ahead of the fair order ('' = none)
--- Returns the claimed request hash as a flat field/value list, or nil when the queue is empty.
+-- Returns the claimed request hash as a flat field/value list, followed by 'claim_event_id'
+-- and the id of the event it wrote (not a field of the hash), or nil when the queue is empty.
 local source = KEYS[1]
 -- An operator paused this model's dispatching (PauseQueue): nothing is claimed.
 if redis.call('HGET', K.config, 'paused') == '1' then return nil end
@@ -51,7 +52,8 @@ for _ = 1, 100 do
     end
     redis.call('ZADD', K.leases, NOW + tonumber(ARGV[3]), id)
     redis.call('ZREM', K.deadlines, id)
-    emit(id, 'running', RUNNING, {'attempt', changes[2]})
+    fields[#fields + 1] = 'claim_event_id'
+    fields[#fields + 1] = emit(id, 'running', RUNNING, {'attempt', changes[2]})
     return fields
   end
   -- A member whose request is gone or no longer queued is stale: dropped, look again.

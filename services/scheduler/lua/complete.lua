@@ -3,12 +3,16 @@
 -- ARGV: 1 base, 2 now, 3 id, 4 lease token, 5 state, 6 error, 7 ttl s,
 --       8 actual token cost (-1 = unknown), 9 service ms, 10 tokens/s, 11 output tokens,
 --       12 moving-average alpha, 13 service time's moving-average alpha,
---       14 the count of extra items that follow, then extra field/value pairs (result,
+--       14 the id of the request's last event as the caller knows it ('' = look it up;
+--       '-' = not wanted: nobody in the caller's process is handed the events),
+--       15 the count of extra items that follow, then extra field/value pairs (result,
 --       usage), then progress events not yet written (packed as emit_packed reads them)
--- Returns {1, bytes the request holds now (its hash, events and any owners set), the id of
--- the request's event before this call's, the ids of the events this call wrote in order},
--- or -1 when the lease was lost (another dispatcher owns the request now).
--- Every hash is read once (HMGET) and written once: this runs for every request.
+-- Returns {1, whether it has an owners set (1/0), the id of the request's event before
+-- this call's ('-' when not wanted), the ids of the events this call wrote in order}, or
+-- -1 when the lease was lost (another dispatcher owns the request now).
+-- Every hash is read once (HMGET) and written once: this runs for every request. What it
+-- holds is not measured here (MEMORY USAGE per key): the caller charges its storage from
+-- the sizes it knows (services/scheduler/store.py: completed_footprint).
 local id, state = ARGV[3], tonumber(ARGV[5])
 local rk = req_key(id)
 local r = redis.call('HMGET', rk, 'state', 'lease_token', 'flow', 'cost', 'weight',
@@ -17,11 +21,14 @@ local owners_set = has_owners_set(r[10], r[11])
 if tonumber(r[1]) ~= RUNNING or r[2] ~= ARGV[4] then
   return -1
 end
-local extras = tonumber(ARGV[14])
-local extra = {unpack(ARGV, 15, 14 + extras)}
-local after = last_event_id(id)
+local extras = tonumber(ARGV[15])
+local extra = {unpack(ARGV, 16, 15 + extras)}
+-- The caller knows the last event when nothing but its own writes followed the claim's; a
+-- cancel asked for meanwhile wrote one of its own.
+local after = ARGV[14]
+if after == '' or (after ~= '-' and r[9]) then after = last_event_id(id) end
 local written = {}
-emit_packed(id, RUNNING, 15 + extras, written)
+emit_packed(id, RUNNING, 16 + extras, written)
 
 -- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish), never
 -- below the start of the flow's newest request, so its queued requests keep their order.
@@ -92,11 +99,4 @@ end
 written[#written + 1] = emit(id,
   ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
   state, {'error', reason})
--- What it holds now, for the tenant's storage charge (no second round trip to measure it).
-local measured = {rk, req_events_key(id)}
-if owners_set then measured[3] = req_owners_key(id) end
-local bytes = 0
-for _, key in ipairs(measured) do
-  bytes = bytes + (redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or 0)
-end
-return {1, bytes, after, written}
+return {1, owners_set and 1 or 0, after, written}
