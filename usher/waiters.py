@@ -48,6 +48,10 @@ class Waiters(Generic[T]):
                 return True
         return False
 
+    def waiting(self, wanted: Callable[[T], bool]) -> bool:
+        """Whether a parked coroutine's wants ``wanted`` accepts."""
+        return any(wanted(wants) and not waiter.done() for wants, waiter in self._parked)
+
     def wake_all(self) -> None:
         while self._parked:
             _, waiter = self._parked.popleft()

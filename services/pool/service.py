@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -19,7 +19,7 @@ from services.pool import routing
 from services.pool.circuit import CircuitBreaker, CircuitState, admit_all
 from services.pool.registry import InstanceState, Registry
 from services.pool.settings import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
-from services.pool.slots import USAGE_MAX_AGE_SECONDS, SlotGrant, SlotStore
+from services.pool.slots import USAGE_MAX_AGE_SECONDS, SlotGrant, SlotStore, grant_of
 from services.pool.stats import PoolStats
 from services.pool.upstream import (
     Delta,
@@ -95,12 +95,72 @@ class FleetRouter:
         self._trials: dict[str, list[CircuitBreaker]] = {}
         #: (model, external lane) routed since watch_usage last looked.
         self._routed: set[tuple[str, bool]] = set()
+        #: Slots kept for their dispatcher after an answer (id → grant, when its lease was
+        #: last set), oldest first: granted again on its next Reserve with no Redis call,
+        #: or released when another model waits here or its lease would need renewing.
+        self._kept: dict[str, tuple[SlotGrant, float]] = {}
 
     def _fresh(self, granted_at: float) -> bool:
         """Granted well inside the slot's lease (half of it ago at most)."""
         return time.monotonic() - granted_at < self.slots.lease_ms / 2000
 
+    def _reusable(self, renewed_at: float) -> bool:
+        """A kept slot's lease needs no renewal yet (set a third of a lease ago at most)."""
+        return time.monotonic() - renewed_at < self.slots.lease_ms / 3000
+
+    def keep(self, grant: SlotGrant) -> bool:
+        """Keep ``grant`` held for its dispatcher's next request of its model instead of
+        releasing it (False: release it, another model waits here). Not renewed from now:
+        its lease frees it if the dispatcher goes away."""
+        if self._waiting.waiting(lambda models: grant.model not in models):
+            return False
+        renewed_at = self.slots.unhold(grant)
+        if renewed_at is None:
+            return False
+        self._forget_stale()
+        self._kept[grant.id] = (grant, renewed_at)
+        return True
+
+    def reuse(self, slot_id: str, models: list[str], external: bool) -> SlotGrant | None:
+        """The kept slot ``slot_id`` granted again, when its model is the only one asked
+        for, no Reserve for another model waits here, its lease needs no renewal and its
+        instance still takes the model's work; else it is released (None)."""
+        entry = self._kept.pop(slot_id, None)
+        if entry is None:
+            grant = _grant_or_none(slot_id)
+            if grant is not None:  # kept by another replica, or lapsed: freed all the same
+                self.release(grant)
+            return None
+        grant, renewed_at = entry
+        state = self.registry.instances.get(grant.instance)
+        if (
+            models == [grant.model]
+            and grant.route == (request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL)
+            and self._reusable(renewed_at)
+            and not self._waiting.waiting(lambda wanted: wanted != {grant.model})
+            and state is not None
+            and state.healthy
+            and not state.draining
+            and state.serves(grant.model)
+            and self._admit(state, grant.model) == []
+        ):
+            self._forget_stale()
+            self._granted[grant.id] = (grant, renewed_at)
+            return grant
+        self.release(grant)
+        return None
+
+    def _release_kept(self, keep: Callable[[SlotGrant], bool]) -> None:
+        """Release the kept slots ``keep`` refuses (their dispatchers reserve again)."""
+        for slot_id, (grant, _) in list(self._kept.items()):
+            if not keep(grant):
+                del self._kept[slot_id]
+                self.release(grant)
+
     def _forget_stale(self) -> None:
+        if self._kept and not self._reusable(next(iter(self._kept.values()))[1]):
+            # Kept too long for its lease: released (its dispatcher reserves again).
+            self._release_kept(lambda grant: self._reusable(self._kept[grant.id][1]))
         while self._granted:  # oldest first: drop grants nobody came back for
             oldest = next(iter(self._granted))
             if self._fresh(self._granted[oldest][1]):
@@ -113,14 +173,21 @@ class FleetRouter:
         self._forget_stale()
         self._granted[grant.id] = (grant, time.monotonic())
 
-    def take_granted(self, slot_id: str, *, used: bool = True) -> SlotGrant | None:
+    def take_granted(
+        self, slot_id: str, *, used: bool = True
+    ) -> tuple[SlotGrant, float] | tuple[None, None]:
         """A slot this replica granted moments ago (then forgotten: it is in use, or with
-        ``used`` false, handed back unused)."""
+        ``used`` false, handed back unused), with when its lease was set (monotonic)."""
         turn = self._grant_turns.pop(slot_id, None)
         if turn is not None and not used:
             self._returned_turns.setdefault(turn[0], []).append(turn[1])
         entry = self._granted.pop(slot_id, None)
-        return entry[0] if entry is not None and self._fresh(entry[1]) else None
+        return entry if entry is not None and self._fresh(entry[1]) else (None, None)
+
+    def take_kept(self, slot_id: str) -> SlotGrant | None:
+        """A slot kept here for its dispatcher, forgotten (it is released)."""
+        entry = self._kept.pop(slot_id, None)
+        return None if entry is None else entry[0]
 
     def _take_turn(self, key: tuple[str, bool]) -> int:
         returned = self._returned_turns.get(key)
@@ -265,6 +332,8 @@ class FleetRouter:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
+            # Slots kept for other models' next requests make way for these.
+            self._release_kept(lambda grant: grant.model in models)
             # Slots freed through other replicas are found by polling.
             await self._waiting.wait(frozenset(models), min(POLL_SECONDS, remaining))
 
@@ -335,6 +404,14 @@ def _first_token(measured: float | None, done: Done) -> float | None:
     if done.completion_tokens == 0:
         return done.total_seconds
     return (done.load_seconds + done.prompt_seconds) or None
+
+
+def _grant_or_none(slot_id: str) -> SlotGrant | None:
+    """The grant a slot id describes, None when it describes none."""
+    try:
+        return grant_of(slot_id)
+    except ValueError:
+        return None
 
 
 def _give_back(trials: list[CircuitBreaker]) -> None:
@@ -458,7 +535,11 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         if remaining is not None:
             wait = max(0.0, min(wait, remaining - 0.2))
         external = request.route == request_pb2.ROUTE_EXTERNAL
-        grant = await self.router.reserve(list(request.models), request.holder, external, wait)
+        grant = None
+        if request.reuse_slot_id:
+            grant = self.router.reuse(request.reuse_slot_id, list(request.models), external)
+        if grant is None:
+            grant = await self.router.reserve(list(request.models), request.holder, external, wait)
         if grant is None:
             return pool_pb2.ReserveResponse()
         return pool_pb2.ReserveResponse(slot=_slot_proto(grant, self.router.slots.lease_ms))
@@ -467,18 +548,25 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         self, request: pool_pb2.ReleaseRequest, context: Context
     ) -> pool_pb2.ReleaseResponse:
         _require(self.caller(context), SERVICE_ROLE)
-        grant = await self._lookup(request.slot_id, used=False)
+        grant = self.router.take_kept(request.slot_id)
+        if grant is None:
+            grant, _ = await self._lookup(request.slot_id, used=False)
         self.router.release_trial(request.slot_id)
         if grant is not None:
             await self.router.release(grant)
         return pool_pb2.ReleaseResponse()
 
-    async def _lookup(self, slot_id: str, *, used: bool = True) -> SlotGrant | None:
+    async def _lookup(
+        self, slot_id: str, *, used: bool = True
+    ) -> tuple[SlotGrant, float] | tuple[None, None]:
+        """A held slot, with when its lease was set (monotonic; now when read from Redis);
+        (None, None) when it is no longer held."""
         granted = self.router.take_granted(slot_id, used=used)
-        if granted is not None:
+        if granted[0] is not None:
             return granted
         try:
-            return await self.router.slots.lookup(slot_id)
+            found = await self.router.slots.lookup(slot_id)
+            return (None, None) if found is None else (found, time.monotonic())
         except ValueError:
             raise InvalidArgument(
                 [FieldViolation("slot_id", f"{slot_id[:60]!r} is not a slot id")]
@@ -492,7 +580,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("input", "one of chat, generate or embed is required")]
             )
-        grant = await self._lookup(request.slot_id)
+        grant, renewed_at = await self._lookup(request.slot_id)
         if grant is None:
             raise FailedPrecondition(
                 f"slot {request.slot_id} expired or was released; reserve again"
@@ -501,21 +589,26 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("model", f"slot {grant.id} is for {grant.model}")]
             )
-        self.router.slots.hold(grant)  # its lease is renewed while it runs
+        self.router.slots.hold(grant, renewed_at)  # its lease is renewed while it runs
         held = [grant]
         began = asyncio.get_running_loop().time()
-        released: list[asyncio.Future[bool]] = []
+        released: list[asyncio.Future[bool]] | None = None
         try:
             async for event in self._run_with_failover(request, held, began):
                 if event.HasField("done"):
                     # The model server is done: its slots go back beside the answer, not
                     # once the caller has read on to the end of the stream (an in-process
                     # caller that stops at the answer never does), so the next request can
-                    # start while this one is being finished.
-                    released = self._release_held(held)
+                    # start while this one is being finished. Or the one slot stays held
+                    # for the caller's next request of the model (keep_slot).
+                    if request.keep_slot and held == [grant] and self.router.keep(grant):
+                        event.done.slot_kept = True
+                        released = []
+                    else:
+                        released = self._release_held(held)
                 yield event
         finally:
-            for release in released or self._release_held(held):
+            for release in self._release_held(held) if released is None else released:
                 await release  # a caller that reads to the end sees them released
 
     def _release_held(self, held: list[SlotGrant]) -> list[asyncio.Future[bool]]:

@@ -185,9 +185,15 @@ class SlotStore:
         )
         return int(reply) == 1
 
-    def hold(self, grant: SlotGrant) -> None:
-        """A request runs on ``grant``: keep_held renews its lease until it is released."""
-        self._held[grant] = time.monotonic()
+    def hold(self, grant: SlotGrant, renewed_at: float | None = None) -> None:
+        """A request runs on ``grant``: keep_held renews its lease until it is released.
+        ``renewed_at`` (monotonic): when its lease was last set, if not just now."""
+        self._held[grant] = time.monotonic() if renewed_at is None else renewed_at
+
+    def unhold(self, grant: SlotGrant) -> float | None:
+        """Stop renewing ``grant`` (it stays held until its lease runs out or it is
+        released); when its lease was last set (monotonic), None when it was not held."""
+        return self._held.pop(grant, None)
 
     async def keep_held(self, stop: asyncio.Event) -> None:
         """Renew the leases of the slots held here, every lease at most a third of a lease

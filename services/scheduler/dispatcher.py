@@ -87,6 +87,14 @@ class _Cancelled(Exception):
         self.lost = lost
 
 
+@dataclass(slots=True)
+class _KeptSlot:
+    """The slot the Pool kept for one dispatcher loop after its last answer, for the next
+    request of the same model (GenerationDone.slot_kept); None when it holds none."""
+
+    slot: pool_pb2.Slot | None = None
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -122,6 +130,8 @@ class Dispatcher:
         #: Loops reserving a slot and claiming now, local and external: never more than
         #: there is work.
         self._reserving = {False: 0, True: 0}
+        #: Requests of each model running here now.
+        self._running: dict[str, int] = {}
         #: Request id → event that wakes its heartbeat (set when its cancel is announced).
         self._cancel_nudges: dict[str, asyncio.Event] = {}
         self._demand_lock = asyncio.Lock()
@@ -221,9 +231,19 @@ class Dispatcher:
         await asyncio.gather(*loops)
 
     async def _loop(self, stop: asyncio.Event, external: bool) -> None:
+        kept = _KeptSlot()
+        try:
+            await self._dispatch_until(stop, external, kept)
+        finally:
+            if kept.slot is not None:  # shutting down: its slot goes back now
+                self._reserving[external] -= 1
+                with contextlib.suppress(Exception):
+                    await self._release(kept.slot)
+
+    async def _dispatch_until(self, stop: asyncio.Event, external: bool, kept: _KeptSlot) -> None:
         while not stop.is_set():
             try:
-                worked = await self.dispatch_one(external)
+                worked = await self.dispatch_one(external, kept)
             except grpc.aio.AioRpcError as error:
                 log.warning("pool unreachable", code=error.code().name, details=error.details())
                 worked = False
@@ -235,17 +255,28 @@ class Dispatcher:
             if not worked:
                 await self._idle[external].wait(None, IDLE_REST_SECONDS)
 
-    async def dispatch_one(self, external: bool = False) -> bool:
+    async def dispatch_one(self, external: bool = False, kept: _KeptSlot | None = None) -> bool:
+        """Reserve a slot, claim a request and run it; False when there was nothing to
+        do. ``kept``: the slot the Pool kept for this loop after its last answer (given
+        back here when its model has nothing queued), and where the next one is left."""
         work = self._demand[1 if external else 0]
+        reuse: pool_pb2.Slot | None = None
+        if kept is not None and kept.slot is not None:
+            reuse, kept.slot = kept.slot, None
+            self._reserving[external] -= 1  # counted as reserving since its answer
+            if not work.get(reuse.model):
+                await self._release(reuse)  # nothing of its model is queued: back to the Pool
+                reuse = None
         # Only as many loops wait for slots as there are requests to run: a herd of idle
         # loops reserving (then releasing) slots for one request costs dozens of scripts.
-        if not work or self._reserving[external] >= sum(work.values()):
+        # A loop holding a kept slot runs the next request of its model at once.
+        if reuse is None and (not work or self._reserving[external] >= sum(work.values())):
             return False
         self._reserving[external] += 1
         if sum(work.values()) > self._reserving[external]:
             self._idle[external].wake_first()  # more work than loops on it: start the next
         try:
-            claimed = await self._reserve_and_claim(sorted(work), external)
+            claimed = await self._reserve_and_claim(sorted(work), external, reuse)
         finally:
             self._reserving[external] -= 1
         if claimed is None:
@@ -266,9 +297,11 @@ class Dispatcher:
                 "usher.instance": slot.instance,
             },
         ):
+            self._running[slot.model] = self._running.get(slot.model, 0) + 1
             try:
-                footprint = await self.run_request(lease, slot)
+                footprint = await self.run_request(lease, slot, kept)
             finally:
+                self._running[slot.model] -= 1
                 self._anticipation.ended(slot.model, _flow(lease), lease.request.id)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
         # (a requeued request is charged again only if it is resubmitted, never twice), and
@@ -278,19 +311,24 @@ class Dispatcher:
         await self.quotas.settle(lease.request.tenant, lease.request.id, footprint)
         return True
 
+    async def _release(self, slot: pool_pb2.Slot) -> None:
+        await self._pool.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata)
+
     async def _reserve_and_claim(
-        self, models: list[str], external: bool
+        self, models: list[str], external: bool, reuse: pool_pb2.Slot | None = None
     ) -> tuple[Lease, pool_pb2.Slot] | None:
-        """A slot for one of ``models`` and the next request of its model, claimed under a
-        lease (the slot handed back when another replica took the request first). The
-        demand believed here moves before this returns, so a loop that looks meanwhile
-        (still counted as reserving) does not go for the same request."""
+        """A slot for one of ``models`` (``reuse`` again when the Pool allows: it was kept
+        for this loop) and the next request of its model, claimed under a lease (the slot
+        handed back when another replica took the request first). The demand believed
+        here moves before this returns, so a loop that looks meanwhile (still counted as
+        reserving) does not go for the same request."""
         reply = await self._pool.Reserve(
             pool_pb2.ReserveRequest(
                 models=models,
                 holder=self.holder,
                 route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
                 wait=duration_from_seconds(self.settings.reserve_wait_seconds),
+                reuse_slot_id=reuse.id if reuse is not None else "",
             ),
             metadata=self._metadata,
             timeout=self.settings.reserve_wait_seconds + 5,
@@ -300,9 +338,7 @@ class Dispatcher:
         slot = reply.slot
         lease = await self._claim(slot.model, external)
         if lease is None:  # another replica took the last request first
-            await self._pool.Release(
-                pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata
-            )
+            await self._release(slot)
             return None
         return lease, slot
 
@@ -327,9 +363,23 @@ class Dispatcher:
                 model, _flow(lease), lease.request.id, model in self._demand[0]
             )
 
-    async def run_request(self, lease: Lease, slot: pool_pb2.Slot) -> Footprint | None:
+    def _worth_keeping(self, slot: pool_pb2.Slot) -> bool:
+        """Whether to ask the Pool to keep ``slot`` after the answer, for the next request
+        of its model: more of it is queued, or it keeps several of this replica's loops
+        busy (more usually comes while this one runs). A kept slot that finds nothing
+        queued is released then; one request at a time keeps nothing."""
+        return (
+            slot.route == request_pb2.ROUTE_LOCAL
+            and not self._stop.is_set()
+            and (self._demand[0].get(slot.model, 0) > 0 or self._running.get(slot.model, 0) > 1)
+        )
+
+    async def run_request(
+        self, lease: Lease, slot: pool_pb2.Slot, kept: _KeptSlot | None = None
+    ) -> Footprint | None:
         """Run a claimed request to its end; what it holds in Redis when it completed
-        (None when it ended otherwise)."""
+        (None when it ended otherwise). With ``kept``, the slot may stay held for the
+        next request of its model when more are queued (left in ``kept``)."""
         submit = scheduler_pb2.SubmitRequest.FromString(lease.request.payload)
         generate = pool_pb2.GenerateRequest(
             slot_id=slot.id,
@@ -339,6 +389,7 @@ class Dispatcher:
             traceparent=tracing.current_traceparent() or lease.request.traceparent,
             # A caller who reads only the result gets no tokens streamed: none are sent.
             stream=not submit.result_only,
+            keep_slot=kept is not None and self._worth_keeping(slot),
         )
         kind = submit.WhichOneof("input")
         if kind is not None:
@@ -357,7 +408,9 @@ class Dispatcher:
         ended = asyncio.Event()
         watcher = asyncio.create_task(self._heartbeat(lease, ended))
         progress = ProgressBuffer(self.progress, lease, self.settings.token_flush_seconds)
-        runner = asyncio.create_task(self._consume(call, progress, lease, started))
+        runner = asyncio.create_task(
+            self._consume(call, progress, lease, started, (slot, kept) if kept else None)
+        )
         drain = asyncio.create_task(self._drain_deadline())
         done, _ = await asyncio.wait({watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
@@ -453,6 +506,7 @@ class Dispatcher:
         progress: ProgressBuffer,
         lease: Lease,
         started: float,
+        keeping: tuple[pool_pb2.Slot, _KeptSlot] | None = None,
     ) -> FinishedWork | grpc.aio.AioRpcError:
         try:
             async for reply in call:
@@ -462,7 +516,12 @@ class Dispatcher:
                 elif which == "delta":
                     progress.tokens(reply.delta.text, int(reply.delta.completion_tokens))
                 elif which == "done":
-                    self._answered(lease)  # the Pool freed its slot just before this
+                    if reply.done.slot_kept and keeping is not None:
+                        # Held for this loop's next request: it counts as a loop reserving,
+                        # so work queued meanwhile does not wake another loop to reserve.
+                        keeping[1].slot = keeping[0]
+                        self._reserving[False] += 1
+                    self._answered(lease)  # the Pool freed its slot (or kept it for this loop)
                     return _finished(lease, reply.done, time.monotonic() - started)
         except grpc.aio.AioRpcError as error:
             return error

@@ -515,3 +515,71 @@ async def test_a_caller_of_the_result_alone_gets_one_message(make_pool: Any) -> 
         events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
         assert [e.WhichOneof("event") for e in events] == ["done"]
         assert events[0].done.result.text and events[0].done.result.served_by_instance
+
+
+async def slots_held(redis_client: aioredis.Redis, model: str = MODEL) -> int:
+    held = 0
+    for instance in ("ollama-0",):
+        held += int(await redis_client.zcard(keys.InstanceKeys(instance).model_slots(model)))
+    return held
+
+
+async def test_a_kept_slot_runs_the_next_request_of_its_model_and_makes_way_for_others(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
+    async with (
+        EmulatorFleet([fast_emulator_config(models=small)]) as fleet,
+        make_pool(fleet.urls, parallel=1) as pool,
+    ):
+        # One slot on the instance for all its models.
+        registry = pool.app.registry
+        for state in registry.instances.values():
+            state.spec = state.spec.replace(max_loaded_models=1)
+        slot = await reserve(pool)
+        request = generate_request(slot)
+        request.keep_slot = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.slot_kept
+        assert await slots_held(redis_client) == 1  # still held, for the next request
+
+        # Reserved again with it: the same slot, at once (parallel=1: no other is free).
+        again = pool_pb2.ReserveRequest(models=[MODEL], holder="test", reuse_slot_id=slot.id)
+        again.wait.FromMilliseconds(0)
+        reply = await pool.stub.Reserve(again, metadata=SVC)
+        assert reply.slot.id == slot.id
+        request = generate_request(reply.slot)
+        request.keep_slot = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.slot_kept
+
+        # Another model waits for the instance's one slot: the kept one makes way for it.
+        other = asyncio.ensure_future(reserve(pool, "qwen2.5:0.5b", wait=2.0))
+        granted = await other
+        assert granted.model == "qwen2.5:0.5b"
+        assert await slots_held(redis_client) == 0
+        # Its holder asks for it again: it is gone, and a slot is reserved as usual.
+        again = pool_pb2.ReserveRequest(models=[MODEL], holder="test", reuse_slot_id=slot.id)
+        again.wait.FromMilliseconds(0)
+        reply = await pool.stub.Reserve(again, metadata=SVC)
+        assert reply.slot.id != slot.id
+        for held in (granted, reply.slot):
+            if held.id:
+                await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=held.id), metadata=SVC)
+
+
+async def test_a_kept_slot_released_by_its_holder_is_free(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        slot = await reserve(pool)
+        request = generate_request(slot)
+        request.keep_slot = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.slot_kept
+        await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=SVC)
+        assert await slots_held(redis_client) == 0
+        # Without keep_slot the answer frees it, as before.
+        events = await run(pool)
+        assert not events[-1].done.slot_kept
+        assert await slots_held(redis_client) == 0

@@ -315,10 +315,17 @@ class ReserveRequest(_message.Message):
     WAIT_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
+    REUSE_SLOT_ID_FIELD_NUMBER: _builtins.int
     holder: _builtins.str
     """Who will use the slot (a dispatcher id), for stats and debugging."""
     route: _request_pb2.Route.ValueType
     """ROUTE_EXTERNAL asks for the external provider instead of the local fleet."""
+    reuse_slot_id: _builtins.str
+    """A slot this caller kept after an answer (GenerationDone.slot_kept), to run another
+    request of its model: granted again at once, with no slot accounting, when its model
+    is the only one asked for, no Reserve for another model waits, and its instance still
+    takes work; otherwise released, and a slot reserved as usual.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Any of these models will do; the slot says which one was granted."""
@@ -334,10 +341,11 @@ class ReserveRequest(_message.Message):
         wait: _duration_pb2.Duration | None = ...,
         holder: _builtins.str = ...,
         route: _request_pb2.Route.ValueType = ...,
+        reuse_slot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "models", b"models", "route", b"route", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "models", b"models", "reuse_slot_id", b"reuse_slot_id", "route", b"route", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,6 +421,7 @@ class GenerateRequest(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    KEEP_SLOT_FIELD_NUMBER: _builtins.int
     slot_id: _builtins.str
     request_id: _builtins.str
     model: _builtins.str
@@ -420,6 +429,12 @@ class GenerateRequest(_message.Message):
     """W3C trace context to continue."""
     stream: _builtins.bool
     """Stream a started note and token deltas (false: only the final result, done)."""
+    keep_slot: _builtins.bool
+    """The caller has more requests of this model queued: after a successful answer the
+    slot may stay held for it (GenerationDone.slot_kept) instead of being released, until
+    it reserves again with ReserveRequest.reuse_slot_id or releases it. A kept slot is not
+    renewed: its lease frees it if the caller goes away.
+    """
     @_builtins.property
     def chat(self) -> _request_pb2.ChatInput: ...
     @_builtins.property
@@ -447,10 +462,11 @@ class GenerateRequest(_message.Message):
         traceparent: _builtins.str = ...,
         stream: _builtins.bool = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        keep_slot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "model", b"model", "options", b"options", "request_id", b"request_id", "slot_id", b"slot_id", "stream", b"stream", "timeout", b"timeout", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "keep_slot", b"keep_slot", "model", b"model", "options", b"options", "request_id", b"request_id", "slot_id", b"slot_id", "stream", b"stream", "timeout", b"timeout", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -519,6 +535,9 @@ class GenerationDone(_message.Message):
 
     RESULT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SLOT_KEPT_FIELD_NUMBER: _builtins.int
+    slot_kept: _builtins.bool
+    """The slot stays held for the caller (GenerateRequest.keep_slot was set)."""
     @_builtins.property
     def result(self) -> _request_pb2.RequestResult: ...
     @_builtins.property
@@ -528,10 +547,11 @@ class GenerationDone(_message.Message):
         *,
         result: _request_pb2.RequestResult | None = ...,
         usage: _request_pb2.Usage | None = ...,
+        slot_kept: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "slot_kept", b"slot_kept", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
