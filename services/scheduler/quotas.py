@@ -12,13 +12,17 @@ from importlib import resources
 from typing import cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from usher import keys
+from usher.batching import Coalescer
 from usher.keys import TenantKeys
 
 __all__ = ["Admission", "Footprint", "Limits", "Quotas", "StorageCharge"]
 
 CACHE_SECONDS = 1.0
+#: Most settles sent in one round trip.
+SETTLE_BATCH = 256
 #: A live-request entry lapses this long after its queue deadline, in case a removal was
 #: missed (the request ended through the reaper or a drain): a generous bound on run time.
 LIVE_GRACE_MS = 15 * 60_000
@@ -64,6 +68,20 @@ class Footprint:
 
 
 @dataclass(frozen=True, slots=True)
+class _Settle:
+    """One request's settle: its charge now (bytes, -1 = none) and when it lapses (ms)."""
+
+    tenant: str
+    request_id: str
+    size: int
+    lapses_ms: int
+
+
+def _settle_keys(tk: TenantKeys) -> list[str]:
+    return [tk.buckets, tk.live, tk.stored, tk.stored_bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     admitted: bool
     retry_after_seconds: float = 0.0
@@ -77,6 +95,7 @@ class Quotas:
         folder = resources.files("services.scheduler") / "lua"
         self._admit = client.register_script((folder / "admit.lua").read_text())
         self._settle_script = client.register_script((folder / "settle.lua").read_text())
+        self._settles: Coalescer[_Settle, None] = Coalescer(self._settle_many, SETTLE_BATCH)
         self._cache: dict[str, tuple[float, Limits]] = {}
 
     def stale(self, organization: str, user: str) -> bool:
@@ -142,31 +161,54 @@ class Quotas:
         """The request was never stored (it joined another, or the queue was full): free its
         slot, drop its storage charge, and give back the rate it was charged (when
         ``refund_cost`` is given: the caller has rate limits)."""
-        await self._settle(tenant, request_id, -1, 0, refund_cost)
+        tk = TenantKeys(tenant)
+        await self._settle_script(
+            keys=_settle_keys(tk),
+            args=[
+                int(time.time() * 1000),
+                0 if refund_cost is None else 1,
+                0 if refund_cost is None else repr(refund_cost),
+                request_id,
+                -1,
+                0,
+            ],
+        )
 
     async def settle(self, tenant: str, request_id: str, footprint: Footprint) -> None:
         """The request is no longer live (or its data changed): free its concurrency slot
-        and charge its storage at what it holds now, until its data expires."""
-        if footprint.bytes <= 0:
-            await self._settle(tenant, request_id, -1, 0, None)
-            return
-        await self._settle(tenant, request_id, footprint.bytes, footprint.expires_ms, None)
+        and charge its storage at what it holds now, until its data expires. Settles due
+        while one is under way go together: one script call per tenant among them, in one
+        round trip."""
+        size = footprint.bytes if footprint.bytes > 0 else -1
+        lapses = footprint.expires_ms if footprint.bytes > 0 else 0
+        await self._settles.submit(_Settle(tenant, request_id, size, lapses))
 
-    async def _settle(
-        self, tenant: str, request_id: str, size: int, lapses_ms: int, refund: float | None
-    ) -> None:
-        tk = TenantKeys(tenant)
-        await self._settle_script(
-            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes],
-            args=[
-                int(time.time() * 1000),
-                request_id,
-                size,
-                lapses_ms,
-                0 if refund is None else 1,
-                0 if refund is None else repr(refund),
-            ],
-        )
+    async def _settle_many(self, settles: list[_Settle]) -> list[BaseException | None]:
+        by_tenant: dict[str, list[_Settle]] = {}
+        for entry in settles:
+            by_tenant.setdefault(entry.tenant, []).append(entry)
+        now = int(time.time() * 1000)
+        calls = []
+        for tenant, entries in by_tenant.items():
+            args: list[str | int] = [now, 0, 0]
+            for entry in entries:
+                args += [entry.request_id, entry.size, entry.lapses_ms]
+            calls.append((_settle_keys(TenantKeys(tenant)), args))
+        if len(calls) == 1:  # one tenant: one command, no pipeline (the script reloads itself)
+            await self._settle_script(keys=calls[0][0], args=calls[0][1])
+        else:
+            for attempt in (1, 2):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for call_keys, args in calls:
+                        pipe.evalsha(self._settle_script.sha, len(call_keys), *call_keys, *args)
+                    try:
+                        await pipe.execute()
+                        break
+                    except NoScriptError:  # Redis restarted: loaded again, run again
+                        if attempt == 2:
+                            raise
+                await self.redis.script_load(self._settle_script.script)
+        return [None] * len(settles)
 
     async def stored_bytes(self, tenant: str) -> int:
         """Bytes charged to ``tenant`` now (for operators and tests)."""

@@ -1,42 +1,66 @@
--- A request of a tenant stopped being live, or its stored size changed (it ended and its
--- prompt was dropped, a result was kept): free its concurrency slot, charge its storage
--- at what it really holds, refund what admission took when nothing was stored at all.
+-- Requests of one tenant stopped being live, or their stored sizes changed (they ended and
+-- their prompts were dropped, results were kept): free their concurrency slots, charge
+-- their storage at what they hold now, refund what admission took when nothing was stored
+-- at all. Several requests in one call: a dispatcher's settles of the moment share it.
 -- KEYS[1] buckets (HASH), KEYS[2] live (ZSET), KEYS[3] storage charges (ZSET), KEYS[4] bytes
 -- (HASH, as admit.lua keeps it)
--- ARGV: 1 now ms, 2 request id, 3 bytes stored now (-1 = none: drop the charge),
---       4 when the charge lapses (ms; 0 = keep its current lapse),
---       5 requests to refund, 6 tokens to refund
-local id, bytes, lapse = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREM', KEYS[2], id)
-local stored = redis.call('HMGET', KEYS[4], id, 'total', 'next', 'until')
-local charged = stored[1]
-if charged then
-  local total = tonumber(stored[2] or '0')
-  if bytes < 0 then
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('HSET', KEYS[4], 'total', total - tonumber(charged))
-    redis.call('ZREM', KEYS[3], id)
-  else
-    local charge = {id, bytes, 'total', total + bytes - tonumber(charged)}
-    if lapse > 0 then
-      redis.call('ZADD', KEYS[3], lapse, id)
-      -- 'next' stays at or before the earliest lapse (admit.lua sweeps from it).
-      if lapse < tonumber(stored[3] or '0') then
-        charge[#charge + 1] = 'next'
-        charge[#charge + 1] = lapse
+-- ARGV: 1 now ms, 2 requests to refund, 3 tokens to refund, then for each request: its id,
+--       the bytes it stores now (-1 = none: drop the charge), when the charge lapses (ms;
+--       0 = keep its current lapse)
+local first, count = 4, math.floor((#ARGV - 3) / 3)
+local ids = {}
+for i = 0, count - 1 do ids[i + 1] = ARGV[first + 3 * i] end
+if count > 0 then
+  redis.call('ZREM', KEYS[2], unpack(ids))
+  local stored = redis.call('HMGET', KEYS[4], 'total', 'next', 'until', unpack(ids))
+  local total = tonumber(stored[1] or '0')
+  local next_lapse, expires = tonumber(stored[2] or '0'), tonumber(stored[3] or '0')
+  local charge, dropped, lapses = {}, {}, {}
+  local changed, moved_next, moved_until = false, false, false
+  for i = 1, count do
+    local charged = stored[3 + i]
+    if charged then
+      local id = ids[i]
+      local bytes, lapse = tonumber(ARGV[first + 3 * (i - 1) + 1]), tonumber(ARGV[first + 3 * (i - 1) + 2])
+      changed = true
+      if bytes < 0 then
+        total = total - tonumber(charged)
+        dropped[#dropped + 1] = id
+      else
+        total = total + bytes - tonumber(charged)
+        charge[#charge + 1] = id
+        charge[#charge + 1] = bytes
+        if lapse > 0 then
+          lapses[#lapses + 1] = lapse
+          lapses[#lapses + 1] = id
+          -- 'next' stays at or before the earliest lapse (admit.lua sweeps from it).
+          if lapse < next_lapse then next_lapse, moved_next = lapse, true end
+          if lapse > expires then expires, moved_until = lapse + 3600000, true end
+        end
       end
-      local expires = tonumber(stored[4] or '0')
-      if lapse > expires then
-        expires = lapse + 3600000
-        charge[#charge + 1] = 'until'
-        charge[#charge + 1] = expires
-        redis.call('PEXPIREAT', KEYS[3], expires)
-        redis.call('PEXPIREAT', KEYS[4], expires)
-      end
+    end
+  end
+  if changed then
+    if #dropped > 0 then
+      redis.call('HDEL', KEYS[4], unpack(dropped))
+      redis.call('ZREM', KEYS[3], unpack(dropped))
+    end
+    if #lapses > 0 then redis.call('ZADD', KEYS[3], unpack(lapses)) end
+    charge[#charge + 1] = 'total'
+    charge[#charge + 1] = total
+    if moved_next then
+      charge[#charge + 1] = 'next'
+      charge[#charge + 1] = next_lapse
+    end
+    if moved_until then
+      charge[#charge + 1] = 'until'
+      charge[#charge + 1] = expires
+      redis.call('PEXPIREAT', KEYS[3], expires)
+      redis.call('PEXPIREAT', KEYS[4], expires)
     end
     redis.call('HSET', KEYS[4], unpack(charge))
   end
 end
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBYFLOAT', KEYS[1], 'requests', ARGV[5]) end
-if tonumber(ARGV[6]) > 0 then redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', ARGV[6]) end
+if tonumber(ARGV[2]) > 0 then redis.call('HINCRBYFLOAT', KEYS[1], 'requests', ARGV[2]) end
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', ARGV[3]) end
 return 1
