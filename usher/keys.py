@@ -73,7 +73,8 @@ _MODEL_SUFFIXES = {
     # HASH of runtime-updatable limits (max_queue_size, queue_timeout_ms, ...).
     "config": "config",
     # HASH "vtime" → queue virtual time; "flow:<tenant>|<class>" → flow finish tag;
-    # "act:<flow>" → the flow's recent arrivals, for ETAs ("act_since": counted since, ms).
+    # "act:<flow>" → the flow's recent arrivals, for ETAs ("act_since": counted since, ms);
+    # "paused" → a copy of the config's paused flag (claim reads it with "vtime").
     "fairness": "fairness",
     # ZSET flow → when it last sent (ms): the flows an ETA expects to keep sending.
     "flows": "flows",

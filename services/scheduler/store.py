@@ -801,6 +801,8 @@ class QueueStore(QueueReader):
             mapping: dict[FieldT, EncodableT] = dict(changes.items())
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(ModelKeys(model).config, mapping=mapping)
+                if "paused" in changes:  # claim.lua reads its copy in the fairness hash
+                    pipe.hset(ModelKeys(model).fairness, "paused", changes["paused"])
                 pipe.sadd(keys.MODELS, model)
                 await pipe.execute()
         self._forget_model(model)

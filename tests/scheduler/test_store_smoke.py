@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
+from usher.keys import ModelKeys
 from usher.v1 import request_pb2
 
 
@@ -27,3 +28,19 @@ async def test_submit_claim_finish(store: QueueStore) -> None:
     )
     got = await store.get(req.id)
     assert got is not None and got.state == request_pb2.REQUEST_STATE_COMPLETED
+
+
+async def test_a_pause_holds_claims_whichever_hash_says_it(store: QueueStore) -> None:
+    """claim.lua reads the paused flag's copy in the fairness hash; a model whose copy is
+    missing (queued before it existed) is held by its config's flag."""
+    mk = ModelKeys("llama3.2")
+    await store.submit(new_request())
+    await store.set_paused("llama3.2", True)
+    assert await store.claim("llama3.2", "test") is None
+    await store.set_paused("llama3.2", False)
+    await store.redis.hset(mk.config, "paused", 1)  # written without its copy
+    await store.redis.hdel(mk.fairness, "paused")
+    assert await store.claim("llama3.2", "test") is None
+    await store.redis.hset(mk.config, "paused", 0)
+    lease = await store.claim("llama3.2", "test")
+    assert lease is not None and lease.event_id  # the claim names the event it wrote

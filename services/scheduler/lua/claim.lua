@@ -5,8 +5,12 @@
 -- Returns the claimed request hash as a flat field/value list, followed by 'claim_event_id'
 -- and the id of the event it wrote (not a field of the hash), or nil when the queue is empty.
 local source = KEYS[1]
--- An operator paused this model's dispatching (PauseQueue): nothing is claimed.
-if redis.call('HGET', K.config, 'paused') == '1' then return nil end
+-- An operator paused this model's dispatching (PauseQueue): nothing is claimed. The flag is
+-- read from its copy in the fairness hash, with the fair clock in one HMGET (a model not
+-- enqueued to since the copy existed has none yet: its config says).
+local fair = redis.call('HMGET', K.fairness, 'paused', 'vtime')
+local paused = fair[1] or redis.call('HGET', K.config, 'paused')
+if paused == '1' then return nil end
 -- The first request: its flow's answer freed this slot a moment ago and the dispatcher held
 -- it for the flow's next request (services/scheduler/anticipation.py). That flow had
 -- nothing queued and no more than its share of the slots in service, so serving it now
@@ -33,7 +37,7 @@ for _ = 1, 100 do
   local function get(name) return at[name] and fields[at[name]] end
   if tonumber(get('state')) == QUEUED then
     if ARGV[6] == '1' then
-      local vtime = tonumber(redis.call('HGET', K.fairness, 'vtime') or '0')
+      local vtime = tonumber(fair[2] or '0')
       local start = tonumber(get('start'))
       if start > vtime then redis.call('HSET', K.fairness, 'vtime', fmt(start)) end
     end

@@ -61,7 +61,8 @@ end
 
 local length = redis.call('ZCARD', K.queue)
 -- Each of the model's hashes is read once and written once below: this runs per request.
-local config = redis.call('HMGET', K.config, 'max_queue_size', 'max_attempts', 'queue_timeout_ms')
+local config = redis.call('HMGET', K.config, 'max_queue_size', 'max_attempts', 'queue_timeout_ms',
+  'paused')
 local limit = tonumber(config[1] or ARGV[10])
 if length >= limit then
   redis.call('HINCRBY', K.stats, 'rejected', 1)
@@ -70,7 +71,7 @@ end
 
 -- Start-time fair queuing (usher/queue/fairness.py: enqueue_tags).
 local fair = redis.call('HMGET', K.fairness, 'vtime', 'flow:' .. flow, 'act:' .. flow,
-  'act_since', 'seq')
+  'act_since', 'seq', 'paused')
 local vtime = tonumber(fair[1] or '0')
 local flow_finish = tonumber(fair[2] or '0')
 local start = math.max(vtime, flow_finish)
@@ -98,6 +99,13 @@ local fairness = {'flow:' .. flow, fmt(start + cost / weight), 'last:' .. flow, 
 if not fair[4] then
   fairness[#fairness + 1] = 'act_since'
   fairness[#fairness + 1] = NOW
+end
+-- claim.lua reads the paused flag from this hash: a copy of the config's, kept here by
+-- every change of it (store.py: update_config) and set here when missing.
+local paused = config[4] or '0'
+if fair[6] ~= paused then
+  fairness[#fairness + 1] = 'paused'
+  fairness[#fairness + 1] = paused
 end
 redis.call('HSET', K.fairness, unpack(fairness))
 -- The flows index picks flows by when they last sent, to within minutes (eta.py:
