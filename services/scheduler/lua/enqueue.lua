@@ -150,5 +150,7 @@ if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
 if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
 emit(id, 'queued', QUEUED)
 -- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
-return {'queued', id, redis.call('ZRANK', K.queue, member) + 1, length + 1, fmt(start),
+-- Its place: first in a queue that was empty (no ZRANK then).
+local position = length == 0 and 1 or redis.call('ZRANK', K.queue, member) + 1
+return {'queued', id, position, length + 1, fmt(start),
   tostring(max_attempts), tostring(timeout), revived, fmt(vtime), redis.call('ZCARD', K.leases)}
