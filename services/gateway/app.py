@@ -178,7 +178,10 @@ def _body_middleware(settings: GatewaySettings) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.body_exists:
             try:
-                await asyncio.wait_for(request.read(), settings.read_timeout_seconds)
+                if request.content.is_eof():
+                    await request.read()  # all of it arrived already: nothing to bound
+                else:
+                    await asyncio.wait_for(request.read(), settings.read_timeout_seconds)
             except TimeoutError:
                 error = GatewayError(
                     408,

@@ -50,13 +50,31 @@ Parser = Callable[[Mapping[str, Any]], Parsed]
 WatchHeaders = Callable[[request_pb2.LlmRequest], dict[str, str]]
 
 
-async def _disconnected(request: web.Request) -> None:
-    """Returns once the client's connection is gone."""
-    while True:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return
-        await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
+def _disconnected(request: web.Request) -> bool:
+    """Whether the client's connection is gone."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class _Departure:
+    """Cancels ``task`` once its client's connection is gone (``gone``), looked at by a
+    timer every _DISCONNECT_POLL_SECONDS: no task of its own per request."""
+
+    def __init__(self, request: web.Request, task: asyncio.Task[Any]) -> None:
+        self._request = request
+        self._task = task
+        self.gone = False
+        self._timer = task.get_loop().call_later(_DISCONNECT_POLL_SECONDS, self._look)
+
+    def _look(self) -> None:
+        if _disconnected(self._request):
+            self.gone = True
+            self._task.cancel()
+        else:
+            self._timer = self._task.get_loop().call_later(_DISCONNECT_POLL_SECONDS, self._look)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def caller_token(
@@ -168,26 +186,32 @@ class ApiRoutes:
     async def _guard(
         self, ex: Exchange, work: Coroutine[Any, Any, web.StreamResponse]
     ) -> web.StreamResponse:
-        """Run ``work``; if the client leaves first, stop it and cancel the request."""
-        task = asyncio.ensure_future(work)
-        gone = asyncio.ensure_future(_disconnected(ex.request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # aiohttp cancelled the handler: the client left
-            task.cancel()
+        """Run ``work``; if the client leaves first, stop it and cancel the request. It runs
+        in the handler's own task: the answer goes out as soon as it is ready, with no task
+        to start and no wait to wake."""
+        task = asyncio.current_task()
+        assert task is not None
+        if _disconnected(ex.request):
+            work.close()
             self._left(ex)
-            raise
-        finally:
-            gone.cancel()
-        if task.done():
-            try:
-                return task.result()
-            except ConnectionResetError:
+            return ex.response or web.Response(status=499)
+        departure = _Departure(ex.request, task)
+        try:
+            response = await work
+        except asyncio.CancelledError:
+            # The departure's cancel ends the work; any other (aiohttp cancelled the
+            # handler: the client left) ends the handler too.
+            if not departure.gone or task.uncancel() > 0:
                 self._left(ex)
-                return ex.response or web.Response(status=499)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-            await task
+                raise
+        except ConnectionResetError:
+            pass
+        else:
+            if not departure.gone:
+                return response
+            task.uncancel()  # the work ended despite the departure's cancel
+        finally:
+            departure.stop()
         self._left(ex)
         return ex.response or web.Response(status=499)
 
