@@ -134,6 +134,8 @@ class Dispatcher:
         self._running: dict[str, int] = {}
         #: Request id → event that wakes its heartbeat (set when its cancel is announced).
         self._cancel_nudges: dict[str, asyncio.Event] = {}
+        #: Requests whose heartbeat has a Redis call under way.
+        self._beating: set[str] = set()
         self._demand_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         #: Idle loops, local and external, each parked on a future. Work wakes one loop,
@@ -406,11 +408,12 @@ class Dispatcher:
         call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
         started = time.monotonic()
         ended = asyncio.Event()
-        watcher = asyncio.create_task(self._heartbeat(lease, ended))
         progress = ProgressBuffer(self.progress, lease, self.settings.token_flush_seconds)
+        # The runner first: the Generate starts at the next turn, before the heartbeat's setup.
         runner = asyncio.create_task(
             self._consume(call, progress, lease, started, (slot, kept) if kept else None)
         )
+        watcher = asyncio.create_task(self._heartbeat(lease, ended))
         drain = asyncio.create_task(self._drain_deadline())
         done, _ = await asyncio.wait({watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
@@ -420,7 +423,7 @@ class Dispatcher:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await runner
-            await _stop_heartbeat(watcher, ended)
+            await _stop_heartbeat(watcher, ended, lease.request.id in self._beating)
             await progress.close()  # to be run again from the start: partial output is moot
             await self.store.requeue(lease, "scheduler replica shutting down", count_attempt=False)
             return None
@@ -436,7 +439,7 @@ class Dispatcher:
             # An empty error lets the store record the reason given with the cancel.
             metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
             return await self.store.finish(lease, FinishedWork(state=CANCELLED))
-        await _stop_heartbeat(watcher, ended)
+        await _stop_heartbeat(watcher, ended, lease.request.id in self._beating)
         work_or_error = runner.result()
         pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
@@ -469,11 +472,16 @@ class Dispatcher:
             while not ended.is_set():
                 # Wake early when a cancel is announced; the flag read here decides.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(nudged.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await nudged.wait()
                 nudged.clear()
                 if ended.is_set():
                     break
-                verdict = await self.store.heartbeat(lease)
+                self._beating.add(lease.request.id)
+                try:
+                    verdict = await self.store.heartbeat(lease)
+                finally:
+                    self._beating.discard(lease.request.id)
                 if verdict != 0:
                     return _Cancelled(lost=verdict == -1)
             return None
@@ -681,15 +689,27 @@ class ProgressBuffer:
             )
 
 
-async def _stop_heartbeat(watcher: asyncio.Task[_Cancelled | None], ended: asyncio.Event) -> None:
+async def _stop_heartbeat(
+    watcher: asyncio.Task[_Cancelled | None], ended: asyncio.Event, beating: bool = True
+) -> None:
     """Stop a request's heartbeat. A cancel alone is not enough: one that lands while a
     Redis call inside is timing out or retrying can be swallowed, and the heartbeat would
     then hold the lease (and the request, never finished) for ever. The flag ends its loop
-    at the next turn whatever happens to the cancel, and this waits a bounded time."""
+    at the next turn whatever happens to the cancel, and this waits a bounded time for a
+    call under way (``beating``). One parked between beats makes no further call (the
+    flag): nothing to wait for, the usual case and on the answer's path."""
     ended.set()
     watcher.cancel()
+    if not beating:
+        watcher.add_done_callback(_retrieve)
+        return
     await asyncio.wait({watcher}, timeout=HEARTBEAT_STOP_SECONDS)
-    if watcher.done() and not watcher.cancelled():
+    if watcher.done():
+        _retrieve(watcher)
+
+
+def _retrieve(watcher: asyncio.Task[_Cancelled | None]) -> None:
+    if not watcher.cancelled():
         watcher.exception()  # retrieved: an outage it met needs no second report
 
 

@@ -9,6 +9,7 @@ between cannot leave a queued request that Get or List cannot find.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -929,12 +930,18 @@ class QueueStore(QueueReader):
         )
         if not isinstance(reply, list):
             return None
+        handed = False
         if self.on_written is not None:
             # The request is finished whatever a listener makes of its events.
             with contextlib.suppress(Exception):
                 written = _finish_written(lease, work, packed, now, reply)
                 if written is not None:
                     self.on_written(written)
+                    handed = True
+        if handed:
+            # A watcher handed them in this process (usher serve's gateway) runs first: the
+            # answer goes out before its writer's bookkeeping (metrics, quota settle).
+            await asyncio.sleep(0)
         # A request that failed for good stays (a dead letter) until an operator retries it.
         kept = work.state == request_pb2.REQUEST_STATE_FAILED
         expires = 0 if kept else now_ms() + self.defaults.result_ttl_seconds * 1000
