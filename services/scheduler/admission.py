@@ -264,15 +264,18 @@ def is_deterministic(options: request_pb2.GenerationOptions) -> bool:
 
 def fingerprint(submit: scheduler_pb2.SubmitRequest, scope: str) -> str:
     """Identity of a request's work (model, input, options, and how it may be served:
-    fallback policy, priority, deadline, queue timeout) within ``scope``, e.g. an org."""
+    fallback policy, priority, deadline, queue timeout, result only) within ``scope``, e.g.
+    an org."""
     # What the answer depends on, and what decides how and when it is served: a request
     # that may go external must not carry a local-only one along, nor a batch one an urgent
-    # one, nor a late deadline an early one.
+    # one, nor a late deadline an early one, nor a result-only one (no output written while
+    # it runs) a caller streaming the tokens.
     work = scheduler_pb2.SubmitRequest(
         model=submit.model,
         options=submit.options,
         fallback_policy=submit.fallback_policy,
         priority=submit.priority,
+        result_only=submit.result_only,
     )
     for name in ("deadline", "queue_timeout"):
         if submit.HasField(name):

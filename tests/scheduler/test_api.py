@@ -326,6 +326,10 @@ async def test_identical_deterministic_requests_share_one(scheduler: SchedulerCl
         scheduler, "bob", request=generate_submit(prompt="same", temperature=0.8)
     )
     assert not sampled.deduplicated
+    # A caller streaming the tokens does not share a result-only run (it writes no output).
+    whole = generate_submit(prompt="same", temperature=0)
+    whole.result_only = True
+    assert not (await submit(scheduler, "bob", request=whole)).deduplicated
     # bob leaving does not cancel alice's request.
     left = await scheduler.scheduler.Cancel(
         scheduler_pb2.CancelRequest(id=first.request.id), metadata=A("bob")
