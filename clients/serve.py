@@ -92,10 +92,9 @@ class ServeApp:
             pool=pool_pb2_grpc.PoolServiceStub(self.local.as_channel()),
         )
         self.notifier = NotifierApp(NotifierSettings.from_env(quiet))
-        # The events a dispatcher here writes (a request's output as it is written, its
-        # completion) reach the Notifier's watchers as soon as their script returns (no
-        # wait for the stream reader, no read of the record); the reader still reads the
-        # streams, for what other processes write and for anything not handed over.
+        # A completion's events reach the Notifier's watchers as soon as its script returns
+        # (no wait for the stream reader, no read of the record); the reader still reads
+        # the streams, for what other processes write and for anything not handed over.
         self.scheduler.store.on_written = self.notifier.fanout.hand_over
         for registration in (*self.scheduler.registrations, *self.notifier.registrations):
             registration.add(self.local.as_server())

@@ -77,11 +77,6 @@ MAX_HANDED = 16
 #: written by another process waits that long once).
 HANDED_TYPES = frozenset({"completed", "failed", "cancelled"})
 HAND_OVER_WAIT_SECONDS = 0.002
-#: Events handed over that change nothing but a request's output (no queue change, no
-#: record to read): the reader passes over its copies. At most MAX_HANDED_OUTPUT ids wait
-#: for the reader at once.
-OUTPUT_TYPES = frozenset({"tokens", "started"})
-MAX_HANDED_OUTPUT = 100_000
 #: Request ids are ULIDs: the queue member ends with one.
 _ID_LENGTH = 26
 
@@ -379,9 +374,6 @@ class Fanout:
         self._hands_over = False
         #: Set when a writer hands events over, for the reader waiting for them.
         self._handed_signal: asyncio.Future[None] | None = None
-        #: Ids of output events handed over to every watcher of their request: the reader
-        #: passes over its copies unread (dropped as it meets them).
-        self._handed_output: set[bytes] = set()
         self.delivered = 0
         self.positions_sent = 0
 
@@ -484,23 +476,10 @@ class Fanout:
             model = by_stream[stream.decode()]
             for entry_id, raw in entries:
                 self._last_ids[model] = entry_id.decode()
-                if self._handed_output and self._passed_over(raw):
-                    continue
                 events.append(Event(model, {k.decode(): v.decode() for k, v in raw.items()}))
         if events:
             await self.dispatch_batch(events)
         return len(events)
-
-    def _passed_over(self, raw: dict[bytes, bytes]) -> bool:
-        """Whether an entry is output every watcher of its request already has from the
-        hand-over (a watcher that joined since, still lacking it, gets it from here)."""
-        eid = raw.get(b"eid")
-        if eid is None or eid not in self._handed_output:
-            return False
-        self._handed_output.discard(eid)
-        group = self._groups.get(raw.get(b"id", b"").decode())
-        key = event_id_key(eid.decode())
-        return group is None or key is None or not _wanted_by(group, key)
 
     async def dispatch_batch(self, events: list[Event]) -> None:
         """Hand a batch of events out. A state change of a request with watchers here
@@ -679,10 +658,6 @@ class Fanout:
                 if subscriber.covered >= previous and subscriber.covered < key:
                     subscriber.offer(update)
                     self.delivered += 1
-            if fields.get("type") in OUTPUT_TYPES:
-                if len(self._handed_output) >= MAX_HANDED_OUTPUT:
-                    self._handed_output.clear()  # the reader delivers none twice anyway
-                self._handed_output.add(event_id.encode())
             if snapshot is not None:
                 group.stored = snapshot
                 group.queued = snapshot.state == QUEUED

@@ -186,49 +186,6 @@ def _as_text(value: str | int | float) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _packed_fields(
-    request_id: str, packed: Sequence[str | int | float], now: int
-) -> list[dict[str, str]]:
-    """Progress events packed for a script (``QueueStore._packed``) as the script writes
-    them to the streams, and as the model stream's reader reads them ('eid' aside)."""
-    base = {"id": request_id, "ts": str(now)}
-    written: list[dict[str, str]] = []
-    at = 0
-    while at < len(packed):
-        count = int(packed[at + 1])
-        fields = {"type": str(packed[at]), **base, "state": str(request_pb2.REQUEST_STATE_RUNNING)}
-        items = packed[at + 2 : at + 2 + count]
-        fields.update((str(n), _as_text(v)) for n, v in zip(items[::2], items[1::2], strict=True))
-        written.append(fields)
-        at += 2 + count
-    return written
-
-
-def _written(
-    lease: Lease,
-    after: Any,
-    ids: Sequence[Any],
-    written: Sequence[dict[str, str]],
-    result: bytes = b"",
-    usage: bytes = b"",
-) -> WrittenEvents | None:
-    """The events a script wrote, with the ids its reply names (None when they do not
-    match the events: nothing is handed over then, the reader brings them)."""
-    if len(written) != len(ids):
-        return None
-    events = tuple(
-        (event_id, {**fields, "eid": event_id})
-        for event_id, fields in zip((_text_of(i) for i in ids), written, strict=True)
-    )
-    return WrittenEvents(
-        lease.request.model, lease.request.id, _text_of(after), events, result, usage
-    )
-
-
-def _text_of(reply: Any) -> str:
-    return reply.decode() if isinstance(reply, bytes) else str(reply)
-
-
 def _finish_written(
     lease: Lease,
     work: FinishedWork,
@@ -241,10 +198,27 @@ def _finish_written(
     kind = _ENDED_TYPES.get(work.state)
     if kind is None or len(reply) < 4 or (not work.error and kind == "cancelled"):
         return None
-    written = _packed_fields(lease.request.id, packed, now)
-    base = {"id": lease.request.id, "ts": str(now)}
+    request_id = lease.request.id
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in reply[3]]
+    base = {"id": request_id, "ts": str(now)}
+    written: list[dict[str, str]] = []
+    at = 0
+    while at < len(packed):
+        count = int(packed[at + 1])
+        fields = {"type": str(packed[at]), **base, "state": str(request_pb2.REQUEST_STATE_RUNNING)}
+        items = packed[at + 2 : at + 2 + count]
+        fields.update((str(n), _as_text(v)) for n, v in zip(items[::2], items[1::2], strict=True))
+        written.append(fields)
+        at += 2 + count
     written.append({"type": kind, **base, "state": str(work.state), "error": work.error})
-    return _written(lease, reply[2], reply[3], written, work.result, work.usage)
+    if len(written) != len(ids):
+        return None
+    after = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+    events = tuple(
+        (event_id, {**fields, "eid": event_id})
+        for event_id, fields in zip(ids, written, strict=True)
+    )
+    return WrittenEvents(lease.request.model, request_id, after, events, work.result, work.usage)
 
 
 def completed_footprint(
@@ -974,48 +948,20 @@ class QueueStore(QueueReader):
         self, writes: Sequence[tuple[Lease, Sequence[ProgressEvent]]]
     ) -> list[bool]:
         """``progress_events`` for several running requests in one round trip (each False
-        when its lease was lost). With a listener (``on_written``), each request's events
-        are handed to it as the round trip returns."""
+        when its lease was lost)."""
         wanted = [(lease, events) for lease, events in writes if events]
-        listener = self.on_written
-        now = now_ms()
-        packs = [self._packed(lease, events) for lease, events in wanted]
 
         def build(pipe: Pipeline) -> None:
-            for (lease, _), packed in zip(wanted, packs, strict=True):
+            for lease, events in wanted:
                 self._queue_script(
                     pipe,
                     "progress",
                     lease.request.model,
-                    [lease.request.id, lease.token, "1" if listener else "0", *packed],
-                    now,
+                    [lease.request.id, lease.token, *self._packed(lease, events)],
                 )
 
-        replies = await self._execute(build) if wanted else []
-        if listener is not None:
-            for (lease, _), packed, reply in zip(wanted, packs, replies, strict=True):
-                self._hand_over(listener, lease, packed, now, reply)
-        held = iter(reply != -1 for reply in replies)
-        return [next(held) if events else True for _, events in writes]
-
-    @staticmethod
-    def _hand_over(
-        listener: Callable[[WrittenEvents], None],
-        lease: Lease,
-        packed: Sequence[str | int | float],
-        now: int,
-        reply: Any,
-    ) -> None:
-        """Progress a script just wrote, to the listener (the output is written whatever
-        a listener makes of it)."""
-        if not isinstance(reply, list) or len(reply) != 2:
-            return
-        with contextlib.suppress(Exception):
-            written = _written(
-                lease, reply[0], reply[1], _packed_fields(lease.request.id, packed, now)
-            )
-            if written is not None:
-                listener(written)
+        replies = iter(await self._execute(build) if wanted else [])
+        return [next(replies) != -1 if events else True for _, events in writes]
 
     def _packed(self, lease: Lease, events: Sequence[ProgressEvent]) -> list[str | int | float]:
         """Events as the scripts read them (emit_packed): type, item count, items."""

@@ -119,9 +119,8 @@ async def test_a_dropped_watch_resumes_without_gaps_or_repeats(clients: tuple) -
 
 
 async def test_live_output_and_its_replay_from_redis_agree(clients: tuple) -> None:  # type: ignore[type-arg]
-    """Output reaches a live watcher with the ids Redis keeps (usher serve hands it over in
-    process): in order, once each, and a watch resumed after any of them replays exactly
-    the events that followed."""
+    """Output reaches a live watcher with the ids Redis keeps: in order, once each, and a
+    watch resumed after any of them replays exactly the events that followed."""
     scheduler, notifier = clients
     submitted = await scheduler.Submit(
         generate("Stream a long answer " * 4), metadata=auth("alice")

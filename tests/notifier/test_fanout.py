@@ -10,7 +10,6 @@ import pytest
 from services.notifier.fanout import (
     SUBSCRIBER_BUFFER,
     AveragesCache,
-    Event,
     Fanout,
     PositionUpdate,
     Subscriber,
@@ -378,6 +377,30 @@ def test_only_events_that_say_all_they_changed_are_applied() -> None:
     assert after_event(running, {"type": "completed", "state": "3", "ts": "2"}) is None
 
 
+async def test_the_model_servers_start_is_shown_without_a_read(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A "started" note changes nothing in the record: its update shows the request as the
+    claim left it, with no read of the record."""
+    (stored,) = await _queued(store, 1)
+    fanout = Fanout(store)
+    await fanout.prime()
+    start = await store.open_watch(MODEL, stored.id, "0-0")
+    assert start is not None
+    watcher = fanout.subscribe(start.stored, start.tip)
+    reads = _count_reads(fanout, monkeypatch)
+    lease = await store.claim(MODEL, "test")
+    assert lease is not None
+    started: ProgressEvent = ("started", {"instance": "ollama-0", "served_model": MODEL})
+    assert await store.progress_events(lease, [started, ("tokens", {"text": "a", "tokens": 1})])
+    await _drain(fanout)
+    _, note, tokens = await _take(watcher)
+    assert isinstance(note, Update) and note.kind == notifier_pb2.UPDATE_KIND_RUNNING
+    assert note.snapshot is not None and note.snapshot.state == RUNNING
+    assert isinstance(tokens, Update) and tokens.fields["text"] == "a"
+    assert reads == []
+
+
 async def test_a_completion_handed_over_in_process_reaches_watchers_once_without_a_read(
     store: QueueStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -463,132 +486,6 @@ async def test_a_watcher_missing_earlier_events_gets_a_handed_one_from_the_reade
     kinds = [i.kind for i in await _take(behind) if isinstance(i, Update)]
     assert kinds == [notifier_pb2.UPDATE_KIND_RUNNING, notifier_pb2.UPDATE_KIND_COMPLETED]
     assert await _take(ahead) == []
-
-
-async def test_output_handed_over_in_process_reaches_watchers_once_in_order(
-    store: QueueStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """usher serve: a running request's output goes to its watchers as its progress script
-    returns, with the ids the stream holds, in order; the reader's copies are not offered
-    again and cost no read; a resume from a handed id gets the rest from Redis."""
-    (stored,) = await _queued(store, 1)
-    fanout = Fanout(store)
-    await fanout.prime()
-    store.on_written = fanout.hand_over
-    reads = _count_reads(fanout, monkeypatch)
-    start = await store.open_watch(MODEL, stored.id, "0-0")
-    assert start is not None
-    watcher = fanout.subscribe(start.stored, start.tip)
-    lease = await store.claim(MODEL, "test")
-    assert lease is not None
-    await _drain(fanout)
-    (running,) = await _take(watcher)
-    assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
-
-    # A watch opening now: it joins, reads the request, and is told what it read only
-    # after the output below was handed over (which it was not offered: it lacked a tip).
-    late = fanout.join(stored.id, MODEL)
-    late_start = await store.open_watch(MODEL, stored.id, "0-0")
-    assert late_start is not None
-
-    # Each write reaches the watcher before the reader runs.
-    started: ProgressEvent = ("started", {"instance": "ollama-0", "served_model": MODEL})
-    assert await store.progress_events(lease, [started, ("tokens", {"text": "Hel", "tokens": 1})])
-    first = await _take(watcher)
-    assert await store.progress_events(lease, [("tokens", {"text": "lo", "tokens": 2})])
-    second = await _take(watcher)
-    handed = [*first, *second]
-    assert [i.kind for i in handed if isinstance(i, Update)] == [
-        notifier_pb2.UPDATE_KIND_RUNNING,
-        notifier_pb2.UPDATE_KIND_PROGRESS,
-        notifier_pb2.UPDATE_KIND_PROGRESS,
-    ]
-    assert all(isinstance(i, Update) for i in handed)
-    updates = [i for i in handed if isinstance(i, Update)]
-    assert [u.fields.get("text") for u in updates[1:]] == ["Hel", "lo"]
-    # The "started" note changes nothing in the record: shown as it was, without a read.
-    assert updates[0].snapshot is not None and updates[0].snapshot.state == RUNNING
-    # Fields and ids as the reader would have read them from the model stream.
-    everything = await store.open_watch(MODEL, stored.id, "0-0")
-    assert everything is not None
-    assert [u.eid for u in [running, *updates] if isinstance(u, Update)] == [
-        e for e, _ in everything.events[1:]
-    ]
-    for update, (eid, fields) in zip(updates, everything.events[2:], strict=True):
-        assert update.fields == {**fields, "eid": eid}
-
-    fanout.opened(late, late_start.stored, late_start.tip)
-    await _drain(fanout)  # the reader brings the same events: nothing twice, nothing read
-    assert await _take(watcher) == [] and reads == []
-    # Except to the watcher whose read of the request came before the output.
-    assert [i.eid for i in await _take(late) if isinstance(i, Update)] == [u.eid for u in updates]
-    assert fanout.delivered == 7
-
-    # A watcher resuming after the first handed token gets what followed, from Redis.
-    rest = await store.open_watch(MODEL, stored.id, updates[1].eid)
-    assert rest is not None
-    assert [(e, f.get("text")) for e, f in rest.events] == [(updates[2].eid, "lo")]
-
-
-async def test_the_reader_passes_over_output_every_watcher_has_from_the_hand_over(
-    store: QueueStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (stored,) = await _queued(store, 1)
-    fanout = Fanout(store)
-    await fanout.prime()
-    store.on_written = fanout.hand_over
-    start = await store.open_watch(MODEL, stored.id, "0-0")
-    assert start is not None
-    watcher = fanout.subscribe(start.stored, start.tip)
-    lease = await store.claim(MODEL, "test")
-    assert lease is not None
-    await _drain(fanout)
-    (running,) = await _take(watcher)
-    assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
-    read: list[str] = []
-    original = fanout.dispatch_batch
-
-    async def recording(events: list[Event]) -> None:
-        read.extend(e.type for e in events)
-        await original(events)
-
-    monkeypatch.setattr(fanout, "dispatch_batch", recording)
-    for n in range(3):
-        assert await store.progress_events(lease, [("tokens", {"text": str(n), "tokens": n})])
-    await store.finish(lease, FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED))
-    got = [i for i in await _take(watcher) if isinstance(i, Update)]
-    assert [i.fields.get("text") for i in got] == ["0", "1", "2", None]
-    await _drain(fanout)
-    # The completion is still read (it moves the queue: positions), the output is not.
-    assert read == ["completed"]
-    assert await _take(watcher) == []
-
-
-async def test_output_handed_over_before_the_reader_brought_the_claim_waits_for_it(
-    store: QueueStore,
-) -> None:
-    """A watcher lacking an earlier event (the claim) gets the handed output only after
-    it, in order: the reader brings all of them."""
-    (stored,) = await _queued(store, 1)
-    fanout = Fanout(store)
-    await fanout.prime()
-    store.on_written = fanout.hand_over
-    start = await store.open_watch(MODEL, stored.id, "0-0")
-    assert start is not None
-    watcher = fanout.subscribe(start.stored, start.tip)
-    lease = await store.claim(MODEL, "test")
-    assert lease is not None
-    assert await store.progress_events(lease, [("tokens", {"text": "a", "tokens": 1})])
-    assert await store.progress_events(lease, [("tokens", {"text": "b", "tokens": 2})])
-    assert watcher.pending == 0
-    await _drain(fanout)
-    got = [i for i in await _take(watcher) if isinstance(i, Update)]
-    assert [(i.kind, i.fields.get("text")) for i in got] == [
-        (notifier_pb2.UPDATE_KIND_RUNNING, None),
-        (notifier_pb2.UPDATE_KIND_PROGRESS, "a"),
-        (notifier_pb2.UPDATE_KIND_PROGRESS, "b"),
-    ]
-    assert len({i.eid for i in got}) == 3
 
 
 async def test_a_listener_that_fails_does_not_fail_the_completion(store: QueueStore) -> None:

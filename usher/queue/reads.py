@@ -156,13 +156,10 @@ class QueueReader:
         stamp = now_ms() if now is None else now
         return await self._scripts[name](keys=[mk.queue], args=[mk.base, stamp, *args])
 
-    def _queue_script(
-        self, pipe: Pipeline, name: str, model: str, args: Sequence[Any], now: int | None = None
-    ) -> None:
+    def _queue_script(self, pipe: Pipeline, name: str, model: str, args: Sequence[Any]) -> None:
         """Add a script call to a pipeline by SHA (no per-call SCRIPT EXISTS round trip)."""
         mk = ModelKeys(model)
-        stamp = now_ms() if now is None else now
-        pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, stamp, *args)
+        pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
 
     async def _execute(self, build: Callable[[Pipeline], None]) -> list[Any]:
         """Run a pipeline; if Redis lost its script cache (a restart), load and run it again.
