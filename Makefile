@@ -10,6 +10,11 @@ PYTHON  ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
              command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; \
            done)
 HASH    := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+# llama-cpp-python compiles llama.cpp on install: a portable build, not one for every feature
+# of this CPU. A native build uses AMX where the CPU has it, and where the kernel (or a
+# sandbox) does not give the process AMX state it crashes (SIGSEGV) on any prompt longer
+# than one token. pip caches the wheel it builds, so this applies to the first build.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 RUN     := $(VENV)/.run-$(HASH)
 DEV     := $(VENV)/.dev-$(HASH)
 LLAMA   := $(VENV)/.llamacpp-$(HASH)
