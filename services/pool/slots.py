@@ -19,11 +19,11 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
 
 from usher.batching import Coalescer
 from usher.keys import InstanceKeys
 from usher.logs import get_logger
+from usher.scripts import ScriptCall, run_script_calls
 
 __all__ = ["SlotGrant", "SlotStore", "SlotUsage"]
 
@@ -263,32 +263,11 @@ class SlotStore:
             self._call("release", call.keys, [call.args[2]])
 
     async def _execute(self, calls: Sequence[_Call]) -> list[Any]:
-        """The calls' replies (an error in place of a call that failed), in one pipeline;
-        calls Redis no longer has the script of (a restart) are made again after loading it."""
-        if len(calls) == 1:  # alone: one command, no pipeline (the script reloads itself)
-            call = calls[0]
-            try:
-                return [await self._scripts[call.script](keys=call.keys, args=call.args)]
-            except ResponseError as error:  # this call's own failure, as in a pipeline
-                return [error]
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    call = calls[i]
-                    pipe.evalsha(
-                        self._scripts[call.script].sha, len(call.keys), *call.keys, *call.args
-                    )
-                got = await pipe.execute(raise_on_error=False)
-            for i, reply in zip(todo, got, strict=True):
-                replies[i] = reply
-            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-            if not todo or attempt == 2:
-                break
-            for script in self._scripts.values():
-                await self.redis.script_load(script.script)
-        return replies
+        """The calls' replies (an error in place of a call that failed), in one pipeline."""
+        return await run_script_calls(
+            self.redis,
+            [ScriptCall(self._scripts[call.script], call.keys, call.args) for call in calls],
+        )
 
     async def lookup(self, slot_id: str) -> SlotGrant | None:
         """The grant of a slot that is still held (None when it expired, was released, or

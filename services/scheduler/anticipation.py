@@ -150,7 +150,7 @@ class Anticipation:
         flows = self._running.setdefault(model, {})
         flows.setdefault(flow, set()).add(request_id)
         now = _now()
-        running = sum(len(ids) for ids in flows.values())
+        running = self.running(model)
         peak, since = self._peak.get(model, (0, now))
         if running >= peak or now - since > PEAK_SECONDS:
             self._peak[model] = (running, now)
@@ -171,6 +171,10 @@ class Anticipation:
         if not flows:
             self._running.pop(model, None)
 
+    def running(self, model: str) -> int:
+        """Requests of ``model`` claimed here and not ended yet."""
+        return sum(len(ids) for ids in self._running.get(model, {}).values())
+
     def answered(self, model: str, flow: str, request_id: str, others_queued: bool) -> None:
         """A request's answer is done (its slot is freed now): hold the next slot granted
         for ``model`` for its flow, when ``idle_seconds`` says so."""
@@ -188,7 +192,7 @@ class Anticipation:
             higher_class_queued=any(flow_class(other) < klass for other in waiting),
             flow_running=len(mine | {request_id}),
             model_running=max(
-                sum(len(ids) for ids in running.values()) + (request_id not in mine),
+                self.running(model) + (request_id not in mine),
                 self._peak.get(model, (0, now))[0],
             ),
             flows_active=len(running.keys() | waiting.keys() | {flow}),

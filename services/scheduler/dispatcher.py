@@ -130,8 +130,6 @@ class Dispatcher:
         #: Loops reserving a slot and claiming now, local and external: never more than
         #: there is work.
         self._reserving = {False: 0, True: 0}
-        #: Requests of each model running here now.
-        self._running: dict[str, int] = {}
         #: Request id → event that wakes its heartbeat (set when its cancel is announced).
         self._cancel_nudges: dict[str, asyncio.Event] = {}
         #: Requests whose heartbeat has a Redis call under way.
@@ -299,11 +297,9 @@ class Dispatcher:
                 "usher.instance": slot.instance,
             },
         ):
-            self._running[slot.model] = self._running.get(slot.model, 0) + 1
             try:
                 footprint = await self.run_request(lease, slot, kept)
             finally:
-                self._running[slot.model] -= 1
                 self._anticipation.ended(slot.model, _flow(lease), lease.request.id)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
         # (a requeued request is charged again only if it is resubmitted, never twice), and
@@ -373,7 +369,9 @@ class Dispatcher:
         return (
             slot.route == request_pb2.ROUTE_LOCAL
             and not self._stop.is_set()
-            and (self._demand[0].get(slot.model, 0) > 0 or self._running.get(slot.model, 0) > 1)
+            and (
+                self._demand[0].get(slot.model, 0) > 0 or self._anticipation.running(slot.model) > 1
+            )
         )
 
     async def run_request(

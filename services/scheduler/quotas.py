@@ -12,11 +12,11 @@ from importlib import resources
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from usher import keys
 from usher.batching import Coalescer
 from usher.keys import TenantKeys
+from usher.scripts import ScriptCall, run_script_calls
 
 __all__ = ["Admission", "Footprint", "Limits", "Quotas", "StorageCharge"]
 
@@ -193,21 +193,10 @@ class Quotas:
             args: list[str | int] = [now, 0, 0]
             for entry in entries:
                 args += [entry.request_id, entry.size, entry.lapses_ms]
-            calls.append((_settle_keys(TenantKeys(tenant)), args))
-        if len(calls) == 1:  # one tenant: one command, no pipeline (the script reloads itself)
-            await self._settle_script(keys=calls[0][0], args=calls[0][1])
-        else:
-            for attempt in (1, 2):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for call_keys, args in calls:
-                        pipe.evalsha(self._settle_script.sha, len(call_keys), *call_keys, *args)
-                    try:
-                        await pipe.execute()
-                        break
-                    except NoScriptError:  # Redis restarted: loaded again, run again
-                        if attempt == 2:
-                            raise
-                await self.redis.script_load(self._settle_script.script)
+            calls.append(ScriptCall(self._settle_script, _settle_keys(TenantKeys(tenant)), args))
+        for reply in await run_script_calls(self.redis, calls):
+            if isinstance(reply, BaseException):
+                raise reply
         return [None] * len(settles)
 
     async def stored_bytes(self, tenant: str) -> int:

@@ -27,11 +27,12 @@ from redis.typing import EncodableT, FieldT
 
 from services.scheduler.quotas import Footprint
 from usher import keys
-from usher.background import Background
+from usher.batching import Coalescer
 from usher.connections import is_cluster
 from usher.crypto import NullSealer
 from usher.errors import Unavailable
 from usher.keys import ModelKeys
+from usher.logs import get_logger
 from usher.queue import eta, fairness
 from usher.queue.eta import SERVICE_ALPHA, ModelAverages
 from usher.queue.reads import QueueReader, now_ms
@@ -85,6 +86,10 @@ MODEL_SET_SECONDS = 10.0
 #: A caller's listing is trimmed to TENANT_LISTING_MAX on about one submit in this many
 #: (it may run over by a few entries between trims).
 LISTING_TRIM_EVERY = 16
+#: Promised waits written in one pipeline at most.
+PROMISE_BATCH = 256
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +177,12 @@ class FinishedWork:
     service_ms: float = 0.0
     tokens_per_second: float = 0.0
     output_tokens: int = 0
+
+
+def _unwritten(written: asyncio.Future[None]) -> None:
+    """A promised wait that could not be written goes unmeasured: noted, not raised."""
+    if not written.cancelled() and (error := written.exception()) is not None:
+        log.warning("promised wait not written", error=str(error))
 
 
 _ENDED_TYPES: dict[int, str] = {
@@ -326,10 +337,10 @@ class QueueStore(QueueReader):
         #: model → (read until, config) and (read until, averages, slots): CACHE_SECONDS.
         self._configs: dict[str, tuple[float, ModelConfig]] = {}
         self._slow_averages: dict[str, tuple[float, ModelAverages, int]] = {}
-        #: Promised waits not yet written (remember_promised_wait), and whether a write runs.
-        self._promises: list[tuple[str, str, int]] = []
-        self._writing_promises = False
-        self._background = Background()
+        #: Promised waits on their way to Redis (remember_promised_wait).
+        self._promises: Coalescer[tuple[str, str, int], None] = Coalescer(
+            self._write_promises, PROMISE_BATCH
+        )
 
     def _queue_wait(self, pipe: Pipeline, model: str) -> None:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
@@ -648,21 +659,14 @@ class QueueStore(QueueReader):
         wait for it, and those promised while a write is under way go together in the next
         pipeline, not a round trip each. A request claimed before its promise is written
         goes unmeasured."""
-        self._promises.append((model, request_id, wait_ms))
-        if not self._writing_promises:
-            self._writing_promises = True
-            self._background.spawn(self._write_promises())
+        self._promises.submit((model, request_id, wait_ms)).add_done_callback(_unwritten)
 
-    async def _write_promises(self) -> None:
-        try:
-            while self._promises:
-                batch, self._promises = self._promises, []
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for model, request_id, wait_ms in batch:
-                        pipe.hset(ModelKeys(model).request(request_id), "promised_wait_ms", wait_ms)
-                    await pipe.execute()
-        finally:
-            self._writing_promises = False
+    async def _write_promises(self, batch: list[tuple[str, str, int]]) -> list[None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model, request_id, wait_ms in batch:
+                pipe.hset(ModelKeys(model).request(request_id), "promised_wait_ms", wait_ms)
+            await pipe.execute()
+        return [None] * len(batch)
 
     async def list_for(
         self, tenant: str, offset: int, limit: int
