@@ -117,13 +117,15 @@ async def test_concurrent_calls_share_pipelines_and_keep_the_limits(
 async def test_held_slots_are_renewed_by_one_loop_until_released(
     redis_client: aioredis.Redis,
 ) -> None:
-    store = SlotStore(redis_client, lease_ms=90)
+    # A lease long enough that a loaded machine's scheduling stalls (tens of ms) don't
+    # outlast the two thirds of it left when a renewal is due.
+    store = SlotStore(redis_client, lease_ms=300)
     stop = asyncio.Event()
     renewing = asyncio.create_task(store.keep_held(stop))
     grant = await store.try_reserve("gpu-1", "a", 1, 0, "d", 1)
     assert grant is not None
     store.hold(grant)
-    await asyncio.sleep(0.3)  # three leases: renewed all along
+    await asyncio.sleep(0.9)  # three leases: renewed all along
     assert await store.lookup(grant.id) == grant
     assert await store.release(grant)
     stop.set()
