@@ -100,7 +100,7 @@ async def test_requests_ended_without_running_keep_no_payload(
         )
         for request_id in (cancelled, drained, expired):
             record = mk.request(request_id)
-            assert not await redis_client.hexists(record, "payload"), request_id
+            assert not await redis_client.hget(record, "payload"), request_id  # emptied
             assert await redis_client.hget(record, "state") is not None  # metadata stays
             assert await redis_client.ttl(record) > 0
             assert (await redis_client.memory_usage(record) or 0) < 4_000

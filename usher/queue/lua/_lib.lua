@@ -96,17 +96,18 @@ end
 -- when it has no owners set to expire (has_owners_set).
 local function finish(id, rk, state, reason, ttl, known)
   known = known or {}
-  local fields = {'state', state, 'finished_ms', NOW, 'error', reason or ''}
+  -- The lease is emptied, not deleted (one HSET, no HDEL: readers take '' for absent), and
+  -- so is the prompt, which is not needed once a request ends (it may be megabytes of
+  -- images): only the metadata and result stay for the result TTL. A failed request keeps
+  -- it, as a dead letter may be retried.
+  local fields = {'state', state, 'finished_ms', NOW, 'error', reason or '', 'lease_token', '',
+    'lease_owner', ''}
+  if state ~= FAILED then
+    fields[#fields + 1] = 'payload'
+    fields[#fields + 1] = ''
+  end
   for _, value in ipairs(known.fields or {}) do fields[#fields + 1] = value end
   redis.call('HSET', rk, unpack(fields))
-  -- The prompt is not needed once a request ends (it may be megabytes of images): only the
-  -- metadata and result stay for the result TTL. A failed request keeps it, as a dead
-  -- letter may be retried.
-  if state ~= FAILED then
-    redis.call('HDEL', rk, 'lease_token', 'lease_owner', 'payload')
-  else
-    redis.call('HDEL', rk, 'lease_token', 'lease_owner')
-  end
   redis.call('ZREM', K.leases, id)
   if not known.running then redis.call('ZREM', K.deadlines, id) end
   local fp = known.dedup
