@@ -118,6 +118,14 @@ class Quotas:
         self._cache[tenant] = (now + CACHE_SECONDS, limits)
         return limits
 
+    def _may_hold_live(self, tenant: str) -> bool:
+        """Whether the tenant's requests may have entries in its live set: unless its limits,
+        read within CACHE_SECONDS, have no concurrency quota (then admit.lua added none and
+        a settle needs no ZREM). An entry added under a quota that was lifted since stays
+        until it lapses (LIVE_GRACE_MS past its deadline), as a missed removal does."""
+        cached = self._cache.get(tenant)
+        return cached is None or cached[0] <= time.monotonic() or cached[1].max_concurrent > 0
+
     async def set_limits(self, organization: str, user: str, limits: Limits) -> None:
         await self.redis.hset(
             keys.TENANT_LIMITS, keys.tenant_id(organization, user), json.dumps(asdict(limits))
@@ -168,6 +176,7 @@ class Quotas:
                 int(time.time() * 1000),
                 0 if refund_cost is None else 1,
                 0 if refund_cost is None else repr(refund_cost),
+                1 if self._may_hold_live(tenant) else 0,
                 request_id,
                 -1,
                 0,
@@ -190,7 +199,7 @@ class Quotas:
         now = int(time.time() * 1000)
         calls = []
         for tenant, entries in by_tenant.items():
-            args: list[str | int] = [now, 0, 0]
+            args: list[str | int] = [now, 0, 0, 1 if self._may_hold_live(tenant) else 0]
             for entry in entries:
                 args += [entry.request_id, entry.size, entry.lapses_ms]
             calls.append(ScriptCall(self._settle_script, _settle_keys(TenantKeys(tenant)), args))

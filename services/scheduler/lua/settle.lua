@@ -4,14 +4,15 @@
 -- at all. Several requests in one call: a dispatcher's settles of the moment share it.
 -- KEYS[1] buckets (HASH), KEYS[2] live (ZSET), KEYS[3] storage charges (ZSET), KEYS[4] bytes
 -- (HASH, as admit.lua keeps it)
--- ARGV: 1 now ms, 2 requests to refund, 3 tokens to refund, then for each request: its id,
---       the bytes it stores now (-1 = none: drop the charge), when the charge lapses (ms;
---       0 = keep its current lapse)
-local first, count = 4, math.floor((#ARGV - 3) / 3)
+-- ARGV: 1 now ms, 2 requests to refund, 3 tokens to refund, 4 whether they may hold live
+--       entries (1/0: 0 when the tenant had no concurrency quota, so admit.lua added none),
+--       then for each request: its id, the bytes it stores now (-1 = none: drop the charge),
+--       when the charge lapses (ms; 0 = keep its current lapse)
+local first, count = 5, math.floor((#ARGV - 4) / 3)
 local ids = {}
 for i = 0, count - 1 do ids[i + 1] = ARGV[first + 3 * i] end
 if count > 0 then
-  redis.call('ZREM', KEYS[2], unpack(ids))
+  if ARGV[4] ~= '0' then redis.call('ZREM', KEYS[2], unpack(ids)) end
   local stored = redis.call('HMGET', KEYS[4], 'total', 'next', 'until', unpack(ids))
   local total = tonumber(stored[1] or '0')
   local next_lapse, expires = tonumber(stored[2] or '0'), tonumber(stored[3] or '0')
