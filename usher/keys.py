@@ -74,7 +74,9 @@ _MODEL_SUFFIXES = {
     "config": "config",
     # HASH "vtime" → queue virtual time; "flow:<tenant>|<class>" → flow finish tag;
     # "act:<flow>" → the flow's recent arrivals, for ETAs ("act_since": counted since, ms);
-    # "paused" → a copy of the config's paused flag (claim reads it with "vtime").
+    # "paused" → a copy of the config's paused flag (claim reads it with "vtime");
+    # "config:<name>" → copies of the config's queue size, attempts and queue timeout, and
+    # "config" → "1" once they are there (enqueue reads them with the fair tags).
     "fairness": "fairness",
     # ZSET flow → when it last sent (ms): the flows an ETA expects to keep sending.
     "flows": "flows",

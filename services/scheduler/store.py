@@ -286,6 +286,10 @@ class ReapCounts:
     back_in_line: int = 0
 
 
+#: Config fields the scripts read from their copies in the fairness hash ("paused" as
+#: itself, the others as "config:<name>").
+COPIED_CONFIG = frozenset({"paused", "max_queue_size", "max_attempts", "queue_timeout_ms"})
+
 #: The counters ResetQueueStats zeroes (every other field of a model's stats is an average).
 RESETTABLE_COUNTERS = (
     "completed",
@@ -778,10 +782,16 @@ class QueueStore(QueueReader):
     async def update_config(self, model: str, changes: dict[str, int]) -> ModelConfig:
         if changes:
             mapping: dict[FieldT, EncodableT] = dict(changes.items())
+            # enqueue.lua and claim.lua read their copies in the fairness hash.
+            copies: dict[FieldT, EncodableT] = {
+                (name if name == "paused" else f"config:{name}"): value
+                for name, value in changes.items()
+                if name in COPIED_CONFIG
+            }
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(ModelKeys(model).config, mapping=mapping)
-                if "paused" in changes:  # claim.lua reads its copy in the fairness hash
-                    pipe.hset(ModelKeys(model).fairness, "paused", changes["paused"])
+                if copies:
+                    pipe.hset(ModelKeys(model).fairness, mapping=copies)
                 pipe.sadd(keys.MODELS, model)
                 await pipe.execute()
         self._forget_model(model)

@@ -44,3 +44,28 @@ async def test_a_pause_holds_claims_whichever_hash_says_it(store: QueueStore) ->
     await store.redis.hset(mk.config, "paused", 0)
     lease = await store.claim("llama3.2", "test")
     assert lease is not None and lease.event_id  # the claim names the event it wrote
+
+
+async def test_enqueue_reads_the_config_from_its_copies_and_makes_them_when_missing(
+    store: QueueStore,
+) -> None:
+    """enqueue.lua reads the config's copies in the fairness hash (no read of the config
+    itself); a model whose copies are missing (configured before they existed) has its
+    config read and copied, and every change through update_config reaches the copies."""
+    mk = ModelKeys("llama3.2")
+    await store.redis.hset(mk.config, mapping={"max_queue_size": 2, "max_attempts": 5})
+    first = await store.submit(new_request())  # no copies yet: the config is read
+    assert first.status == "queued" and first.request is not None
+    assert first.request.max_attempts == 5
+    copies = await store.redis.hmget(
+        mk.fairness, ["config", "config:max_queue_size", "config:max_attempts"]
+    )
+    assert copies == [b"1", b"2", b"5"]
+    await store.update_config("llama3.2", {"max_queue_size": 1, "queue_timeout_ms": 9000})
+    assert (await store.submit(new_request())).status == "full"
+    await store.update_config("llama3.2", {"max_queue_size": 3})
+    second = await store.submit(new_request())
+    assert second.request is not None and second.request.queue_timeout_ms == 9000
+    await store.set_paused("llama3.2", True)
+    assert (await store.submit(new_request())).status == "queued"
+    assert await store.claim("llama3.2", "test") is None  # paused, its copy kept

@@ -60,9 +60,21 @@ if existing > 0 and redis.call('EXISTS', RETIRED) == 1 then
 end
 
 local length = redis.call('ZCARD', K.queue)
--- Each of the model's hashes is read once and written once below: this runs per request.
-local config = redis.call('HMGET', K.config, 'max_queue_size', 'max_attempts', 'queue_timeout_ms',
-  'paused')
+-- The fairness hash is read once and written once below: this runs per request. It holds
+-- copies of the config's fields read here ('config' = '1' once they are there: an absent
+-- copy is then an unset field), kept by every change of the config (store.py:
+-- update_config); until then the config itself is read, and the copies made.
+local fair = redis.call('HMGET', K.fairness, 'vtime', 'flow:' .. flow, 'act:' .. flow,
+  'act_since', 'seq', 'paused', 'config', 'config:max_queue_size', 'config:max_attempts',
+  'config:queue_timeout_ms')
+local copied = fair[7] == '1' and fair[6] ~= false
+local config
+if copied then
+  config = {fair[8], fair[9], fair[10], fair[6]}
+else
+  config = redis.call('HMGET', K.config, 'max_queue_size', 'max_attempts', 'queue_timeout_ms',
+    'paused')
+end
 local limit = tonumber(config[1] or ARGV[10])
 if length >= limit then
   redis.call('HINCRBY', K.stats, 'rejected', 1)
@@ -70,8 +82,6 @@ if length >= limit then
 end
 
 -- Start-time fair queuing (usher/queue/fairness.py: enqueue_tags).
-local fair = redis.call('HMGET', K.fairness, 'vtime', 'flow:' .. flow, 'act:' .. flow,
-  'act_since', 'seq', 'paused')
 local vtime = tonumber(fair[1] or '0')
 local flow_finish = tonumber(fair[2] or '0')
 local start = math.max(vtime, flow_finish)
@@ -106,6 +116,17 @@ local paused = config[4] or '0'
 if fair[6] ~= paused then
   fairness[#fairness + 1] = 'paused'
   fairness[#fairness + 1] = paused
+end
+if not copied then
+  local names = {'config:max_queue_size', 'config:max_attempts', 'config:queue_timeout_ms'}
+  for i, name in ipairs(names) do
+    if config[i] then
+      fairness[#fairness + 1] = name
+      fairness[#fairness + 1] = config[i]
+    end
+  end
+  fairness[#fairness + 1] = 'config'
+  fairness[#fairness + 1] = '1'
 end
 redis.call('HSET', K.fairness, unpack(fairness))
 -- The flows index picks flows by when they last sent, to within minutes (eta.py:
