@@ -76,11 +76,16 @@ _MODEL_SUFFIXES = {
     # "act:<flow>" → the flow's recent arrivals, for ETAs ("act_since": counted since, ms);
     # "paused" → a copy of the config's paused flag (claim reads it with "vtime");
     # "config:<name>" → copies of the config's queue size, attempts and queue timeout, and
-    # "config" → "1" once they are there (enqueue reads them with the fair tags).
+    # "config" → "1" once they are there (enqueue reads them with the fair tags);
+    # the figures of completed work (usher/queue/records.py: COMPLETION_COUNTERS and
+    # COMPLETION_AVERAGES), and "figures" → "1" once they moved here from "stats"
+    # (complete.lua reads and writes them with the flow's tags).
     "fairness": "fairness",
     # ZSET flow → when it last sent (ms): the flows an ETA expects to keep sending.
     "flows": "flows",
-    # HASH of counters and moving averages.
+    # HASH of the other counters (expired, rejected, deduplicated, and outcomes a script
+    # other than complete.lua records), and the figures as they were before they moved to
+    # "fairness".
     "stats": "stats",
     # STRING arrival counter.
     "sequence": "seq",

@@ -121,7 +121,8 @@ class PoolStats:
                 pipe.hgetall(keys.pool_model_stats(model))
                 pipe.zcard(mk.queue)
                 pipe.hgetall(mk.stats)
-                pool_raw, queued, scheduler_raw = await pipe.execute()
+                pipe.hget(mk.fairness, "wait_ms")  # where complete.lua keeps it now
+                pool_raw, queued, scheduler_raw, wait_ms = await pipe.execute()
             usage = await slots.usage([s.id for s in instances], model)
             serving = [
                 s for s in instances if s.healthy and s.serves(model) and not s.spec.external
@@ -142,6 +143,7 @@ class PoolStats:
                 loads=int(_float(pool_raw, "loads")),
             )
             stats.avg_processing.CopyFrom(duration_from_seconds(_float(pool_raw, "processing_s")))
-            stats.avg_wait.CopyFrom(duration_from_seconds(_float(scheduler_raw, "wait_ms") / 1000))
+            wait = float(wait_ms) if wait_ms is not None else _float(scheduler_raw, "wait_ms")
+            stats.avg_wait.CopyFrom(duration_from_seconds(wait / 1000))
             out.append(stats)
         return out

@@ -37,12 +37,15 @@ from usher.queue import eta, fairness
 from usher.queue.eta import SERVICE_ALPHA, ModelAverages
 from usher.queue.reads import QueueReader, now_ms
 from usher.queue.records import (
+    COMPLETION_AVERAGES,
+    COMPLETION_COUNTERS,
     QUEUED,
     ModelConfig,
     QueueDefaults,
     StoredRequest,
     WrittenEvents,
     decode,
+    model_figures,
     pairs,
 )
 from usher.smoothing import EWMA_ALPHA
@@ -721,12 +724,20 @@ class QueueStore(QueueReader):
         return models
 
     async def counters(self, model: str) -> dict[str, float]:
-        raw = await self._hgetall(ModelKeys(model).stats)
-        return {k.decode(): float(v) for k, v in raw.items()}
+        mk = ModelKeys(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(mk.stats)
+            pipe.hmget(mk.fairness, [*COMPLETION_COUNTERS, *COMPLETION_AVERAGES])
+            stats, moved = await pipe.execute()
+        return model_figures(stats, moved)
 
     async def reset_counters(self, model: str) -> None:
         """Zero the model's outcome counters (the averages that drive ETAs stay)."""
-        await self.redis.hdel(ModelKeys(model).stats, *RESETTABLE_COUNTERS)
+        mk = ModelKeys(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(mk.stats, *RESETTABLE_COUNTERS)
+            pipe.hdel(mk.fairness, *COMPLETION_COUNTERS)
+            await pipe.execute()
 
     async def running_count(self, model: str) -> int:
         count: int = await self.redis.zcard(ModelKeys(model).leases)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+
 from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
+from usher.queue.reads import AVERAGES_CACHE_SECONDS
 from usher.v1 import request_pb2
 
 
@@ -69,3 +72,26 @@ async def test_enqueue_reads_the_config_from_its_copies_and_makes_them_when_miss
     await store.set_paused("llama3.2", True)
     assert (await store.submit(new_request())).status == "queued"
     assert await store.claim("llama3.2", "test") is None  # paused, its copy kept
+
+
+async def test_completion_figures_move_from_the_stats_hash_and_add_up(store: QueueStore) -> None:
+    """complete.lua keeps the completion's counters and averages in the fairness hash; a
+    model whose figures are still in its stats hash (the layout before) goes on from them,
+    and its counters are the sum of both."""
+    mk = ModelKeys("llama3.2")
+    await store.redis.hset(
+        mk.stats, mapping={"completed": 7, "expired": 2, "service_ms": 1000, "service_n": 50}
+    )
+    await store.submit(new_request())
+    lease = await store.claim("llama3.2", "test")
+    assert lease is not None
+    work = FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED, service_ms=2000)
+    assert await store.finish(lease, work) is not None
+    counters = await store.counters("llama3.2")
+    assert (counters["completed"], counters["expired"], counters["service_n"]) == (8, 2, 51)
+    assert 1000 < counters["service_ms"] < 2000  # the old mean moved by one sample
+    await asyncio.sleep(AVERAGES_CACHE_SECONDS)  # read afresh
+    averages, _ = await store.model_averages("llama3.2")
+    assert averages.service_seconds == counters["service_ms"] / 1000
+    await store.reset_counters("llama3.2")
+    assert "completed" not in await store.counters("llama3.2")

@@ -249,21 +249,26 @@ class QueueReader:
         now = time.monotonic()
         mk = ModelKeys(model)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(mk.stats, ["service_ms", "service_var", "output_tokens", "tokens_per_s"])
+            averages_at = ["service_ms", "service_var", "output_tokens", "tokens_per_s"]
+            pipe.hmget(mk.stats, averages_at)
             pipe.hget(mk.config, "parallel")
             pipe.hget(keys.POOL_CAPACITY, model)
-            pipe.hmget(mk.fairness, ["vtime", "act_since"])
+            # complete.lua keeps the averages here (a model's older ones: its stats hash).
+            pipe.hmget(mk.fairness, ["vtime", "act_since", *averages_at])
             pipe.zcard(mk.leases)
             active_since = now_ms() - eta.ACTIVE_FLOW_SECONDS * 1000
             pipe.zrevrangebyscore(mk.flows, "+inf", active_since, start=0, num=eta.MAX_FLOWS)
             (
-                (service, variance, output, tps),
+                former,
                 parallel,
                 capacity,
-                (vtime, since),
+                (vtime, since, *moved),
                 running,
                 flow_names,
             ) = await pipe.execute()
+        service, variance, output, tps = (
+            new if new is not None else old for new, old in zip(moved, former, strict=True)
+        )
         averages = ModelAverages(
             service_seconds=float(service) / 1000 if service else 30.0,
             service_variance=float(variance) / 1e6 if variance else 0.0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -20,6 +20,8 @@ from usher.structs import duration_from_seconds
 from usher.v1 import request_pb2
 
 __all__ = [
+    "COMPLETION_AVERAGES",
+    "COMPLETION_COUNTERS",
     "QUEUED",
     "RUNNING",
     "TERMINAL_STATES",
@@ -29,6 +31,7 @@ __all__ = [
     "WrittenEvents",
     "decode",
     "eta_for",
+    "model_figures",
     "pairs",
     "to_proto",
 ]
@@ -88,6 +91,37 @@ def _float(raw: dict[bytes, bytes], name: str, default: float = 0.0) -> float:
 
 def pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+#: A model's figures of completed work that complete.lua keeps in its fairness hash (beside
+#: the flows' tags it writes in the same call): the counts of the outcomes it records, and
+#: the moving averages. The stats hash keeps the other counters, and these as they were
+#: before they moved.
+COMPLETION_COUNTERS = ("completed", "failed", "cancelled")
+COMPLETION_AVERAGES = (
+    "service_ms",
+    "service_n",
+    "service_var",
+    "tokens_per_s",
+    "output_tokens",
+    "wait_ms",
+)
+
+
+def model_figures(stats: Mapping[bytes, bytes], moved: Sequence[bytes | None]) -> dict[str, float]:
+    """A model's counters and averages: its stats hash (``stats``, as HGETALL reads it)
+    with the figures of its fairness hash (``moved``: HMGET of COMPLETION_COUNTERS then
+    COMPLETION_AVERAGES) added (counters) or in place (averages, once they are there)."""
+    figures = {k.decode(): float(v) for k, v in stats.items()}
+    names = COMPLETION_COUNTERS + COMPLETION_AVERAGES
+    for name, value in zip(names, moved, strict=True):
+        if value is None:
+            continue
+        if name in COMPLETION_COUNTERS:
+            figures[name] = figures.get(name, 0.0) + float(value)
+        else:
+            figures[name] = float(value)
+    return figures
 
 
 @dataclass(frozen=True, slots=True)

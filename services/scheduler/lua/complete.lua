@@ -30,25 +30,46 @@ if after == '' or (after ~= '-' and r[9]) then after = last_event_id(id) end
 local written = {}
 emit_packed(id, RUNNING, 16 + extras, written)
 
+-- The flow's tags and the model's figures of completed work (outcome counters, moving
+-- averages) share the fairness hash (usher/keys.py): one HMGET and one HSET for both. A
+-- model whose figures are still in its stats hash (kept there before they moved; no
+-- 'figures' mark yet) has its averages read from there and moved.
+local flow = r[3]
+local counter = ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state]
+local f = redis.call('HMGET', K.fairness, 'flow:' .. flow, 'last:' .. flow, 'figures', counter,
+  'service_ms', 'service_n', 'service_var', 'tokens_per_s', 'output_tokens', 'wait_ms')
+local s = {unpack(f, 4, 10)}
+local stats = {counter, tonumber(s[1] or '0') + 1}
+if f[3] ~= '1' then
+  local old = redis.call('HMGET', K.stats, 'service_ms', 'service_n', 'service_var',
+    'tokens_per_s', 'output_tokens', 'wait_ms')
+  for i = 1, 6 do s[i + 1] = s[i + 1] or old[i] end
+  stats[#stats + 1] = 'figures'
+  stats[#stats + 1] = '1'
+  for i, name in ipairs({'service_ms', 'service_n', 'service_var', 'tokens_per_s',
+      'output_tokens', 'wait_ms'}) do
+    if s[i + 1] then
+      stats[#stats + 1] = name
+      stats[#stats + 1] = s[i + 1]
+    end
+  end
+end
+
 -- Settle the flow's finish tag with the actual cost (fairness.py: corrected_finish), never
 -- below the start of the flow's newest request, so its queued requests keep their order.
 local actual = tonumber(ARGV[8])
 if actual >= 0 then
-  local flow, estimated, weight = r[3], tonumber(r[4]), tonumber(r[5])
-  local finish_tag, last = unpack(redis.call('HMGET', K.fairness, 'flow:' .. flow, 'last:' .. flow))
-  local settled = tonumber(finish_tag or '0') + (actual - estimated) / weight
-  if last then settled = math.max(settled, tonumber(last)) end
-  redis.call('HSET', K.fairness, 'flow:' .. flow, fmt(settled))
+  local estimated, weight = tonumber(r[4]), tonumber(r[5])
+  local settled = tonumber(f[1] or '0') + (actual - estimated) / weight
+  if f[2] then settled = math.max(settled, tonumber(f[2])) end
+  stats[#stats + 1] = 'flow:' .. flow
+  stats[#stats + 1] = fmt(settled)
 end
 
 -- Moving averages of completed work (eta.py: ewma, ewma_variance). The service time's has
 -- its own alpha and weighs its n-th sample at least 1/n, so its first samples are a plain
 -- mean (a mean recorded before the count existed keeps the plain alpha). The outcome's
 -- counter is written here too, in the same HSET.
-local counter = ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state]
-local s = redis.call('HMGET', K.stats, counter, 'service_ms', 'service_n', 'service_var',
-  'tokens_per_s', 'output_tokens', 'wait_ms')
-local stats = {counter, tonumber(s[1] or '0') + 1}
 if state == COMPLETED then
   local alpha = tonumber(ARGV[12])
   local service = tonumber(ARGV[9])
@@ -80,7 +101,7 @@ if state == COMPLETED then
   stats[#stats + 1] = 'wait_ms'
   stats[#stats + 1] = fmt(old_wait and (old_wait + alpha * (wait - old_wait)) or wait)
 end
-redis.call('HSET', K.stats, unpack(stats))
+redis.call('HSET', K.fairness, unpack(stats))
 
 local reason = ARGV[6]
 if state == CANCELLED and reason == '' then
