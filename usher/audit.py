@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import json
 import re
 import time
 from collections import Counter
@@ -36,6 +37,13 @@ __all__ = ["REFUSED_SUMMARY_SECONDS", "AuditEntry", "AuditInterceptor", "AuditLo
 log = get_logger("usher.audit")
 MAXLEN = 100_000
 FLUSH_SECONDS = 0.1
+#: A flush writes up to this many events of a stream in one entry (one XADD for them all,
+#: not one per event: a submit records one). MAXLEN counts entries, so a stream keeps up
+#: to this many times as many events.
+EVENTS_PER_ENTRY = 32
+#: An event's id: the ``i``-th event of entry "ms-seq" is "ms-(seq * ID_STRIDE + i)", so
+#: ids order as the events do and read as stream ids (ListAuditEvents' ``before_id``).
+ID_STRIDE = 1024
 #: Refused admin calls are summarized at most this often.
 REFUSED_SUMMARY_SECONDS = 10.0
 #: Outcomes of a call that was refused before it did anything.
@@ -130,7 +138,7 @@ class AuditLog:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, fields in pending:
+                for stream, fields in _entries(pending):
                     pipe.xadd(stream, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
                 await pipe.execute()
         except Exception as exc:  # the log line above already holds the event
@@ -145,28 +153,57 @@ class AuditLog:
 
     async def recent(self, count: int, before_id: str = "") -> list[AuditEntry]:
         """The newest ``count`` events of both streams (before ``before_id``), newest first."""
-        upper = f"({before_id}" if before_id else "+"
+        before = event_id_key(before_id) if before_id else None
+        # The entry holding the event ``before_id`` names (its earlier events are wanted).
+        upper = "+" if before is None else f"{before[0]}-{before[1] // ID_STRIDE}"
         merged: list[AuditEntry] = []
         for stream in (keys.AUDIT, keys.AUDIT_ACTIVITY):
             raw = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
-                await self.redis.xrevrange(stream, upper, "-", count=count),
+                await self.redis.xrevrange(stream, upper, "-", count=count + 1),
             )
-            merged += [_entry(entry_id, fields) for entry_id, fields in raw]
+            for entry_id, fields in raw:
+                merged += _events(entry_id.decode(), fields)
+        if before is not None:
+            merged = [e for e in merged if (event_id_key(e.id) or (0, 0)) < before]
         return heapq.nlargest(count, merged, key=lambda e: event_id_key(e.id) or (0, 0))
 
 
-def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> AuditEntry:
-    text = {k.decode(): v.decode() for k, v in fields.items()}
-    return AuditEntry(
-        entry_id.decode(),
-        int(text.get("at", "0")),
-        text.get("actor", ""),
-        text.get("action", ""),
-        text.get("target", ""),
-        text.get("outcome", ""),
-        text.get("detail", ""),
+def _entries(pending: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
+    """Stream entries for ``pending`` events: a lone event's fields as they are, several
+    of one stream (EVENTS_PER_ENTRY at most) as a JSON list in the field "events"."""
+    by_stream: dict[str, list[dict[str, str]]] = {}
+    for stream, fields in pending:
+        by_stream.setdefault(stream, []).append(fields)
+    out = []
+    for stream, events in by_stream.items():
+        for start in range(0, len(events), EVENTS_PER_ENTRY):
+            chunk = events[start : start + EVENTS_PER_ENTRY]
+            out.append((stream, chunk[0] if len(chunk) == 1 else {"events": json.dumps(chunk)}))
+    return out
+
+
+def _events(entry_id: str, fields: dict[bytes, bytes]) -> list[AuditEntry]:
+    """The events of one stream entry, each with its id (ID_STRIDE)."""
+    raw = fields.get(b"events")
+    events: list[dict[str, str]] = (
+        json.loads(raw)
+        if raw is not None
+        else [{k.decode(): v.decode() for k, v in fields.items()}]
     )
+    at, _, seq = entry_id.partition("-")
+    return [
+        AuditEntry(
+            f"{at}-{int(seq) * ID_STRIDE + i}",
+            int(text.get("at", "0")),
+            text.get("actor", ""),
+            text.get("action", ""),
+            text.get("target", ""),
+            text.get("outcome", ""),
+            text.get("detail", ""),
+        )
+        for i, text in enumerate(events)
+    ]
 
 
 def _target(request: object) -> str:
