@@ -151,7 +151,8 @@ class TenantKeys:
 
     @property
     def stored_bytes(self) -> str:
-        """HASH request id → bytes charged for it, and "total" → their sum."""
+        """HASH request id → bytes charged for it, "lapse:<id>" → when that charge lapses
+        (as ``stored`` holds it), and "total" → their sum."""
         return f"{PREFIX}:tenant:{{{self.tenant}}}:stored-bytes"
 
 

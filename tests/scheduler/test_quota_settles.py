@@ -42,3 +42,30 @@ async def test_settles_together_charge_each_request_as_alone(redis_client: aiore
     # A settle of a request charged nothing changes nothing.
     await quotas.settle(tenants[0], "unknown", Footprint(500, now + 5_000))
     assert await quotas.stored_bytes(tenants[0]) == 600
+
+
+async def test_a_charge_lapsing_a_little_after_its_data_keeps_its_lapse(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A settle leaves the admission's lapse (no ZADD) when it is later than the data's by
+    no more than a sixteenth of the data's time left; a lapse further off, or earlier than
+    the data's, is moved, and a dropped charge leaves nothing behind."""
+    quotas = Quotas(redis_client)
+    tenant = keys.tenant_id("acme", "carol")
+    tk = TenantKeys(tenant)
+    now = int(time.time() * 1000)
+    day, admitted_lapse = 86_400_000, now + 86_400_000 + 1_200_000
+    for request_id in ("near", "far", "late", "gone"):
+        lapse = now + 10 * day if request_id == "far" else admitted_lapse
+        charge = StorageCharge(1000, 10**9, lapse)
+        assert (await quotas.admit(tenant, request_id, 1.0, Limits(), now, charge)).admitted
+    await quotas.settle(tenant, "near", Footprint(300, now + day))
+    await quotas.settle(tenant, "far", Footprint(300, now + day))
+    await quotas.settle(tenant, "late", Footprint(300, admitted_lapse + 1000))
+    await quotas.settle(tenant, "gone", Footprint(0))
+    assert await redis_client.zscore(tk.stored, "near") == admitted_lapse
+    assert await redis_client.zscore(tk.stored, "far") == now + day
+    assert await redis_client.zscore(tk.stored, "late") == admitted_lapse + 1000
+    assert int(await redis_client.hget(tk.stored_bytes, "lapse:late") or 0) == admitted_lapse + 1000
+    assert await redis_client.hget(tk.stored_bytes, "lapse:gone") is None
+    assert await quotas.stored_bytes(tenant) == 900

@@ -2,8 +2,8 @@
 -- atomically.
 -- KEYS[1] the tenant's token buckets (HASH), KEYS[2] the tenant's live requests (ZSET),
 -- KEYS[3] the tenant's storage charges (ZSET id → lapse ms), KEYS[4] their bytes (HASH:
--- id → bytes, and 'total', 'next' when the earliest charge lapses, 'until' when the keys
--- expire)
+-- id → bytes, 'lapse:' .. id → its lapse as KEYS[3] holds it (settle.lua reads it there),
+-- and 'total', 'next' when the earliest charge lapses, 'until' when the keys expire)
 -- ARGV: 1 now ms, 2 requests/min (0 = unlimited), 3 tokens/min (0 = unlimited),
 --       4 token cost, 5 max concurrent (0 = unlimited), 6 request id, 7 live-entry expiry ms,
 --       8 bytes the request will store, 9 max stored bytes (0 = unlimited),
@@ -38,7 +38,12 @@ if next_lapse <= now then
     for _, bytes in ipairs(redis.call('HMGET', KEYS[4], unpack(old))) do
       total = total - tonumber(bytes or '0')
     end
-    redis.call('HDEL', KEYS[4], unpack(old))
+    local fields = {}
+    for i, id in ipairs(old) do
+      fields[2 * i - 1] = id
+      fields[2 * i] = 'lapse:' .. id
+    end
+    redis.call('HDEL', KEYS[4], unpack(fields))
     redis.call('ZREM', KEYS[3], unpack(old))
   end
   local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
@@ -81,7 +86,8 @@ end
 if max_live > 0 then redis.call('ZADD', KEYS[2], tonumber(ARGV[7]), ARGV[6]) end
 
 redis.call('ZADD', KEYS[3], lapse, ARGV[6])
-local charge = {ARGV[6], size, 'total', total + size, 'next', math.min(next_lapse, lapse)}
+local charge = {ARGV[6], size, 'lapse:' .. ARGV[6], lapse, 'total', total + size, 'next',
+  math.min(next_lapse, lapse)}
 -- The keys outlive the last charge: their expiry moves an hour past it at a time.
 local expires = tonumber(stored[3] or '0')
 if lapse > expires then

@@ -13,7 +13,13 @@ local ids = {}
 for i = 0, count - 1 do ids[i + 1] = ARGV[first + 3 * i] end
 if count > 0 then
   if ARGV[4] ~= '0' then redis.call('ZREM', KEYS[2], unpack(ids)) end
-  local stored = redis.call('HMGET', KEYS[4], 'total', 'next', 'until', unpack(ids))
+  local wanted = {'total', 'next', 'until'}
+  for i, id in ipairs(ids) do
+    wanted[3 + i] = id
+    wanted[3 + count + i] = 'lapse:' .. id
+  end
+  local stored = redis.call('HMGET', KEYS[4], unpack(wanted))
+  local now = tonumber(ARGV[1])
   local total = tonumber(stored[1] or '0')
   local next_lapse, expires = tonumber(stored[2] or '0'), tonumber(stored[3] or '0')
   local charge, dropped, lapses = {}, {}, {}
@@ -27,11 +33,21 @@ if count > 0 then
       if bytes < 0 then
         total = total - tonumber(charged)
         dropped[#dropped + 1] = id
+        dropped[#dropped + 1] = 'lapse:' .. id
       else
         total = total + bytes - tonumber(charged)
         charge[#charge + 1] = id
         charge[#charge + 1] = bytes
+        -- A charge lapsing a little after its data (admission's lapse, which allowed for
+        -- the whole queue timeout, is later than the end's) keeps it: no ZADD. "A little":
+        -- by no more than a sixteenth of what is left of the data's time.
+        local held = tonumber(stored[3 + count + i] or '0')
+        if lapse > 0 and held >= lapse and held - lapse <= (lapse - now) / 16 then
+          lapse = 0
+        end
         if lapse > 0 then
+          charge[#charge + 1] = 'lapse:' .. id
+          charge[#charge + 1] = lapse
           lapses[#lapses + 1] = lapse
           lapses[#lapses + 1] = id
           -- 'next' stays at or before the earliest lapse (admit.lua sweeps from it).
@@ -44,7 +60,9 @@ if count > 0 then
   if changed then
     if #dropped > 0 then
       redis.call('HDEL', KEYS[4], unpack(dropped))
-      redis.call('ZREM', KEYS[3], unpack(dropped))
+      local gone = {}
+      for i = 1, #dropped, 2 do gone[#gone + 1] = dropped[i] end
+      redis.call('ZREM', KEYS[3], unpack(gone))
     end
     if #lapses > 0 then redis.call('ZADD', KEYS[3], unpack(lapses)) end
     charge[#charge + 1] = 'total'
