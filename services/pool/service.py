@@ -351,49 +351,53 @@ class FleetRouter:
         return released
 
 
-async def _until(
-    events: AsyncIterator[Event], deadline: float, limit: float
-) -> AsyncIterator[Event]:
-    """The model server's events until the loop's clock reaches ``deadline``; then its call
-    is closed (the pending read is cancelled, which closes the HTTP response) and the
-    request ends with DEADLINE_EXCEEDED. Only the reads wait under the timer, never a
-    consumer holding an event. One timer for the whole answer, not one per event: it
-    cancels a read under way, or marks the answer for the next read."""
-    reading: asyncio.Task[Any] | None = None
-    expired = False
+class _RunLimit:
+    """A request's run-time limit over its model server's events (``next``): when the
+    loop's clock reaches ``deadline`` the call is closed (the pending read is cancelled,
+    which closes the HTTP response) and the request ends with DEADLINE_EXCEEDED. Only the
+    reads wait under the timer, never a consumer holding an event. One timer for the whole
+    answer, not one per event: it cancels a read under way, or marks the answer for the
+    next read. A plain object, not a generator wrapped around the events: each token
+    passes through one layer less."""
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        if reading is not None:
-            reading.cancel()
+    __slots__ = ("_expired", "_limit", "_reading", "_timer")
 
-    def exceeded() -> DeadlineExceeded:
+    def __init__(self, deadline: float, limit: float) -> None:
+        self._limit = limit
+        self._expired = False
+        self._reading: asyncio.Task[Any] | None = None
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def _exceeded(self) -> DeadlineExceeded:
         return DeadlineExceeded(
-            f"the request ran longer than its run-time limit of {limit:g}s; "
+            f"the request ran longer than its run-time limit of {self._limit:g}s; "
             "the model server's call was closed"
         )
 
-    timer = asyncio.get_running_loop().call_at(deadline, expire)
-    try:
-        while True:
-            if expired:
-                raise exceeded()
-            task = reading = asyncio.current_task()
-            try:
-                event = await anext(events, None)
-            except asyncio.CancelledError:
-                # The timer's cancel (and no other) ends the answer as its limit.
-                if expired and task is not None and task.uncancel() == 0:
-                    raise exceeded() from None
-                raise
-            finally:
-                reading = None
-            if event is None:
-                return
-            yield event
-    finally:
-        timer.cancel()
+    async def next(self, events: AsyncIterator[Event]) -> Event | None:
+        """The next event; None at the end."""
+        if self._expired:
+            raise self._exceeded()
+        task = self._reading = asyncio.current_task()
+        try:
+            return await events.__anext__()
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            # The timer's cancel (and no other) ends the answer as its limit.
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise self._exceeded() from None
+            raise
+        finally:
+            self._reading = None
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def _first_token(measured: float | None, done: Done) -> float | None:
@@ -693,6 +697,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         sent_started = False
         pending: list[Delta] = []
         last_sent = started_at
+        run_limit = _RunLimit(began + limit, limit)
         try:
             async with contextlib.aclosing(
                 state.upstream.generate(
@@ -702,7 +707,7 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     whole=not request.stream,
                 )
             ) as events:
-                async for event in _until(events, began + limit, limit):
+                while (event := await run_limit.next(events)) is not None:
                     if isinstance(event, Started):
                         if not request.stream:
                             continue  # a caller of the result alone hears only of that
@@ -746,6 +751,8 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             if pending and not error.before_first_token:
                 yield _delta(pending)  # what was generated before the failure still counts
             raise
+        finally:
+            run_limit.stop()
 
     @staticmethod
     def _done(event: Done, model: str, instance: str) -> pool_pb2.GenerationDone:

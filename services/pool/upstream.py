@@ -217,13 +217,16 @@ class ModelNotFound(UpstreamError):
         )
 
 
-def parse_streamed_json(text: str) -> Any:
+def parse_streamed_json(text: str | bytes) -> Any:
     """One streamed JSON value (an NDJSON line, an SSE event's data), as ``json.loads``
     reads it: orjson first (a streamed answer parses one per token), the stdlib for what
-    orjson refuses (NaN, Infinity), which raises ValueError when it is not JSON at all."""
+    orjson refuses (NaN, Infinity, bytes that are not UTF-8: replaced), which raises
+    ValueError when it is not JSON at all."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
         return json.loads(text)
 
 
@@ -425,46 +428,74 @@ class StallWatch:
             self._timer = None
 
 
-class UpstreamResponse:
-    """A model server's answer whose headers arrived: its body line by line as it comes
-    (``lines``), or whole (``read``). ``aclose()`` it: a body read to its end hands the
-    connection back for the next request; one left part-read drops it, which is how the
-    server learns its caller went away."""
+class _NoWatch:
+    """A body read with no read timeout: nothing to note."""
 
-    __slots__ = ("_resp",)
+    __slots__ = ()
+
+    def heard(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+_NO_WATCH = _NoWatch()
+
+
+class UpstreamResponse:
+    """A model server's answer whose headers arrived: its body as lines in batches, all
+    those that arrived together (``read_lines``), or whole (``read``). ``aclose()`` it: a
+    body read to its end hands the connection back for the next request; one left
+    part-read drops it, which is how the server learns its caller went away."""
+
+    __slots__ = ("_pending", "_resp", "_watch")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
+        self._pending = b""
+        self._watch: StallWatch | _NoWatch | None = None
 
-    async def lines(self) -> AsyncIterator[str]:
-        """The body's lines (``\n`` or ``\r\n`` ended, decoded as UTF-8) whatever the
-        TCP segmentation; ``TransportFailure`` when the connection fails, or stays silent
+    async def read_lines(self) -> list[bytes] | None:
+        """The complete lines (``\n`` or ``\r\n`` ended, the ending removed) of all that
+        arrived since the last call, at least one, whatever the TCP segmentation; None at
+        the end of the body. One call per read of the connection, not per line: a
+        streamed answer has a line per token, and tokens that arrived together are
+        handled together. ``TransportFailure`` when the connection fails, or stays silent
         for the session's read timeout (``StallWatch``: aiohttp would re-arm a timer for
         every chunk, a token each)."""
         content = self._resp.content
-        watch = StallWatch.start(self._resp)
-        pending = b""
-        try:
-            while True:
-                try:
-                    chunk = await content.readany()
-                except TRANSPORT_ERRORS as exc:
-                    raise TransportFailure(describe_transport_error(exc)) from exc
-                if not chunk:
-                    break
-                if watch is not None:
-                    watch.heard()
-                if b"\n" not in chunk:
-                    pending += chunk
-                    continue
-                *complete, pending = (pending + chunk).split(b"\n")
-                for line in complete:
-                    yield line.removesuffix(b"\r").decode("utf-8", "replace")
-            if pending:
-                yield pending.removesuffix(b"\r").decode("utf-8", "replace")
-        finally:
-            if watch is not None:
-                watch.stop()
+        if self._watch is None:
+            self._watch = StallWatch.start(self._resp) or _NO_WATCH
+        while True:
+            try:
+                chunk = await content.readany()
+            except TRANSPORT_ERRORS as exc:
+                raise TransportFailure(describe_transport_error(exc)) from exc
+            if not chunk:
+                self._watch.stop()
+                if not self._pending:
+                    return None
+                tail, self._pending = self._pending, b""
+                return [tail.removesuffix(b"\r")]
+            self._watch.heard()
+            if b"\n" not in chunk:
+                self._pending += chunk
+                continue
+            *complete, self._pending = (self._pending + chunk).split(b"\n")
+            if b"\r" in chunk:
+                return [line.removesuffix(b"\r") for line in complete]
+            return complete
+
+    async def finish(self, limit: int = 64) -> None:
+        """Read what follows the final event (usually nothing but the end of the chunked
+        body), so the connection goes back to the pool for the next request instead of
+        being closed half-read: a new TCP connection per request otherwise. A server that
+        keeps talking past ``limit`` reads just loses its connection."""
+        with contextlib.suppress(TransportFailure):
+            for _ in range(limit):
+                if await self.read_lines() is None:
+                    return
 
     async def read(self) -> bytes:
         try:
@@ -473,10 +504,46 @@ class UpstreamResponse:
             raise TransportFailure(describe_transport_error(exc)) from exc
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         if self._resp.content.at_eof():
             self._resp.release()
         else:
             self._resp.close()
+
+
+class StreamParser(Protocol):
+    """How one kind of server's streamed answer reads: lines in, events out, in order.
+    ``chunks`` counts the output chunks seen (none yet: a failure can be retried
+    elsewhere); ``finished`` is set once the final event was returned; ``error`` is the
+    failure a line announced, raised once the events of the lines before it went on."""
+
+    @property
+    def chunks(self) -> int: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def error(self) -> UpstreamError | None: ...
+
+    def feed(self, lines: list[bytes]) -> list[Event]:
+        """The events of lines that arrived together: text deltas that follow one another
+        merged into one (several tokens in one Delta), the final event last."""
+        ...
+
+    def end(self) -> list[Event]:
+        """The body ended: the last events, or the error of an answer cut short."""
+        ...
+
+
+def merged(deltas: list[Delta]) -> Delta:
+    """Plain text deltas that arrived together, as one."""
+    if len(deltas) == 1:
+        return deltas[0]
+    return Delta(
+        text="".join(d.text for d in deltas), completion_tokens=deltas[-1].completion_tokens
+    )
 
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -652,9 +719,7 @@ class HttpUpstream:
     def is_embedding(self, path: str) -> bool:
         raise NotImplementedError
 
-    def stream_events(
-        self, resp: UpstreamResponse, path: str, started: float
-    ) -> AsyncGenerator[Event, None]:
+    def stream_parser(self, path: str, started: float) -> StreamParser:
         raise NotImplementedError
 
     def embed_done(self, data: Any, raw: bytes, path: str, started: float) -> Done:
@@ -683,23 +748,32 @@ class HttpUpstream:
                     ) from None
                 yield self.embed_done(data, raw, path, started)
                 return
-            events = self.stream_events(resp, path, started)
-            async with contextlib.aclosing(events):
-                async for event in events:
+            # One pass per read of the connection, not per line: the lines that arrived
+            # together are parsed together, and their tokens go on as one delta.
+            parser = self.stream_parser(path, started)
+            while True:
+                try:
+                    lines = await resp.read_lines()
+                except TransportFailure as exc:
+                    raise self.transport_error(
+                        exc, path, before_first_token=parser.chunks == 0
+                    ) from exc
+                for event in parser.feed(lines) if lines is not None else parser.end():
                     yield event
+                if parser.error is not None:
+                    raise parser.error
+                if parser.finished:
+                    await resp.finish()
+                    return
+                if lines is None:
+                    raise UpstreamError(
+                        f"{self.kind} {self.url(path)}: stream ended without a final event",
+                        status=None,
+                        before_first_token=parser.chunks == 0,
+                    )
         finally:
             # An early exit closes the connection, and the server stops generating.
             await resp.aclose()
-
-    @staticmethod
-    async def finish_lines(lines: AsyncIterator[str], limit: int = 64) -> None:
-        """Read what follows the final event (usually nothing but the end of the chunked
-        body), so the connection goes back to the pool for the next request instead of
-        being closed half-read: a new TCP connection per request otherwise. A server that
-        keeps talking past ``limit`` lines just loses its connection."""
-        with contextlib.suppress(StopAsyncIteration, TransportFailure):
-            for _ in range(limit):
-                await anext(lines)
 
     async def read_body(self, resp: UpstreamResponse, path: str) -> bytes:
         try:

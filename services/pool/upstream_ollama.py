@@ -27,8 +27,8 @@ from services.pool.upstream import (
     TransportFailure,
     UpstreamError,
     UpstreamModel,
-    UpstreamResponse,
     keep_alive_value,
+    merged,
     parse_streamed_json,
     parse_timestamp,
     struct_to_dict,
@@ -118,6 +118,138 @@ def _count(value: object) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+class _NdjsonParser:
+    """Ollama's NDJSON stream: one object per line, a final ``"done": true`` line, or a
+    final ``{"error": ...}`` line after the 200 (``StreamParser``)."""
+
+    __slots__ = (
+        "_chat",
+        "_parts",
+        "_path",
+        "_started",
+        "_thinking",
+        "_tool_calls",
+        "_upstream",
+        "chunks",
+        "error",
+        "finished",
+    )
+
+    def __init__(self, upstream: OllamaUpstream, path: str, started: float, *, chat: bool) -> None:
+        self._upstream = upstream
+        self._path = path
+        self._started = started
+        self._chat = chat
+        self._parts: list[str] = []
+        self._thinking: list[str] = []
+        self._tool_calls: list[Any] = []
+        self.chunks = 0
+        self.finished = False
+        self.error: UpstreamError | None = None
+
+    def _invalid(self, what: str, line: bytes) -> UpstreamError:
+        text = line[:200].decode("utf-8", "replace")
+        return self._upstream.protocol_error(
+            f"{what} NDJSON line: {text!r}", self._path, before_first_token=self.chunks == 0
+        )
+
+    def _object(self, line: bytes) -> dict[str, Any]:
+        try:
+            obj = parse_streamed_json(line)
+        except ValueError:
+            raise self._invalid("invalid", line) from None
+        if not isinstance(obj, dict):
+            raise self._invalid("unexpected", line)
+        if "error" in obj:
+            # Ollama's way to fail after it sent 200: a final {"error": ...} line.
+            text = str(obj["error"])
+            up = self._upstream
+            raise UpstreamError(
+                f"{up.kind} {up.url(self._path)}: error in stream: {text}",
+                status=200,
+                before_first_token=self.chunks == 0,
+                # Usually the runner died: the instance's fault, not the request's.
+                retryable=True,
+                upstream_message=text,
+            )
+        return obj
+
+    def _output(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """A line's text and its other output (thinking, tool calls; None when none)."""
+        if self._chat:
+            message = obj.get("message")
+            message = message if isinstance(message, dict) else {}
+            piece = str(message.get("content") or "")
+            think = str(message.get("thinking") or "")
+            calls = message.get("tool_calls")
+        else:
+            message = {}
+            piece = str(obj.get("response") or "")
+            think = str(obj.get("thinking") or "")
+            calls = None
+        extra = None
+        if think or calls:
+            extra = dict(message) if self._chat else {"thinking": think}
+        if think:
+            self._thinking.append(think)
+        if isinstance(calls, list):
+            self._tool_calls.extend(calls)
+        return piece, extra
+
+    def feed(self, lines: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        run: list[Delta] = []  # plain text deltas in a row: they go on as one
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                obj = self._object(line)
+            except UpstreamError as error:
+                self.error = error  # raised once the output before it went on
+                break
+            piece, extra = self._output(obj)
+            if obj.get("done"):
+                if piece:  # a non-streamed answer carries the text in the final line
+                    self._parts.append(piece)
+                if run:
+                    events.append(merged(run))
+                events.append(
+                    OllamaUpstream.done_of(
+                        obj,
+                        "".join(self._parts),
+                        self.chunks,
+                        self._started,
+                        self._chat,
+                        self._thinking,
+                        self._tool_calls,
+                    )
+                )
+                self.finished = True
+                return events
+            if piece or extra:
+                self._parts.append(piece)
+                self.chunks += 1
+                delta = Delta(text=piece, completion_tokens=self.chunks, message=extra)
+                if extra is None:
+                    run.append(delta)
+                    continue
+                if run:  # a delta with more than text goes on alone, in its place
+                    events.append(merged(run))
+                    run = []
+                events.append(delta)
+        if run:
+            events.append(merged(run))
+        return events
+
+    def end(self) -> list[Event]:
+        up = self._upstream
+        raise UpstreamError(
+            f"{up.kind} {up.url(self._path)}: stream ended without a final line",
+            status=None,
+            before_first_token=self.chunks == 0,
+        )
+
+
 class OllamaUpstream(HttpUpstream):
     """An Ollama server (or the emulator)."""
 
@@ -200,38 +332,46 @@ class OllamaUpstream(HttpUpstream):
         path = "/api/pull"
         resp = await self.open_stream(path, {"model": model, "stream": True})
         try:
-            lines = resp.lines()
             while True:
                 try:
-                    line = await anext(lines, None)
+                    lines = await resp.read_lines()
                 except TransportFailure as exc:
                     raise self.transport_error(exc, path, before_first_token=False) from exc
-                if line is None:
+                if lines is None:
                     return
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    raise self.protocol_error(
-                        f"invalid pull line {line[:200]!r}", path, before_first_token=False
-                    ) from None
-                if isinstance(data, dict) and data.get("error"):
-                    raise UpstreamError(
-                        f"{self.kind} {self.url(path)}: {data['error']}",
-                        status=200,
-                        retryable=False,
-                        upstream_message=str(data["error"]),
-                    )
-                if isinstance(data, dict):
-                    yield PullProgress(
-                        status=str(data.get("status", "")),
-                        digest=str(data.get("digest", "")),
-                        total=_count(data.get("total")),
-                        completed=_count(data.get("completed")),
-                    )
+                for line in lines:
+                    progress = self._pull_progress(line, path)
+                    if progress is not None:
+                        yield progress
         finally:
             await resp.aclose()
+
+    def _pull_progress(self, raw: bytes, path: str) -> PullProgress | None:
+        """One line of a pull; an ``{"error"}`` line fails it."""
+        if not raw.strip():
+            return None
+        line = raw.decode("utf-8", "replace")
+        try:
+            data = json.loads(line)
+        except ValueError:
+            raise self.protocol_error(
+                f"invalid pull line {line[:200]!r}", path, before_first_token=False
+            ) from None
+        if not isinstance(data, dict):
+            return None
+        if data.get("error"):
+            raise UpstreamError(
+                f"{self.kind} {self.url(path)}: {data['error']}",
+                status=200,
+                retryable=False,
+                upstream_message=str(data["error"]),
+            )
+        return PullProgress(
+            status=str(data.get("status", "")),
+            digest=str(data.get("digest", "")),
+            total=_count(data.get("total")),
+            completed=_count(data.get("completed")),
+        )
 
     # -- inference ------------------------------------------------------------------
 
@@ -273,10 +413,8 @@ class OllamaUpstream(HttpUpstream):
     def is_embedding(self, path: str) -> bool:
         return path == "/api/embed"
 
-    def stream_events(
-        self, resp: UpstreamResponse, path: str, started: float
-    ) -> AsyncGenerator[Event, None]:
-        return self._ndjson(resp, path, started, chat=path == "/api/chat")
+    def stream_parser(self, path: str, started: float) -> _NdjsonParser:
+        return _NdjsonParser(self, path, started, chat=path == "/api/chat")
 
     def embed_done(self, data: Any, raw: bytes, path: str, started: float) -> Done:
         vectors = data.get("embeddings") or []
@@ -290,81 +428,8 @@ class OllamaUpstream(HttpUpstream):
             embeddings=[[float(x) for x in v] for v in vectors],
         )
 
-    async def _ndjson(
-        self, resp: UpstreamResponse, path: str, started: float, *, chat: bool
-    ) -> AsyncGenerator[Event, None]:
-        parts: list[str] = []
-        thinking: list[str] = []
-        tool_calls: list[Any] = []
-        chunks = 0
-        lines = resp.lines()
-        while True:
-            try:
-                line = await anext(lines)
-            except StopAsyncIteration:
-                break
-            except TransportFailure as exc:
-                raise self.transport_error(exc, path, before_first_token=chunks == 0) from exc
-            if not line.strip():
-                continue
-            try:
-                obj = parse_streamed_json(line)
-            except ValueError:
-                raise self.protocol_error(
-                    f"invalid NDJSON line: {line[:200]!r}", path, before_first_token=chunks == 0
-                ) from None
-            if not isinstance(obj, dict):
-                raise self.protocol_error(
-                    f"unexpected NDJSON line: {line[:200]!r}", path, before_first_token=chunks == 0
-                )
-            if "error" in obj:
-                # Ollama's way to fail after it sent 200: a final {"error": ...} line.
-                text = str(obj["error"])
-                raise UpstreamError(
-                    f"{self.kind} {self.url(path)}: error in stream: {text}",
-                    status=200,
-                    before_first_token=chunks == 0,
-                    # Usually the runner died: the instance's fault, not the request's.
-                    retryable=True,
-                    upstream_message=text,
-                )
-            if chat:
-                message = obj.get("message")
-                message = message if isinstance(message, dict) else {}
-                piece = str(message.get("content") or "")
-                think = str(message.get("thinking") or "")
-                calls = message.get("tool_calls")
-            else:
-                message = {}
-                piece = str(obj.get("response") or "")
-                think = str(obj.get("thinking") or "")
-                calls = None
-            extra = None
-            if think or calls:
-                extra = dict(message) if chat else {"thinking": think}
-            if think:
-                thinking.append(think)
-            if isinstance(calls, list):
-                tool_calls.extend(calls)
-            if obj.get("done"):
-                if piece:  # a non-streamed answer carries the text in the final line
-                    parts.append(piece)
-                done = self._done(obj, "".join(parts), chunks, started, chat, thinking, tool_calls)
-                await self.finish_lines(lines)
-                yield done
-                return
-            if piece or extra:
-                parts.append(piece)
-                chunks += 1
-                yield Delta(text=piece, completion_tokens=chunks, message=extra)
-        raise UpstreamError(
-            f"{self.kind} {self.url(path)}: stream ended without a final line",
-            status=None,
-            before_first_token=chunks == 0,
-        )
-
     @staticmethod
-    def _done(
+    def done_of(
         obj: dict[str, Any],
         text: str,
         chunks: int,

@@ -43,11 +43,10 @@ from services.pool.upstream import (
     HttpUpstream,
     LoadedModelInfo,
     PullProgress,
-    TransportFailure,
     UpstreamError,
     UpstreamModel,
-    UpstreamResponse,
     error_text,
+    merged,
     parse_streamed_json,
     status_is_retryable,
     struct_to_dict,
@@ -191,6 +190,101 @@ def _ms(value: object) -> float:
     return value / 1000 if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
+class _SseParser:
+    """An OpenAI-compatible server's Server-Sent Events: chunks until a finish reason, then
+    ``[DONE]`` or the end of the body (``StreamParser``)."""
+
+    __slots__ = (
+        "_chat",
+        "_decoder",
+        "_path",
+        "_started",
+        "_state",
+        "_upstream",
+        "error",
+        "finished",
+    )
+
+    def __init__(self, upstream: OpenAIUpstream, path: str, started: float, *, chat: bool) -> None:
+        self._upstream = upstream
+        self._path = path
+        self._started = started
+        self._chat = chat
+        self._decoder = SseDecoder()
+        self._state = _StreamState()
+        self.finished = False
+        self.error: UpstreamError | None = None
+
+    @property
+    def chunks(self) -> int:
+        return self._state.chunks
+
+    def feed(self, lines: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        run: list[Delta] = []  # plain text deltas in a row: they go on as one
+        for line in lines:
+            event = self._decoder.feed(line.decode("utf-8", "replace"))
+            try:
+                if event is not None and self._take(event, events, run):
+                    return events
+            except UpstreamError as error:
+                self.error = error  # raised once the output before it went on
+                break
+        if run:
+            events.append(merged(run))
+        return events
+
+    def end(self) -> list[Event]:
+        events: list[Event] = []
+        run: list[Delta] = []
+        try:
+            event = self._decoder.flush()
+            if event is None or not self._take(event, events, run):
+                self._finish(events, run)
+        except UpstreamError as error:
+            self.error = error  # raised once the output before it went on
+            if run:
+                events.append(merged(run))
+        return events
+
+    def _take(self, event: tuple[str, str], events: list[Event], run: list[Delta]) -> bool:
+        """Fold one event in; True once the stream is finished."""
+        name, data = event
+        if data.strip() == "[DONE]":
+            self._finish(events, run)
+            return True
+        delta = self._upstream.apply_event(name, data, self._path, self._state, self._chat)
+        if delta is None:
+            return False
+        if delta.message is None:
+            run.append(delta)
+            return False
+        if run:  # a delta with more than text goes on alone, in its place
+            events.append(merged(run))
+            run.clear()
+        events.append(delta)
+        return False
+
+    def _finish(self, events: list[Event], run: list[Delta]) -> None:
+        if run:
+            events.append(merged(run))
+            run.clear()
+        state = self._state
+        if not state.finish_reason:
+            # A cut-off answer, not a complete one: Ollama's /v1 ends the stream this
+            # way on a failure, llama-cpp-python sends [DONE] early when another
+            # request interrupts this one.
+            up = self._upstream
+            raise UpstreamError(
+                f"{up.kind} {up.url(self._path)}: stream ended before a finish reason "
+                f"(after {state.chunks} chunks)",
+                status=None,
+                before_first_token=state.chunks == 0,
+            )
+        events.append(OpenAIUpstream.done_of(state, self._started, self._chat))
+        self.finished = True
+
+
 class OpenAIUpstream(HttpUpstream):
     """An OpenAI-compatible server."""
 
@@ -297,10 +391,8 @@ class OpenAIUpstream(HttpUpstream):
     def is_embedding(self, path: str) -> bool:
         return path == "/embeddings"
 
-    def stream_events(
-        self, resp: UpstreamResponse, path: str, started: float
-    ) -> AsyncGenerator[Event, None]:
-        return self._sse(resp, path, started, chat=path == "/chat/completions")
+    def stream_parser(self, path: str, started: float) -> _SseParser:
+        return _SseParser(self, path, started, chat=path == "/chat/completions")
 
     def embed_done(self, data: Any, raw: bytes, path: str, started: float) -> Done:
         try:
@@ -331,43 +423,7 @@ class OpenAIUpstream(HttpUpstream):
             return [sum(column) / len(value) for column in zip(*value, strict=True)]
         return [float(x) for x in value]
 
-    async def _sse(
-        self, resp: UpstreamResponse, path: str, started: float, *, chat: bool
-    ) -> AsyncGenerator[Event, None]:
-        state = _StreamState()
-        decoder = SseDecoder()
-        lines = resp.lines()
-        finished = False
-        while not finished:
-            try:
-                line: str | None = await anext(lines)
-            except StopAsyncIteration:
-                line = None
-            except TransportFailure as exc:
-                raise self.transport_error(exc, path, before_first_token=state.chunks == 0) from exc
-            event = decoder.feed(line) if line is not None else decoder.flush()
-            if event is not None:
-                name, data = event
-                if data.strip() == "[DONE]":
-                    await self.finish_lines(lines)
-                    break
-                delta = self._apply(name, data, path, state, chat)
-                if delta is not None:
-                    yield delta
-            finished = line is None
-        if not state.finish_reason:
-            # A cut-off answer, not a complete one: Ollama's /v1 ends the stream this
-            # way on a failure, llama-cpp-python sends [DONE] early when another
-            # request interrupts this one.
-            raise UpstreamError(
-                f"{self.kind} {self.url(path)}: stream ended before a finish reason "
-                f"(after {state.chunks} chunks)",
-                status=None,
-                before_first_token=state.chunks == 0,
-            )
-        yield self._done(state, started, chat)
-
-    def _apply(
+    def apply_event(
         self, name: str, data: str, path: str, state: _StreamState, chat: bool
     ) -> Delta | None:
         """Fold one SSE event into ``state``; the Delta to emit, if any."""
@@ -433,7 +489,7 @@ class OpenAIUpstream(HttpUpstream):
         return Delta(text=piece, completion_tokens=state.chunks, message=extra)
 
     @staticmethod
-    def _done(state: _StreamState, started: float, chat: bool) -> Done:
+    def done_of(state: _StreamState, started: float, chat: bool) -> Done:
         end = time.perf_counter()
         text = "".join(state.parts)
         message: dict[str, Any] | None = None

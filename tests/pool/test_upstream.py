@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -321,10 +321,12 @@ async def test_openai_load_is_noop(upstream_emulator: EmulatorServer) -> None:
 async def test_chat_stream(emulator_upstream: Upstream) -> None:
     deltas, done = split(await collect(emulator_upstream, chat_request(seed=7)))
     assert deltas, "expected streamed tokens"
-    assert [d.completion_tokens for d in deltas] == list(range(1, len(deltas) + 1))
+    # Tokens that arrived together come as one delta: counts rise, the last is the total.
+    counts = [d.completion_tokens for d in deltas]
+    assert counts == sorted(set(counts)) and counts[0] >= 1
     assert done.text == "".join(d.text for d in deltas) and done.text
     assert done.done_reason == "stop"
-    assert done.completion_tokens == len(deltas)
+    assert done.completion_tokens == counts[-1]
     assert done.prompt_tokens > 0
     assert done.total_seconds > 0
     assert done.message == {"role": "assistant", "content": done.text}
@@ -367,7 +369,7 @@ async def test_same_request_same_text(emulator_upstream: Upstream) -> None:
 @both_kinds
 async def test_num_predict_caps_output(emulator_upstream: Upstream) -> None:
     deltas, done = split(await collect(emulator_upstream, chat_request(num_predict=3)))
-    assert len(deltas) == 3
+    assert deltas[-1].completion_tokens == 3
     assert done.completion_tokens == 3
     assert done.done_reason == "length"
 
@@ -378,7 +380,7 @@ async def test_generate_stream(emulator_upstream: Upstream, raw: bool) -> None:
     request = generate_request(system="" if raw else "Be terse.", raw=raw)
     deltas, done = split(await collect(emulator_upstream, request))
     assert deltas and done.text == "".join(d.text for d in deltas)
-    assert done.completion_tokens == len(deltas)
+    assert done.completion_tokens == deltas[-1].completion_tokens
     if emulator_upstream.kind == "openai" and not raw:
         # Sent as a chat (system + user): the assistant message comes back too.
         assert done.message == {"role": "assistant", "content": done.text}
@@ -466,7 +468,10 @@ async def test_error_mid_stream(kind: str, upstream_emulator: EmulatorServer) ->
     finally:
         await upstream.aclose()
     assert isinstance(seen[0], Started)
-    assert [type(e) for e in seen[1:]] == [Delta, Delta]
+    # The two tokens before the error went on (together when they arrived together).
+    deltas = seen[1:]
+    assert all(isinstance(e, Delta) for e in deltas)
+    assert cast(Delta, deltas[-1]).completion_tokens == 2
     err = info.value
     assert not err.before_first_token and not err.retryable
     if kind == "ollama":
@@ -501,7 +506,7 @@ async def test_connection_dropped_mid_stream(kind: str, upstream_emulator: Emula
             await collect_into(seen, upstream, chat_request())
     finally:
         await upstream.aclose()
-    assert sum(isinstance(e, Delta) for e in seen) == 3
+    assert [e for e in seen if isinstance(e, Delta)][-1].completion_tokens == 3
     assert info.value.status is None
     assert not info.value.before_first_token and not info.value.retryable
 
@@ -839,6 +844,29 @@ async def test_ollama_broken_streams(body: bytes, match: str, before: bool) -> N
     assert info.value.retryable is before
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tokens_arriving_together_go_on_as_one_delta_before_a_failure(kind: str) -> None:
+    """Lines read together are parsed together: their tokens make one delta (counted one
+    by one), and a failure among them is raised after the output before it went on."""
+    if kind == "ollama":
+        body = ndjson({"response": "a", "done": False}, {"response": "b", "done": False})
+        body += ndjson({"error": "boom"})
+    else:
+        body = sse(
+            {"choices": [{"index": 0, "text": "a"}]}, {"choices": [{"index": 0, "text": "b"}]}
+        )
+        body += b"data: {broken\n\n"
+    rec = Recorder(body, "x")  # one write: the three lines arrive together
+    seen: list[Event] = []
+    async with serving(rec) as url:
+        up = OllamaUpstream(url) if kind == "ollama" else OpenAIUpstream(url)
+        async with up:
+            with pytest.raises(UpstreamError) as info:
+                await collect_into(seen, up, generate_request("m", raw=True))
+    assert seen[1:] == [Delta(text="ab", completion_tokens=2)]
+    assert not info.value.before_first_token and not info.value.retryable
+
+
 async def test_openai_request_body_and_headers() -> None:
     rec = Recorder(
         sse(
@@ -1054,7 +1082,8 @@ def test_stream_survives_arbitrary_chunking(pieces: list[str], cuts: list[int], 
     # A private loop in a worker thread: leaves pytest-asyncio's loop alone.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         deltas, done = split(pool.submit(asyncio.run, run()).result())
-    assert [d.text for d in deltas] == pieces
+    assert "".join(d.text for d in deltas) == "".join(pieces)
+    assert deltas[-1].completion_tokens == len(pieces)
     assert done.text == "".join(pieces)
 
 
