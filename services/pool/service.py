@@ -60,6 +60,9 @@ DEFAULT_WAIT_SECONDS = 10.0
 POLL_SECONDS = 0.05
 #: How long a Reserve waits for a warm slot before loading the model elsewhere (affinity).
 AFFINITY_GRACE_SECONDS = 3.0
+#: A slot kept this long for its dispatcher's next request of a model is given up to a
+#: Reserve of that model that has to wait: the dispatcher had no request for it meanwhile.
+KEPT_IDLE_SECONDS = 0.1
 #: Token deltas are sent to the dispatcher at most this often, batched.
 COALESCE_SECONDS = 0.02
 
@@ -99,6 +102,8 @@ class FleetRouter:
         #: last set), oldest first: granted again on its next Reserve with no Redis call,
         #: or released when another model waits here or its lease would need renewing.
         self._kept: dict[str, tuple[SlotGrant, float]] = {}
+        #: When each kept slot was kept (monotonic).
+        self._kept_at: dict[str, float] = {}
 
     def _fresh(self, granted_at: float) -> bool:
         """Granted well inside the slot's lease (half of it ago at most)."""
@@ -110,8 +115,11 @@ class FleetRouter:
 
     def keep(self, grant: SlotGrant) -> bool:
         """Keep ``grant`` held for its dispatcher's next request of its model instead of
-        releasing it (False: release it, another model waits here). Not renewed from now:
-        its lease frees it if the dispatcher goes away."""
+        releasing it (False: release it, another model waits here, or routing is a
+        rotation that every request takes its turn in). Not renewed from now: its lease
+        frees it if the dispatcher goes away."""
+        if self.strategy is routing.Strategy.WEIGHTED_ROUND_ROBIN:
+            return False
         if self._waiting.waiting(lambda models: grant.model not in models):
             return False
         renewed_at = self.slots.unhold(grant)
@@ -119,6 +127,7 @@ class FleetRouter:
             return False
         self._forget_stale()
         self._kept[grant.id] = (grant, renewed_at)
+        self._kept_at[grant.id] = time.monotonic()
         return True
 
     def reuse(self, slot_id: str, models: list[str], external: bool) -> SlotGrant | None:
@@ -126,6 +135,7 @@ class FleetRouter:
         for, no Reserve for another model waits here, its lease needs no renewal and its
         instance still takes the model's work; else it is released (None)."""
         entry = self._kept.pop(slot_id, None)
+        self._kept_at.pop(slot_id, None)
         if entry is None:
             grant = _grant_or_none(slot_id)
             if grant is not None:  # kept by another replica, or lapsed: freed all the same
@@ -150,11 +160,16 @@ class FleetRouter:
         self.release(grant)
         return None
 
+    def _kept_lately(self, grant: SlotGrant) -> bool:
+        """``grant`` was kept less than KEPT_IDLE_SECONDS ago."""
+        return time.monotonic() - self._kept_at.get(grant.id, 0.0) < KEPT_IDLE_SECONDS
+
     def _release_kept(self, keep: Callable[[SlotGrant], bool]) -> None:
         """Release the kept slots ``keep`` refuses (their dispatchers reserve again)."""
         for slot_id, (grant, _) in list(self._kept.items()):
             if not keep(grant):
                 del self._kept[slot_id]
+                self._kept_at.pop(slot_id, None)
                 self.release(grant)
 
     def _forget_stale(self) -> None:
@@ -187,6 +202,7 @@ class FleetRouter:
     def take_kept(self, slot_id: str) -> SlotGrant | None:
         """A slot kept here for its dispatcher, forgotten (it is released)."""
         entry = self._kept.pop(slot_id, None)
+        self._kept_at.pop(slot_id, None)
         return None if entry is None else entry[0]
 
     def _take_turn(self, key: tuple[str, bool]) -> int:
@@ -332,8 +348,10 @@ class FleetRouter:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            # Slots kept for other models' next requests make way for these.
-            self._release_kept(lambda grant: grant.model in models)
+            # Slots kept for other models' next requests make way for these, and so do
+            # slots of these models kept a while: their dispatchers wait for a request
+            # that went elsewhere (another Scheduler replica); one with work is back at once.
+            self._release_kept(lambda grant: grant.model in models and self._kept_lately(grant))
             # Slots freed through other replicas are found by polling.
             await self._waiting.wait(frozenset(models), min(POLL_SECONDS, remaining))
 
@@ -584,11 +602,12 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("input", "one of chat, generate or embed is required")]
             )
-        grant, renewed_at = await self._lookup(request.slot_id)
+        slot_id = request.slot_id
+        if request.reuse_kept_slot:
+            slot_id = await self._kept_or_reserved(request, context)
+        grant, renewed_at = await self._lookup(slot_id)
         if grant is None:
-            raise FailedPrecondition(
-                f"slot {request.slot_id} expired or was released; reserve again"
-            )
+            raise FailedPrecondition(f"slot {slot_id} expired or was released; reserve again")
         if grant.model != request.model:
             raise InvalidArgument(
                 [FieldViolation("model", f"slot {grant.id} is for {grant.model}")]
@@ -605,7 +624,13 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     # caller that stops at the answer never does), so the next request can
                     # start while this one is being finished. Or the one slot stays held
                     # for the caller's next request of the model (keep_slot).
-                    if request.keep_slot and held == [grant] and self.router.keep(grant):
+                    # (Not a slot reserved in place of a kept one: the caller knows its id.)
+                    if (
+                        request.keep_slot
+                        and held == [grant]
+                        and grant.id == request.slot_id
+                        and self.router.keep(grant)
+                    ):
                         event.done.slot_kept = True
                         released = []
                     else:
@@ -614,6 +639,26 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         finally:
             for release in self._release_held(held) if released is None else released:
                 await release  # a caller that reads to the end sees them released
+
+    async def _kept_or_reserved(self, request: pool_pb2.GenerateRequest, context: Context) -> str:
+        """The slot a Generate given a kept slot runs on: that one when a Reserve with
+        reuse_slot_id would grant it again, else (it released) one reserved now."""
+        kept = _grant_or_none(request.slot_id)
+        if kept is None:
+            raise InvalidArgument(
+                [FieldViolation("slot_id", f"{request.slot_id[:60]!r} is not a slot id")]
+            )
+        external = kept.route == request_pb2.ROUTE_EXTERNAL
+        grant = self.router.reuse(request.slot_id, [request.model], external)
+        if grant is None:
+            remaining = context.time_remaining()
+            wait = DEFAULT_WAIT_SECONDS
+            if remaining is not None:
+                wait = max(0.0, min(wait, remaining - 0.2))
+            grant = await self.router.reserve([request.model], kept.holder, external, wait)
+            if grant is None:
+                raise FailedPrecondition(f"no slot for {request.model} freed in time; retry")
+        return grant.id
 
     def _release_held(self, held: list[SlotGrant]) -> list[asyncio.Future[bool]]:
         """Release every slot the request took (failover may have taken several)."""

@@ -53,6 +53,11 @@ RUN_LIMIT_MARGIN_SECONDS = 10.0
 IDLE_REST_SECONDS = 1.0
 #: Most requests' progress written in one pipeline.
 PROGRESS_BATCH = 256
+#: A loop whose slot the Pool kept after an answer, with nothing of its model queued, waits
+#: this long for the model's next request (a client asking again comes within moments)
+#: before giving the slot back: under a steady load each request then skips a Reserve and
+#: a Release, two calls and their slot scripts.
+KEEP_SLOT_SECONDS = 0.5
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
@@ -77,6 +82,8 @@ class DispatchSettings:
     #: After a flow's answer, the next slot of its model is held this long for the flow's
     #: next request when it has been coming back that fast (anticipation.py); 0 = never.
     idle_seconds: float = 0.025
+    #: How long a slot kept after an answer waits for its model's next request.
+    keep_slot_seconds: float = KEEP_SLOT_SECONDS
 
 
 class _Cancelled(Exception):
@@ -93,6 +100,8 @@ class _KeptSlot:
     request of the same model (GenerationDone.slot_kept); None when it holds none."""
 
     slot: pool_pb2.Slot | None = None
+    #: The loop counts as reserving (not while it waits for its model's next request).
+    counted: bool = False
 
 
 class Dispatcher:
@@ -140,6 +149,10 @@ class Dispatcher:
         #: and a loop that finds more work than loops reserving wakes the next: a chain,
         #: not a herd of every idle loop waking for each request.
         self._idle: dict[bool, Waiters[None]] = {False: Waiters(), True: Waiters()}
+        #: Loops holding a kept slot, waiting for the next request of its model (model →
+        #: their futures, the latest last): work of the model wakes the latest first, so
+        #: the slots a load needs stay in use and the others' waits run out.
+        self._kept_waiting: dict[str, list[asyncio.Future[bool]]] = {}
         self._anticipation = Anticipation(settings.idle_seconds)
 
     async def aclose(self) -> None:
@@ -187,7 +200,51 @@ class Dispatcher:
         it on their next look)."""
         self._count_work(model, external, +1)
         self._active = True
+        self._wake_for(model, external)
+
+    def _wake_for(self, model: str, external: bool) -> None:
+        """Work of ``model`` is queued: a loop holding a slot kept for the model runs it
+        (counted as reserving from now), else an idle loop wakes."""
+        waiting = None if external else self._kept_waiting.get(model)
+        while waiting:
+            waiter = waiting.pop()
+            if not waiter.done():
+                self._reserving[False] += 1
+                waiter.set_result(True)
+                return
         self._idle[external].wake_first()
+
+    def _wake_next(self, work: dict[str, int], external: bool) -> None:
+        """More work than loops on it: the next loop starts (one holding a kept slot of a
+        model with work first)."""
+        for model in () if external else work:
+            if self._kept_waiting.get(model):
+                self._wake_for(model, external)
+                return
+        self._idle[external].wake_first()
+
+    async def _await_work(self, model: str) -> bool:
+        """Wait (up to keep_slot_seconds) for a request of ``model`` to be queued, holding
+        a slot kept for it; True when woken for one (then counted as reserving)."""
+        if self._stop.is_set():
+            return False
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        waiting = self._kept_waiting.setdefault(model, [])
+        waiting.append(waiter)
+        timer = loop.call_later(self.settings.keep_slot_seconds, _resolve, waiter, False)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._reserving[False] -= 1  # woken, then cancelled: not reserving after all
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                waiting.remove(waiter)
+            if not waiting and self._kept_waiting.get(model) is waiting:
+                del self._kept_waiting[model]
 
     def _count_work(self, model: str, external: bool, change: int | None) -> None:
         """Move the believed demand by ``change`` (None: the lane was found empty)."""
@@ -215,10 +272,13 @@ class Dispatcher:
             self._active = False
             rest = IDLE_POLL_SECONDS if busy else min(2 * rest, IDLE_POLL_MAX_SECONDS)
             for is_external, work in ((False, local), (True, external)):
-                if self._idle[is_external] and sum(work.values()) > self._reserving[is_external]:
-                    self._idle[is_external].wake_first()
+                if sum(work.values()) > self._reserving[is_external]:
+                    self._wake_next(work, is_external)
         for idle in self._idle.values():  # shutting down: no loop waits out its rest
             idle.wake_all()
+        for waiting in list(self._kept_waiting.values()):
+            for waiter in waiting:
+                _resolve(waiter, False)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -236,7 +296,8 @@ class Dispatcher:
             await self._dispatch_until(stop, external, kept)
         finally:
             if kept.slot is not None:  # shutting down: its slot goes back now
-                self._reserving[external] -= 1
+                if kept.counted:
+                    self._reserving[external] -= 1
                 with contextlib.suppress(Exception):
                     await self._release(kept.slot)
 
@@ -258,30 +319,32 @@ class Dispatcher:
     async def dispatch_one(self, external: bool = False, kept: _KeptSlot | None = None) -> bool:
         """Reserve a slot, claim a request and run it; False when there was nothing to
         do. ``kept``: the slot the Pool kept for this loop after its last answer (given
-        back here when its model has nothing queued), and where the next one is left."""
+        back here when no request of its model comes for it), and where the next one is
+        left."""
         work = self._demand[1 if external else 0]
         reuse: pool_pb2.Slot | None = None
         if kept is not None and kept.slot is not None:
-            reuse, kept.slot = kept.slot, None
-            self._reserving[external] -= 1  # counted as reserving since its answer
-            if not work.get(reuse.model):
-                await self._release(reuse)  # nothing of its model is queued: back to the Pool
-                reuse = None
+            reuse = await self._kept_for_work(kept, work, external)
         # Only as many loops wait for slots as there are requests to run: a herd of idle
         # loops reserving (then releasing) slots for one request costs dozens of scripts.
-        # A loop holding a kept slot runs the next request of its model at once.
         if reuse is None and (not work or self._reserving[external] >= sum(work.values())):
             return False
         self._reserving[external] += 1
         if sum(work.values()) > self._reserving[external]:
-            self._idle[external].wake_first()  # more work than loops on it: start the next
+            self._wake_next(work, external)  # more work than loops on it: start the next
         try:
             claimed = await self._reserve_and_claim(sorted(work), external, reuse)
         finally:
             self._reserving[external] -= 1
         if claimed is None:
+            if reuse is not None and kept is not None:
+                # Another replica took the request: the slot stays kept for the next one.
+                kept.slot, kept.counted = reuse, True
+                self._reserving[external] += 1
+                return True
             return False
         lease, slot = claimed
+        reused = slot is reuse
         waited = max(0, lease.request.started_ms - lease.request.created_ms) / 1000
         metrics.QUEUE_WAIT.labels(slot.model).observe(waited)
         if lease.request.promised_wait_ms and lease.request.attempts == 1:
@@ -298,7 +361,7 @@ class Dispatcher:
             },
         ):
             try:
-                footprint = await self.run_request(lease, slot, kept)
+                footprint = await self.run_request(lease, slot, kept, reused)
             finally:
                 self._anticipation.ended(slot.model, _flow(lease), lease.request.id)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
@@ -309,24 +372,47 @@ class Dispatcher:
         await self.quotas.settle(lease.request.tenant, lease.request.id, footprint)
         return True
 
+    async def _kept_for_work(
+        self, kept: _KeptSlot, work: dict[str, int], external: bool
+    ) -> pool_pb2.Slot | None:
+        """The slot kept for this loop, to run the next request of its model: at once when
+        more is queued than other loops are on, else when a request of the model is
+        queued within keep_slot_seconds; None (given back to the Pool) when none came."""
+        slot = cast(pool_pb2.Slot, kept.slot)
+        self._reserving[external] -= 1  # counted as reserving since its answer
+        kept.counted = False
+        # Other loops are on all that is queued: this one waits for the model's next.
+        covered = not work.get(slot.model) or self._reserving[external] >= sum(work.values())
+        if covered and await self._await_work(slot.model):
+            self._reserving[external] -= 1  # the waker counted this loop: counted again
+        kept.slot = None
+        if work.get(slot.model):
+            return slot
+        await self._release(slot)  # nothing of its model came: back to the Pool
+        return None
+
     async def _release(self, slot: pool_pb2.Slot) -> None:
         await self._pool.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata)
 
     async def _reserve_and_claim(
         self, models: list[str], external: bool, reuse: pool_pb2.Slot | None = None
     ) -> tuple[Lease, pool_pb2.Slot] | None:
-        """A slot for one of ``models`` (``reuse`` again when the Pool allows: it was kept
-        for this loop) and the next request of its model, claimed under a lease (the slot
-        handed back when another replica took the request first). The demand believed
-        here moves before this returns, so a loop that looks meanwhile (still counted as
-        reserving) does not go for the same request."""
+        """A slot for one of ``models`` and the next request of its model, claimed under
+        a lease (the slot handed back when another replica took the request first). With
+        ``reuse`` (kept for this loop after its last answer) the request is claimed for it
+        with no Reserve (the Generate asks the Pool to run on it: reuse_kept_slot) and the
+        slot is the caller's to keep when another replica took the request. The
+        demand believed here moves before this returns, so a loop that looks meanwhile
+        (still counted as reserving) does not go for the same request."""
+        if reuse is not None:
+            lease = await self._claim(reuse.model, external)
+            return None if lease is None else (lease, reuse)
         reply = await self._pool.Reserve(
             pool_pb2.ReserveRequest(
                 models=models,
                 holder=self.holder,
                 route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
                 wait=duration_from_seconds(self.settings.reserve_wait_seconds),
-                reuse_slot_id=reuse.id if reuse is not None else "",
             ),
             metadata=self._metadata,
             timeout=self.settings.reserve_wait_seconds + 5,
@@ -375,11 +461,16 @@ class Dispatcher:
         )
 
     async def run_request(
-        self, lease: Lease, slot: pool_pb2.Slot, kept: _KeptSlot | None = None
+        self,
+        lease: Lease,
+        slot: pool_pb2.Slot,
+        kept: _KeptSlot | None = None,
+        reused: bool = False,
     ) -> Footprint | None:
         """Run a claimed request to its end; what it holds in Redis when it completed
         (None when it ended otherwise). With ``kept``, the slot may stay held for the
-        next request of its model when more are queued (left in ``kept``)."""
+        next request of its model when more are queued (left in ``kept``); ``reused``:
+        ``slot`` is one kept after the loop's last answer, not reserved for this one."""
         submit = scheduler_pb2.SubmitRequest.FromString(lease.request.payload)
         generate = pool_pb2.GenerateRequest(
             slot_id=slot.id,
@@ -390,6 +481,7 @@ class Dispatcher:
             # A caller who reads only the result gets no tokens streamed: none are sent.
             stream=not submit.result_only,
             keep_slot=kept is not None and self._worth_keeping(slot),
+            reuse_kept_slot=reused,
         )
         kind = submit.WhichOneof("input")
         if kind is not None:
@@ -454,7 +546,7 @@ class Dispatcher:
             )
             return footprint
         await self.store.progress_events(lease, pending)  # what it said before it failed
-        await self._handle_error(lease, work_or_error)
+        await self._handle_error(lease, work_or_error, reused)
         return None
 
     async def _drain_deadline(self) -> None:
@@ -526,6 +618,7 @@ class Dispatcher:
                         # Held for this loop's next request: it counts as a loop reserving,
                         # so work queued meanwhile does not wake another loop to reserve.
                         keeping[1].slot = keeping[0]
+                        keeping[1].counted = True
                         self._reserving[False] += 1
                     self._answered(lease)  # the Pool freed its slot (or kept it for this loop)
                     return _finished(lease, reply.done, time.monotonic() - started)
@@ -533,9 +626,18 @@ class Dispatcher:
             return error
         return cast(grpc.aio.AioRpcError, _StreamEnded())
 
-    async def _handle_error(self, lease: Lease, error: grpc.aio.AioRpcError) -> None:
+    async def _handle_error(
+        self, lease: Lease, error: grpc.aio.AioRpcError, reused: bool = False
+    ) -> None:
         code = error.code()
         details = error.details() or code.name
+        external = lease.request.route == request_pb2.ROUTE_EXTERNAL
+        if reused and code == grpc.StatusCode.FAILED_PRECONDITION:
+            # The kept slot was not the Pool's to give again and no other freed in time:
+            # nothing ran, so it goes back to its place as it was, no attempt counted.
+            if await self.store.requeue(lease, details):
+                self.notify_work(lease.request.model, external)
+            return
         retryable = (
             grpc.StatusCode.UNAVAILABLE,  # no instance could run it
             grpc.StatusCode.FAILED_PRECONDITION,  # its slot expired
@@ -556,7 +658,6 @@ class Dispatcher:
                 lease, details, count_attempt=True, backoff_ms=backoff_ms
             )
             if requeued and backoff_ms == 0:
-                external = lease.request.route == request_pb2.ROUTE_EXTERNAL
                 self.notify_work(lease.request.model, external)
             return
         metrics.REQUESTS.labels(lease.request.model, "failed").inc()
@@ -704,6 +805,11 @@ async def _stop_heartbeat(
     await asyncio.wait({watcher}, timeout=HEARTBEAT_STOP_SECONDS)
     if watcher.done():
         _retrieve(watcher)
+
+
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _retrieve(watcher: asyncio.Task[_Cancelled | None]) -> None:

@@ -256,6 +256,56 @@ async def test_metrics_are_exposed_and_move_under_load(stack: LocalStack, client
     assert "process_resident_memory_bytes" in after
 
 
+async def test_a_steady_load_runs_on_kept_slots_with_no_reserve_per_request(
+    stack: LocalStack,
+    clients: tuple,  # type: ignore[type-arg]
+) -> None:
+    """Callers asking again as soon as they are answered: after the first requests each one
+    runs on the slot its loop kept after the last answer, with no Reserve or Release."""
+    import httpx
+
+    if "pool" not in stack.metrics_urls:
+        pytest.skip("usher serve: the Pool is called in process, its calls are not counted")
+    scheduler, notifier = clients
+
+    async def calls(method: str) -> float:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(stack.metrics_urls["pool"])).text
+        return _sample(text, "usher_grpc_server_calls_total", method=method)
+
+    async def caller(worker: int) -> None:
+        for n in range(10):
+            submitted = await scheduler.Submit(
+                generate(f"steady {worker} {n}"), metadata=auth("carol")
+            )
+            watch = notifier_pb2.WatchRequest(
+                id=submitted.request.id, model=submitted.request.model, final_only=True
+            )
+            updates = [u async for u in notifier.Watch(watch, metadata=auth("carol"), timeout=60)]
+            assert updates[-1].kind == K.UPDATE_KIND_COMPLETED
+
+    reserve, release = "/usher.v1.PoolService/Reserve", "/usher.v1.PoolService/Release"
+    before = (await calls(reserve), await calls(release))
+    await asyncio.gather(*(caller(w) for w in range(4)))
+    after = (await calls(reserve), await calls(release))
+    # 40 requests: a Reserve each before slots were kept across requests.
+    assert after[0] - before[0] <= 20
+    assert after[1] - before[1] <= 20
+    # No request comes for the kept slots: they go back to the Pool within moments.
+    from usher.v1 import pool_pb2, pool_pb2_grpc
+
+    async with grpc.aio.insecure_channel(stack.pool_address) as channel:
+        pool = pool_pb2_grpc.PoolServiceStub(channel)
+        for _ in range(40):
+            listed = await pool.ListInstances(
+                pool_pb2.ListInstancesRequest(), metadata=auth("admin")
+            )
+            if not any(i.active for i in listed.instances):
+                break
+            await asyncio.sleep(0.1)
+        assert [i.active for i in listed.instances] == [0] * len(listed.instances)
+
+
 async def test_notifier_replicas_work_side_by_side(stack: LocalStack, clients: tuple) -> None:  # type: ignore[type-arg]
     scheduler, first = clients
     if len(stack.notifiers) < 2:

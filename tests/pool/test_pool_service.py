@@ -583,3 +583,77 @@ async def test_a_kept_slot_released_by_its_holder_is_free(
         events = await run(pool)
         assert not events[-1].done.slot_kept
         assert await slots_held(redis_client) == 0
+
+
+async def test_a_generate_runs_on_its_kept_slot_with_no_reserve_or_on_a_new_one(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
+    async with (
+        EmulatorFleet([fast_emulator_config(models=small)]) as fleet,
+        make_pool(fleet.urls, parallel=1) as pool,
+    ):
+        registry = pool.app.registry
+        for state in registry.instances.values():
+            state.spec = state.spec.replace(max_loaded_models=1)
+        slot = await reserve(pool)
+        request = generate_request(slot)
+        request.keep_slot = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.slot_kept
+
+        # Run on it again straight away (parallel=1: it is the instance's one slot), and
+        # kept again.
+        request = generate_request(slot)
+        request.keep_slot = request.reuse_kept_slot = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.result.text and events[-1].done.slot_kept
+        assert await slots_held(redis_client) == 1
+
+        # Another model took the instance's slot meanwhile: the kept one went to it, so
+        # the request waits for a slot reserved for it (freed when the other is done);
+        # that one is not kept (its id is not the one its caller holds).
+        other = await reserve(pool, "qwen2.5:0.5b", wait=2.0)
+        assert await slots_held(redis_client) == 0
+        request = generate_request(slot)
+        request.keep_slot = request.reuse_kept_slot = True
+        running = asyncio.ensure_future(
+            _collect(pool.stub.Generate(request, metadata=SVC, timeout=5))
+        )
+        await asyncio.sleep(0.2)
+        assert not running.done()  # waiting for the instance's one slot
+        await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=other.id), metadata=SVC)
+        events = await running
+        assert events[-1].done.result.text and not events[-1].done.slot_kept
+        assert await slots_held(redis_client) == 0
+
+        # None frees within the call's deadline: FAILED_PRECONDITION, nothing ran.
+        other = await reserve(pool, "qwen2.5:0.5b", wait=2.0)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _collect(pool.stub.Generate(request, metadata=SVC, timeout=0.5))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=other.id), metadata=SVC)
+
+
+async def test_a_slot_kept_a_while_makes_way_for_a_reserve_of_its_model(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    """Its dispatcher had no request for it (another Scheduler replica got the model's next
+    one, and reserves here): the kept slot is given up to that Reserve within moments."""
+    async with (
+        EmulatorFleet([fast_emulator_config()]) as fleet,
+        make_pool(fleet.urls[:1], parallel=1) as pool,
+    ):
+        slot = await reserve(pool)
+        request = generate_request(slot)
+        request.keep_slot = True
+        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
+        assert events[-1].done.slot_kept
+        began = time.monotonic()
+        granted = await reserve(pool, wait=2.0)
+        assert granted.id != slot.id and time.monotonic() - began < 1.0
+        await pool.stub.Release(pool_pb2.ReleaseRequest(slot_id=granted.id), metadata=SVC)
+
+
+async def _collect(call: Any) -> list[pool_pb2.GenerateResponse]:
+    return [e async for e in call]

@@ -422,6 +422,7 @@ class GenerateRequest(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     KEEP_SLOT_FIELD_NUMBER: _builtins.int
+    REUSE_KEPT_SLOT_FIELD_NUMBER: _builtins.int
     slot_id: _builtins.str
     request_id: _builtins.str
     model: _builtins.str
@@ -432,8 +433,16 @@ class GenerateRequest(_message.Message):
     keep_slot: _builtins.bool
     """The caller has more requests of this model queued: after a successful answer the
     slot may stay held for it (GenerationDone.slot_kept) instead of being released, until
-    it reserves again with ReserveRequest.reuse_slot_id or releases it. A kept slot is not
-    renewed: its lease frees it if the caller goes away.
+    it runs another request on it (reuse_kept_slot), reserves again with
+    ReserveRequest.reuse_slot_id or releases it. A kept slot is not renewed: its lease
+    frees it if the caller goes away.
+    """
+    reuse_kept_slot: _builtins.bool
+    """slot_id is a slot this caller kept after an answer (GenerationDone.slot_kept): the
+    request runs on it with no Reserve first when a Reserve with reuse_slot_id would have
+    granted it again; otherwise it is released and the request runs on a slot reserved
+    for it here (waiting as a Reserve does, within the call's deadline), or the call fails
+    with FAILED_PRECONDITION before anything ran when none frees.
     """
     @_builtins.property
     def chat(self) -> _request_pb2.ChatInput: ...
@@ -463,10 +472,11 @@ class GenerateRequest(_message.Message):
         stream: _builtins.bool = ...,
         timeout: _duration_pb2.Duration | None = ...,
         keep_slot: _builtins.bool = ...,
+        reuse_kept_slot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "keep_slot", b"keep_slot", "model", b"model", "options", b"options", "request_id", b"request_id", "slot_id", b"slot_id", "stream", b"stream", "timeout", b"timeout", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "embed", b"embed", "generate", b"generate", "input", b"input", "keep_slot", b"keep_slot", "model", b"model", "options", b"options", "request_id", b"request_id", "reuse_kept_slot", b"reuse_kept_slot", "slot_id", b"slot_id", "stream", b"stream", "timeout", b"timeout", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
