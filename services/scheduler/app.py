@@ -99,6 +99,7 @@ class SchedulerApp:
             )
         if self.dispatcher is not None:
             public.on_queued = self.dispatcher.notify_submitted
+            public.expect = self.dispatcher.expect
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 

@@ -10,6 +10,7 @@ closes the Generate stream, which stops the model server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import os
@@ -22,19 +23,26 @@ import grpc
 
 from services.scheduler.anticipation import Anticipation
 from services.scheduler.quotas import Footprint, Quotas
-from services.scheduler.store import FinishedWork, Lease, ProgressEvent, QueueStore
+from services.scheduler.store import (
+    FinishedWork,
+    Lease,
+    NewRequest,
+    ProgressEvent,
+    QueueStore,
+    SubmitOutcome,
+)
 from usher import keys, metrics, tracing
 from usher.backoff import exponential_backoff
 from usher.batching import Coalescer
 from usher.keys import ModelKeys
 from usher.logs import get_logger
-from usher.queue.fairness import flow_key
+from usher.queue.fairness import flow_key, priority_class
 from usher.structs import duration_from_seconds
 from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 from usher.waiters import Waiters
 
-__all__ = ["DispatchSettings", "Dispatcher", "ProgressBuffer", "ProgressWriter"]
+__all__ = ["DispatchSettings", "Dispatcher", "Expected", "ProgressBuffer", "ProgressWriter"]
 
 log = get_logger(__name__)
 
@@ -58,6 +66,12 @@ PROGRESS_BATCH = 256
 #: before giving the slot back: under a steady load each request then skips a Reserve and
 #: a Release, two calls and their slot scripts.
 KEEP_SLOT_SECONDS = 0.5
+#: Longest a loop holding a slot waits for an expected Submit before it looks again (a
+#: safety net: the Submit's end wakes it).
+PARK_SECONDS = 1.0
+#: Longest a Submit's enqueue waits for a loop's Reserve made for it (a safety net: that
+#: Reserve asks for a slot free now, one round trip).
+LANDING_SECONDS = 0.1
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
@@ -102,6 +116,47 @@ class _KeptSlot:
     slot: pool_pb2.Slot | None = None
     #: The loop counts as reserving (not while it waits for its model's next request).
     counted: bool = False
+
+
+#: What a parked loop is told to do: claim on its own (the Submit's claim did not run).
+_CLAIM = False
+
+
+@dataclass(slots=True, eq=False)
+class _Parked:
+    """A loop holding a slot of a model, waiting for a Submit expected here (``expect``).
+    Taken by a Submit, it is handed the claim that rode the enqueue: a lease, None (nothing
+    to claim) or _CLAIM; untaken, _CLAIM wakes it to look again."""
+
+    handed: asyncio.Future[Lease | bool | None]
+    taken: bool = False
+
+
+class Expected:
+    """A Submit on its way to the queue through this replica (``Dispatcher.expect``): its
+    enqueue goes through ``enqueue``, and ``end`` (when it ends otherwise; a no-op after
+    the enqueue) says no request comes of it."""
+
+    __slots__ = ("_dispatcher", "_open", "model")
+
+    def __init__(self, dispatcher: Dispatcher, model: str) -> None:
+        self._dispatcher = dispatcher
+        self.model = model
+        self._open = True
+
+    async def enqueue(self, request: NewRequest) -> SubmitOutcome:
+        """Queue ``request`` (``QueueStore.submit``): a loop already holding a slot of its
+        model claims beside the enqueue, in the same round trip."""
+        return await self._dispatcher.enqueue(self, request)
+
+    def end(self, parked: _Parked | None = None) -> bool:
+        """The expectation is over (``parked``: the loop its claim went to); False when it
+        already was."""
+        if not self._open:
+            return False
+        self._open = False
+        self._dispatcher.expectation_ended(self.model, parked)
+        return True
 
 
 class Dispatcher:
@@ -154,6 +209,15 @@ class Dispatcher:
         #: the slots a load needs stay in use and the others' waits run out.
         self._kept_waiting: dict[str, list[asyncio.Future[bool]]] = {}
         self._anticipation = Anticipation(settings.idle_seconds)
+        #: model → Submits through this replica admitted or being admitted and not queued
+        #: yet (``expect``): counted as work, so a loop reserves a slot beside them.
+        self._expected: dict[str, int] = {}
+        #: model → loops holding a slot of it and waiting for an expected Submit, oldest first.
+        self._parked: dict[str, collections.deque[_Parked]] = {}
+        #: Loops whose Reserve for expected Submits is under way, and the enqueues waiting
+        #: for one to land (its slot can take their claim along).
+        self._speculating = 0
+        self._landings: Waiters[None] = Waiters()
 
     async def aclose(self) -> None:
         if self._channel is not None:
@@ -195,6 +259,145 @@ class Dispatcher:
         self._anticipation.arrived(model, flow, request_id)
         self.notify_work(model)
 
+    async def expect(self, model: str) -> Expected:
+        """A Submit of ``model`` through this replica is on its way (admission, then the
+        enqueue). A loop starts reserving a slot for it now, beside that work rather than
+        after it; one that holds the slot by the enqueue has its claim ride the enqueue's
+        round trip (``enqueue``). The Submit ends the expectation whatever comes of it."""
+        self._expected[model] = self._expected.get(model, 0) + 1
+        self._active = True
+        if self._wake_for(model, False):
+            # The woken loop (holding a slot kept for the model, or sending its Reserve)
+            # waits with its slot before the Submit's admission goes out: by the enqueue it
+            # is in hand, and the claim can ride the enqueue.
+            await asyncio.sleep(0)
+        return Expected(self, model)
+
+    async def enqueue(self, expected: Expected, request: NewRequest) -> SubmitOutcome:
+        """``QueueStore.submit`` for an expected Submit; a loop parked with a slot of the
+        model claims in the same round trip and is handed the lease. The request is told to
+        the loops (``notify_submitted``) before any of them runs."""
+        parked = self._take_parked(request.model)
+        if parked is None and self._speculating:
+            # A loop's Reserve for the expected Submits is under way (a slot free now or
+            # none: one round trip): waiting for it lets the claim ride this enqueue.
+            await self._landings.wait(None, LANDING_SECONDS)
+            parked = self._take_parked(request.model)
+        if parked is None:
+            try:
+                outcome = await self.store.submit(request)
+            except BaseException:
+                expected.end()
+                raise
+            self._enqueued(expected, request, outcome, None)
+            return outcome
+        run = asyncio.ensure_future(self.store.submit(request, claim_for=self.holder))
+        try:
+            outcome = await asyncio.shield(run)
+        except asyncio.CancelledError:
+            # The caller went away; its enqueue and the claim go on, and the claim still
+            # reaches its loop (a lease left unrun would hold the request a lease long).
+            run.add_done_callback(lambda done: self._landed(expected, request, parked, done))
+            raise
+        except Exception:
+            self._landed(expected, request, parked, run)
+            raise
+        self._enqueued(expected, request, outcome, parked)
+        return outcome
+
+    def _landed(
+        self,
+        expected: Expected,
+        request: NewRequest,
+        parked: _Parked,
+        run: asyncio.Future[SubmitOutcome],
+    ) -> None:
+        if run.cancelled() or run.exception() is not None:
+            _hand(parked, _CLAIM)  # what ran is unknown: the loop claims itself
+            expected.end(parked)
+        else:
+            self._enqueued(expected, request, run.result(), parked)
+
+    def _enqueued(
+        self,
+        expected: Expected,
+        request: NewRequest,
+        outcome: SubmitOutcome,
+        parked: _Parked | None,
+    ) -> None:
+        """An expected Submit's enqueue answered: the loops are told what it queued, then
+        the parked loop whose claim rode along is handed it."""
+        model = request.model
+        if outcome.status == "queued":
+            flow = flow_key(request.tenant, priority_class(request.priority))
+            self._anticipation.arrived(model, flow, outcome.request_id)
+            self._count_work(model, False, +1)
+        claimed = outcome.claimed
+        if parked is not None:
+            if claimed is not _CLAIM:
+                self._count_work(model, False, None if claimed is None else -1)
+            _hand(parked, claimed)
+        expected.end(parked)
+        if outcome.status == "queued" and parked is None:
+            self._wake_for(model, False)
+
+    def expectation_ended(self, model: str, parked: _Parked | None) -> None:
+        """One Submit expected for ``model`` is over; ``parked``: the loop its claim went
+        to. Otherwise a parked loop looks again (all of them once none is expected)."""
+        left = self._expected.get(model, 0) - 1
+        if left > 0:
+            self._expected[model] = left
+        else:
+            self._expected.pop(model, None)
+        waiting = self._parked.get(model)
+        while waiting and (parked is None or left <= 0):
+            woken = waiting.popleft()
+            if not woken.handed.done():
+                woken.handed.set_result(_CLAIM)
+                if left > 0:
+                    break
+        if waiting is not None and not waiting:
+            del self._parked[model]
+
+    def _take_parked(self, model: str) -> _Parked | None:
+        """The oldest loop parked with a slot of ``model``, now the Submit's to hand over."""
+        waiting = self._parked.get(model)
+        while waiting:
+            parked = waiting.popleft()
+            if not parked.handed.done():
+                parked.taken = True
+                if not waiting:
+                    del self._parked[model]
+                return parked
+        self._parked.pop(model, None)
+        return None
+
+    async def _wait_for_submit(self, model: str) -> Lease | bool | None:
+        """With a slot of ``model`` in hand and nothing of it believed queued, while a
+        Submit of it is expected here: wait for it. Its enqueue brings the claim that rode
+        along (a lease, or None: nothing to claim). _CLAIM: claim now, as work is queued or
+        nothing was waited for; None: the expected Submits queued nothing."""
+        waited = False
+        while not self._demand[0].get(model) and self._expected.get(model):
+            if self._stop.is_set():
+                break
+            waited = True
+            parked = _Parked(asyncio.get_running_loop().create_future())
+            self._parked.setdefault(model, collections.deque()).append(parked)
+            try:
+                await asyncio.wait({parked.handed}, timeout=PARK_SECONDS)
+            finally:
+                waiting = self._parked.get(model)
+                if waiting is not None and parked in waiting:
+                    waiting.remove(parked)
+                    if not waiting:
+                        del self._parked[model]
+            if parked.taken:
+                return await parked.handed  # a Submit took it: it always hands over
+        if waited and not self._demand[0].get(model):
+            return None
+        return _CLAIM
+
     def notify_work(self, model: str, external: bool = False) -> None:
         """A request was just queued here: wake the idle loops (other replicas' loops find
         it on their next look)."""
@@ -202,17 +405,17 @@ class Dispatcher:
         self._active = True
         self._wake_for(model, external)
 
-    def _wake_for(self, model: str, external: bool) -> None:
+    def _wake_for(self, model: str, external: bool) -> bool:
         """Work of ``model`` is queued: a loop holding a slot kept for the model runs it
-        (counted as reserving from now), else an idle loop wakes."""
+        (counted as reserving from now), else an idle loop wakes; False: none was idle."""
         waiting = None if external else self._kept_waiting.get(model)
         while waiting:
             waiter = waiting.pop()
             if not waiter.done():
                 self._reserving[False] += 1
                 waiter.set_result(True)
-                return
-        self._idle[external].wake_first()
+                return True
+        return self._idle[external].wake_first()
 
     def _wake_next(self, work: dict[str, int], external: bool) -> None:
         """More work than loops on it: the next loop starts (one holding a kept slot of a
@@ -279,6 +482,10 @@ class Dispatcher:
         for waiting in list(self._kept_waiting.values()):
             for waiter in waiting:
                 _resolve(waiter, False)
+        for still in self._parked.values():
+            for parked in still:
+                if not parked.handed.done() and not parked.taken:
+                    parked.handed.set_result(_CLAIM)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
@@ -321,10 +528,11 @@ class Dispatcher:
         do. ``kept``: the slot the Pool kept for this loop after its last answer (given
         back here when no request of its model comes for it), and where the next one is
         left."""
-        work = self._demand[1 if external else 0]
+        work = self._work(external)
         reuse: pool_pb2.Slot | None = None
         if kept is not None and kept.slot is not None:
             reuse = await self._kept_for_work(kept, work, external)
+            work = self._work(external)
         # Only as many loops wait for slots as there are requests to run: a herd of idle
         # loops reserving (then releasing) slots for one request costs dozens of scripts.
         if reuse is None and (not work or self._reserving[external] >= sum(work.values())):
@@ -332,8 +540,17 @@ class Dispatcher:
         self._reserving[external] += 1
         if sum(work.values()) > self._reserving[external]:
             self._wake_next(work, external)  # more work than loops on it: start the next
+        # A loop beyond the requests believed queued reserves for the Submits expected here:
+        # for their models, a slot free now only (a Submit's enqueue may wait for it).
+        speculative = (
+            reuse is None
+            and not external
+            and sum(self._demand[0].values()) < self._reserving[False]
+        )
         try:
-            claimed = await self._reserve_and_claim(sorted(work), external, reuse)
+            claimed = await self._reserve_and_claim(
+                sorted(self._expected if speculative else work), external, reuse, speculative
+            )
         finally:
             self._reserving[external] -= 1
         if claimed is None:
@@ -386,16 +603,32 @@ class Dispatcher:
         if covered and await self._await_work(slot.model):
             self._reserving[external] -= 1  # the waker counted this loop: counted again
         kept.slot = None
-        if work.get(slot.model):
+        if self._work(external).get(slot.model):  # queued or expected here by now
             return slot
         await self._release(slot)  # nothing of its model came: back to the Pool
         return None
+
+    def _work(self, external: bool) -> dict[str, int]:
+        """Requests per model a loop may reserve a slot for: those believed queued, and on
+        the local lane the Submits expected here."""
+        if external:
+            return self._demand[1]
+        if not self._expected:
+            return self._demand[0]
+        work = dict(self._demand[0])
+        for model, count in self._expected.items():
+            work[model] = work.get(model, 0) + count
+        return work
 
     async def _release(self, slot: pool_pb2.Slot) -> None:
         await self._pool.Release(pool_pb2.ReleaseRequest(slot_id=slot.id), metadata=self._metadata)
 
     async def _reserve_and_claim(
-        self, models: list[str], external: bool, reuse: pool_pb2.Slot | None = None
+        self,
+        models: list[str],
+        external: bool,
+        reuse: pool_pb2.Slot | None = None,
+        speculative: bool = False,
     ) -> tuple[Lease, pool_pb2.Slot] | None:
         """A slot for one of ``models`` and the next request of its model, claimed under
         a lease (the slot handed back when another replica took the request first). With
@@ -403,20 +636,29 @@ class Dispatcher:
         with no Reserve (the Generate asks the Pool to run on it: reuse_kept_slot) and the
         slot is the caller's to keep when another replica took the request. The
         demand believed here moves before this returns, so a loop that looks meanwhile
-        (still counted as reserving) does not go for the same request."""
+        (still counted as reserving) does not go for the same request. ``speculative``:
+        for Submits expected here, a slot free now or none."""
         if reuse is not None:
             lease = await self._claim(reuse.model, external)
             return None if lease is None else (lease, reuse)
-        reply = await self._pool.Reserve(
-            pool_pb2.ReserveRequest(
-                models=models,
-                holder=self.holder,
-                route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
-                wait=duration_from_seconds(self.settings.reserve_wait_seconds),
-            ),
-            metadata=self._metadata,
-            timeout=self.settings.reserve_wait_seconds + 5,
-        )
+        wait = 0.0 if speculative else self.settings.reserve_wait_seconds
+        self._speculating += speculative
+        try:
+            reply = await self._pool.Reserve(
+                pool_pb2.ReserveRequest(
+                    models=models,
+                    holder=self.holder,
+                    route=request_pb2.ROUTE_EXTERNAL if external else request_pb2.ROUTE_LOCAL,
+                    wait=duration_from_seconds(wait),
+                ),
+                metadata=self._metadata,
+                timeout=wait + 5,
+            )
+        finally:
+            if speculative:
+                self._speculating -= 1
+                # Woken now, they run after this loop has parked with its slot (below).
+                self._landings.wake_all()
         if not reply.HasField("slot"):
             return None
         slot = reply.slot
@@ -432,6 +674,14 @@ class Dispatcher:
         first = None if external else await self._anticipation.first_claim(model)
         if first is not None:
             metrics.SLOT_HOLDS.labels(model, "arrived" if first else "ran_out").inc()
+        elif not external:
+            handed = await self._wait_for_submit(model)
+            if handed is not _CLAIM:  # claimed beside an enqueue (the demand moved there)
+                lease = cast(Lease | None, handed)
+                self._active = True
+                if lease is not None:
+                    self._anticipation.started(model, _flow(lease), lease.request.id)
+                return lease
         lease = await self.store.claim(model, self.holder, external=external, first=first or "")
         self._count_work(model, external, None if lease is None else -1)
         self._active = True
@@ -825,6 +1075,13 @@ class _StreamEnded(grpc.aio.AioRpcError):
             grpc.aio.Metadata(),
             details="the pool closed the stream without a result",
         )
+
+
+def _hand(parked: _Parked, claimed: Lease | bool | None) -> None:
+    """Give ``parked`` what its Submit's claim got (unless its loop stopped waiting: a
+    lease no loop runs is handed back by the reaper when it runs out)."""
+    if not parked.handed.done():
+        parked.handed.set_result(claimed)
 
 
 def _flow(lease: Lease) -> str:

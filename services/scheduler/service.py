@@ -9,9 +9,9 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind
 
@@ -82,6 +82,15 @@ def _page_offset(token: str) -> int:
     return offset
 
 
+class Expected(Protocol):
+    """A Submit this replica's dispatcher was told of before its admission (it reserves a
+    slot beside it): the enqueue goes through it, and ``end`` closes it however it ends."""
+
+    async def enqueue(self, request: NewRequest) -> SubmitOutcome: ...
+
+    def end(self) -> bool: ...
+
+
 class _Handlers:
     def __init__(
         self,
@@ -99,6 +108,10 @@ class _Handlers:
         #: Called with the model, the request's fairness flow and its id when a request is
         #: queued (wakes local dispatchers, or a slot held for the flow).
         self.on_queued: Callable[[str, str, str], None] | None = None
+        #: Called with the model when a Submit is about to be admitted and queued (a local
+        #: dispatcher reserves a slot meanwhile, and claims beside the enqueue); its queued
+        #: request is then told through the returned Expected, not ``on_queued``.
+        self.expect: Callable[[str], Awaitable[Expected]] | None = None
 
     async def _model_fallback(self, model: str) -> int:
         """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
@@ -137,14 +150,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             raise InvalidArgument(violations)
         await self._refresh(request.model, caller)
         request.model = await self._served_name(request.model)
-        tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
-        new = await self._new_request(request, caller, tenant_limits, now)
-        await self._admit(new, tenant_limits)
-        with self._enqueue_span(new):
-            # The trace continues from here when a dispatcher claims the request.
-            traceparent = tracing.current_traceparent() or request.traceparent
-            outcome = await self.store.submit(replace(new, traceparent=traceparent))
-        return await self._answer(request, new, outcome, caller, tenant_limits)
+        expected = await self.expect(request.model) if self.expect is not None else None
+        try:
+            tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
+            new = await self._new_request(request, caller, tenant_limits, now)
+            await self._admit(new, tenant_limits)
+            with self._enqueue_span(new):
+                # The trace continues from here when a dispatcher claims the request.
+                traceparent = tracing.current_traceparent() or request.traceparent
+                new = replace(new, traceparent=traceparent)
+                if expected is not None:
+                    outcome = await expected.enqueue(new)
+                else:
+                    outcome = await self.store.submit(new)
+        finally:
+            if expected is not None:
+                expected.end()
+        return await self._answer(
+            request, new, outcome, caller, tenant_limits, told=expected is not None
+        )
 
     async def SubmitBatch(
         self, request: scheduler_pb2.SubmitBatchRequest, context: Context
@@ -269,10 +293,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         outcome: SubmitOutcome,
         caller: Principal,
         tenant_limits: Limits,
+        told: bool = False,
     ) -> scheduler_pb2.SubmitResponse:
-        """Count, audit and answer one submitted request (RESOURCE_EXHAUSTED when full)."""
+        """Count, audit and answer one submitted request (RESOURCE_EXHAUSTED when full);
+        ``told``: the dispatcher knows of it already (``expect``)."""
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
-        if outcome.status == "queued" and self.on_queued is not None:
+        if outcome.status == "queued" and self.on_queued is not None and not told:
             flow = fairness.flow_key(new.tenant, fairness.priority_class(new.priority))
             self.on_queued(request.model, flow, outcome.request_id)
         self.audit.record(

@@ -150,6 +150,10 @@ class SubmitOutcome:
     #: With ``request``: the model's averages and slots for its ETA, with the fair clock and
     #: running count as the enqueue saw them (no read of its own).
     averages: tuple[ModelAverages, int] | None = None
+    #: A claim rode the enqueue's round trip (``submit``'s ``claim_for``) and ran: its lease,
+    #: None when the queue had nothing to claim. False: no claim ran (none asked, or it
+    #: failed; nothing was claimed then).
+    claimed: Lease | bool | None = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,20 +459,43 @@ class QueueStore(QueueReader):
         self._slow_averages.pop(model, None)
         self._configs.pop(model, None)
 
-    async def submit(self, request: NewRequest) -> SubmitOutcome:
-        """Queue ``request`` (or find the request it repeats or shares) in one round trip."""
+    async def submit(self, request: NewRequest, claim_for: str = "") -> SubmitOutcome:
+        """Queue ``request`` (or find the request it repeats or shares) in one round trip.
+
+        ``claim_for``: a dispatcher holding a slot of the model and waiting for work. Its
+        claim of the model's next request in fair order (``claim``) rides the same round
+        trip, after the enqueue: the request queued just now when the queue was empty. The
+        lease is in the outcome's ``claimed``; a claim that failed is no error of the
+        Submit (the request is queued: the dispatcher claims on its own)."""
         prepared = await self._prepare(request)
+        token = secrets.token_hex(8) if claim_for else ""
+        built = 0
 
         def build(pipe: Pipeline) -> None:
+            nonlocal built
+            built += 1
             self._index(pipe, prepared)
             self._queue_script(pipe, "enqueue", request.model, prepared.args)
+            if claim_for and built == 1:  # never twice: a repeat could take a second request
+                args = [self.defaults.lease_ms, claim_for, token, "1", ""]
+                self._queue_script(pipe, "claim", request.model, args)
             if self.defaults.wait_replicas:
                 self._queue_wait(pipe, request.model)
 
-        replies = await self._execute(build)
+        replies = await self._execute(build, raise_on_error=not claim_for)
+        claimed: Lease | bool | None = False
+        if claim_for and built == 1:
+            flat = replies.pop(-2 if self.defaults.wait_replicas else -1)
+            if isinstance(flat, Exception):
+                log.warning("claim beside an enqueue failed", model=request.model, error=str(flat))
+            else:
+                claimed = self._lease(flat, token, claim_for)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         if self.defaults.wait_replicas:
             self._check_replicated(int(replies.pop()))
-        return await self._outcome(prepared, replies[-1])
+        return replace(await self._outcome(prepared, replies[-1]), claimed=claimed)
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
         """Queue every request of one model, or none: the outcomes in order, or (nothing
@@ -866,6 +893,10 @@ class QueueStore(QueueReader):
             ],
             client=self.redis,
         )
+        return self._lease(flat, token, owner)
+
+    def _lease(self, flat: Any, token: str, owner: str) -> Lease | None:
+        """The lease a claim script's reply gives (None: nothing was claimed)."""
         if not flat:
             return None
         raw = pairs(flat)

@@ -161,17 +161,24 @@ class QueueReader:
         mk = ModelKeys(model)
         pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
 
-    async def _execute(self, build: Callable[[Pipeline], None]) -> list[Any]:
-        """Run a pipeline; if Redis lost its script cache (a restart), load and run it again.
-        Every command in our pipelines is safe to repeat."""
+    async def _execute(
+        self, build: Callable[[Pipeline], None], *, raise_on_error: bool = True
+    ) -> list[Any]:
+        """Run a pipeline; if Redis lost its script cache (a restart), load and run it again
+        (``build`` is called again). Every command in our pipelines is safe to repeat.
+        ``raise_on_error`` False: an error stands in place of a command that failed."""
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 build(pipe)
                 try:
-                    return list(await pipe.execute())
+                    replies = list(await pipe.execute(raise_on_error=raise_on_error))
                 except NoScriptError:
                     if attempt == 2:
                         raise
+                else:
+                    lost = any(isinstance(reply, NoScriptError) for reply in replies)
+                    if not lost or attempt == 2:
+                        return replies
             for script in self._scripts.by_name.values():
                 await self.redis.script_load(script.script)
         raise AssertionError("unreachable")

@@ -1,0 +1,159 @@
+"""A Submit expected by the dispatcher (``Dispatcher.expect``) on a real Redis: a loop
+holding a slot of the model takes the claim that rides the enqueue's round trip, in fair
+order, and nothing is claimed twice or left leased when the Submit queues nothing or its
+caller goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from services.scheduler.dispatcher import Dispatcher, DispatchSettings, _KeptSlot
+from services.scheduler.quotas import Quotas
+from services.scheduler.store import Lease, QueueStore
+from tests.scheduler.factories import new_request
+from usher.keys import ModelKeys
+from usher.queue.records import QUEUED, RUNNING
+from usher.v1 import pool_pb2
+
+MODEL = "llama3.2"
+
+
+async def dispatcher(store: QueueStore, redis_client: aioredis.Redis) -> Dispatcher:
+    # A slot is taken as in hand (Dispatcher._claim): the Pool is never called. The
+    # scripts are loaded (another model's request queued, a claim of an empty queue), as
+    # in a running service.
+    await store.submit(new_request(model="warm"))
+    assert await store.claim(MODEL, "warm") is None
+    return Dispatcher(
+        store, Quotas(redis_client), DispatchSettings("unused:1", "t"), pool=cast(Any, object())
+    )
+
+
+async def parked(loops: Dispatcher) -> asyncio.Task[Lease | None]:
+    """A loop with a slot of MODEL in hand, waiting for the expected Submit."""
+    claim = asyncio.create_task(loops._claim(MODEL, external=False))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert loops._parked.get(MODEL), "the loop waits for the Submit"
+    return claim
+
+
+async def test_the_claim_rides_the_enqueue_and_reaches_the_waiting_loop(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    expected = await loops.expect(MODEL)
+    claim = await parked(loops)
+    outcome = await expected.enqueue(new_request())
+    lease = await claim
+    assert outcome.status == "queued"
+    assert lease is not None and lease is outcome.claimed
+    assert lease.request.id == outcome.request_id
+    stored = await store.inspect(MODEL, outcome.request_id)
+    assert stored is not None and stored.state == RUNNING
+    assert await redis_client.zscore(ModelKeys(MODEL).leases, outcome.request_id) is not None
+    # Queued, then claimed: nothing is believed waiting, no Submit expected.
+    assert loops._demand == ({}, {}) and not loops._expected and not loops._parked
+
+
+async def test_the_claim_beside_an_enqueue_takes_the_fair_head(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    await dispatcher(store, redis_client)
+    earlier = await store.submit(new_request(user="bob"))
+    outcome = await store.submit(new_request(user="alice"), claim_for="loop")
+    lease = outcome.claimed
+    assert isinstance(lease, Lease)
+    assert lease.request.id == earlier.request_id  # first come, first served: bob's
+    assert lease.owner == "loop"
+    mine = await store.inspect(MODEL, outcome.request_id)
+    assert mine is not None and mine.state == QUEUED
+
+
+async def test_a_submit_that_queues_nothing_sends_the_loop_back_without_a_claim(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    expected = await loops.expect(MODEL)
+    claim = await parked(loops)
+    expected.end()  # e.g. admission refused it
+    assert await claim is None  # the slot goes back; no claim was made
+    assert not loops._expected and not loops._parked
+    assert expected.end() is False  # a second end changes nothing
+
+
+async def test_a_deduplicated_submit_hands_over_what_its_claim_found(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    first = await store.submit(new_request(fingerprint="same"))
+    taken = await store.claim(MODEL, "elsewhere")
+    assert taken is not None and taken.request.id == first.request_id
+    expected = await loops.expect(MODEL)
+    claim = await parked(loops)
+    outcome = await expected.enqueue(new_request(fingerprint="same"))
+    assert outcome.status == "dedup" and outcome.request_id == first.request_id
+    assert await claim is None  # the queue was empty: nothing to run
+    assert loops._demand == ({}, {})
+
+
+async def test_a_caller_gone_mid_enqueue_still_hands_the_lease_to_its_loop(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    expected = await loops.expect(MODEL)
+    claim = await parked(loops)
+    submit = asyncio.create_task(expected.enqueue(new_request()))
+    await asyncio.sleep(0)  # the enqueue and its claim are on their way
+    submit.cancel()
+    lease = await asyncio.wait_for(claim, 5)
+    assert lease is not None  # the loop runs it: no lease left to run out unrun
+    stored = await store.inspect(MODEL, lease.request.id)
+    assert stored is not None and stored.state == RUNNING
+
+
+async def test_without_a_waiting_loop_the_enqueue_wakes_the_loops(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    expected = await loops.expect(MODEL)
+    assert loops._work(external=False) == {MODEL: 1}  # a loop may reserve for it already
+    outcome = await expected.enqueue(new_request())
+    assert outcome.status == "queued" and outcome.claimed is False
+    assert loops._demand == ({MODEL: 1}, {}) and not loops._expected
+    lease = await loops._claim(MODEL, external=False)  # claimed as before
+    assert lease is not None and lease.request.id == outcome.request_id
+
+
+async def test_after_redis_lost_its_scripts_the_loop_claims_on_its_own(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    await redis_client.script_flush()  # a restart: the pipeline is sent again, once
+    expected = await loops.expect(MODEL)
+    claim = await parked(loops)
+    outcome = await expected.enqueue(new_request())
+    assert outcome.status == "queued" and outcome.claimed is False  # no claim sent twice
+    lease = await claim
+    assert lease is not None and lease.request.id == outcome.request_id
+    assert await redis_client.zcard(ModelKeys(MODEL).leases) == 1
+
+
+async def test_a_loop_holding_a_kept_slot_takes_the_expected_submit(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    kept = _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
+    loops._reserving[False] = 1  # as after the answer that kept it
+    waiting = asyncio.create_task(loops._kept_for_work(kept, loops._work(False), False))
+    await asyncio.sleep(0)
+    assert loops._kept_waiting.get(MODEL), "nothing queued: it waits for the model's next"
+    expected = await loops.expect(MODEL)  # the Submit wakes it, before its admission
+    assert (await waiting) is not None  # the slot is for the expected request
+    claim = await parked(loops)
+    outcome = await expected.enqueue(new_request())
+    lease = await claim
+    assert lease is not None and lease.request.id == outcome.request_id
