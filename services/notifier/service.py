@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
@@ -42,7 +41,7 @@ class _Cursor:
     """Where one Watch stream stands: the request as last shown, tokens so far, the last
     event id sent (its resume token)."""
 
-    __slots__ = ("expected", "last", "last_key", "stored", "tokens", "view")
+    __slots__ = ("expected", "last", "last_key", "stale", "stored", "tokens", "view")
 
     def __init__(
         self, stored: StoredRequest, view: request_pb2.LlmRequest, expected: float
@@ -53,6 +52,8 @@ class _Cursor:
         self.tokens = 0
         self.last = "0-0"
         self.last_key = (0, 0)
+        #: ``stored`` is newer than ``view`` (a final-only watch skips the views between).
+        self.stale = False
 
     def advance(self, event_id: str) -> None:
         self.last = event_id
@@ -137,8 +138,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         # A plain function returning the stream: on every server the ErrorMappingInterceptor's
         # wrapper (usher/server.py) is the async generator gRPC iterates, and the in-process
         # channel takes any async iterator.
-        stream = self._watch(request, context)
-        return _final_only(stream) if request.final_only else stream
+        return self._watch(request, context)
 
     async def _watch(
         self, request: notifier_pb2.WatchRequest, context: Context
@@ -148,28 +148,21 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("last_event_id", "is not an event id this service gave out")]
             )
+        # final_only: the last update alone; the others move the cursor and are not built.
+        final_only = request.final_only
         subscriber, start = await self._open(request, caller)
         metrics.WATCHERS.inc()
         # One generator for the whole stream (no inner one to pass each update through).
         try:
-            stored = start.stored
-            averages = await self._averages(stored)
-            cursor = _Cursor(
-                stored, records.to_proto(stored, *averages), max(1.0, averages[0].output_tokens)
-            )
-            if request.last_event_id:
-                cursor.advance(request.last_event_id)
-                for response in await self._replay(cursor, start, averages):
-                    yield response
-                    if updates.is_terminal_kind(response.kind):
-                        return
-            else:
-                # A new watcher gets the status now plus all output so far, in one message
-                # (not kept in this frame: it can be large).
-                yield self._snapshot(cursor, start.events)
-                if cursor.view.state in _TERMINAL_KIND:
-                    return
+            cursor, first = await self._first(request, start, final_only)
             del start
+            while first:
+                # Popped as sent: a snapshot (all output so far) is not kept in this frame.
+                sent = first.pop(0)
+                yield sent
+                if updates.is_terminal_kind(sent.kind):
+                    return
+                del sent
             view = cursor.view
             subscriber.told = (view.position.position, view.position.queue_length)
             if cursor.stored.is_terminal:
@@ -178,25 +171,19 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 item = await subscriber.get()
                 if item is None:
                     # Fell behind (or quiet for long): replay from the last event sent.
-                    for response in await self._catch_up(cursor):
-                        yield response
-                        if updates.is_terminal_kind(response.kind):
+                    for replayed in await self._catch_up(cursor, final_only):
+                        yield replayed
+                        if updates.is_terminal_kind(replayed.kind):
                             return
                     continue
                 if isinstance(item, PositionUpdate):
-                    shown = cursor.view
-                    if shown.state != request_pb2.REQUEST_STATE_QUEUED or (
-                        shown.position.position == item.position
-                        and shown.position.queue_length == item.queue_length
-                    ):
-                        continue
-                    response, cursor.view = _position_response(item, self.board.external_available)
-                    _count(K.UPDATE_KIND_POSITION)
-                    yield response
-                    continue
-                if not item.eid or item.key <= cursor.last_key:
+                    response = None if final_only else self._position(cursor, item)
+                elif not item.eid or item.key <= cursor.last_key:
                     continue  # already delivered (by replay or snapshot)
-                response = await self._live(cursor, item)
+                else:
+                    response = await self._live(cursor, item, final_only)
+                if response is None:
+                    continue
                 yield response
                 if updates.is_terminal_kind(response.kind):
                     return
@@ -204,17 +191,50 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             metrics.WATCHERS.dec()
             self.fanout.unsubscribe(subscriber)
 
-    def _snapshot(self, cursor: _Cursor, history: Entries) -> notifier_pb2.WatchResponse:
+    async def _first(
+        self, request: notifier_pb2.WatchRequest, start: WatchStart, final_only: bool
+    ) -> tuple[_Cursor, list[notifier_pb2.WatchResponse]]:
+        """Where a new watch stands, and what it is sent first: the events after its resume
+        point, or the status now plus all output so far in one message (a snapshot)."""
+        stored = start.stored
+        averages = await self._averages(stored)
+        cursor = _Cursor(
+            stored, records.to_proto(stored, *averages), max(1.0, averages[0].output_tokens)
+        )
+        if request.last_event_id:
+            cursor.advance(request.last_event_id)
+            return cursor, await self._replay(cursor, start, averages, final_only)
+        snapshot = self._snapshot(cursor, start.events, final_only)
+        return cursor, [] if snapshot is None else [snapshot]
+
+    def _position(self, cursor: _Cursor, item: PositionUpdate) -> notifier_pb2.WatchResponse | None:
+        """A POSITION update when the request, shown queued, has a new place."""
+        shown = cursor.view
+        if shown.state != request_pb2.REQUEST_STATE_QUEUED or (
+            shown.position.position == item.position
+            and shown.position.queue_length == item.queue_length
+        ):
+            return None
+        response, cursor.view = _position_response(item, self.board.external_available)
+        _count(K.UPDATE_KIND_POSITION)
+        return response
+
+    def _snapshot(
+        self, cursor: _Cursor, history: Entries, final_only: bool = False
+    ) -> notifier_pb2.WatchResponse | None:
         """The first message of a new watch: the request now, all output of its current
-        attempt so far, and the last event id (read at the same instant as the request)."""
+        attempt so far, and the last event id (read at the same instant as the request).
+        None for a final-only watch of a request not finished (the cursor moved alone)."""
         stored = cursor.stored
         so_far = _current_attempt_tokens([f for _, f in history])
-        text = "".join(self._text(f, stored.id) for f in so_far)
         cursor.tokens = int(so_far[-1].get("tokens", 0)) if so_far else 0
         if history:
             cursor.advance(history[-1][0])
         # A finished request's snapshot is its final update, so every watch ends on one.
         kind = _TERMINAL_KIND.get(cursor.view.state, K.UPDATE_KIND_SNAPSHOT)
+        if final_only and kind == K.UPDATE_KIND_SNAPSHOT:
+            return None
+        text = "".join(self._text(f, stored.id) for f in so_far)
         tokens = cursor.tokens
         response = _response(
             kind,
@@ -229,36 +249,48 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         return response
 
     async def _replay(
-        self, cursor: _Cursor, start: WatchStart, averages: tuple[ModelAverages, int]
+        self,
+        cursor: _Cursor,
+        start: WatchStart,
+        averages: tuple[ModelAverages, int],
+        final_only: bool = False,
     ) -> list[notifier_pb2.WatchResponse]:
         """The responses to events read with the request at one instant: each state change
         shows the request as read then (as the state its event announced)."""
-        return [
-            await self._live(
-                cursor, Update({**fields, "eid": event_id}, start.stored, True, averages)
-            )
-            for event_id, fields in start.events
-        ]
+        responses = []
+        for event_id, fields in start.events:
+            update = Update({**fields, "eid": event_id}, start.stored, True, averages)
+            response = await self._live(cursor, update, final_only)
+            if response is not None:
+                responses.append(response)
+        return responses
 
-    async def _catch_up(self, cursor: _Cursor) -> list[notifier_pb2.WatchResponse]:
+    async def _catch_up(
+        self, cursor: _Cursor, final_only: bool = False
+    ) -> list[notifier_pb2.WatchResponse]:
         """Replay the request's events after the cursor, read again with the request."""
         stored = cursor.stored
         start = await self.queue.open_watch(stored.model, stored.id, cursor.last)
         if start is None:
             return []
         start = replace(start, stored=replace(start.stored, owners=frozenset()))
-        return await self._replay(cursor, start, await self._averages(start.stored))
+        return await self._replay(cursor, start, await self._averages(start.stored), final_only)
 
-    async def _live(self, cursor: _Cursor, update: Update) -> notifier_pb2.WatchResponse:
-        """The response to one event. What every watcher of the request would build alike
-        (the decrypted text, the request's view, the response) is built once, in
-        ``update.memo``, by the first of them."""
+    async def _live(
+        self, cursor: _Cursor, update: Update, final_only: bool = False
+    ) -> notifier_pb2.WatchResponse | None:
+        """The response to one event (None when ``final_only`` and it is not the final
+        one: the cursor moves, nothing is built). What every watcher of the request would
+        build alike (the decrypted text, the request's view, the response) is built once,
+        in ``update.memo``, by the first of them."""
         cursor.advance(update.eid)
         kind = update.kind
         fields = update.fields
         memo = update.memo
         if kind == K.UPDATE_KIND_PROGRESS:
             cursor.tokens = int(fields.get("tokens", cursor.tokens))
+            if final_only:
+                return None
             key = (cursor.tokens, id(cursor.view))
             hit = memo.get(key)
             if hit is None or hit[0] is not cursor.view:
@@ -278,6 +310,10 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             return cast(notifier_pb2.WatchResponse, hit[1])
         if fields.get("type") in ("running", "requeued"):
             cursor.tokens = 0  # a new attempt: earlier output is void
+        if final_only and not updates.is_terminal_kind(kind):
+            if update.snapshot is not None:
+                cursor.stored, cursor.stale = update.snapshot, True
+            return None
         # A state change: the request as read right after it (result, error, place, ETA).
         view = memo.get("view")
         if view is None:
@@ -314,6 +350,11 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 fresh = replace(fresh, payload=b"")
                 cursor.stored = fresh
         if fresh is None:
+            if cursor.stale:  # the request as last read, not shown yet
+                cursor.view = records.to_proto(
+                    cursor.stored, *self.fanout.averages.peek(cursor.stored.model)
+                )
+                cursor.stale = False
             view = request_pb2.LlmRequest()
             view.CopyFrom(cursor.view)
             if announced:
@@ -352,16 +393,6 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 subscription.clear()
         finally:
             self.board.unsubscribe(subscription, wanted)
-
-
-async def _final_only(
-    stream: AsyncGenerator[notifier_pb2.WatchResponse, None],
-) -> AsyncIterator[notifier_pb2.WatchResponse]:
-    """A watch's last update alone (``WatchRequest.final_only``): every watch ends on one."""
-    async with contextlib.aclosing(stream):
-        async for response in stream:
-            if updates.is_terminal_kind(response.kind):
-                yield response
 
 
 _COUNTERS: dict[int, Any] = {}

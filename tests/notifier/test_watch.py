@@ -141,6 +141,14 @@ async def test_a_final_only_watch_gets_the_last_update_alone(
     assert (final.event_id, final.request.result.text) == (last.event_id, "done")
     assert final.request.usage.completion_tokens == 2
     assert final.message.startswith("Your response is ready")
+    # The same update as the full watch's last (only the time it was sent differs): the
+    # updates it was not sent still moved its view and token count.
+    assert (final.request, final.completion_tokens, final.message, final.progress) == (
+        last.request,
+        last.completion_tokens,
+        last.message,
+        last.progress,
+    )
 
 
 async def test_a_final_only_watch_of_a_finished_request_or_a_resumed_one_ends_at_once(
