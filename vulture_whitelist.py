@@ -79,3 +79,5 @@ _.send_initial_metadata  # grpc ServicerContext API (usher/inprocess.py)
 _.add_generic_rpc_handlers  # grpc Server API (usher/inprocess.py)
 handlers  # grpc Server API argument (usher/inprocess.py)
 _.add_registered_method_handlers  # grpc Server API (usher/inprocess.py)
+_.pause_reading  # unused method (bench/relay_harness.py:47): aiohttp's StreamReader calls it
+_.resume_reading  # unused method (bench/relay_harness.py:50): aiohttp's StreamReader calls it

@@ -862,7 +862,8 @@ class Dispatcher:
                 if which == "started":
                     progress.started(reply.started.instance, reply.started.model)
                 elif which == "delta":
-                    progress.tokens(reply.delta.text, int(reply.delta.completion_tokens))
+                    delta = reply.delta
+                    progress.tokens(delta.text, delta.completion_tokens)
                 elif which == "done":
                     if reply.done.slot_kept and keeping is not None:
                         # Held for this loop's next request: it counts as a loop reserving,
