@@ -204,6 +204,9 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         if request.last_event_id:
             cursor.advance(request.last_event_id)
             return cursor, await self._replay(cursor, start, averages, final_only)
+        # It stands at the watch's tip: past the request's first event (written to the
+        # model's stream alone), or its own stream's last.
+        cursor.advance(start.tip)
         snapshot = self._snapshot(cursor, start.events, final_only)
         return cursor, [] if snapshot is None else [snapshot]
 

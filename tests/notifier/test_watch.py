@@ -10,6 +10,7 @@ import pytest
 from services.scheduler.store import FinishedWork, Lease, QueueStore
 from tests.notifier.conftest import NotifierClient
 from tests.scheduler.factories import new_request
+from usher.keys import ModelKeys
 from usher.v1 import notifier_pb2, request_pb2
 
 K = notifier_pb2
@@ -354,3 +355,28 @@ async def test_a_request_in_retry_backoff_shows_queued_then_takes_its_place(
     ]
     event_ids = [u.event_id for u in updates if u.event_id]
     assert len(event_ids) == len(set(event_ids))
+
+
+async def test_a_request_just_queued_is_watched_from_its_record_with_no_event_twice(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    """A request's queuing goes to the model's stream alone: a watch opened right after it
+    shows the state from the record (a snapshot with no resume token), never a QUEUED
+    update after it, and a watch resumed from any token it got replays each later event
+    once and ends on the final state."""
+    request_id = await _submit(store)
+    assert await store.redis.xlen(ModelKeys(MODEL).request_events(request_id)) == 0
+    watcher = Watcher(notifier, request_id)
+    snapshot = await watcher.until(K.UPDATE_KIND_SNAPSHOT)
+    assert snapshot.event_id == "" and snapshot.request.state == request_pb2.REQUEST_STATE_QUEUED
+    lease = await _claim(store, request_id)
+    await store.progress(lease, "tokens", {"text": "do", "tokens": 1})
+    await _complete(store, lease)
+    updates = await watcher.finished()
+    assert K.UPDATE_KIND_QUEUED not in [u.kind for u in updates]
+    tokens = [u.event_id for u in updates if u.event_id]
+    assert len(tokens) == len(set(tokens)) == 3  # running, tokens, completed
+    for i, token in enumerate(tokens[:-1]):
+        resumed = await Watcher(notifier, request_id, last=token).finished()
+        assert [u.event_id for u in resumed] == tokens[i + 1 :]
+        assert resumed[-1].request.state == request_pb2.REQUEST_STATE_COMPLETED

@@ -74,8 +74,9 @@ Entries = list[tuple[str, dict[str, str]]]
 @dataclass(frozen=True, slots=True)
 class WatchStart:
     """What a watch opens on, read at one instant: the request (prompt left out, owners
-    and place in), its own events after the id asked for, and the id of its stream's last
-    event (the record is as that event left it; "0-0": none)."""
+    and place in), its own events after the id asked for, and the id it stands at (its
+    stream's last event, the record as that event left it; the id asked for when none
+    follows it, and from the start past the first event, which is not in the stream)."""
 
     stored: StoredRequest
     events: Entries

@@ -153,7 +153,10 @@ class WatchResponse(_message.Message):
     AT_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Resume token; empty for position updates (they are recomputed, not replayed)."""
+    """Resume token; empty for position updates (they are recomputed, not replayed) and
+    for the snapshot of a request with no event since it was queued (its state is read
+    from the request; a watch started anew shows it the same).
+    """
     kind: Global___UpdateKind.ValueType
     message: _builtins.str
     """What to show the user, e.g. "You are #3 of 7 in the queue • Estimated wait: 2–3 minutes"."""

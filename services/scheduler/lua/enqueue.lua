@@ -169,7 +169,7 @@ redis.call('ZADD', K.queue, fmt(score), member)
 redis.call('ZADD', K.deadlines, expires, id)
 if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
 if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
-emit(id, 'queued', QUEUED)
+emit_first(id, 'queued', QUEUED)
 -- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
 -- Its place: first in a queue that was empty (no ZRANK then).
 local position = length == 0 and 1 or redis.call('ZRANK', K.queue, member) + 1

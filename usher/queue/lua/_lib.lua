@@ -38,6 +38,16 @@ local function emit(id, kind, state, extra)
   return eid
 end
 
+-- The id a request's first event, its queuing, goes by. That event is written to the
+-- model's stream alone (live watchers, badges): a watch shows a new request's state from
+-- its record, and every later event of its own stream has an id above this one.
+local FIRST_EVENT_ID = '0-1'
+
+local function emit_first(id, kind, state)
+  redis.call('XADD', K.events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'id', id,
+    'state', tostring(state), 'ts', tostring(NOW), 'eid', FIRST_EVENT_ID)
+end
+
 -- Emit the events packed in ARGV from index ``first`` on, in order: each is its type, the
 -- count of field/value items that follow, then those items. Returns the last event's id;
 -- each one's is appended to ``written`` when given.

@@ -4,8 +4,8 @@
 -- KEYS[1] queue (declares the slot)
 -- ARGV: 1 base, 2 now, 3 id, 4 after (an event id; "0-0" for all)
 -- Returns {hash as flat list without 'payload', owners, position (0 when not queued),
--- queue length (0 when not queued), events after ARGV[4], the id of the stream's last
--- entry ("0-0" when empty)}, or nil when there is no request.
+-- queue length (0 when not queued), events after ARGV[4], the id the watch stands at (its
+-- last event's, or ARGV[4] when none follows it)}, or nil when there is no request.
 local id = ARGV[3]
 local rk = req_key(id)
 local raw = redis.call('HGETALL', rk)
@@ -26,6 +26,9 @@ if tonumber(field_of(fields, 'state')) == QUEUED then
   end
 end
 local events = redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')
-local tip = #events > 0 and events[#events][1] or last_event_id(id)
+-- With no events after ARGV[4], none lies between it and the stream's end: the watch
+-- stands at ARGV[4], or past the request's first event (_lib.lua: emit_first).
+local tip = ARGV[4] == '0-0' and FIRST_EVENT_ID or ARGV[4]
+if #events > 0 then tip = events[#events][1] end
 local owners = owners_of(id, field_of(fields, 'owner'), field_of(fields, 'shared'))
 return {fields, owners, position, length, events, tip}
