@@ -214,6 +214,9 @@ class Dispatcher:
         self._expected: dict[str, int] = {}
         #: model → loops holding a slot of it and waiting for an expected Submit, oldest first.
         self._parked: dict[str, collections.deque[_Parked]] = {}
+        #: model → (when its last Submit through here arrived, the gap before that one):
+        #: a slot is kept after an answer when its model's requests come that often.
+        self._arrivals: dict[str, tuple[float, float]] = {}
         #: Loops whose Reserve for expected Submits is under way, and the enqueues waiting
         #: for one to land (its slot can take their claim along).
         self._speculating = 0
@@ -266,6 +269,8 @@ class Dispatcher:
         round trip (``enqueue``). The Submit ends the expectation whatever comes of it."""
         self._expected[model] = self._expected.get(model, 0) + 1
         self._active = True
+        now = time.monotonic()
+        self._arrivals[model] = (now, now - self._arrivals.get(model, (-math.inf, 0.0))[0])
         if self._wake_for(model, False):
             # The woken loop (holding a slot kept for the model, or sending its Reserve)
             # waits with its slot before the Submit's admission goes out: by the enqueue it
@@ -699,14 +704,19 @@ class Dispatcher:
 
     def _worth_keeping(self, slot: pool_pb2.Slot) -> bool:
         """Whether to ask the Pool to keep ``slot`` after the answer, for the next request
-        of its model: more of it is queued, or it keeps several of this replica's loops
-        busy (more usually comes while this one runs). A kept slot that finds nothing
-        queued is released then; one request at a time keeps nothing."""
+        of its model: more of it is queued, it keeps several of this replica's loops busy
+        (more usually comes while this one runs), or its last two Submits here came within
+        keep_slot_seconds of each other (one request at a time, asked again at once: the
+        next needs no Reserve and no Release). A kept slot that no request comes for
+        within keep_slot_seconds is released then."""
         return (
             slot.route == request_pb2.ROUTE_LOCAL
             and not self._stop.is_set()
             and (
-                self._demand[0].get(slot.model, 0) > 0 or self._anticipation.running(slot.model) > 1
+                self._demand[0].get(slot.model, 0) > 0
+                or self._anticipation.running(slot.model) > 1
+                or self._arrivals.get(slot.model, (0.0, math.inf))[1]
+                <= self.settings.keep_slot_seconds
             )
         )
 

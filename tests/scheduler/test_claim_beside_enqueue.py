@@ -16,7 +16,7 @@ from services.scheduler.store import Lease, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
 from usher.queue.records import QUEUED, RUNNING
-from usher.v1 import pool_pb2
+from usher.v1 import pool_pb2, request_pb2
 
 MODEL = "llama3.2"
 
@@ -157,3 +157,18 @@ async def test_a_loop_holding_a_kept_slot_takes_the_expected_submit(
     outcome = await expected.enqueue(new_request())
     lease = await claim
     assert lease is not None and lease.request.id == outcome.request_id
+
+
+async def test_a_slot_is_kept_for_a_model_asked_again_at_once(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    slot = pool_pb2.Slot(id="s", model=MODEL, route=request_pb2.ROUTE_LOCAL)
+    assert not loops._worth_keeping(slot)  # nothing known of the model
+    (await loops.expect(MODEL)).end()
+    assert not loops._worth_keeping(slot)  # one request: no gap to go by
+    (await loops.expect(MODEL)).end()
+    assert loops._worth_keeping(slot)  # asked again within keep_slot_seconds
+    other = await dispatcher(store, redis_client)
+    other._arrivals[MODEL] = (0.0, other.settings.keep_slot_seconds + 1)
+    assert not other._worth_keeping(slot)  # its requests come seldom: nothing is held
