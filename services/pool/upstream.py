@@ -126,9 +126,10 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """New output. ``completion_tokens`` counts output chunks so far (servers send
-    about one token per chunk). ``message`` holds the non-text parts of a chat
-    delta (tool calls, thinking) in the server's JSON shape, else None."""
+    """New output: the text of the chunks read together (servers send about one token
+    per chunk; a delta with a ``message`` is one chunk alone). ``completion_tokens``
+    counts output chunks so far. ``message`` holds the non-text parts of a chat delta
+    (tool calls, thinking) in the server's JSON shape, else None."""
 
     text: str
     completion_tokens: int
