@@ -49,6 +49,11 @@ CLIENTS = 4
 USERS = ("alice", "bob", "carol")
 #: A client's figures come back as one JSON line (every token's delay: a few hundred KB).
 RESULT_LINE_LIMIT = 64 * 2**20
+#: The Pool's affinity routing sends a model's requests only to the servers it knows have
+#: the model loaded: before Usher's paths run, the model is loaded on every server and the
+#: Pool given a health pass (2 s) to see it, else the first server warmed up could take all
+#: the streams (it has the slots) while the other stays idle.
+LOADED_SEEN_SECONDS = 2.5
 
 
 @dataclass
@@ -161,6 +166,15 @@ async def client(urls: list[str], first: int, count: int) -> None:
     print(json.dumps(asdict(out)), flush=True)
 
 
+async def load_everywhere(model_urls: list[str]) -> None:
+    """The model loaded on every server (Ollama's load: a generate without a prompt)."""
+    async with aiohttp.ClientSession() as http:
+        for url in model_urls:
+            async with http.post(f"{url}/api/generate", json={"model": MODEL}) as reply:
+                await reply.read()
+    await asyncio.sleep(LOADED_SEEN_SECONDS)
+
+
 async def _result_line(child: asyncio.subprocess.Process) -> bytes:
     assert child.stdout is not None
     return await child.stdout.readline()
@@ -237,9 +251,11 @@ async def measure(paths: tuple[str, ...] = PATHS) -> dict[str, Streams]:
                 servers = {k: v for k, v in pids.items() if k.startswith("emulator")}
                 results["direct"] = await stream_all(trio.model_urls, servers)
             if "trio" in paths:
+                await load_everywhere(trio.model_urls)
                 results["trio"] = await stream_all([trio.gateway_url], pids)
     if "serve" in paths:
         with LocalStack(stack_config(all_in_one=True)) as serve:
+            await load_everywhere(serve.model_urls)
             results["serve"] = await stream_all([serve.gateway_url], stack_pids(serve))
     return results
 
