@@ -343,7 +343,10 @@ class Dispatcher:
                 self._count_work(model, False, None if claimed is None else -1)
             _hand(parked, claimed)
         expected.end(parked)
-        if outcome.status == "queued" and parked is None:
+        mine = isinstance(claimed, Lease) and claimed.request.id == outcome.request_id
+        if outcome.status == "queued" and not mine:
+            # Still queued (the claim beside it, if any, took an earlier one): a loop goes
+            # for it, as for any request queued here.
             self._wake_for(model, False)
 
     def expectation_ended(self, model: str, parked: _Parked | None) -> None:

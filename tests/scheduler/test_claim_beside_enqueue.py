@@ -172,3 +172,19 @@ async def test_a_slot_is_kept_for_a_model_asked_again_at_once(
     other = await dispatcher(store, redis_client)
     other._arrivals[MODEL] = (0.0, other.settings.keep_slot_seconds + 1)
     assert not other._worth_keeping(slot)  # its requests come seldom: nothing is held
+
+
+async def test_a_request_left_queued_by_the_claim_beside_it_wakes_a_loop(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    earlier = await store.submit(new_request(user="bob"))  # through another replica
+    expected = await loops.expect(MODEL)
+    claim = await parked(loops)
+    idle = asyncio.create_task(loops._idle[False].wait(None, 5))
+    await asyncio.sleep(0)
+    outcome = await expected.enqueue(new_request(user="alice"))
+    lease = await claim
+    assert lease is not None and lease.request.id == earlier.request_id  # the fair head
+    await asyncio.wait_for(idle, 1)  # alice's request is still queued: a loop wakes for it
+    assert outcome.status == "queued"
