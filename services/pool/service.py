@@ -663,6 +663,19 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                 raise FailedPrecondition(f"no slot for {request.model} freed in time; retry")
         return grant.id
 
+    async def GenerateWhole(
+        self, request: pool_pb2.GenerateWholeRequest, context: Context
+    ) -> pool_pb2.GenerateWholeResponse:
+        inner = request.request
+        inner.stream = False
+        done: pool_pb2.GenerationDone | None = None
+        async for event in self.Generate(inner, context):
+            if event.HasField("done"):
+                done = event.done
+        if done is None:
+            raise Unavailable(f"no answer for {inner.request_id}")
+        return pool_pb2.GenerateWholeResponse(done=done)
+
     def _release_held(self, held: list[SlotGrant]) -> list[asyncio.Future[bool]]:
         """Release every slot the request took (failover may have taken several)."""
         releases = []

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
@@ -758,13 +758,24 @@ class Dispatcher:
             generate.timeout.CopyFrom(submit.request_timeout)
             limit = submit.request_timeout.ToMilliseconds() / 1000 + RUN_LIMIT_MARGIN_SECONDS
             timeout = limit if timeout is None else min(timeout, limit)
-        call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
+        # A caller of the result alone over gRPC: one unary call (a stream of one message
+        # costs more on both ends); in process (usher serve) streams cost nothing extra.
+        whole = submit.result_only and self._channel is not None
+        call: Any
+        if whole:
+            call = self._pool.GenerateWhole(
+                pool_pb2.GenerateWholeRequest(request=generate),
+                metadata=self._metadata,
+                timeout=timeout,
+            )
+        else:
+            call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
         started = time.monotonic()
         ended = asyncio.Event()
         progress = ProgressBuffer(self.progress, lease, self.settings.token_flush_seconds)
         # The runner first: the Generate starts at the next turn, before the heartbeat's setup.
         runner = asyncio.create_task(
-            self._consume(call, progress, lease, started, (slot, kept) if kept else None)
+            self._consume(call, progress, lease, started, (slot, kept) if kept else None, whole)
         )
         watcher = asyncio.create_task(self._heartbeat(lease, ended))
         drain = asyncio.create_task(self._drain_deadline())
@@ -863,13 +874,17 @@ class Dispatcher:
 
     async def _consume(
         self,
-        call: grpc.aio.UnaryStreamCall[pool_pb2.GenerateRequest, pool_pb2.GenerateResponse],
+        call: Any,  # Generate's stream, or GenerateWhole's call with ``whole``
         progress: ProgressBuffer,
         lease: Lease,
         started: float,
         keeping: tuple[pool_pb2.Slot, _KeptSlot] | None = None,
+        whole: bool = False,
     ) -> FinishedWork | grpc.aio.AioRpcError:
         try:
+            if whole:
+                answer: pool_pb2.GenerateWholeResponse = await call
+                return self._done(lease, answer.done, started, keeping)
             async for reply in call:
                 which = reply.WhichOneof("event")
                 if which == "started":
@@ -878,17 +893,26 @@ class Dispatcher:
                     delta = reply.delta
                     progress.tokens(delta.text, delta.completion_tokens)
                 elif which == "done":
-                    if reply.done.slot_kept and keeping is not None:
-                        # Held for this loop's next request: it counts as a loop reserving,
-                        # so work queued meanwhile does not wake another loop to reserve.
-                        keeping[1].slot = keeping[0]
-                        keeping[1].counted = True
-                        self._reserving[False] += 1
-                    self._answered(lease)  # the Pool freed its slot (or kept it for this loop)
-                    return _finished(lease, reply.done, time.monotonic() - started)
+                    return self._done(lease, reply.done, started, keeping)
         except grpc.aio.AioRpcError as error:
             return error
         return cast(grpc.aio.AioRpcError, _StreamEnded())
+
+    def _done(
+        self,
+        lease: Lease,
+        done: pool_pb2.GenerationDone,
+        started: float,
+        keeping: tuple[pool_pb2.Slot, _KeptSlot] | None,
+    ) -> FinishedWork:
+        if done.slot_kept and keeping is not None:
+            # Held for this loop's next request: it counts as a loop reserving,
+            # so work queued meanwhile does not wake another loop to reserve.
+            keeping[1].slot = keeping[0]
+            keeping[1].counted = True
+            self._reserving[False] += 1
+        self._answered(lease)  # the Pool freed its slot (or kept it for this loop)
+        return _finished(lease, done, time.monotonic() - started)
 
     async def _handle_error(
         self, lease: Lease, error: grpc.aio.AioRpcError, reused: bool = False

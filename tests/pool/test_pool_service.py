@@ -517,6 +517,25 @@ async def test_a_caller_of_the_result_alone_gets_one_message(make_pool: Any) -> 
         assert events[0].done.result.text and events[0].done.result.served_by_instance
 
 
+async def test_a_whole_answer_in_one_unary_call_frees_its_slot(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        request = generate_request(await reserve(pool))
+        reply = await pool.stub.GenerateWhole(
+            pool_pb2.GenerateWholeRequest(request=request), metadata=SVC
+        )
+        assert reply.done.result.text and reply.done.result.served_by_instance
+        assert reply.done.usage.completion_tokens > 0
+        assert await slots_held(redis_client) == 0
+        # Its slot is gone: refused as Generate refuses it.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pool.stub.GenerateWhole(
+                pool_pb2.GenerateWholeRequest(request=request), metadata=SVC
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 async def slots_held(redis_client: aioredis.Redis, model: str = MODEL) -> int:
     held = 0
     for instance in ("ollama-0",):

@@ -51,6 +51,11 @@ class PoolServiceStub:
                 request_serializer=usher_dot_v1_dot_pool__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_pool__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateWhole = channel.unary_unary(
+                '/usher.v1.PoolService/GenerateWhole',
+                request_serializer=usher_dot_v1_dot_pool__pb2.GenerateWholeRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_pool__pb2.GenerateWholeResponse.FromString,
+                _registered_method=True)
         self.ListInstances = channel.unary_unary(
                 '/usher.v1.PoolService/ListInstances',
                 request_serializer=usher_dot_v1_dot_pool__pb2.ListInstancesRequest.SerializeToString,
@@ -91,6 +96,14 @@ class PoolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateWhole(self, request, context):
+        """Generate for a caller of the result alone (request.stream is ignored: false), in one
+        unary call: cheaper than a stream of one message on both ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListInstances(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -120,6 +133,11 @@ def add_PoolServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=usher_dot_v1_dot_pool__pb2.GenerateRequest.FromString,
                     response_serializer=usher_dot_v1_dot_pool__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateWhole,
+                    request_deserializer=usher_dot_v1_dot_pool__pb2.GenerateWholeRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_pool__pb2.GenerateWholeResponse.SerializeToString,
             ),
             'ListInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInstances,
@@ -215,6 +233,33 @@ class PoolService:
             '/usher.v1.PoolService/Generate',
             usher_dot_v1_dot_pool__pb2.GenerateRequest.SerializeToString,
             usher_dot_v1_dot_pool__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.PoolService/GenerateWhole',
+            usher_dot_v1_dot_pool__pb2.GenerateWholeRequest.SerializeToString,
+            usher_dot_v1_dot_pool__pb2.GenerateWholeResponse.FromString,
             options,
             channel_credentials,
             insecure,

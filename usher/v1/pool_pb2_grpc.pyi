@@ -45,6 +45,10 @@ class PoolServiceStub:
     """Run one request in a reserved slot and stream its output. Closing the stream stops
     the upstream call. Failure before the first token is retried on another instance.
     """
+    GenerateWhole: _grpc.UnaryUnaryMultiCallable[_pool_pb2.GenerateWholeRequest, _pool_pb2.GenerateWholeResponse]
+    """Generate for a caller of the result alone (request.stream is ignored: false), in one
+    unary call: cheaper than a stream of one message on both ends.
+    """
     ListInstances: _grpc.UnaryUnaryMultiCallable[_pool_pb2.ListInstancesRequest, _pool_pb2.ListInstancesResponse]
     GetModelStats: _grpc.UnaryUnaryMultiCallable[_pool_pb2.GetModelStatsRequest, _pool_pb2.GetModelStatsResponse]
 
@@ -64,6 +68,10 @@ class PoolServiceAsyncStub(PoolServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_pool_pb2.GenerateRequest, _pool_pb2.GenerateResponse]  # type: ignore[assignment]
     """Run one request in a reserved slot and stream its output. Closing the stream stops
     the upstream call. Failure before the first token is retried on another instance.
+    """
+    GenerateWhole: _aio.UnaryUnaryMultiCallable[_pool_pb2.GenerateWholeRequest, _pool_pb2.GenerateWholeResponse]  # type: ignore[assignment]
+    """Generate for a caller of the result alone (request.stream is ignored: false), in one
+    unary call: cheaper than a stream of one message on both ends.
     """
     ListInstances: _aio.UnaryUnaryMultiCallable[_pool_pb2.ListInstancesRequest, _pool_pb2.ListInstancesResponse]  # type: ignore[assignment]
     GetModelStats: _aio.UnaryUnaryMultiCallable[_pool_pb2.GetModelStatsRequest, _pool_pb2.GetModelStatsResponse]  # type: ignore[assignment]
@@ -99,6 +107,16 @@ class PoolServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_pool_pb2.GenerateResponse], _abc.AsyncIterator[_pool_pb2.GenerateResponse]]:
         """Run one request in a reserved slot and stream its output. Closing the stream stops
         the upstream call. Failure before the first token is retried on another instance.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateWhole(
+        self,
+        request: _pool_pb2.GenerateWholeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pool_pb2.GenerateWholeResponse, _abc.Awaitable[_pool_pb2.GenerateWholeResponse]]:
+        """Generate for a caller of the result alone (request.stream is ignored: false), in one
+        unary call: cheaper than a stream of one message on both ends.
         """
 
     @_abc_1.abstractmethod
