@@ -57,6 +57,11 @@ DEFAULT_RETRY_SECONDS: Mapping[Topology, float] = {
     "sentinel": 30.0,
     "cluster": 30.0,
 }
+#: How long a call waits for a free connection of the pool before failing. Every one busy
+#: means a loop saturated by a burst (500 streams starting at once in one process), whose
+#: replies come late: its calls should wait their turn, as the requests in the queue do,
+#: not fail (5 s failed dispatcher claims and Submits in the streaming bench).
+POOL_WAIT_SECONDS = 30.0
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 #: Query options whose values are secrets, hidden by ``redacted_redis_url``.
 _SECRET_OPTIONS = ("sentinel_password", "password")
@@ -261,7 +266,7 @@ def _sentinel(target: RedisTarget, max_connections: int) -> aioredis.Redis:
         sentinel.master_for(
             target.service,
             connection_pool_class=_BlockingSentinelPool,
-            timeout=5,
+            timeout=POOL_WAIT_SECONDS,
             db=target.db,
             health_check_interval=10,
             **_client_kwargs(target, max_connections),
@@ -278,8 +283,8 @@ def connect_redis(
 
     Retrying is safe for Usher's writes because each script is idempotent in the request id
     it is given (a repeated enqueue finds the request already there). The standalone pool
-    blocks (up to 5 s) rather than failing when every connection is busy, so a burst of calls
-    queues briefly instead of erroring.
+    blocks (up to POOL_WAIT_SECONDS) rather than failing when every connection is busy, so a
+    burst of calls queues instead of erroring.
 
     A Cluster client is returned typed as ``Redis``: it offers the same commands, pipelines
     (split per node), scripts and pub/sub; code that must differ asks ``is_cluster``.
@@ -294,7 +299,7 @@ def connect_redis(
     pool = aioredis.BlockingConnectionPool.from_url(
         target.url,
         max_connections=max_connections,
-        timeout=5,
+        timeout=POOL_WAIT_SECONDS,
         decode_responses=False,
         health_check_interval=10,
         socket_connect_timeout=2,

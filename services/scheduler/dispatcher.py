@@ -647,7 +647,7 @@ class Dispatcher:
         (still counted as reserving) does not go for the same request. ``speculative``:
         for Submits expected here, a slot free now or none."""
         if reuse is not None:
-            lease = await self._claim(reuse.model, external)
+            lease = await self._claim_holding(reuse, external)
             return None if lease is None else (lease, reuse)
         wait = 0.0 if speculative else self.settings.reserve_wait_seconds
         self._speculating += speculative
@@ -670,11 +670,22 @@ class Dispatcher:
         if not reply.HasField("slot"):
             return None
         slot = reply.slot
-        lease = await self._claim(slot.model, external)
+        lease = await self._claim_holding(slot, external)
         if lease is None:  # another replica took the last request first
             await self._release(slot)
             return None
         return lease, slot
+
+    async def _claim_holding(self, slot: pool_pb2.Slot, external: bool) -> Lease | None:
+        """``_claim`` for ``slot``'s model, the slot handed back when the claim fails
+        (Redis away, no connection free in a burst): left alone, it would stay taken until
+        its lease lapsed (30 s), a slot of the model fewer all that time."""
+        try:
+            return await self._claim(slot.model, external)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._release(slot)
+            raise
 
     async def _claim(self, model: str, external: bool) -> Lease | None:
         """With a slot for ``model`` in hand: its next request under a lease, the fair head
