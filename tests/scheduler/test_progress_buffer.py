@@ -7,7 +7,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from services.scheduler.dispatcher import ProgressBuffer, ProgressWriter
+from services.scheduler.progress import ProgressBuffer, ProgressWriter
 from services.scheduler.store import FinishedWork, Lease, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
