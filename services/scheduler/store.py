@@ -353,15 +353,24 @@ class QueueStore(QueueReader):
             self._write_promises, PROMISE_BATCH
         )
 
-    def _queue_wait(self, pipe: Pipeline, model: str) -> None:
+    def _queue_wait(self, pipe: Pipeline, model: str, request_ids: Sequence[str] = ()) -> int:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
-        that have this connection's writes): on a Cluster, the node serving the model."""
+        that have this connection's writes): on a Cluster, the node serving the model, and
+        those holding ``request_ids``' index entries where they are others (without it, a
+        failover there loses an entry, and Get, Watch and Cancel no longer find a request
+        that runs). How many WAITs were queued (their replies come last)."""
         args = ("WAIT", self.defaults.wait_replicas, self.defaults.wait_timeout_ms)
-        if is_cluster(self.redis):
-            node = cast(Any, self.redis).get_node_from_key(ModelKeys(model).queue)
-            pipe.execute_command(*args, target_nodes=node)
-        else:
+        if not is_cluster(self.redis):
             pipe.execute_command(*args)
+            return 1
+        cluster = cast(Any, self.redis)
+        nodes: dict[str, Any] = {}
+        for key in (ModelKeys(model).queue, *map(keys.request_index, request_ids)):
+            node = cluster.get_node_from_key(key)
+            nodes.setdefault(node.name, node)
+        for node in nodes.values():
+            pipe.execute_command(*args, target_nodes=node)
+        return len(nodes)
 
     async def _replicated(self, model: str) -> None:
         """WAIT for what was written to the model's keys on other connections: a barrier
@@ -469,10 +478,10 @@ class QueueStore(QueueReader):
         Submit (the request is queued: the dispatcher claims on its own)."""
         prepared = await self._prepare(request)
         token = secrets.token_hex(8) if claim_for else ""
-        built = 0
+        built = waits = 0
 
         def build(pipe: Pipeline) -> None:
-            nonlocal built
+            nonlocal built, waits
             built += 1
             self._index(pipe, prepared)
             self._queue_script(pipe, "enqueue", request.model, prepared.args)
@@ -480,21 +489,23 @@ class QueueStore(QueueReader):
                 args = [self.defaults.lease_ms, claim_for, token, "1", ""]
                 self._queue_script(pipe, "claim", request.model, args)
             if self.defaults.wait_replicas:
-                self._queue_wait(pipe, request.model)
+                waits = self._queue_wait(pipe, request.model, [request.id])
 
         replies = await self._execute(build, raise_on_error=not claim_for)
+        acknowledged = replies[len(replies) - waits :]
+        del replies[len(replies) - waits :]
         claimed: Lease | bool | None = False
         if claim_for and built == 1:
-            flat = replies.pop(-2 if self.defaults.wait_replicas else -1)
+            flat = replies.pop()
             if isinstance(flat, Exception):
                 log.warning("claim beside an enqueue failed", model=request.model, error=str(flat))
             else:
                 claimed = self._lease(flat, token, claim_for)
-        for reply in replies:
+        for reply in (*replies, *acknowledged):
             if isinstance(reply, Exception):
                 raise reply
-        if self.defaults.wait_replicas:
-            self._check_replicated(int(replies.pop()))
+        for count in acknowledged:
+            self._check_replicated(int(count))
         return replace(await self._outcome(prepared, replies[-1]), claimed=claimed)
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
@@ -508,11 +519,18 @@ class QueueStore(QueueReader):
         model = requests[0].model
         mk = ModelKeys(model)
 
+        waits = 0
+
         def index_all(pipe: Pipeline) -> None:
+            nonlocal waits
             for entry in prepared:
                 self._index(pipe, entry)
+            if self.defaults.wait_replicas:
+                waits = self._queue_wait(pipe, model, [r.id for r in requests])
 
-        await self._execute(index_all)
+        indexed = await self._execute(index_all)
+        for count in indexed[len(indexed) - waits :]:
+            self._check_replicated(int(count))
         enqueue = self._scripts["enqueue"]
         if not (await self.redis.script_exists(enqueue.sha))[0]:
             await self.redis.script_load(enqueue.script)  # no NOSCRIPT inside the MULTI
