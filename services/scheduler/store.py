@@ -630,13 +630,17 @@ class QueueStore(QueueReader):
 
     async def _unindex(self, prepared: Sequence[_Prepared], shared: Sequence[str | None]) -> None:
         """Nothing was stored under these ids: point each caller's listing at the request
-        they share instead (if any), and drop the unused index entries."""
+        they share instead (if any), and drop the unused index entries. The shared
+        request's own entry is written again: a Submit retried after a failover finds its
+        first attempt by idempotency key, whose entry (another slot) the failover may have
+        lost; without it Get, Watch and Cancel would not find the request answered."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry, other in zip(prepared, shared, strict=True):
                 pipe.delete(keys.request_index(entry.request.id))
                 pipe.zrem(entry.listing, entry.request.id)
                 if other and other != entry.request.id:
                     pipe.zadd(entry.listing, {other: entry.created})
+                    pipe.set(keys.request_index(other), entry.request.model, ex=entry.index_ttl)
             await pipe.execute()
 
     async def _outcome(self, prepared: _Prepared, reply: Any) -> SubmitOutcome:

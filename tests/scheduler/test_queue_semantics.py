@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from services.scheduler.reaper import reap_once
 from services.scheduler.store import FinishedWork, QueueStore
 from tests.scheduler.factories import new_request
+from usher import keys
 from usher.keys import ModelKeys
 from usher.queue.fairness import FairQueue
 from usher.queue.records import QueueDefaults, to_proto
@@ -336,3 +337,16 @@ async def test_cheap_answers_do_not_let_a_tenants_later_request_jump_its_queue(
     while (next_lease := await store.claim("llama3.2", "d")) is not None:
         order.append(next_lease.request.id)
     assert order == [r.id for r in requests[2:]] + [later.id]
+
+
+async def test_a_retried_submit_restores_the_index_entry_a_failover_lost(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    first = await store.submit(new_request(idempotency_key="k-1"))
+    # A primary's loss took the id's index entry (another slot) but not the model's keys:
+    # the caller, told to retry, comes back with the same key.
+    await redis_client.delete(keys.request_index(first.request_id))
+    again = await store.submit(new_request(idempotency_key="k-1"))
+    assert again.request_id == first.request_id
+    found = await store.get(first.request_id)
+    assert found is not None and found.id == first.request_id
