@@ -25,6 +25,7 @@ from typing import Any, NoReturn, cast
 import grpc
 import grpc.aio
 
+from usher import metrics
 from usher.errors import Internal, UsherError, to_error
 from usher.grpc_types import Context
 from usher.logs import get_logger
@@ -33,6 +34,9 @@ from usher.server import Registration
 __all__ = ["LocalChannel", "LocalContext", "LocalStreamCall"]
 
 log = get_logger(__name__)
+#: Calls made in process count where the servers count theirs (usher_grpc_server_calls_total):
+#: in ``usher serve`` the Pool's Reserves and the Scheduler's Submits are these.
+_CALLS = metrics.Children(metrics.GRPC_CALLS)
 
 Metadata = Sequence[tuple[str, str | bytes]]
 _UnaryHandler = Callable[[Any, Context], Awaitable[Any]]
@@ -246,6 +250,7 @@ class _LocalMethod:
     def __init__(self, channel: LocalChannel, method: str) -> None:
         self._channel = channel
         self._method = method
+        self._calls = _CALLS(method)
 
 
 class _LocalUnary(_LocalMethod):
@@ -257,6 +262,7 @@ class _LocalUnary(_LocalMethod):
         metadata: Metadata | None = None,
         **_: Any,
     ) -> Awaitable[Any]:
+        self._calls.inc()
         return self._invoke(request, LocalContext(metadata, timeout))
 
     async def _invoke(self, request: Any, context: LocalContext) -> Any:
@@ -285,6 +291,7 @@ class _LocalStream(_LocalMethod):
         metadata: Metadata | None = None,
         **_: Any,
     ) -> LocalStreamCall:
+        self._calls.inc()
         handler = self._channel.handler(self._method)
         if handler is None or handler.unary_stream is None:
             raise _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{self._method} is not served here")

@@ -87,7 +87,8 @@ class Children(Generic[_M]):
 # ---- Every service ---------------------------------------------------------------------------
 GRPC_CALLS = Counter(
     "usher_grpc_server_calls_total",
-    "gRPC calls this replica received, by method (how evenly replicas share the load).",
+    "gRPC calls this replica received, by method (how evenly replicas share the load); in "
+    "usher serve, also the calls its services make to one another in process.",
     ["method"],
 )
 

@@ -264,8 +264,6 @@ async def test_a_steady_load_runs_on_kept_slots_with_no_reserve_per_request(
     runs on the slot its loop kept after the last answer, with no Reserve or Release."""
     import httpx
 
-    if "pool" not in stack.metrics_urls:
-        pytest.skip("usher serve: the Pool is called in process, its calls are not counted")
     scheduler, notifier = clients
 
     async def calls(method: str) -> float:
@@ -288,8 +286,9 @@ async def test_a_steady_load_runs_on_kept_slots_with_no_reserve_per_request(
     before = (await calls(reserve), await calls(release))
     await asyncio.gather(*(caller(w) for w in range(4)))
     after = (await calls(reserve), await calls(release))
-    # 40 requests: a Reserve each before slots were kept across requests.
-    assert after[0] - before[0] <= 20
+    # 40 requests: a Reserve each before slots were kept across requests. The first ones
+    # reserve: the calls are counted (in process too, in usher serve), not read as zero.
+    assert 0 < after[0] - before[0] <= 20
     assert after[1] - before[1] <= 20
     # No request comes for the kept slots: they go back to the Pool within moments.
     from usher.v1 import pool_pb2, pool_pb2_grpc
