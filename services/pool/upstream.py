@@ -632,6 +632,19 @@ class HttpUpstream:
             return ModelNotFound(message, upstream_message=text)
         return UpstreamError(message, status=status, upstream_message=text)
 
+    def decode_json(
+        self, raw: bytes | str, path: str, what: str, *, before_first_token: bool
+    ) -> Any:
+        """A whole JSON value from the server (a body, a line of a pull); garbage is a
+        protocol error naming ``what`` it was."""
+        try:
+            return json.loads(raw)
+        except ValueError:
+            text = raw[:200] if isinstance(raw, str) else raw[:200].decode("utf-8", "replace")
+            raise self.protocol_error(
+                f"invalid {what}: {text!r}", path, before_first_token=before_first_token
+            ) from None
+
     def protocol_error(self, what: str, path: str, *, before_first_token: bool) -> UpstreamError:
         # Garbage from the server is its fault: retryable (if nothing was streamed yet).
         return UpstreamError(
@@ -691,14 +704,7 @@ class HttpUpstream:
         status, content = await self._whole(method, path, body, traceparent)
         if not 200 <= status < 300:
             raise self.status_error(status, content, path)
-        try:
-            return json.loads(content)
-        except ValueError:
-            raise self.protocol_error(
-                f"invalid JSON body: {content.decode('utf-8', 'replace')[:200]!r}",
-                path,
-                before_first_token=True,
-            ) from None
+        return self.decode_json(content, path, "JSON body", before_first_token=True)
 
     async def request_ok(self, path: str) -> None:
         """GET that only has to succeed (health probes)."""
@@ -741,12 +747,7 @@ class HttpUpstream:
             yield Started(loaded_model=False)
             if self.is_embedding(path):
                 raw = await self.read_body(resp, path)
-                try:
-                    data = json.loads(raw)
-                except ValueError:
-                    raise self.protocol_error(
-                        f"invalid JSON body: {raw[:200]!r}", path, before_first_token=True
-                    ) from None
+                data = self.decode_json(raw, path, "JSON body", before_first_token=True)
                 yield self.embed_done(data, raw, path, started)
                 return
             # One pass per read of the connection, not per line: the lines that arrived

@@ -351,12 +351,7 @@ class OllamaUpstream(HttpUpstream):
         if not raw.strip():
             return None
         line = raw.decode("utf-8", "replace")
-        try:
-            data = json.loads(line)
-        except ValueError:
-            raise self.protocol_error(
-                f"invalid pull line {line[:200]!r}", path, before_first_token=False
-            ) from None
+        data = self.decode_json(line, path, "pull line", before_first_token=False)
         if not isinstance(data, dict):
             return None
         if data.get("error"):

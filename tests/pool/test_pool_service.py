@@ -543,23 +543,31 @@ async def slots_held(redis_client: aioredis.Redis, model: str = MODEL) -> int:
     return held
 
 
-async def test_a_kept_slot_runs_the_next_request_of_its_model_and_makes_way_for_others(
-    make_pool: Any, redis_client: aioredis.Redis
-) -> None:
+@contextlib.asynccontextmanager
+async def one_slot_kept_after_an_answer(
+    make_pool: Any,
+) -> AsyncIterator[tuple[RunningPool, pool_pb2.Slot]]:
+    """A Pool whose one instance has one slot for all its models (two 1 GiB models), and
+    that slot kept after an answer with keep_slot."""
     small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
     async with (
         EmulatorFleet([fast_emulator_config(models=small)]) as fleet,
         make_pool(fleet.urls, parallel=1) as pool,
     ):
-        # One slot on the instance for all its models.
-        registry = pool.app.registry
-        for state in registry.instances.values():
+        for state in pool.app.registry.instances.values():
             state.spec = state.spec.replace(max_loaded_models=1)
         slot = await reserve(pool)
         request = generate_request(slot)
         request.keep_slot = True
         events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
         assert events[-1].done.slot_kept
+        yield pool, slot
+
+
+async def test_a_kept_slot_runs_the_next_request_of_its_model_and_makes_way_for_others(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    async with one_slot_kept_after_an_answer(make_pool) as (pool, slot):
         assert await slots_held(redis_client) == 1  # still held, for the next request
 
         # Reserved again with it: the same slot, at once (parallel=1: no other is free).
@@ -607,20 +615,7 @@ async def test_a_kept_slot_released_by_its_holder_is_free(
 async def test_a_generate_runs_on_its_kept_slot_with_no_reserve_or_on_a_new_one(
     make_pool: Any, redis_client: aioredis.Redis
 ) -> None:
-    small = [model_spec("llama3.2:1b@1GiB"), model_spec("qwen2.5:0.5b@1GiB")]
-    async with (
-        EmulatorFleet([fast_emulator_config(models=small)]) as fleet,
-        make_pool(fleet.urls, parallel=1) as pool,
-    ):
-        registry = pool.app.registry
-        for state in registry.instances.values():
-            state.spec = state.spec.replace(max_loaded_models=1)
-        slot = await reserve(pool)
-        request = generate_request(slot)
-        request.keep_slot = True
-        events = [e async for e in pool.stub.Generate(request, metadata=SVC)]
-        assert events[-1].done.slot_kept
-
+    async with one_slot_kept_after_an_answer(make_pool) as (pool, slot):
         # Run on it again straight away (parallel=1: it is the instance's one slot), and
         # kept again.
         request = generate_request(slot)
