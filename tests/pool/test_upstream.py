@@ -42,6 +42,7 @@ from services.pool.upstream_kinds import make_upstream
 from services.pool.upstream_ollama import OllamaUpstream, ollama_options
 from services.pool.upstream_openai import OpenAIUpstream, SseDecoder, image_url
 from usher.emulator import EmulatorConfig, EmulatorServer
+from usher.testing import free_port
 from usher.v1 import pool_pb2, request_pb2
 
 KINDS = ("ollama", "openai")
@@ -145,12 +146,6 @@ async def running(
             yield server, upstream
         finally:
             await upstream.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,11 +14,43 @@ from collections.abc import Mapping, Sequence
 __all__ = ["ServiceProcess", "free_port", "port_is_free", "wait_for_port"]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+#: Where free_port looks: below the kernel's ephemeral range, which outgoing connections
+#: take their local ports from. A port picked inside it (bind to 0) could be taken by any
+#: client socket between the pick and the server's bind ("Address already in use": a
+#: stack's service failed to start and every test on it failed).
+_PORTS_FROM = 20_000
+#: Ports handed out by this process, never handed out again by it.
+_handed: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def free_port(pair_offset: int = 0) -> int:
+    """A loopback port free now, outside the ephemeral range, not handed out before here
+    (random, so processes picking at once rarely meet; bind-checked). ``pair_offset``: the
+    port that far above it must be free and outside the range too (a Redis Cluster node's
+    bus port)."""
+    end = _ephemeral_start() - pair_offset
+    for _ in range(1000):
+        port = random.randrange(_PORTS_FROM, end) if end > _PORTS_FROM + 1000 else 0
+        pair = port + pair_offset if pair_offset else None
+        if port in _handed or pair in _handed or (pair is not None and not port_is_free(pair)):
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            picked: int = sock.getsockname()[1]
+        _handed.update({picked} if pair is None else {picked, pair})
+        return picked
+    raise RuntimeError("no free loopback port found")
 
 
 def port_is_free(port: int) -> bool:

