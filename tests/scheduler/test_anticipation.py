@@ -260,6 +260,27 @@ async def test_a_flow_whose_holds_run_out_is_soon_not_held_for() -> None:
     assert held[5:] == [False] * 3
 
 
+async def test_a_request_claimed_before_its_enqueue_answered_is_not_counted_waiting() -> None:
+    """Under load a loop's claim can take Carol's request before her Submit's enqueue has
+    answered (the claim beside it finds it queued): told of it late, she is not counted as
+    waiting, so her answer is still held for and her think time still measured."""
+    holds = Anticipation(5.0)
+    light, flood = flow_key("globex/carol", NORMAL_CLASS), flow_key("acme/alice", NORMAL_CLASS)
+    holds.arrived(MODEL, flood, "flood-1")
+    holds.started(MODEL, flood, "flood-1")
+    holds.arrived(MODEL, flood, "flood-2")  # queued
+    for n in range(2):  # her second answer comes with her think time known
+        holds.started(MODEL, light, f"light-{n}")  # claimed first...
+        holds.arrived(MODEL, light, f"light-{n}")  # ...then her enqueue's answer
+        holds.answered(MODEL, light, f"light-{n}", others_queued=True)
+        holds.ended(MODEL, light, f"light-{n}")
+    assert holds.holding_for(MODEL) == [light]
+    # Claimed elsewhere before it was told here, her next request ends the hold at once.
+    holds.started(MODEL, light, "light-2")
+    holds.arrived(MODEL, light, "light-2")
+    assert await asyncio.wait_for(holds.first_claim(MODEL), 1) == "light-2"
+
+
 @pytest.mark.parametrize(("light_class", "held"), [(2, True), (3, True), (5, False)])
 async def test_no_slot_is_held_for_a_flow_while_a_higher_class_waits(
     light_class: int, held: bool
