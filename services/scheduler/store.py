@@ -353,19 +353,28 @@ class QueueStore(QueueReader):
             self._write_promises, PROMISE_BATCH
         )
 
-    def _queue_wait(self, pipe: Pipeline, model: str, request_ids: Sequence[str] = ()) -> int:
+    def _queue_wait(
+        self,
+        pipe: Pipeline,
+        model: str,
+        request_ids: Sequence[str] = (),
+        model_set: bool = False,
+    ) -> int:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
         that have this connection's writes): on a Cluster, the node serving the model, and
         those holding ``request_ids``' index entries where they are others (without it, a
         failover there loses an entry, and Get, Watch and Cancel no longer find a request
-        that runs). How many WAITs were queued (their replies come last)."""
+        that runs), and the model set's with ``model_set`` (its entry lost, no loop walks
+        the model's queue until the model's next Submit). How many WAITs were queued
+        (their replies come last)."""
         args = ("WAIT", self.defaults.wait_replicas, self.defaults.wait_timeout_ms)
         if not is_cluster(self.redis):
             pipe.execute_command(*args)
             return 1
         cluster = cast(Any, self.redis)
         nodes: dict[str, Any] = {}
-        for key in (ModelKeys(model).queue, *map(keys.request_index, request_ids)):
+        written = (ModelKeys(model).queue, *map(keys.request_index, request_ids))
+        for key in (*written, keys.MODELS) if model_set else written:
             node = cluster.get_node_from_key(key)
             nodes.setdefault(node.name, node)
         for node in nodes.values():
@@ -479,17 +488,18 @@ class QueueStore(QueueReader):
         prepared = await self._prepare(request)
         token = secrets.token_hex(8) if claim_for else ""
         built = waits = 0
+        model_set = self._model_set_due(request.model)
 
         def build(pipe: Pipeline) -> None:
             nonlocal built, waits
             built += 1
-            self._index(pipe, prepared)
+            self._index(pipe, prepared, model_set)
             self._queue_script(pipe, "enqueue", request.model, prepared.args)
             if claim_for and built == 1:  # never twice: a repeat could take a second request
                 args = [self.defaults.lease_ms, claim_for, token, "1", ""]
                 self._queue_script(pipe, "claim", request.model, args)
             if self.defaults.wait_replicas:
-                waits = self._queue_wait(pipe, request.model, [request.id])
+                waits = self._queue_wait(pipe, request.model, [request.id], model_set)
 
         replies = await self._execute(build, raise_on_error=not claim_for)
         acknowledged = replies[len(replies) - waits :]
@@ -506,6 +516,8 @@ class QueueStore(QueueReader):
                 raise reply
         for count in acknowledged:
             self._check_replicated(int(count))
+        if model_set:
+            self._model_set_written(request.model)
         return replace(await self._outcome(prepared, replies[-1]), claimed=claimed)
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
@@ -520,17 +532,20 @@ class QueueStore(QueueReader):
         mk = ModelKeys(model)
 
         waits = 0
+        model_set = self._model_set_due(model)
 
         def index_all(pipe: Pipeline) -> None:
             nonlocal waits
-            for entry in prepared:
-                self._index(pipe, entry)
+            for n, entry in enumerate(prepared):
+                self._index(pipe, entry, model_set and n == 0)
             if self.defaults.wait_replicas:
-                waits = self._queue_wait(pipe, model, [r.id for r in requests])
+                waits = self._queue_wait(pipe, model, [r.id for r in requests], model_set)
 
         indexed = await self._execute(index_all)
         for count in indexed[len(indexed) - waits :]:
             self._check_replicated(int(count))
+        if model_set:
+            self._model_set_written(model)
         enqueue = self._scripts["enqueue"]
         if not (await self.redis.script_exists(enqueue.sha))[0]:
             await self.redis.script_load(enqueue.script)  # no NOSCRIPT inside the MULTI
@@ -616,17 +631,25 @@ class QueueStore(QueueReader):
             ],
         )
 
-    def _index(self, pipe: Pipeline, prepared: _Prepared) -> None:
-        """The id's index entry, the caller's listing and the model set (other slots)."""
+    def _model_set_due(self, model: str) -> bool:
+        """Whether a Submit of ``model`` adds it to the model set: decided once per Submit
+        (a pipeline built again after a failed attempt writes it again) and put off only
+        once a write of it went through (``_model_set_written``)."""
+        return time.monotonic() - self._model_set_at.get(model, -math.inf) > MODEL_SET_SECONDS
+
+    def _model_set_written(self, model: str) -> None:
+        self._model_set_at[model] = time.monotonic()
+
+    def _index(self, pipe: Pipeline, prepared: _Prepared, model_set: bool) -> None:
+        """The id's index entry, the caller's listing and (``model_set``) the model set:
+        other slots."""
         request = prepared.request
         pipe.set(keys.request_index(request.id), request.model, ex=prepared.index_ttl)
         pipe.zadd(prepared.listing, {request.id: prepared.created})
         if random.randrange(LISTING_TRIM_EVERY) == 0:
             pipe.zremrangebyrank(prepared.listing, 0, -TENANT_LISTING_MAX - 1)
-        now = time.monotonic()
-        if now - self._model_set_at.get(request.model, -math.inf) > MODEL_SET_SECONDS:
+        if model_set:
             pipe.sadd(keys.MODELS, request.model)
-            self._model_set_at[request.model] = now
 
     async def _unindex(self, prepared: Sequence[_Prepared], shared: Sequence[str | None]) -> None:
         """Nothing was stored under these ids: point each caller's listing at the request
