@@ -381,6 +381,9 @@ class AsyncUsherClient:
         self.timeout = timeout
         #: Deadline of one Watch stream; a longer watch reconnects (and resumes) after it.
         self.stream_timeout = stream_timeout
+        #: False once the Notifier answered AwaitResult UNIMPLEMENTED (older than this
+        #: client): ``wait`` then watches for the final update.
+        self._await_result = True
         self.retry = retry or RetryPolicy()
         if credentials is None and root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(
@@ -600,11 +603,9 @@ class AsyncUsherClient:
         reconnects = _Reconnects("Watch", self.retry)
         ends_at = None if timeout is None else time.monotonic() + timeout
         while True:
-            attempt_timeout = self.stream_timeout
-            if ends_at is not None:
-                attempt_timeout = min(attempt_timeout, ends_at - time.monotonic())
-                if attempt_timeout <= 0:
-                    raise DeadlineExceeded(f"watching {request_id} took longer than {timeout}s")
+            attempt_timeout = self._attempt_timeout(ends_at)
+            if attempt_timeout <= 0:
+                raise DeadlineExceeded(f"watching {request_id} took longer than {timeout}s")
             attempt_started = time.monotonic()
             call = self._notifier.Watch(
                 notifier_pb2.WatchRequest(
@@ -645,13 +646,49 @@ class AsyncUsherClient:
     ) -> Request:
         """The request once it has ended. With ``check``, raises ``RequestFailed`` unless
         it COMPLETED."""
+        final = await self._final(request_id, timeout, model)
+        if check and final.state != RequestState.COMPLETED:
+            raise RequestFailed(final)
+        return final
+
+    def _attempt_timeout(self, ends_at: float | None) -> float:
+        """One attempt's deadline in seconds: ``stream_timeout``, or what is left before
+        ``ends_at`` (nothing left: 0 or less)."""
+        if ends_at is None:
+            return self.stream_timeout
+        return min(self.stream_timeout, ends_at - time.monotonic())
+
+    async def _final(self, request_id: str, timeout: float | None, model: str) -> Request:
+        """The request as it ended, by AwaitResult (one unary call, made again after each
+        ``stream_timeout`` and a dropped connection), or by a final-only watch from a
+        Notifier older than AwaitResult."""
+        reconnects = _Reconnects("AwaitResult", self.retry)
+        ends_at = None if timeout is None else time.monotonic() + timeout
+        while self._await_result:
+            attempt_timeout = self._attempt_timeout(ends_at)
+            if attempt_timeout <= 0:
+                raise DeadlineExceeded(f"waiting for {request_id} took longer than {timeout}s")
+            attempt_started = time.monotonic()
+            try:
+                reply = await self._notifier.AwaitResult(
+                    notifier_pb2.AwaitResultRequest(id=request_id, model=model),
+                    metadata=self._metadata(),
+                    timeout=attempt_timeout,
+                )
+                return Update.from_proto(reply.update).request
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                    self._await_result = False
+                    break
+                if not _resumable(error):
+                    raise error from None
+            await reconnects.wait(error, time.monotonic() - attempt_started)
         final: Request | None = None
         async for update in self.watch(request_id, timeout=timeout, model=model, final_only=True):
             final = update.request
         if final is None:  # pragma: no cover - watch always ends on a terminal update
             final = await self.get(request_id)
-        if check and final.state != RequestState.COMPLETED:
-            raise RequestFailed(final)
         return final
 
     async def submit_and_wait(
@@ -715,11 +752,9 @@ class AsyncUsherClient:
         reconnects = _Reconnects("WatchQueues", self.retry)
         ends_at = None if timeout is None else time.monotonic() + timeout
         while True:
-            attempt_timeout = self.stream_timeout
-            if ends_at is not None:
-                attempt_timeout = min(attempt_timeout, ends_at - time.monotonic())
-                if attempt_timeout <= 0:
-                    return
+            attempt_timeout = self._attempt_timeout(ends_at)
+            if attempt_timeout <= 0:
+                return
             attempt_started = time.monotonic()
             call = self._notifier.WatchQueues(
                 notifier_pb2.WatchQueuesRequest(models=list(models)),

@@ -18,8 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Sequence,
+)
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -31,7 +40,7 @@ from usher.grpc_types import Context
 from usher.logs import get_logger
 from usher.server import Registration
 
-__all__ = ["LocalChannel", "LocalContext", "LocalStreamCall"]
+__all__ = ["LocalChannel", "LocalContext", "LocalStreamCall", "LocalUnaryCall"]
 
 log = get_logger(__name__)
 #: Calls made in process count where the servers count theirs (usher_grpc_server_calls_total):
@@ -253,6 +262,26 @@ class _LocalMethod:
         self._calls = _CALLS(method)
 
 
+class LocalUnaryCall:
+    """A unary call in process: awaited for its reply, as a ``grpc.aio.UnaryUnaryCall``.
+    ``cancel()`` drops a call not awaited yet (the servicer never runs); one being awaited
+    ends when the task awaiting it is cancelled, as a gRPC call does."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Coroutine[Any, Any, Any]) -> None:
+        self._run = run
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._run.__await__()
+
+    def cancel(self) -> bool:
+        if inspect.getcoroutinestate(self._run) != inspect.CORO_CREATED:
+            return False
+        self._run.close()
+        return True
+
+
 class _LocalUnary(_LocalMethod):
     def __call__(
         self,
@@ -261,9 +290,9 @@ class _LocalUnary(_LocalMethod):
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **_: Any,
-    ) -> Awaitable[Any]:
+    ) -> LocalUnaryCall:
         self._calls.inc()
-        return self._invoke(request, LocalContext(metadata, timeout))
+        return LocalUnaryCall(self._invoke(request, LocalContext(metadata, timeout)))
 
     async def _invoke(self, request: Any, context: LocalContext) -> Any:
         handler = self._channel.handler(self._method)

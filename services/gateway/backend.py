@@ -65,6 +65,9 @@ class Backend:
         self._tags: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.http: httpx.AsyncClient | None = None
+        #: False once a Notifier answered AwaitResult UNIMPLEMENTED (one older than this
+        #: gateway, mid-upgrade): answers sent whole then wait through Watch.
+        self.await_result = True
 
     async def start(self) -> None:
         tls = ClientTls.from_env()

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -134,20 +135,9 @@ class RequestFlow:
         attempt = ""  # text of the current run
         resumes = 0
         while True:
-            # The model as Submit answered it spares the Notifier a lookup.
-            model = self.latest.model if self.latest is not None else self.model
-            call = self.backend.notifier.Watch(
-                notifier_pb2.WatchRequest(
-                    id=self.request_id,
-                    last_event_id=last_event_id,
-                    model=model,
-                    final_only=final_only,
-                ),
-                metadata=bearer(self.token),
-                timeout=self._remaining(),
-            )
+            call, received = self._updates(last_event_id, final_only)
             try:
-                async for update in call:
+                async for update in received:
                     resumes = 0
                     if update.event_id:
                         last_event_id = update.event_id
@@ -179,17 +169,8 @@ class RequestFlow:
                         yield Finished(request)
                         return
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self.cancel_soon("the client's deadline passed")
-                    raise GatewayError(
-                        504,
-                        "timeout",
-                        "Request timed out. Please try again with a shorter prompt or later.",
-                        model=self.model,
-                    ) from None
-                if code not in _RESUMABLE or resumes >= _MAX_RESUMES:
-                    raise rpc_error(exc, self.model) from None
+                if self._watch_failed(exc, resumes, final_only) == "again":
+                    continue
             finally:
                 call.cancel()
             # The stream ended without a final update or broke: resume after the last event.
@@ -199,6 +180,52 @@ class RequestFlow:
                     502, "upstream_error", "the status stream ended early", model=self.model
                 )
             await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
+
+    def _watch_failed(self, exc: grpc.aio.AioRpcError, resumes: int, final_only: bool) -> str:
+        """Whether a failed call for updates is made again at once ("again") or resumed
+        after a pause ("resume"); raises what the client is told otherwise."""
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.cancel_soon("the client's deadline passed")
+            raise GatewayError(
+                504,
+                "timeout",
+                "Request timed out. Please try again with a shorter prompt or later.",
+                model=self.model,
+            ) from None
+        if code == grpc.StatusCode.UNIMPLEMENTED and final_only and self.backend.await_result:
+            self.backend.await_result = False  # a Notifier older than AwaitResult: Watch it
+            return "again"
+        if code not in _RESUMABLE or resumes >= _MAX_RESUMES:
+            raise rpc_error(exc, self.model) from None
+        return "resume"
+
+    def _updates(
+        self, last_event_id: str, final_only: bool
+    ) -> tuple[Any, AsyncIterable[notifier_pb2.WatchResponse]]:
+        """A call to the Notifier for the request's updates after ``last_event_id``, and
+        the updates it gives."""
+        # The model as Submit answered it spares the Notifier a lookup.
+        model = self.latest.model if self.latest is not None else self.model
+        if final_only and self.backend.await_result:
+            # The final update alone: one unary call, cheaper than a stream of one.
+            call = self.backend.notifier.AwaitResult(
+                notifier_pb2.AwaitResultRequest(id=self.request_id, model=model),
+                metadata=bearer(self.token),
+                timeout=self._remaining(),
+            )
+            return call, _answer_of(call)
+        watch = self.backend.notifier.Watch(
+            notifier_pb2.WatchRequest(
+                id=self.request_id,
+                last_event_id=last_event_id,
+                model=model,
+                final_only=final_only,
+            ),
+            metadata=bearer(self.token),
+            timeout=self._remaining(),
+        )
+        return watch, watch
 
     def _beyond(self, emitted: str, attempt: str) -> str:
         fresh = continuation(emitted, attempt)
@@ -212,3 +239,10 @@ class RequestFlow:
             "the streamed output is incomplete, please retry",
             model=self.model,
         )
+
+
+async def _answer_of(
+    call: grpc.aio.UnaryUnaryCall[Any, notifier_pb2.AwaitResultResponse],
+) -> AsyncIterator[notifier_pb2.WatchResponse]:
+    """AwaitResult's answer as the one update of a watch."""
+    yield (await call).update

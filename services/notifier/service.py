@@ -12,7 +12,13 @@ from services.notifier.badges import BadgeBoard
 from services.notifier.fanout import Fanout, PositionUpdate, Subscriber, Update
 from usher import messages, metrics
 from usher.auth import SERVICE_ROLE, Authenticator, Principal
-from usher.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from usher.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from usher.grpc_types import Context
 from usher.ids import event_id_key, is_event_id, is_request_id
 from usher.logs import get_logger
@@ -139,6 +145,22 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         # wrapper (usher/server.py) is the async generator gRPC iterates, and the in-process
         # channel takes any async iterator.
         return self._watch(request, context)
+
+    async def AwaitResult(
+        self, request: notifier_pb2.AwaitResultRequest, context: Context
+    ) -> notifier_pb2.AwaitResultResponse:
+        # Watch with final_only, its one message answered: the same checks and errors.
+        watch = self._watch(
+            notifier_pb2.WatchRequest(id=request.id, model=request.model, final_only=True),
+            context,
+        )
+        try:
+            async for sent in watch:
+                if updates.is_terminal_kind(sent.kind):
+                    return notifier_pb2.AwaitResultResponse(update=sent)
+        finally:
+            await watch.aclose()
+        raise Unavailable(f"the status of {request.id} ended before the request did")
 
     async def _watch(
         self, request: notifier_pb2.WatchRequest, context: Context

@@ -5,9 +5,7 @@ what ``usher top`` draws."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -39,8 +37,15 @@ from clients.types import (
     RequestState,
     UpdateKind,
 )
-from usher.testing.processes import free_port
-from usher.v1 import notifier_pb2, notifier_pb2_grpc, pool_pb2, request_pb2
+from tests.clients.scripted_notifier import (
+    DONE,
+    QUEUED,
+    RUNNING,
+    ScriptedNotifier,
+    scripted_event,
+    serve_notifier,
+)
+from usher.v1 import notifier_pb2, pool_pb2, request_pb2
 
 K = notifier_pb2
 
@@ -285,85 +290,24 @@ def test_the_dashboard_draws_badges_instances_and_stats() -> None:
 # -- resuming a watch, against a scripted Notifier ----------------------------------------
 
 
-def _event(
-    event_id: str, kind: int, state: int, text: str = "", final: str = ""
-) -> notifier_pb2.WatchResponse:
-    request = request_pb2.LlmRequest(id="01ABC", model="m", state=state)  # type: ignore[arg-type]
-    if final:
-        request.result.text = final
-    return notifier_pb2.WatchResponse(
-        event_id=event_id,
-        kind=kind,  # type: ignore[arg-type]
-        request=request,
-        text_delta=text,
-    )
-
-
-RUNNING = request_pb2.REQUEST_STATE_RUNNING
-QUEUED = request_pb2.REQUEST_STATE_QUEUED
-DONE = request_pb2.REQUEST_STATE_COMPLETED
-
-
-class ScriptedNotifier(notifier_pb2_grpc.NotifierServiceServicer):
-    """Plays one script per Watch call: a response is sent, a number is a pause (seconds),
-    None drops the connection."""
-
-    def __init__(
-        self, scripts: Sequence[Sequence[notifier_pb2.WatchResponse | float | None]]
-    ) -> None:
-        self.scripts = list(scripts)
-        self.resumed_from: list[str] = []
-
-    async def Watch(  # noqa: N802 - the RPC's name
-        self,
-        request: notifier_pb2.WatchRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> AsyncIterator[notifier_pb2.WatchResponse]:
-        self.resumed_from.append(request.last_event_id)
-        for item in self.scripts.pop(0):
-            if item is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "notifier going away")
-            elif isinstance(item, float | int):
-                await asyncio.sleep(item)
-            else:
-                yield item
-
-    async def WatchQueues(  # noqa: N802 - the RPC's name
-        self,
-        request: notifier_pb2.WatchQueuesRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> AsyncIterator[notifier_pb2.WatchQueuesResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        yield notifier_pb2.WatchQueuesResponse()
-
-
 @pytest.fixture
 def fast_retry() -> RetryPolicy:
     return RetryPolicy(initial_backoff=0.01, max_backoff=0.05, max_total_wait=5)
 
 
-async def _serve(notifier: ScriptedNotifier) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    notifier_pb2_grpc.add_NotifierServiceServicer_to_server(notifier, server)
-    address = f"127.0.0.1:{free_port()}"
-    server.add_insecure_port(address)
-    await server.start()
-    return server, address
-
-
 async def test_a_dropped_watch_resumes_from_the_last_event_without_repeats(
     fast_retry: RetryPolicy,
 ) -> None:
-    e1 = _event("5-1", K.UPDATE_KIND_SNAPSHOT, QUEUED)
-    position = _event("", K.UPDATE_KIND_POSITION, QUEUED)
-    e2 = _event("5-2", K.UPDATE_KIND_RUNNING, RUNNING)
-    e3 = _event("5-3", K.UPDATE_KIND_PROGRESS, RUNNING, "Hel")
-    e4 = _event("5-4", K.UPDATE_KIND_PROGRESS, RUNNING, "lo")
-    e5 = _event("5-5", K.UPDATE_KIND_COMPLETED, DONE, final="Hello")
+    e1 = scripted_event("5-1", K.UPDATE_KIND_SNAPSHOT, QUEUED)
+    position = scripted_event("", K.UPDATE_KIND_POSITION, QUEUED)
+    e2 = scripted_event("5-2", K.UPDATE_KIND_RUNNING, RUNNING)
+    e3 = scripted_event("5-3", K.UPDATE_KIND_PROGRESS, RUNNING, "Hel")
+    e4 = scripted_event("5-4", K.UPDATE_KIND_PROGRESS, RUNNING, "lo")
+    e5 = scripted_event("5-5", K.UPDATE_KIND_COMPLETED, DONE, final="Hello")
     # The second stream repeats an event the client already has (e.g. a replay racing the
     # live feed): the client must drop it.
     notifier = ScriptedNotifier([[e1, position, e2, e3, None], [e3, e4, None], [e5]])
-    server, address = await _serve(notifier)
+    server, address = await serve_notifier(notifier)
     try:
         async with AsyncUsherClient("127.0.0.1:1", address, retry=fast_retry) as client:
             updates = [u async for u in client.watch("01ABC")]
@@ -377,15 +321,15 @@ async def test_a_dropped_watch_resumes_from_the_last_event_without_repeats(
 
 async def test_tokens_after_a_requeue_start_over(fast_retry: RetryPolicy) -> None:
     script = [
-        _event("7-1", K.UPDATE_KIND_RUNNING, RUNNING),
-        _event("7-2", K.UPDATE_KIND_PROGRESS, RUNNING, "wrong "),
-        _event("7-3", K.UPDATE_KIND_REQUEUED, QUEUED),
-        _event("7-4", K.UPDATE_KIND_RUNNING, RUNNING),
-        _event("7-5", K.UPDATE_KIND_PROGRESS, RUNNING, "right"),
-        _event("7-6", K.UPDATE_KIND_COMPLETED, DONE, final="right"),
+        scripted_event("7-1", K.UPDATE_KIND_RUNNING, RUNNING),
+        scripted_event("7-2", K.UPDATE_KIND_PROGRESS, RUNNING, "wrong "),
+        scripted_event("7-3", K.UPDATE_KIND_REQUEUED, QUEUED),
+        scripted_event("7-4", K.UPDATE_KIND_RUNNING, RUNNING),
+        scripted_event("7-5", K.UPDATE_KIND_PROGRESS, RUNNING, "right"),
+        scripted_event("7-6", K.UPDATE_KIND_COMPLETED, DONE, final="right"),
     ]
     notifier = ScriptedNotifier([script, script])
-    server, address = await _serve(notifier)
+    server, address = await serve_notifier(notifier)
     try:
         async with AsyncUsherClient("127.0.0.1:1", address, retry=fast_retry) as client:
             with pytest.raises(OutputRestarted):
@@ -401,10 +345,10 @@ async def test_tokens_after_a_requeue_start_over(fast_retry: RetryPolicy) -> Non
 
 
 async def test_a_quiet_stream_past_its_deadline_reconnects_without_counting_a_failure() -> None:
-    waiting = _event("4-1", K.UPDATE_KIND_SNAPSHOT, QUEUED)
-    done = _event("4-2", K.UPDATE_KIND_COMPLETED, DONE, final="x")
+    waiting = scripted_event("4-1", K.UPDATE_KIND_SNAPSHOT, QUEUED)
+    done = scripted_event("4-2", K.UPDATE_KIND_COMPLETED, DONE, final="x")
     notifier = ScriptedNotifier([[waiting, 5.0], [done]])
-    server, address = await _serve(notifier)
+    server, address = await serve_notifier(notifier)
     # No failure may be retried at all: only a healthy reconnect can get this watch through.
     strict = RetryPolicy(max_total_wait=0.0)
     try:
@@ -419,11 +363,11 @@ async def test_a_quiet_stream_past_its_deadline_reconnects_without_counting_a_fa
 
 
 def test_the_blocking_client_iterates_a_watch(fast_retry: RetryPolicy) -> None:
-    e1 = _event("3-1", K.UPDATE_KIND_SNAPSHOT, RUNNING, "a")
-    e2 = _event("3-2", K.UPDATE_KIND_COMPLETED, DONE, final="a")
+    e1 = scripted_event("3-1", K.UPDATE_KIND_SNAPSHOT, RUNNING, "a")
+    e2 = scripted_event("3-2", K.UPDATE_KIND_COMPLETED, DONE, final="a")
     notifier = ScriptedNotifier([[e1, None], [e2]])
     with UsherClient("127.0.0.1:1", "127.0.0.1:1", retry=fast_retry) as usher:
-        server, address = usher.run(_serve(notifier))
+        server, address = usher.run(serve_notifier(notifier))
         usher.async_client.notifier_address = address
         try:
             kinds = [u.kind for u in usher.watch("01ABC")]
@@ -431,3 +375,29 @@ def test_the_blocking_client_iterates_a_watch(fast_retry: RetryPolicy) -> None:
             usher.run(server.stop(None))
     assert kinds == [UpdateKind.SNAPSHOT, UpdateKind.COMPLETED]
     assert notifier.resumed_from == ["", "3-1"]
+
+
+async def test_wait_asks_again_after_a_dropped_connection(fast_retry: RetryPolicy) -> None:
+    done = scripted_event("6-1", K.UPDATE_KIND_COMPLETED, DONE, final="x")
+    notifier = ScriptedNotifier([], answers=[None, done])
+    server, address = await serve_notifier(notifier)
+    try:
+        async with AsyncUsherClient("127.0.0.1:1", address, retry=fast_retry) as client:
+            final = await client.wait("01ABC")
+    finally:
+        await server.stop(None)
+    assert final.text == "x" and notifier.awaited == 2 and notifier.resumed_from == []
+
+
+async def test_wait_watches_a_notifier_older_than_await_result(fast_retry: RetryPolicy) -> None:
+    done = scripted_event("6-1", K.UPDATE_KIND_COMPLETED, DONE, final="x")
+    notifier = ScriptedNotifier([[done], [done]])
+    server, address = await serve_notifier(notifier)
+    try:
+        async with AsyncUsherClient("127.0.0.1:1", address, retry=fast_retry) as client:
+            texts = [(await client.wait("01ABC")).text for _ in range(2)]
+    finally:
+        await server.stop(None)
+    # Asked once: from then on the client watches for the final update.
+    assert texts == ["x", "x"] and notifier.awaited == 1
+    assert notifier.resumed_from == ["", ""]

@@ -167,6 +167,77 @@ async def test_a_final_only_watch_of_a_finished_request_or_a_resumed_one_ends_at
         assert final.request.result.text == "done"
 
 
+async def test_await_result_answers_the_final_update_once_the_request_ends(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    """AwaitResult: Watch with final_only in one unary call, for the same final update; its
+    deadline passing loses nothing (called again, it answers)."""
+    request_id = await _submit(store)
+    waiting = asyncio.ensure_future(
+        notifier.stub.AwaitResult(
+            K.AwaitResultRequest(id=request_id, model=MODEL), metadata=notifier.auth("alice")
+        )
+    )
+    lease = await _claim(store, request_id)
+    await store.progress(lease, "tokens", {"text": "do", "tokens": 1})
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await _complete(store, lease)
+    final = (await asyncio.wait_for(waiting, 5)).update
+    (watched,) = await Watcher(notifier, request_id, final_only=True).finished()
+    assert final.kind == K.UPDATE_KIND_COMPLETED
+    assert (final.event_id, final.request, final.message) == (
+        watched.event_id,
+        watched.request,
+        watched.message,
+    )
+    assert final.request.result.text == "done"
+
+    queued = await _submit(store)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await notifier.stub.AwaitResult(
+            K.AwaitResultRequest(id=queued), metadata=notifier.auth("alice"), timeout=0.2
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _complete(store, await _claim(store, queued), text="later")
+    again = await notifier.stub.AwaitResult(
+        K.AwaitResultRequest(id=queued), metadata=notifier.auth("alice"), timeout=5
+    )
+    assert again.update.request.result.text == "later"
+    await _no_watchers_left(notifier)
+
+
+async def test_an_await_result_call_cancels_as_a_grpc_call_does(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    """The gateway cancels its call whatever became of it: done, cancel() changes nothing;
+    not awaited yet, it is dropped (in process: the servicer never runs)."""
+    request_id = await _submit(store)
+    await _complete(store, await _claim(store, request_id))
+    asked = K.AwaitResultRequest(id=request_id)
+    done = notifier.stub.AwaitResult(asked, metadata=notifier.auth("alice"), timeout=5)
+    assert (await done).update.kind == K.UPDATE_KIND_COMPLETED
+    assert not done.cancel()
+    dropped = notifier.stub.AwaitResult(asked, metadata=notifier.auth("alice"), timeout=5)
+    assert dropped.cancel()
+    await _no_watchers_left(notifier)
+
+
+async def test_await_result_checks_as_watch_does(
+    notifier: NotifierClient, store: QueueStore
+) -> None:
+    request_id = await _submit(store, user="bob")
+    for asked, code in (
+        (K.AwaitResultRequest(id=request_id, model=MODEL), grpc.StatusCode.PERMISSION_DENIED),
+        (K.AwaitResultRequest(id="01JAAAAAAAAAAAAAAAAAAAAAAA"), grpc.StatusCode.NOT_FOUND),
+        (K.AwaitResultRequest(id="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await notifier.stub.AwaitResult(asked, metadata=notifier.auth("alice"), timeout=5)
+        assert caught.value.code() == code
+    await _no_watchers_left(notifier)
+
+
 async def test_many_watchers_of_one_request_each_get_every_update_once(
     notifier: NotifierClient, store: QueueStore
 ) -> None:

@@ -26,27 +26,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from usher.v1 import request_pb2 as usher_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17usher/v1/notifier.proto\x12\x08usher.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16usher/v1/request.proto\"T\n\x0cWatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rlast_event_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nfinal_only\x18\x04 \x01(\x08\"\xf6\x01\n\rWatchResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.usher.v1.UpdateKind\x12%\n\x07request\x18\x03 \x01(\x0b\x32\x14.usher.v1.LlmRequest\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x12\n\ntext_delta\x18\x05 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06prompt\x18\t \x01(\t\"\xff\x01\n\nQueueBadge\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12 \n\x04wait\x18\x05 \x01(\x0b\x32\x12.usher.v1.EtaRange\x12#\n\x05level\x18\x06 \x01(\x0e\x32\x14.usher.v1.QueueLevel\x12\r\n\x05label\x18\x07 \x01(\t\x12\x17\n\x0fsuggested_model\x18\x08 \x01(\t\x12\x12\n\nsuggestion\x18\t \x01(\t\x12\x12\n\nqueue_full\x18\n \x01(\x08\x12\x18\n\x10\x65xternal_running\x18\x0b \x01(\x05\"$\n\x12WatchQueuesRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"c\n\x13WatchQueuesResponse\x12$\n\x06\x62\x61\x64ges\x18\x01 \x03(\x0b\x32\x14.usher.v1.QueueBadge\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xe5\x02\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14UPDATE_KIND_SNAPSHOT\x10\x01\x12\x16\n\x12UPDATE_KIND_QUEUED\x10\x02\x12\x18\n\x14UPDATE_KIND_POSITION\x10\x03\x12\x17\n\x13UPDATE_KIND_RUNNING\x10\x04\x12\x18\n\x14UPDATE_KIND_PROGRESS\x10\x05\x12\x19\n\x15UPDATE_KIND_COMPLETED\x10\x06\x12\x16\n\x12UPDATE_KIND_FAILED\x10\x07\x12\x19\n\x15UPDATE_KIND_CANCELLED\x10\x08\x12\x17\n\x13UPDATE_KIND_EXPIRED\x10\t\x12\x18\n\x14UPDATE_KIND_REQUEUED\x10\n\x12\x18\n\x14UPDATE_KIND_FALLBACK\x10\x0b\x12 \n\x1cUPDATE_KIND_CANCEL_REQUESTED\x10\x0c*\x89\x01\n\nQueueLevel\x12\x1b\n\x17QUEUE_LEVEL_UNSPECIFIED\x10\x00\x12\x19\n\x15QUEUE_LEVEL_AVAILABLE\x10\x01\x12\x15\n\x11QUEUE_LEVEL_SHORT\x10\x02\x12\x16\n\x12QUEUE_LEVEL_MEDIUM\x10\x03\x12\x14\n\x10QUEUE_LEVEL_LONG\x10\x04\x32\x9b\x01\n\x0fNotifierService\x12:\n\x05Watch\x12\x16.usher.v1.WatchRequest\x1a\x17.usher.v1.WatchResponse0\x01\x12L\n\x0bWatchQueues\x12\x1c.usher.v1.WatchQueuesRequest\x1a\x1d.usher.v1.WatchQueuesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17usher/v1/notifier.proto\x12\x08usher.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16usher/v1/request.proto\"T\n\x0cWatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rlast_event_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nfinal_only\x18\x04 \x01(\x08\"/\n\x12\x41waitResultRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\">\n\x13\x41waitResultResponse\x12\'\n\x06update\x18\x01 \x01(\x0b\x32\x17.usher.v1.WatchResponse\"\xf6\x01\n\rWatchResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.usher.v1.UpdateKind\x12%\n\x07request\x18\x03 \x01(\x0b\x32\x14.usher.v1.LlmRequest\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x12\n\ntext_delta\x18\x05 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06prompt\x18\t \x01(\t\"\xff\x01\n\nQueueBadge\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12 \n\x04wait\x18\x05 \x01(\x0b\x32\x12.usher.v1.EtaRange\x12#\n\x05level\x18\x06 \x01(\x0e\x32\x14.usher.v1.QueueLevel\x12\r\n\x05label\x18\x07 \x01(\t\x12\x17\n\x0fsuggested_model\x18\x08 \x01(\t\x12\x12\n\nsuggestion\x18\t \x01(\t\x12\x12\n\nqueue_full\x18\n \x01(\x08\x12\x18\n\x10\x65xternal_running\x18\x0b \x01(\x05\"$\n\x12WatchQueuesRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"c\n\x13WatchQueuesResponse\x12$\n\x06\x62\x61\x64ges\x18\x01 \x03(\x0b\x32\x14.usher.v1.QueueBadge\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xe5\x02\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14UPDATE_KIND_SNAPSHOT\x10\x01\x12\x16\n\x12UPDATE_KIND_QUEUED\x10\x02\x12\x18\n\x14UPDATE_KIND_POSITION\x10\x03\x12\x17\n\x13UPDATE_KIND_RUNNING\x10\x04\x12\x18\n\x14UPDATE_KIND_PROGRESS\x10\x05\x12\x19\n\x15UPDATE_KIND_COMPLETED\x10\x06\x12\x16\n\x12UPDATE_KIND_FAILED\x10\x07\x12\x19\n\x15UPDATE_KIND_CANCELLED\x10\x08\x12\x17\n\x13UPDATE_KIND_EXPIRED\x10\t\x12\x18\n\x14UPDATE_KIND_REQUEUED\x10\n\x12\x18\n\x14UPDATE_KIND_FALLBACK\x10\x0b\x12 \n\x1cUPDATE_KIND_CANCEL_REQUESTED\x10\x0c*\x89\x01\n\nQueueLevel\x12\x1b\n\x17QUEUE_LEVEL_UNSPECIFIED\x10\x00\x12\x19\n\x15QUEUE_LEVEL_AVAILABLE\x10\x01\x12\x15\n\x11QUEUE_LEVEL_SHORT\x10\x02\x12\x16\n\x12QUEUE_LEVEL_MEDIUM\x10\x03\x12\x14\n\x10QUEUE_LEVEL_LONG\x10\x04\x32\xe7\x01\n\x0fNotifierService\x12:\n\x05Watch\x12\x16.usher.v1.WatchRequest\x1a\x17.usher.v1.WatchResponse0\x01\x12J\n\x0b\x41waitResult\x12\x1c.usher.v1.AwaitResultRequest\x1a\x1d.usher.v1.AwaitResultResponse\x12L\n\x0bWatchQueues\x12\x1c.usher.v1.WatchQueuesRequest\x1a\x1d.usher.v1.WatchQueuesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usher.v1.notifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPDATEKIND']._serialized_start=827
-  _globals['_UPDATEKIND']._serialized_end=1184
-  _globals['_QUEUELEVEL']._serialized_start=1187
-  _globals['_QUEUELEVEL']._serialized_end=1324
+  _globals['_UPDATEKIND']._serialized_start=940
+  _globals['_UPDATEKIND']._serialized_end=1297
+  _globals['_QUEUELEVEL']._serialized_start=1300
+  _globals['_QUEUELEVEL']._serialized_end=1437
   _globals['_WATCHREQUEST']._serialized_start=94
   _globals['_WATCHREQUEST']._serialized_end=178
-  _globals['_WATCHRESPONSE']._serialized_start=181
-  _globals['_WATCHRESPONSE']._serialized_end=427
-  _globals['_QUEUEBADGE']._serialized_start=430
-  _globals['_QUEUEBADGE']._serialized_end=685
-  _globals['_WATCHQUEUESREQUEST']._serialized_start=687
-  _globals['_WATCHQUEUESREQUEST']._serialized_end=723
-  _globals['_WATCHQUEUESRESPONSE']._serialized_start=725
-  _globals['_WATCHQUEUESRESPONSE']._serialized_end=824
-  _globals['_NOTIFIERSERVICE']._serialized_start=1327
-  _globals['_NOTIFIERSERVICE']._serialized_end=1482
+  _globals['_AWAITRESULTREQUEST']._serialized_start=180
+  _globals['_AWAITRESULTREQUEST']._serialized_end=227
+  _globals['_AWAITRESULTRESPONSE']._serialized_start=229
+  _globals['_AWAITRESULTRESPONSE']._serialized_end=291
+  _globals['_WATCHRESPONSE']._serialized_start=294
+  _globals['_WATCHRESPONSE']._serialized_end=540
+  _globals['_QUEUEBADGE']._serialized_start=543
+  _globals['_QUEUEBADGE']._serialized_end=798
+  _globals['_WATCHQUEUESREQUEST']._serialized_start=800
+  _globals['_WATCHQUEUESREQUEST']._serialized_end=836
+  _globals['_WATCHQUEUESRESPONSE']._serialized_start=838
+  _globals['_WATCHQUEUESRESPONSE']._serialized_end=937
+  _globals['_NOTIFIERSERVICE']._serialized_start=1440
+  _globals['_NOTIFIERSERVICE']._serialized_end=1671
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class NotifierServiceStub:
                 request_serializer=usher_dot_v1_dot_notifier__pb2.WatchRequest.SerializeToString,
                 response_deserializer=usher_dot_v1_dot_notifier__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.AwaitResult = channel.unary_unary(
+                '/usher.v1.NotifierService/AwaitResult',
+                request_serializer=usher_dot_v1_dot_notifier__pb2.AwaitResultRequest.SerializeToString,
+                response_deserializer=usher_dot_v1_dot_notifier__pb2.AwaitResultResponse.FromString,
+                _registered_method=True)
         self.WatchQueues = channel.unary_stream(
                 '/usher.v1.NotifierService/WatchQueues',
                 request_serializer=usher_dot_v1_dot_notifier__pb2.WatchQueuesRequest.SerializeToString,
@@ -59,6 +64,16 @@ class NotifierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AwaitResult(self, request, context):
+        """The request's final update alone (COMPLETED, FAILED, CANCELLED or EXPIRED, with its
+        result) once it ends, in one unary call: Watch with final_only for a caller that waits
+        for the answer alone, cheaper than a stream of one message on both ends. A deadline
+        that passes first loses nothing: call again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchQueues(self, request, context):
         """Badges for the given models (all known models when empty): now, then on every change.
         """
@@ -73,6 +88,11 @@ def add_NotifierServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=usher_dot_v1_dot_notifier__pb2.WatchRequest.FromString,
                     response_serializer=usher_dot_v1_dot_notifier__pb2.WatchResponse.SerializeToString,
+            ),
+            'AwaitResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitResult,
+                    request_deserializer=usher_dot_v1_dot_notifier__pb2.AwaitResultRequest.FromString,
+                    response_serializer=usher_dot_v1_dot_notifier__pb2.AwaitResultResponse.SerializeToString,
             ),
             'WatchQueues': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchQueues,
@@ -108,6 +128,33 @@ class NotifierService:
             '/usher.v1.NotifierService/Watch',
             usher_dot_v1_dot_notifier__pb2.WatchRequest.SerializeToString,
             usher_dot_v1_dot_notifier__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usher.v1.NotifierService/AwaitResult',
+            usher_dot_v1_dot_notifier__pb2.AwaitResultRequest.SerializeToString,
+            usher_dot_v1_dot_notifier__pb2.AwaitResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

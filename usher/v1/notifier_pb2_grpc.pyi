@@ -37,6 +37,12 @@ class NotifierServiceStub:
     """The request's current status at once, then every change until it ends (then OK).
     Reconnect with the last event id seen to get what was missed, nothing twice.
     """
+    AwaitResult: _grpc.UnaryUnaryMultiCallable[_notifier_pb2.AwaitResultRequest, _notifier_pb2.AwaitResultResponse]
+    """The request's final update alone (COMPLETED, FAILED, CANCELLED or EXPIRED, with its
+    result) once it ends, in one unary call: Watch with final_only for a caller that waits
+    for the answer alone, cheaper than a stream of one message on both ends. A deadline
+    that passes first loses nothing: call again.
+    """
     WatchQueues: _grpc.UnaryStreamMultiCallable[_notifier_pb2.WatchQueuesRequest, _notifier_pb2.WatchQueuesResponse]
     """Badges for the given models (all known models when empty): now, then on every change."""
 
@@ -48,6 +54,12 @@ class NotifierServiceAsyncStub(NotifierServiceStub):
     Watch: _aio.UnaryStreamMultiCallable[_notifier_pb2.WatchRequest, _notifier_pb2.WatchResponse]  # type: ignore[assignment]
     """The request's current status at once, then every change until it ends (then OK).
     Reconnect with the last event id seen to get what was missed, nothing twice.
+    """
+    AwaitResult: _aio.UnaryUnaryMultiCallable[_notifier_pb2.AwaitResultRequest, _notifier_pb2.AwaitResultResponse]  # type: ignore[assignment]
+    """The request's final update alone (COMPLETED, FAILED, CANCELLED or EXPIRED, with its
+    result) once it ends, in one unary call: Watch with final_only for a caller that waits
+    for the answer alone, cheaper than a stream of one message on both ends. A deadline
+    that passes first loses nothing: call again.
     """
     WatchQueues: _aio.UnaryStreamMultiCallable[_notifier_pb2.WatchQueuesRequest, _notifier_pb2.WatchQueuesResponse]  # type: ignore[assignment]
     """Badges for the given models (all known models when empty): now, then on every change."""
@@ -63,6 +75,18 @@ class NotifierServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_notifier_pb2.WatchResponse], _abc.AsyncIterator[_notifier_pb2.WatchResponse]]:
         """The request's current status at once, then every change until it ends (then OK).
         Reconnect with the last event id seen to get what was missed, nothing twice.
+        """
+
+    @_abc_1.abstractmethod
+    def AwaitResult(
+        self,
+        request: _notifier_pb2.AwaitResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifier_pb2.AwaitResultResponse, _abc.Awaitable[_notifier_pb2.AwaitResultResponse]]:
+        """The request's final update alone (COMPLETED, FAILED, CANCELLED or EXPIRED, with its
+        result) once it ends, in one unary call: Watch with final_only for a caller that waits
+        for the answer alone, cheaper than a stream of one message on both ends. A deadline
+        that passes first loses nothing: call again.
         """
 
     @_abc_1.abstractmethod
