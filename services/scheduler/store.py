@@ -16,7 +16,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, cast
 
@@ -308,6 +308,18 @@ RESETTABLE_COUNTERS = (
 )
 
 
+def _beside(prepared: Sequence[_Prepared], model_set: bool) -> list[str]:
+    """The keys a Submit writes outside its model's slot that a failover there could cost
+    an accepted request: its id index entry (Get, Watch and Cancel find it by it), the
+    caller's listing (List), and with ``model_set`` the model set (without its entry no
+    loop walks the model's queue until the model's next Submit)."""
+    written = [keys.request_index(entry.request.id) for entry in prepared]
+    written += {entry.listing for entry in prepared}
+    if model_set:
+        written.append(keys.MODELS)
+    return written
+
+
 class QueueStore(QueueReader):
     """Per-model fair queues, leases and the request records, on one Redis: the shared
     reads (usher/queue/reads.py) and every change, one Lua script each."""
@@ -353,28 +365,18 @@ class QueueStore(QueueReader):
             self._write_promises, PROMISE_BATCH
         )
 
-    def _queue_wait(
-        self,
-        pipe: Pipeline,
-        model: str,
-        request_ids: Sequence[str] = (),
-        model_set: bool = False,
-    ) -> int:
+    def _queue_wait(self, pipe: Pipeline, model: str, beside: Iterable[str] = ()) -> int:
         """WAIT on the connection that carried the model's script (WAIT counts replicas
         that have this connection's writes): on a Cluster, the node serving the model, and
-        those holding ``request_ids``' index entries where they are others (without it, a
-        failover there loses an entry, and Get, Watch and Cancel no longer find a request
-        that runs), and the model set's with ``model_set`` (its entry lost, no loop walks
-        the model's queue until the model's next Submit). How many WAITs were queued
-        (their replies come last)."""
+        those holding the keys written ``beside`` it where they are others (``_beside``).
+        How many WAITs were queued (their replies come last)."""
         args = ("WAIT", self.defaults.wait_replicas, self.defaults.wait_timeout_ms)
         if not is_cluster(self.redis):
             pipe.execute_command(*args)
             return 1
         cluster = cast(Any, self.redis)
         nodes: dict[str, Any] = {}
-        written = (ModelKeys(model).queue, *map(keys.request_index, request_ids))
-        for key in (*written, keys.MODELS) if model_set else written:
+        for key in (ModelKeys(model).queue, *beside):
             node = cluster.get_node_from_key(key)
             nodes.setdefault(node.name, node)
         for node in nodes.values():
@@ -499,7 +501,7 @@ class QueueStore(QueueReader):
                 args = [self.defaults.lease_ms, claim_for, token, "1", ""]
                 self._queue_script(pipe, "claim", request.model, args)
             if self.defaults.wait_replicas:
-                waits = self._queue_wait(pipe, request.model, [request.id], model_set)
+                waits = self._queue_wait(pipe, request.model, _beside([prepared], model_set))
 
         replies = await self._execute(build, raise_on_error=not claim_for)
         acknowledged = replies[len(replies) - waits :]
@@ -539,7 +541,7 @@ class QueueStore(QueueReader):
             for n, entry in enumerate(prepared):
                 self._index(pipe, entry, model_set and n == 0)
             if self.defaults.wait_replicas:
-                waits = self._queue_wait(pipe, model, [r.id for r in requests], model_set)
+                waits = self._queue_wait(pipe, model, _beside(prepared, model_set))
 
         indexed = await self._execute(index_all)
         for count in indexed[len(indexed) - waits :]:
