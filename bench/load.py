@@ -178,7 +178,7 @@ async def closed_loop(
 
 
 class Trio:
-    """Submit to the Scheduler, then Watch on the Notifier for the final update."""
+    """Submit to the Scheduler, then AwaitResult on the Notifier for the final update."""
 
     def __init__(self, stack: LocalStack) -> None:
         self._channels = [
@@ -199,16 +199,17 @@ class Trio:
                 timeout=30,
             )
             # As the SDK's submit_and_wait asks: the model as Submit answered it and the
-            # final update alone.
-            watch = notifier_pb2.WatchRequest(
-                id=submitted.request.id, model=submitted.request.model, final_only=True
+            # final update alone, in one call.
+            final = await self.notifier.AwaitResult(
+                notifier_pb2.AwaitResultRequest(
+                    id=submitted.request.id, model=submitted.request.model
+                ),
+                metadata=auth(user),
+                timeout=60,
             )
-            async for update in self.notifier.Watch(watch, metadata=auth(user), timeout=60):
-                if update.kind in TERMINAL:
-                    return update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
         except grpc.aio.AioRpcError:
             return False
-        return False
+        return final.update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
 
     async def aclose(self) -> None:
         for channel in self._channels:
