@@ -379,7 +379,8 @@ class AsyncUsherClient:
         self.token = token if token is not None else env.get("USHER_TOKEN", "")
         #: Deadline of each unary call attempt, seconds.
         self.timeout = timeout
-        #: Deadline of one Watch stream; a longer watch reconnects (and resumes) after it.
+        #: Deadline of one Watch stream or AwaitResult call; a longer watch or wait
+        #: reconnects (and resumes) after it.
         self.stream_timeout = stream_timeout
         #: False once the Notifier answered AwaitResult UNIMPLEMENTED (older than this
         #: client): ``wait`` then watches for the final update.

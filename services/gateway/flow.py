@@ -1,5 +1,5 @@
 """One HTTP request's life in Usher: Submit to the Scheduler, Watch on the Notifier until
-the request ends, Cancel when the client goes away.
+the request ends (AwaitResult for an answer sent whole), Cancel when the client goes away.
 
 ``RequestFlow.events()`` turns the Notifier's updates into three events for the
 renderers: ``Started`` (the request left the queue; its queue wait is known), ``Text``
@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -181,7 +181,9 @@ class RequestFlow:
                 )
             await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
 
-    def _watch_failed(self, exc: grpc.aio.AioRpcError, resumes: int, final_only: bool) -> str:
+    def _watch_failed(
+        self, exc: grpc.aio.AioRpcError, resumes: int, final_only: bool
+    ) -> Literal["again", "resume"]:
         """Whether a failed call for updates is made again at once ("again") or resumed
         after a pause ("resume"); raises what the client is told otherwise."""
         code = exc.code()
