@@ -115,7 +115,7 @@ class Anticipation:
     def __init__(self, window: float) -> None:
         self.window = window
         self._flows: dict[str, _Flow] = {}
-        #: model → flow → ids of its requests running here.
+        #: model → flow → ids of its requests running here (claimed, not answered yet).
         self._running: dict[str, dict[str, set[str]]] = {}
         #: model → flow → (its newest request queued through here and not claimed here
         #: yet, when it was queued). A flow's requests are claimed in the order they came,
@@ -168,7 +168,8 @@ class Anticipation:
                 del self._waiting[model]
 
     def ended(self, model: str, flow: str, request_id: str) -> None:
-        """A request claimed here ended (whatever its outcome)."""
+        """A request claimed here was answered or ended (whatever its outcome; told
+        twice, the second changes nothing)."""
         flows = self._running.get(model, {})
         ids = flows.get(flow)
         if ids is not None:
@@ -179,7 +180,7 @@ class Anticipation:
             self._running.pop(model, None)
 
     def running(self, model: str) -> int:
-        """Requests of ``model`` claimed here and not ended yet."""
+        """Requests of ``model`` claimed here and not answered (or ended) yet."""
         return sum(len(ids) for ids in self._running.get(model, {}).values())
 
     def answered(self, model: str, flow: str, request_id: str, others_queued: bool) -> None:

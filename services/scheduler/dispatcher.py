@@ -706,12 +706,14 @@ class Dispatcher:
         return lease
 
     def _answered(self, lease: Lease) -> None:
-        """``lease``'s answer is done and its slot free: held for its flow, if due."""
+        """``lease``'s answer is done and its slot free: held for its flow, if due. From
+        here it is no longer in service: its completion is still being written while the
+        slot may run the next request, which would otherwise count twice toward the
+        model's slots in service (and let a flow past its share be held for)."""
         if lease.request.route != request_pb2.ROUTE_EXTERNAL:
-            model = lease.request.model
-            self._anticipation.answered(
-                model, _flow(lease), lease.request.id, model in self._demand[0]
-            )
+            model, flow = lease.request.model, _flow(lease)
+            self._anticipation.answered(model, flow, lease.request.id, model in self._demand[0])
+            self._anticipation.ended(model, flow, lease.request.id)
 
     def _worth_keeping(self, slot: pool_pb2.Slot) -> bool:
         """Whether to ask the Pool to keep ``slot`` after the answer, for the next request

@@ -163,6 +163,21 @@ async def test_a_slot_held_for_the_light_flow_takes_its_next_request_before_the_
     assert (await claimed(loops)).request.id == flood[2]  # then the flood goes on in order
 
 
+async def test_an_answered_request_is_no_longer_in_service(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """Its answer frees its slot while its completion is still being written: the slot
+    running the next request meanwhile is one slot in service, not two."""
+    loops = dispatcher(store, redis_client, window=5.0)
+    for _ in range(2):
+        await submit(loops, store, new_request(user="alice"))
+    first = await claimed(loops)
+    loops._answered(first)  # its completion not written yet: no ended() so far
+    await claimed(loops)  # the freed slot runs the next
+    assert loops._anticipation.running(MODEL) == 1
+    assert loops._anticipation._peak[MODEL][0] == 1
+
+
 async def test_a_request_that_came_before_the_slot_is_claimed_on_it(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
