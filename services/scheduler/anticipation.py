@@ -140,15 +140,12 @@ class Anticipation:
             state.think = ewma(state.think, sample)
             state.answered_at = None
         state.seen_at = now
+        # A request a loop here claimed before its enqueue's answer came back (a claim
+        # that ran beside the Submit) is running, not waiting; a slot held for its flow is
+        # then free for the fair order at once rather than idle until the hold runs out.
+        if request_id not in self._running.get(model, {}).get(flow, ()):
+            self._waiting.setdefault(model, {})[flow] = (request_id, now)
         hold = self._holds.get((model, flow))
-        if request_id in self._running.get(model, {}).get(flow, ()):
-            # A loop here claimed it before its enqueue's answer came back (a claim that
-            # ran beside the Submit): it is running, not waiting, and a slot held for its
-            # flow is free for the fair order at once rather than idle until it runs out.
-            if hold is not None and not hold.arrived.done():
-                hold.arrived.set_result(request_id)
-            return
-        self._waiting.setdefault(model, {})[flow] = (request_id, now)
         if hold is not None and not hold.arrived.done():
             hold.arrived.set_result(request_id)
 

@@ -251,14 +251,19 @@ async def test_a_claim_of_a_request_no_longer_queued_takes_the_fair_head(
     assert again is not None and again.request.id == ids[1]
 
 
+def flooding(holds: Anticipation, flood: str) -> None:
+    """``flood`` has one request in service here and another queued."""
+    holds.arrived(MODEL, flood, "flood-1")
+    holds.started(MODEL, flood, "flood-1")
+    holds.arrived(MODEL, flood, "flood-2")
+
+
 async def test_a_flow_whose_holds_run_out_is_soon_not_held_for() -> None:
     """Carol's requests go through another replica, or she stopped: each hold that runs out
     counts as the longest think time, and after a few she is not waited for."""
     holds = Anticipation(0.01)
     light, flood = flow_key("globex/carol", NORMAL_CLASS), flow_key("acme/alice", NORMAL_CLASS)
-    holds.arrived(MODEL, flood, "flood-1")
-    holds.started(MODEL, flood, "flood-1")  # the flood has one slot, and more queued
-    holds.arrived(MODEL, flood, "flood-2")
+    flooding(holds, flood)
     holds.arrived(MODEL, light, "light-0")
     held: list[bool] = []
     for n in range(8):
@@ -281,9 +286,7 @@ async def test_a_request_claimed_before_its_enqueue_answered_is_not_counted_wait
     waiting, so her answer is still held for and her think time still measured."""
     holds = Anticipation(5.0)
     light, flood = flow_key("globex/carol", NORMAL_CLASS), flow_key("acme/alice", NORMAL_CLASS)
-    holds.arrived(MODEL, flood, "flood-1")
-    holds.started(MODEL, flood, "flood-1")
-    holds.arrived(MODEL, flood, "flood-2")  # queued
+    flooding(holds, flood)
     for n in range(2):  # her second answer comes with her think time known
         holds.started(MODEL, light, f"light-{n}")  # claimed first...
         holds.arrived(MODEL, light, f"light-{n}")  # ...then her enqueue's answer
@@ -304,9 +307,7 @@ async def test_no_slot_is_held_for_a_flow_while_a_higher_class_waits(
     held for while NORMAL work waits; a HIGH or NORMAL one is."""
     holds = Anticipation(5.0)
     light, flood = flow_key("globex/carol", light_class), flow_key("acme/alice", NORMAL_CLASS)
-    holds.arrived(MODEL, flood, "flood-1")
-    holds.started(MODEL, flood, "flood-1")
-    holds.arrived(MODEL, flood, "flood-2")  # queued
+    flooding(holds, flood)
     for n in range(2):  # her second answer comes with her think time known
         holds.arrived(MODEL, light, f"light-{n}")
         holds.started(MODEL, light, f"light-{n}")

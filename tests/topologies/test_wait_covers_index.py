@@ -6,6 +6,9 @@ model's queue."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
 import redis
 
 from services.scheduler.store import NewRequest, QueueStore
@@ -15,6 +18,30 @@ from usher.connections import connect_redis
 from usher.keys import ModelKeys
 from usher.queue.records import QueueDefaults
 from usher.testing.redis_topologies import LocalRedisCluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRedisCluster]:
+    with LocalRedisCluster() as running:
+        yield running
+
+
+@pytest.fixture
+def sync(cluster: LocalRedisCluster) -> Iterator[redis.RedisCluster]:
+    """A plain client of the cluster, to see where keys live and count WAITs per node."""
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def store(cluster: LocalRedisCluster) -> AsyncIterator[QueueStore]:
+    """A store of its own (it adds a model to the model set at its first Submit) with WAIT."""
+    queues = QueueStore(
+        connect_redis(cluster.url), QueueDefaults(wait_replicas=1, wait_timeout_ms=2000)
+    )
+    yield queues
+    await queues.redis.aclose()
 
 
 def waits_by_node(client: redis.RedisCluster) -> dict[str, int]:
@@ -46,67 +73,52 @@ def request_away_from(client: redis.RedisCluster, model: str, user: str, node: s
     return request
 
 
-async def test_a_submit_waits_on_the_index_entrys_primary_too() -> None:
-    with LocalRedisCluster() as cluster:
-        sync = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-        store = QueueStore(
-            connect_redis(cluster.url), QueueDefaults(wait_replicas=1, wait_timeout_ms=2000)
-        )
-        # A request whose index entry lives on another primary than its model's queue.
-        model_node = node_of(sync, ModelKeys("m").queue)
-        request = request_away_from(sync, "m", "alice", model_node)
-        index_node = node_of(sync, keys.request_index(request.id))
-        before = waits_by_node(sync)
-        outcome = await store.submit(request)
-        after = waits_by_node(sync)
-        assert outcome.status == "queued"
-        assert after[model_node] > before[model_node]
-        assert after[index_node] > before[index_node]
-        sync.close()
-        await store.redis.aclose()
+async def test_a_submit_waits_on_the_index_entrys_primary_too(
+    sync: redis.RedisCluster, store: QueueStore
+) -> None:
+    # A request whose index entry lives on another primary than its model's queue.
+    model_node = node_of(sync, ModelKeys("m").queue)
+    request = request_away_from(sync, "m", "alice", model_node)
+    index_node = node_of(sync, keys.request_index(request.id))
+    before = waits_by_node(sync)
+    outcome = await store.submit(request)
+    after = waits_by_node(sync)
+    assert outcome.status == "queued"
+    assert after[model_node] > before[model_node]
+    assert after[index_node] > before[index_node]
 
 
-async def test_a_submit_waits_on_the_callers_listings_primary_too() -> None:
-    with LocalRedisCluster() as cluster:
-        sync = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-        store = QueueStore(
-            connect_redis(cluster.url), QueueDefaults(wait_replicas=1, wait_timeout_ms=2000)
-        )
-        model_node = node_of(sync, ModelKeys("m").queue)
-        user = user_away_from(sync, model_node)
-        listing_node = node_of(sync, keys.tenant_requests(f"acme/{user}"))
-        await store.submit(new_request(model="m", user=user))  # the model set written
-        before = waits_by_node(sync)
-        request = request_away_from(sync, "m", user, listing_node)
-        assert (await store.submit(request)).status == "queued"
-        assert waits_by_node(sync)[listing_node] > before[listing_node]
-        sync.close()
-        await store.redis.aclose()
+async def test_a_submit_waits_on_the_callers_listings_primary_too(
+    sync: redis.RedisCluster, store: QueueStore
+) -> None:
+    model_node = node_of(sync, ModelKeys("m").queue)
+    user = user_away_from(sync, model_node)
+    listing_node = node_of(sync, keys.tenant_requests(f"acme/{user}"))
+    await store.submit(new_request(model="m", user=user))  # the model set written
+    before = waits_by_node(sync)
+    request = request_away_from(sync, "m", user, listing_node)
+    assert (await store.submit(request)).status == "queued"
+    assert waits_by_node(sync)[listing_node] > before[listing_node]
 
 
-async def test_a_models_first_submit_waits_on_the_model_sets_primary_too() -> None:
+async def test_a_models_first_submit_waits_on_the_model_sets_primary_too(
+    sync: redis.RedisCluster, store: QueueStore
+) -> None:
     """The model set decides which queues the dispatchers walk: its entry lost in a
     failover, a request accepted for a new model would wait for the model's next Submit."""
-    with LocalRedisCluster() as cluster:
-        sync = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-        store = QueueStore(
-            connect_redis(cluster.url), QueueDefaults(wait_replicas=1, wait_timeout_ms=2000)
-        )
-        models_node = node_of(sync, keys.MODELS)
-        model = next(
-            f"m{n}" for n in range(100) if node_of(sync, ModelKeys(f"m{n}").queue) != models_node
-        )
-        user = user_away_from(sync, models_node)
-        before = waits_by_node(sync)
-        assert (await store.submit(request_away_from(sync, model, user, models_node))).status == (
-            "queued"
-        )
-        first = waits_by_node(sync)
-        assert first[models_node] > before[models_node]
-        assert sync.sismember(keys.MODELS, model)
-        # Its next Submits leave the model set alone (written moments ago): no WAIT there.
-        again = request_away_from(sync, model, user, models_node)
-        assert (await store.submit(again)).status == "queued"
-        assert waits_by_node(sync)[models_node] == first[models_node]
-        sync.close()
-        await store.redis.aclose()
+    models_node = node_of(sync, keys.MODELS)
+    model = next(
+        f"m{n}" for n in range(100) if node_of(sync, ModelKeys(f"m{n}").queue) != models_node
+    )
+    user = user_away_from(sync, models_node)
+    before = waits_by_node(sync)
+    assert (await store.submit(request_away_from(sync, model, user, models_node))).status == (
+        "queued"
+    )
+    first = waits_by_node(sync)
+    assert first[models_node] > before[models_node]
+    assert sync.sismember(keys.MODELS, model)
+    # Its next Submits leave the model set alone (written moments ago): no WAIT there.
+    again = request_away_from(sync, model, user, models_node)
+    assert (await store.submit(again)).status == "queued"
+    assert waits_by_node(sync)[models_node] == first[models_node]
