@@ -100,6 +100,7 @@ _DEDUP = "dedup:"
 _IDEMPOTENCY = "idem:"
 # STRING present while a model that left the fleet has its keys expiring (retire.lua).
 _RETIRED = "retired"
+_REFUSED = "refused:"
 
 
 def _escape(part: str) -> str:
@@ -198,6 +199,11 @@ class ModelKeys:
         expire; enqueue persists them again when it sees it."""
         return self.base + _RETIRED
 
+    def admission_refused(self, request_id: str) -> str:
+        """STRING set by an admission refused in the same round trip as the request's
+        enqueue (a Redis that is not a Cluster): enqueue.lua then queues nothing."""
+        return f"{self.base}{_REFUSED}{request_id}"
+
     def request(self, request_id: str) -> str:
         """HASH of one request: metadata, payload, result."""
         return f"{self.base}{_REQUEST}{request_id}"
@@ -231,6 +237,7 @@ def lua_key_header() -> str:
         f"local function dedup_key(fp) return BASE .. '{_DEDUP}' .. fp end",
         f"local function idem_key(t, k) return BASE .. '{_IDEMPOTENCY}' .. t .. ':' .. k end",
         f"local RETIRED = BASE .. '{_RETIRED}'",
+        f"local function refused_key(id) return BASE .. '{_REFUSED}' .. id end",
     ]
     return "\n".join(lines) + "\n"
 

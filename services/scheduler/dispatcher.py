@@ -36,6 +36,7 @@ from usher.backoff import exponential_backoff
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.queue.fairness import flow_key, priority_class
+from usher.scripts import ScriptCall
 from usher.structs import duration_from_seconds
 from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
@@ -141,10 +142,13 @@ class Expected:
         self.model = model
         self._open = True
 
-    async def enqueue(self, request: NewRequest) -> SubmitOutcome:
-        """Queue ``request`` (``QueueStore.submit``): a loop already holding a slot of its
-        model claims beside the enqueue, in the same round trip."""
-        return await self._dispatcher.enqueue(self, request)
+    async def enqueue(
+        self, request: NewRequest, admission: ScriptCall | None = None
+    ) -> SubmitOutcome:
+        """Queue ``request`` (``QueueStore.submit``, ``admission`` riding along): a loop
+        already holding a slot of its model claims beside the enqueue, in the same round
+        trip."""
+        return await self._dispatcher.enqueue(self, request, admission)
 
     def end(self, parked: _Parked | None = None) -> bool:
         """The expectation is over (``parked``: the loop its claim went to); False when it
@@ -275,7 +279,9 @@ class Dispatcher:
             await asyncio.sleep(0)
         return Expected(self, model)
 
-    async def enqueue(self, expected: Expected, request: NewRequest) -> SubmitOutcome:
+    async def enqueue(
+        self, expected: Expected, request: NewRequest, admission: ScriptCall | None = None
+    ) -> SubmitOutcome:
         """``QueueStore.submit`` for an expected Submit; a loop parked with a slot of the
         model claims in the same round trip and is handed the lease. The request is told to
         the loops (``notify_submitted``) before any of them runs."""
@@ -287,13 +293,15 @@ class Dispatcher:
             parked = self._take_parked(request.model)
         if parked is None:
             try:
-                outcome = await self.store.submit(request)
+                outcome = await self.store.submit(request, admission=admission)
             except BaseException:
                 expected.end()
                 raise
             self._enqueued(expected, request, outcome, None)
             return outcome
-        run = asyncio.ensure_future(self.store.submit(request, claim_for=self.holder))
+        run = asyncio.ensure_future(
+            self.store.submit(request, claim_for=self.holder, admission=admission)
+        )
         try:
             outcome = await asyncio.shield(run)
         except asyncio.CancelledError:

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -143,11 +143,34 @@ class Quotas:
     ) -> Admission:
         """Check and charge the caller's rate limits and concurrency (when it has limits)
         and the bytes the request will store (always, unless the bound is 0)."""
+        call = self.admission(tenant, request_id, cost, limits, live_until_ms, storage)
+        return Admission(True) if call is None else await self.check(call)
+
+    async def check(self, call: ScriptCall) -> Admission:
+        """Send an ``admission`` on its own and read its verdict."""
+        return self.verdict((await run_script_calls(self.redis, [call]))[0])
+
+    def admission(
+        self,
+        tenant: str,
+        request_id: str,
+        cost: float,
+        limits: Limits,
+        live_until_ms: int,
+        storage: StorageCharge,
+        refused_marker: str = "",
+    ) -> ScriptCall | None:
+        """``admit``'s script call, to be sent by the caller (None: nothing to check). With
+        ``refused_marker`` (a key of the request's model, on a Redis that is not a Cluster)
+        a refusal sets it, and an enqueue sent right after in the same round trip queues
+        nothing; the reply is read with ``verdict``."""
         if limits.unlimited and storage.max_bytes <= 0:
-            return Admission(True)
+            return None
         tk = TenantKeys(tenant)
-        retry_ms, reason = await self._admit(
-            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes],
+        return ScriptCall(
+            self._admit,
+            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes]
+            + ([refused_marker] if refused_marker else []),
             args=[
                 int(time.time() * 1000),
                 limits.requests_per_minute,
@@ -161,9 +184,16 @@ class Quotas:
                 storage.lapses_ms,
             ],
         )
+
+    @staticmethod
+    def verdict(reply: object) -> Admission:
+        """What the admission script answered (an error raised)."""
+        if isinstance(reply, BaseException):
+            raise reply
+        retry_ms, reason = cast("list[Any]", reply)
         if int(retry_ms) == 0:
             return Admission(True)
-        return Admission(False, int(retry_ms) / 1000, reason.decode())
+        return Admission(False, int(retry_ms) / 1000, bytes(reason).decode())
 
     async def release(self, tenant: str, request_id: str, refund_cost: float | None = None) -> None:
         """The request was never stored (it joined another, or the queue was full): free its

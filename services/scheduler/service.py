@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from opentelemetry.trace import SpanKind
 
 from services.scheduler import admission
-from services.scheduler.quotas import LIVE_GRACE_MS, Limits, Quotas, StorageCharge
+from services.scheduler.quotas import LIVE_GRACE_MS, Admission, Limits, Quotas, StorageCharge
 from services.scheduler.reaper import settle_ended
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import (
@@ -39,8 +39,10 @@ from usher.errors import (
 )
 from usher.grpc_types import Context
 from usher.ids import is_request_id, new_request_id
+from usher.keys import ModelKeys
 from usher.queue import fairness, records
 from usher.queue.records import StoredRequest
+from usher.scripts import ScriptCall
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["SchedulerAdminServicer", "SchedulerServicer"]
@@ -86,7 +88,9 @@ class Expected(Protocol):
     """A Submit this replica's dispatcher was told of before its admission (it reserves a
     slot beside it): the enqueue goes through it, and ``end`` closes it however it ends."""
 
-    async def enqueue(self, request: NewRequest) -> SubmitOutcome: ...
+    async def enqueue(
+        self, request: NewRequest, admission: ScriptCall | None = None
+    ) -> SubmitOutcome: ...
 
     def end(self) -> bool: ...
 
@@ -154,18 +158,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         try:
             tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
             new = await self._new_request(request, caller, tenant_limits, now)
-            await self._admit(new, tenant_limits)
+            # The admission rides the enqueue's round trip where it can (one fewer per
+            # Submit); else it goes first.
+            rides = self.store.admission_rides
+            marker = ModelKeys(new.model).admission_refused(new.id) if rides else ""
+            checked = await self._admission(new, tenant_limits, marker)
+            if checked is not None and not rides:
+                self._check_admitted(new, tenant_limits, await self.quotas.check(checked))
+                checked = None
             with self._enqueue_span(new):
                 # The trace continues from here when a dispatcher claims the request.
                 traceparent = tracing.current_traceparent() or request.traceparent
                 new = replace(new, traceparent=traceparent)
                 if expected is not None:
-                    outcome = await expected.enqueue(new)
+                    outcome = await expected.enqueue(new, checked)
                 else:
-                    outcome = await self.store.submit(new)
+                    outcome = await self.store.submit(new, admission=checked)
         finally:
             if expected is not None:
                 expected.end()
+        if outcome.status == "refused":
+            self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
         return await self._answer(
             request, new, outcome, caller, tenant_limits, told=expected is not None
         )
@@ -356,8 +369,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         return fairness.estimate_cost(new.prompt_tokens, averages.output_tokens, new.num_predict)
 
     async def _admit(self, new: NewRequest, limits: Limits) -> None:
+        """Check and charge ``new`` against its tenant's limits and storage bound before
+        it is queued; RESOURCE_EXHAUSTED when refused."""
+        checked = await self._admission(new, limits)
+        if checked is not None:
+            self._check_admitted(new, limits, await self.quotas.check(checked))
+
+    async def _admission(
+        self, new: NewRequest, limits: Limits, refused_marker: str = ""
+    ) -> ScriptCall | None:
+        """The admission script call for ``new`` (``Quotas.admission``), None when there
+        is nothing to check."""
         if limits.unlimited and self.settings.tenant_max_stored_bytes <= 0:
-            return
+            return None
         await self.store.submit_averages(new.model)  # warms the cache _cost reads
         timeout = new.queue_timeout_ms or self.store.defaults.queue_timeout_ms
         live_until = new.created_ms + timeout
@@ -368,23 +392,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             max_bytes=self.settings.tenant_max_stored_bytes,
             lapses_ms=live_until + LIVE_GRACE_MS + self.settings.result_ttl_seconds * 1000,
         )
-        verdict = await self.quotas.admit(
-            new.tenant, new.id, self._cost(new), limits, live_until, storage
+        return self.quotas.admission(
+            new.tenant, new.id, self._cost(new), limits, live_until, storage, refused_marker
         )
-        if not verdict.admitted:
-            metrics.REJECTED.labels(new.model, verdict.reason).inc()
-            self.audit.record(new.tenant, "submit", new.model, "rate_limited", verdict.reason)
-            what = {
-                "concurrency": f"{limits.max_concurrent} requests at once",
-                "requests_per_minute": f"{limits.requests_per_minute} requests per minute",
-                "tokens_per_minute": f"{limits.tokens_per_minute} tokens per minute",
-                "stored_bytes": f"{self.settings.tenant_max_stored_bytes} bytes of queued "
-                "requests and kept results",
-            }[verdict.reason]
-            raise ResourceExhausted(
-                f"rate limit: at most {what} for {new.tenant}; retry later",
-                retry_after_seconds=verdict.retry_after_seconds,
-            )
+
+    def _check_admitted(self, new: NewRequest, limits: Limits, verdict: Admission) -> None:
+        """RESOURCE_EXHAUSTED (counted and audited) when the admission refused ``new``."""
+        if verdict.admitted:
+            return
+        metrics.REJECTED.labels(new.model, verdict.reason).inc()
+        self.audit.record(new.tenant, "submit", new.model, "rate_limited", verdict.reason)
+        what = {
+            "concurrency": f"{limits.max_concurrent} requests at once",
+            "requests_per_minute": f"{limits.requests_per_minute} requests per minute",
+            "tokens_per_minute": f"{limits.tokens_per_minute} tokens per minute",
+            "stored_bytes": f"{self.settings.tenant_max_stored_bytes} bytes of queued "
+            "requests and kept results",
+        }[verdict.reason]
+        raise ResourceExhausted(
+            f"rate limit: at most {what} for {new.tenant}; retry later",
+            retry_after_seconds=verdict.retry_after_seconds,
+        )
 
     async def Get(
         self, request: scheduler_pb2.GetRequest, context: Context

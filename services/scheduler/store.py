@@ -48,6 +48,7 @@ from usher.queue.records import (
     model_figures,
     pairs,
 )
+from usher.scripts import ScriptCall
 from usher.smoothing import EWMA_ALPHA
 from usher.v1 import request_pb2
 
@@ -139,7 +140,8 @@ class _Prepared:
 
 @dataclass(frozen=True, slots=True)
 class SubmitOutcome:
-    """queued | exists | replayed | dedup | full, with the request's place in its queue."""
+    """queued | exists | replayed | dedup | full | refused (its admission said no: see
+    ``submit``), with the request's place in its queue."""
 
     status: str
     request_id: str
@@ -154,6 +156,8 @@ class SubmitOutcome:
     #: None when the queue had nothing to claim. False: no claim ran (none asked, or it
     #: failed; nothing was claimed then).
     claimed: Lease | bool | None = False
+    #: The admission script's reply, when the admission rode the enqueue (``submit``).
+    admission: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,14 +483,27 @@ class QueueStore(QueueReader):
         self._slow_averages.pop(model, None)
         self._configs.pop(model, None)
 
-    async def submit(self, request: NewRequest, claim_for: str = "") -> SubmitOutcome:
+    @property
+    def admission_rides(self) -> bool:
+        """Whether a Submit's admission can ride its enqueue's round trip (``submit``'s
+        ``admission``): on a Cluster the tenant's keys and the model's are on other nodes."""
+        return not is_cluster(self.redis)
+
+    async def submit(
+        self, request: NewRequest, claim_for: str = "", admission: ScriptCall | None = None
+    ) -> SubmitOutcome:
         """Queue ``request`` (or find the request it repeats or shares) in one round trip.
 
         ``claim_for``: a dispatcher holding a slot of the model and waiting for work. Its
         claim of the model's next request in fair order (``claim``) rides the same round
         trip, after the enqueue: the request queued just now when the queue was empty. The
         lease is in the outcome's ``claimed``; a claim that failed is no error of the
-        Submit (the request is queued: the dispatcher claims on its own)."""
+        Submit (the request is queued: the dispatcher claims on its own).
+
+        ``admission``: the caller's admission (``Quotas.admission`` with the request's
+        ``admission_refused`` marker; only where ``admission_rides``), sent first in the
+        same round trip. Refused, nothing is queued: the outcome is ``refused``, with the
+        admission's reply in ``admission``."""
         prepared = await self._prepare(request)
         token = secrets.token_hex(8) if claim_for else ""
         built = waits = 0
@@ -495,6 +512,9 @@ class QueueStore(QueueReader):
         def build(pipe: Pipeline) -> None:
             nonlocal built, waits
             built += 1
+            if admission is not None:
+                keys_, args = admission.keys, admission.args
+                pipe.evalsha(admission.script.sha, len(keys_), *keys_, *args)
             self._index(pipe, prepared, model_set)
             self._queue_script(pipe, "enqueue", request.model, prepared.args)
             if claim_for and built == 1:  # never twice: a repeat could take a second request
@@ -503,7 +523,12 @@ class QueueStore(QueueReader):
             if self.defaults.wait_replicas:
                 waits = self._queue_wait(pipe, request.model, _beside([prepared], model_set))
 
-        replies = await self._execute(build, raise_on_error=not claim_for)
+        replies = await self._execute(
+            build,
+            raise_on_error=not claim_for,
+            others=() if admission is None else (admission.script,),
+        )
+        admitted = replies.pop(0) if admission is not None else None
         acknowledged = replies[len(replies) - waits :]
         del replies[len(replies) - waits :]
         claimed: Lease | bool | None = False
@@ -513,14 +538,15 @@ class QueueStore(QueueReader):
                 log.warning("claim beside an enqueue failed", model=request.model, error=str(flat))
             else:
                 claimed = self._lease(flat, token, claim_for)
-        for reply in (*replies, *acknowledged):
+        for reply in (admitted, *replies, *acknowledged):
             if isinstance(reply, Exception):
                 raise reply
         for count in acknowledged:
             self._check_replicated(int(count))
         if model_set:
             self._model_set_written(request.model)
-        return replace(await self._outcome(prepared, replies[-1]), claimed=claimed)
+        outcome = await self._outcome(prepared, replies[-1])
+        return replace(outcome, claimed=claimed, admission=admitted)
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
         """Queue every request of one model, or none: the outcomes in order, or (nothing
@@ -722,7 +748,7 @@ class QueueStore(QueueReader):
                     request.model, float(virtual_time), int(running)
                 ),
             )
-        if outcome.request_id != request.id or outcome.status == "full":
+        if outcome.request_id != request.id or outcome.status in ("full", "refused"):
             await self._unindex([prepared], [outcome.request_id])
         return outcome
 

@@ -7,11 +7,14 @@ import asyncio
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 
 from tests.scheduler.conftest import SchedulerClient
 from tests.scheduler.factories import generate_submit
 from tests.scheduler.test_api import details, submit
+from usher import keys
+from usher.keys import ModelKeys
 from usher.v1 import request_pb2, scheduler_pb2
 
 A = SchedulerClient.auth
@@ -41,6 +44,26 @@ async def test_requests_per_minute_is_enforced_with_retry_info(scheduler: Schedu
     assert 1_000 <= retry.retry_delay.ToMilliseconds() <= 20_000  # one request refills in 20 s
     # Other tenants are not affected.
     await submit(scheduler, "bob", request=generate_submit(prompt="bob is fine"))
+
+
+async def test_a_refused_submit_leaves_nothing_queued_or_listed(
+    scheduler: SchedulerClient, redis_client: aioredis.Redis
+) -> None:
+    """The admission rides the enqueue's round trip (a Redis that is not a Cluster): a
+    refusal queues nothing, lists nothing, indexes nothing and leaves no marker behind."""
+    await set_limits(scheduler, requests_per_minute=1)
+    kept = await submit(scheduler, request=generate_submit(prompt="the one allowed"))
+    for attempt in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await submit(scheduler, request=generate_submit(prompt=f"refused {attempt}"))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    listing = await redis_client.zrange(keys.tenant_requests("acme/alice"), 0, -1)
+    assert listing == [kept.request.id.encode()]
+    assert [k async for k in redis_client.scan_iter(match=f"{keys.PREFIX}:*refused:*")] == []
+    indexed = [k async for k in redis_client.scan_iter(match=keys.request_index("*"))]
+    assert indexed == [keys.request_index(kept.request.id).encode()]
+    mk = ModelKeys(kept.request.model)
+    assert await redis_client.zcard(mk.queue) + await redis_client.zcard(mk.leases) == 1
 
 
 async def test_tokens_per_minute_and_concurrency(scheduler: SchedulerClient) -> None:

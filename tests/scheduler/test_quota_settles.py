@@ -69,3 +69,18 @@ async def test_a_charge_lapsing_a_little_after_its_data_keeps_its_lapse(
     assert int(await redis_client.hget(tk.stored_bytes, "lapse:late") or 0) == admitted_lapse + 1000
     assert await redis_client.hget(tk.stored_bytes, "lapse:gone") is None
     assert await quotas.stored_bytes(tenant) == 900
+
+
+async def test_an_admission_sent_again_charges_once(redis_client: aioredis.Redis) -> None:
+    """A pipeline sent again (Redis lost its scripts) or retried repeats the admission: the
+    request it already charged is admitted again without a second charge."""
+    quotas = Quotas(redis_client)
+    tenant = keys.tenant_id("acme", "dave")
+    now = int(time.time() * 1000)
+    limits = Limits(requests_per_minute=2, max_concurrent=1)
+    charge = StorageCharge(1000, 10**9, now + 10**6)
+    for _ in range(3):
+        assert (await quotas.admit(tenant, "r1", 1.0, limits, now + 60_000, charge)).admitted
+    assert await quotas.stored_bytes(tenant) == 1000
+    refused = await quotas.admit(tenant, "r2", 1.0, limits, now + 60_000, charge)
+    assert (refused.admitted, refused.reason) == (False, "concurrency")

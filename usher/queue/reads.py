@@ -163,11 +163,16 @@ class QueueReader:
         pipe.evalsha(self._scripts[name].sha, 1, mk.queue, mk.base, now_ms(), *args)
 
     async def _execute(
-        self, build: Callable[[Pipeline], None], *, raise_on_error: bool = True
+        self,
+        build: Callable[[Pipeline], None],
+        *,
+        raise_on_error: bool = True,
+        others: Sequence[AsyncScript] = (),
     ) -> list[Any]:
         """Run a pipeline; if Redis lost its script cache (a restart), load and run it again
         (``build`` is called again). Every command in our pipelines is safe to repeat.
-        ``raise_on_error`` False: an error stands in place of a command that failed."""
+        ``raise_on_error`` False: an error stands in place of a command that failed.
+        ``others``: scripts not of this store that the pipeline calls (loaded again too)."""
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 build(pipe)
@@ -180,7 +185,7 @@ class QueueReader:
                     lost = any(isinstance(reply, NoScriptError) for reply in replies)
                     if not lost or attempt == 2:
                         return replies
-            for script in self._scripts.by_name.values():
+            for script in (*self._scripts.by_name.values(), *others):
                 await self.redis.script_load(script.script)
         raise AssertionError("unreachable")
 

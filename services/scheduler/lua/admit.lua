@@ -3,29 +3,40 @@
 -- KEYS[1] the tenant's token buckets (HASH), KEYS[2] the tenant's live requests (ZSET),
 -- KEYS[3] the tenant's storage charges (ZSET id → lapse ms), KEYS[4] their bytes (HASH:
 -- id → bytes, 'lapse:' .. id → its lapse as KEYS[3] holds it (settle.lua reads it there),
--- and 'total', 'next' when the earliest charge lapses, 'until' when the keys expire)
+-- and 'total', 'next' when the earliest charge lapses, 'until' when the keys expire),
+-- KEYS[5] (optional) set on a refusal: the enqueue sent after this call in the same round
+-- trip then queues nothing (a Redis that is not a Cluster: its key is the model's)
 -- ARGV: 1 now ms, 2 requests/min (0 = unlimited), 3 tokens/min (0 = unlimited),
 --       4 token cost, 5 max concurrent (0 = unlimited), 6 request id, 7 live-entry expiry ms,
 --       8 bytes the request will store, 9 max stored bytes (0 = unlimited),
 --       10 when the storage charge lapses (ms)
--- Returns {0, ''} when admitted, else {retry after ms, reason}.
+-- Returns {0, ''} when admitted, else {retry after ms, reason}. A request already charged
+-- (this call repeated: a pipeline sent again after Redis lost its scripts, or a retry) is
+-- admitted without a second charge.
 -- This runs for every request: a handful of commands whatever the tenant's history (the
 -- lapsed charges are swept only when one is due, the keys' expiry moved only now and then).
+local function refuse(retry_ms, reason)
+  if KEYS[5] then redis.call('SET', KEYS[5], reason, 'PX', 60000) end
+  return {retry_ms, reason}
+end
+
 local now = tonumber(ARGV[1])
 local rpm, tpm, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_live = tonumber(ARGV[5])
 local size, max_bytes, lapse = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+
+local stored = redis.call('HMGET', KEYS[4], 'total', 'next', 'until', ARGV[6])
+if stored[4] then return {0, ''} end
 
 -- The live set is kept only for a concurrency quota. Entries that outlived their
 -- requests (a missed removal) age out by their expiry.
 if max_live > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if redis.call('ZCARD', KEYS[2]) >= max_live then
-    return {1000, 'concurrency'}
+    return refuse(1000, 'concurrency')
   end
 end
 
-local stored = redis.call('HMGET', KEYS[4], 'total', 'next', 'until')
 local total = tonumber(stored[1] or '0')
 -- 'next' is never later than the earliest charge's lapse (every charge lowers it), so
 -- nothing is due before it; absent (0), the charges are looked at.
@@ -54,7 +65,7 @@ if max_bytes > 0 and total + size > max_bytes then
   if swept then redis.call('HSET', KEYS[4], 'total', total, 'next', next_lapse) end
   -- Room comes back when the oldest charge lapses (a finished request's data expires)
   -- or sooner, when a queued request ends: ask again within a minute at most.
-  return {math.min(60000, math.max(1000, next_lapse - now)), 'stored_bytes'}
+  return refuse(math.min(60000, math.max(1000, next_lapse - now)), 'stored_bytes')
 end
 
 -- Token buckets refilled continuously: capacity = the per-minute limit.
@@ -66,10 +77,10 @@ if rpm > 0 or tpm > 0 then
   local requests = rpm > 0 and level(b[1], b[2], rpm) or 0
   local tokens = tpm > 0 and level(b[3], b[4], tpm) or 0
   if rpm > 0 and requests < 1 then
-    return {math.ceil((1 - requests) * 60000 / rpm), 'requests_per_minute'}
+    return refuse(math.ceil((1 - requests) * 60000 / rpm), 'requests_per_minute')
   end
   if tpm > 0 and tokens < math.min(cost, tpm) then
-    return {math.ceil((math.min(cost, tpm) - tokens) * 60000 / tpm), 'tokens_per_minute'}
+    return refuse(math.ceil((math.min(cost, tpm) - tokens) * 60000 / tpm), 'tokens_per_minute')
   end
   local levels = {}
   if rpm > 0 then

@@ -5,7 +5,8 @@
 --       13 idempotency ttl s, 14 queue timeout ms (0 = the model's), 15 default max attempts,
 --       16 default queue timeout ms, 17 created ms, 18 deadline ms (0 = none),
 --       19 time constant (ms) of flows' arrival rates, 20.. field/value pairs of the request hash
--- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full;
+-- Returns {status, id, position, queue length}; status is queued | exists | replayed | dedup | full
+-- | refused (its admission, just before, said no);
 -- 'queued' adds the start tag, max attempts and queue timeout (ms) it was given, 1 when
 -- the model's keys were expiring (retire.lua) and are kept again (else 0), and the fair
 -- clock and the count of running requests (the caller's ETA needs them: no read of its own).
@@ -21,6 +22,12 @@ local function position_of(rid)
   return rank and (rank + 1) or 0
 end
 
+-- One EXISTS for the request, the model's retirement marker and a refusal by the admission
+-- sent just before in the same round trip (admit.lua): on the common path none exists.
+local existing = redis.call('EXISTS', rk, RETIRED, refused_key(id))
+if existing > 0 and redis.call('DEL', refused_key(id)) == 1 then
+  return {'refused', id, 0, 0}
+end
 if idem ~= '' then
   local earlier = redis.call('GET', idem_key(tenant, idem))
   -- Replay only what this caller owns: the key names the caller, and the request's owners
@@ -30,9 +37,6 @@ if idem ~= '' then
     return {'replayed', earlier, position_of(earlier), redis.call('ZCARD', K.queue)}
   end
 end
--- One EXISTS for the request and the model's retirement marker: on the common path
--- neither exists.
-local existing = redis.call('EXISTS', rk, RETIRED)
 if existing > 0 and redis.call('EXISTS', rk) == 1 then
   return {'exists', id, position_of(id), redis.call('ZCARD', K.queue)}
 end
