@@ -158,19 +158,17 @@ class Quotas:
         limits: Limits,
         live_until_ms: int,
         storage: StorageCharge,
-        refused_marker: str = "",
     ) -> ScriptCall | None:
-        """``admit``'s script call, to be sent by the caller (None: nothing to check). With
-        ``refused_marker`` (a key of the request's model, on a Redis that is not a Cluster)
-        a refusal sets it, and an enqueue sent right after in the same round trip queues
-        nothing; the reply is read with ``verdict``."""
+        """``admit``'s script call, to be sent by the caller (None: nothing to check), its
+        reply read with ``verdict``. A key added after its own (the request's
+        ``admission_refused`` marker, ``QueueStore.submit``) is set on a refusal, and an
+        enqueue sent right after in the same round trip then queues nothing."""
         if limits.unlimited and storage.max_bytes <= 0:
             return None
         tk = TenantKeys(tenant)
         return ScriptCall(
             self._admit,
-            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes]
-            + ([refused_marker] if refused_marker else []),
+            keys=[tk.buckets, tk.live, tk.stored, tk.stored_bytes],
             args=[
                 int(time.time() * 1000),
                 limits.requests_per_minute,

@@ -39,7 +39,6 @@ from usher.errors import (
 )
 from usher.grpc_types import Context
 from usher.ids import is_request_id, new_request_id
-from usher.keys import ModelKeys
 from usher.queue import fairness, records
 from usher.queue.records import StoredRequest
 from usher.scripts import ScriptCall
@@ -160,10 +159,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             new = await self._new_request(request, caller, tenant_limits, now)
             # The admission rides the enqueue's round trip where it can (one fewer per
             # Submit); else it goes first.
-            rides = self.store.admission_rides
-            marker = ModelKeys(new.model).admission_refused(new.id) if rides else ""
-            checked = await self._admission(new, tenant_limits, marker)
-            if checked is not None and not rides:
+            checked = await self._admission(new, tenant_limits)
+            if checked is not None and not self.store.admission_rides:
                 self._check_admitted(new, tenant_limits, await self.quotas.check(checked))
                 checked = None
             with self._enqueue_span(new):
@@ -375,9 +372,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         if checked is not None:
             self._check_admitted(new, limits, await self.quotas.check(checked))
 
-    async def _admission(
-        self, new: NewRequest, limits: Limits, refused_marker: str = ""
-    ) -> ScriptCall | None:
+    async def _admission(self, new: NewRequest, limits: Limits) -> ScriptCall | None:
         """The admission script call for ``new`` (``Quotas.admission``), None when there
         is nothing to check."""
         if limits.unlimited and self.settings.tenant_max_stored_bytes <= 0:
@@ -393,7 +388,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             lapses_ms=live_until + LIVE_GRACE_MS + self.settings.result_ttl_seconds * 1000,
         )
         return self.quotas.admission(
-            new.tenant, new.id, self._cost(new), limits, live_until, storage, refused_marker
+            new.tenant, new.id, self._cost(new), limits, live_until, storage
         )
 
     def _check_admitted(self, new: NewRequest, limits: Limits, verdict: Admission) -> None:

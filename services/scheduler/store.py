@@ -22,7 +22,7 @@ from typing import Any, ClassVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 from redis.typing import EncodableT, FieldT
 
 from services.scheduler.quotas import Footprint
@@ -500,24 +500,44 @@ class QueueStore(QueueReader):
         lease is in the outcome's ``claimed``; a claim that failed is no error of the
         Submit (the request is queued: the dispatcher claims on its own).
 
-        ``admission``: the caller's admission (``Quotas.admission`` with the request's
-        ``admission_refused`` marker; only where ``admission_rides``), sent first in the
-        same round trip. Refused, nothing is queued: the outcome is ``refused``, with the
-        admission's reply in ``admission``."""
+        ``admission``: the caller's admission (``Quotas.admission``; only where
+        ``admission_rides``), sent first in the same round trip with the request's
+        ``admission_refused`` marker as its last key. Refused, nothing is queued: the outcome
+        is ``refused``, with the admission's reply in ``admission``.
+
+        Sent again after Redis lost its scripts (some of the calls failed), a call that ran
+        the first time is not repeated: the claim (a repeat could take a second request), the
+        enqueue, and the admission (a request refused or charged once) are read from the
+        first attempt; an admission that did not run then charges the request late, without
+        its marker when the enqueue ran (the request stands)."""
         prepared = await self._prepare(request)
         token = secrets.token_hex(8) if claim_for else ""
-        built = waits = 0
+        waits = 0
         model_set = self._model_set_due(request.model)
+        marker = ModelKeys(request.model).admission_refused(request.id)
+        #: Where each call's reply is in the latest attempt's replies, and the replies of a
+        #: call that ran (from whichever attempt ran it).
+        at: dict[str, int] = {}
+        ran: dict[str, Any] = {}
+
+        def repeated(replies: list[Any]) -> None:
+            for name, place in at.items():
+                if not isinstance(replies[place], NoScriptError):
+                    ran[name] = replies[place]
 
         def build(pipe: Pipeline) -> None:
-            nonlocal built, waits
-            built += 1
-            if admission is not None:
-                keys_, args = admission.keys, admission.args
-                pipe.evalsha(admission.script.sha, len(keys_), *keys_, *args)
+            nonlocal waits
+            at.clear()
+            if admission is not None and "admit" not in ran:
+                at["admit"] = len(pipe)
+                keys_ = [*admission.keys, *(() if "enqueue" in ran else (marker,))]
+                pipe.evalsha(admission.script.sha, len(keys_), *keys_, *admission.args)
             self._index(pipe, prepared, model_set)
-            self._queue_script(pipe, "enqueue", request.model, prepared.args)
-            if claim_for and built == 1:  # never twice: a repeat could take a second request
+            if "enqueue" not in ran:
+                at["enqueue"] = len(pipe)
+                self._queue_script(pipe, "enqueue", request.model, prepared.args)
+            if claim_for and not ran:  # again only if none of it ran: it may take another
+                at["claim"] = len(pipe)
                 args = [self.defaults.lease_ms, claim_for, token, "1", ""]
                 self._queue_script(pipe, "claim", request.model, args)
             if self.defaults.wait_replicas:
@@ -525,28 +545,35 @@ class QueueStore(QueueReader):
 
         replies = await self._execute(
             build,
-            raise_on_error=not claim_for,
+            raise_on_error=False,  # what ran is read from the replies, by place
             others=() if admission is None else (admission.script,),
+            repeated=repeated,
         )
-        admitted = replies.pop(0) if admission is not None else None
+        for name, place in at.items():
+            ran.setdefault(name, replies[place])
+        claimed = self._claimed(ran, token, claim_for, request.model) if claim_for else False
         acknowledged = replies[len(replies) - waits :]
-        del replies[len(replies) - waits :]
-        claimed: Lease | bool | None = False
-        if claim_for and built == 1:
-            flat = replies.pop()
-            if isinstance(flat, Exception):
-                log.warning("claim beside an enqueue failed", model=request.model, error=str(flat))
-            else:
-                claimed = self._lease(flat, token, claim_for)
-        for reply in (admitted, *replies, *acknowledged):
+        others = [r for i, r in enumerate(replies) if i not in at.values()]
+        for reply in (ran.get("admit"), *others, ran["enqueue"]):
             if isinstance(reply, Exception):
                 raise reply
         for count in acknowledged:
             self._check_replicated(int(count))
         if model_set:
             self._model_set_written(request.model)
-        outcome = await self._outcome(prepared, replies[-1])
-        return replace(outcome, claimed=claimed, admission=admitted)
+        outcome = await self._outcome(prepared, ran["enqueue"])
+        return replace(outcome, claimed=claimed, admission=ran.get("admit"))
+
+    def _claimed(
+        self, ran: dict[str, Any], token: str, owner: str, model: str
+    ) -> Lease | bool | None:
+        """What a claim riding an enqueue took (a lease, None: nothing queued); False when
+        it failed or was not sent (the dispatcher claims on its own)."""
+        flat = ran.get("claim", NoScriptError("the claim was not sent"))
+        if isinstance(flat, Exception):
+            log.warning("claim beside an enqueue failed", model=model, error=str(flat))
+            return False
+        return self._lease(flat, token, owner)
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
         """Queue every request of one model, or none: the outcomes in order, or (nothing

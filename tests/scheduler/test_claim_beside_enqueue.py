@@ -136,10 +136,28 @@ async def test_after_redis_lost_its_scripts_the_loop_claims_on_its_own(
     expected = await loops.expect(MODEL)
     claim = await parked(loops)
     outcome = await expected.enqueue(new_request())
-    assert outcome.status == "queued" and outcome.claimed is False  # no claim sent twice
+    # Nothing of the first attempt ran but its index writes: the claim rides the second.
+    assert outcome.status == "queued" and isinstance(outcome.claimed, Lease)
     lease = await claim
     assert lease is not None and lease.request.id == outcome.request_id
     assert await redis_client.zcard(ModelKeys(MODEL).leases) == 1
+
+
+async def test_a_claim_that_ran_before_the_pipeline_was_sent_again_is_kept(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """Redis lost its scripts and one process loaded the claim's alone again: the first
+    attempt's claim runs (and takes the request queued before), the enqueue does not. The
+    pipeline is sent again without the claim, and what it took reaches its loop."""
+    earlier = await store.submit(new_request())
+    await redis_client.script_flush()
+    await redis_client.script_load(store._scripts["claim"].script)
+    outcome = await store.submit(new_request(), claim_for="loop")
+    assert outcome.status == "queued"
+    assert isinstance(outcome.claimed, Lease)
+    assert outcome.claimed.request.id == earlier.request_id
+    assert await redis_client.zcard(ModelKeys(MODEL).leases) == 1
+    assert await redis_client.zcard(ModelKeys(MODEL).queue) == 1  # the new one waits
 
 
 async def test_a_loop_holding_a_kept_slot_takes_the_expected_submit(

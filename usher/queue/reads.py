@@ -168,11 +168,14 @@ class QueueReader:
         *,
         raise_on_error: bool = True,
         others: Sequence[AsyncScript] = (),
+        repeated: Callable[[list[Any]], None] | None = None,
     ) -> list[Any]:
         """Run a pipeline; if Redis lost its script cache (a restart), load and run it again
         (``build`` is called again). Every command in our pipelines is safe to repeat.
         ``raise_on_error`` False: an error stands in place of a command that failed.
-        ``others``: scripts not of this store that the pipeline calls (loaded again too)."""
+        ``others``: scripts not of this store that the pipeline calls (loaded again too).
+        ``repeated``: given the first attempt's replies when it is sent again (what ran of
+        it, before ``build`` is called the second time)."""
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 build(pipe)
@@ -185,6 +188,8 @@ class QueueReader:
                     lost = any(isinstance(reply, NoScriptError) for reply in replies)
                     if not lost or attempt == 2:
                         return replies
+                    if repeated is not None:
+                        repeated(replies)
             for script in (*self._scripts.by_name.values(), *others):
                 await self.redis.script_load(script.script)
         raise AssertionError("unreachable")
