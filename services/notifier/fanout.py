@@ -77,6 +77,15 @@ MAX_HANDED = 16
 #: written by another process waits that long once).
 HANDED_TYPES = frozenset({"completed", "failed", "cancelled"})
 HAND_OVER_WAIT_SECONDS = 0.002
+#: Where completions are handed over (usher serve), a read that brought a few events is
+#: followed by this pause before the next: the blocking read wakes at every event written,
+#: and most are this process's own queuings, claims and progress, which no answer sent
+#: whole waits for. Each wake costs a round trip, a parse and a loop turn (three per
+#: request at one request at a time); the pause lets them come a few to a read. Events
+#: written by other processes reach watchers here up to this much later. A read that
+#: brought many has batched already (a busy loop: a pause would cost it a turn).
+HANDED_READ_PAUSE_SECONDS = 0.005
+HANDED_READ_PAUSE_BELOW = 8
 #: Request ids are ULIDs: the queue member ends with one.
 _ID_LENGTH = 26
 
@@ -761,7 +770,9 @@ class Fanout:
     async def _read_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await self.read_once(block_ms=500)
+                read = await self.read_once(block_ms=500)
+                if self._hands_over and 0 < read < HANDED_READ_PAUSE_BELOW:
+                    await asyncio.sleep(HANDED_READ_PAUSE_SECONDS)
             except Exception as exc:  # Redis away: resume from the last id read.
                 log.warning("event read failed", error=str(exc))
                 with contextlib.suppress(TimeoutError):
