@@ -36,6 +36,7 @@ from usher.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from usher.grpc_types import Context
 from usher.ids import is_request_id, new_request_id
@@ -176,6 +177,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
                 expected.end()
         if outcome.status == "refused":
             self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
+            # Admitted, yet refused by a marker an earlier attempt of this Submit left (its
+            # pipeline sent again): nothing was queued, so nothing stays charged.
+            refund = None if tenant_limits.unlimited else self._cost(new)
+            await self.quotas.release(new.tenant, new.id, refund)
+            raise Unavailable(f"request {new.id} was not queued; retry")
         return await self._answer(
             request, new, outcome, caller, tenant_limits, told=expected is not None
         )

@@ -10,10 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 
+from services.scheduler.quotas import Quotas
 from tests.scheduler.conftest import SchedulerClient
 from tests.scheduler.factories import generate_submit
 from tests.scheduler.test_api import details, submit
 from usher import keys
+from usher.ids import new_request_id
 from usher.keys import ModelKeys
 from usher.v1 import request_pb2, scheduler_pb2
 
@@ -64,6 +66,24 @@ async def test_a_refused_submit_leaves_nothing_queued_or_listed(
     assert indexed == [keys.request_index(kept.request.id).encode()]
     mk = ModelKeys(kept.request.model)
     assert await redis_client.zcard(mk.queue) + await redis_client.zcard(mk.leases) == 1
+
+
+async def test_a_refusal_left_by_an_earlier_attempt_queues_nothing_and_keeps_no_charge(
+    scheduler: SchedulerClient, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A marker an earlier attempt of the same Submit left (its pipeline sent again) makes
+    the enqueue queue nothing although this admission admitted: the caller is told to retry
+    (UNAVAILABLE) and the charge is given back."""
+    request_id = new_request_id()
+    monkeypatch.setattr("services.scheduler.service.new_request_id", lambda: request_id)
+    model = (await submit(scheduler, "bob")).request.model  # the model's served name
+    await redis_client.set(ModelKeys(model).admission_refused(request_id), "requests_per_minute")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await submit(scheduler)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await redis_client.zcard(keys.tenant_requests("acme/alice")) == 0
+    assert await redis_client.exists(keys.request_index(request_id)) == 0
+    assert await Quotas(redis_client).stored_bytes("acme/alice") == 0
 
 
 async def test_tokens_per_minute_and_concurrency(scheduler: SchedulerClient) -> None:
