@@ -132,20 +132,6 @@ class Quotas:
         )
         self._cache.clear()
 
-    async def admit(
-        self,
-        tenant: str,
-        request_id: str,
-        cost: float,
-        limits: Limits,
-        live_until_ms: int,
-        storage: StorageCharge,
-    ) -> Admission:
-        """Check and charge the caller's rate limits and concurrency (when it has limits)
-        and the bytes the request will store (always, unless the bound is 0)."""
-        call = self.admission(tenant, request_id, cost, limits, live_until_ms, storage)
-        return Admission(True) if call is None else await self.check(call)
-
     async def check(self, call: ScriptCall) -> Admission:
         """Send an ``admission`` on its own and read its verdict."""
         return self.verdict((await run_script_calls(self.redis, [call]))[0])
@@ -159,7 +145,9 @@ class Quotas:
         live_until_ms: int,
         storage: StorageCharge,
     ) -> ScriptCall | None:
-        """``admit``'s script call, to be sent by the caller (None: nothing to check), its
+        """The check and charge of a new request's rate limits and concurrency (when its
+        tenant has limits) and of the bytes it will store (always, unless the bound is 0):
+        admit.lua's call, sent by the caller or by ``check`` (None: nothing to check), its
         reply read with ``verdict``. A key added after its own (the request's
         ``admission_refused`` marker, ``QueueStore.submit``) is set on a refusal, and an
         enqueue sent right after in the same round trip then queues nothing."""

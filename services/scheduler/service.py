@@ -160,10 +160,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             new = await self._new_request(request, caller, tenant_limits, now)
             # The admission rides the enqueue's round trip where it can (one fewer per
             # Submit); else it goes first.
-            checked = await self._admission(new, tenant_limits)
-            if checked is not None and not self.store.admission_rides:
-                self._check_admitted(new, tenant_limits, await self.quotas.check(checked))
-                checked = None
+            checked = None
+            if self.store.admission_rides:
+                checked = await self._admission(new, tenant_limits)
+            else:
+                await self._admit(new, tenant_limits)
             with self._enqueue_span(new):
                 # The trace continues from here when a dispatcher claims the request.
                 traceparent = tracing.current_traceparent() or request.traceparent
@@ -179,8 +180,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
             # Admitted, yet refused by a marker an earlier attempt of this Submit left (its
             # pipeline sent again): nothing was queued, so nothing stays charged.
-            refund = None if tenant_limits.unlimited else self._cost(new)
-            await self.quotas.release(new.tenant, new.id, refund)
+            await self._refund([new], tenant_limits)
             raise Unavailable(f"request {new.id} was not queued; retry")
         return await self._answer(
             request, new, outcome, caller, tenant_limits, told=expected is not None
@@ -326,8 +326,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         )
         if outcome.status != "queued":
             # Nothing new was queued for this caller: give back what admission charged.
-            refund = None if tenant_limits.unlimited else self._cost(new)
-            await self.quotas.release(new.tenant, new.id, refund)
+            await self._refund([new], tenant_limits)
         if outcome.status == "dedup":
             metrics.DEDUP_HITS.labels(request.model).inc()
         if outcome.status == "full":

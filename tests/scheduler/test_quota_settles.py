@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.scheduler.quotas import Footprint, Limits, Quotas, StorageCharge
+from services.scheduler.quotas import Admission, Footprint, Limits, Quotas, StorageCharge
 from usher import keys
 from usher.keys import TenantKeys
+
+
+async def admit(quotas: Quotas, *args: Any) -> Admission:
+    """A new request's admission (``Quotas.admission``'s arguments) sent on its own, as a
+    Submit on a Cluster sends it."""
+    call = quotas.admission(*args)
+    assert call is not None
+    return await quotas.check(call)
 
 
 async def test_settles_together_charge_each_request_as_alone(redis_client: aioredis.Redis) -> None:
@@ -20,8 +29,14 @@ async def test_settles_together_charge_each_request_as_alone(redis_client: aiore
     tenants = [keys.tenant_id("acme", user) for user in ("alice", "bob")]
     for tenant in tenants:
         for i in range(4):
-            admitted = await quotas.admit(
-                tenant, f"r{i}", 1.0, limits, now + 60_000, StorageCharge(1000, 10**9, now + 10**6)
+            admitted = await admit(
+                quotas,
+                tenant,
+                f"r{i}",
+                1.0,
+                limits,
+                now + 60_000,
+                StorageCharge(1000, 10**9, now + 10**6),
             )
             assert admitted.admitted
         assert await quotas.stored_bytes(tenant) == 4000
@@ -58,7 +73,7 @@ async def test_a_charge_lapsing_a_little_after_its_data_keeps_its_lapse(
     for request_id in ("near", "far", "late", "gone"):
         lapse = now + 10 * day if request_id == "far" else admitted_lapse
         charge = StorageCharge(1000, 10**9, lapse)
-        assert (await quotas.admit(tenant, request_id, 1.0, Limits(), now, charge)).admitted
+        assert (await admit(quotas, tenant, request_id, 1.0, Limits(), now, charge)).admitted
     await quotas.settle(tenant, "near", Footprint(300, now + day))
     await quotas.settle(tenant, "far", Footprint(300, now + day))
     await quotas.settle(tenant, "late", Footprint(300, admitted_lapse + 1000))
@@ -80,7 +95,7 @@ async def test_an_admission_sent_again_charges_once(redis_client: aioredis.Redis
     limits = Limits(requests_per_minute=2, max_concurrent=1)
     charge = StorageCharge(1000, 10**9, now + 10**6)
     for _ in range(3):
-        assert (await quotas.admit(tenant, "r1", 1.0, limits, now + 60_000, charge)).admitted
+        assert (await admit(quotas, tenant, "r1", 1.0, limits, now + 60_000, charge)).admitted
     assert await quotas.stored_bytes(tenant) == 1000
-    refused = await quotas.admit(tenant, "r2", 1.0, limits, now + 60_000, charge)
+    refused = await admit(quotas, tenant, "r2", 1.0, limits, now + 60_000, charge)
     assert (refused.admitted, refused.reason) == (False, "concurrency")

@@ -171,7 +171,8 @@ class QueueReader:
         repeated: Callable[[list[Any]], None] | None = None,
     ) -> list[Any]:
         """Run a pipeline; if Redis lost its script cache (a restart), load and run it again
-        (``build`` is called again). Every command in our pipelines is safe to repeat.
+        (``build`` is called again). Every command in our pipelines is safe to repeat, or
+        left out of the second attempt by its ``build`` (``repeated``).
         ``raise_on_error`` False: an error stands in place of a command that failed.
         ``others``: scripts not of this store that the pipeline calls (loaded again too).
         ``repeated``: given the first attempt's replies when it is sent again (what ran of
