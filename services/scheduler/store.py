@@ -135,7 +135,13 @@ class _Prepared:
     created: int
     listing: str
     index_ttl: int
-    args: list[Any]
+    #: enqueue.lua's arguments before the riding claim's, and the request hash's pairs after.
+    head: list[Any]
+    record: list[Any]
+
+    def args(self, claim: Sequence[Any] = ("", "", "")) -> list[Any]:
+        """enqueue.lua's arguments; ``claim``: a claim riding it (lease ms, owner, token)."""
+        return [*self.head, *claim, *self.record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,10 +501,9 @@ class QueueStore(QueueReader):
         """Queue ``request`` (or find the request it repeats or shares) in one round trip.
 
         ``claim_for``: a dispatcher holding a slot of the model and waiting for work. Its
-        claim of the model's next request in fair order (``claim``) rides the same round
-        trip, after the enqueue: the request queued just now when the queue was empty. The
-        lease is in the outcome's ``claimed``; a claim that failed is no error of the
-        Submit (the request is queued: the dispatcher claims on its own).
+        claim of the model's next request in fair order rides the enqueue's script call,
+        after the enqueue: the request queued just now when the queue was empty, written
+        running at once then (enqueue.lua). The lease is in the outcome's ``claimed``.
 
         ``admission``: the caller's admission (``Quotas.admission``; only where
         ``admission_rides``), sent first in the same round trip with the request's
@@ -506,8 +511,8 @@ class QueueStore(QueueReader):
         is ``refused``, with the admission's reply in ``admission``.
 
         Sent again after Redis lost its scripts (some of the calls failed), a call that ran
-        the first time is not repeated: the claim (a repeat could take a second request), the
-        enqueue, and the admission (a request refused or charged once) are read from the
+        the first time is not repeated: the enqueue with its claim (a repeat could take a
+        second request), and the admission (a request refused or charged once) are read from the
         first attempt; an admission that did not run then charges the request late, without
         its marker when the enqueue ran (the request stands)."""
         prepared = await self._prepare(request)
@@ -533,13 +538,10 @@ class QueueStore(QueueReader):
                 keys_ = [*admission.keys, *(() if "enqueue" in ran else (marker,))]
                 pipe.evalsha(admission.script.sha, len(keys_), *keys_, *admission.args)
             self._index(pipe, prepared, model_set)
-            if "enqueue" not in ran:
+            if "enqueue" not in ran:  # the claim rides it: neither ran
                 at["enqueue"] = len(pipe)
-                self._queue_script(pipe, "enqueue", request.model, prepared.args)
-            if claim_for and not ran:  # again only if none of it ran: it may take another
-                at["claim"] = len(pipe)
-                args = [self.defaults.lease_ms, claim_for, token, "1", ""]
-                self._queue_script(pipe, "claim", request.model, args)
+                claim = (self.defaults.lease_ms, claim_for, token) if claim_for else ("", "", "")
+                self._queue_script(pipe, "enqueue", request.model, prepared.args(claim))
             if self.defaults.wait_replicas:
                 waits = self._queue_wait(pipe, request.model, _beside([prepared], model_set))
 
@@ -551,7 +553,9 @@ class QueueStore(QueueReader):
         )
         for name, place in at.items():
             ran.setdefault(name, replies[place])
-        claimed = self._claimed(ran, token, claim_for, request.model) if claim_for else False
+        claimed: Lease | bool | None = False
+        if claim_for:
+            claimed = self._claimed(ran["enqueue"], token, claim_for, request.model)
         acknowledged = replies[len(replies) - waits :]
         others = [r for i, r in enumerate(replies) if i not in at.values()]
         for reply in (ran.get("admit"), *others, ran["enqueue"]):
@@ -564,16 +568,14 @@ class QueueStore(QueueReader):
         outcome = await self._outcome(prepared, ran["enqueue"])
         return replace(outcome, claimed=claimed, admission=ran.get("admit"))
 
-    def _claimed(
-        self, ran: dict[str, Any], token: str, owner: str, model: str
-    ) -> Lease | bool | None:
-        """What a claim riding an enqueue took (a lease, None: nothing queued); False when
-        it failed or was not sent (the dispatcher claims on its own)."""
-        flat = ran.get("claim", NoScriptError("the claim was not sent"))
-        if isinstance(flat, Exception):
-            log.warning("claim beside an enqueue failed", model=model, error=str(flat))
+    def _claimed(self, enqueued: Any, token: str, owner: str, model: str) -> Lease | bool | None:
+        """What a claim riding an enqueue took (a lease, None: nothing queued), taken off the
+        end of the enqueue's reply; False when the enqueue failed (the dispatcher claims on
+        its own)."""
+        if isinstance(enqueued, Exception):
+            log.warning("claim riding an enqueue failed", model=model, error=str(enqueued))
             return False
-        return self._lease(flat, token, owner)
+        return self._lease(enqueued.pop(), token, owner)
 
     async def submit_batch(self, requests: Sequence[NewRequest]) -> list[SubmitOutcome] | int:
         """Queue every request of one model, or none: the outcomes in order, or (nothing
@@ -616,7 +618,7 @@ class QueueStore(QueueReader):
                         return length
                     pipe.multi()  # type: ignore[no-untyped-call]
                     for entry in prepared:
-                        self._queue_script(pipe, "enqueue", model, entry.args)
+                        self._queue_script(pipe, "enqueue", model, entry.args())
                     replies = await pipe.execute()
                 except WatchError:
                     continue
@@ -664,7 +666,7 @@ class QueueStore(QueueReader):
             created=created,
             listing=listing,
             index_ttl=index_ttl,
-            args=[
+            head=[
                 request.id,
                 request.tenant,
                 fairness.flow_key(request.tenant, klass),
@@ -682,8 +684,8 @@ class QueueStore(QueueReader):
                 created,
                 request.deadline_ms,
                 round(eta.ARRIVAL_TAU_SECONDS * 1000),
-                *flat,
             ],
+            record=flat,
         )
 
     def _model_set_due(self, model: str) -> bool:

@@ -6,12 +6,13 @@ caller goes away."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from services.scheduler.dispatcher import Dispatcher, DispatchSettings, _KeptSlot
-from services.scheduler.quotas import Quotas
+from services.scheduler.quotas import Limits, Quotas, StorageCharge
 from services.scheduler.store import Lease, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
@@ -143,21 +144,56 @@ async def test_after_redis_lost_its_scripts_the_loop_claims_on_its_own(
     assert await redis_client.zcard(ModelKeys(MODEL).leases) == 1
 
 
-async def test_a_claim_that_ran_before_the_pipeline_was_sent_again_is_kept(
+async def test_an_enqueue_sent_again_carries_its_claim_and_the_admission_runs_once(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
-    """Redis lost its scripts and one process loaded the claim's alone again: the first
-    attempt's claim runs (and takes the request queued before), the enqueue does not. The
-    pipeline is sent again without the claim, and what it took reaches its loop."""
+    """Redis lost its scripts and one process loaded the admission's alone again: the first
+    attempt's admission runs, the enqueue does not. The pipeline is sent again with the
+    enqueue and the claim riding it, without the admission: the request is charged once."""
     earlier = await store.submit(new_request())
+    quotas = Quotas(redis_client)
+    request = new_request()
+    now = int(time.time() * 1000)
+    admission = quotas.admission(
+        request.tenant, request.id, 1.0, Limits(), now + 60_000, StorageCharge(1000, 10**9, now)
+    )
+    assert admission is not None
     await redis_client.script_flush()
-    await redis_client.script_load(store._scripts["claim"].script)
-    outcome = await store.submit(new_request(), claim_for="loop")
+    await redis_client.script_load(admission.script.script)
+    outcome = await store.submit(request, claim_for="loop", admission=admission)
     assert outcome.status == "queued"
     assert isinstance(outcome.claimed, Lease)
-    assert outcome.claimed.request.id == earlier.request_id
+    assert outcome.claimed.request.id == earlier.request_id  # the fair head
     assert await redis_client.zcard(ModelKeys(MODEL).leases) == 1
     assert await redis_client.zcard(ModelKeys(MODEL).queue) == 1  # the new one waits
+    assert await quotas.stored_bytes(request.tenant) == 1000
+
+
+async def test_a_submit_to_an_empty_queue_is_written_running_for_its_claim(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """The claim riding an enqueue to an empty queue takes the request as it is written:
+    no queue or deadline entry, the lease and the fair clock as a claim of it leaves them,
+    and its 'running' event alone (it was never seen queued)."""
+    await dispatcher(store, redis_client)
+    mk = ModelKeys(MODEL)
+    outcome = await store.submit(new_request(), claim_for="loop")
+    lease = outcome.claimed
+    assert isinstance(lease, Lease) and lease.request.id == outcome.request_id
+    assert lease.request.state == RUNNING and lease.request.attempts == 1
+    assert lease.owner == "loop" and lease.event_id
+    stored = await store.inspect(MODEL, outcome.request_id)
+    assert stored is not None and stored.state == RUNNING
+    assert stored.lease_token == lease.token and stored.started_ms > 0
+    assert await redis_client.zcard(mk.queue) == 0
+    assert await redis_client.zscore(mk.deadlines, outcome.request_id) is None
+    assert await redis_client.zscore(mk.leases, outcome.request_id) is not None
+    assert float(await redis_client.hget(mk.fairness, "vtime") or 0) == lease.request.start
+    events = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(mk.events))
+    kinds = [e[b"type"] for _, e in events if e[b"id"] == outcome.request_id.encode()]
+    assert kinds == [b"running"]
+    # The lease is as good as a claim's: the answer completes it.
+    assert await store.heartbeat(lease) == 0
 
 
 async def test_a_loop_holding_a_kept_slot_takes_the_expected_submit(
