@@ -178,7 +178,8 @@ async def closed_loop(
 
 
 class Trio:
-    """Submit to the Scheduler, then AwaitResult on the Notifier for the final update."""
+    """Submit (result only) to the Scheduler, then AwaitResult on the Notifier for the final
+    update: the SDK's submit_and_wait."""
 
     def __init__(self, stack: LocalStack) -> None:
         self._channels = [
@@ -193,7 +194,9 @@ class Trio:
         try:
             submitted = await self.scheduler.Submit(
                 scheduler_pb2.SubmitRequest(
-                    model=MODEL, generate=request_pb2.GenerateInput(prompt=prompt(worker, n))
+                    model=MODEL,
+                    generate=request_pb2.GenerateInput(prompt=prompt(worker, n)),
+                    result_only=True,  # as the SDK's submit_and_wait submits
                 ),
                 metadata=auth(user),
                 timeout=30,

@@ -4,7 +4,8 @@ service its own process, and the HTTP gateway) and ``usher serve`` (all four in 
 process). Ways in, interleaved at concurrency 1 and 32:
 
 * **direct**: Ollama's ``POST /api/generate`` (stream false) to the emulator itself;
-* **trio**: gRPC Submit, then AwaitResult on the Notifier (as the SDK's submit_and_wait);
+* **trio**: gRPC Submit (result only), then AwaitResult on the Notifier (as the SDK's
+  submit_and_wait);
 * **gateway**: the same Ollama call to the trio's HTTP gateway (gateway → Scheduler → Pool
   → emulator, the answer back through the Notifier);
 * **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process);

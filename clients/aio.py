@@ -136,6 +136,10 @@ class SubmitOptions(TypedDict, total=False):
     traceparent: str
     #: Deadline of each Submit attempt, seconds.
     timeout: float
+    #: Only the result is wanted: the output is not stored token by token while it runs
+    #: (less work per token in the queue's store); watchers see its states and the result
+    #: at the end. ``submit_and_wait`` sets it unless given False.
+    result_only: bool
 
 
 def _duration(value: float | timedelta) -> duration_pb2.Duration:
@@ -213,6 +217,7 @@ def build_submit_request(
         model=model,
         idempotency_key=options.get("idempotency_key") or uuid.uuid4().hex,
         labels=dict(options.get("labels", {})),
+        result_only=bool(options.get("result_only", False)),
     )
     _set_input(request, prompt, messages, embed, options)
     _set_controls(request, options)
@@ -705,7 +710,9 @@ class AsyncUsherClient:
     ) -> Request:
         """Submit, then wait for the result: the final request (``.text``, ``.result``,
         ``.usage``). Raises ``RequestFailed`` if it did not complete (unless ``check`` is
-        false)."""
+        false). The request is ``result_only`` unless ``result_only=False`` is given (for
+        other watchers of it who want its output as it comes)."""
+        options.setdefault("result_only", True)
         submission = await self.submit(model, prompt, messages=messages, embed=embed, **options)
         return await self.wait(
             submission.id, timeout=wait_timeout, check=check, model=submission.request.model

@@ -261,6 +261,10 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             return None
         text = "".join(self._text(f, stored.id) for f in so_far)
         tokens = cursor.tokens
+        if not so_far and kind == K.UPDATE_KIND_COMPLETED and not final_only:
+            # Its output was not stored as it came (result only): all of it is the result's.
+            text = cursor.view.result.text
+            tokens = int(cursor.view.usage.completion_tokens)
         response = _response(
             kind,
             cursor.view,

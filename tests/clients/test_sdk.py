@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+import redis
 
 from clients.aio import AsyncUsherClient
 from clients.errors import (
@@ -27,6 +28,7 @@ from clients.types import (
     UpdateKind,
 )
 from tests.clients.helpers import MODEL, wait_for_state
+from usher.keys import ModelKeys
 from usher.testing.processes import ServiceProcess
 from usher.testing.stack import LocalStack
 
@@ -43,6 +45,29 @@ async def test_submit_and_wait_returns_the_completed_request(alice: AsyncUsherCl
     assert (request.user, request.organization) == ("alice", "acme")
     assert request.status_message().startswith("Your response is ready! Processing took")
     assert request.raw.id == request.id  # the proto stays at hand
+
+
+async def test_submit_and_wait_stores_no_output_as_it_comes_unless_told(
+    stack: LocalStack, alice: AsyncUsherClient
+) -> None:
+    """submit_and_wait submits result only: no token events are written for it (a watch
+    after the end still gets all of the text); ``result_only=False`` writes them."""
+    quiet = await alice.submit_and_wait(MODEL, "quiet", num_predict=12)
+    told = await alice.submit_and_wait(MODEL, "told", num_predict=12, result_only=False)
+    with redis.Redis.from_url(stack.redis_url) as client:
+        kinds = {
+            request.id: {
+                fields[b"type"]
+                for _, fields in client.xrange(ModelKeys(request.model).request_events(request.id))
+            }
+            for request in (quiet, told)
+        }
+    assert b"tokens" not in kinds[quiet.id]
+    assert b"tokens" in kinds[told.id]
+    (snapshot,) = [u async for u in alice.watch(quiet.id)]
+    assert snapshot.kind == UpdateKind.COMPLETED
+    assert snapshot.text_delta == quiet.text and quiet.text
+    assert snapshot.completion_tokens == 12
 
 
 async def test_chat_messages_with_a_system_prompt(alice: AsyncUsherClient) -> None:

@@ -197,8 +197,10 @@ def test_build_submit_request_maps_every_option() -> None:
         stop=["\n\n"],
         options={"mirostat": 2},
         labels={"team": "x"},
+        result_only=True,
     )
     assert [m.role for m in request.chat.messages] == ["system", "user"]
+    assert request.result_only
     assert request.priority == request_pb2.PRIORITY_CRITICAL
     assert request.fallback_policy == request_pb2.FALLBACK_POLICY_LOCAL_ONLY
     assert request.queue_timeout.seconds == 90
@@ -213,6 +215,7 @@ def test_build_submit_request_maps_every_option() -> None:
     plain = build_submit_request("m", "hello", idempotency_key="k-1")
     assert plain.WhichOneof("input") == "generate" and plain.idempotency_key == "k-1"
     assert not plain.HasField("options")
+    assert not plain.result_only  # watchers get the output as it comes
 
     with pytest.raises(InvalidArgument) as both:
         build_submit_request("m", "hello", embed=["x"])
