@@ -174,7 +174,7 @@ async def test_a_submit_to_an_empty_queue_is_written_running_for_its_claim(
 ) -> None:
     """The claim riding an enqueue to an empty queue takes the request as it is written:
     no queue or deadline entry, the lease and the fair clock as a claim of it leaves them,
-    and its 'running' event alone (it was never seen queued)."""
+    and its 'running' event alone (it was never seen queued), on the model's stream alone."""
     await dispatcher(store, redis_client)
     mk = ModelKeys(MODEL)
     outcome = await store.submit(new_request(), claim_for="loop")
@@ -190,8 +190,13 @@ async def test_a_submit_to_an_empty_queue_is_written_running_for_its_claim(
     assert await redis_client.zscore(mk.leases, outcome.request_id) is not None
     assert float(await redis_client.hget(mk.fairness, "vtime") or 0) == lease.request.start
     events = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(mk.events))
-    kinds = [e[b"type"] for _, e in events if e[b"id"] == outcome.request_id.encode()]
-    assert kinds == [b"running"]
+    mine = [e for _, e in events if e[b"id"] == outcome.request_id.encode()]
+    assert [(e[b"type"], e[b"eid"]) for e in mine] == [(b"running", b"0-2")]
+    # Its 'running' is on the model's stream alone, under a known id a watch stands past.
+    assert await redis_client.xlen(mk.request_events(outcome.request_id)) == 0
+    assert lease.event_id == "0-2"
+    start = await store.open_watch(MODEL, outcome.request_id, "0-0")
+    assert start is not None and start.tip == "0-2" and not start.events
     # The lease is as good as a claim's: the answer completes it.
     assert await store.heartbeat(lease) == 0
 

@@ -16,7 +16,7 @@
 -- (whatever its status) and the reply ends with the claim's (_lib.lua: claim_next; false
 -- when nothing was claimed). A request queued to an empty queue is claimed as it is written:
 -- one record write, no queue or deadline entry made only to be taken off again, and its
--- 'running' event alone.
+-- 'running' event alone, on the model's stream alone (_lib.lua: RUNNING_AT_ONCE_EVENT_ID).
 local id, tenant, flow = ARGV[3], ARGV[4], ARGV[5]
 local weight, cost, class, lead = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
   tonumber(ARGV[9])
@@ -189,7 +189,7 @@ local function enqueue()
   end
   if at_once then
     for _, value in ipairs({'started_ms', NOW, 'lease_token', claim_token,
-        'lease_owner', claim_owner}) do
+        'lease_owner', claim_owner, 'first_eid', RUNNING_AT_ONCE_EVENT_ID}) do
       fields[#fields + 1] = value
     end
   end
@@ -212,10 +212,11 @@ local function enqueue()
       if type(value) == 'number' then fields[i] = fmt(value) end
     end
     fields[#fields + 1] = 'claim_event_id'
-    fields[#fields + 1] = emit(id, 'running', RUNNING, {'attempt', '1'})
+    fields[#fields + 1] = emit_first(id, 'running', RUNNING, RUNNING_AT_ONCE_EVENT_ID,
+      {'attempt', '1'})
     claimed_at_once = fields
   else
-    emit_first(id, 'queued', QUEUED)
+    emit_first(id, 'queued', QUEUED, FIRST_EVENT_ID)
   end
   -- What the caller's answer needs beyond what it sent, so it doesn't read the request back.
   -- Its place: first in a queue that was empty (no ZRANK then).

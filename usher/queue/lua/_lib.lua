@@ -42,10 +42,19 @@ end
 -- model's stream alone (live watchers, badges): a watch shows a new request's state from
 -- its record, and every later event of its own stream has an id above this one.
 local FIRST_EVENT_ID = '0-1'
+-- The id of the first event of a request written running at once (enqueue.lua: the claim
+-- riding its enqueue took it from an empty queue), its 'running', written to the model's
+-- stream alone too. Its record says so ('first_eid'): a watch from the start stands past it.
+local RUNNING_AT_ONCE_EVENT_ID = '0-2'
 
-local function emit_first(id, kind, state)
-  redis.call('XADD', K.events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'id', id,
-    'state', tostring(state), 'ts', tostring(NOW), 'eid', FIRST_EVENT_ID)
+-- Write a request's first event (``eid``: one of the two ids above) to the model's stream.
+local function emit_first(id, kind, state, eid, extra)
+  local fields = {'type', kind, 'id', id, 'state', tostring(state), 'ts', tostring(NOW)}
+  for _, value in ipairs(extra or {}) do fields[#fields + 1] = value end
+  fields[#fields + 1] = 'eid'
+  fields[#fields + 1] = eid
+  redis.call('XADD', K.events, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
+  return eid
 end
 
 -- Emit the events packed in ARGV from index ``first`` on, in order: each is its type, the
@@ -95,7 +104,7 @@ end
 local function last_event_id(id)
   local last = redis.call('XREVRANGE', req_events_key(id), '+', '-', 'COUNT', 1)
   if #last > 0 then return last[1][1] end
-  return '0-0'
+  return redis.call('HGET', req_key(id), 'first_eid') or '0-0'
 end
 
 -- Mark a request finished: state, reason, expiry of its keys, dedup entry released.

@@ -28,7 +28,8 @@ end
 local events = redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')
 -- With no events after ARGV[4], none lies between it and the stream's end: the watch
 -- stands at ARGV[4], or past the request's first event (_lib.lua: emit_first).
-local tip = ARGV[4] == '0-0' and FIRST_EVENT_ID or ARGV[4]
+local tip = ARGV[4]
+if tip == '0-0' then tip = field_of(fields, 'first_eid') or FIRST_EVENT_ID end
 if #events > 0 then tip = events[#events][1] end
 local owners = owners_of(id, field_of(fields, 'owner'), field_of(fields, 'shared'))
 return {fields, owners, position, length, events, tip}
