@@ -52,11 +52,16 @@ class Waiters(Generic[T]):
         """Whether a parked coroutine's wants ``wanted`` accepts."""
         return any(wanted(wants) and not waiter.done() for wants, waiter in self._parked)
 
-    def wake_all(self) -> None:
+    def wake_all(self, wanted: Callable[[T], bool] | None = None) -> None:
+        """Wake every parked coroutine (whose wants ``wanted`` accepts, when given)."""
+        kept: collections.deque[tuple[T, asyncio.Future[None]]] = collections.deque()
         while self._parked:
-            _, waiter = self._parked.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            entry = self._parked.popleft()
+            if wanted is not None and not wanted(entry[0]):
+                kept.append(entry)
+            elif not entry[1].done():
+                entry[1].set_result(None)
+        self._parked = kept
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

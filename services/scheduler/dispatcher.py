@@ -70,6 +70,10 @@ PARK_SECONDS = 1.0
 #: Longest a Submit's enqueue waits for a loop's Reserve made for it (a safety net: that
 #: Reserve asks for a slot free now, one round trip).
 LANDING_SECONDS = 0.1
+#: Longest a Submit's enqueue waits for a loop holding a slot kept for its model to park
+#: with it (the loop is finishing its last answer's writes, or waking: a round trip or a few
+#: loop turns away), so the claim rides the enqueue instead of following it.
+KEPT_LANDING_SECONDS = 0.005
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
@@ -219,9 +223,12 @@ class Dispatcher:
         #: a slot is kept after an answer when its model's requests come that often.
         self._arrivals: dict[str, tuple[float, float]] = {}
         #: Loops whose Reserve for expected Submits is under way, and the enqueues waiting
-        #: for one to land (its slot can take their claim along).
+        #: (by model) for a loop to land with a slot: one of those, or a loop holding a kept
+        #: slot parking. Its slot can take their claim along.
         self._speculating = 0
-        self._landings: Waiters[None] = Waiters()
+        self._landings: Waiters[str] = Waiters()
+        #: model → loops holding a slot the Pool kept for it after their last answer.
+        self._kept_slots: dict[str, int] = {}
 
     async def aclose(self) -> None:
         if self._channel is not None:
@@ -286,10 +293,14 @@ class Dispatcher:
         model claims in the same round trip and is handed the lease. The request is told to
         the loops (``notify_submitted``) before any of them runs."""
         parked = self._take_parked(request.model)
-        if parked is None and self._speculating:
+        kept = self._kept_slots.get(request.model, 0)
+        if parked is None and (self._speculating or kept):
             # A loop's Reserve for the expected Submits is under way (a slot free now or
-            # none: one round trip): waiting for it lets the claim ride this enqueue.
-            await self._landings.wait(None, LANDING_SECONDS)
+            # none: one round trip), or a loop holding a slot kept for the model is on its
+            # way to park with it: waiting for it lets the claim ride this enqueue.
+            await self._landings.wait(
+                request.model, LANDING_SECONDS if self._speculating else KEPT_LANDING_SECONDS
+            )
             parked = self._take_parked(request.model)
         if parked is None:
             try:
@@ -397,6 +408,7 @@ class Dispatcher:
             waited = True
             parked = _Parked(asyncio.get_running_loop().create_future())
             self._parked.setdefault(model, collections.deque()).append(parked)
+            self._landings.wake_all(model.__eq__)  # an enqueue may wait for its slot
             try:
                 await asyncio.wait({parked.handed}, timeout=PARK_SECONDS)
             finally:
@@ -462,6 +474,13 @@ class Dispatcher:
             if not waiting and self._kept_waiting.get(model) is waiting:
                 del self._kept_waiting[model]
 
+    def _count_kept(self, model: str, change: int) -> None:
+        left = self._kept_slots.get(model, 0) + change
+        if left > 0:
+            self._kept_slots[model] = left
+        else:
+            self._kept_slots.pop(model, None)
+
     def _count_work(self, model: str, external: bool, change: int | None) -> None:
         """Move the believed demand by ``change`` (None: the lane was found empty)."""
         if self._changes_during_read is not None:
@@ -516,6 +535,7 @@ class Dispatcher:
             await self._dispatch_until(stop, external, kept)
         finally:
             if kept.slot is not None:  # shutting down: its slot goes back now
+                self._count_kept(kept.slot.model, -1)
                 if kept.counted:
                     self._reserving[external] -= 1
                 with contextlib.suppress(Exception):
@@ -570,6 +590,7 @@ class Dispatcher:
             if reuse is not None and kept is not None:
                 # Another replica took the request: the slot stays kept for the next one.
                 kept.slot, kept.counted = reuse, True
+                self._count_kept(reuse.model, +1)
                 self._reserving[external] += 1
                 return True
             return False
@@ -616,6 +637,10 @@ class Dispatcher:
         if covered and await self._await_work(slot.model):
             self._reserving[external] -= 1  # the waker counted this loop: counted again
         kept.slot = None
+        # It parks for an expected Submit (if any) before its next await: an enqueue
+        # waiting for it looks again after that.
+        self._count_kept(slot.model, -1)
+        self._landings.wake_all(slot.model.__eq__)
         if self._work(external).get(slot.model):  # queued or expected here by now
             return slot
         await self._release(slot)  # nothing of its model came: back to the Pool
@@ -928,6 +953,7 @@ class Dispatcher:
             # so work queued meanwhile does not wake another loop to reserve.
             keeping[1].slot = keeping[0]
             keeping[1].counted = True
+            self._count_kept(keeping[0].model, +1)
             self._reserving[False] += 1
         self._answered(lease)  # the Pool freed its slot (or kept it for this loop)
         return _finished(lease, done, time.monotonic() - started)

@@ -218,6 +218,58 @@ async def test_a_loop_holding_a_kept_slot_takes_the_expected_submit(
     assert lease is not None and lease.request.id == outcome.request_id
 
 
+async def test_an_enqueue_waits_the_turns_the_loop_it_woke_from_a_kept_slot_takes_to_park(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """The Submit goes straight from its expectation to its enqueue: the loop it woke from
+    a kept slot parks a few loop turns later, and the enqueue waits for it, so the claim
+    still rides."""
+    loops = await dispatcher(store, redis_client)
+    kept = _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
+    loops._reserving[False] = 1  # as after the answer that kept it
+    loops._count_kept(MODEL, +1)
+
+    async def loop_with_kept_slot() -> Lease | None:
+        assert await loops._kept_for_work(kept, loops._work(False), False) is not None
+        return await loops._claim(MODEL, external=False)
+
+    running = asyncio.create_task(loop_with_kept_slot())
+    await asyncio.sleep(0)
+    expected = await loops.expect(MODEL)
+    outcome = await expected.enqueue(new_request())
+    assert isinstance(outcome.claimed, Lease)  # it rode the enqueue
+    lease = await running
+    assert lease is outcome.claimed and lease.request.id == outcome.request_id
+    assert not loops._kept_slots
+
+
+async def test_an_enqueue_waits_for_a_loop_still_writing_its_last_answer_with_a_kept_slot(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """The client's next Submit arrives while the loop whose answer it just got is still
+    writing that answer's settle, its slot kept: nothing is waiting to be woken, and the
+    enqueue waits (briefly) for that loop to park."""
+    loops = await dispatcher(store, redis_client)
+    kept = _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
+    loops._reserving[False] = 1
+    loops._count_kept(MODEL, +1)
+    settled = asyncio.Event()
+
+    async def loop_finishing_its_answer() -> Lease | None:
+        await settled.wait()  # the settle's round trip
+        assert await loops._kept_for_work(kept, loops._work(False), False) is not None
+        return await loops._claim(MODEL, external=False)
+
+    running = asyncio.create_task(loop_finishing_its_answer())
+    expected = await loops.expect(MODEL)
+    submit = asyncio.create_task(expected.enqueue(new_request()))
+    await asyncio.sleep(0.001)
+    settled.set()
+    outcome = await submit
+    assert isinstance(outcome.claimed, Lease)
+    assert await running is outcome.claimed
+
+
 async def test_a_slot_is_kept_for_a_model_asked_again_at_once(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
