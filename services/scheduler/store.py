@@ -125,6 +125,10 @@ class NewRequest:
 BATCH_ATTEMPTS = 20
 
 
+#: enqueue.lua's claim arguments when no claim rides it.
+_NO_CLAIM = ("", "", "")
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     """A request ready to enqueue: the script's arguments and what its outcome needs."""
@@ -139,7 +143,7 @@ class _Prepared:
     head: list[Any]
     record: list[Any]
 
-    def args(self, claim: Sequence[Any] = ("", "", "")) -> list[Any]:
+    def args(self, claim: Sequence[Any] = _NO_CLAIM) -> list[Any]:
         """enqueue.lua's arguments; ``claim``: a claim riding it (lease ms, owner, token)."""
         return [*self.head, *claim, *self.record]
 
@@ -540,7 +544,7 @@ class QueueStore(QueueReader):
             self._index(pipe, prepared, model_set)
             if "enqueue" not in ran:  # the claim rides it: neither ran
                 at["enqueue"] = len(pipe)
-                claim = (self.defaults.lease_ms, claim_for, token) if claim_for else ("", "", "")
+                claim = (self.defaults.lease_ms, claim_for, token) if claim_for else _NO_CLAIM
                 self._queue_script(pipe, "enqueue", request.model, prepared.args(claim))
             if self.defaults.wait_replicas:
                 waits = self._queue_wait(pipe, request.model, _beside([prepared], model_set))

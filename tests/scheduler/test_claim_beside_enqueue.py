@@ -201,12 +201,25 @@ async def test_a_submit_to_an_empty_queue_is_written_running_for_its_claim(
     assert await store.heartbeat(lease) == 0
 
 
+def kept_after_an_answer(loops: Dispatcher) -> _KeptSlot:
+    """A slot of MODEL the Pool kept for a loop after its answer, counted as the
+    dispatcher counts one (Dispatcher._done)."""
+    loops._reserving[False] += 1
+    loops._count_kept(MODEL, +1)
+    return _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
+
+
+async def next_with_kept_slot(loops: Dispatcher, kept: _KeptSlot) -> Lease | None:
+    """The loop's next turn with its kept slot: wait for its model's next, then claim."""
+    assert await loops._kept_for_work(kept, loops._work(False), False) is not None
+    return await loops._claim(MODEL, external=False)
+
+
 async def test_a_loop_holding_a_kept_slot_takes_the_expected_submit(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
     loops = await dispatcher(store, redis_client)
-    kept = _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
-    loops._reserving[False] = 1  # as after the answer that kept it
+    kept = kept_after_an_answer(loops)
     waiting = asyncio.create_task(loops._kept_for_work(kept, loops._work(False), False))
     await asyncio.sleep(0)
     assert loops._kept_waiting.get(MODEL), "nothing queued: it waits for the model's next"
@@ -225,15 +238,7 @@ async def test_an_enqueue_waits_the_turns_the_loop_it_woke_from_a_kept_slot_take
     a kept slot parks a few loop turns later, and the enqueue waits for it, so the claim
     still rides."""
     loops = await dispatcher(store, redis_client)
-    kept = _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
-    loops._reserving[False] = 1  # as after the answer that kept it
-    loops._count_kept(MODEL, +1)
-
-    async def loop_with_kept_slot() -> Lease | None:
-        assert await loops._kept_for_work(kept, loops._work(False), False) is not None
-        return await loops._claim(MODEL, external=False)
-
-    running = asyncio.create_task(loop_with_kept_slot())
+    running = asyncio.create_task(next_with_kept_slot(loops, kept_after_an_answer(loops)))
     await asyncio.sleep(0)
     expected = await loops.expect(MODEL)
     outcome = await expected.enqueue(new_request())
@@ -250,15 +255,12 @@ async def test_an_enqueue_waits_for_a_loop_still_writing_its_last_answer_with_a_
     writing that answer's settle, its slot kept: nothing is waiting to be woken, and the
     enqueue waits (briefly) for that loop to park."""
     loops = await dispatcher(store, redis_client)
-    kept = _KeptSlot(pool_pb2.Slot(id="kept", model=MODEL), counted=True)
-    loops._reserving[False] = 1
-    loops._count_kept(MODEL, +1)
+    kept = kept_after_an_answer(loops)
     settled = asyncio.Event()
 
     async def loop_finishing_its_answer() -> Lease | None:
         await settled.wait()  # the settle's round trip
-        assert await loops._kept_for_work(kept, loops._work(False), False) is not None
-        return await loops._claim(MODEL, external=False)
+        return await next_with_kept_slot(loops, kept)
 
     running = asyncio.create_task(loop_finishing_its_answer())
     expected = await loops.expect(MODEL)

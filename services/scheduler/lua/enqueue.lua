@@ -24,8 +24,6 @@ local fingerprint, idem = ARGV[11], ARGV[12]
 local rk = req_key(id)
 local claim_ms, claim_owner, claim_token = ARGV[20], ARGV[21], ARGV[22]
 local claiming = claim_ms ~= ''
--- What the claim of a request queued to an empty queue took (claim_next's reply).
-local claimed_at_once = nil
 
 local function position_of(rid)
   local member = redis.call('HGET', req_key(rid), 'member')
@@ -33,6 +31,8 @@ local function position_of(rid)
   return rank and (rank + 1) or 0
 end
 
+-- The reply, and (for a request written running at once) what its claim took, as
+-- claim_next's reply.
 local function enqueue()
   -- One EXISTS for the request, the model's retirement marker and a refusal by the admission
   -- sent just before in the same round trip (admit.lua): on the common path none exists.
@@ -204,6 +204,7 @@ local function enqueue()
   end
   if fingerprint ~= '' then redis.call('SET', dedup_key(fingerprint), id) end
   if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id, 'EX', ARGV[13]) end
+  local claimed = nil
   if at_once then
     -- No 'queued' event: nobody saw it queued (this script is atomic), and its 'running'
     -- tells the model's watchers (positions, badges) as much.
@@ -214,7 +215,7 @@ local function enqueue()
     fields[#fields + 1] = 'claim_event_id'
     fields[#fields + 1] = emit_first(id, 'running', RUNNING, RUNNING_AT_ONCE_EVENT_ID,
       {'attempt', '1'})
-    claimed_at_once = fields
+    claimed = fields
   else
     emit_first(id, 'queued', QUEUED, FIRST_EVENT_ID)
   end
@@ -222,12 +223,12 @@ local function enqueue()
   -- Its place: first in a queue that was empty (no ZRANK then).
   local position = length == 0 and 1 or redis.call('ZRANK', K.queue, member) + 1
   return {'queued', id, position, length + 1, fmt(start),
-    tostring(max_attempts), tostring(timeout), revived, fmt(vtime), running}
+    tostring(max_attempts), tostring(timeout), revived, fmt(vtime), running}, claimed
 end
 
-local reply = enqueue()
+local reply, claimed = enqueue()
 if claiming then
-  reply[#reply + 1] = claimed_at_once
+  reply[#reply + 1] = claimed
     or claim_next(K.queue, claim_ms, claim_owner, claim_token, '1', '') or false
 end
 return reply
