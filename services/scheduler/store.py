@@ -1037,11 +1037,14 @@ class QueueStore(QueueReader):
             extra += ["usage", work.usage]
         now = now_ms()
         packed = self._packed(lease, progress)
-        # The event before this call's, for a reader in this process that is handed them.
-        if self.on_written is None:
-            after = "-"
+        # The event before this call's, for a reader in this process that is handed them;
+        # known without a look (the claim's, nothing written since) it is passed whoever
+        # reads it: a request written running at once then ends without a stream of its own
+        # (complete.lua).
+        if not streamed and lease.event_id:
+            after = lease.event_id
         else:
-            after = "" if streamed or not lease.event_id else lease.event_id
+            after = "-" if self.on_written is None else ""
         reply = await self._run(
             "complete",
             lease.request.model,

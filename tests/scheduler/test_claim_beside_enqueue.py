@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from services.scheduler.dispatcher import Dispatcher, DispatchSettings, _KeptSlot
 from services.scheduler.quotas import Limits, Quotas, StorageCharge
-from services.scheduler.store import Lease, QueueStore
+from services.scheduler.store import FinishedWork, Lease, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
 from usher.queue.records import QUEUED, RUNNING
@@ -199,6 +199,40 @@ async def test_a_submit_to_an_empty_queue_is_written_running_for_its_claim(
     assert start is not None and start.tip == "0-2" and not start.events
     # The lease is as good as a claim's: the answer completes it.
     assert await store.heartbeat(lease) == 0
+
+
+async def test_a_request_written_running_at_once_ends_without_a_stream_of_its_own(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """Its result read alone (nothing streamed), it ends on the model's stream alone, under
+    the known id after its 'running': no stream of its own is written or given an expiry,
+    and a watch from the start, or from either id, stands past them; the record expires."""
+    await dispatcher(store, redis_client)
+    mk = ModelKeys(MODEL)
+    outcome = await store.submit(new_request(), claim_for="loop")
+    lease = outcome.claimed
+    assert isinstance(lease, Lease) and lease.event_id == "0-2"
+    # The Submit's ETA: it holds its slot, no wait (no running count read for it).
+    assert outcome.averages is not None and outcome.averages[0].running == 0
+    done = FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED, result=b'{"text": "hi"}')
+    assert await store.finish(lease, done, streamed=False)
+    assert not await redis_client.exists(mk.request_events(outcome.request_id))
+    events = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(mk.events))
+    mine = [e for _, e in events if e[b"id"] == outcome.request_id.encode()]
+    assert [(e[b"type"], e[b"eid"]) for e in mine] == [(b"running", b"0-2"), (b"completed", b"0-3")]
+    assert await redis_client.ttl(mk.request(outcome.request_id)) > 0
+    for after in ("0-0", "0-2", "0-3"):
+        start = await store.open_watch(MODEL, outcome.request_id, after)
+        assert start is not None and not start.events
+        assert start.stored.state == request_pb2.REQUEST_STATE_COMPLETED
+    # Streamed, or claimed from the queue, it keeps its own stream as before.
+    streamed = await store.submit(new_request(), claim_for="loop")
+    assert isinstance(streamed.claimed, Lease)
+    await store.progress(streamed.claimed, "tokens", {"tokens": 1, "text": "h"})
+    assert await store.finish(streamed.claimed, done)
+    kinds = await redis_client.xrange(mk.request_events(streamed.request_id))
+    assert [e[b"type"] for _, e in kinds] == [b"tokens", b"completed"]
+    assert await redis_client.ttl(mk.request_events(streamed.request_id)) > 0
 
 
 def kept_after_an_answer(loops: Dispatcher) -> _KeptSlot:

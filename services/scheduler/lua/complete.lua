@@ -29,6 +29,9 @@ local after = ARGV[14]
 if after == '' or (after ~= '-' and r[9]) then after = last_event_id(id) end
 local written = {}
 emit_packed(id, RUNNING, 16 + extras, written)
+-- Written running at once and nothing since (no output stored, no cancel asked for): its
+-- end goes to the model's stream alone, and it never has a stream of its own.
+local unstreamed = after == RUNNING_AT_ONCE_EVENT_ID and #written == 0
 
 -- The flow's tags and the model's figures of completed work (outcome counters, moving
 -- averages) share the fairness hash (usher/keys.py): one HMGET and one HSET for both. A
@@ -108,16 +111,20 @@ if state == CANCELLED and reason == '' then
   reason = r[9] or 'cancelled'
 end
 finish(id, rk, state, reason, tonumber(ARGV[7]),
-  {fields = extra, dedup = r[8], counted = true, running = true, owners_set = owners_set})
+  {fields = extra, dedup = r[8], counted = true, running = true, owners_set = owners_set,
+   unstreamed = unstreamed})
 if state == FAILED then
   -- A dispatched request that failed for good (its last attempt, or an error no retry can
   -- mend) is kept, with its cause, on the dead-letter list until an operator retries it.
   redis.call('ZADD', K.dead_letters, NOW, id)
   redis.call('PERSIST', rk)
   if owners_set then redis.call('PERSIST', req_owners_key(id)) end
-  redis.call('PERSIST', req_events_key(id))
+  if not unstreamed then redis.call('PERSIST', req_events_key(id)) end
 end
-written[#written + 1] = emit(id,
-  ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state],
-  state, {'error', reason})
+local kind = ({[COMPLETED] = 'completed', [FAILED] = 'failed', [CANCELLED] = 'cancelled'})[state]
+if unstreamed then
+  written[#written + 1] = emit_first(id, kind, state, UNSTREAMED_END_EVENT_ID, {'error', reason})
+else
+  written[#written + 1] = emit(id, kind, state, {'error', reason})
+end
 return {1, owners_set and 1 or 0, after, written}

@@ -194,8 +194,9 @@ local function enqueue()
     end
   end
   redis.call('HSET', rk, unpack(fields))
-  -- The running count the caller's ETA takes is the one this request joins.
-  local running = redis.call('ZCARD', K.leases)
+  -- The running count the caller's ETA takes is the one this request joins; one written
+  -- running at once holds its slot already (a wait of none: no count read).
+  local running = at_once and 0 or redis.call('ZCARD', K.leases)
   if at_once then
     redis.call('ZADD', K.leases, NOW + tonumber(claim_ms), id)
   else

@@ -46,6 +46,10 @@ local FIRST_EVENT_ID = '0-1'
 -- riding its enqueue took it from an empty queue), its 'running', written to the model's
 -- stream alone too. Its record says so ('first_eid'): a watch from the start stands past it.
 local RUNNING_AT_ONCE_EVENT_ID = '0-2'
+-- The id of the end of a request written running at once that wrote nothing else before it
+-- ended (complete.lua: a caller of the result alone), on the model's stream alone too: such
+-- a request never has a stream of its own to write, expire or read.
+local UNSTREAMED_END_EVENT_ID = '0-3'
 
 -- Write a request's first event (``eid``: one of the two ids above) to the model's stream.
 local function emit_first(id, kind, state, eid, extra)
@@ -112,7 +116,8 @@ end
 -- pairs for the request's hash; ``dedup``, its fingerprint as read (false: none);
 -- ``counted``, the outcome already counted in the model's stats; ``running``, it was
 -- running (so it is off the deadline index: claim took it off); ``owners_set``, false
--- when it has no owners set to expire (has_owners_set).
+-- when it has no owners set to expire (has_owners_set); ``unstreamed``, it has no stream of
+-- its own (UNSTREAMED_END_EVENT_ID).
 local function finish(id, rk, state, reason, ttl, known)
   known = known or {}
   -- The lease is emptied, not deleted (one HSET, no HDEL: readers take '' for absent), and
@@ -142,7 +147,7 @@ local function finish(id, rk, state, reason, ttl, known)
   end
   redis.call('EXPIRE', rk, ttl)
   if known.owners_set ~= false then redis.call('EXPIRE', req_owners_key(id), ttl) end
-  redis.call('EXPIRE', req_events_key(id), ttl)
+  if not known.unstreamed then redis.call('EXPIRE', req_events_key(id), ttl) end
 end
 
 -- Who owns a request that just ended, for the caller to settle the tenant's quotas (they
