@@ -20,7 +20,9 @@ class Coalescer(Generic[T, R]):
     item in order, an exception in place of an item that failed; an exception it raises
     reaches every caller of that batch. An item whose caller went away before it was sent
     is dropped when ``droppable`` says so; one answered after its caller went away is
-    handed to ``orphaned`` (to undo what it took)."""
+    handed to ``orphaned`` (to undo what it took). With ``linger`` (seconds), a batch
+    started when none was under way waits that long first, for the calls that follow
+    (worth it only where no caller waits on the reply)."""
 
     def __init__(
         self,
@@ -29,8 +31,10 @@ class Coalescer(Generic[T, R]):
         *,
         droppable: Callable[[T], bool] = lambda _: False,
         orphaned: Callable[[T, R], None] | None = None,
+        linger: float = 0.0,
     ) -> None:
         self._run = run
+        self._linger = linger
         self._limit = limit
         self._droppable = droppable
         self._orphaned = orphaned
@@ -52,6 +56,8 @@ class Coalescer(Generic[T, R]):
 
     async def _write_pending(self) -> None:
         try:
+            if self._linger > 0:
+                await asyncio.sleep(self._linger)
             while self._pending:
                 batch = [
                     (item, reply)

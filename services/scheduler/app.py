@@ -135,6 +135,7 @@ class SchedulerApp:
         await asyncio.gather(*self._tasks)
         if self.dispatcher is not None:
             await self.dispatcher.aclose()
+        await self.quotas.flush()
         await self.audit.aclose()
         await self.redis.aclose()
 

@@ -617,10 +617,11 @@ class Dispatcher:
                 self._anticipation.ended(slot.model, _flow(lease), lease.request.id)
         # Whatever the outcome, it no longer counts toward the caller's concurrency quota
         # (a requeued request is charged again only if it is resubmitted, never twice), and
-        # its storage is charged at what it keeps now (its result, or its prompt if queued).
+        # its storage is charged at what it keeps now (its result, or its prompt if queued):
+        # the loop goes on meanwhile unless a concurrency slot is to be freed.
         if footprint is None:  # not measured by its completion (requeued, cancelled, failed)
             footprint = await self.store.footprint(lease.request.model, lease.request.id)
-        await self.quotas.settle(lease.request.tenant, lease.request.id, footprint)
+        await self.quotas.settle_soon(lease.request.tenant, lease.request.id, footprint)
         return True
 
     async def _kept_for_work(

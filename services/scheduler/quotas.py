@@ -5,6 +5,7 @@ really holds once it ends (its prompt dropped, its result kept for the result TT
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -12,6 +13,7 @@ from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+import structlog
 
 from usher import keys
 from usher.batching import Coalescer
@@ -23,6 +25,11 @@ __all__ = ["Admission", "Footprint", "Limits", "Quotas", "StorageCharge"]
 CACHE_SECONDS = 1.0
 #: Most settles sent in one round trip.
 SETTLE_BATCH = 256
+#: How long a settle nobody waits on (settle_soon) waits for others to go with it: a
+#: storage charge is kept to within its data's lifetime (minutes), not milliseconds.
+SETTLE_LINGER_SECONDS = 0.1
+
+log = structlog.get_logger(__name__)
 #: A live-request entry lapses this long after its queue deadline, in case a removal was
 #: missed (the request ended through the reaper or a drain): a generous bound on run time.
 LIVE_GRACE_MS = 15 * 60_000
@@ -96,6 +103,11 @@ class Quotas:
         self._admit = client.register_script((folder / "admit.lua").read_text())
         self._settle_script = client.register_script((folder / "settle.lua").read_text())
         self._settles: Coalescer[_Settle, None] = Coalescer(self._settle_many, SETTLE_BATCH)
+        self._lingering: Coalescer[_Settle, None] = Coalescer(
+            self._settle_many, SETTLE_BATCH, linger=SETTLE_LINGER_SECONDS
+        )
+        #: Settles sent by settle_soon and not yet answered (flush waits for them).
+        self._unanswered: set[asyncio.Future[None]] = set()
         self._cache: dict[str, tuple[float, Limits]] = {}
 
     def stale(self, organization: str, user: str) -> bool:
@@ -207,6 +219,31 @@ class Quotas:
         size = footprint.bytes if footprint.bytes > 0 else -1
         lapses = footprint.expires_ms if footprint.bytes > 0 else 0
         await self._settles.submit(_Settle(tenant, request_id, size, lapses))
+
+    async def settle_soon(self, tenant: str, request_id: str, footprint: Footprint) -> None:
+        """As ``settle``, without waiting where nothing waits on it: a tenant with no
+        concurrency quota has no slot to free, only its storage to charge again, which goes
+        with the other settles of the next SETTLE_LINGER_SECONDS in one script call. Lost
+        with its process (flush sends them on a stop), the charge stays the admission's,
+        which lapses later: an over-charge for a while, never an under-charge."""
+        if self._may_hold_live(tenant):
+            await self.settle(tenant, request_id, footprint)
+            return
+        size = footprint.bytes if footprint.bytes > 0 else -1
+        lapses = footprint.expires_ms if footprint.bytes > 0 else 0
+        sent = self._lingering.submit(_Settle(tenant, request_id, size, lapses))
+        self._unanswered.add(sent)
+        sent.add_done_callback(self._answered)
+
+    def _answered(self, sent: asyncio.Future[None]) -> None:
+        self._unanswered.discard(sent)
+        if not sent.cancelled() and (error := sent.exception()) is not None:
+            log.warning("a storage charge was not settled: it lapses later", error=str(error))
+
+    async def flush(self) -> None:
+        """Wait for the settles settle_soon sent (a stopping Scheduler's last ones)."""
+        if self._unanswered:
+            await asyncio.gather(*self._unanswered, return_exceptions=True)
 
     async def _settle_many(self, settles: list[_Settle]) -> list[BaseException | None]:
         by_tenant: dict[str, list[_Settle]] = {}

@@ -99,3 +99,45 @@ async def test_an_admission_sent_again_charges_once(redis_client: aioredis.Redis
     assert await quotas.stored_bytes(tenant) == 1000
     refused = await admit(quotas, tenant, "r2", 1.0, limits, now + 60_000, charge)
     assert (refused.admitted, refused.reason) == (False, "concurrency")
+
+
+async def test_settles_nobody_waits_on_go_together_after_a_linger(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A tenant with no concurrency quota has no slot to free: its dispatcher's settles go
+    on without it, together, one script call for those of the linger; flush sends them.
+    One with a concurrency quota is settled before the caller goes on."""
+    quotas = Quotas(redis_client)
+    now = int(time.time() * 1000)
+    await quotas.limits_for("acme", "alice")  # no quota (the defaults), as a Submit reads
+    tenant = keys.tenant_id("acme", "alice")
+    for i in range(3):
+        admitted = await admit(
+            quotas,
+            tenant,
+            f"r{i}",
+            1.0,
+            Limits(),
+            now + 60_000,
+            StorageCharge(1000, 10**9, now + 10**6),
+        )
+        assert admitted.admitted
+    before = int((await redis_client.info("commandstats"))["cmdstat_evalsha"]["calls"])
+    for i in range(3):
+        await quotas.settle_soon(tenant, f"r{i}", Footprint(100, now + 5_000))
+    assert await quotas.stored_bytes(tenant) == 3000  # not yet: the caller went on
+    await quotas.flush()
+    assert await quotas.stored_bytes(tenant) == 300
+    after = int((await redis_client.info("commandstats"))["cmdstat_evalsha"]["calls"])
+    assert after - before == 1
+    # With a concurrency quota its slot is freed before the caller goes on.
+    quotas.defaults = Limits(max_concurrent=5)
+    await quotas.limits_for("acme", "bob")
+    bob = keys.tenant_id("acme", "bob")
+    limits = Limits(max_concurrent=5)
+    charge = StorageCharge(1000, 10**9, now + 10**6)
+    assert (await admit(quotas, bob, "b0", 1.0, limits, now + 60_000, charge)).admitted
+    assert await redis_client.zcard(TenantKeys(bob).live) == 1
+    await quotas.settle_soon(bob, "b0", Footprint(100, now + 5_000))
+    assert await redis_client.zcard(TenantKeys(bob).live) == 0
+    assert await quotas.stored_bytes(bob) == 100
