@@ -298,6 +298,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             ),
             idempotency_key=request.idempotency_key,
             fingerprint=admission.fingerprint(request, caller.organization) if share else "",
+            result_only=request.result_only,
             traceparent=request.traceparent,
             labels=dict(request.labels),
         )

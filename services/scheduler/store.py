@@ -115,6 +115,8 @@ class NewRequest:
     fingerprint: str = ""
     traceparent: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    #: The caller reads the result alone: no output is written as it comes.
+    result_only: bool = False
 
     @property
     def tenant(self) -> str:
@@ -657,6 +659,8 @@ class QueueStore(QueueReader):
             "prompt_tokens": request.prompt_tokens,
             "payload": self.sealer.seal(request.payload, request.id),
         }
+        if request.result_only:
+            fields["result_only"] = 1
         flat: list[str | int | bytes] = []
         for name, value in fields.items():
             flat += [name, value]

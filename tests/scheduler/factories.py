@@ -30,6 +30,7 @@ def new_request(
     deadline_ms: int = 0,
     idempotency_key: str = "",
     fingerprint: str = "",
+    result_only: bool = False,
 ) -> NewRequest:
     return NewRequest(
         id=new_request_id(),
@@ -46,4 +47,5 @@ def new_request(
         deadline_ms=deadline_ms,
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
+        result_only=result_only,
     )

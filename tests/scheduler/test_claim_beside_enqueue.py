@@ -235,6 +235,61 @@ async def test_a_request_written_running_at_once_ends_without_a_stream_of_its_ow
     assert await redis_client.ttl(mk.request_events(streamed.request_id)) > 0
 
 
+async def xranges(redis_client: aioredis.Redis) -> int:
+    stats = await redis_client.info("commandstats")
+    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+
+
+async def test_a_result_only_request_written_running_at_once_is_watched_without_a_stream_read(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """Its record says its own stream holds nothing ('quiet'): a watch reads none, while
+    it runs and once it ended unstreamed. Anything written to its stream ends that: output,
+    a cancel asked for, a requeue."""
+    await dispatcher(store, redis_client)
+    rk = ModelKeys(MODEL).request
+    done = FinishedWork(state=request_pb2.REQUEST_STATE_COMPLETED, result=b'{"text": "hi"}')
+    outcome = await store.submit(new_request(result_only=True), claim_for="loop")
+    lease = outcome.claimed
+    assert isinstance(lease, Lease)
+    assert await redis_client.hget(rk(outcome.request_id), "quiet") == b"1"
+    before = await xranges(redis_client)
+    start = await store.open_watch(MODEL, outcome.request_id, "0-0")
+    assert start is not None and start.tip == "0-2" and not start.events
+    assert await store.finish(lease, done, streamed=False)
+    start = await store.open_watch(MODEL, outcome.request_id, "0-2")
+    assert start is not None and start.stored.state == request_pb2.REQUEST_STATE_COMPLETED
+    assert await xranges(redis_client) == before
+    # Not result only, or queued first: never quiet.
+    for request in (new_request(), new_request(result_only=True)):
+        plain = await store.submit(request)
+        assert not await redis_client.hget(rk(plain.request_id), "quiet")
+    # Output written ends its quiet: a watch reads the stream again, and sees it.
+    await store.drain(MODEL, "cleared for the next case")
+    outcome = await store.submit(new_request(result_only=True), claim_for="loop")
+    lease = outcome.claimed
+    assert isinstance(lease, Lease)
+    await store.progress(lease, "tokens", {"tokens": 1, "text": "h"})
+    assert not await redis_client.hget(rk(outcome.request_id), "quiet")
+    start = await store.open_watch(MODEL, outcome.request_id, "0-0")
+    assert start is not None and [f["type"] for _, f in start.events] == ["tokens"]
+    # So does a requeue, and a cancel asked for.
+    for stop in ("requeue", "cancel"):
+        outcome = await store.submit(new_request(result_only=True), claim_for="loop")
+        lease = outcome.claimed
+        assert isinstance(lease, Lease)
+        if stop == "requeue":
+            assert await store.requeue(lease, "no instance free")
+        else:
+            assert await store.cancel(MODEL, outcome.request_id, "acme/alice", False, "stop") == (
+                "cancel_requested"
+            )
+        assert not await redis_client.hget(rk(outcome.request_id), "quiet")
+        start = await store.open_watch(MODEL, outcome.request_id, "0-0")
+        assert start is not None and len(start.events) == 1
+        await store.drain(MODEL, "cleared for the next case")
+
+
 def kept_after_an_answer(loops: Dispatcher) -> _KeptSlot:
     """A slot of MODEL the Pool kept for a loop after its answer, counted as the
     dispatcher counts one (Dispatcher._done)."""

@@ -25,6 +25,6 @@ if state == QUEUED then
   return 'cancelled'
 end
 -- RUNNING: the owning dispatcher sees the flag on its next heartbeat and stops the work.
-redis.call('HSET', rk, 'cancel', 1, 'cancel_reason', ARGV[6])
+redis.call('HSET', rk, 'cancel', 1, 'cancel_reason', ARGV[6], 'quiet', '')
 emit(id, 'cancel_requested', state, {'error', ARGV[6]})
 return 'cancel_requested'

@@ -16,7 +16,7 @@
 local id, state = ARGV[3], tonumber(ARGV[5])
 local rk = req_key(id)
 local r = redis.call('HMGET', rk, 'state', 'lease_token', 'flow', 'cost', 'weight',
-  'started_ms', 'created_ms', 'dedup', 'cancel_reason', 'owner', 'shared')
+  'started_ms', 'created_ms', 'dedup', 'cancel_reason', 'owner', 'shared', 'quiet')
 local owners_set = has_owners_set(r[10], r[11])
 if tonumber(r[1]) ~= RUNNING or r[2] ~= ARGV[4] then
   return -1
@@ -112,7 +112,7 @@ if state == CANCELLED and reason == '' then
 end
 finish(id, rk, state, reason, tonumber(ARGV[7]),
   {fields = extra, dedup = r[8], counted = true, running = true, owners_set = owners_set,
-   unstreamed = unstreamed})
+   unstreamed = unstreamed, quiet = r[12] == '1'})
 if state == FAILED then
   -- A dispatched request that failed for good (its last attempt, or an error no retry can
   -- mend) is kept, with its cause, on the dead-letter list until an operator retries it.

@@ -192,6 +192,12 @@ local function enqueue()
         'lease_owner', claim_owner, 'first_eid', RUNNING_AT_ONCE_EVENT_ID}) do
       fields[#fields + 1] = value
     end
+    -- Its result read alone, nothing is written to its own stream until it ends (_lib.lua:
+    -- 'quiet').
+    if field_of(fields, 'result_only') == '1' then
+      fields[#fields + 1] = 'quiet'
+      fields[#fields + 1] = '1'
+    end
   end
   redis.call('HSET', rk, unpack(fields))
   -- The running count the caller's ETA takes is the one this request joins; one written

@@ -30,7 +30,7 @@ for _, id in ipairs(redis.call('ZRANGE', K.leases, '-inf', NOW, 'BYSCORE', 'LIMI
       dead = dead + 1
       ended_entry(ended, rk, id)
     else
-      redis.call('HSET', rk, 'state', QUEUED)
+      redis.call('HSET', rk, 'state', QUEUED, 'quiet', '')
       redis.call('HDEL', rk, 'lease_token', 'lease_owner')
       local lane = K.queue
       if tonumber(redis.call('HGET', rk, 'route')) == ROUTE_EXTERNAL then lane = K.external end

@@ -13,7 +13,7 @@ if tonumber(redis.call('HGET', rk, 'state')) ~= RUNNING
   return -1
 end
 if ARGV[5] ~= '1' then redis.call('HINCRBY', rk, 'attempts', -1) end
-redis.call('HSET', rk, 'state', QUEUED)
+redis.call('HSET', rk, 'state', QUEUED, 'quiet', '')
 redis.call('HDEL', rk, 'lease_token', 'lease_owner')
 redis.call('ZREM', K.leases, id)
 local backoff = tonumber(ARGV[7] or '0')

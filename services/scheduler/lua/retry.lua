@@ -7,7 +7,8 @@ local rk = req_key(id)
 if redis.call('EXISTS', rk) == 0 then return 'notfound' end
 if not redis.call('ZSCORE', K.dead_letters, id) then return 'not_dead' end
 redis.call('ZREM', K.dead_letters, id)
-redis.call('HSET', rk, 'state', QUEUED, 'attempts', 0, 'error', '', 'route', ROUTE_LOCAL)
+redis.call('HSET', rk, 'state', QUEUED, 'attempts', 0, 'error', '', 'route', ROUTE_LOCAL,
+  'quiet', '')
 redis.call('HDEL', rk, 'finished_ms', 'cancel', 'cancel_reason')
 redis.call('PERSIST', rk)
 redis.call('PERSIST', req_owners_key(id))

@@ -50,6 +50,12 @@ local RUNNING_AT_ONCE_EVENT_ID = '0-2'
 -- ended (complete.lua: a caller of the result alone), on the model's stream alone too: such
 -- a request never has a stream of its own to write, expire or read.
 local UNSTREAMED_END_EVENT_ID = '0-3'
+-- A record's 'quiet' = '1': its request's own stream holds nothing, so a watch reads none
+-- (one command fewer per watch). Set by enqueue.lua for a result-only request written
+-- running at once (nothing but its end is written then, at UNSTREAMED_END_EVENT_ID); any
+-- script writing to the stream of a request that may be quiet empties it ('' = absent) in
+-- a write of the record it makes anyway: complete, progress, cancel, requeue, reap, retry
+-- and finish (unless the end is the unstreamed one). A queued request is never quiet.
 
 -- Write a request's first event (``eid``: one of the two ids above) to the model's stream.
 local function emit_first(id, kind, state, eid, extra)
@@ -117,7 +123,8 @@ end
 -- ``counted``, the outcome already counted in the model's stats; ``running``, it was
 -- running (so it is off the deadline index: claim took it off); ``owners_set``, false
 -- when it has no owners set to expire (has_owners_set); ``unstreamed``, it has no stream of
--- its own (UNSTREAMED_END_EVENT_ID).
+-- its own (UNSTREAMED_END_EVENT_ID); ``quiet`` false, its record is known not to be quiet
+-- (else the caller's next event ends its quiet: the flag is emptied).
 local function finish(id, rk, state, reason, ttl, known)
   known = known or {}
   -- The lease is emptied, not deleted (one HSET, no HDEL: readers take '' for absent), and
@@ -128,6 +135,10 @@ local function finish(id, rk, state, reason, ttl, known)
     'lease_owner', ''}
   if state ~= FAILED then
     fields[#fields + 1] = 'payload'
+    fields[#fields + 1] = ''
+  end
+  if known.quiet ~= false and not known.unstreamed then
+    fields[#fields + 1] = 'quiet'
     fields[#fields + 1] = ''
   end
   for _, value in ipairs(known.fields or {}) do fields[#fields + 1] = value end

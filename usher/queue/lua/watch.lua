@@ -25,7 +25,11 @@ if tonumber(field_of(fields, 'state')) == QUEUED then
     length = redis.call('ZCARD', K.queue)
   end
 end
-local events = redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')
+-- A quiet request's stream holds nothing (_lib.lua: 'quiet'): not read.
+local events = {}
+if field_of(fields, 'quiet') ~= '1' then
+  events = redis.call('XRANGE', req_events_key(id), '(' .. ARGV[4], '+')
+end
 -- With no events after ARGV[4], none lies between it and the stream's end: the watch
 -- stands at ARGV[4], or past the request's first event (_lib.lua: emit_first).
 local tip = ARGV[4]
