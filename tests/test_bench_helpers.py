@@ -1,6 +1,6 @@
 """The benchmarks' pure helpers (no services started): percentiles, JSON tidying, Jain's
 index and the non-preemptive floor the fairness scenario prints, the streaming scenario's
-token delays and word counts."""
+token delays, word counts and ceiling."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bench.fairness_bench import first_free_waits, jain
 from bench.stats import goal, percentile, tidy
-from bench.streaming_bench import count_words, token_delays
+from bench.streaming_bench import ceiling, count_words, token_delays
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -71,3 +71,10 @@ def test_token_delays_take_the_least_delayed_token_as_instant() -> None:
     arrivals = [(1.000, 1), (1.020, 2), (1.050, 4)]
     delays = token_delays(arrivals)
     assert [round(d, 3) for d in delays] == [0.01, 0.01, 0.02, 0.0]
+
+
+def test_the_ceiling_is_the_most_streams_within_the_goal() -> None:
+    assert ceiling({100: 40.0, 200: 90.0, 300: 150.0, 500: 400.0}) == 200
+    # A noisy smaller burst over the goal does not hide a larger one within it.
+    assert ceiling({100: 120.0, 200: 80.0}) == 200
+    assert ceiling({100: 101.0}) == 0
