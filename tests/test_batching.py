@@ -19,7 +19,7 @@ async def test_a_lingering_batch_takes_the_calls_made_meanwhile() -> None:
     first = lingering.submit(1)
     await asyncio.sleep(0.01)
     second = lingering.submit(2)
-    assert await asyncio.gather(first, second) == [2, 4]
+    assert list(await asyncio.gather(first, second)) == [2, 4]
     assert batches == [[1, 2]]
     # Without a linger, the first goes alone at once.
     eager = Coalescer(run, 10)

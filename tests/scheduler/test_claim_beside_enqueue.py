@@ -230,7 +230,10 @@ async def test_a_request_written_running_at_once_ends_without_a_stream_of_its_ow
     assert isinstance(streamed.claimed, Lease)
     await store.progress(streamed.claimed, "tokens", {"tokens": 1, "text": "h"})
     assert await store.finish(streamed.claimed, done)
-    kinds = await redis_client.xrange(mk.request_events(streamed.request_id))
+    kinds = cast(
+        list[tuple[bytes, dict[bytes, bytes]]],
+        await redis_client.xrange(mk.request_events(streamed.request_id)),
+    )
     assert [e[b"type"] for _, e in kinds] == [b"tokens", b"completed"]
     assert await redis_client.ttl(mk.request_events(streamed.request_id)) > 0
 
