@@ -37,6 +37,7 @@ from usher import keys
 from usher.balancing import channel_target
 from usher.connections import connect_redis
 from usher.ids import event_id_key
+from usher.queue.reads import QueueReader
 from usher.testing.redis_topologies import LocalRedisCluster, LocalSentinel
 from usher.testing.sse import sse_events
 from usher.testing.stack import LocalStack, StackConfig
@@ -578,22 +579,38 @@ def _service(
 
 
 async def terminal_events(redis_url: str, request_ids: Sequence[str]) -> dict[str, int]:
-    """Request id → terminal events in its own event log (read from Redis)."""
+    """Request id → terminal events written for it (read from Redis): in its own event log,
+    or on its model's stream for one that never had a log of its own (a result-only request
+    written running at once: its record is 'quiet')."""
     redis = connect_redis(redis_url)
     try:
+        models = await QueueReader(redis).models_of(request_ids)
         out: dict[str, int] = {}
-        for request_id in request_ids:
-            model = cast(bytes | None, await redis.get(keys.request_index(request_id)))
+        quiet: dict[str, list[str]] = defaultdict(list)
+        for request_id, model in zip(request_ids, models, strict=True):
+            out[request_id] = 0
             if model is None:
-                out[request_id] = 0
+                continue
+            mk = keys.ModelKeys(model)
+            if await redis.hget(mk.request(request_id), "quiet") == b"1":
+                quiet[model].append(request_id)
                 continue
             entries = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
-                await redis.xrange(keys.ModelKeys(model.decode()).request_events(request_id)),
+                await redis.xrange(mk.request_events(request_id)),
             )
             out[request_id] = sum(
                 1 for _eid, fields in entries if fields.get(b"type") in _TERMINAL_EVENTS
             )
+        for model, ids in quiet.items():
+            wanted = {i.encode() for i in ids}
+            entries = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await redis.xrange(keys.ModelKeys(model).events),
+            )
+            for _eid, fields in entries:
+                if fields.get(b"id") in wanted and fields.get(b"type") in _TERMINAL_EVENTS:
+                    out[fields[b"id"].decode()] += 1
         return out
     finally:
         await redis.aclose()

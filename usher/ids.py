@@ -1,28 +1,66 @@
-"""Ids: requests are ULIDs (time-ordered, 26 Crockford base32 characters, URL-safe); events
-are Redis stream entry ids ("1700000000000-3"), which resume a watch."""
+"""Ids: requests are ULIDs (time-ordered, 26 Crockford base32 characters, URL-safe) whose
+last characters are a tag of their model's name, so a request is found by its id alone
+without an index entry per request; events are Redis stream entry ids ("1700000000000-3"),
+which resume a watch."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
 
-__all__ = ["event_id_key", "is_event_id", "is_request_id", "new_request_id"]
+__all__ = [
+    "MODEL_TAG_CHARS",
+    "event_id_key",
+    "is_event_id",
+    "is_request_id",
+    "model_tag",
+    "new_request_id",
+    "tag_of",
+]
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _EVENT_ID = re.compile(r"(\d{1,15})-(\d{1,15})")
 
 
-def new_request_id(now_ms: int | None = None) -> str:
-    """A new ULID: 48 bits of milliseconds then 80 random bits."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+#: Characters at the end of a request id that tag its model (20 bits): ids of requests of
+#: different models share a tag about once in a million pairs (a lookup asks each).
+MODEL_TAG_CHARS = 4
+_TAG_BITS = 5 * MODEL_TAG_CHARS
+
+
+def _base32(value: int, length: int) -> str:
     chars = []
-    for _ in range(26):
+    for _ in range(length):
         value, digit = divmod(value, 32)
         chars.append(_ALPHABET[digit])
     return "".join(reversed(chars))
+
+
+def _tag_value(model: str) -> int:
+    digest = hashlib.blake2b(model.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") >> (32 - _TAG_BITS)
+
+
+def model_tag(model: str) -> str:
+    """The characters a request id of ``model`` ends with."""
+    return _base32(_tag_value(model), MODEL_TAG_CHARS)
+
+
+def tag_of(request_id: str) -> str:
+    return request_id[-MODEL_TAG_CHARS:]
+
+
+def new_request_id(now_ms: int | None = None, model: str | None = None) -> str:
+    """A new ULID: 48 bits of milliseconds then 80 random bits, of which the last 20 are
+    ``model``'s tag when given (60 random bits stay: unique enough within a millisecond)."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    if model is not None:
+        value = (value >> _TAG_BITS << _TAG_BITS) | _tag_value(model)
+    return _base32(value, 26)
 
 
 def is_request_id(text: str) -> bool:

@@ -18,6 +18,7 @@ __all__ = [
     "AUDIT_ACTIVITY",
     "CANCELS",
     "MODELS",
+    "MODEL_NAMES",
     "POOL_CAPACITY",
     "POOL_CATALOGUE",
     "POOL_DRAINING",
@@ -41,6 +42,10 @@ PREFIX = "usher"
 
 #: SET of every model that has ever had a queue.
 MODELS = f"{PREFIX}:models"
+#: SET of every model a Submit named, kept when a model leaves the fleet (MODELS drops it
+#: while its requests' records live on): a request id ends with its model's tag
+#: (usher/ids.py), and a lookup by id alone asks the models with that tag.
+MODEL_NAMES = f"{PREFIX}:model-names"
 #: HASH "org/user" or "org/" → weight (float as text).
 TENANT_WEIGHTS = f"{PREFIX}:tenant-weights"
 #: HASH "org/user" or "org/" → JSON limits (requests/min, tokens/min, concurrency, cap).
@@ -119,7 +124,8 @@ def tenant_id(organization: str, user: str) -> str:
 
 
 def request_index(request_id: str) -> str:
-    """STRING request id → model name, so Get/Cancel/Watch can find the model's keys."""
+    """STRING request id → model name, written for requests made before ids carried their
+    model's tag (MODEL_NAMES): read, as a last resort, by lookups of such ids."""
     return f"{PREFIX}:request-model:{request_id}"
 
 

@@ -274,7 +274,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             self.settings.dedup == "deterministic" and admission.is_deterministic(request.options)
         )
         return NewRequest(
-            id=new_request_id(),
+            id=new_request_id(model=request.model),
             model=request.model,
             kind=admission.request_kind(request),
             user=caller.user,

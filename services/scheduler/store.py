@@ -67,10 +67,8 @@ __all__ = [
 
 #: A caller's listing keeps its newest entries only.
 TENANT_LISTING_MAX = 10_000
-#: The id → model index outlives the request's own keys by this much (queue time + slack).
-INDEX_SLACK_SECONDS = 2 * 86_400
-#: What a request stores outside its own keys (index entry, listing entry, idempotency
-#: key, model stream events), charged to its tenant on top of what its keys hold.
+#: What a request stores outside its own keys (listing entry, idempotency key, model
+#: stream events), charged to its tenant on top of what its keys hold.
 REQUEST_INDEX_BYTES = 512
 #: What a completed request's keys hold besides its result, usage, labels and streamed
 #: output: its metadata hash (~2.5 KB) and its event stream's first node (~4.7 KB, which
@@ -140,7 +138,6 @@ class _Prepared:
     cost: float
     created: int
     listing: str
-    index_ttl: int
     #: enqueue.lua's arguments before the riding claim's, and the request hash's pairs after.
     head: list[Any]
     record: list[Any]
@@ -326,13 +323,12 @@ RESETTABLE_COUNTERS = (
 
 def _beside(prepared: Sequence[_Prepared], model_set: bool) -> list[str]:
     """The keys a Submit writes outside its model's slot that a failover there could cost
-    an accepted request: its id index entry (Get, Watch and Cancel find it by it), the
-    caller's listing (List), and with ``model_set`` the model set (without its entry no
-    loop walks the model's queue until the model's next Submit)."""
-    written = [keys.request_index(entry.request.id) for entry in prepared]
-    written += {entry.listing for entry in prepared}
+    an accepted request: the caller's listing (List), and with ``model_set`` the model set
+    (without its entry no loop walks the model's queue until the model's next Submit) and
+    the model names (Get, Watch and Cancel by id alone ask the models its id's tag names)."""
+    written = list({entry.listing for entry in prepared})
     if model_set:
-        written.append(keys.MODELS)
+        written += [keys.MODELS, keys.MODEL_NAMES]
     return written
 
 
@@ -664,7 +660,6 @@ class QueueStore(QueueReader):
         flat: list[str | int | bytes] = []
         for name, value in fields.items():
             flat += [name, value]
-        index_ttl = self.defaults.result_ttl_seconds + INDEX_SLACK_SECONDS
         listing = keys.tenant_requests(request.tenant)
 
         return _Prepared(
@@ -673,7 +668,6 @@ class QueueStore(QueueReader):
             cost=cost,
             created=created,
             listing=listing,
-            index_ttl=index_ttl,
             head=[
                 request.id,
                 request.tenant,
@@ -706,29 +700,24 @@ class QueueStore(QueueReader):
         self._model_set_at[model] = time.monotonic()
 
     def _index(self, pipe: Pipeline, prepared: _Prepared, model_set: bool) -> None:
-        """The id's index entry, the caller's listing and (``model_set``) the model set:
-        other slots."""
+        """The caller's listing and (``model_set``) the model set and names: other slots.
+        The id needs no index entry: it ends with its model's tag (usher/ids.py)."""
         request = prepared.request
-        pipe.set(keys.request_index(request.id), request.model, ex=prepared.index_ttl)
         pipe.zadd(prepared.listing, {request.id: prepared.created})
         if random.randrange(LISTING_TRIM_EVERY) == 0:
             pipe.zremrangebyrank(prepared.listing, 0, -TENANT_LISTING_MAX - 1)
         if model_set:
             pipe.sadd(keys.MODELS, request.model)
+            pipe.sadd(keys.MODEL_NAMES, request.model)
 
     async def _unindex(self, prepared: Sequence[_Prepared], shared: Sequence[str | None]) -> None:
         """Nothing was stored under these ids: point each caller's listing at the request
-        they share instead (if any), and drop the unused index entries. The shared
-        request's own entry is written again: a Submit retried after a failover finds its
-        first attempt by idempotency key, whose entry (another slot) the failover may have
-        lost; without it Get, Watch and Cancel would not find the request answered."""
+        they share instead (if any)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry, other in zip(prepared, shared, strict=True):
-                pipe.delete(keys.request_index(entry.request.id))
                 pipe.zrem(entry.listing, entry.request.id)
                 if other and other != entry.request.id:
                     pipe.zadd(entry.listing, {other: entry.created})
-                    pipe.set(keys.request_index(other), entry.request.model, ex=entry.index_ttl)
             await pipe.execute()
 
     async def _outcome(self, prepared: _Prepared, reply: Any) -> SubmitOutcome:
@@ -824,12 +813,8 @@ class QueueStore(QueueReader):
         ids = ids[:limit]
         if not ids:
             return [], False
-        # GETs in a pipeline, not MGET: the index keys lie in different Cluster slots.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in ids:
-                pipe.get(keys.request_index(request_id))
-            models = await pipe.execute()
-        wanted = [(i, decode(m)) for i, m in zip(ids, models, strict=True) if m]
+        models = await self.models_of(ids)
+        wanted = [(i, m) for i, m in zip(ids, models, strict=True) if m]
 
         def build(pipe: Pipeline) -> None:
             for request_id, model in wanted:

@@ -33,7 +33,7 @@ def new_request(
     result_only: bool = False,
 ) -> NewRequest:
     return NewRequest(
-        id=new_request_id(),
+        id=new_request_id(model=model),
         model=model,
         kind=request_pb2.REQUEST_KIND_GENERATE,
         user=user,

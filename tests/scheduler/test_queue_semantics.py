@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.reaper import reap_once
-from services.scheduler.store import FinishedWork, QueueStore
+from services.scheduler.store import FinishedWork, NewRequest, QueueStore
 from tests.scheduler.factories import new_request
 from usher import keys
+from usher.ids import new_request_id
 from usher.keys import ModelKeys
 from usher.queue.fairness import FairQueue
 from usher.queue.records import QueueDefaults, to_proto
@@ -339,14 +340,29 @@ async def test_cheap_answers_do_not_let_a_tenants_later_request_jump_its_queue(
     assert order == [r.id for r in requests[2:]] + [later.id]
 
 
-async def test_a_retried_submit_restores_the_index_entry_a_failover_lost(
+async def test_a_request_is_found_by_its_id_alone_without_an_index_entry(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
-    first = await store.submit(new_request(idempotency_key="k-1"))
-    # A primary's loss took the id's index entry (another slot) but not the model's keys:
-    # the caller, told to retry, comes back with the same key.
-    await redis_client.delete(keys.request_index(first.request_id))
-    again = await store.submit(new_request(idempotency_key="k-1"))
-    assert again.request_id == first.request_id
+    """Its id ends with its model's tag: the models with that tag are asked, those a Submit
+    named (kept when a model leaves the fleet) and the live ones (a lost write of the
+    names made good); a request made before ids carried the tag, by its index entry."""
+    first = await store.submit(new_request(model="llama3.2"))
+    other = await store.submit(new_request(model="qwen2.5"))
+    assert [k async for k in redis_client.scan_iter(match=keys.request_index("*"))] == []
+    assert await store.models_of([first.request_id, other.request_id]) == ["llama3.2", "qwen2.5"]
+    # The model left the fleet (off the model set): its request is still found.
+    await redis_client.srem(keys.MODELS, "llama3.2")
     found = await store.get(first.request_id)
     assert found is not None and found.id == first.request_id
+    # A failover lost the names but not the model set: found again once the names are read.
+    await redis_client.delete(keys.MODEL_NAMES)
+    fresh = QueueStore(redis_client)
+    assert await fresh.model_of(other.request_id) == "qwen2.5"
+    # An id of the old kind (no tag) by its index entry; an unknown id by nothing.
+    old = new_request(model="llama3.2")
+    old = NewRequest(
+        **{**{f: getattr(old, f) for f in old.__dataclass_fields__}, "id": new_request_id()}
+    )
+    await store.submit(old)
+    await redis_client.set(keys.request_index(old.id), "llama3.2")
+    assert await fresh.models_of([old.id, new_request_id(model="gone")]) == ["llama3.2", None]

@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError
 from usher import keys
 from usher.connections import is_cluster
 from usher.crypto import NullSealer
+from usher.ids import model_tag, tag_of
 from usher.keys import ModelKeys
 from usher.queue import eta
 from usher.queue.eta import ModelAverages
@@ -45,6 +46,10 @@ __all__ = [
 #: Model averages (with the fair clock and running count ETAs start from) at most this
 #: often: the clock moves with every claim, and a second-old one overstates waits.
 AVERAGES_CACHE_SECONDS = 0.1
+#: How long the model names read for lookups by id alone are used: a name added since (a
+#: new model's first Submit) is read again when an id's tag matches none, at most this often.
+MODEL_NAMES_CACHE_SECONDS = 5.0
+MODEL_NAMES_MISS_SECONDS = 0.5
 #: On a Redis Cluster the event streams are polled (no blocking read spans slots): how long
 #: to rest after a read that found nothing. A watcher's extra latency is half this on average.
 CLUSTER_POLL_SECONDS = 0.05
@@ -136,6 +141,8 @@ class QueueReader:
         self._scripts = Scripts(client, self.SCRIPTS)
         self._averages: dict[str, tuple[float, ModelAverages, int]] = {}
         self._averages_reads: dict[str, asyncio.Future[tuple[ModelAverages, int]]] = {}
+        #: When the model names were read, and the names by their tag.
+        self._names: tuple[float, dict[str, list[str]]] = (-float("inf"), {})
 
     def _stored(
         self,
@@ -203,8 +210,45 @@ class QueueReader:
     # ---- read -----------------------------------------------------------------------------
 
     async def model_of(self, request_id: str) -> str | None:
-        raw = await self.redis.get(keys.request_index(request_id))
-        return decode(raw) if raw else None
+        return (await self.models_of([request_id]))[0]
+
+    async def models_of(self, request_ids: Sequence[str]) -> list[str | None]:
+        """The model each request lives under (None: no such request), in one round trip:
+        each model whose tag the id ends with (usher/ids.py) asked whether it holds the
+        request, and the index entry of a request made before ids carried the tag."""
+        tagged = await self._models_tagged([tag_of(i) for i in request_ids])
+        # EXISTS and GETs in a pipeline: the keys lie in different Cluster slots.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                for model in tagged.get(tag_of(request_id), ()):
+                    pipe.exists(ModelKeys(model).request(request_id))
+                pipe.get(keys.request_index(request_id))
+            replies = iter(await pipe.execute())
+        found: list[str | None] = []
+        for request_id in request_ids:
+            held = [m for m in tagged.get(tag_of(request_id), ()) if next(replies)]
+            indexed = next(replies)
+            found.append(held[0] if held else decode(indexed) if indexed else None)
+        return found
+
+    async def _models_tagged(self, tags: Sequence[str]) -> dict[str, list[str]]:
+        """Model names by tag (cached; read again when a tag asked for matches none): every
+        model a Submit named, and the live ones (a lost write of the former is made good)."""
+        read_at, by_tag = self._names
+        age = time.monotonic() - read_at
+        if age < MODEL_NAMES_MISS_SECONDS or (
+            age < MODEL_NAMES_CACHE_SECONDS and all(tag in by_tag for tag in tags)
+        ):
+            return by_tag
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(keys.MODEL_NAMES)
+            pipe.smembers(keys.MODELS)
+            named, live = await pipe.execute()
+        by_tag = {}
+        for name in sorted({decode(m) for m in (*named, *live)}):
+            by_tag.setdefault(model_tag(name), []).append(name)
+        self._names = (time.monotonic(), by_tag)
+        return by_tag
 
     async def get(self, request_id: str) -> StoredRequest | None:
         model = await self.model_of(request_id)
