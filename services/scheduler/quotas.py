@@ -28,11 +28,11 @@ SETTLE_BATCH = 256
 #: How long a settle nobody waits on (settle_soon) waits for others to go with it: a
 #: storage charge is kept to within its data's lifetime (minutes), not milliseconds.
 SETTLE_LINGER_SECONDS = 0.1
-
-log = structlog.get_logger(__name__)
 #: A live-request entry lapses this long after its queue deadline, in case a removal was
 #: missed (the request ended through the reaper or a drain): a generous bound on run time.
 LIVE_GRACE_MS = 15 * 60_000
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -358,6 +358,9 @@ async def test_a_request_is_found_by_its_id_alone_without_an_index_entry(
     await redis_client.delete(keys.MODEL_NAMES)
     fresh = QueueStore(redis_client)
     assert await fresh.model_of(other.request_id) == "qwen2.5"
+    # A new model's first request, moments after the names were read: read again.
+    newest = await store.submit(new_request(model="gemma3"))
+    assert await fresh.model_of(newest.request_id) == "gemma3"
     # An id of the old kind (no tag) by its index entry; an unknown id by nothing.
     old = new_request(model="llama3.2")
     old = NewRequest(

@@ -46,10 +46,10 @@ __all__ = [
 #: Model averages (with the fair clock and running count ETAs start from) at most this
 #: often: the clock moves with every claim, and a second-old one overstates waits.
 AVERAGES_CACHE_SECONDS = 0.1
-#: How long the model names read for lookups by id alone are used: a name added since (a
-#: new model's first Submit) is read again when an id's tag matches none, at most this often.
+#: How long the model names read for lookups by id alone are used: they are read again at
+#: once when an id's tag matches none (a new model's first Submit since, or an id made
+#: before ids carried the tag).
 MODEL_NAMES_CACHE_SECONDS = 5.0
-MODEL_NAMES_MISS_SECONDS = 0.5
 #: On a Redis Cluster the event streams are polled (no blocking read spans slots): how long
 #: to rest after a read that found nothing. A watcher's extra latency is half this on average.
 CLUSTER_POLL_SECONDS = 0.05
@@ -235,10 +235,8 @@ class QueueReader:
         """Model names by tag (cached; read again when a tag asked for matches none): every
         model a Submit named, and the live ones (a lost write of the former is made good)."""
         read_at, by_tag = self._names
-        age = time.monotonic() - read_at
-        if age < MODEL_NAMES_MISS_SECONDS or (
-            age < MODEL_NAMES_CACHE_SECONDS and all(tag in by_tag for tag in tags)
-        ):
+        fresh = time.monotonic() - read_at < MODEL_NAMES_CACHE_SECONDS
+        if fresh and all(tag in by_tag for tag in tags):
             return by_tag
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(keys.MODEL_NAMES)
