@@ -83,6 +83,12 @@ class _Settle:
     size: int
     lapses_ms: int
 
+    @classmethod
+    def of(cls, tenant: str, request_id: str, footprint: Footprint) -> _Settle:
+        if footprint.bytes > 0:
+            return cls(tenant, request_id, footprint.bytes, footprint.expires_ms)
+        return cls(tenant, request_id, -1, 0)
+
 
 def _settle_keys(tk: TenantKeys) -> list[str]:
     return [tk.buckets, tk.live, tk.stored, tk.stored_bytes]
@@ -216,9 +222,7 @@ class Quotas:
         and charge its storage at what it holds now, until its data expires. Settles due
         while one is under way go together: one script call per tenant among them, in one
         round trip."""
-        size = footprint.bytes if footprint.bytes > 0 else -1
-        lapses = footprint.expires_ms if footprint.bytes > 0 else 0
-        await self._settles.submit(_Settle(tenant, request_id, size, lapses))
+        await self._settles.submit(_Settle.of(tenant, request_id, footprint))
 
     async def settle_soon(self, tenant: str, request_id: str, footprint: Footprint) -> None:
         """As ``settle``, without waiting where nothing waits on it: a tenant with no
@@ -229,9 +233,7 @@ class Quotas:
         if self._may_hold_live(tenant):
             await self.settle(tenant, request_id, footprint)
             return
-        size = footprint.bytes if footprint.bytes > 0 else -1
-        lapses = footprint.expires_ms if footprint.bytes > 0 else 0
-        sent = self._lingering.submit(_Settle(tenant, request_id, size, lapses))
+        sent = self._lingering.submit(_Settle.of(tenant, request_id, footprint))
         self._unanswered.add(sent)
         sent.add_done_callback(self._answered)
 
