@@ -5,6 +5,7 @@ which resume a watch."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -39,6 +40,7 @@ def _base32(value: int, length: int) -> str:
     return "".join(reversed(chars))
 
 
+@functools.lru_cache(maxsize=1024)  # per Submit: a fleet has a handful of model names
 def _tag_value(model: str) -> int:
     digest = hashlib.blake2b(model.encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big") >> (32 - _TAG_BITS)

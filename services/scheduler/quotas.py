@@ -5,7 +5,6 @@ really holds once it ends (its prompt dropped, its result kept for the result TT
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -13,9 +12,9 @@ from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-import structlog
 
 from usher import keys
+from usher.background import Background
 from usher.batching import Coalescer
 from usher.keys import TenantKeys
 from usher.scripts import ScriptCall, run_script_calls
@@ -31,8 +30,6 @@ SETTLE_LINGER_SECONDS = 0.1
 #: A live-request entry lapses this long after its queue deadline, in case a removal was
 #: missed (the request ended through the reaper or a drain): a generous bound on run time.
 LIVE_GRACE_MS = 15 * 60_000
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +110,7 @@ class Quotas:
             self._settle_many, SETTLE_BATCH, linger=SETTLE_LINGER_SECONDS
         )
         #: Settles sent by settle_soon and not yet answered (flush waits for them).
-        self._unanswered: set[asyncio.Future[None]] = set()
+        self._unanswered = Background()
         self._cache: dict[str, tuple[float, Limits]] = {}
 
     def stale(self, organization: str, user: str) -> bool:
@@ -233,19 +230,11 @@ class Quotas:
         if self._may_hold_live(tenant):
             await self.settle(tenant, request_id, footprint)
             return
-        sent = self._lingering.submit(_Settle.of(tenant, request_id, footprint))
-        self._unanswered.add(sent)
-        sent.add_done_callback(self._answered)
-
-    def _answered(self, sent: asyncio.Future[None]) -> None:
-        self._unanswered.discard(sent)
-        if not sent.cancelled() and (error := sent.exception()) is not None:
-            log.warning("a storage charge was not settled: it lapses later", error=str(error))
+        self._unanswered.hold(self._lingering.submit(_Settle.of(tenant, request_id, footprint)))
 
     async def flush(self) -> None:
         """Wait for the settles settle_soon sent (a stopping Scheduler's last ones)."""
-        if self._unanswered:
-            await asyncio.gather(*self._unanswered, return_exceptions=True)
+        await self._unanswered.drain()
 
     async def _settle_many(self, settles: list[_Settle]) -> list[BaseException | None]:
         by_tenant: dict[str, list[_Settle]] = {}
