@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import httpx
 import psutil  # type: ignore[import-untyped]
+from google.protobuf import duration_pb2
 
 from bench.stats import latency_ms
 from usher.testing.stack import LocalStack
@@ -178,8 +179,9 @@ async def closed_loop(
 
 
 class Trio:
-    """Submit (result only) to the Scheduler, then AwaitResult on the Notifier for the final
-    update: the SDK's submit_and_wait."""
+    """Submit (result only, awaiting its result) to the Scheduler, then, unless it answered
+    with the end, AwaitResult on the Notifier for the final update: the SDK's
+    submit_and_wait."""
 
     def __init__(self, stack: LocalStack) -> None:
         self._channels = [
@@ -197,10 +199,13 @@ class Trio:
                     model=MODEL,
                     generate=request_pb2.GenerateInput(prompt=prompt(worker, n)),
                     result_only=True,  # as the SDK's submit_and_wait submits
+                    await_result=duration_pb2.Duration(seconds=30),
                 ),
                 metadata=auth(user),
                 timeout=30,
             )
+            if submitted.request.state == request_pb2.REQUEST_STATE_COMPLETED:
+                return True
             # As the SDK's submit_and_wait asks: the model as Submit answered it and the
             # final update alone, in one call.
             final = await self.notifier.AwaitResult(

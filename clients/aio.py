@@ -86,6 +86,9 @@ __all__ = [
 DEFAULT_SCHEDULER_ADDRESS = "127.0.0.1:50051"
 DEFAULT_POOL_ADDRESS = "127.0.0.1:50052"
 DEFAULT_NOTIFIER_ADDRESS = "127.0.0.1:50053"
+#: ``submit_and_wait``'s Submit waits for the end at most this long (the most the API
+#: allows); the call's deadline bounds it first.
+AWAIT_RESULT_MAX_SECONDS = 600
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -511,11 +514,16 @@ class AsyncUsherClient:
         ``ResourceExhausted`` when the queue stayed full for longer than the retry budget.
         """
         request = build_submit_request(model, prompt, messages=messages, embed=embed, **options)
+        return await self._submit(request, options.get("timeout"))
+
+    async def _submit(
+        self, request: scheduler_pb2.SubmitRequest, timeout: float | None
+    ) -> Submission:
         response = await self._unary(
             "Submit",
             self._scheduler.Submit,
             request,
-            timeout=options.get("timeout"),
+            timeout=timeout,
             traceparent=request.traceparent,
         )
         return Submission.from_proto(response)
@@ -713,7 +721,16 @@ class AsyncUsherClient:
         false). The request is ``result_only`` unless ``result_only=False`` is given (for
         other watchers of it who want its output as it comes)."""
         options.setdefault("result_only", True)
-        submission = await self.submit(model, prompt, messages=messages, embed=embed, **options)
+        request = build_submit_request(model, prompt, messages=messages, embed=embed, **options)
+        # A request the Scheduler starts at once comes back ended, with no wait to follow
+        # (within the Submit's deadline: a longer one is waited for on the Notifier).
+        if request.result_only:
+            request.await_result.FromSeconds(AWAIT_RESULT_MAX_SECONDS)
+        submission = await self._submit(request, options.get("timeout"))
+        if submission.request.state.is_terminal:
+            if check and submission.request.state != RequestState.COMPLETED:
+                raise RequestFailed(submission.request)
+            return submission.request
         return await self.wait(
             submission.id, timeout=wait_timeout, check=check, model=submission.request.model
         )

@@ -13,6 +13,7 @@ import time
 
 __all__ = [
     "MODEL_TAG_CHARS",
+    "REQUEST_ID_METADATA",
     "event_id_key",
     "is_event_id",
     "is_request_id",
@@ -21,6 +22,9 @@ __all__ = [
     "tag_of",
 ]
 
+#: The gRPC metadata key a Submit that waits for its result (``await_result``) sends the
+#: request's id under first, before its answer.
+REQUEST_ID_METADATA = "x-usher-request-id"
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _EVENT_ID = re.compile(r"(\d{1,15})-(\d{1,15})")

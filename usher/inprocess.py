@@ -93,6 +93,7 @@ class LocalContext:
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: Metadata = ()
+        self.initial: Metadata = ()
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._metadata
@@ -113,7 +114,7 @@ class LocalContext:
         self._trailing = tuple(metadata)
 
     async def send_initial_metadata(self, metadata: Metadata) -> None:
-        return None
+        self.initial = tuple(metadata)
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()
@@ -267,13 +268,18 @@ class LocalUnaryCall:
     ``cancel()`` drops a call not awaited yet (the servicer never runs); one being awaited
     ends when the task awaiting it is cancelled, as a gRPC call does."""
 
-    __slots__ = ("_run",)
+    __slots__ = ("_context", "_run")
 
-    def __init__(self, run: Coroutine[Any, Any, Any]) -> None:
+    def __init__(self, run: Coroutine[Any, Any, Any], context: LocalContext) -> None:
         self._run = run
+        self._context = context
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._run.__await__()
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        """What the servicer sent as initial metadata so far."""
+        return grpc.aio.Metadata(*self._context.initial)
 
     def cancel(self) -> bool:
         if inspect.getcoroutinestate(self._run) != inspect.CORO_CREATED:
@@ -292,7 +298,8 @@ class _LocalUnary(_LocalMethod):
         **_: Any,
     ) -> LocalUnaryCall:
         self._calls.inc()
-        return LocalUnaryCall(self._invoke(request, LocalContext(metadata, timeout)))
+        context = LocalContext(metadata, timeout)
+        return LocalUnaryCall(self._invoke(request, context), context)
 
     async def _invoke(self, request: Any, context: LocalContext) -> Any:
         handler = self._channel.handler(self._method)

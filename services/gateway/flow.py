@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ import grpc
 from services.gateway.backend import Backend, bearer
 from services.gateway.bodies import queue_wait_ms
 from services.gateway.errors import GatewayError, error_from_request, rpc_error
+from usher.ids import REQUEST_ID_METADATA
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
 
 __all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "continuation"]
@@ -39,6 +40,19 @@ _RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 _MAX_RESUMES = 6
+#: The longest an answer sent whole is awaited in the Scheduler's Submit (``await_result``):
+#: a longer one is waited for on the Notifier. Its client leaving meanwhile is acted on once
+#: the Submit answers (a unary call's answer brings its id), so this bounds how late the
+#: request of a client who left is cancelled.
+AWAIT_RESULT_SECONDS = 2.0
+_ENDED = frozenset(
+    {
+        request_pb2.REQUEST_STATE_COMPLETED,
+        request_pb2.REQUEST_STATE_FAILED,
+        request_pb2.REQUEST_STATE_CANCELLED,
+        request_pb2.REQUEST_STATE_EXPIRED,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,31 +107,44 @@ class RequestFlow:
             return None
         return max(0.001, self._deadline - time.monotonic())
 
-    async def submit(self) -> scheduler_pb2.SubmitResponse:
+    async def submit(self) -> None:
+        """Submit the request. One whose caller reads the result alone asks the Scheduler
+        to answer with its end when it runs it at once (``await_result``): then no wait on
+        the Notifier follows."""
         timeout = self.backend.settings.rpc_timeout_seconds
         remaining = self._remaining()
-        call = asyncio.ensure_future(
-            self.backend.scheduler.Submit(
-                self.submit_request,
-                metadata=bearer(self.token),
-                timeout=min(timeout, remaining) if remaining is not None else timeout,
-            )
+        submit = self.submit_request
+        if submit.result_only:
+            submit.await_result.FromMilliseconds(round(AWAIT_RESULT_SECONDS * 1000))
+        rpc = self.backend.scheduler.Submit(
+            submit,
+            metadata=bearer(self.token),
+            timeout=min(timeout, remaining) if remaining is not None else timeout,
         )
+        call = asyncio.ensure_future(rpc)
         try:
             reply = await asyncio.shield(call)
         except asyncio.CancelledError:
-            # The client left while the Submit was on its way: cancel what it queued.
+            # The client left while the Submit was on its way (or waited for the end):
+            # cancel what it queued once the Submit answers.
             call.add_done_callback(self._cancel_after_submit)
             raise
         except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, self.model) from None
+            # A Submit that waited for the end sent the id first: a call broken after
+            # that (its Scheduler gone) leaves a queued request to wait for on the Notifier.
+            self.request_id = await _sent_id(rpc) if exc.code() in _RESUMABLE else ""
+            if not self.request_id:
+                raise rpc_error(exc, self.model) from None
+            return
         self.request_id = reply.request.id
         self.latest = reply.request
-        return reply
+        self.finished = reply.request.state in _ENDED
 
     def _cancel_after_submit(self, call: asyncio.Future[scheduler_pb2.SubmitResponse]) -> None:
         if not call.cancelled() and call.exception() is None:
-            self.request_id = call.result().request.id
+            request = call.result().request
+            self.request_id = request.id
+            self.finished = request.state in _ENDED
             self.cancel_soon("the client disconnected")
 
     def cancel_soon(self, reason: str) -> None:
@@ -129,6 +156,11 @@ class RequestFlow:
     async def events(self, final_only: bool = False) -> AsyncGenerator[FlowEvent, None]:
         """The request's events until it ends; ``final_only`` (an answer sent whole) asks the
         Notifier for the last update alone, so ``Started`` comes just before ``Finished``."""
+        if self.finished and self.latest is not None:  # the Submit answered with its end
+            yield Started(self.latest, queue_wait_ms(self.latest))
+            for event in self._ending(self.latest, ""):
+                yield event
+            return
         last_event_id = ""
         started = False
         emitted = ""  # text the consumer already has
@@ -159,14 +191,8 @@ class RequestFlow:
                             emitted += fresh
                             yield Text(fresh)
                     if kind in _TERMINAL:
-                        self.finished = True
-                        error = error_from_request(request)
-                        if error is not None:
-                            raise error
-                        fresh = self._beyond(emitted, request.result.text)
-                        if fresh:
-                            yield Text(fresh)
-                        yield Finished(request)
+                        for event in self._ending(request, emitted):
+                            yield event
                         return
             except grpc.aio.AioRpcError as exc:
                 if self._watch_failed(exc, resumes, final_only) == "again":
@@ -180,6 +206,18 @@ class RequestFlow:
                     502, "upstream_error", "the status stream ended early", model=self.model
                 )
             await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
+
+    def _ending(self, request: request_pb2.LlmRequest, emitted: str) -> Iterator[FlowEvent]:
+        """The events of the request's end, after ``emitted`` text: its error raised, or the
+        rest of its text and ``Finished``."""
+        self.finished = True
+        error = error_from_request(request)
+        if error is not None:
+            raise error
+        fresh = self._beyond(emitted, request.result.text)
+        if fresh:
+            yield Text(fresh)
+        yield Finished(request)
 
     def _watch_failed(
         self, exc: grpc.aio.AioRpcError, resumes: int, final_only: bool
@@ -241,6 +279,16 @@ class RequestFlow:
             "the streamed output is incomplete, please retry",
             model=self.model,
         )
+
+
+async def _sent_id(rpc: Any) -> str:
+    """The request id a Submit that waits for the end sent first ("" when none came)."""
+    try:
+        metadata = await rpc.initial_metadata()
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        return ""
+    sent = metadata.get(REQUEST_ID_METADATA) if metadata is not None else None
+    return sent if isinstance(sent, str) else ""
 
 
 async def _answer_of(

@@ -87,17 +87,7 @@ def ended_by(
     state, finished = fields.get("state", ""), fields.get("ts", "")
     if not (state.isdigit() and finished.isdigit()) or int(state) not in TERMINAL_STATES:
         return None
-    return replace(
-        stored,
-        state=int(state),
-        finished_ms=int(finished),
-        error=fields.get("error", ""),
-        result=result or stored.result,
-        usage=usage or stored.usage,
-        lease_token="",
-        position=0,
-        queue_length=0,
-    )
+    return stored.ended(int(state), int(finished), fields.get("error", ""), result, usage)
 
 
 def is_terminal_kind(kind: int) -> bool:

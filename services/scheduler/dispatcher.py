@@ -36,6 +36,8 @@ from usher.backoff import exponential_backoff
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.queue.fairness import flow_key, priority_class
+from usher.queue.reads import now_ms
+from usher.queue.records import StoredRequest
 from usher.scripts import ScriptCall
 from usher.structs import duration_from_seconds
 from usher.tls import ClientTls, open_channel
@@ -229,6 +231,8 @@ class Dispatcher:
         self._landings: Waiters[str] = Waiters()
         #: model → loops holding a slot the Pool kept for it after their last answer.
         self._kept_slots: dict[str, int] = {}
+        #: Request id → the Submit waiting here for its end (``await_end``).
+        self._awaited: dict[str, asyncio.Future[StoredRequest | None]] = {}
 
     async def aclose(self) -> None:
         if self._channel is not None:
@@ -364,6 +368,23 @@ class Dispatcher:
             # Still queued (the claim beside it, if any, took an earlier one): a loop goes
             # for it, as for any request queued here.
             self._wake_for(model, False)
+
+    def await_end(self, request_id: str) -> asyncio.Future[StoredRequest | None]:
+        """The end of ``request_id`` should a loop of this replica run it (a Submit that
+        waits for its result): the request as its completion left it, or None when it ends
+        otherwise here (failed, cancelled, given back, its lease lost), for the caller to
+        read its end from the Notifier. ``forget_end`` once it is not waited for."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._awaited[request_id] = waiter
+        return waiter
+
+    def forget_end(self, request_id: str) -> None:
+        self._awaited.pop(request_id, None)
+
+    def _ended(self, request_id: str, ended: StoredRequest | None) -> None:
+        waiter = self._awaited.pop(request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(ended)
 
     def expectation_ended(self, model: str, parked: _Parked | None) -> None:
         """One Submit expected for ``model`` is over; ``parked``: the loop its claim went
@@ -778,6 +799,20 @@ class Dispatcher:
         (None when it ended otherwise). With ``kept``, the slot may stay held for the
         next request of its model when more are queued (left in ``kept``); ``reused``:
         ``slot`` is one kept after the loop's last answer, not reserved for this one."""
+        if not self._awaited:
+            return await self._run_request(lease, slot, kept, reused)
+        try:
+            return await self._run_request(lease, slot, kept, reused)
+        finally:
+            self._ended(lease.request.id, None)  # a no-op once its completion told it
+
+    async def _run_request(
+        self,
+        lease: Lease,
+        slot: pool_pb2.Slot,
+        kept: _KeptSlot | None,
+        reused: bool,
+    ) -> Footprint | None:
         submit = scheduler_pb2.SubmitRequest.FromString(lease.request.payload)
         generate = pool_pb2.GenerateRequest(
             slot_id=slot.id,
@@ -852,12 +887,22 @@ class Dispatcher:
         pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
             # The result says it all to a caller who reads only that.
+            finished_ms = now_ms()
             footprint = await self.store.finish(
                 lease,
                 work_or_error,
                 () if submit.result_only else pending,
                 streamed=not submit.result_only,
+                finished_ms=finished_ms,
             )
+            if footprint is not None and lease.request.id in self._awaited:
+                work = work_or_error
+                self._ended(
+                    lease.request.id,
+                    lease.request.ended(
+                        work.state, finished_ms, work.error, work.result, work.usage
+                    ),
+                )
             metrics.REQUESTS.labels(lease.request.model, "completed").inc()
             metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(
                 work_or_error.service_ms / 1000

@@ -21,6 +21,7 @@ from services.scheduler.reaper import settle_ended
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import (
     TENANT_LISTING_MAX,
+    Lease,
     NewRequest,
     QueueStore,
     SubmitOutcome,
@@ -39,7 +40,7 @@ from usher.errors import (
     Unavailable,
 )
 from usher.grpc_types import Context
-from usher.ids import is_request_id, new_request_id
+from usher.ids import REQUEST_ID_METADATA, is_request_id, new_request_id
 from usher.queue import fairness, records
 from usher.queue.records import StoredRequest
 from usher.scripts import ScriptCall
@@ -54,6 +55,8 @@ _MAX_PAGE = 1000
 #: Charged to a new request's tenant beyond its payload and labels: its metadata fields,
 #: first events, index and listing entries (settled to the real figure when it ends).
 ADMISSION_OVERHEAD_BYTES = 2048
+#: What a Submit with ``await_result`` leaves of its call's deadline for the answer's way back.
+AWAIT_RESULT_MARGIN_SECONDS = 0.25
 _SUBMIT_RESULTS = {
     "queued": "queued",
     "exists": "queued",
@@ -61,6 +64,16 @@ _SUBMIT_RESULTS = {
     "replayed": "replayed",
     "full": "rejected",
 }
+
+
+def _started_here(outcome: SubmitOutcome) -> bool:
+    """Whether a loop of this replica claimed the submitted request beside its enqueue."""
+    claimed = outcome.claimed
+    return (
+        outcome.status == "queued"
+        and isinstance(claimed, Lease)
+        and claimed.request.id == outcome.request_id
+    )
 
 
 def _check_id(request_id: str) -> None:
@@ -95,6 +108,15 @@ class Expected(Protocol):
     def end(self) -> bool: ...
 
 
+class Ends(Protocol):
+    """Where a Submit that waits for its result (``await_result``) waits for the end of a
+    request this replica started at once: its dispatcher."""
+
+    def await_end(self, request_id: str) -> asyncio.Future[StoredRequest | None]: ...
+
+    def forget_end(self, request_id: str) -> None: ...
+
+
 class _Handlers:
     def __init__(
         self,
@@ -116,6 +138,8 @@ class _Handlers:
         #: dispatcher reserves a slot meanwhile, and claims beside the enqueue); its queued
         #: request is then told through the returned Expected, not ``on_queued``.
         self.expect: Callable[[str], Awaitable[Expected]] | None = None
+        #: Where a Submit with ``await_result`` waits for a request run here at once.
+        self.ends: Ends | None = None
 
     async def _model_fallback(self, model: str) -> int:
         """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
@@ -155,9 +179,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         await self._refresh(request.model, caller)
         request.model = await self._served_name(request.model)
         expected = await self.expect(request.model) if self.expect is not None else None
+        awaits = (
+            request.await_result.ToMilliseconds() / 1000 if request.HasField("await_result") else 0
+        )
+        ends = self.ends if awaits > 0 and expected is not None else None
+        ended: asyncio.Future[StoredRequest | None] | None = None
         try:
             tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
             new = await self._new_request(request, caller, tenant_limits, now)
+            # Waited for before the enqueue: a loop may run it the moment it is written.
+            ended = ends.await_end(new.id) if ends is not None else None
             # The admission rides the enqueue's round trip where it can (one fewer per
             # Submit); else it goes first.
             checked = None
@@ -173,18 +204,55 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
                     outcome = await expected.enqueue(new, checked)
                 else:
                     outcome = await self.store.submit(new, admission=checked)
+        except BaseException:
+            if ends is not None and ended is not None:
+                ends.forget_end(new.id)
+            raise
         finally:
             if expected is not None:
                 expected.end()
-        if outcome.status == "refused":
-            self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
-            # Admitted, yet refused by a marker an earlier attempt of this Submit left (its
-            # pipeline sent again): nothing was queued, so nothing stays charged.
-            await self._refund([new], tenant_limits)
-            raise Unavailable(f"request {new.id} was not queued; retry")
-        return await self._answer(
-            request, new, outcome, caller, tenant_limits, told=expected is not None
-        )
+        try:
+            if outcome.status == "refused":
+                self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
+                # Admitted, yet refused by a marker an earlier attempt of this Submit left
+                # (its pipeline sent again): nothing was queued, so nothing stays charged.
+                await self._refund([new], tenant_limits)
+                raise Unavailable(f"request {new.id} was not queued; retry")
+            answer = await self._answer(
+                request, new, outcome, caller, tenant_limits, told=expected is not None
+            )
+            if ended is not None and _started_here(outcome):
+                return await self._with_end(answer, ended, awaits, context)
+            return answer
+        finally:
+            if ends is not None:
+                ends.forget_end(new.id)
+
+    async def _with_end(
+        self,
+        answer: scheduler_pb2.SubmitResponse,
+        ended: asyncio.Future[StoredRequest | None],
+        longest: float,
+        context: Context,
+    ) -> scheduler_pb2.SubmitResponse:
+        """``answer`` with the request as it ended, when it ends here within ``longest``
+        seconds and the call's deadline (less a margin for the answer's way back); as it is
+        otherwise. The id goes first, as initial metadata: a caller whose call breaks still
+        knows what to wait for."""
+        remaining = context.time_remaining()
+        if remaining is not None:
+            longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
+        if longest <= 0:
+            return answer
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, answer.request.id),))
+        try:
+            async with asyncio.timeout(longest):
+                stored = await ended
+        except TimeoutError:
+            return answer
+        if stored is None:  # it ended otherwise, or runs again: the Notifier tells its end
+            return answer
+        return scheduler_pb2.SubmitResponse(request=records.to_proto(stored))
 
     async def SubmitBatch(
         self, request: scheduler_pb2.SubmitBatchRequest, context: Context

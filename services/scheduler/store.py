@@ -1013,18 +1013,20 @@ class QueueStore(QueueReader):
         progress: Sequence[ProgressEvent] = (),
         *,
         streamed: bool = True,
+        finished_ms: int | None = None,
     ) -> Footprint | None:
         """Record the outcome, with ``progress`` still unwritten before it, in one script
         call; what the request holds now (for its tenant's storage charge: an estimate from
         the sizes written, completed_footprint), or None when the lease was lost and
         someone else owns it now. ``streamed`` False: no progress was written since the
-        claim (a caller of the result alone), so the claim's event is the last one."""
+        claim (a caller of the result alone), so the claim's event is the last one.
+        ``finished_ms``: the end's time as recorded (now when not given)."""
         extra: list[str | bytes] = []
         if work.result:
             extra += ["result", self.sealer.seal(work.result, lease.request.id)]
         if work.usage:
             extra += ["usage", work.usage]
-        now = now_ms()
+        now = now_ms() if finished_ms is None else finished_ms
         packed = self._packed(lease, progress)
         # The event before this call's, for a reader in this process that is handed them;
         # known without a look (the claim's, nothing written since) it is passed whoever

@@ -153,3 +153,91 @@ async def test_a_model_server_dying_mid_answer_fails_over(stack: LocalStack) -> 
             ]
             assert updates[-1].kind == notifier_pb2.UPDATE_KIND_COMPLETED
             assert updates[-1].text_delta == updates[-1].request.result.text
+
+
+@pytest.fixture
+def slow_stack() -> Iterator[LocalStack]:
+    """One instance, answers of about three seconds, and the HTTP gateway."""
+    config = StackConfig(
+        emulator_args=(
+            "--tokens-per-second",
+            "15",
+            "--load-time",
+            "0",
+            "--parallel",
+            "2",
+            "--output-tokens",
+            "45:45",
+        ),
+        scheduler_env={"USHER_LEASE_SECONDS": "1.5", "USHER_REAP_INTERVAL_SECONDS": "0.1"},
+        gateway=True,
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+async def test_an_answer_awaited_by_a_killed_scheduler_still_reaches_its_client(
+    slow_stack: LocalStack,
+) -> None:
+    """The gateway's Submit waits in the Scheduler for the end of a request it started at
+    once; the Scheduler is SIGKILLed meanwhile. The id it sent first lets the gateway wait
+    on the Notifier instead: the request runs again and the client gets its answer."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        answer = asyncio.create_task(
+            http.post(
+                f"{slow_stack.gateway_url}/api/generate",
+                json={"model": "llama3.2:1b", "prompt": "a long story", "stream": False},
+                headers={"Authorization": "Bearer alice-token"},
+            )
+        )
+        async with grpc.aio.insecure_channel(slow_stack.scheduler_address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            for _ in range(200):
+                running = await stub.List(
+                    scheduler_pb2.ListRequest(states=[request_pb2.REQUEST_STATE_RUNNING]),
+                    metadata=ALICE,
+                )
+                if running.requests:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("the request never ran")
+        assert not answer.done()
+        slow_stack.schedulers[0].kill()
+        slow_stack.start_scheduler(0)
+        reply = await answer
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["done"] is True and body["response"]
+    assert reply.headers["X-Usher-Request-Id"] == running.requests[0].id
+
+
+async def test_a_submit_waits_no_longer_than_it_asked(slow_stack: LocalStack) -> None:
+    """A run longer than the Submit's ``await_result`` is answered running when that time
+    is up (its end is then the Notifier's to tell)."""
+    from usher.v1 import notifier_pb2, notifier_pb2_grpc
+
+    asked = scheduler_pb2.SubmitRequest(
+        model="llama3.2:1b",
+        generate=request_pb2.GenerateInput(prompt="a long story"),
+        result_only=True,
+    )
+    asked.await_result.FromMilliseconds(500)  # the run takes about three seconds
+    async with grpc.aio.insecure_channel(slow_stack.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        for _ in range(3):
+            started = time.monotonic()
+            answer = (await stub.Submit(asked, metadata=ALICE, timeout=30)).request
+            waited = time.monotonic() - started
+            assert waited < 2.0 and answer.state != COMPLETED
+            if waited >= 0.45:  # it started at once and was waited for
+                break
+        else:
+            pytest.fail("no request started at once")
+    async with grpc.aio.insecure_channel(slow_stack.notifier_address) as channel:
+        final = await notifier_pb2_grpc.NotifierServiceStub(channel).AwaitResult(
+            notifier_pb2.AwaitResultRequest(id=answer.id), metadata=ALICE, timeout=30
+        )
+    assert final.update.request.state == COMPLETED

@@ -12,6 +12,7 @@ from typing import cast
 import grpc
 import pytest
 
+from usher.ids import REQUEST_ID_METADATA
 from usher.testing.stack import LocalStack, StackConfig, quick_fleet
 from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -93,6 +94,44 @@ async def test_a_request_travels_the_whole_path(clients: tuple) -> None:  # type
     assert final.request.result.served_by_instance.startswith("ollama-")
     event_ids = [u.event_id for u in updates if u.event_id]
     assert len(event_ids) == len(set(event_ids))
+
+
+async def test_a_submit_that_awaits_its_result_answers_with_its_end(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    ended = 0
+    for n in range(6):  # a steady caller: its requests start at once on slots kept for it
+        asked = generate(f"await {n}")
+        asked.result_only = True
+        asked.await_result.FromSeconds(20)
+        call = scheduler.Submit(asked, metadata=auth("alice"), timeout=30)
+        answer = (await call).request
+        if answer.state != request_pb2.REQUEST_STATE_COMPLETED:
+            continue  # queued first: its end is the Notifier's to tell
+        ended += 1
+        sent = await call.initial_metadata()
+        assert sent is not None and sent.get(REQUEST_ID_METADATA) == answer.id
+        # The answer is the request as the store now holds it, result and times included.
+        stored = await scheduler.Get(scheduler_pb2.GetRequest(id=answer.id), metadata=auth("alice"))
+        assert answer == stored.request and answer.result.text
+        final = await notifier.AwaitResult(
+            K.AwaitResultRequest(id=answer.id), metadata=auth("alice"), timeout=10
+        )
+        assert final.update.request == answer
+    assert ended, "no request started at once"
+
+
+async def test_a_submit_with_no_time_to_wait_answers_at_once(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    asked = generate("no time")
+    asked.result_only = True
+    asked.await_result.FromSeconds(20)
+    # Less time than the answer's margin: nothing is waited for, the request still runs.
+    answer = (await scheduler.Submit(asked, metadata=auth("alice"), timeout=0.2)).request
+    assert answer.state != request_pb2.REQUEST_STATE_COMPLETED
+    final = await notifier.AwaitResult(
+        K.AwaitResultRequest(id=answer.id), metadata=auth("alice"), timeout=10
+    )
+    assert final.update.request.state == request_pb2.REQUEST_STATE_COMPLETED
 
 
 async def test_a_dropped_watch_resumes_without_gaps_or_repeats(clients: tuple) -> None:  # type: ignore[type-arg]

@@ -260,6 +260,36 @@ async def test_a_client_that_leaves_mid_answer_cancels_its_request(
     assert "usher_gateway_disconnects_total" in metrics
 
 
+async def test_a_client_that_leaves_while_its_answer_is_awaited_cancels_it(
+    http: httpx.AsyncClient, services: Services
+) -> None:
+    """An answer sent whole of a request started at once is awaited in the Scheduler's
+    Submit (``await_result``): a client leaving meanwhile still cancels it."""
+    listed = await services.scheduler.List(
+        scheduler_pb2.ListRequest(model=GEMMA, page_size=100), metadata=auth("carol"), timeout=5
+    )
+    seen = {request.id for request in listed.requests}
+    for _ in range(3):  # one that started at once is what this is about
+        call = asyncio.create_task(
+            http.post(
+                "/api/generate",
+                json={"model": GEMMA, "prompt": "a long story", "stream": False},
+                headers={"Authorization": "Bearer carol-token"},
+            )
+        )
+        request_id = await newest(services, "carol", GEMMA, seen)
+        seen.add(request_id)
+        running = await services.wait_state(request_id, S.REQUEST_STATE_RUNNING)
+        call.cancel()  # the client hangs up while the Submit waits for the end
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        ended = await services.wait_state(request_id, S.REQUEST_STATE_CANCELLED, timeout=10)
+        assert ended.state == S.REQUEST_STATE_CANCELLED, ended
+        assert "disconnected" in ended.error
+        if running.attempts == 1 and running.state == S.REQUEST_STATE_RUNNING:
+            return
+
+
 # Only the trio: in one process the Notifier cannot restart apart from the gateway.
 @pytest.mark.parametrize("stack", ["trio"], indirect=True)
 async def test_a_stream_survives_a_notifier_restart(

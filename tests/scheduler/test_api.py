@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -151,6 +152,22 @@ BAD_INPUTS = [
             model="llama3.2",
             generate=request_pb2.GenerateInput(prompt="x"),
             idempotency_key="has space",
+        ),
+    ),
+    (
+        "await_result",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            generate=request_pb2.GenerateInput(prompt="x"),
+            await_result=duration_pb2.Duration(seconds=601),
+        ),
+    ),
+    (
+        "await_result",
+        scheduler_pb2.SubmitRequest(
+            model="llama3.2",
+            generate=request_pb2.GenerateInput(prompt="x"),
+            await_result=duration_pb2.Duration(seconds=-1),
         ),
     ),
     (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf import timestamp_pb2
 
@@ -174,6 +174,23 @@ class StoredRequest:
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def ended(
+        self, state: int, finished_ms: int, error: str = "", result: bytes = b"", usage: bytes = b""
+    ) -> StoredRequest:
+        """The request as its completion (services/scheduler/lua/complete.lua) leaves it:
+        ended in ``state``, with its result and usage (decrypted) where it has them."""
+        return replace(
+            self,
+            state=state,
+            finished_ms=finished_ms,
+            error=error,
+            result=result or self.result,
+            usage=usage or self.usage,
+            lease_token="",
+            position=0,
+            queue_length=0,
+        )
 
     @classmethod
     def from_hash(

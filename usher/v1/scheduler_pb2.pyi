@@ -64,6 +64,7 @@ class SubmitRequest(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
     RESULT_ONLY_FIELD_NUMBER: _builtins.int
+    AWAIT_RESULT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Ollama-style, e.g. "llama3.2" or "qwen2.5:0.5b"."""
     priority: _request_pb2.Priority.ValueType
@@ -105,6 +106,17 @@ class SubmitRequest(_message.Message):
         DEADLINE_EXCEEDED as its cause. Unset = the instance's or the Pool's default.
         """
 
+    @_builtins.property
+    def await_result(self) -> _duration_pb2.Duration:
+        """Wait up to this long for the request's end and answer with it (state COMPLETED and
+        `result`), when the replica that takes the call starts it at once: the caller is spared
+        the Notifier's AwaitResult. Never longer than the call's deadline allows. Any other
+        request (queued, run by another replica, retried, or longer than this) is answered as
+        without it, and its caller waits for its end on the Notifier. A call that waits sends the
+        request's id first, as the initial metadata `x-usher-request-id`, so a caller whose call
+        breaks still knows which request to wait for. Unset or zero: answer at once.
+        """
+
     def __init__(
         self,
         *,
@@ -122,10 +134,11 @@ class SubmitRequest(_message.Message):
         traceparent: _builtins.str = ...,
         request_timeout: _duration_pb2.Duration | None = ...,
         result_only: _builtins.bool = ...,
+        await_result: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["await_result", b"await_result", "chat", b"chat", "deadline", b"deadline", "embed", b"embed", "generate", b"generate", "input", b"input", "options", b"options", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "deadline", b"deadline", "embed", b"embed", "fallback_policy", b"fallback_policy", "generate", b"generate", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "model", b"model", "options", b"options", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout", "result_only", b"result_only", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["await_result", b"await_result", "chat", b"chat", "deadline", b"deadline", "embed", b"embed", "fallback_policy", b"fallback_policy", "generate", b"generate", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "model", b"model", "options", b"options", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_timeout", b"request_timeout", "result_only", b"result_only", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
