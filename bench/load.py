@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 import httpx
 import psutil  # type: ignore[import-untyped]
@@ -35,6 +36,7 @@ __all__ = [
     "http_chat",
     "http_client",
     "http_generate",
+    "post_ok",
     "rss_mb",
     "stack_pids",
 ]
@@ -190,6 +192,7 @@ class Trio:
         ]
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._channels[0])
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(self._channels[1])
+        self._await_result = True
 
     async def __call__(self, worker: int, n: int) -> bool:
         user = USERS[worker % len(USERS)]
@@ -206,25 +209,41 @@ class Trio:
             )
             if submitted.request.state == request_pb2.REQUEST_STATE_COMPLETED:
                 return True
-            # As the SDK's submit_and_wait asks: the model as Submit answered it and the
-            # final update alone, in one call.
-            final = await self.notifier.AwaitResult(
-                notifier_pb2.AwaitResultRequest(
-                    id=submitted.request.id, model=submitted.request.model
-                ),
+            if self._await_result:
+                # As the SDK's submit_and_wait asks: the model as Submit answered it and
+                # the final update alone, in one call.
+                final = await self.notifier.AwaitResult(
+                    notifier_pb2.AwaitResultRequest(
+                        id=submitted.request.id, model=submitted.request.model
+                    ),
+                    metadata=auth(user),
+                    timeout=60,
+                )
+                return final.update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            self._await_result = False
+        # A Notifier older than AwaitResult (the anchor's): watch until the end, as its
+        # SDK did.
+        try:
+            async for update in self.notifier.Watch(
+                notifier_pb2.WatchRequest(id=submitted.request.id, final_only=True),
                 metadata=auth(user),
                 timeout=60,
-            )
+            ):
+                if update.kind in TERMINAL:
+                    return update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
         except grpc.aio.AioRpcError:
             return False
-        return final.update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
+        return False
 
     async def aclose(self) -> None:
         for channel in self._channels:
             await channel.close()
 
 
-def http_generate(client: httpx.AsyncClient, url: str, with_token: bool) -> Call:
+def http_generate(client: aiohttp.ClientSession, url: str, with_token: bool) -> Call:
     """Ollama's ``POST /api/generate`` (stream false) at ``url``: the model server itself, or
     the gateway (then as one of the demo tenants, by worker)."""
 
@@ -233,22 +252,34 @@ def http_generate(client: httpx.AsyncClient, url: str, with_token: bool) -> Call
             {"Authorization": f"Bearer {USERS[worker % len(USERS)]}-token"} if with_token else {}
         )
         body = {"model": MODEL, "prompt": prompt(worker, n), "stream": False}
-        try:
-            reply = await client.post(f"{url}/api/generate", json=body, headers=headers)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
+        return await post_ok(client, f"{url}/api/generate", body, headers)
 
     return call
 
 
-def http_client(concurrency: int) -> httpx.AsyncClient:
-    """One keep-alive connection per worker."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    return httpx.AsyncClient(timeout=60, limits=limits)
+def http_client(concurrency: int) -> aiohttp.ClientSession:
+    """One keep-alive connection per worker. aiohttp, as the peers were first measured
+    with: it costs the load generator about half of httpx's CPU per call, and every process
+    here shares the same two cores."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        timeout=aiohttp.ClientTimeout(total=60),
+    )
 
 
-def http_chat(client: httpx.AsyncClient, url: str, with_token: bool, api_key: str = "") -> Call:
+async def post_ok(
+    client: aiohttp.ClientSession, url: str, body: Any, headers: Mapping[str, str]
+) -> bool:
+    """POST ``body`` as JSON, the answer read whole: whether it was a 200."""
+    try:
+        async with client.post(url, json=body, headers=headers) as reply:
+            await reply.read()
+            return reply.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def http_chat(client: aiohttp.ClientSession, url: str, with_token: bool, api_key: str = "") -> Call:
     """OpenAI's ``POST /v1/chat/completions`` (stream false) at ``url``: a gateway or a peer
     (LiteLLM, ollama-herd), as one of the demo tenants by worker when ``with_token``, else
     with ``api_key`` if given."""
@@ -258,11 +289,7 @@ def http_chat(client: httpx.AsyncClient, url: str, with_token: bool, api_key: st
         key = f"{user}-token" if with_token else api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         body = {"model": MODEL, "messages": [{"role": "user", "content": prompt(worker, n)}]}
-        try:
-            reply = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
+        return await post_ok(client, f"{url}/v1/chat/completions", body, headers)
 
     return call
 

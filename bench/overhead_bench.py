@@ -10,6 +10,11 @@ process). Ways in, interleaved at concurrency 1 and 32:
   → emulator, the answer back through the Notifier);
 * **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process);
 * **serve_openai**: OpenAI's ``POST /v1/chat/completions`` to ``usher serve``'s gateway;
+* **anchor_trio**, **anchor_gateway**: the trio and gateway paths through the services as
+  they were before issue 17 (``USHER_BENCH_ANCHOR``, a commit: ``2e6197e`` unless set; empty
+  leaves them out), run from a throwaway git worktree of that commit beside this tree's
+  stacks and driven by the same load generator, so the ratios issue 17 names come from one
+  run;
 * **litellm**, **herd**: the same OpenAI call through the peers (``bench/peers.py``: LiteLLM's
   proxy with one worker, ollama-herd's router and node agent), each at a pinned version in
   its own venv; a peer that cannot be installed or started is reported with the reason.
@@ -21,7 +26,13 @@ machine's cores, so throughput is bounded by the CPU each request costs in all o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -41,13 +52,19 @@ from bench.load import (
 from bench.stats import goal
 from usher.testing.stack import LocalStack, StackConfig
 
-PATHS = ("direct", "trio", "gateway", "serve", "serve_openai")
+PATHS = ("direct", "anchor_trio", "trio", "anchor_gateway", "gateway", "serve", "serve_openai")
+#: Issue 17's anchor: main before its work (USHER_BENCH_ANCHOR; empty: none).
+ANCHOR = os.environ.get("USHER_BENCH_ANCHOR", "2e6197e")
+#: Issue 17: the trio (gRPC and through its gateway) at 1.5 times the anchor's c=32 throughput.
+GOAL_OVER_ANCHOR = 1.5
 CONCURRENCY = (1, 32)
 #: Seconds of measurement per (path, concurrency): the direct path is steady sooner.
 SECONDS = {
     1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0, "serve": 5.0, "serve_openai": 5.0},
     32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0, "serve": 8.0, "serve_openai": 8.0},
 }
+for _seconds in SECONDS.values():
+    _seconds["anchor_trio"], _seconds["anchor_gateway"] = _seconds["trio"], _seconds["gateway"]
 GOAL_REQUESTS_PER_SECOND = 1000.0
 GOAL_ADDED_P50_MS = 3.0
 #: Issue 17: usher serve adds no more than ollama-herd (~2 ms at c=1) and spends ≤ 3 ms of
@@ -101,23 +118,41 @@ async def measure() -> tuple[
     Usher at the highest concurrency."""
     loads: dict[int, dict[str, Load]] = {c: {} for c in CONCURRENCY}
     redis_work: dict[str, dict[str, float]] = {}
-    with LocalStack(stack_config()) as stack, LocalStack(stack_config(True)) as serve:
-        counters = {s: redis.Redis.from_url(s.redis_url) for s in (stack, serve)}
-        pids = {stack: stack_pids(stack), serve: stack_pids(serve)}
-        trio = Trio(stack)
+    unavailable: dict[str, str] = {}
+    with contextlib.ExitStack() as running:
+        stack = running.enter_context(LocalStack(stack_config()))
+        serve = running.enter_context(LocalStack(stack_config(True)))
+        anchor = None
+        try:
+            if not ANCHOR:
+                raise OSError("USHER_BENCH_ANCHOR is empty")
+            tree = running.enter_context(worktree(ANCHOR))
+            anchor = running.enter_context(LocalStack(replace(stack_config(), source_dir=tree)))
+        except (OSError, RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
+            unavailable["anchor"] = str(exc)
+        stacks = [s for s in (stack, serve, anchor) if s is not None]
+        counters = {s: redis.Redis.from_url(s.redis_url) for s in stacks}
+        pids = {s: stack_pids(s) for s in stacks}
+        trios = {s: Trio(s) for s in (stack, anchor) if s is not None}
         async with http_client(max(CONCURRENCY)) as http:
             calls: dict[str, tuple[LocalStack, Call]] = {
                 "direct": (stack, http_generate(http, stack.model_urls[0], with_token=False)),
-                "trio": (stack, trio),
+                "trio": (stack, trios[stack]),
                 "gateway": (stack, http_generate(http, stack.gateway_url, with_token=True)),
                 "serve": (serve, http_generate(http, serve.gateway_url, with_token=True)),
                 "serve_openai": (serve, http_chat(http, serve.gateway_url, with_token=True)),
             }
+            if anchor is not None:
+                calls["anchor_trio"] = (anchor, trios[anchor])
+                calls["anchor_gateway"] = (
+                    anchor,
+                    http_generate(http, anchor.gateway_url, with_token=True),
+                )
             # Warm up: connections, script caches, the model load, the averages.
             for _, call in calls.values():
                 await closed_loop(call, 8, 1.5)
             for concurrency in CONCURRENCY:
-                for path in PATHS:
+                for path in [p for p in PATHS if p in calls]:
                     owner, call = calls[path]
                     before = _redis_calls(counters[owner])
                     loads[concurrency][path] = await closed_loop(
@@ -129,11 +164,35 @@ async def measure() -> tuple[
                             _redis_calls(counters[owner]),
                             len(loads[concurrency][path].latencies),
                         )
-        await trio.aclose()
+        for trio in trios.values():
+            await trio.aclose()
         for counter in counters.values():
             counter.close()
-        unavailable = await measure_peers(stack.model_urls[0], loads)
+        unavailable.update(await measure_peers(stack.model_urls[0], loads))
     return loads, redis_work, unavailable
+
+
+@contextlib.contextmanager
+def worktree(commit: str) -> Iterator[str]:
+    """A throwaway git worktree of this repository at ``commit`` (removed afterwards)."""
+    root = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    path = tempfile.mkdtemp(prefix="usher-anchor-")
+    made = subprocess.run(
+        ["git", "-C", root, "worktree", "add", "--detach", path, commit],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        raise OSError(f"no worktree of {commit}: {made.stderr.strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path], check=False)
 
 
 async def measure_peers(upstream: str, loads: dict[int, dict[str, Load]]) -> dict[str, str]:
@@ -213,6 +272,15 @@ def summarize(
             _usher_cpu_ms(summary[top]["gateway"]), GOAL_TRIO_CPU_MS, at_most=True
         ),
     }
+    for path in ("trio", "gateway"):
+        if f"anchor_{path}" in summary[top]:
+            summary[f"{path}_over_anchor_rps_{top}"] = (
+                summary[top][path]["requests_per_second"]
+                / summary[top][f"anchor_{path}"]["requests_per_second"]
+            )
+            summary["goals"][f"{path}_over_anchor_rps_{top}"] = goal(
+                summary[f"{path}_over_anchor_rps_{top}"], GOAL_OVER_ANCHOR, at_most=False
+            )
     if "herd" in summary[top] and "herd" in summary[one]:
         # Issue 17: all in one, added p50 at c=1 no more than herd's, c=32 throughput as high.
         summary["goals"][f"serve_added_p50_ms_{one}_vs_herd"] = goal(
@@ -228,7 +296,7 @@ def summarize(
     summary["note"] = (
         "closed loop, emulator in zero-delay mode (8 tokens); cpu_ms_per_request counts every "
         "process of the stack and this client, all on the same cores; at c=32 the direct path "
-        "is bounded by this client's own CPU (httpx), so added tail latency can come out "
+        "is bounded by this client's own CPU (aiohttp), so added tail latency can come out "
         "negative there"
     )
     return summary

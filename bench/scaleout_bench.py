@@ -14,13 +14,14 @@ import time
 from dataclasses import replace
 from typing import Any, cast
 
+import aiohttp
 import grpc
 import httpx
 import redis
 
 from bench import plots
 from bench.chaos import chaos_config, run_chaos
-from bench.load import MODEL, USERS, Call, closed_loop, http_client, prompt
+from bench.load import MODEL, USERS, Call, closed_loop, http_client, post_ok, prompt
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import request_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -50,7 +51,7 @@ def stack_config(replicas: int) -> StackConfig:
     )
 
 
-def over_gateways(client: httpx.AsyncClient, urls: list[str]) -> Call:
+def over_gateways(client: aiohttp.ClientSession, urls: list[str]) -> Call:
     """Ollama's generate through the gateways, each worker sticking to one (as a client
     behind a load balancer would)."""
 
@@ -58,11 +59,7 @@ def over_gateways(client: httpx.AsyncClient, urls: list[str]) -> Call:
         url = urls[worker % len(urls)]
         headers = {"Authorization": f"Bearer {USERS[worker % len(USERS)]}-token"}
         body = {"model": MODEL, "prompt": prompt(worker, n), "stream": False}
-        try:
-            reply = await client.post(f"{url}/api/generate", json=body, headers=headers)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
+        return await post_ok(client, f"{url}/api/generate", body, headers)
 
     return call
 

@@ -95,12 +95,15 @@ class ServiceProcess:
         env: Mapping[str, str],
         args: Sequence[str] = (),
         log_path: str | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.module = module
         self.port = port
         self.env = {**os.environ, **env}
         self.args = list(args)
         self.log_path = log_path
+        #: Where it starts: ``python -m`` imports ``module`` from there first.
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = READY_SECONDS) -> ServiceProcess:
@@ -114,6 +117,7 @@ class ServiceProcess:
             env=self.env,
             stdout=out,
             stderr=out,
+            cwd=self.cwd,
         )
         return self
 

@@ -91,6 +91,9 @@ class StackConfig:
     all_in_one: bool = False
     #: Settings the gateway gets besides the common ones (in either shape).
     gateway_env: Mapping[str, str] = field(default_factory=dict)
+    #: A tree of Usher's source the services run from (another version, for a benchmark's
+    #: anchor); None: this one. The model servers and Redis are this tree's either way.
+    source_dir: str | None = None
 
 
 class LocalStack:
@@ -263,6 +266,7 @@ class LocalStack:
                 **self.config.pool_env,
             },
             log_path=self._log(name),
+            cwd=self.config.source_dir,
         ).start()
         if running is not None:
             self.pools[index] = process
@@ -288,6 +292,7 @@ class LocalStack:
                 **self.config.scheduler_env,
             },
             log_path=self._log(f"scheduler-{index}"),
+            cwd=self.config.source_dir,
         ).launch()
         if index < len(self.schedulers):
             self.schedulers[index] = process
@@ -312,6 +317,7 @@ class LocalStack:
                 **self.config.notifier_env,
             },
             log_path=self._log(f"notifier-{index}"),
+            cwd=self.config.source_dir,
         ).launch()
         if index < len(self.notifiers):
             self.notifiers[index] = process
@@ -345,6 +351,7 @@ class LocalStack:
                 **(env or {}),
             },
             log_path=self._log(name),
+            cwd=self.config.source_dir,
         ).launch()
         if running is not None:
             self.gateways[index] = process
@@ -379,7 +386,11 @@ class LocalStack:
             for name in ports:
                 self.metrics_urls[name] = self.metrics_urls["serve"]
         self.serve = ServiceProcess(
-            "clients.serve", gateway_port, env, log_path=self._log("serve")
+            "clients.serve",
+            gateway_port,
+            env,
+            log_path=self._log("serve"),
+            cwd=self.config.source_dir,
         ).start()
         self.pools = [self._same_process(ports["pool"])]
         self.schedulers = [self._same_process(ports["scheduler-0"])]
