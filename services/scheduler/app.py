@@ -100,7 +100,6 @@ class SchedulerApp:
         if self.dispatcher is not None:
             public.on_queued = self.dispatcher.notify_submitted
             public.expect = self.dispatcher.expect
-            public.ends = self.dispatcher
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 

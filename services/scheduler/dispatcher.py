@@ -141,20 +141,31 @@ class Expected:
     enqueue goes through ``enqueue``, and ``end`` (when it ends otherwise; a no-op after
     the enqueue) says no request comes of it."""
 
-    __slots__ = ("_dispatcher", "_open", "model")
+    __slots__ = ("_dispatcher", "_open", "await_end", "ended", "model")
 
     def __init__(self, dispatcher: Dispatcher, model: str) -> None:
         self._dispatcher = dispatcher
         self.model = model
         self._open = True
+        #: The Submit waits for the end of its request should it start here at once...
+        self.await_end = False
+        #: ...and then this tells it: the request as it ended, or None when it ended
+        #: otherwise here (failed, cancelled, given back, its lease lost).
+        self.ended: asyncio.Future[StoredRequest | None] | None = None
 
     async def enqueue(
-        self, request: NewRequest, admission: ScriptCall | None = None
+        self, request: NewRequest, admission: ScriptCall | None = None, await_end: bool = False
     ) -> SubmitOutcome:
         """Queue ``request`` (``QueueStore.submit``, ``admission`` riding along): a loop
         already holding a slot of its model claims beside the enqueue, in the same round
-        trip."""
+        trip. With ``await_end``, ``ended`` is set when that claim took this request."""
+        self.await_end = await_end
         return await self._dispatcher.enqueue(self, request, admission)
+
+    def forget_end(self, request_id: str) -> None:
+        """The end of the request is not waited for (any more)."""
+        if self.ended is not None:
+            self._dispatcher.forget_end(request_id)
 
     def end(self, parked: _Parked | None = None) -> bool:
         """The expectation is over (``parked``: the loop its claim went to); False when it
@@ -358,22 +369,23 @@ class Dispatcher:
             self._anticipation.arrived(model, flow, outcome.request_id)
             self._count_work(model, False, +1)
         claimed = outcome.claimed
+        mine = isinstance(claimed, Lease) and claimed.request.id == outcome.request_id
+        if mine and expected.await_end:
+            # Before its loop has the lease: it cannot end unseen.
+            expected.ended = self._await_end(outcome.request_id)
         if parked is not None:
             if claimed is not _CLAIM:
                 self._count_work(model, False, None if claimed is None else -1)
             _hand(parked, claimed)
         expected.end(parked)
-        mine = isinstance(claimed, Lease) and claimed.request.id == outcome.request_id
         if outcome.status == "queued" and not mine:
             # Still queued (the claim beside it, if any, took an earlier one): a loop goes
             # for it, as for any request queued here.
             self._wake_for(model, False)
 
-    def await_end(self, request_id: str) -> asyncio.Future[StoredRequest | None]:
-        """The end of ``request_id`` should a loop of this replica run it (a Submit that
-        waits for its result): the request as its completion left it, or None when it ends
-        otherwise here (failed, cancelled, given back, its lease lost), for the caller to
-        read its end from the Notifier. ``forget_end`` once it is not waited for."""
+    def _await_end(self, request_id: str) -> asyncio.Future[StoredRequest | None]:
+        """The end of ``request_id``, which a loop of this replica runs, for a Submit that
+        waits for it (``Expected.ended``); ``forget_end`` once it is not waited for."""
         waiter = asyncio.get_running_loop().create_future()
         self._awaited[request_id] = waiter
         return waiter

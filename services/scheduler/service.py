@@ -21,7 +21,6 @@ from services.scheduler.reaper import settle_ended
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import (
     TENANT_LISTING_MAX,
-    Lease,
     NewRequest,
     QueueStore,
     SubmitOutcome,
@@ -66,16 +65,6 @@ _SUBMIT_RESULTS = {
 }
 
 
-def _started_here(outcome: SubmitOutcome) -> bool:
-    """Whether a loop of this replica claimed the submitted request beside its enqueue."""
-    claimed = outcome.claimed
-    return (
-        outcome.status == "queued"
-        and isinstance(claimed, Lease)
-        and claimed.request.id == outcome.request_id
-    )
-
-
 def _check_id(request_id: str) -> None:
     if not is_request_id(request_id):
         raise InvalidArgument([FieldViolation("id", f"{request_id[:40]!r} is not a request id")])
@@ -99,22 +88,19 @@ def _page_offset(token: str) -> int:
 
 class Expected(Protocol):
     """A Submit this replica's dispatcher was told of before its admission (it reserves a
-    slot beside it): the enqueue goes through it, and ``end`` closes it however it ends."""
+    slot beside it): the enqueue goes through it, and ``end`` closes it however it ends.
+    With ``await_end``, a request its enqueue's claim started here has its end told by
+    ``ended`` (the request as it ended; None: it ended otherwise, the Notifier tells)."""
+
+    ended: asyncio.Future[StoredRequest | None] | None
 
     async def enqueue(
-        self, request: NewRequest, admission: ScriptCall | None = None
+        self, request: NewRequest, admission: ScriptCall | None = None, await_end: bool = False
     ) -> SubmitOutcome: ...
 
-    def end(self) -> bool: ...
-
-
-class Ends(Protocol):
-    """Where a Submit that waits for its result (``await_result``) waits for the end of a
-    request this replica started at once: its dispatcher."""
-
-    def await_end(self, request_id: str) -> asyncio.Future[StoredRequest | None]: ...
-
     def forget_end(self, request_id: str) -> None: ...
+
+    def end(self) -> bool: ...
 
 
 class _Handlers:
@@ -138,8 +124,6 @@ class _Handlers:
         #: dispatcher reserves a slot meanwhile, and claims beside the enqueue); its queued
         #: request is then told through the returned Expected, not ``on_queued``.
         self.expect: Callable[[str], Awaitable[Expected]] | None = None
-        #: Where a Submit with ``await_result`` waits for a request run here at once.
-        self.ends: Ends | None = None
 
     async def _model_fallback(self, model: str) -> int:
         """The model's default fallback policy (UpdateQueueConfig), 0 when it sets none."""
@@ -179,16 +163,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         await self._refresh(request.model, caller)
         request.model = await self._served_name(request.model)
         expected = await self.expect(request.model) if self.expect is not None else None
-        awaits = (
-            request.await_result.ToMilliseconds() / 1000 if request.HasField("await_result") else 0
-        )
-        ends = self.ends if awaits > 0 and expected is not None else None
-        ended: asyncio.Future[StoredRequest | None] | None = None
+        awaits = request.await_result.ToMilliseconds() / 1000
         try:
             tenant_limits = await self.quotas.limits_for(caller.organization, caller.user)
             new = await self._new_request(request, caller, tenant_limits, now)
-            # Waited for before the enqueue: a loop may run it the moment it is written.
-            ended = ends.await_end(new.id) if ends is not None else None
             # The admission rides the enqueue's round trip where it can (one fewer per
             # Submit); else it goes first.
             checked = None
@@ -201,37 +179,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
                 traceparent = tracing.current_traceparent() or request.traceparent
                 new = replace(new, traceparent=traceparent)
                 if expected is not None:
-                    outcome = await expected.enqueue(new, checked)
+                    outcome = await expected.enqueue(new, checked, await_end=awaits > 0)
                 else:
                     outcome = await self.store.submit(new, admission=checked)
-        except BaseException:
-            if ends is not None and ended is not None:
-                ends.forget_end(new.id)
-            raise
         finally:
             if expected is not None:
                 expected.end()
-        try:
-            if outcome.status == "refused":
-                self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
-                # Admitted, yet refused by a marker an earlier attempt of this Submit left
-                # (its pipeline sent again): nothing was queued, so nothing stays charged.
-                await self._refund([new], tenant_limits)
-                raise Unavailable(f"request {new.id} was not queued; retry")
-            answer = await self._answer(
-                request, new, outcome, caller, tenant_limits, told=expected is not None
-            )
-            if ended is not None and _started_here(outcome):
-                return await self._with_end(answer, ended, awaits, context)
-            return answer
-        finally:
-            if ends is not None:
-                ends.forget_end(new.id)
+        if outcome.status == "refused":
+            self._check_admitted(new, tenant_limits, Quotas.verdict(outcome.admission))
+            # Admitted, yet refused by a marker an earlier attempt of this Submit left (its
+            # pipeline sent again): nothing was queued, so nothing stays charged.
+            await self._refund([new], tenant_limits)
+            raise Unavailable(f"request {new.id} was not queued; retry")
+        answer = await self._answer(
+            request, new, outcome, caller, tenant_limits, told=expected is not None
+        )
+        if expected is not None and expected.ended is not None:
+            return await self._with_end(answer, expected, awaits, context)
+        return answer
 
     async def _with_end(
         self,
         answer: scheduler_pb2.SubmitResponse,
-        ended: asyncio.Future[StoredRequest | None],
+        expected: Expected,
         longest: float,
         context: Context,
     ) -> scheduler_pb2.SubmitResponse:
@@ -239,17 +209,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         seconds and the call's deadline (less a margin for the answer's way back); as it is
         otherwise. The id goes first, as initial metadata: a caller whose call breaks still
         knows what to wait for."""
-        remaining = context.time_remaining()
-        if remaining is not None:
-            longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
-        if longest <= 0:
-            return answer
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, answer.request.id),))
+        request_id = answer.request.id
         try:
+            remaining = context.time_remaining()
+            if remaining is not None:
+                longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
+            if longest <= 0 or expected.ended is None:
+                return answer
+            await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
             async with asyncio.timeout(longest):
-                stored = await ended
+                stored = await expected.ended
         except TimeoutError:
             return answer
+        finally:
+            expected.forget_end(request_id)
         if stored is None:  # it ended otherwise, or runs again: the Notifier tells its end
             return answer
         return scheduler_pb2.SubmitResponse(request=records.to_proto(stored))

@@ -393,3 +393,26 @@ async def test_a_request_left_queued_by_the_claim_beside_it_wakes_a_loop(
     assert lease is not None and lease.request.id == earlier.request_id  # the fair head
     await asyncio.wait_for(idle, 1)  # alice's request is still queued: a loop wakes for it
     assert outcome.status == "queued"
+
+
+async def test_a_submit_awaits_the_end_only_of_a_request_its_claim_started(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    loops = await dispatcher(store, redis_client)
+    alone = await loops.expect(MODEL)
+    # No loop holds a slot: the request is queued, so there is no end here to wait for.
+    queued = await alone.enqueue(new_request(), await_end=True)
+    assert queued.claimed is False and alone.ended is None
+    taken = await store.claim(MODEL, "elsewhere")
+    assert taken is not None and taken.request.id == queued.request_id
+    # A loop holding a slot and an empty queue: the claim beside the enqueue takes the
+    # Submit's own request, whose end it may then wait for.
+    fresh = await dispatcher(store, redis_client)
+    own = await fresh.expect(MODEL)
+    claim = await parked(fresh)
+    outcome = await own.enqueue(new_request(), await_end=True)
+    lease = await claim
+    assert lease is not None and lease.request.id == outcome.request_id
+    assert own.ended is not None and not own.ended.done()
+    own.forget_end(outcome.request_id)
+    assert not fresh._awaited
