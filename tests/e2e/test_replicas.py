@@ -7,6 +7,7 @@ Then one replica of each kind is killed in turn under load, and nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -66,14 +67,17 @@ async def test_every_replica_of_each_kind_serves_a_fair_part(stack: LocalStack) 
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
         url = stack.gateway_urls[i % len(stack.gateway_urls)]  # clients spread over gateways
+        # Half the answers streamed: those are always watched on a Notifier (an answer sent
+        # whole often comes with the Submit, the Notifier never asked).
+        stream = i % 4 >= 2
         async with limit:
             reply = await client.post(
                 f"{url}/api/generate",
-                json={"model": "llama3.2:1b", "prompt": f"share {i}", "stream": False},
+                json={"model": "llama3.2:1b", "prompt": f"share {i}", "stream": stream},
                 headers=AUTH,
             )
         assert reply.status_code == 200, reply.text
-        assert reply.json()["done"] is True
+        assert json.loads(reply.text.splitlines()[-1])["done"] is True
         served[url] += 1
 
     async with httpx.AsyncClient(timeout=60) as client:
@@ -88,7 +92,7 @@ async def test_every_replica_of_each_kind_serves_a_fair_part(stack: LocalStack) 
     for kind, replicas in shares.items():
         assert len(replicas) == 2, kind
         total = sum(replicas.values())
-        assert total >= REQUESTS, (kind, replicas)
+        assert total >= (REQUESTS // 2 if kind == "notifier" else REQUESTS), (kind, replicas)
         for name, calls in replicas.items():
             assert calls >= 0.25 * total, f"{name} served {calls} of {kind}'s {total} calls"
     assert all(count >= 0.25 * REQUESTS for count in served.values())
