@@ -369,7 +369,7 @@ class Dispatcher:
             self._anticipation.arrived(model, flow, outcome.request_id)
             self._count_work(model, False, +1)
         claimed = outcome.claimed
-        mine = isinstance(claimed, Lease) and claimed.request.id == outcome.request_id
+        mine = outcome.started is not None
         if mine and expected.await_end:
             # Before its loop has the lease: it cannot end unseen.
             expected.ended = self._await_end(outcome.request_id)

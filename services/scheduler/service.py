@@ -375,6 +375,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             metrics.REJECTED.labels(request.model, "queue_full").inc()
             raise await self._queue_full(request.model, outcome.queue_length)
         stored = outcome.request or await self.store.inspect(request.model, outcome.request_id)
+        if outcome.started is not None:
+            stored = outcome.started.request  # it runs already
         if stored is None:  # finished and expired between the two calls
             raise NotFound(f"request {outcome.request_id} is gone")
         if outcome.averages is not None:  # the ETA from what the enqueue saw
@@ -382,7 +384,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         else:
             view = await self.view(stored)
         promised = (view.eta.min.ToMilliseconds() + view.eta.max.ToMilliseconds()) // 2
-        if outcome.status == "queued" and promised:
+        if outcome.status == "queued" and stored.state == records.QUEUED and promised:
             # Remember the wait promised now, to measure the estimate's error at dispatch (in
             # the background; one promised no wait goes unmeasured: 0 reads as no promise).
             self.store.remember_promised_wait(stored.model, stored.id, promised)

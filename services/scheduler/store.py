@@ -168,6 +168,15 @@ class SubmitOutcome:
     #: The admission script's reply, when the admission rode the enqueue (``submit``).
     admission: Any = None
 
+    @property
+    def started(self) -> Lease | None:
+        """The lease of the submitted request itself, when the claim beside its enqueue
+        took it: it runs already."""
+        claimed = self.claimed
+        if isinstance(claimed, Lease) and claimed.request.id == self.request_id:
+            return claimed
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:

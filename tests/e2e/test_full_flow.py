@@ -120,6 +120,22 @@ async def test_a_submit_that_awaits_its_result_answers_with_its_end(clients: tup
     assert ended, "no request started at once"
 
 
+async def test_a_request_started_beside_its_enqueue_is_answered_running(clients: tuple) -> None:  # type: ignore[type-arg]
+    scheduler, notifier = clients
+    running = 0
+    for n in range(6):  # a steady caller: its requests start at once on slots kept for it
+        answer = (await scheduler.Submit(generate(f"running {n}"), metadata=auth("alice"))).request
+        await watch_all(notifier, answer.id)
+        if answer.state == request_pb2.REQUEST_STATE_QUEUED:
+            continue
+        running += 1
+        # Not "#1 of 1 in the queue": it runs, and its estimate is the time left.
+        assert answer.state == request_pb2.REQUEST_STATE_RUNNING
+        assert answer.started_at.ToMilliseconds() >= answer.created_at.ToMilliseconds()
+        assert not answer.HasField("position")
+    assert running, "no request started at once"
+
+
 async def test_a_submit_with_no_time_to_wait_answers_at_once(clients: tuple) -> None:  # type: ignore[type-arg]
     scheduler, notifier = clients
     asked = generate("no time")
