@@ -28,6 +28,7 @@ from services.gateway.backend import Backend, bearer
 from services.gateway.bodies import queue_wait_ms
 from services.gateway.errors import GatewayError, error_from_request, rpc_error
 from usher.ids import REQUEST_ID_METADATA
+from usher.queue.records import TERMINAL_STATES
 from usher.v1 import notifier_pb2, request_pb2, scheduler_pb2
 
 __all__ = ["Finished", "FlowEvent", "RequestFlow", "Started", "Text", "continuation"]
@@ -45,14 +46,6 @@ _MAX_RESUMES = 6
 #: the Submit answers (a unary call's answer brings its id), so this bounds how late the
 #: request of a client who left is cancelled.
 AWAIT_RESULT_SECONDS = 2.0
-_ENDED = frozenset(
-    {
-        request_pb2.REQUEST_STATE_COMPLETED,
-        request_pb2.REQUEST_STATE_FAILED,
-        request_pb2.REQUEST_STATE_CANCELLED,
-        request_pb2.REQUEST_STATE_EXPIRED,
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +131,13 @@ class RequestFlow:
             return
         self.request_id = reply.request.id
         self.latest = reply.request
-        self.finished = reply.request.state in _ENDED
+        self.finished = reply.request.state in TERMINAL_STATES
 
     def _cancel_after_submit(self, call: asyncio.Future[scheduler_pb2.SubmitResponse]) -> None:
         if not call.cancelled() and call.exception() is None:
             request = call.result().request
             self.request_id = request.id
-            self.finished = request.state in _ENDED
+            self.finished = request.state in TERMINAL_STATES
             self.cancel_soon("the client disconnected")
 
     def cancel_soon(self, reason: str) -> None:
@@ -285,7 +278,7 @@ async def _sent_id(rpc: Any) -> str:
     """The request id a Submit that waits for the end sent first ("" when none came)."""
     try:
         metadata = await rpc.initial_metadata()
-    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+    except grpc.aio.AioRpcError:
         return ""
     sent = metadata.get(REQUEST_ID_METADATA) if metadata is not None else None
     return sent if isinstance(sent, str) else ""
