@@ -1,13 +1,13 @@
-"""Overhead: what Usher costs on top of the model server. Two stacks side by side, each with
+"""Overhead: what Usher costs on top of the model server. Stacks side by side, each with
 its own Redis and an emulated fleet in zero-delay mode (8 tokens per answer): the trio (each
-service its own process, and the HTTP gateway) and ``usher serve`` (all four in one
-process). Ways in, interleaved at concurrency 1 and 32:
+service its own process, and the HTTP gateway), ``usher serve`` (all four in one process)
+and the anchor's trio. Ways in, interleaved at concurrency 1 and 32:
 
 * **direct**: Ollama's ``POST /api/generate`` (stream false) to the emulator itself;
-* **trio**: gRPC Submit (result only), then AwaitResult on the Notifier (as the SDK's
-  submit_and_wait);
+* **trio**: gRPC Submit (result only, awaiting its result), then AwaitResult on the
+  Notifier unless the Submit answered with the end (as the SDK's submit_and_wait);
 * **gateway**: the same Ollama call to the trio's HTTP gateway (gateway → Scheduler → Pool
-  → emulator, the answer back through the Notifier);
+  → emulator, the answer back with the Submit, or through the Notifier);
 * **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process);
 * **serve_openai**: OpenAI's ``POST /v1/chat/completions`` to ``usher serve``'s gateway;
 * **anchor_trio**, **anchor_gateway**: the trio and gateway paths through the services as
