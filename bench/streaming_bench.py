@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -268,6 +269,15 @@ async def measure(paths: tuple[str, ...] = PATHS) -> tuple[dict[str, Streams], d
     return results, bursts
 
 
+def cores_at_rate(cpu_ms_per_token: dict[str, float], tokens_per_second: float) -> dict[str, float]:
+    """The cores each process needs (CPU seconds per second) to relay ``tokens_per_second``
+    at the CPU per token it was measured at, and their ``total``: beside the machine's
+    cores, whether a path can keep up at all."""
+    cores = {name: ms * tokens_per_second / 1000 for name, ms in cpu_ms_per_token.items()}
+    cores["total"] = sum(cores.values())
+    return cores
+
+
 def ceiling(p99_ms_by_streams: dict[int, float], goal_ms: float = GOAL_P99_MS) -> int:
     """The most streams at once whose p99 token delay is within ``goal_ms`` (0: none), from
     bursts of several sizes (each measured on its own)."""
@@ -290,6 +300,12 @@ async def run() -> dict[str, Any]:
         },
         "streams_within_goal": ceiling(by_streams),
     }
+    # What each path would need at the goal's rate, by process, next to what there is:
+    # the harness's own share (emulators, clients, Redis) shows whether the goal fits here.
+    summary["cores_at_goal_rate"] = {
+        path: cores_at_rate(summary[path]["cpu_ms_per_token"], STREAMS * RATE) for path in PATHS
+    }
+    summary["machine_cores"] = os.cpu_count() or 1
     summary["goals"] = {
         "serve_token_delay_p99_ms": goal(
             summary["serve"]["token_delay_p99_ms"], GOAL_P99_MS, at_most=True
@@ -300,7 +316,9 @@ async def run() -> dict[str, Any]:
         f"{CLIENTS} client processes from {SERVERS} emulated Ollamas (a process each); a "
         "token's delay is a lower bound (the stream's least-delayed token taken as instant); "
         "the direct path is the harness's own ceiling; serve_ceiling: smaller bursts on the "
-        "same serve stack, and the most streams at once within the goal"
+        "same serve stack, and the most streams at once within the goal; cores_at_goal_rate: "
+        "the cores each process would need at the goal's rate, at its measured CPU per token "
+        "(beside machine_cores)"
     )
     saved: list[str] = []
     with plots.figure(

@@ -1,6 +1,6 @@
 """The benchmarks' pure helpers (no services started): percentiles, JSON tidying, Jain's
 index and the non-preemptive floor the fairness scenario prints, the streaming scenario's
-token delays, word counts and ceiling."""
+token delays, word counts, ceiling and cores at a rate."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bench.fairness_bench import first_free_waits, jain
 from bench.stats import goal, percentile, tidy
-from bench.streaming_bench import ceiling, count_words, token_delays
+from bench.streaming_bench import ceiling, cores_at_rate, count_words, token_delays
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -78,3 +78,11 @@ def test_the_ceiling_is_the_most_streams_within_the_goal() -> None:
     # A noisy smaller burst over the goal does not hide a larger one within it.
     assert ceiling({100: 120.0, 200: 80.0}) == 200
     assert ceiling({100: 101.0}) == 0
+
+
+def test_cores_at_a_rate_are_cpu_seconds_per_second_by_process() -> None:
+    # 25,000 tokens/s: 0.088 ms a token is 2.2 cores, 0.039 ms is 0.975.
+    cores = cores_at_rate({"serve": 0.088, "emulators": 0.039}, 25_000)
+    assert math.isclose(cores["serve"], 2.2)
+    assert math.isclose(cores["emulators"], 0.975)
+    assert math.isclose(cores["total"], 3.175)
