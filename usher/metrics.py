@@ -35,6 +35,7 @@ __all__ = [
     "SLOTS_TOTAL",
     "SLOT_HOLDS",
     "SUBMITTED",
+    "SUBMIT_AWAITED",
     "TIME_TO_FIRST_TOKEN",
     "WATCHERS",
     "WATCH_UPDATES",
@@ -106,6 +107,11 @@ REQUESTS = Counter(
 REJECTED = Counter("usher_rejected_total", "Requests refused, by reason.", ["model", "reason"])
 DEDUP_HITS = Counter(
     "usher_dedup_hits_total", "Submits that joined an identical live request.", ["model"]
+)
+SUBMIT_AWAITED = Counter(
+    "usher_submit_awaited_total",
+    "Submits asked to wait for their request's end (await_result), by how the wait went.",
+    ["model", "outcome"],
 )
 QUEUE_DEPTH = Gauge("usher_queue_depth", "Requests waiting in the model's queue.", ["model"])
 QUEUE_RUNNING = Gauge("usher_queue_running", "Requests of the model being run.", ["model"])

@@ -65,6 +65,10 @@ _SUBMIT_RESULTS = {
 }
 
 
+def _awaited(model: str, outcome: str) -> None:
+    metrics.SUBMIT_AWAITED.labels(model, outcome).inc()
+
+
 def _check_id(request_id: str) -> None:
     if not is_request_id(request_id):
         raise InvalidArgument([FieldViolation("id", f"{request_id[:40]!r} is not a request id")])
@@ -196,6 +200,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         )
         if expected is not None and expected.ended is not None:
             return await self._with_end(answer, expected, awaits, context)
+        if awaits > 0:
+            _awaited(request.model, "not_started_here")
         return answer
 
     async def _with_end(
@@ -209,22 +215,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         seconds and the call's deadline (less a margin for the answer's way back); as it is
         otherwise. The id goes first, as initial metadata: a caller whose call breaks still
         knows what to wait for."""
-        request_id = answer.request.id
+        request_id, model = answer.request.id, answer.request.model
         try:
             remaining = context.time_remaining()
             if remaining is not None:
                 longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
             if longest <= 0 or expected.ended is None:
+                _awaited(model, "no_time")
                 return answer
             await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
             async with asyncio.timeout(longest):
                 stored = await expected.ended
         except TimeoutError:
+            _awaited(model, "timed_out")
             return answer
         finally:
             expected.forget_end(request_id)
         if stored is None:  # it ended otherwise, or runs again: the Notifier tells its end
+            _awaited(model, "ended_otherwise")
             return answer
+        _awaited(model, "ended")
         return scheduler_pb2.SubmitResponse(request=records.to_proto(stored))
 
     async def SubmitBatch(

@@ -96,8 +96,15 @@ async def test_a_request_travels_the_whole_path(clients: tuple) -> None:  # type
     assert len(event_ids) == len(set(event_ids))
 
 
-async def test_a_submit_that_awaits_its_result_answers_with_its_end(clients: tuple) -> None:  # type: ignore[type-arg]
+async def test_a_submit_that_awaits_its_result_answers_with_its_end(
+    stack: LocalStack,
+    clients: tuple,  # type: ignore[type-arg]
+) -> None:
+    import httpx
+
     scheduler, notifier = clients
+    async with httpx.AsyncClient() as http:
+        before = (await http.get(stack.metrics_urls["scheduler-0"])).text
     ended = 0
     for n in range(6):  # a steady caller: its requests start at once on slots kept for it
         asked = generate(f"await {n}")
@@ -118,6 +125,14 @@ async def test_a_submit_that_awaits_its_result_answers_with_its_end(clients: tup
         )
         assert final.update.request == answer
     assert ended, "no request started at once"
+    async with httpx.AsyncClient() as http:
+        after = (await http.get(stack.metrics_urls["scheduler-0"])).text
+    counted = {
+        outcome: _sample(after, "usher_submit_awaited_total", outcome=outcome)
+        - _sample(before, "usher_submit_awaited_total", outcome=outcome)
+        for outcome in ("ended", "not_started_here", "ended_otherwise", "timed_out", "no_time")
+    }
+    assert counted["ended"] == ended and sum(counted.values()) == 6, counted
 
 
 async def test_a_request_started_beside_its_enqueue_is_answered_running(clients: tuple) -> None:  # type: ignore[type-arg]
