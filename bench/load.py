@@ -207,28 +207,30 @@ class Trio:
                 metadata=auth(user),
                 timeout=30,
             )
-            if submitted.request.state == request_pb2.REQUEST_STATE_COMPLETED:
-                return True
-            if self._await_result:
+        except grpc.aio.AioRpcError:
+            return False
+        request = submitted.request
+        if request.state == request_pb2.REQUEST_STATE_COMPLETED:
+            return True
+        if self._await_result:
+            try:
                 # As the SDK's submit_and_wait asks: the model as Submit answered it and
                 # the final update alone, in one call.
                 final = await self.notifier.AwaitResult(
-                    notifier_pb2.AwaitResultRequest(
-                        id=submitted.request.id, model=submitted.request.model
-                    ),
+                    notifier_pb2.AwaitResultRequest(id=request.id, model=request.model),
                     metadata=auth(user),
                     timeout=60,
                 )
                 return final.update.kind == notifier_pb2.UPDATE_KIND_COMPLETED
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                return False
-            self._await_result = False
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return False
+                self._await_result = False
         # A Notifier older than AwaitResult (the anchor's): watch until the end, as its
         # SDK did.
         try:
             async for update in self.notifier.Watch(
-                notifier_pb2.WatchRequest(id=submitted.request.id, final_only=True),
+                notifier_pb2.WatchRequest(id=request.id, final_only=True),
                 metadata=auth(user),
                 timeout=60,
             ):

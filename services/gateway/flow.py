@@ -129,15 +129,17 @@ class RequestFlow:
             if not self.request_id:
                 raise rpc_error(exc, self.model) from None
             return
-        self.request_id = reply.request.id
-        self.latest = reply.request
-        self.finished = reply.request.state in TERMINAL_STATES
+        self._accepted(reply.request)
+
+    def _accepted(self, request: request_pb2.LlmRequest) -> None:
+        """The request as Submit answered it (ended already when it waited for the end)."""
+        self.request_id = request.id
+        self.latest = request
+        self.finished = request.state in TERMINAL_STATES
 
     def _cancel_after_submit(self, call: asyncio.Future[scheduler_pb2.SubmitResponse]) -> None:
         if not call.cancelled() and call.exception() is None:
-            request = call.result().request
-            self.request_id = request.id
-            self.finished = request.state in TERMINAL_STATES
+            self._accepted(call.result().request)
             self.cancel_soon("the client disconnected")
 
     def cancel_soon(self, reason: str) -> None:

@@ -811,8 +811,6 @@ class Dispatcher:
         (None when it ended otherwise). With ``kept``, the slot may stay held for the
         next request of its model when more are queued (left in ``kept``); ``reused``:
         ``slot`` is one kept after the loop's last answer, not reserved for this one."""
-        if not self._awaited:
-            return await self._run_request(lease, slot, kept, reused)
         try:
             return await self._run_request(lease, slot, kept, reused)
         finally:

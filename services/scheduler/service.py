@@ -199,7 +199,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             request, new, outcome, caller, tenant_limits, told=expected is not None
         )
         if expected is not None and expected.ended is not None:
-            return await self._with_end(answer, expected, awaits, context)
+            try:
+                return await self._with_end(answer, expected.ended, awaits, context)
+            finally:
+                expected.forget_end(answer.request.id)
         if awaits > 0:
             _awaited(request.model, "not_started_here")
         return answer
@@ -207,30 +210,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
     async def _with_end(
         self,
         answer: scheduler_pb2.SubmitResponse,
-        expected: Expected,
+        ended: asyncio.Future[StoredRequest | None],
         longest: float,
         context: Context,
     ) -> scheduler_pb2.SubmitResponse:
-        """``answer`` with the request as it ended, when it ends here within ``longest``
-        seconds and the call's deadline (less a margin for the answer's way back); as it is
-        otherwise. The id goes first, as initial metadata: a caller whose call breaks still
-        knows what to wait for."""
-        request_id, model = answer.request.id, answer.request.model
+        """``answer`` with the request as it ended (``ended``), when it ends here within
+        ``longest`` seconds and the call's deadline (less a margin for the answer's way
+        back); as it is otherwise. The id goes first, as initial metadata: a caller whose
+        call breaks still knows what to wait for."""
+        model = answer.request.model
+        remaining = context.time_remaining()
+        if remaining is not None:
+            longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
+        if longest <= 0:
+            _awaited(model, "no_time")
+            return answer
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, answer.request.id),))
         try:
-            remaining = context.time_remaining()
-            if remaining is not None:
-                longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
-            if longest <= 0 or expected.ended is None:
-                _awaited(model, "no_time")
-                return answer
-            await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
             async with asyncio.timeout(longest):
-                stored = await expected.ended
+                stored = await ended
         except TimeoutError:
             _awaited(model, "timed_out")
             return answer
-        finally:
-            expected.forget_end(request_id)
         if stored is None:  # it ended otherwise, or runs again: the Notifier tells its end
             _awaited(model, "ended_otherwise")
             return answer
