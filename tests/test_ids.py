@@ -34,6 +34,15 @@ def test_ids_keep_their_time_order_and_differ_within_a_millisecond() -> None:
     assert is_request_id(new_request_id())
 
 
+def test_ids_made_here_from_the_clock_sort_in_the_order_they_were_made() -> None:
+    # Thousands within a few milliseconds: many share one (a listing newest first keeps
+    # their order), whatever their models' tags.
+    made = [new_request_id(model=f"model-{n % 3}") for n in range(5000)]
+    assert made == sorted(made)
+    assert len(set(made)) == len(made)
+    assert all(is_request_id(i) for i in made)
+
+
 def test_models_are_told_apart_by_their_tags() -> None:
     tags = {model_tag(f"model-{n}") for n in range(1000)}
     assert len(tags) > 990  # 20 bits: a shared tag is rare (and a lookup asks each model)

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import re
+import threading
 import time
 
 __all__ = [
@@ -59,11 +60,37 @@ def tag_of(request_id: str) -> str:
     return request_id[-MODEL_TAG_CHARS:]
 
 
+class _Ascending:
+    """The last id's value made from the clock in this process, so the next one is larger:
+    ids made within one millisecond sort in the order they were made (a listing "newest
+    first" keeps it), as ULID's monotonic mode. The step above the tag's bits is random, so
+    an id still does not tell the next one."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def after_last(self, value: int) -> int:
+        with self._lock:
+            if value <= self._last:  # the same millisecond, or the clock stepped back
+                step = 1 + int.from_bytes(os.urandom(4), "big")
+                value = self._last + (step << _TAG_BITS)
+            self._last = value
+            return value
+
+
+_ascending = _Ascending()
+
+
 def new_request_id(now_ms: int | None = None, model: str | None = None) -> str:
     """A new ULID: 48 bits of milliseconds then 80 random bits, of which the last 20 are
-    ``model``'s tag when given (60 random bits stay: unique enough within a millisecond)."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    ``model``'s tag when given (60 random bits stay: unique enough within a millisecond).
+    Made from the clock (no ``now_ms``), each is larger than the last one made here."""
+    random = int.from_bytes(os.urandom(10), "big")
+    if now_ms is None:
+        value = _ascending.after_last((int(time.time() * 1000) << 80) | random)
+    else:
+        value = (now_ms << 80) | random
     if model is not None:
         value = (value >> _TAG_BITS << _TAG_BITS) | _tag_value(model)
     return _base32(value, 26)
