@@ -897,22 +897,29 @@ class Dispatcher:
         pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
             # The result says it all to a caller who reads only that.
+            work = work_or_error
             finished_ms = now_ms()
-            footprint = await self.store.finish(
-                lease,
-                work_or_error,
-                () if submit.result_only else pending,
-                streamed=not submit.result_only,
-                finished_ms=finished_ms,
+            finishing = asyncio.ensure_future(
+                self.store.finish(
+                    lease,
+                    work,
+                    () if submit.result_only else pending,
+                    streamed=not submit.result_only,
+                    finished_ms=finished_ms,
+                )
             )
-            if footprint is not None and lease.request.id in self._awaited:
-                work = work_or_error
+            if lease.request.id in self._awaited:
+                # The Submit waiting here answers while the completion is on its way (the
+                # task above writes it first): one round trip less for its caller. Should
+                # the write fail, the caller still has its answer and the lease runs out:
+                # the request runs again, nothing is lost.
                 self._ended(
                     lease.request.id,
                     lease.request.ended(
                         work.state, finished_ms, work.error, work.result, work.usage
                     ),
                 )
+            footprint = await finishing
             metrics.REQUESTS.labels(lease.request.model, "completed").inc()
             metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(
                 work_or_error.service_ms / 1000

@@ -110,7 +110,7 @@ class SubmitRequest(_message.Message):
     def await_result(self) -> _duration_pb2.Duration:
         """Wait up to this long for the request's end and answer with it (state COMPLETED and
         `result`), when the replica that takes the call starts it at once: the caller is spared
-        the Notifier's AwaitResult. Never longer than the call's deadline allows. Any other
+        the Notifier's AwaitResult. The answer goes out as the completion is written, not after. Never longer than the call's deadline allows. Any other
         request (queued, run by another replica, retried, or longer than this) is answered as
         without it, and its caller waits for its end on the Notifier. A call that waits sends the
         request's id first, as the initial metadata `x-usher-request-id`, so a caller whose call
