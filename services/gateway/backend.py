@@ -61,6 +61,8 @@ class Backend:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._instances: list[pool_pb2.InstanceStatus] = []
         self._instances_at = 0.0
+        #: views.catalogue of _instances, made when they are fetched (read per request).
+        self._catalogue: dict[str, list[str]] = {}
         self._instances_lock = asyncio.Lock()
         self._tags: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -137,8 +139,14 @@ class Backend:
                 timeout=self.settings.rpc_timeout_seconds,
             )
             self._instances = list(reply.instances)
+            self._catalogue = views.catalogue(self._instances)
             self._instances_at = time.monotonic()
             return self._instances
+
+    async def catalogue(self, *, max_age: float | None = None) -> dict[str, list[str]]:
+        """``views.catalogue`` of ``instances`` (same ages), made once per fetch."""
+        await self.instances(max_age=max_age)
+        return self._catalogue
 
     async def resolve_model(self, name: str) -> str | None:
         """The fleet's name for ``name``, None when no local instance has it.
@@ -148,11 +156,9 @@ class Backend:
         passed on as given (the Scheduler still validates it).
         """
         try:
-            found = views.resolve_model(name, views.catalogue(await self.instances()))
+            found = views.resolve_model(name, await self.catalogue())
             if found is None:
-                found = views.resolve_model(
-                    name, views.catalogue(await self.instances(max_age=0.0))
-                )
+                found = views.resolve_model(name, await self.catalogue(max_age=0.0))
         except grpc.aio.AioRpcError as exc:
             log.warning("pool_unreachable", code=exc.code().name)
             return name

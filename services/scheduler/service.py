@@ -195,48 +195,49 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             # pipeline sent again): nothing was queued, so nothing stays charged.
             await self._refund([new], tenant_limits)
             raise Unavailable(f"request {new.id} was not queued; retry")
-        answer = await self._answer(
-            request, new, outcome, caller, tenant_limits, told=expected is not None
-        )
+        await self._noted(request, new, outcome, caller, tenant_limits, told=expected is not None)
         if expected is not None and expected.ended is not None:
             try:
-                return await self._with_end(answer, expected.ended, awaits, context)
+                ended = await self._end(
+                    expected.ended, awaits, context, outcome.request_id, request.model
+                )
             finally:
-                expected.forget_end(answer.request.id)
-        if awaits > 0:
+                expected.forget_end(outcome.request_id)
+            if ended is not None:
+                return scheduler_pb2.SubmitResponse(request=records.to_proto(ended))
+        elif awaits > 0:
             _awaited(request.model, "not_started_here")
-        return answer
+        # Built only now: a Submit answered with the end never needs it.
+        return await self._answer(request, outcome)
 
-    async def _with_end(
+    async def _end(
         self,
-        answer: scheduler_pb2.SubmitResponse,
         ended: asyncio.Future[StoredRequest | None],
         longest: float,
         context: Context,
-    ) -> scheduler_pb2.SubmitResponse:
-        """``answer`` with the request as it ended (``ended``), when it ends here within
-        ``longest`` seconds and the call's deadline (less a margin for the answer's way
-        back); as it is otherwise. The id goes first, as initial metadata: a caller whose
-        call breaks still knows what to wait for."""
-        model = answer.request.model
+        request_id: str,
+        model: str,
+    ) -> StoredRequest | None:
+        """The request as it ended (``ended``), when it ends here within ``longest`` seconds
+        and the call's deadline (less a margin for the answer's way back); None otherwise.
+        The id goes first, as initial metadata: a caller whose call breaks still knows what
+        to wait for."""
         remaining = context.time_remaining()
         if remaining is not None:
             longest = min(longest, remaining - AWAIT_RESULT_MARGIN_SECONDS)
         if longest <= 0:
             _awaited(model, "no_time")
-            return answer
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, answer.request.id),))
+            return None
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
         try:
             async with asyncio.timeout(longest):
                 stored = await ended
         except TimeoutError:
             _awaited(model, "timed_out")
-            return answer
-        if stored is None:  # it ended otherwise, or runs again: the Notifier tells its end
-            _awaited(model, "ended_otherwise")
-            return answer
-        _awaited(model, "ended")
-        return scheduler_pb2.SubmitResponse(request=records.to_proto(stored))
+            return None
+        # None: it ended otherwise, or runs again; the Notifier tells its end.
+        _awaited(model, "ended" if stored is not None else "ended_otherwise")
+        return stored
 
     async def SubmitBatch(
         self, request: scheduler_pb2.SubmitBatchRequest, context: Context
@@ -274,12 +275,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             await self._refund(admitted, tenant_limits)
             metrics.REJECTED.labels(batch[0].model, "queue_full").inc(len(batch))
             raise await self._queue_full(batch[0].model, outcomes)
-        return scheduler_pb2.SubmitBatchResponse(
-            responses=[
-                await self._answer(r, n, o, caller, tenant_limits)
-                for r, n, o in zip(batch, news, outcomes, strict=True)
-            ]
-        )
+        responses = []
+        for r, n, o in zip(batch, news, outcomes, strict=True):
+            await self._noted(r, n, o, caller, tenant_limits)
+            responses.append(await self._answer(r, o))
+        return scheduler_pb2.SubmitBatchResponse(responses=responses)
 
     async def _refresh(self, model: str, caller: Principal) -> None:
         """Read side by side what Submit finds stale in its caches (the catalogue, the
@@ -355,7 +355,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
             labels=dict(request.labels),
         )
 
-    async def _answer(
+    async def _noted(
         self,
         request: scheduler_pb2.SubmitRequest,
         new: NewRequest,
@@ -363,9 +363,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         caller: Principal,
         tenant_limits: Limits,
         told: bool = False,
-    ) -> scheduler_pb2.SubmitResponse:
-        """Count, audit and answer one submitted request (RESOURCE_EXHAUSTED when full);
-        ``told``: the dispatcher knows of it already (``expect``)."""
+    ) -> None:
+        """Count and audit one submitted request (RESOURCE_EXHAUSTED when full); ``told``:
+        the dispatcher knows of it already (``expect``)."""
         metrics.SUBMITTED.labels(request.model, _SUBMIT_RESULTS[outcome.status]).inc()
         if outcome.status == "queued" and self.on_queued is not None and not told:
             flow = fairness.flow_key(new.tenant, fairness.priority_class(new.priority))
@@ -385,6 +385,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer, _Handlers):
         if outcome.status == "full":
             metrics.REJECTED.labels(request.model, "queue_full").inc()
             raise await self._queue_full(request.model, outcome.queue_length)
+
+    async def _answer(
+        self, request: scheduler_pb2.SubmitRequest, outcome: SubmitOutcome
+    ) -> scheduler_pb2.SubmitResponse:
+        """The answer to one submitted request (``_noted`` first): it as queued, started,
+        shared or replayed, with its place and estimate."""
         stored = outcome.request or await self.store.inspect(request.model, outcome.request_id)
         if outcome.started is not None:
             stored = outcome.started.request  # it runs already
