@@ -18,6 +18,7 @@ from usher.settings import UsherSettings
 __all__ = [
     "CIRCUIT_STATE",
     "DEDUP_HITS",
+    "EARLY_STARTS",
     "ETA_ERROR",
     "FANOUT_LAG",
     "GRPC_CALLS",
@@ -111,6 +112,11 @@ DEDUP_HITS = Counter(
 SUBMIT_AWAITED = Counter(
     "usher_submit_awaited_total",
     "Submits asked to wait for their request's end (await_result), by how the wait went.",
+    ["model", "outcome"],
+)
+EARLY_STARTS = Counter(
+    "usher_early_starts_total",
+    "Generates sent beside their request's enqueue, by whether the claim then took it.",
     ["model", "outcome"],
 )
 QUEUE_DEPTH = Gauge("usher_queue_depth", "Requests waiting in the model's queue.", ["model"])

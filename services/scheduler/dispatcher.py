@@ -32,6 +32,7 @@ from services.scheduler.store import (
     SubmitOutcome,
 )
 from usher import keys, metrics, tracing
+from usher.background import Background
 from usher.backoff import exponential_backoff
 from usher.keys import ModelKeys
 from usher.logs import get_logger
@@ -124,6 +125,21 @@ class _KeptSlot:
 
 #: What a parked loop is told to do: claim on its own (the Submit's claim did not run).
 _CLAIM = False
+#: The longest prompt (estimated tokens) a request may have to start early (``_start_early``):
+#: an early start its enqueue then refuses (a tenant over its limits) costs the model server
+#: no more than reading this much.
+EARLY_START_MAX_PROMPT_TOKENS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class _Holding:
+    """The slot a parked loop holds, as its Generate would use it."""
+
+    slot: pool_pb2.Slot
+    #: Kept after the loop's last answer (the Generate asks to run on it again).
+    reused: bool
+    #: The loop can keep the slot after this answer (it has a _KeptSlot).
+    keeping: bool
 
 
 @dataclass(slots=True, eq=False)
@@ -134,6 +150,17 @@ class _Parked:
 
     handed: asyncio.Future[Lease | bool | None]
     taken: bool = False
+    holding: _Holding | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _EarlyStart:
+    """A request's Generate sent on its parked loop's slot beside its enqueue (the model
+    server works while the enqueue's round trip is under way), not yet known to be its own."""
+
+    call: asyncio.Future[Any]
+    #: When it was sent (monotonic), for the answer's service time.
+    at: float
 
 
 class Expected:
@@ -244,8 +271,15 @@ class Dispatcher:
         self._kept_slots: dict[str, int] = {}
         #: Request id → the Submit waiting here for its end (``await_end``).
         self._awaited: dict[str, asyncio.Future[StoredRequest | None]] = {}
+        #: Requests whose Generate went out beside their enqueue and that their claim took:
+        #: the loop handed the lease runs on with it (``run_request``).
+        self._early: dict[str, _EarlyStart] = {}
+        self._background = Background()
 
     async def aclose(self) -> None:
+        for early in self._early.values():  # handed to loops that stopped before running
+            early.call.cancel()
+        self._early.clear()
         if self._channel is not None:
             await self._channel.close()
 
@@ -328,18 +362,47 @@ class Dispatcher:
         run = asyncio.ensure_future(
             self.store.submit(request, claim_for=self.holder, admission=admission)
         )
+        early = self._start_early(expected, request, parked)  # after: the enqueue goes first
         try:
             outcome = await asyncio.shield(run)
         except asyncio.CancelledError:
             # The caller went away; its enqueue and the claim go on, and the claim still
             # reaches its loop (a lease left unrun would hold the request a lease long).
-            run.add_done_callback(lambda done: self._landed(expected, request, parked, done))
+            run.add_done_callback(lambda done: self._landed(expected, request, parked, done, early))
             raise
         except Exception:
-            self._landed(expected, request, parked, run)
+            self._landed(expected, request, parked, run, early)
             raise
-        self._enqueued(expected, request, outcome, parked)
+        self._enqueued(expected, request, outcome, parked, early)
         return outcome
+
+    def _start_early(
+        self, expected: Expected, request: NewRequest, parked: _Parked
+    ) -> _EarlyStart | None:
+        """The request's Generate on ``parked``'s slot, sent now beside its enqueue, when
+        the claim riding that enqueue should take this request (nothing of its model is
+        believed queued) and its caller waits for the end of a short, result-only answer:
+        the model server works through the enqueue's round trip instead of after it. It is
+        the request's only once its claim says so (``_enqueued``); else it is cancelled
+        before any output is read. Not for a request that may join another (dedup) or
+        repeat one (an idempotency key): those are not the request claimed."""
+        holding = parked.holding
+        if (
+            holding is None
+            or not expected.await_end
+            or not request.result_only
+            or request.fingerprint
+            or request.idempotency_key
+            or request.prompt_tokens > EARLY_START_MAX_PROMPT_TOKENS
+            or self._demand[0].get(request.model)
+            or self._stop.is_set()
+        ):
+            return None
+        submit = scheduler_pb2.SubmitRequest.FromString(request.payload)
+        call = self._generate_call(
+            submit, request.id, request.traceparent, request.deadline_ms, holding, whole=True
+        )
+        return _EarlyStart(asyncio.ensure_future(call), time.monotonic())
 
     def _landed(
         self,
@@ -347,12 +410,19 @@ class Dispatcher:
         request: NewRequest,
         parked: _Parked,
         run: asyncio.Future[SubmitOutcome],
+        early: _EarlyStart | None = None,
     ) -> None:
         if run.cancelled() or run.exception() is not None:
-            _hand(parked, _CLAIM)  # what ran is unknown: the loop claims itself
+            if early is not None:
+                # Its slot goes with the early start; a claim that ran unseen is the
+                # reaper's once its lease lapses.
+                self._not_early(request.model, early)
+                _hand(parked, None)
+            else:
+                _hand(parked, _CLAIM)  # what ran is unknown: the loop claims itself
             expected.end(parked)
         else:
-            self._enqueued(expected, request, run.result(), parked)
+            self._enqueued(expected, request, run.result(), parked, early)
 
     def _enqueued(
         self,
@@ -360,9 +430,11 @@ class Dispatcher:
         request: NewRequest,
         outcome: SubmitOutcome,
         parked: _Parked | None,
+        early: _EarlyStart | None = None,
     ) -> None:
         """An expected Submit's enqueue answered: the loops are told what it queued, then
-        the parked loop whose claim rode along is handed it."""
+        the parked loop whose claim rode along is handed it (with the Generate started
+        early, when that claim took this request)."""
         model = request.model
         if outcome.status == "queued":
             flow = flow_key(request.tenant, priority_class(request.priority))
@@ -376,12 +448,33 @@ class Dispatcher:
         if parked is not None:
             if claimed is not _CLAIM:
                 self._count_work(model, False, None if claimed is None else -1)
+            if early is not None:
+                if mine and outcome.request_id == request.id:
+                    self._early[request.id] = early
+                    metrics.EARLY_STARTS.labels(model, "confirmed").inc()
+                else:
+                    self._not_early(model, early)
+                    if isinstance(claimed, Lease):
+                        # Another request, claimed for the slot the early start took down
+                        # with it: back to its place, for a loop with a slot.
+                        self._background.spawn(self._give_back(claimed))
+                    claimed = None
             _hand(parked, claimed)
         expected.end(parked)
         if outcome.status == "queued" and not mine:
             # Still queued (the claim beside it, if any, took an earlier one): a loop goes
             # for it, as for any request queued here.
             self._wake_for(model, False)
+
+    def _not_early(self, model: str, early: _EarlyStart) -> None:
+        """An early start that is not its request's to run: stopped before any output is
+        read (the Pool lets its slot go)."""
+        early.call.cancel()
+        metrics.EARLY_STARTS.labels(model, "cancelled").inc()
+
+    async def _give_back(self, lease: Lease) -> None:
+        if await self.store.requeue(lease, "its slot was let go", count_attempt=False):
+            self.notify_work(lease.request.model)
 
     def _await_end(self, request_id: str) -> asyncio.Future[StoredRequest | None]:
         """The end of ``request_id``, which a loop of this replica runs, for a Submit that
@@ -429,7 +522,9 @@ class Dispatcher:
         self._parked.pop(model, None)
         return None
 
-    async def _wait_for_submit(self, model: str) -> Lease | bool | None:
+    async def _wait_for_submit(
+        self, model: str, holding: _Holding | None = None
+    ) -> Lease | bool | None:
         """With a slot of ``model`` in hand and nothing of it believed queued, while a
         Submit of it is expected here: wait for it. Its enqueue brings the claim that rode
         along (a lease, or None: nothing to claim). _CLAIM: claim now, as work is queued or
@@ -439,7 +534,7 @@ class Dispatcher:
             if self._stop.is_set():
                 break
             waited = True
-            parked = _Parked(asyncio.get_running_loop().create_future())
+            parked = _Parked(asyncio.get_running_loop().create_future(), holding=holding)
             self._parked.setdefault(model, collections.deque()).append(parked)
             self._landings.wake_all(model.__eq__)  # an enqueue may wait for its slot
             try:
@@ -615,7 +710,11 @@ class Dispatcher:
         )
         try:
             claimed = await self._reserve_and_claim(
-                sorted(self._expected if speculative else work), external, reuse, speculative
+                sorted(self._expected if speculative else work),
+                external,
+                reuse,
+                speculative,
+                keeping=kept is not None,
             )
         finally:
             self._reserving[external] -= 1
@@ -701,6 +800,7 @@ class Dispatcher:
         external: bool,
         reuse: pool_pb2.Slot | None = None,
         speculative: bool = False,
+        keeping: bool = False,
     ) -> tuple[Lease, pool_pb2.Slot] | None:
         """A slot for one of ``models`` and the next request of its model, claimed under
         a lease (the slot handed back when another replica took the request first). With
@@ -709,9 +809,10 @@ class Dispatcher:
         slot is the caller's to keep when another replica took the request. The
         demand believed here moves before this returns, so a loop that looks meanwhile
         (still counted as reserving) does not go for the same request. ``speculative``:
-        for Submits expected here, a slot free now or none."""
+        for Submits expected here, a slot free now or none. ``keeping``: the loop can keep
+        the slot after the answer."""
         if reuse is not None:
-            lease = await self._claim_holding(reuse, external)
+            lease = await self._claim_holding(reuse, external, True, keeping)
             return None if lease is None else (lease, reuse)
         wait = 0.0 if speculative else self.settings.reserve_wait_seconds
         self._speculating += speculative
@@ -734,31 +835,36 @@ class Dispatcher:
         if not reply.HasField("slot"):
             return None
         slot = reply.slot
-        lease = await self._claim_holding(slot, external)
+        lease = await self._claim_holding(slot, external, False, keeping)
         if lease is None:  # another replica took the last request first
             await self._release(slot)
             return None
         return lease, slot
 
-    async def _claim_holding(self, slot: pool_pb2.Slot, external: bool) -> Lease | None:
+    async def _claim_holding(
+        self, slot: pool_pb2.Slot, external: bool, reused: bool = False, keeping: bool = False
+    ) -> Lease | None:
         """``_claim`` for ``slot``'s model, the slot handed back when the claim fails
         (Redis away, no connection free in a burst): left alone, it would stay taken until
         its lease lapsed (30 s), a slot of the model fewer all that time."""
         try:
-            return await self._claim(slot.model, external)
+            return await self._claim(slot.model, external, _Holding(slot, reused, keeping))
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._release(slot)
             raise
 
-    async def _claim(self, model: str, external: bool) -> Lease | None:
-        """With a slot for ``model`` in hand: its next request under a lease, the fair head
-        or, when the slot is held for a flow (anticipation.py), that flow's next request."""
+    async def _claim(
+        self, model: str, external: bool, holding: _Holding | None = None
+    ) -> Lease | None:
+        """With a slot for ``model`` in hand (``holding``): its next request under a lease,
+        the fair head or, when the slot is held for a flow (anticipation.py), that flow's
+        next request."""
         first = None if external else await self._anticipation.first_claim(model)
         if first is not None:
             metrics.SLOT_HOLDS.labels(model, "arrived" if first else "ran_out").inc()
         elif not external:
-            handed = await self._wait_for_submit(model)
+            handed = await self._wait_for_submit(model, holding)
             if handed is not _CLAIM:  # claimed beside an enqueue (the demand moved there)
                 lease = cast(Lease | None, handed)
                 self._active = True
@@ -824,76 +930,68 @@ class Dispatcher:
         reused: bool,
     ) -> Footprint | None:
         submit = scheduler_pb2.SubmitRequest.FromString(lease.request.payload)
-        generate = pool_pb2.GenerateRequest(
-            slot_id=slot.id,
-            request_id=lease.request.id,
-            model=slot.model,
-            options=submit.options,
-            traceparent=tracing.current_traceparent() or lease.request.traceparent,
-            # A caller who reads only the result gets no tokens streamed: none are sent.
-            stream=not submit.result_only,
-            keep_slot=kept is not None and self._worth_keeping(slot),
-            reuse_kept_slot=reused,
-        )
-        kind = submit.WhichOneof("input")
-        if kind is not None:
-            getattr(generate, kind).CopyFrom(getattr(submit, kind))
-        timeout = None
-        if lease.request.deadline_ms:
-            timeout = max(0.1, lease.request.deadline_ms / 1000 - time.time())
-        if submit.HasField("request_timeout"):
-            # The Pool enforces the run-time limit (and closes the model server's call);
-            # the margin only keeps a wedged Pool from holding the request for ever.
-            generate.timeout.CopyFrom(submit.request_timeout)
-            limit = submit.request_timeout.ToMilliseconds() / 1000 + RUN_LIMIT_MARGIN_SECONDS
-            timeout = limit if timeout is None else min(timeout, limit)
-        # A caller of the result alone over gRPC: one unary call (a stream of one message
-        # costs more on both ends); in process (usher serve) streams cost nothing extra.
-        whole = submit.result_only and self._channel is not None
+        early = self._early.pop(lease.request.id, None)
         call: Any
-        if whole:
-            call = self._pool.GenerateWhole(
-                pool_pb2.GenerateWholeRequest(request=generate),
-                metadata=self._metadata,
-                timeout=timeout,
-            )
+        if early is not None:  # sent beside its enqueue, on this loop's slot
+            call, whole, started = early.call, True, early.at
         else:
-            call = self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
-        started = time.monotonic()
-        ended = asyncio.Event()
+            # A caller of the result alone over gRPC: one unary call (a stream of one
+            # message costs more on both ends); in process (usher serve) streams cost
+            # nothing extra.
+            whole = submit.result_only and self._channel is not None
+            call = self._generate_call(
+                submit,
+                lease.request.id,
+                tracing.current_traceparent() or lease.request.traceparent,
+                lease.request.deadline_ms,
+                _Holding(slot, reused, kept is not None),
+                whole,
+            )
+            started = time.monotonic()
         progress = ProgressBuffer(self.progress, lease, self.settings.token_flush_seconds)
-        # The runner first: the Generate starts at the next turn, before the heartbeat's setup.
-        runner = asyncio.create_task(
-            self._consume(call, progress, lease, started, (slot, kept) if kept else None, whole)
-        )
-        watcher = asyncio.create_task(self._heartbeat(lease, ended))
-        drain = asyncio.create_task(self._drain_deadline())
-        done, _ = await asyncio.wait({watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED)
-        drain.cancel()
-        if drain in done and not runner.done():
-            # Shutting down and it is still running: stop it and hand it back, uncounted.
-            call.cancel()
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await runner
-            await _stop_heartbeat(watcher, ended, lease.request.id in self._beating)
-            await progress.close()  # to be run again from the start: partial output is moot
-            await self.store.requeue(lease, "scheduler replica shutting down", count_attempt=False)
-            return None
-        if watcher in done and not runner.done():
-            call.cancel()  # closes the stream: the Pool stops the model server's work
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await runner
-            await progress.close()
-            stop = watcher.result()
-            if stop is None or stop.lost:
+        keeping = (slot, kept) if kept else None
+        if early is not None and early.call.done():
+            # Answered before its claim came back: nothing is left to watch over.
+            work_or_error = await self._consume(call, progress, lease, started, keeping, whole)
+        else:
+            ended = asyncio.Event()
+            # The runner first: the Generate starts at the next turn, before the
+            # heartbeat's setup.
+            runner = asyncio.create_task(
+                self._consume(call, progress, lease, started, keeping, whole)
+            )
+            watcher = asyncio.create_task(self._heartbeat(lease, ended))
+            drain = asyncio.create_task(self._drain_deadline())
+            done, _ = await asyncio.wait(
+                {watcher, runner, drain}, return_when=asyncio.FIRST_COMPLETED
+            )
+            drain.cancel()
+            if drain in done and not runner.done():
+                # Shutting down and it is still running: stop it and hand it back, uncounted.
+                call.cancel()
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await runner
+                await _stop_heartbeat(watcher, ended, lease.request.id in self._beating)
+                await progress.close()  # to be run again from the start: partial output is moot
+                await self.store.requeue(
+                    lease, "scheduler replica shutting down", count_attempt=False
+                )
                 return None
-            # An empty error lets the store record the reason given with the cancel.
-            metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
-            return await self.store.finish(lease, FinishedWork(state=CANCELLED))
-        await _stop_heartbeat(watcher, ended, lease.request.id in self._beating)
-        work_or_error = runner.result()
+            if watcher in done and not runner.done():
+                call.cancel()  # closes the stream: the Pool stops the model server's work
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await runner
+                await progress.close()
+                stop = watcher.result()
+                if stop is None or stop.lost:
+                    return None
+                # An empty error lets the store record the reason given with the cancel.
+                metrics.REQUESTS.labels(lease.request.model, "cancelled").inc()
+                return await self.store.finish(lease, FinishedWork(state=CANCELLED))
+            await _stop_heartbeat(watcher, ended, lease.request.id in self._beating)
+            work_or_error = runner.result()
         pending = await progress.close()
         if isinstance(work_or_error, FinishedWork):
             # The result says it all to a caller who reads only that.
@@ -928,6 +1026,48 @@ class Dispatcher:
         await self.store.progress_events(lease, pending)  # what it said before it failed
         await self._handle_error(lease, work_or_error, reused)
         return None
+
+    def _generate_call(
+        self,
+        submit: scheduler_pb2.SubmitRequest,
+        request_id: str,
+        traceparent: str,
+        deadline_ms: int,
+        holding: _Holding,
+        whole: bool,
+    ) -> Any:
+        """The Pool's Generate (or, ``whole``, GenerateWhole) of a request on the slot held."""
+        slot = holding.slot
+        generate = pool_pb2.GenerateRequest(
+            slot_id=slot.id,
+            request_id=request_id,
+            model=slot.model,
+            options=submit.options,
+            traceparent=traceparent,
+            # A caller who reads only the result gets no tokens streamed: none are sent.
+            stream=not submit.result_only,
+            keep_slot=holding.keeping and self._worth_keeping(slot),
+            reuse_kept_slot=holding.reused,
+        )
+        kind = submit.WhichOneof("input")
+        if kind is not None:
+            getattr(generate, kind).CopyFrom(getattr(submit, kind))
+        timeout = None
+        if deadline_ms:
+            timeout = max(0.1, deadline_ms / 1000 - time.time())
+        if submit.HasField("request_timeout"):
+            # The Pool enforces the run-time limit (and closes the model server's call);
+            # the margin only keeps a wedged Pool from holding the request for ever.
+            generate.timeout.CopyFrom(submit.request_timeout)
+            limit = submit.request_timeout.ToMilliseconds() / 1000 + RUN_LIMIT_MARGIN_SECONDS
+            timeout = limit if timeout is None else min(timeout, limit)
+        if whole:
+            return self._pool.GenerateWhole(
+                pool_pb2.GenerateWholeRequest(request=generate),
+                metadata=self._metadata,
+                timeout=timeout,
+            )
+        return self._pool.Generate(generate, metadata=self._metadata, timeout=timeout)
 
     async def _drain_deadline(self) -> None:
         await self._stop.wait()

@@ -133,6 +133,13 @@ async def test_a_submit_that_awaits_its_result_answers_with_its_end(
         for outcome in ("ended", "not_started_here", "ended_otherwise", "timed_out", "no_time")
     }
     assert counted["ended"] == ended and sum(counted.values()) == 6, counted
+    # Started on the model server beside their enqueue, each taken by its claim.
+    early = {
+        outcome: _sample(after, "usher_early_starts_total", outcome=outcome)
+        - _sample(before, "usher_early_starts_total", outcome=outcome)
+        for outcome in ("confirmed", "cancelled")
+    }
+    assert 1 <= early["confirmed"] <= ended and early["cancelled"] == 0, early
 
 
 async def test_a_request_started_beside_its_enqueue_is_answered_running(clients: tuple) -> None:  # type: ignore[type-arg]
