@@ -381,7 +381,9 @@ class Dispatcher:
     ) -> _EarlyStart | None:
         """The request's Generate on ``parked``'s slot, sent now beside its enqueue, when
         the claim riding that enqueue should take this request (nothing of its model is
-        believed queued) and its caller waits for the end of a short, result-only answer:
+        believed queued, and no other Submit of it is on its way here: enqueues racing
+        each other make a queue whose fair head may be another's) and its caller waits for
+        the end of a short, result-only answer:
         the model server works through the enqueue's round trip instead of after it. It is
         the request's only once its claim says so (``_enqueued``); else it is cancelled
         before any output is read. Not for a request that may join another (dedup) or
@@ -395,6 +397,7 @@ class Dispatcher:
             or request.idempotency_key
             or request.prompt_tokens > EARLY_START_MAX_PROMPT_TOKENS
             or self._demand[0].get(request.model)
+            or self._expected.get(request.model, 0) > 1
             or self._stop.is_set()
         ):
             return None

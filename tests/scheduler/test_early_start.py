@@ -105,3 +105,33 @@ async def test_an_early_start_the_claim_did_not_take_is_stopped_and_nothing_is_l
             again = await store.claim(MODEL, "elsewhere")
             assert again is not None and again.request.id == older.request_id  # its place kept
             await loops.aclose()
+
+
+async def test_no_early_start_while_another_submit_of_the_model_is_on_its_way(
+    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+) -> None:
+    """Enqueues racing each other make a queue whose fair head may be the other's: the
+    claim would likely not take this request, so its Generate waits for the claim."""
+    store = QueueStore(redis_client)
+    async with EmulatorFleet([fast_emulator_config()]) as fleet:
+        settings = settings_for(redis_server.url, fleet.urls)
+        async with running_pool(settings) as pool:
+            loops = Dispatcher(
+                store,
+                Quotas(redis_client),
+                DispatchSettings(settings.listen, "svc-token"),
+                pool=pool.stub,
+            )
+            expected = await loops.expect(MODEL)
+            other = await loops.expect(MODEL)
+            slot, claim = await parked_with_a_slot(loops)
+            outcome = await expected.enqueue(
+                new_request(model=MODEL, result_only=True), await_end=True
+            )
+            lease = await claim
+            assert lease is not None and lease.request.id == outcome.request_id
+            assert not loops._early  # claimed beside the enqueue, started after it
+            other.end()
+            assert await loops.run_request(lease, slot) is not None
+            assert expected.ended is not None and (await expected.ended) is not None
+            await loops.aclose()
