@@ -15,10 +15,11 @@ from services.scheduler.store import QueueStore
 from tests.pool.conftest import fast_emulator_config
 from tests.pool.test_pool_service import MODEL, running_pool, settings_for, slots_held
 from tests.scheduler.factories import new_request
+from tests.scheduler.on_a_pool import dispatcher_on_a_pool, reserve
 from usher.emulator import EmulatorFleet
 from usher.queue.records import RUNNING
 from usher.testing.redis_server import ExternalRedis, RedisServer
-from usher.v1 import pool_pb2, request_pb2
+from usher.v1 import request_pb2
 
 
 async def test_a_claim_that_fails_hands_the_slot_back_at_once(
@@ -52,34 +53,22 @@ async def test_a_submit_awaiting_the_end_has_it_though_the_completion_is_not_wri
     after. When the completion then cannot be written (here the lease was taken over while
     the answer was generated), the caller keeps its answer and the request is not lost:
     its new holder has it."""
-    store = QueueStore(redis_client)
-    async with EmulatorFleet([fast_emulator_config(time_to_first_token=0.3)]) as fleet:
-        settings = settings_for(redis_server.url, fleet.urls)
-        async with running_pool(settings) as pool:
-            loops = Dispatcher(
-                store,
-                Quotas(redis_client),
-                DispatchSettings(settings.listen, "svc-token"),
-                pool=pool.stub,
-            )
-            await store.submit(new_request(model=MODEL))
-            lease = await store.claim(MODEL, loops.holder)
-            assert lease is not None
-            reply = await pool.stub.Reserve(
-                pool_pb2.ReserveRequest(models=[MODEL], holder=loops.holder),
-                metadata=loops._metadata,
-            )
-            ended = loops._await_end(lease.request.id)
-            running = asyncio.create_task(loops.run_request(lease, reply.slot))
-            await asyncio.sleep(0.1)  # generating: the lease lapses, another replica takes it
-            assert await store.requeue(lease, "lease lapsed")
-            taken = await store.claim(MODEL, "elsewhere")
-            assert taken is not None and taken.request.id == lease.request.id
-            assert await running is None  # its completion was refused: not its lease
-            end = await ended
-            assert (
-                end is not None and end.state == request_pb2.REQUEST_STATE_COMPLETED and end.result
-            )
-            held = await store.inspect(MODEL, lease.request.id)
-            assert held is not None and held.state == RUNNING and held.lease_token == taken.token
-            await loops.aclose()
+    async with dispatcher_on_a_pool(
+        redis_server.url, redis_client, time_to_first_token=0.3
+    ) as loops:
+        store = loops.store
+        await store.submit(new_request(model=MODEL))
+        lease = await store.claim(MODEL, loops.holder)
+        assert lease is not None
+        slot = await reserve(loops, MODEL)
+        ended = loops._await_end(lease.request.id)
+        running = asyncio.create_task(loops.run_request(lease, slot))
+        await asyncio.sleep(0.1)  # generating: the lease lapses, another replica takes it
+        assert await store.requeue(lease, "lease lapsed")
+        taken = await store.claim(MODEL, "elsewhere")
+        assert taken is not None and taken.request.id == lease.request.id
+        assert await running is None  # its completion was refused: not its lease
+        end = await ended
+        assert end is not None and end.state == request_pb2.REQUEST_STATE_COMPLETED and end.result
+        held = await store.inspect(MODEL, lease.request.id)
+        assert held is not None and held.state == RUNNING and held.lease_token == taken.token

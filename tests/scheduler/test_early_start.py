@@ -9,13 +9,11 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from services.scheduler.dispatcher import Dispatcher, DispatchSettings, _Holding
-from services.scheduler.quotas import Quotas
-from services.scheduler.store import Lease, QueueStore
-from tests.pool.conftest import fast_emulator_config
-from tests.pool.test_pool_service import MODEL, running_pool, settings_for, slots_held
+from services.scheduler.dispatcher import Dispatcher, _Holding
+from services.scheduler.store import Lease
+from tests.pool.test_pool_service import MODEL, slots_held
 from tests.scheduler.factories import new_request
-from usher.emulator import EmulatorFleet
+from tests.scheduler.on_a_pool import dispatcher_on_a_pool, reserve
 from usher.queue.records import QUEUED
 from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.v1 import pool_pb2, request_pb2
@@ -24,46 +22,34 @@ from usher.v1 import pool_pb2, request_pb2
 async def parked_with_a_slot(loops: Dispatcher) -> tuple[pool_pb2.Slot, asyncio.Task[Lease | None]]:
     """A loop holding a slot of MODEL (reserved from the Pool), parked for the Submit
     expected next."""
-    reply = await loops._pool.Reserve(
-        pool_pb2.ReserveRequest(models=[MODEL], holder=loops.holder), metadata=loops._metadata
-    )
-    claim = asyncio.create_task(loops._claim(MODEL, False, _Holding(reply.slot, False, False)))
+    slot = await reserve(loops, MODEL)
+    claim = asyncio.create_task(loops._claim(MODEL, False, _Holding(slot, False, False)))
     for _ in range(5):
         await asyncio.sleep(0)
     assert loops._parked.get(MODEL), "the loop waits for the Submit"
-    return reply.slot, claim
+    return slot, claim
 
 
 async def test_a_request_started_early_runs_on_when_its_claim_took_it(
     redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
 ) -> None:
-    store = QueueStore(redis_client)
-    async with EmulatorFleet([fast_emulator_config(time_to_first_token=0.2)]) as fleet:
-        settings = settings_for(redis_server.url, fleet.urls)
-        async with running_pool(settings) as pool:
-            loops = Dispatcher(
-                store,
-                Quotas(redis_client),
-                DispatchSettings(settings.listen, "svc-token"),
-                pool=pool.stub,
-            )
-            expected = await loops.expect(MODEL)
-            slot, claim = await parked_with_a_slot(loops)
-            outcome = await expected.enqueue(
-                new_request(model=MODEL, result_only=True), await_end=True
-            )
-            lease = await claim
-            assert lease is not None and lease.request.id == outcome.request_id
-            early = loops._early[lease.request.id]
-            assert not early.call.done()  # the model server works through the round trip
-            assert await loops.run_request(lease, slot) is not None
-            assert expected.ended is not None
-            end = await expected.ended
-            assert end is not None and end.state == request_pb2.REQUEST_STATE_COMPLETED
-            assert end.result and not loops._early
-            stored = await store.inspect(MODEL, outcome.request_id)
-            assert stored is not None and stored.state == request_pb2.REQUEST_STATE_COMPLETED
-            await loops.aclose()
+    async with dispatcher_on_a_pool(
+        redis_server.url, redis_client, time_to_first_token=0.2
+    ) as loops:
+        expected = await loops.expect(MODEL)
+        slot, claim = await parked_with_a_slot(loops)
+        outcome = await expected.enqueue(new_request(model=MODEL, result_only=True), await_end=True)
+        lease = await claim
+        assert lease is not None and lease.request.id == outcome.request_id
+        early = loops._early[lease.request.id]
+        assert not early.call.done()  # the model server works through the round trip
+        assert await loops.run_request(lease, slot) is not None
+        assert expected.ended is not None
+        end = await expected.ended
+        assert end is not None and end.state == request_pb2.REQUEST_STATE_COMPLETED
+        assert end.result and not loops._early
+        stored = await loops.store.inspect(MODEL, outcome.request_id)
+        assert stored is not None and stored.state == request_pb2.REQUEST_STATE_COMPLETED
 
 
 async def test_an_early_start_the_claim_did_not_take_is_stopped_and_nothing_is_lost(
@@ -73,38 +59,29 @@ async def test_an_early_start_the_claim_did_not_take_is_stopped_and_nothing_is_l
     the claim riding the enqueue takes that one, so the early start is cancelled, its slot
     goes, and the older request goes back to its place. Both wait for a loop; none is
     lost, and no slot stays held."""
-    store = QueueStore(redis_client)
-    async with EmulatorFleet([fast_emulator_config(time_to_first_token=0.5)]) as fleet:
-        settings = settings_for(redis_server.url, fleet.urls)
-        async with running_pool(settings) as pool:
-            loops = Dispatcher(
-                store,
-                Quotas(redis_client),
-                DispatchSettings(settings.listen, "svc-token"),
-                pool=pool.stub,
-            )
-            older = await store.submit(new_request(model=MODEL))
-            expected = await loops.expect(MODEL)
-            slot, claim = await parked_with_a_slot(loops)
-            outcome = await expected.enqueue(
-                new_request(model=MODEL, result_only=True), await_end=True
-            )
-            assert outcome.started is None and expected.ended is None
-            assert await claim is None  # its slot went with the early start
-            assert not loops._early
-            await loops._release(slot)  # as the loop does (the Pool let it go already)
-            for _ in range(100):
-                if await slots_held(redis_client) == 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert await slots_held(redis_client) == 0
-            await loops._background.drain()  # the older request's way back
-            for request_id in (older.request_id, outcome.request_id):
-                stored = await store.inspect(MODEL, request_id)
-                assert stored is not None and stored.state == QUEUED, request_id
-            again = await store.claim(MODEL, "elsewhere")
-            assert again is not None and again.request.id == older.request_id  # its place kept
-            await loops.aclose()
+    async with dispatcher_on_a_pool(
+        redis_server.url, redis_client, time_to_first_token=0.5
+    ) as loops:
+        store = loops.store
+        older = await store.submit(new_request(model=MODEL))
+        expected = await loops.expect(MODEL)
+        slot, claim = await parked_with_a_slot(loops)
+        outcome = await expected.enqueue(new_request(model=MODEL, result_only=True), await_end=True)
+        assert outcome.started is None and expected.ended is None
+        assert await claim is None  # its slot went with the early start
+        assert not loops._early
+        await loops._release(slot)  # as the loop does (the Pool let it go already)
+        for _ in range(100):
+            if await slots_held(redis_client) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await slots_held(redis_client) == 0
+        await loops._background.drain()  # the older request's way back
+        for request_id in (older.request_id, outcome.request_id):
+            stored = await store.inspect(MODEL, request_id)
+            assert stored is not None and stored.state == QUEUED, request_id
+        again = await store.claim(MODEL, "elsewhere")
+        assert again is not None and again.request.id == older.request_id  # its place kept
 
 
 async def test_no_early_start_while_another_submit_of_the_model_is_on_its_way(
@@ -112,26 +89,14 @@ async def test_no_early_start_while_another_submit_of_the_model_is_on_its_way(
 ) -> None:
     """Enqueues racing each other make a queue whose fair head may be the other's: the
     claim would likely not take this request, so its Generate waits for the claim."""
-    store = QueueStore(redis_client)
-    async with EmulatorFleet([fast_emulator_config()]) as fleet:
-        settings = settings_for(redis_server.url, fleet.urls)
-        async with running_pool(settings) as pool:
-            loops = Dispatcher(
-                store,
-                Quotas(redis_client),
-                DispatchSettings(settings.listen, "svc-token"),
-                pool=pool.stub,
-            )
-            expected = await loops.expect(MODEL)
-            other = await loops.expect(MODEL)
-            slot, claim = await parked_with_a_slot(loops)
-            outcome = await expected.enqueue(
-                new_request(model=MODEL, result_only=True), await_end=True
-            )
-            lease = await claim
-            assert lease is not None and lease.request.id == outcome.request_id
-            assert not loops._early  # claimed beside the enqueue, started after it
-            other.end()
-            assert await loops.run_request(lease, slot) is not None
-            assert expected.ended is not None and (await expected.ended) is not None
-            await loops.aclose()
+    async with dispatcher_on_a_pool(redis_server.url, redis_client) as loops:
+        expected = await loops.expect(MODEL)
+        other = await loops.expect(MODEL)
+        slot, claim = await parked_with_a_slot(loops)
+        outcome = await expected.enqueue(new_request(model=MODEL, result_only=True), await_end=True)
+        lease = await claim
+        assert lease is not None and lease.request.id == outcome.request_id
+        assert not loops._early  # claimed beside the enqueue, started after it
+        other.end()
+        assert await loops.run_request(lease, slot) is not None
+        assert expected.ended is not None and (await expected.ended) is not None
