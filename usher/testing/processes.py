@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ServiceProcess", "free_port", "port_is_free", "wait_for_port"]
+__all__ = ["ServiceProcess", "free_port", "listens", "port_is_free", "wait_for_port"]
 
 
 #: Where free_port looks: below the kernel's ephemeral range, which outgoing connections
@@ -72,12 +73,30 @@ def wait_for_port(
             raise RuntimeError(
                 f"process exited with {process.returncode} before listening on {port}"
             )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if listens(port):
+            return
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def listens(port: int) -> bool:
+    """Whether something listens on ``port`` on 127.0.0.1. The probe connects from
+    127.0.0.2 where it can (Linux routes all of 127/8): from 127.0.0.1, a connect to a
+    port in the kernel's ephemeral range that nothing listens on yet can be given that very
+    port as its own and meet itself (TCP self-connect). It then looks like a listener, and
+    holds the port the service is about to bind: ``usher up``'s Pool failed to start on
+    its usual port 50052 that way while its stack was reported ready."""
+    for source in (("127.0.0.2", 0), None):
+        try:
+            with socket.create_connection(
+                ("127.0.0.1", port), timeout=0.5, source_address=source
+            ) as probe:
+                return bool(probe.getsockname() != probe.getpeername())
+        except OSError as exc:
+            if source is not None and exc.errno == errno.EADDRNOTAVAIL:
+                continue  # no 127.0.0.2 on this machine (macOS): from 127.0.0.1
+            return False
+    return False
 
 
 #: How long a service may take to listen. A second when the machine is idle; the 8 processes
