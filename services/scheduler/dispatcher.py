@@ -379,15 +379,15 @@ class Dispatcher:
     def _start_early(
         self, expected: Expected, request: NewRequest, parked: _Parked
     ) -> _EarlyStart | None:
-        """The request's Generate on ``parked``'s slot, sent now beside its enqueue, when
-        the claim riding that enqueue should take this request (nothing of its model is
-        believed queued, and no other Submit of it is on its way here: enqueues racing
-        each other make a queue whose fair head may be another's) and its caller waits for
-        the end of a short, result-only answer:
-        the model server works through the enqueue's round trip instead of after it. It is
-        the request's only once its claim says so (``_enqueued``); else it is cancelled
-        before any output is read. Not for a request that may join another (dedup) or
-        repeat one (an idempotency key): those are not the request claimed."""
+        """The request's Generate on ``parked``'s slot, sent now beside its enqueue, so the
+        model server works through the enqueue's round trip instead of after it: when its
+        caller waits for the end of a short, result-only answer and the claim riding the
+        enqueue should take this request (nothing of its model is believed queued, and no
+        other Submit of it is on its way here: enqueues racing each other make a queue
+        whose fair head may be another's). It is the request's only once its claim says so
+        (``_enqueued``); else it is cancelled before any output is read. Not for a request
+        that may join another (dedup) or repeat one (an idempotency key): those are not the
+        request claimed."""
         holding = parked.holding
         if (
             holding is None
@@ -815,7 +815,7 @@ class Dispatcher:
         for Submits expected here, a slot free now or none. ``keeping``: the loop can keep
         the slot after the answer."""
         if reuse is not None:
-            lease = await self._claim_holding(reuse, external, True, keeping)
+            lease = await self._claim_holding(_Holding(reuse, True, keeping), external)
             return None if lease is None else (lease, reuse)
         wait = 0.0 if speculative else self.settings.reserve_wait_seconds
         self._speculating += speculative
@@ -838,23 +838,21 @@ class Dispatcher:
         if not reply.HasField("slot"):
             return None
         slot = reply.slot
-        lease = await self._claim_holding(slot, external, False, keeping)
+        lease = await self._claim_holding(_Holding(slot, False, keeping), external)
         if lease is None:  # another replica took the last request first
             await self._release(slot)
             return None
         return lease, slot
 
-    async def _claim_holding(
-        self, slot: pool_pb2.Slot, external: bool, reused: bool = False, keeping: bool = False
-    ) -> Lease | None:
-        """``_claim`` for ``slot``'s model, the slot handed back when the claim fails
-        (Redis away, no connection free in a burst): left alone, it would stay taken until
-        its lease lapsed (30 s), a slot of the model fewer all that time."""
+    async def _claim_holding(self, holding: _Holding, external: bool) -> Lease | None:
+        """``_claim`` for the model of the slot held, the slot handed back when the claim
+        fails (Redis away, no connection free in a burst): left alone, it would stay taken
+        until its lease lapsed (30 s), a slot of the model fewer all that time."""
         try:
-            return await self._claim(slot.model, external, _Holding(slot, reused, keeping))
+            return await self._claim(holding.slot.model, external, holding)
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._release(slot)
+                await self._release(holding.slot)
             raise
 
     async def _claim(
@@ -1022,9 +1020,7 @@ class Dispatcher:
                 )
             footprint = await finishing
             metrics.REQUESTS.labels(lease.request.model, "completed").inc()
-            metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(
-                work_or_error.service_ms / 1000
-            )
+            metrics.PROCESSING_SECONDS.labels(lease.request.model).observe(work.service_ms / 1000)
             return footprint
         await self.store.progress_events(lease, pending)  # what it said before it failed
         await self._handle_error(lease, work_or_error, reused)
