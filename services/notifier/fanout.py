@@ -38,6 +38,7 @@ from usher.queue.eta import ModelAverages
 from usher.queue.reads import QueueReader
 from usher.queue.records import QUEUED, StoredRequest, WrittenEvents
 from usher.v1 import notifier_pb2
+from usher.waiters import Waiters
 
 __all__ = [
     "AveragesCache",
@@ -78,12 +79,14 @@ MAX_HANDED = 16
 HANDED_TYPES = frozenset({"completed", "failed", "cancelled"})
 HAND_OVER_WAIT_SECONDS = 0.002
 #: Where completions are handed over (usher serve), a read that brought a few events is
-#: followed by this pause before the next: the blocking read wakes at every event written,
-#: and most are this process's own queuings, claims and progress, which no answer sent
-#: whole waits for. Each wake costs a round trip, a parse and a loop turn (three per
-#: request at one request at a time); the pause lets them come a few to a read. Events
-#: written by other processes reach watchers here up to this much later. A read that
-#: brought many has batched already (a busy loop: a pause would cost it a turn).
+#: followed by this pause before the next, while no watcher here follows a request live:
+#: the blocking read wakes at every event written, and most are this process's own
+#: queuings, claims and progress, which no answer sent whole waits for. Each wake costs a
+#: round trip, a parse and a loop turn (three per request at one request at a time); the
+#: pause lets them come a few to a read. A live watcher (a streamed answer, a browser)
+#: waits for exactly those events, so none is paused for while one is here (others see
+#: events written by other processes up to a pause later). A read that brought many has
+#: batched already (a busy loop: a pause would cost it a turn).
 HANDED_READ_PAUSE_SECONDS = 0.005
 HANDED_READ_PAUSE_BELOW = 8
 #: Request ids are ULIDs: the queue member ends with one.
@@ -174,13 +177,16 @@ class Subscriber:
         "group",
         "heard",
         "lagged",
+        "live",
         "model",
         "request_id",
         "told",
     )
 
-    def __init__(self, group: Watched) -> None:
+    def __init__(self, group: Watched, live: bool = True) -> None:
         self.group = group
+        #: Whether it waits for every update (a Watch), not only the last (final_only).
+        self.live = live
         self.request_id = group.request_id
         self.model = group.model
         # A list, not a deque: it is nearly always empty or holds one or two items, and an
@@ -370,6 +376,11 @@ class Fanout:
         self._groups: dict[str, Watched] = {}
         self._by_model: dict[str, dict[str, Watched]] = {}
         self._subscribers: set[Subscriber] = set()
+        #: Subscribers waiting for every update (not only the last): while there is one,
+        #: the reader reads on at once (HANDED_READ_PAUSE_SECONDS).
+        self._live = 0
+        #: The reader's pause between reads; a live watcher's arrival ends it.
+        self._pause: Waiters[None] = Waiters()
         self._dirty: set[str] = set()
         self._next_round: dict[str, float] = {}
         #: Requests whose place changed and whose watchers have not been told yet, oldest
@@ -388,24 +399,28 @@ class Fanout:
 
     # ---- subscriptions ----------------------------------------------------------------------
 
-    def subscribe(self, stored: StoredRequest, tip: str = "0-0") -> Subscriber:
+    def subscribe(self, stored: StoredRequest, tip: str = "0-0", live: bool = True) -> Subscriber:
         """``join`` and ``opened`` at once, for a request already read."""
-        subscriber = self.join(stored.id, stored.model)
+        subscriber = self.join(stored.id, stored.model, live)
         self.opened(subscriber, stored, tip)
         return subscriber
 
-    def join(self, request_id: str, model: str) -> Subscriber:
+    def join(self, request_id: str, model: str, live: bool = True) -> Subscriber:
         """A new watcher of a request, before its record is read (so no event can fall
-        between the read and the subscription); ``opened`` completes it."""
+        between the read and the subscription); ``opened`` completes it. ``live``: it waits
+        for every update, not only the last."""
         group = self._groups.get(request_id)
         if group is None:
             group = self._groups[request_id] = Watched(request_id, model)
             self._by_model.setdefault(model, {})[request_id] = group
             if model not in self._last_ids:
                 self._models_cache = (0.0, [])  # a model the reader does not know yet
-        subscriber = Subscriber(group)
+        subscriber = Subscriber(group, live)
         group.subscribers.append(subscriber)
         self._subscribers.add(subscriber)
+        if live:
+            self._live += 1
+            self._pause.wake_all()  # its request's next event may be on its way already
         return subscriber
 
     def opened(self, subscriber: Subscriber, stored: StoredRequest, tip: str = "0-0") -> None:
@@ -424,7 +439,9 @@ class Fanout:
             self._dirty.add(group.model)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.discard(subscriber)
+        if subscriber in self._subscribers:
+            self._subscribers.discard(subscriber)
+            self._live -= subscriber.live
         group = subscriber.group
         with contextlib.suppress(ValueError):
             group.subscribers.remove(subscriber)
@@ -771,8 +788,8 @@ class Fanout:
         while not stop.is_set():
             try:
                 read = await self.read_once(block_ms=500)
-                if self._hands_over and 0 < read < HANDED_READ_PAUSE_BELOW:
-                    await asyncio.sleep(HANDED_READ_PAUSE_SECONDS)
+                if self._hands_over and not self._live and 0 < read < HANDED_READ_PAUSE_BELOW:
+                    await self._pause.wait(None, HANDED_READ_PAUSE_SECONDS)
             except Exception as exc:  # Redis away: resume from the last id read.
                 log.warning("event read failed", error=str(exc))
                 with contextlib.suppress(TimeoutError):

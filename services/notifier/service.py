@@ -98,14 +98,14 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         try:
             if model is not None:
                 # Subscribe before reading history so nothing falls between the two.
-                subscriber = self.fanout.join(request_id, model)
+                subscriber = self.fanout.join(request_id, model, not request.final_only)
                 start = await self.queue.open_watch(model, request_id, after)
             if start is None and request.model:
                 actual = await self.queue.model_of(request_id)
                 if actual is not None and actual != model:
                     if subscriber is not None:
                         self.fanout.unsubscribe(subscriber)
-                    subscriber = self.fanout.join(request_id, actual)
+                    subscriber = self.fanout.join(request_id, actual, not request.final_only)
                     start = await self.queue.open_watch(actual, request_id, after)
             if start is None or subscriber is None:
                 raise NotFound(f"request {request_id} not found")

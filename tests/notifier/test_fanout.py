@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 
 import pytest
 
+from services.notifier import fanout as fanout_module
 from services.notifier.fanout import (
     SUBSCRIBER_BUFFER,
     AveragesCache,
@@ -506,3 +508,51 @@ async def test_a_listener_that_fails_does_not_fail_the_completion(store: QueueSt
     await _drain(fanout)  # the reader brings what was not handed over
     kinds = [i.kind for i in await _take(watcher) if isinstance(i, Update)]
     assert kinds[-1] == notifier_pb2.UPDATE_KIND_COMPLETED
+
+
+async def test_the_readers_pause_keeps_no_live_watcher_waiting(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """usher serve: after a read of a few events the reader pauses, so this process's own
+    writes come a few to a read; a watcher following a request live (a streamed answer)
+    waits for exactly those events, so its arrival ends the pause and none starts while
+    it is here."""
+    monkeypatch.setattr(fanout_module, "HANDED_READ_PAUSE_SECONDS", 30.0)
+    first, second = await _queued(store, 2)
+    fanout = Fanout(store)
+    await fanout.prime()
+    fanout._hands_over = True  # as the first completion handed over in process sets it
+    last_only = fanout.subscribe(replace(first, payload=b"", owners=frozenset()), live=False)
+    stop = asyncio.Event()
+    reading = asyncio.ensure_future(fanout.run(stop))
+    try:
+        lease = await store.claim(MODEL, "test")
+        assert lease is not None and lease.request.id == first.id
+        running = await asyncio.wait_for(last_only.get(), 5)
+        assert isinstance(running, Update) and running.kind == notifier_pb2.UPDATE_KIND_RUNNING
+        # The reader pauses after that read: with no live watcher, output waits for it.
+        assert await store.progress(lease, "tokens", {"text": "a", "tokens": 1})
+        await asyncio.sleep(0.3)
+        assert last_only.pending == 0
+        # A live watcher arrives: the pause ends, and no other starts while it watches.
+        start = await store.open_watch(MODEL, second.id, "0-0")
+        assert start is not None
+        live = fanout.subscribe(start.stored, start.tip)
+        tokens = await asyncio.wait_for(last_only.get(), 5)
+        assert isinstance(tokens, Update) and tokens.fields["text"] == "a"
+        for text in ("b", "c"):
+            assert await store.progress(lease, "tokens", {"text": text, "tokens": 1})
+            more = await asyncio.wait_for(last_only.get(), 5)
+            assert isinstance(more, Update) and more.fields["text"] == text
+        # Gone: the reader pauses again.
+        fanout.unsubscribe(live)
+        assert await store.progress(lease, "tokens", {"text": "d", "tokens": 1})
+        await asyncio.wait_for(last_only.get(), 5)  # the read that saw it gone, at most
+        assert await store.progress(lease, "tokens", {"text": "e", "tokens": 1})
+        await asyncio.sleep(0.3)
+        assert last_only.pending == 0
+    finally:
+        stop.set()
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
