@@ -281,38 +281,56 @@ async def post_ok(
         return False
 
 
-def http_chat(client: aiohttp.ClientSession, url: str, with_token: bool, api_key: str = "") -> Call:
-    """OpenAI's ``POST /v1/chat/completions`` (stream false) at ``url``: a gateway or a peer
+def http_chat(
+    client: aiohttp.ClientSession,
+    url: str,
+    with_token: bool,
+    api_key: str = "",
+    stream: bool = False,
+) -> Call:
+    """OpenAI's ``POST /v1/chat/completions`` at ``url``: a model server, a gateway or a peer
     (LiteLLM, ollama-herd), as one of the demo tenants by worker when ``with_token``, else
-    with ``api_key`` if given."""
+    with ``api_key`` if given. ``stream``: the answer as server-sent events, read to its
+    end (as a chat page reads it)."""
 
     async def call(worker: int, n: int) -> bool:
         user = USERS[worker % len(USERS)]
         key = f"{user}-token" if with_token else api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt(worker, n)}]}
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt(worker, n)}],
+        }
+        if stream:
+            body["stream"] = True
         return await post_ok(client, f"{url}/v1/chat/completions", body, headers)
 
     return call
 
 
-async def _child(url: str, concurrency: int, seconds: float, pids: dict[str, int]) -> None:
+async def _child(
+    url: str, concurrency: int, seconds: float, pids: dict[str, int], stream: bool
+) -> None:
     async with http_client(concurrency) as http:
-        call = http_chat(http, url, with_token=False)
+        call = http_chat(http, url, with_token=False, stream=stream)
         await closed_loop(call, min(8, concurrency), 1.5)  # warm up
         load = await closed_loop(call, concurrency, seconds, pids)
     print(json.dumps(dataclasses.asdict(load)))
 
 
 if __name__ == "__main__":
-    # ``python -m bench.load URL CONCURRENCY SECONDS [NAME=PID ...]``: one closed loop of
-    # OpenAI chat calls, its Load as JSON on stdout (run inside another network namespace).
-    _url, _concurrency, _seconds, *_pids = sys.argv[1:]
+    # ``python -m bench.load [--stream] URL CONCURRENCY SECONDS [NAME=PID ...]``: one closed
+    # loop of OpenAI chat calls (streamed with --stream), its Load as JSON on stdout (run
+    # inside another network namespace).
+    _args = sys.argv[1:]
+    _stream = _args[:1] == ["--stream"]
+    _url, _concurrency, _seconds, *_pids = _args[1:] if _stream else _args
     asyncio.run(
         _child(
             _url,
             int(_concurrency),
             float(_seconds),
             {k: int(v) for k, _, v in (p.partition("=") for p in _pids)},
+            _stream,
         )
     )

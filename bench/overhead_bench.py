@@ -10,17 +10,22 @@ and the anchor's trio. Ways in, interleaved at concurrency 1 and 32:
   → emulator, the answer back with the Submit, or through the Notifier);
 * **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process);
 * **serve_openai**: OpenAI's ``POST /v1/chat/completions`` to ``usher serve``'s gateway;
+* **direct_stream**, **serve_stream**: the same OpenAI call with ``stream: true`` (server-sent
+  events read to the end, as a chat page reads them) to the emulator itself and to ``usher
+  serve`` (a streamed answer goes through the Notifier's Watch, not the Submit's answer);
 * **anchor_trio**, **anchor_gateway**: the trio and gateway paths through the services as
   they were before issue 17 (``USHER_BENCH_ANCHOR``, a commit: ``2e6197e`` unless set; empty
   leaves them out), run from a throwaway git worktree of that commit beside this tree's
   stacks and driven by the same load generator, so the ratios issue 17 names come from one
   run;
-* **litellm**, **herd**: the same OpenAI call through the peers (``bench/peers.py``: LiteLLM's
-  proxy with one worker, ollama-herd's router and node agent), each at a pinned version in
-  its own venv; a peer that cannot be installed or started is reported with the reason.
+* **litellm**, **herd** (and **litellm_stream**, **herd_stream**): the same OpenAI call
+  through the peers (``bench/peers.py``: LiteLLM's proxy with one worker, ollama-herd's
+  router and node agent), each at a pinned version in its own venv; a peer that cannot be
+  installed or started is reported with the reason.
 
 Reported per path and concurrency: requests/s, p50/p95/p99 latency, and CPU ms per request of
-every process; the ratios to direct and the latency added. Every process shares the
+every process; the ratios to direct and the latency added (a streamed path's to
+direct_stream). Every process shares the
 machine's cores, so throughput is bounded by the CPU each request costs in all of them."""
 
 from __future__ import annotations
@@ -52,7 +57,17 @@ from bench.load import (
 from bench.stats import goal
 from usher.testing.stack import LocalStack, StackConfig
 
-PATHS = ("direct", "anchor_trio", "trio", "anchor_gateway", "gateway", "serve", "serve_openai")
+PATHS = (
+    "direct",
+    "anchor_trio",
+    "trio",
+    "anchor_gateway",
+    "gateway",
+    "serve",
+    "serve_openai",
+    "direct_stream",
+    "serve_stream",
+)
 #: Issue 17's anchor: main before its work (USHER_BENCH_ANCHOR; empty: none).
 ANCHOR = os.environ.get("USHER_BENCH_ANCHOR", "2e6197e")
 #: Issue 17: the trio (gRPC and through its gateway) at 1.5 times the anchor's c=32 throughput.
@@ -64,6 +79,8 @@ SECONDS = {
     1: {"direct": 3.0, "trio": 5.0, "gateway": 5.0, "serve": 5.0, "serve_openai": 5.0},
     32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0, "serve": 8.0, "serve_openai": 8.0},
 }
+for _by_path in SECONDS.values():  # streamed paths: as long as their whole counterparts
+    _by_path.update(direct_stream=_by_path["direct"], serve_stream=_by_path["serve"])
 GOAL_REQUESTS_PER_SECOND = 1000.0
 GOAL_ADDED_P50_MS = 3.0
 #: Issue 17: usher serve adds no more than ollama-herd (~2 ms at c=1) and spends ≤ 3 ms of
@@ -140,6 +157,14 @@ async def measure() -> tuple[
                 "gateway": (stack, http_generate(http, stack.gateway_url, with_token=True)),
                 "serve": (serve, http_generate(http, serve.gateway_url, with_token=True)),
                 "serve_openai": (serve, http_chat(http, serve.gateway_url, with_token=True)),
+                "direct_stream": (
+                    stack,
+                    http_chat(http, stack.model_urls[0], with_token=False, stream=True),
+                ),
+                "serve_stream": (
+                    serve,
+                    http_chat(http, serve.gateway_url, with_token=True, stream=True),
+                ),
             }
             if anchor is not None:
                 calls["anchor_trio"] = (anchor, trios[anchor])
@@ -158,7 +183,7 @@ async def measure() -> tuple[
                     loads[concurrency][path] = await closed_loop(
                         call, concurrency, seconds, pids[owner]
                     )
-                    if path != "direct" and concurrency == max(CONCURRENCY):
+                    if not path.startswith("direct") and concurrency == max(CONCURRENCY):
                         redis_work[path] = redis_work_per_request(
                             before,
                             _redis_calls(counters[owner]),
@@ -202,26 +227,33 @@ async def measure_peers(upstream: str, loads: dict[int, dict[str, Load]]) -> dic
     try:
         with peers.litellm(upstream, MODEL) as (url, key, pids):
             async with http_client(max(CONCURRENCY)) as http:
-                call = http_chat(http, url, with_token=False, api_key=key)
-                await closed_loop(call, 8, 1.5)  # warm up
+                calls = {
+                    name: http_chat(http, url, with_token=False, api_key=key, stream=stream)
+                    for name, stream in (("litellm", False), ("litellm_stream", True))
+                }
+                for call in calls.values():
+                    await closed_loop(call, 8, 1.5)  # warm up
                 for concurrency in CONCURRENCY:
                     seconds = SECONDS[concurrency]["serve"]
-                    loads[concurrency]["litellm"] = await closed_loop(
-                        call, concurrency, seconds, pids
-                    )
+                    for name, call in calls.items():
+                        loads[concurrency][name] = await closed_loop(
+                            call, concurrency, seconds, pids
+                        )
     except failures as exc:
         unavailable["litellm"] = str(exc)
     try:
         with peers.herd() as (namespace, url, pids):
             for concurrency in CONCURRENCY:
-                loads[concurrency]["herd"] = await asyncio.to_thread(
-                    peers.load_in_namespace,
-                    namespace,
-                    url,
-                    concurrency,
-                    SECONDS[concurrency]["serve"],
-                    pids,
-                )
+                for name, stream in (("herd", False), ("herd_stream", True)):
+                    loads[concurrency][name] = await asyncio.to_thread(
+                        peers.load_in_namespace,
+                        namespace,
+                        url,
+                        concurrency,
+                        SECONDS[concurrency]["serve"],
+                        pids,
+                        stream,
+                    )
     except failures as exc:
         unavailable["herd"] = str(exc)
     return unavailable
@@ -238,9 +270,11 @@ def summarize(
     summary["peers_unavailable"] = dict(unavailable or {})
     for concurrency, by_path in loads.items():
         figures = {path: load.figures() for path, load in by_path.items()}
-        direct = figures["direct"]
         section: dict[str, Any] = dict(figures)
-        for path in [p for p in by_path if p != "direct"]:
+        for path in [p for p in by_path if not p.startswith("direct")]:
+            # A streamed answer beside the model server's own streamed answer.
+            base = "direct_stream" if path.endswith("_stream") else "direct"
+            direct = figures.get(base, figures["direct"])
             section[f"{path}_over_direct_rps"] = (
                 figures[path]["requests_per_second"] / direct["requests_per_second"]
             )
@@ -293,6 +327,18 @@ def summarize(
             summary[top]["herd"]["requests_per_second"],
             at_most=False,
         )
+    # Streamed answers (as chat pages ask for them), through Usher and the peers side by
+    # side: the latency added at c=1 over the model server's own stream, and the proxy's
+    # throughput and CPU at c=32.
+    summary["streamed"] = {
+        path: {
+            f"added_p50_ms_{one}": summary[one][f"{path}_added_ms"]["p50"],
+            f"requests_per_second_{top}": summary[top][path]["requests_per_second"],
+            f"proxy_cpu_ms_per_request_{top}": _usher_cpu_ms(summary[top][path]),
+        }
+        for path in ("serve_stream", "herd_stream", "litellm_stream")
+        if path in summary[one] and path in summary[top]
+    }
     summary["note"] = (
         "closed loop, emulator in zero-delay mode (8 tokens); cpu_ms_per_request counts every "
         "process of the stack and this client, all on the same cores; at c=32 the direct path "

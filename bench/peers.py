@@ -273,10 +273,17 @@ def herd() -> Iterator[tuple[str, str, dict[str, int]]]:
 
 
 def load_in_namespace(
-    namespace: str, url: str, concurrency: int, seconds: float, pids: Mapping[str, int]
+    namespace: str,
+    url: str,
+    concurrency: int,
+    seconds: float,
+    pids: Mapping[str, int],
+    stream: bool = False,
 ) -> Load:
-    """A closed loop of OpenAI chat calls to ``url`` from inside ``namespace``."""
-    argv = [sys.executable, "-m", "bench.load", url, str(concurrency), str(seconds)]
+    """A closed loop of OpenAI chat calls to ``url`` from inside ``namespace`` (streamed
+    answers with ``stream``)."""
+    argv = [sys.executable, "-m", "bench.load", *(["--stream"] if stream else [])]
+    argv += [url, str(concurrency), str(seconds)]
     argv += [f"{name}={pid}" for name, pid in pids.items()]
     child = subprocess.run(
         ["ip", "netns", "exec", namespace, *argv],
