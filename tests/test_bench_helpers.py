@@ -1,6 +1,6 @@
 """The benchmarks' pure helpers (no services started): percentiles, JSON tidying, Jain's
 index and the non-preemptive floor the fairness scenario prints, the streaming scenario's
-token delays, word counts, ceiling and cores at a rate."""
+token delays, word counts, ceiling and cores at a rate, the overhead scenario's summary."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.fairness_bench import first_free_waits, jain
+from bench.load import Load
+from bench.overhead_bench import summarize
 from bench.stats import goal, percentile, tidy
 from bench.streaming_bench import ceiling, cores_at_rate, count_words, token_delays
 
@@ -86,3 +88,37 @@ def test_cores_at_a_rate_are_cpu_seconds_per_second_by_process() -> None:
     assert math.isclose(cores["serve"], 2.2)
     assert math.isclose(cores["emulators"], 0.975)
     assert math.isclose(cores["total"], 3.175)
+
+
+def _load(latency_ms: float, requests: int = 100, cpu_ms: float = 1.0) -> Load:
+    return Load(1, 1.0, [latency_ms / 1000] * requests, 0, {"proxy": cpu_ms * requests / 1000})
+
+
+def test_a_streamed_path_is_measured_against_the_model_servers_own_stream() -> None:
+    paths = ("trio", "gateway", "serve", "serve_openai", "herd")
+    loads = {
+        c: {
+            "direct": _load(1.0),
+            "direct_stream": _load(1.5),
+            **{path: _load(3.0) for path in paths},
+            "serve_stream": _load(4.0, cpu_ms=2.0),
+            "herd_stream": _load(4.5, requests=50),
+        }
+        for c in (1, 32)
+    }
+    summary = summarize(loads, {})
+    assert summary["c1"]["serve_added_ms"]["p50"] == 2.0  # over direct
+    assert summary["c1"]["serve_stream_added_ms"]["p50"] == 2.5  # over direct_stream
+    assert "direct_stream_added_ms" not in summary["c1"]
+    assert summary["streamed"] == {
+        "serve_stream": {
+            "added_p50_ms_c1": 2.5,
+            "requests_per_second_c32": 100.0,
+            "proxy_cpu_ms_per_request_c32": 2.0,
+        },
+        "herd_stream": {
+            "added_p50_ms_c1": 3.0,
+            "requests_per_second_c32": 50.0,
+            "proxy_cpu_ms_per_request_c32": 1.0,
+        },
+    }
