@@ -32,7 +32,7 @@ from usher.v1 import pool_pb2
 
 _REPLACE_HASH = (resources.files("services.pool") / "lua" / "replace_hash.lua").read_text()
 
-__all__ = ["InstanceState", "Registry", "health_after_check"]
+__all__ = ["InstanceState", "Registry", "connection_limit", "health_after_check"]
 
 log = get_logger(__name__)
 
@@ -407,5 +407,27 @@ def _fits(state: InstanceState, size: int) -> bool:
     return evictions_to_fit(state.view(), size, time.time()) is not None
 
 
+#: The fewest connections the Pool may hold open to one model server.
+MIN_CONNECTIONS = 256
+#: Connections beyond a server's slots: its health checks, listings and model loads.
+CONTROL_CONNECTIONS = 16
+
+
+def connection_limit(spec: InstanceSpec) -> int:
+    """The most connections the Pool holds open to one model server: one for every call its
+    slots let run at once (``parallel`` for one model, times ``max_loaded_models`` when that
+    bounds them) and a few for control calls, at least MIN_CONNECTIONS. A call past the cap
+    waits for a free connection and, after the connect timeout, fails over: from a server
+    whose slots were free (with the cap at 256 whatever the slots, 320 streams on one server
+    of ``parallel=500`` waited up to 17 s for their first token)."""
+    slots = spec.parallel * max(1, spec.max_loaded_models)
+    return max(MIN_CONNECTIONS, slots + CONTROL_CONNECTIONS)
+
+
 def _default_upstream(spec: InstanceSpec) -> Upstream:
-    return make_upstream(spec.kind, spec.base_url, api_key=upstream_api_key(spec.api_key_env))
+    return make_upstream(
+        spec.kind,
+        spec.base_url,
+        api_key=upstream_api_key(spec.api_key_env),
+        max_connections=connection_limit(spec),
+    )

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from services.pool.app import PoolApp
 from services.pool.placer import place_once
+from services.pool.registry import CONTROL_CONNECTIONS, MIN_CONNECTIONS, connection_limit
 from services.pool.routing import Strategy
 from services.pool.settings import InstanceSpec, PoolSettings
 from tests.pool.conftest import fast_emulator_config
@@ -671,3 +672,35 @@ async def test_a_slot_kept_a_while_makes_way_for_a_reserve_of_its_model(
 
 async def _collect(call: Any) -> list[pool_pb2.GenerateResponse]:
     return [e async for e in call]
+
+
+def test_the_connections_to_a_model_server_follow_its_slots() -> None:
+    def limit(**spec: Any) -> int:
+        return connection_limit(InstanceSpec(id="a", base_url="http://127.0.0.1:1", **spec))
+
+    assert limit(parallel=4) == MIN_CONNECTIONS
+    assert limit(parallel=500) == 500 + CONTROL_CONNECTIONS
+    assert limit(parallel=100, max_loaded_models=3) == 300 + CONTROL_CONNECTIONS
+
+
+async def test_every_slot_of_a_wide_server_runs_at_once(make_pool: Any) -> None:
+    """A server with more slots than the least number of connections (a vLLM's 300
+    sequences, say): each slot's call gets its own connection at once; none waits for one
+    to free (and fails over after the connect timeout), and the health checks still get
+    theirs."""
+    wide = MIN_CONNECTIONS + 44
+    config = fast_emulator_config(tokens_per_second=10, output_tokens=(15, 15), num_parallel=wide)
+    async with EmulatorFleet([config]) as fleet, make_pool(fleet.urls, parallel=wide) as pool:
+        slots = [await reserve(pool) for _ in range(wide)]
+
+        async def first_delta(slot: pool_pb2.Slot) -> str:
+            request = generate_request(slot)
+            async for event in pool.stub.Generate(request, metadata=SVC, timeout=30):
+                if event.HasField("delta"):
+                    return "delta"
+            return "no output"
+
+        outcomes = await asyncio.gather(*(first_delta(slot) for slot in slots))
+        assert outcomes == ["delta"] * wide
+        # All at once on the server (not the connections' number, then the rest).
+        assert fleet[0].stats.models[MODEL].in_flight_max == wide
