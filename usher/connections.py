@@ -19,15 +19,17 @@ unreachable: a restart, an election) and the TLS options ``ssl_ca_certs``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -237,10 +239,69 @@ def _client_kwargs(target: RedisTarget, max_connections: int) -> dict[str, Any]:
     }
 
 
+#: Connections to each Cluster node beyond the calls a client lets run at once: the slot
+#: map's refreshes and a pub/sub subscription take their own.
+_CLUSTER_SPARE_CONNECTIONS = 8
+#: Set while a task runs a call that holds one of its Cluster client's turns: the calls it
+#: makes inside (a pipeline's redirected commands) run on that turn.
+_HOLDS_TURN: ContextVar[bool] = ContextVar("usher_cluster_turn", default=False)
+
+
+class _QueuingCluster(RedisCluster):
+    """A Cluster client whose calls wait their turn when ``calls`` are already running (as
+    the standalone pool's wait for a free connection, up to POOL_WAIT_SECONDS): redis-py's
+    Cluster client fails a call at once (MaxConnectionsError) when a node has no free
+    connection left, so a burst (a hundred streams starting at once) failed calls that
+    the other topologies queue."""
+
+    def __init__(self, *args: Any, calls: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(calls)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if _HOLDS_TURN.get():
+            yield
+            return
+        try:
+            async with asyncio.timeout(POOL_WAIT_SECONDS):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise ConnectionError(
+                f"no free Redis Cluster connection in {POOL_WAIT_SECONDS:.0f} s"
+            ) from None
+        holding = _HOLDS_TURN.set(True)
+        try:
+            yield
+        finally:
+            _HOLDS_TURN.reset(holding)
+            self._turns.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused as redis-py refuses it
+        # (redis-py's stubs leave an attribute of its pipelines abstract: they are built so.)
+        return _QueuingPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _QueuingPipeline(ClusterPipeline):
+    """A pipeline of ``_QueuingCluster``: its execution takes one turn."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = cast(_QueuingCluster, self.cluster_client)
+        async with client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
 def _cluster(target: RedisTarget, max_connections: int) -> RedisCluster:
-    return RedisCluster(
+    return _QueuingCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-        **_client_kwargs(target, max_connections),
+        calls=max_connections,
+        **_client_kwargs(target, max_connections + _CLUSTER_SPARE_CONNECTIONS),
     )
 
 
