@@ -415,13 +415,12 @@ CONTROL_CONNECTIONS = 16
 
 def connection_limit(spec: InstanceSpec) -> int:
     """The most connections the Pool holds open to one model server: one for every call its
-    slots let run at once (``parallel`` for one model, times ``max_loaded_models`` when that
-    bounds them) and a few for control calls, at least MIN_CONNECTIONS. A call past the cap
-    waits for a free connection and, after the connect timeout, fails over: from a server
-    whose slots were free (with the cap at 256 whatever the slots, 320 streams on one server
-    of ``parallel=500`` waited up to 17 s for their first token)."""
-    slots = spec.parallel * max(1, spec.max_loaded_models)
-    return max(MIN_CONNECTIONS, slots + CONTROL_CONNECTIONS)
+    slots let run at once (``concurrent_calls``) and a few for control calls, at least
+    MIN_CONNECTIONS. A call past the cap waits for a free connection and, after the connect
+    timeout, fails over: from a server whose slots were free (with the cap at 256 whatever
+    the slots, 320 streams on one server of ``parallel=500`` waited up to 17 s for their
+    first token)."""
+    return max(MIN_CONNECTIONS, spec.concurrent_calls + CONTROL_CONNECTIONS)
 
 
 def _default_upstream(spec: InstanceSpec) -> Upstream:

@@ -293,7 +293,7 @@ class FleetRouter:
         trials = self._admit(state, model)
         if trials is None:
             return None
-        limit = state.spec.parallel * max(1, state.spec.max_loaded_models)
+        limit = state.spec.concurrent_calls
         grant = await self.slots.try_reserve(
             instance,
             model,

@@ -371,6 +371,12 @@ class InstanceSpec(BaseModel):
         return replaced(self, changes)
 
     @property
+    def concurrent_calls(self) -> int:
+        """The generations its slots let run at once: ``parallel`` for one model, times
+        ``max_loaded_models`` when that bounds the models loaded together."""
+        return self.parallel * max(1, self.max_loaded_models)
+
+    @property
     def local(self) -> bool:
         """Runs on this machine (so its memory is psutil's to measure)."""
         return is_local_url(self.base_url)

@@ -45,7 +45,7 @@ from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 from usher.waiters import Waiters
 
-__all__ = ["DispatchSettings", "Dispatcher", "Expected"]
+__all__ = ["DispatchSettings", "Dispatcher", "Expected", "loops_for_slots"]
 
 log = get_logger(__name__)
 
@@ -54,6 +54,9 @@ log = get_logger(__name__)
 #: IDLE_POLL_MAX_SECONDS, until a submit here or work found brings it back.
 IDLE_POLL_SECONDS = 0.05
 IDLE_POLL_MAX_SECONDS = 0.5
+#: One loop in this many runs requests routed to the external provider; the others run
+#: those of the local fleet.
+EXTERNAL_LOOP_EVERY = 8
 #: The model set is read again at most this often (it grows when a model first queues).
 MODELS_CACHE_SECONDS = 1.0
 #: How long a request's ending waits for its heartbeat to stop (it stops within a turn).
@@ -80,6 +83,21 @@ KEPT_LANDING_SECONDS = 0.005
 COMPLETED = request_pb2.REQUEST_STATE_COMPLETED
 FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
+
+
+def _external_loop(index: int) -> bool:
+    return index % EXTERNAL_LOOP_EVERY == EXTERNAL_LOOP_EVERY - 1
+
+
+def loops_for_slots(local: int, external: int) -> int:
+    """The fewest loops (``concurrency``) with a loop for each of ``local`` slots of the
+    local fleet and each of ``external`` slots of the external provider."""
+    loops = local
+    while loops - sum(map(_external_loop, range(loops))) < local:
+        loops += 1
+    while sum(map(_external_loop, range(loops))) < external:
+        loops += 1
+    return loops
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,7 +671,7 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         loops = [
-            asyncio.create_task(self._loop(stop, external=i % 8 == 7))
+            asyncio.create_task(self._loop(stop, external=_external_loop(i)))
             for i in range(self.settings.concurrency)
         ]
         loops.append(asyncio.create_task(self._listen_for_cancels(stop)))
