@@ -86,16 +86,16 @@ CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
 
 
 def _external_loop(index: int) -> bool:
+    """Whether the loop of this index runs the external provider's requests (of the first
+    ``n`` loops, ``n // EXTERNAL_LOOP_EVERY`` do)."""
     return index % EXTERNAL_LOOP_EVERY == EXTERNAL_LOOP_EVERY - 1
 
 
 def loops_for_slots(local: int, external: int) -> int:
     """The fewest loops (``concurrency``) with a loop for each of ``local`` slots of the
     local fleet and each of ``external`` slots of the external provider."""
-    loops = local
-    while loops - sum(map(_external_loop, range(loops))) < local:
-        loops += 1
-    while sum(map(_external_loop, range(loops))) < external:
+    loops = max(local, external * EXTERNAL_LOOP_EVERY)  # fewer can't have either
+    while loops - loops // EXTERNAL_LOOP_EVERY < local:
         loops += 1
     return loops
 
