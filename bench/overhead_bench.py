@@ -10,9 +10,10 @@ and the anchor's trio. Ways in, interleaved at concurrency 1 and 32:
   → emulator, the answer back with the Submit, or through the Notifier);
 * **serve**: the same Ollama call to ``usher serve``'s gateway (the same path in process);
 * **serve_openai**: OpenAI's ``POST /v1/chat/completions`` to ``usher serve``'s gateway;
-* **direct_stream**, **serve_stream**: the same OpenAI call with ``stream: true`` (server-sent
-  events read to the end, as a chat page reads them) to the emulator itself and to ``usher
-  serve`` (a streamed answer goes through the Notifier's Watch, not the Submit's answer);
+* **direct_stream**, **gateway_stream**, **serve_stream**: the same OpenAI call with
+  ``stream: true`` (server-sent events read to the end, as a chat page reads them) to the
+  emulator itself, to the trio's gateway and to ``usher serve`` (a streamed answer goes
+  through the Notifier's Watch, not the Submit's answer);
 * **anchor_trio**, **anchor_gateway**: the trio and gateway paths through the services as
   they were before issue 17 (``USHER_BENCH_ANCHOR``, a commit: ``2e6197e`` unless set; empty
   leaves them out), run from a throwaway git worktree of that commit beside this tree's
@@ -66,6 +67,7 @@ PATHS = (
     "serve",
     "serve_openai",
     "direct_stream",
+    "gateway_stream",
     "serve_stream",
 )
 #: Issue 17's anchor: main before its work (USHER_BENCH_ANCHOR; empty: none).
@@ -80,7 +82,11 @@ SECONDS = {
     32: {"direct": 4.0, "trio": 8.0, "gateway": 8.0, "serve": 8.0, "serve_openai": 8.0},
 }
 for _by_path in SECONDS.values():  # streamed paths: as long as their whole counterparts
-    _by_path.update(direct_stream=_by_path["direct"], serve_stream=_by_path["serve"])
+    _by_path.update(
+        direct_stream=_by_path["direct"],
+        gateway_stream=_by_path["gateway"],
+        serve_stream=_by_path["serve"],
+    )
 GOAL_REQUESTS_PER_SECOND = 1000.0
 GOAL_ADDED_P50_MS = 3.0
 #: Issue 17: usher serve adds no more than ollama-herd (~2 ms at c=1) and spends ≤ 3 ms of
@@ -160,6 +166,10 @@ async def measure() -> tuple[
                 "direct_stream": (
                     stack,
                     http_chat(http, stack.model_urls[0], with_token=False, stream=True),
+                ),
+                "gateway_stream": (
+                    stack,
+                    http_chat(http, stack.gateway_url, with_token=True, stream=True),
                 ),
                 "serve_stream": (
                     serve,
@@ -336,7 +346,7 @@ def summarize(
             f"requests_per_second_{top}": summary[top][path]["requests_per_second"],
             f"proxy_cpu_ms_per_request_{top}": _usher_cpu_ms(summary[top][path]),
         }
-        for path in ("serve_stream", "herd_stream", "litellm_stream")
+        for path in ("serve_stream", "gateway_stream", "herd_stream", "litellm_stream")
         if path in summary[one] and path in summary[top]
     }
     summary["note"] = (
