@@ -171,14 +171,51 @@ class _Parked:
     holding: _Holding | None = None
 
 
+class _Primed:
+    """A streamed Generate whose first message is asked for at once: the call (a gRPC one,
+    or the in-process Pool's, which runs only when read) then reaches the model server now.
+    Read on as the call itself; ``cancel`` ends both."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._messages = call.__aiter__()
+        self._first: asyncio.Future[Any] | None = asyncio.ensure_future(self._messages.__anext__())
+        # A first message never read (cancelled early start): its outcome is nobody's.
+        self._first.add_done_callback(_ignore_outcome)
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    async def __anext__(self) -> Any:
+        first, self._first = self._first, None
+        if first is not None:
+            return await first
+        return await self._messages.__anext__()
+
+    def cancel(self) -> bool:
+        if self._first is not None:
+            self._first.cancel()
+        return bool(self._call.cancel())
+
+    def done(self) -> bool:
+        return False  # its end is read from the stream, not awaited
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(frozen=True, slots=True)
 class _EarlyStart:
     """A request's Generate sent on its parked loop's slot beside its enqueue (the model
     server works while the enqueue's round trip is under way), not yet known to be its own."""
 
-    call: asyncio.Future[Any]
+    #: GenerateWhole's answer, or (``whole`` False) the streamed Generate, first message asked.
+    call: asyncio.Future[Any] | _Primed
     #: When it was sent (monotonic), for the answer's service time.
     at: float
+    whole: bool = True
 
 
 class Expected:
@@ -399,18 +436,19 @@ class Dispatcher:
     ) -> _EarlyStart | None:
         """The request's Generate on ``parked``'s slot, sent now beside its enqueue, so the
         model server works through the enqueue's round trip instead of after it: when its
-        caller waits for the end of a short, result-only answer and the claim riding the
-        enqueue should take this request (nothing of its model is believed queued, and no
-        other Submit of it is on its way here: enqueues racing each other make a queue
-        whose fair head may be another's). It is the request's only once its claim says so
-        (``_enqueued``); else it is cancelled before any output is read. Not for a request
-        that may join another (dedup) or repeat one (an idempotency key): those are not the
-        request claimed."""
+        caller waits for the end of a short, result-only answer, or streams the answer (it
+        watches for the tokens), and the claim riding the enqueue should take this request
+        (nothing of its model is believed queued, and no other Submit of it is on its way
+        here: enqueues racing each other make a queue whose fair head may be another's). It
+        is the request's only once its claim says so (``_enqueued``); else it is cancelled
+        before any output is read (a streamed one's first message, asked for to start it,
+        is dropped unread). Not for a request that may join another (dedup) or repeat one
+        (an idempotency key): those are not the request claimed."""
         holding = parked.holding
+        whole = request.result_only
         if (
             holding is None
-            or not expected.await_end
-            or not request.result_only
+            or (whole and not expected.await_end)
             or request.fingerprint
             or request.idempotency_key
             or request.prompt_tokens > EARLY_START_MAX_PROMPT_TOKENS
@@ -421,9 +459,10 @@ class Dispatcher:
             return None
         submit = scheduler_pb2.SubmitRequest.FromString(request.payload)
         call = self._generate_call(
-            submit, request.id, request.traceparent, request.deadline_ms, holding, whole=True
+            submit, request.id, request.traceparent, request.deadline_ms, holding, whole
         )
-        return _EarlyStart(asyncio.ensure_future(call), time.monotonic())
+        started = asyncio.ensure_future(call) if whole else _Primed(call)
+        return _EarlyStart(started, time.monotonic(), whole)
 
     def _landed(
         self,
@@ -952,7 +991,7 @@ class Dispatcher:
         early = self._early.pop(lease.request.id, None)
         call: Any
         if early is not None:  # sent beside its enqueue, on this loop's slot
-            call, whole, started = early.call, True, early.at
+            call, whole, started = early.call, early.whole, early.at
         else:
             # A caller of the result alone over gRPC: one unary call (a stream of one
             # message costs more on both ends); in process (usher serve) streams cost

@@ -1,7 +1,8 @@
 """The early start (``Dispatcher._start_early``) on real servers: the Pool (gRPC, real Redis,
 an emulated Ollama) and the Scheduler's store on a real Redis. A Submit that waits for the
-end of a short, result-only answer has its Generate sent on the parked loop's slot beside
-its enqueue; it runs on only when the claim riding the enqueue took that request."""
+end of a short, result-only answer, or whose answer is streamed, has its Generate sent on
+the parked loop's slot beside its enqueue; it runs on only when the claim riding the
+enqueue took that request."""
 
 from __future__ import annotations
 
@@ -100,3 +101,61 @@ async def test_no_early_start_while_another_submit_of_the_model_is_on_its_way(
         other.end()
         assert await loops.run_request(lease, slot) is not None
         assert expected.ended is not None and (await expected.ended) is not None
+
+
+async def test_a_streamed_answer_started_early_streams_its_tokens_once_claimed(
+    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+) -> None:
+    async with dispatcher_on_a_pool(
+        redis_server.url, redis_client, time_to_first_token=0.2
+    ) as loops:
+        expected = await loops.expect(MODEL)
+        slot, claim = await parked_with_a_slot(loops)
+        outcome = await expected.enqueue(new_request(model=MODEL))
+        lease = await claim
+        assert lease is not None and lease.request.id == outcome.request_id
+        early = loops._early[lease.request.id]
+        assert not early.whole  # streamed: its first message asked for, not yet come
+        assert await loops.run_request(lease, slot) is not None
+        assert not loops._early
+        stored = await loops.store.inspect(MODEL, outcome.request_id)
+        assert stored is not None and stored.state == request_pb2.REQUEST_STATE_COMPLETED
+        watched = await loops.store.open_watch(MODEL, outcome.request_id, "0-0")
+        assert watched is not None
+        kinds = [fields.get("type") for _, fields in watched.events]
+        assert "tokens" in kinds and kinds[-1] == "completed"
+        text = "".join(f["text"] for _, f in watched.events if f.get("type") == "tokens")
+        assert text and request_pb2.RequestResult.FromString(stored.result).text == text
+
+
+async def test_a_streamed_early_start_the_claim_did_not_take_writes_nothing(
+    redis_server: RedisServer | ExternalRedis, redis_client: aioredis.Redis
+) -> None:
+    """As for an answer read whole: the older request is claimed, the early call is
+    cancelled (its first message unread), no slot stays held, both wait queued, and the
+    streamed request has no output written."""
+    async with dispatcher_on_a_pool(
+        redis_server.url, redis_client, time_to_first_token=0.05
+    ) as loops:
+        store = loops.store
+        older = await store.submit(new_request(model=MODEL))
+        expected = await loops.expect(MODEL)
+        slot, claim = await parked_with_a_slot(loops)
+        outcome = await expected.enqueue(new_request(model=MODEL))
+        assert outcome.started is None
+        assert await claim is None
+        assert not loops._early
+        await loops._release(slot)
+        for _ in range(100):
+            if await slots_held(redis_client) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await slots_held(redis_client) == 0
+        await loops._background.drain()
+        await asyncio.sleep(0.2)  # past the model server's first token, had it been read
+        for request_id in (older.request_id, outcome.request_id):
+            stored = await store.inspect(MODEL, request_id)
+            assert stored is not None and stored.state == QUEUED, request_id
+        watched = await store.open_watch(MODEL, outcome.request_id, "0-0")
+        assert watched is not None
+        assert [f.get("type") for _, f in watched.events if f.get("type") == "tokens"] == []
