@@ -92,7 +92,7 @@ def scheduler_settings(
     dispatch, and a fleet of more slots than its loops would leave slots idle while
     requests wait (a trio Scheduler keeps its default: it scales out by replicas)."""
     settings = SchedulerSettings.from_env(env)
-    if env.get("USHER_DISPATCH_CONCURRENCY", "").strip():
+    if "dispatch_concurrency" in settings.model_fields_set:
         return settings
     local = sum(spec.concurrent_calls for spec in instances if not spec.external)
     external = sum(spec.concurrent_calls for spec in instances if spec.external)

@@ -197,9 +197,6 @@ class _Primed:
             self._first.cancel()
         return bool(self._call.cancel())
 
-    def done(self) -> bool:
-        return False  # its end is read from the stream, not awaited
-
 
 def _ignore_outcome(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
@@ -1008,8 +1005,8 @@ class Dispatcher:
             started = time.monotonic()
         progress = ProgressBuffer(self.progress, lease, self.settings.token_flush_seconds)
         keeping = (slot, kept) if kept else None
-        if early is not None and early.call.done():
-            # Answered before its claim came back: nothing is left to watch over.
+        if early is not None and isinstance(early.call, asyncio.Future) and early.call.done():
+            # Answered whole before its claim came back: nothing is left to watch over.
             work_or_error = await self._consume(call, progress, lease, started, keeping, whole)
         else:
             ended = asyncio.Event()
