@@ -30,9 +30,8 @@ from services.gateway.settings import GatewaySettings
 from services.notifier.app import NotifierApp
 from services.notifier.settings import NotifierSettings
 from services.pool.app import PoolApp
-from services.pool.settings import InstanceSpec, load_pool_settings
+from services.pool.settings import load_pool_settings
 from services.scheduler.app import SchedulerApp
-from services.scheduler.dispatcher import loops_for_slots
 from services.scheduler.settings import SchedulerSettings
 from usher import eventloop, tracing
 from usher.config import ConfigError
@@ -41,7 +40,7 @@ from usher.logs import configure_logging, get_logger
 from usher.production import require_production_ready
 from usher.v1 import pool_pb2_grpc
 
-__all__ = ["ServeApp", "dial_address", "main", "scheduler_settings", "serve_environment"]
+__all__ = ["ServeApp", "dial_address", "main", "serve_environment"]
 
 log = get_logger(__name__)
 
@@ -78,28 +77,6 @@ def serve_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-#: The most requests ``usher serve`` runs at once by default, whatever its fleet's slots
-#: (USHER_DISPATCH_CONCURRENCY sets any number).
-MAX_DEFAULT_DISPATCH = 1024
-
-
-def scheduler_settings(
-    env: Mapping[str, str], instances: Sequence[InstanceSpec]
-) -> SchedulerSettings:
-    """The Scheduler's settings in this process. With USHER_DISPATCH_CONCURRENCY unset, it
-    runs as many requests at once as the configured fleet has slots (at least the
-    Scheduler's default, at most MAX_DEFAULT_DISPATCH): the one process is the whole
-    dispatch, and a fleet of more slots than its loops would leave slots idle while
-    requests wait (a trio Scheduler keeps its default: it scales out by replicas)."""
-    settings = SchedulerSettings.from_env(env)
-    if "dispatch_concurrency" in settings.model_fields_set:
-        return settings
-    local = sum(spec.concurrent_calls for spec in instances if not spec.external)
-    external = sum(spec.concurrent_calls for spec in instances if spec.external)
-    loops = min(MAX_DEFAULT_DISPATCH, loops_for_slots(local, external))
-    return settings.replace(dispatch_concurrency=max(settings.dispatch_concurrency, loops))
-
-
 class ServeApp:
     """The four services wired in one event loop (build it inside the running loop)."""
 
@@ -111,7 +88,7 @@ class ServeApp:
         # before the Scheduler; the others' servicers join it once built.
         self.local = LocalChannel.serving(self.pool.registrations)
         self.scheduler = SchedulerApp(
-            scheduler_settings(env, self.pool.settings.instances),
+            SchedulerSettings.from_env(env),
             pool=pool_pb2_grpc.PoolServiceStub(self.local.as_channel()),
         )
         self.notifier = NotifierApp(NotifierSettings.from_env(quiet))

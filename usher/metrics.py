@@ -18,6 +18,7 @@ from usher.settings import UsherSettings
 __all__ = [
     "CIRCUIT_STATE",
     "DEDUP_HITS",
+    "DISPATCH_LOOPS",
     "EARLY_STARTS",
     "ETA_ERROR",
     "FANOUT_LAG",
@@ -118,6 +119,10 @@ EARLY_STARTS = Counter(
     "usher_early_starts_total",
     "Generates sent beside their request's enqueue, by whether the claim then took it.",
     ["model", "outcome"],
+)
+DISPATCH_LOOPS = Gauge(
+    "usher_dispatch_loops",
+    "Requests this Scheduler replica can run at once (its dispatch loops).",
 )
 QUEUE_DEPTH = Gauge("usher_queue_depth", "Requests waiting in the model's queue.", ["model"])
 QUEUE_RUNNING = Gauge("usher_queue_running", "Requests of the model being run.", ["model"])

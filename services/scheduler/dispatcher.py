@@ -22,6 +22,7 @@ from typing import Any, cast
 import grpc
 
 from services.scheduler.anticipation import Anticipation
+from services.scheduler.fleet import DEFAULT_LOOPS, external_loop, loops_for_fleet
 from services.scheduler.progress import ProgressBuffer, ProgressWriter
 from services.scheduler.quotas import Footprint, Quotas
 from services.scheduler.store import (
@@ -45,7 +46,7 @@ from usher.tls import ClientTls, open_channel
 from usher.v1 import pool_pb2, pool_pb2_grpc, request_pb2, scheduler_pb2
 from usher.waiters import Waiters
 
-__all__ = ["DispatchSettings", "Dispatcher", "Expected", "loops_for_slots"]
+__all__ = ["DispatchSettings", "Dispatcher", "Expected"]
 
 log = get_logger(__name__)
 
@@ -54,15 +55,16 @@ log = get_logger(__name__)
 #: IDLE_POLL_MAX_SECONDS, until a submit here or work found brings it back.
 IDLE_POLL_SECONDS = 0.05
 IDLE_POLL_MAX_SECONDS = 0.5
-#: One loop in this many runs requests routed to the external provider; the others run
-#: those of the local fleet.
-EXTERNAL_LOOP_EVERY = 8
 #: The model set is read again at most this often (it grows when a model first queues).
 MODELS_CACHE_SECONDS = 1.0
 #: How long a request's ending waits for its heartbeat to stop (it stops within a turn).
 HEARTBEAT_STOP_SECONDS = 5.0
 #: How much longer than a request's run-time limit the dispatcher waits for the Pool to end it.
 RUN_LIMIT_MARGIN_SECONDS = 10.0
+#: How often a replica following its fleet asks the Pool for the fleet's slots; after a
+#: failed ask (the Pool not up yet), FLEET_RETRY_SECONDS.
+FLEET_REFRESH_SECONDS = 5.0
+FLEET_RETRY_SECONDS = 1.0
 #: Longest an idle loop sleeps unwoken (a safety net: work wakes loops one at a time).
 IDLE_REST_SECONDS = 1.0
 #: A loop whose slot the Pool kept after an answer, with nothing of its model queued, waits
@@ -85,27 +87,13 @@ FAILED = request_pb2.REQUEST_STATE_FAILED
 CANCELLED = request_pb2.REQUEST_STATE_CANCELLED
 
 
-def _external_loop(index: int) -> bool:
-    """Whether the loop of this index runs the external provider's requests (of the first
-    ``n`` loops, ``n // EXTERNAL_LOOP_EVERY`` do)."""
-    return index % EXTERNAL_LOOP_EVERY == EXTERNAL_LOOP_EVERY - 1
-
-
-def loops_for_slots(local: int, external: int) -> int:
-    """The fewest loops (``concurrency``) with a loop for each of ``local`` slots of the
-    local fleet and each of ``external`` slots of the external provider."""
-    loops = max(local, external * EXTERNAL_LOOP_EVERY)  # fewer can't have either
-    while loops - loops // EXTERNAL_LOOP_EVERY < local:
-        loops += 1
-    return loops
-
-
 @dataclass(frozen=True, slots=True)
 class DispatchSettings:
     pool_address: str
     service_token: str
-    #: Requests this replica runs at once (across models).
-    concurrency: int = 16
+    #: Requests this replica runs at once (across models); None: a loop for each slot of
+    #: the fleet, as the Pool lists it (fleet.py).
+    concurrency: int | None = None
     reserve_wait_seconds: float = 5.0
     #: Tokens are appended to a request's stream at most this often, batched.
     token_flush_seconds: float = 0.05
@@ -327,6 +315,9 @@ class Dispatcher:
         #: the loop handed the lease runs on with it (``run_request``).
         self._early: dict[str, _EarlyStart] = {}
         self._background = Background()
+        #: Dispatch loops by index, and how many are wanted (``resize``).
+        self._loops: dict[int, asyncio.Task[None]] = {}
+        self._loops_wanted = 0
 
     async def aclose(self) -> None:
         for early in self._early.values():  # handed to loops that stopped before running
@@ -706,28 +697,69 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        loops = [
-            asyncio.create_task(self._loop(stop, external=_external_loop(i)))
-            for i in range(self.settings.concurrency)
-        ]
-        loops.append(asyncio.create_task(self._listen_for_cancels(stop)))
-        loops.append(asyncio.create_task(self._poll_for_work(stop)))
-        await asyncio.gather(*loops)
+        self.resize(self.settings.concurrency or DEFAULT_LOOPS)
+        helpers = [self._listen_for_cancels(stop), self._poll_for_work(stop)]
+        if self.settings.concurrency is None:
+            helpers.append(self._follow_fleet(stop))
+        try:
+            await asyncio.gather(*helpers)
+            while self._loops:  # each ends once stop is set (a request finishing first)
+                await asyncio.gather(*self._loops.values())
+        except BaseException:
+            for task in self._loops.values():
+                task.cancel()
+            raise
 
-    async def _loop(self, stop: asyncio.Event, external: bool) -> None:
+    @property
+    def loops(self) -> int:
+        """Dispatch loops wanted now (those beyond it end once idle)."""
+        return self._loops_wanted
+
+    def resize(self, loops: int) -> None:
+        """Run ``loops`` dispatch loops: the missing ones start now; those of an index at
+        or beyond it end when they next go idle."""
+        self._loops_wanted = loops
+        metrics.DISPATCH_LOOPS.set(loops)
+        for index in range(loops):
+            if index not in self._loops:
+                self._loops[index] = asyncio.create_task(self._loop(index))
+
+    async def _follow_fleet(self, stop: asyncio.Event) -> None:
+        """A loop for each slot of the fleet, as the Pool lists it now and then."""
+        while not stop.is_set():
+            rest = FLEET_REFRESH_SECONDS
+            try:
+                listed = await self._pool.ListInstances(
+                    pool_pb2.ListInstancesRequest(), metadata=self._metadata, timeout=5.0
+                )
+            except grpc.aio.AioRpcError as error:
+                log.debug("fleet not listed", code=error.code().name)
+                rest = FLEET_RETRY_SECONDS
+            else:
+                wanted = loops_for_fleet(listed.instances)
+                if wanted != self._loops_wanted:
+                    log.info("dispatch loops follow the fleet", loops=wanted)
+                    self.resize(wanted)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rest)
+
+    async def _loop(self, index: int) -> None:
+        external = external_loop(index)
         kept = _KeptSlot()
         try:
-            await self._dispatch_until(stop, external, kept)
+            await self._dispatch_until(index, external, kept)
         finally:
-            if kept.slot is not None:  # shutting down: its slot goes back now
+            if self._loops.get(index) is asyncio.current_task():
+                del self._loops[index]
+            if kept.slot is not None:  # ending: its slot goes back now
                 self._count_kept(kept.slot.model, -1)
                 if kept.counted:
                     self._reserving[external] -= 1
                 with contextlib.suppress(Exception):
                     await self._release(kept.slot)
 
-    async def _dispatch_until(self, stop: asyncio.Event, external: bool, kept: _KeptSlot) -> None:
-        while not stop.is_set():
+    async def _dispatch_until(self, index: int, external: bool, kept: _KeptSlot) -> None:
+        while not self._stop.is_set() and index < self._loops_wanted:
             try:
                 worked = await self.dispatch_one(external, kept)
             except grpc.aio.AioRpcError as error:

@@ -64,8 +64,9 @@ class SchedulerSettings(ServiceSettings):
     pool_address: str = ""
     #: The token this replica presents to the Pool (a principal with the "service" role).
     service_token: str = ""
-    #: Requests this replica runs at once.
-    dispatch_concurrency: int = Field(16, ge=1)
+    #: Requests this replica runs at once; unset: one for each slot of the fleet, as the
+    #: Pool lists it (services/scheduler/fleet.py).
+    dispatch_concurrency: int | None = Field(None, ge=1)
     #: After a flow's answer, the next slot of its model waits this long for the flow's
     #: next request when the flow has been coming back that fast (anticipatory idling,
     #: services/scheduler/anticipation.py); 0 = never.
