@@ -772,6 +772,9 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             if not worked:
                 await self._idle[external].wait(None, IDLE_REST_SECONDS)
+        if not self._stop.is_set() and self._work(external):
+            # Ended by a smaller fleet, perhaps just woken for work: the wake goes on.
+            self._idle[external].wake_first()
 
     async def dispatch_one(self, external: bool = False, kept: _KeptSlot | None = None) -> bool:
         """Reserve a slot, claim a request and run it; False when there was nothing to
