@@ -711,9 +711,14 @@ class Dispatcher:
             raise
 
     @property
-    def loops(self) -> int:
+    def loops_wanted(self) -> int:
         """Dispatch loops wanted now (those beyond it end once idle)."""
         return self._loops_wanted
+
+    @property
+    def loops_running(self) -> int:
+        """Dispatch loops running now (more than wanted while the extra ones finish)."""
+        return len(self._loops)
 
     def resize(self, loops: int) -> None:
         """Run ``loops`` dispatch loops: the missing ones start now; those of an index at
@@ -732,8 +737,8 @@ class Dispatcher:
                 listed = await self._pool.ListInstances(
                     pool_pb2.ListInstancesRequest(), metadata=self._metadata, timeout=5.0
                 )
-            except grpc.aio.AioRpcError as error:
-                log.debug("fleet not listed", code=error.code().name)
+            except Exception as error:  # the Pool away or not up yet: asked again soon
+                log.debug("fleet not listed", error=str(error))
                 rest = FLEET_RETRY_SECONDS
             else:
                 wanted = loops_for_fleet(listed.instances)

@@ -32,6 +32,7 @@ from services.scheduler.store import QueueStore
 from tests.pool.conftest import fast_emulator_config
 from tests.pool.test_pool_service import ROOT, RunningPool, running_pool, settings_for
 from usher.emulator import EmulatorFleet
+from usher.testing.processes import free_port
 from usher.testing.redis_server import ExternalRedis, RedisServer
 from usher.testing.stack import LocalStack, StackConfig
 from usher.v1 import pool_pb2
@@ -117,7 +118,7 @@ async def _running(
         stop.set()
         await asyncio.wait_for(running, 10)
         await loops.aclose()
-    assert not loops._loops
+    assert not loops.loops_running
 
 
 async def test_the_loops_follow_instances_registered_and_drained_at_run_time(
@@ -131,7 +132,7 @@ async def test_the_loops_follow_instances_registered_and_drained_at_run_time(
     async with EmulatorFleet([fast_emulator_config(), fast_emulator_config()]) as fleet:
         settings = settings_for(redis_server.url, fleet.urls[:1])
         async with running_pool(settings) as pool, _running(settings, redis_client, pool) as loops:
-            await _until(lambda: len(loops._loops) == DEFAULT_LOOPS)
+            await _until(lambda: loops.loops_running == DEFAULT_LOOPS)
             wide = pool_pb2.InstanceConfig(
                 id="wide", base_url=fleet.urls[1], kind=pool_pb2.INSTANCE_KIND_OLLAMA
             )
@@ -139,14 +140,14 @@ async def test_the_loops_follow_instances_registered_and_drained_at_run_time(
             await pool.admin.RegisterInstance(
                 pool_pb2.RegisterInstanceRequest(config=wide), metadata=ROOT
             )
-            await _until(lambda: loops.loops == loops_for_slots(42, 0))
-            assert len(loops._loops) == loops_for_slots(42, 0)
+            await _until(lambda: loops.loops_wanted == loops_for_slots(42, 0))
+            assert loops.loops_running == loops_for_slots(42, 0)
             await pool.admin.DrainInstance(
                 pool_pb2.DrainInstanceRequest(id="wide", drain=True), metadata=ROOT
             )
-            await _until(lambda: loops.loops == DEFAULT_LOOPS)
+            await _until(lambda: loops.loops_wanted == DEFAULT_LOOPS)
             # The idle loops beyond it end at their next rest.
-            await _until(lambda: len(loops._loops) == DEFAULT_LOOPS)
+            await _until(lambda: loops.loops_running == DEFAULT_LOOPS)
 
 
 async def test_a_set_concurrency_is_what_it_says_whatever_the_fleet(
@@ -162,7 +163,7 @@ async def test_a_set_concurrency_is_what_it_says_whatever_the_fleet(
             _running(settings, redis_client, pool, concurrency=3) as loops,
         ):
             await asyncio.sleep(0.5)  # five refreshes, were it following the fleet
-            assert loops.loops == len(loops._loops) == 3
+            assert loops.loops_wanted == loops.loops_running == 3
 
 
 @pytest.mark.parametrize("all_in_one", [True, False], ids=["serve", "trio"])
@@ -195,3 +196,26 @@ async def test_every_slot_of_the_fleet_runs_a_request_at_once(all_in_one: bool) 
             assert await asyncio.gather(*(generate(n) for n in range(slots))) == [200] * slots
             stats = (await http.get(f"{stack.model_urls[0]}/_emulator/stats")).json()
         assert stats["models"]["llama3.2:1b"]["in_flight_max"] == slots
+
+
+async def test_a_pool_not_up_yet_leaves_the_default_loops_running(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trio Scheduler may start before its Pool: the fleet is asked for again, and the
+    dispatcher runs on with its default loops meanwhile."""
+    monkeypatch.setattr(dispatcher_module, "FLEET_RETRY_SECONDS", 0.05)
+    loops = Dispatcher(
+        QueueStore(redis_client),
+        Quotas(redis_client),
+        DispatchSettings(f"127.0.0.1:{free_port()}", "svc-token"),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(loops.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # several asks, none answered
+        assert not running.done()
+        assert loops.loops_wanted == loops.loops_running == DEFAULT_LOOPS
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        await loops.aclose()
