@@ -196,11 +196,15 @@ class _EarlyStart:
     """A request's Generate sent on its parked loop's slot beside its enqueue (the model
     server works while the enqueue's round trip is under way), not yet known to be its own."""
 
-    #: GenerateWhole's answer, or (``whole`` False) the streamed Generate, first message asked.
+    #: GenerateWhole's answer, or the streamed Generate, its first message asked for.
     call: asyncio.Future[Any] | _Primed
     #: When it was sent (monotonic), for the answer's service time.
     at: float
-    whole: bool = True
+
+    @property
+    def whole(self) -> bool:
+        """The answer is awaited whole (GenerateWhole), not streamed."""
+        return isinstance(self.call, asyncio.Future)
 
 
 class Expected:
@@ -450,7 +454,7 @@ class Dispatcher:
             submit, request.id, request.traceparent, request.deadline_ms, holding, whole
         )
         started = asyncio.ensure_future(call) if whole else _Primed(call)
-        return _EarlyStart(started, time.monotonic(), whole)
+        return _EarlyStart(started, time.monotonic())
 
     def _landed(
         self,
@@ -754,8 +758,7 @@ class Dispatcher:
         try:
             await self._dispatch_until(index, external, kept)
         finally:
-            if self._loops.get(index) is asyncio.current_task():
-                del self._loops[index]
+            del self._loops[index]  # a loop of its index may start again from here on
             if kept.slot is not None:  # ending: its slot goes back now
                 self._count_kept(kept.slot.model, -1)
                 if kept.counted:
