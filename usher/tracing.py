@@ -38,6 +38,7 @@ __all__ = [
     "instrument_httpx",
     "server_interceptors",
     "set_enabled",
+    "start_consumer_span",
     "tracer",
 ]
 
@@ -134,14 +135,22 @@ def current_traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
-@contextmanager
-def consumer_span(name: str, traceparent: str, attributes: dict[str, Any]) -> Iterator[Span]:
+def start_consumer_span(name: str, traceparent: str, attributes: dict[str, Any]) -> Span:
     """A CONSUMER span continuing the trace stored with a queued request, linked to the
-    producer span that queued it."""
+    producer span that queued it; started, not made current, and ended by its caller
+    (``trace.use_span``): for work that begins in one task and goes on in another."""
     parent = propagate.extract({"traceparent": traceparent}) if traceparent else context.Context()
     producer = trace.get_current_span(parent).get_span_context()
     links = [Link(producer)] if producer.is_valid else []
-    with tracer("usher").start_as_current_span(
+    return tracer("usher").start_span(
         name, context=parent, kind=SpanKind.CONSUMER, links=links, attributes=attributes
+    )
+
+
+@contextmanager
+def consumer_span(name: str, traceparent: str, attributes: dict[str, Any]) -> Iterator[Span]:
+    """``start_consumer_span``'s span, current while the block runs and ended after it."""
+    with trace.use_span(
+        start_consumer_span(name, traceparent, attributes), end_on_exit=True
     ) as span:
         yield span

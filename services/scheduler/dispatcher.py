@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from services.scheduler.anticipation import Anticipation
 from services.scheduler.fleet import DEFAULT_LOOPS, external_loop, loops_for_fleet
@@ -135,6 +137,17 @@ _CLAIM = False
 #: an early start its enqueue then refuses (a tenant over its limits) costs the model server
 #: no more than reading this much.
 EARLY_START_MAX_PROMPT_TOKENS = 2048
+#: The consumer span of a request's run, in the trace its enqueue stored.
+DISPATCH_SPAN = "usher.dispatch"
+
+
+def _dispatch_attributes(request_id: str, slot: pool_pb2.Slot) -> dict[str, str]:
+    return {
+        "messaging.system": "redis",
+        "usher.model": slot.model,
+        "usher.request_id": request_id,
+        "usher.instance": slot.instance,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +213,9 @@ class _EarlyStart:
     call: asyncio.Future[Any] | _Primed
     #: When it was sent (monotonic), for the answer's service time.
     at: float
+    #: Its ``usher.dispatch`` span, under which the Generate went: its loop's once the
+    #: claim says the request is its own, ended at once if not.
+    span: Span
 
     @property
     def whole(self) -> bool:
@@ -326,6 +342,7 @@ class Dispatcher:
     async def aclose(self) -> None:
         for early in self._early.values():  # handed to loops that stopped before running
             early.call.cancel()
+            early.span.end()
         self._early.clear()
         if self._channel is not None:
             await self._channel.close()
@@ -450,11 +467,21 @@ class Dispatcher:
         ):
             return None
         submit = scheduler_pb2.SubmitRequest.FromString(request.payload)
-        call = self._generate_call(
-            submit, request.id, request.traceparent, request.deadline_ms, holding, whole
+        # The dispatch span starts here, not under the enqueue's: the Generate is its child.
+        span = tracing.start_consumer_span(
+            DISPATCH_SPAN, request.traceparent, _dispatch_attributes(request.id, holding.slot)
         )
-        started = asyncio.ensure_future(call) if whole else _Primed(call)
-        return _EarlyStart(started, time.monotonic())
+        with trace.use_span(span):  # the call (and the task reading it) run in its context
+            call = self._generate_call(
+                submit,
+                request.id,
+                tracing.current_traceparent() or request.traceparent,
+                request.deadline_ms,
+                holding,
+                whole,
+            )
+            started = asyncio.ensure_future(call) if whole else _Primed(call)
+        return _EarlyStart(started, time.monotonic(), span)
 
     def _landed(
         self,
@@ -522,6 +549,8 @@ class Dispatcher:
         """An early start that is not its request's to run: stopped before any output is
         read (the Pool lets its slot go)."""
         early.call.cancel()
+        early.span.set_attribute("usher.early_start", "cancelled")
+        early.span.end()
         metrics.EARLY_STARTS.labels(model, "cancelled").inc()
 
     async def _give_back(self, lease: Lease) -> None:
@@ -833,15 +862,15 @@ class Dispatcher:
         if lease.request.promised_wait_ms and lease.request.attempts == 1:
             promised = lease.request.promised_wait_ms / 1000
             metrics.ETA_ERROR.labels(slot.model).observe(abs(waited - promised))
-        with tracing.consumer_span(
-            "usher.dispatch",
-            lease.request.traceparent,
-            {
-                "messaging.system": "redis",
-                "usher.model": slot.model,
-                "usher.request_id": lease.request.id,
-                "usher.instance": slot.instance,
-            },
+        early = self._early.get(lease.request.id)
+        with (
+            tracing.consumer_span(
+                DISPATCH_SPAN,
+                lease.request.traceparent,
+                _dispatch_attributes(lease.request.id, slot),
+            )
+            if early is None
+            else trace.use_span(early.span, end_on_exit=True)  # begun with its Generate
         ):
             try:
                 footprint = await self.run_request(lease, slot, kept, reused)
