@@ -331,6 +331,9 @@ class Dispatcher:
         self._kept_slots: dict[str, int] = {}
         #: Request id → the Submit waiting here for its end (``await_end``).
         self._awaited: dict[str, asyncio.Future[StoredRequest | None]] = {}
+        #: Claims of the local lane on their way to Redis, by model: requests queued that
+        #: a loop is already going for.
+        self._claiming: collections.Counter[str] = collections.Counter()
         #: Requests whose Generate went out beside their enqueue and that their claim took:
         #: the loop handed the lease runs on with it (``run_request``).
         self._early: dict[str, _EarlyStart] = {}
@@ -611,7 +614,7 @@ class Dispatcher:
         along (a lease, or None: nothing to claim). _CLAIM: claim now, as work is queued or
         nothing was waited for; None: the expected Submits queued nothing."""
         waited = False
-        while not self._demand[0].get(model) and self._expected.get(model):
+        while self._unclaimed(model) <= 0 and self._expected.get(model):
             if self._stop.is_set():
                 break
             waited = True
@@ -628,9 +631,18 @@ class Dispatcher:
                         del self._parked[model]
             if parked.taken:
                 return await parked.handed  # a Submit took it: it always hands over
-        if waited and not self._demand[0].get(model):
+        if waited and self._unclaimed(model) <= 0:
             return None
         return _CLAIM
+
+    def _unclaimed(self, model: str) -> int:
+        """Requests of ``model`` believed queued that no loop here is claiming yet: with
+        none, a loop with a slot parks for the Submits expected here, and the claim riding
+        the next enqueue may take that Submit's own request (its caller is then answered
+        with the end). Counting a request being claimed already would send every loop
+        after it, so each enqueue would find the one before it queued, and be claimed
+        apart from its own Submit, again and again."""
+        return self._demand[0].get(model, 0) - self._claiming[model]
 
     def notify_work(self, model: str, external: bool = False) -> None:
         """A request was just queued here: wake the idle loops (other replicas' loops find
@@ -998,7 +1010,15 @@ class Dispatcher:
                 if lease is not None:
                     self._anticipation.started(model, _flow(lease), lease.request.id)
                 return lease
-        lease = await self.store.claim(model, self.holder, external=external, first=first or "")
+        if not external:
+            self._claiming[model] += 1
+        try:
+            lease = await self.store.claim(model, self.holder, external=external, first=first or "")
+        finally:
+            if not external:
+                self._claiming[model] -= 1
+                if not self._claiming[model]:
+                    del self._claiming[model]
         self._count_work(model, external, None if lease is None else -1)
         self._active = True
         if lease is not None:

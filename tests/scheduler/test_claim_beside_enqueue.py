@@ -395,6 +395,31 @@ async def test_a_request_left_queued_by_the_claim_beside_it_wakes_a_loop(
     assert outcome.status == "queued"
 
 
+async def test_a_loop_parks_for_the_expected_submit_while_another_claims_the_queued_one(
+    store: QueueStore, redis_client: aioredis.Redis
+) -> None:
+    """A request queued here and a loop already claiming it: the next loop with a slot
+    parks for the expected Submit instead of going for the same request, so the claim
+    riding that Submit's enqueue takes its own request (not the one before it, leaving
+    its own queued for yet another claim, and so on for every Submit after it)."""
+    loops = await dispatcher(store, redis_client)
+    earlier = await store.submit(new_request(user="bob"))
+    loops.notify_work(MODEL)  # queued through this replica: believed queued here
+    expected = await loops.expect(MODEL)
+    first = asyncio.create_task(loops._claim(MODEL, external=False))
+    second = asyncio.create_task(loops._claim(MODEL, external=False))
+    await asyncio.sleep(0)  # both loops took their first step; no reply has come back
+    assert loops._claiming[MODEL] == 1, "the first loop claims bob's request"
+    assert loops._parked.get(MODEL), "the second waits for the Submit"
+    outcome = await expected.enqueue(new_request(user="alice"), await_end=True)
+    claimed, ridden = await first, await second
+    assert claimed is not None and claimed.request.id == earlier.request_id
+    assert ridden is not None and ridden.request.id == outcome.request_id
+    assert outcome.started is not None and expected.ended is not None
+    expected.forget_end(outcome.request_id)
+    assert loops._demand == ({}, {}) and not loops._claiming and not loops._parked
+
+
 async def test_a_submit_awaits_the_end_only_of_a_request_its_claim_started(
     store: QueueStore, redis_client: aioredis.Redis
 ) -> None:
