@@ -460,6 +460,89 @@ def _slot_proto(grant: SlotGrant, lease_ms: int) -> pool_pb2.Slot:
     return slot
 
 
+def _renamed(request: pool_pb2.GenerateRequest, name: str) -> pool_pb2.GenerateRequest:
+    """``request`` for the model server's ``name`` of its model (a fallback model, or a
+    provider's name): a copy when that differs."""
+    if name == request.model:
+        return request
+    renamed = pool_pb2.GenerateRequest()
+    renamed.CopyFrom(request)
+    renamed.model = name
+    return renamed
+
+
+class _BatchDue:
+    """Tokens held for their batch are due before the model server's next event."""
+
+
+BATCH_DUE = _BatchDue()
+
+
+class _Reader:
+    """The model server's events under the run-time limit (``_RunLimit``). While tokens
+    wait for their batch (``_TokenBatch``), the next event is read ahead, and
+    ``BATCH_DUE`` comes first when the batch is due before it: a model server that pauses
+    after a token (a tool call, a stall) must not hold that token back until it goes on.
+    Otherwise the read is awaited in place: no task per event."""
+
+    __slots__ = ("_ahead", "_events", "_run_limit")
+
+    def __init__(self, run_limit: _RunLimit, events: AsyncIterator[Event]) -> None:
+        self._run_limit = run_limit
+        self._events = events
+        self._ahead: asyncio.Future[Event | None] | None = None
+
+    async def next(self, batch: _TokenBatch) -> Event | _BatchDue | None:
+        """The next event (None at the end), or BATCH_DUE."""
+        if batch.pending:
+            if self._ahead is None:
+                self._ahead = asyncio.ensure_future(self._run_limit.next(self._events))
+            due = batch.due_in(time.monotonic())
+            if due > 0:
+                await asyncio.wait({self._ahead}, timeout=due)
+            if not self._ahead.done():
+                return BATCH_DUE
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            return await ahead
+        return await self._run_limit.next(self._events)
+
+    async def stop(self) -> None:
+        """A read ahead under way ends (the caller went away): before the events close."""
+        if self._ahead is not None:
+            self._ahead.cancel()
+            await asyncio.wait({self._ahead})
+            self._ahead = None
+
+
+class _TokenBatch:
+    """Token deltas on their way to the dispatcher, one message per COALESCE_SECONDS (a
+    message per token costs more than the token is worth): a delta that comes sooner after
+    the last message waits for the next ones, until the batch is due (``due_in``); one
+    with more than text goes at once."""
+
+    __slots__ = ("_last_sent", "pending")
+
+    def __init__(self, started: float) -> None:
+        self.pending: list[Delta] = []
+        self._last_sent = started
+
+    def add(self, delta: Delta, now: float) -> pool_pb2.GenerateResponse | None:
+        """The message to send now, if the batch is due with ``delta``."""
+        self.pending.append(delta)
+        if delta.message or now - self._last_sent >= COALESCE_SECONDS:
+            return self.take(now)
+        return None
+
+    def due_in(self, now: float) -> float:
+        return self._last_sent + COALESCE_SECONDS - now
+
+    def take(self, now: float) -> pool_pb2.GenerateResponse:
+        message = _delta(self.pending)
+        self.pending, self._last_sent = [], now
+        return message
+
+
 def _delta(batch: list[Delta]) -> pool_pb2.GenerateResponse:
     """One message for several token deltas (the last one's non-text part, if any). Filled
     in place: a TokenDelta built apart is copied into its response (a message per read
@@ -748,16 +831,11 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         requested = request.timeout.ToMilliseconds() / 1000 if request.HasField("timeout") else 0
         limit = self.settings.run_time_limit(state.spec, requested)
         name = self.settings.external_models.get(model, model) if state.spec.external else model
-        upstream_request = request
-        if name != request.model:  # a fallback model or a provider's name: a copy to rename
-            upstream_request = pool_pb2.GenerateRequest()
-            upstream_request.CopyFrom(request)
-            upstream_request.model = name
+        upstream_request = _renamed(request, name)
         started_at = time.monotonic()
         first_token: float | None = None
         sent_started = False
-        pending: list[Delta] = []
-        last_sent = started_at
+        batch = _TokenBatch(started_at)
         run_limit = _RunLimit(began + limit, limit)
         try:
             async with contextlib.aclosing(
@@ -768,49 +846,53 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     whole=not request.stream,
                 )
             ) as events:
-                while (event := await run_limit.next(events)) is not None:
-                    if isinstance(event, Started):
-                        if not request.stream:
-                            continue  # a caller of the result alone hears only of that
-                        sent_started = True
-                        yield pool_pb2.GenerateResponse(
-                            started=pool_pb2.GenerationStarted(
-                                instance=state.id, model=model, loaded_model=event.loaded_model
-                            )
-                        )
-                    elif isinstance(event, Delta):
-                        if first_token is None:
-                            first_token = time.monotonic() - started_at
-                        if request.stream:
-                            pending.append(event)
-                            # Tokens go out in batches (one message per COALESCE_SECONDS):
-                            # a message per token costs more than the token is worth.
-                            now = time.monotonic()
-                            if event.message or now - last_sent >= COALESCE_SECONDS:
-                                yield _delta(pending)
-                                pending, last_sent = [], now
-                    elif isinstance(event, Done):
-                        if pending:
-                            yield _delta(pending)
-                            pending = []
-                        if request.stream and not sent_started:
+                reader = _Reader(run_limit, events)
+                try:
+                    while (event := await reader.next(batch)) is not None:
+                        if event is BATCH_DUE:
+                            yield batch.take(time.monotonic())
+                        elif isinstance(event, Started):
+                            if not request.stream:
+                                continue  # a caller of the result alone hears only of that
+                            sent_started = True
                             yield pool_pb2.GenerateResponse(
-                                started=pool_pb2.GenerationStarted(instance=state.id, model=model)
+                                started=pool_pb2.GenerationStarted(
+                                    instance=state.id, model=model, loaded_model=event.loaded_model
+                                )
                             )
-                        self.registry.record(state, model, True, _first_token(first_token, event))
-                        self.router.settle_trial(grant.id)
-                        # Batched: neither the answer nor the slot's release (and with it
-                        # the next request) waits for the fleet statistics.
-                        self.stats.record_done(model, event)
-                        yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
+                        elif isinstance(event, Delta):
+                            if first_token is None:
+                                first_token = time.monotonic() - started_at
+                            if request.stream and (message := batch.add(event, time.monotonic())):
+                                yield message
+                        elif isinstance(event, Done):
+                            if batch.pending:
+                                yield batch.take(time.monotonic())
+                            if request.stream and not sent_started:
+                                yield pool_pb2.GenerateResponse(
+                                    started=pool_pb2.GenerationStarted(
+                                        instance=state.id, model=model
+                                    )
+                                )
+                            self.registry.record(
+                                state, model, True, _first_token(first_token, event)
+                            )
+                            self.router.settle_trial(grant.id)
+                            # Batched: neither the answer nor the slot's release (and with it
+                            # the next request) waits for the fleet statistics.
+                            self.stats.record_done(model, event)
+                            yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
+                finally:
+                    await reader.stop()  # before the events close: it may be reading them
         except UpstreamError as error:
             if status_is_retryable(error.status):
                 # The instance's fault (down, overloaded, 5xx): its circuits count it. A
                 # request another instance would refuse too (4xx) says nothing about it.
                 self.registry.record(state, model, False, None)
                 self.router.settle_trial(grant.id)
-            if pending and not error.before_first_token:
-                yield _delta(pending)  # what was generated before the failure still counts
+            if batch.pending and not error.before_first_token:
+                # What was generated before the failure still counts.
+                yield batch.take(time.monotonic())
             raise
         finally:
             run_limit.stop()

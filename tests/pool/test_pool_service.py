@@ -25,6 +25,7 @@ from tests.pool.conftest import fast_emulator_config
 from usher import keys
 from usher.auth import parse_token_map
 from usher.emulator import EmulatorFleet, model_spec
+from usher.emulator.config import FaultConfig
 from usher.inprocess import LocalChannel
 from usher.keys import ModelKeys
 from usher.testing import free_port
@@ -706,3 +707,34 @@ async def test_every_slot_of_a_wide_server_runs_at_once(make_pool: Any) -> None:
         assert outcomes == ["delta"] * wide
         # All at once on the server (not the connections' number, then the rest).
         assert fleet[0].stats.models[MODEL].in_flight_max == wide
+
+
+async def test_a_token_held_for_its_batch_goes_out_when_the_model_server_pauses(
+    make_pool: Any,
+) -> None:
+    """Tokens go to the dispatcher batched (one message per COALESCE_SECONDS); the last
+    ones before the model server pauses (here for good, after 3 tokens 1 ms apart) go out
+    within a batch's time anyway, not with whatever comes after the pause."""
+    config = fast_emulator_config(
+        tokens_per_second=1000, output_tokens=(50, 50), faults=FaultConfig(hang_after_tokens=3)
+    )
+    async with EmulatorFleet([config]) as fleet, make_pool(fleet.urls) as pool:
+        slot = await reserve(pool)
+        seen: list[int] = []
+
+        async def read() -> None:
+            async for event in pool.stub.Generate(generate_request(slot), metadata=SVC):
+                if event.HasField("delta"):
+                    seen.append(event.delta.completion_tokens)
+
+        reading = asyncio.create_task(read())
+        try:
+            for _ in range(50):
+                if seen and seen[-1] == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen and seen[-1] == 3, seen
+        finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reading
