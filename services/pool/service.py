@@ -509,10 +509,12 @@ class _Reader:
 
     async def stop(self) -> None:
         """A read ahead under way ends (the caller went away): before the events close."""
-        if self._ahead is not None:
-            self._ahead.cancel()
-            await asyncio.wait({self._ahead})
-            self._ahead = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+            await asyncio.wait({ahead})
+            if not ahead.cancelled():
+                ahead.exception()  # a read that failed as it ended: nobody waits for it now
 
 
 class _TokenBatch:
