@@ -507,7 +507,10 @@ class _Reader:
             return await ahead
         return await self._run_limit.next(self._events)
 
-    async def stop(self) -> None:
+    async def __aenter__(self) -> _Reader:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
         """A read ahead under way ends (the caller went away): before the events close."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
@@ -840,52 +843,47 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         batch = _TokenBatch(started_at)
         run_limit = _RunLimit(began + limit, limit)
         try:
-            async with contextlib.aclosing(
-                state.upstream.generate(
-                    upstream_request,
-                    keep_alive_seconds=self.settings.keep_alive_for(state.spec, model),
-                    traceparent=request.traceparent,
-                    whole=not request.stream,
-                )
-            ) as events:
-                reader = _Reader(run_limit, events)
-                try:
-                    while (event := await reader.next(batch)) is not None:
-                        if event is BATCH_DUE:
+            async with (
+                contextlib.aclosing(
+                    state.upstream.generate(
+                        upstream_request,
+                        keep_alive_seconds=self.settings.keep_alive_for(state.spec, model),
+                        traceparent=request.traceparent,
+                        whole=not request.stream,
+                    )
+                ) as events,
+                _Reader(run_limit, events) as reader,  # stops before the events close
+            ):
+                while (event := await reader.next(batch)) is not None:
+                    if event is BATCH_DUE:
+                        yield batch.take(time.monotonic())
+                    elif isinstance(event, Started):
+                        if not request.stream:
+                            continue  # a caller of the result alone hears only of that
+                        sent_started = True
+                        yield pool_pb2.GenerateResponse(
+                            started=pool_pb2.GenerationStarted(
+                                instance=state.id, model=model, loaded_model=event.loaded_model
+                            )
+                        )
+                    elif isinstance(event, Delta):
+                        if first_token is None:
+                            first_token = time.monotonic() - started_at
+                        if request.stream and (message := batch.add(event, time.monotonic())):
+                            yield message
+                    elif isinstance(event, Done):
+                        if batch.pending:
                             yield batch.take(time.monotonic())
-                        elif isinstance(event, Started):
-                            if not request.stream:
-                                continue  # a caller of the result alone hears only of that
-                            sent_started = True
+                        if request.stream and not sent_started:
                             yield pool_pb2.GenerateResponse(
-                                started=pool_pb2.GenerationStarted(
-                                    instance=state.id, model=model, loaded_model=event.loaded_model
-                                )
+                                started=pool_pb2.GenerationStarted(instance=state.id, model=model)
                             )
-                        elif isinstance(event, Delta):
-                            if first_token is None:
-                                first_token = time.monotonic() - started_at
-                            if request.stream and (message := batch.add(event, time.monotonic())):
-                                yield message
-                        elif isinstance(event, Done):
-                            if batch.pending:
-                                yield batch.take(time.monotonic())
-                            if request.stream and not sent_started:
-                                yield pool_pb2.GenerateResponse(
-                                    started=pool_pb2.GenerationStarted(
-                                        instance=state.id, model=model
-                                    )
-                                )
-                            self.registry.record(
-                                state, model, True, _first_token(first_token, event)
-                            )
-                            self.router.settle_trial(grant.id)
-                            # Batched: neither the answer nor the slot's release (and with it
-                            # the next request) waits for the fleet statistics.
-                            self.stats.record_done(model, event)
-                            yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
-                finally:
-                    await reader.stop()  # before the events close: it may be reading them
+                        self.registry.record(state, model, True, _first_token(first_token, event))
+                        self.router.settle_trial(grant.id)
+                        # Batched: neither the answer nor the slot's release (and with it
+                        # the next request) waits for the fleet statistics.
+                        self.stats.record_done(model, event)
+                        yield pool_pb2.GenerateResponse(done=self._done(event, model, state.id))
         except UpstreamError as error:
             if status_is_retryable(error.status):
                 # The instance's fault (down, overloaded, 5xx): its circuits count it. A
