@@ -690,16 +690,21 @@ async def test_every_slot_of_a_wide_server_runs_at_once(make_pool: Any) -> None:
     to free (and fails over after the connect timeout), and the health checks still get
     theirs."""
     wide = MIN_CONNECTIONS + 44
-    # Answers of 6 s: every call starts well within the first one's run, even where starting
-    # 300 streams takes a slow machine over 1.5 s.
-    config = fast_emulator_config(tokens_per_second=10, output_tokens=(60, 60), num_parallel=wide)
+    # Answers of a minute, cut short once every call has its first delta: the first call is
+    # still running when the last starts, even where starting 300 streams takes a busy
+    # machine several seconds (over 6 s in one CI run).
+    config = fast_emulator_config(tokens_per_second=10, output_tokens=(600, 600), num_parallel=wide)
     async with EmulatorFleet([config]) as fleet, make_pool(fleet.urls, parallel=wide) as pool:
         slots = [await reserve(pool) for _ in range(wide)]
+        # A call is held open until every call has its first delta: one closed sooner ends
+        # its generation, and the count on the server would say nothing of the rest.
+        all_started = asyncio.Barrier(wide)
 
         async def first_delta(slot: pool_pb2.Slot) -> str:
             request = generate_request(slot)
             async for event in pool.stub.Generate(request, metadata=SVC, timeout=30):
                 if event.HasField("delta"):
+                    await asyncio.wait_for(all_started.wait(), timeout=20)
                     return "delta"
             return "no output"
 
