@@ -1221,7 +1221,7 @@ class Dispatcher:
     async def _heartbeat(self, lease: Lease, ended: asyncio.Event) -> _Cancelled | None:
         """Keep the lease until ``ended``; returns when the request is cancelled or its lease
         lost (None when it simply ended)."""
-        interval = self.store.defaults.lease_ms / 3000
+        interval = lease.lease_ms / 3000
         nudged = self._cancel_nudges.setdefault(lease.request.id, asyncio.Event())
         try:
             while not ended.is_set():

@@ -187,6 +187,8 @@ class Lease:
     owner: str
     #: The id of the event the claim wrote ("running").
     event_id: str = ""
+    #: How long the lease lasts unrenewed: the model's (UpdateQueueConfig) or the default.
+    lease_ms: int = 30_000
 
 
 #: One event for a running request's stream: its type ("started", "tokens") and fields.
@@ -317,7 +319,9 @@ class ReapCounts:
 
 #: Config fields the scripts read from their copies in the fairness hash ("paused" as
 #: itself, the others as "config:<name>").
-COPIED_CONFIG = frozenset({"paused", "max_queue_size", "max_attempts", "queue_timeout_ms"})
+COPIED_CONFIG = frozenset(
+    {"paused", "max_queue_size", "max_attempts", "queue_timeout_ms", "lease_ms"}
+)
 
 #: The counters ResetQueueStats zeroes (every other field of a model's stats is an average).
 RESETTABLE_COUNTERS = (
@@ -1004,14 +1008,20 @@ class QueueStore(QueueReader):
         if not flat:
             return None
         raw = pairs(flat)
-        return Lease(self._stored(raw), token, owner, decode(raw.pop(b"claim_event_id", b"")))
+        return Lease(
+            self._stored(raw),
+            token,
+            owner,
+            decode(raw.pop(b"claim_event_id", b"")),
+            int(raw.pop(b"claim_lease_ms", self.defaults.lease_ms)),
+        )
 
-    async def heartbeat(self, lease: Lease, lease_ms: int | None = None) -> int:
+    async def heartbeat(self, lease: Lease) -> int:
         """-1: lease lost; 1: cancel requested; 0: carry on."""
         reply = await self._run(
             "heartbeat",
             lease.request.model,
-            [lease.request.id, lease.token, lease_ms or self.defaults.lease_ms],
+            [lease.request.id, lease.token, lease.lease_ms],
         )
         return int(reply)
 

@@ -170,6 +170,16 @@ async def test_dead_letters_can_be_retried(scheduler: SchedulerClient) -> None:
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_models_lease_duration_is_its_claims_lease(scheduler: SchedulerClient) -> None:
+    config = scheduler_pb2.UpdateQueueConfigRequest(model=MODEL)
+    config.lease_duration.FromSeconds(2)
+    updated = await scheduler.admin.UpdateQueueConfig(config, metadata=A("root"))
+    assert updated.config.lease_duration.ToMilliseconds() == 2000
+    await submit(scheduler)
+    lease = await scheduler.app.store.claim(MODEL, "d")
+    assert lease is not None and lease.lease_ms == 2000
+
+
 async def test_the_audit_log_records_who_did_what(scheduler: SchedulerClient) -> None:
     sent = await submit(scheduler)
     await scheduler.scheduler.Cancel(

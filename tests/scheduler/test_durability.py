@@ -153,7 +153,7 @@ async def main():
     print(len(held), flush=True)
     while True:  # heartbeat forever, never finish: only SIGKILL ends this
         for lease in held:
-            await store.heartbeat(lease, 800)
+            await store.heartbeat(lease)  # its lease: 800 ms
         await asyncio.sleep(0.2)
 
 asyncio.run(main())

@@ -99,7 +99,7 @@ async def test_heartbeat_keeps_the_lease(store: QueueStore) -> None:
     assert lease is not None
     for _ in range(4):
         await asyncio.sleep(0.05)
-        assert await store.heartbeat(lease, lease_ms=100) == 0
+        assert await store.heartbeat(lease) == 0  # its lease: 100 ms
         await store.reap(MODEL)
     current = await store.get(lease.request.id)
     assert current is not None and current.state == request_pb2.REQUEST_STATE_RUNNING

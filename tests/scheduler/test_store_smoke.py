@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
-from services.scheduler.store import FinishedWork, QueueStore
+from services.scheduler.store import FinishedWork, Lease, QueueStore
 from tests.scheduler.factories import new_request
 from usher.keys import ModelKeys
 from usher.queue.reads import AVERAGES_CACHE_SECONDS
@@ -63,7 +64,7 @@ async def test_enqueue_reads_the_config_from_its_copies_and_makes_them_when_miss
     copies = await store.redis.hmget(
         mk.fairness, ["config", "config:max_queue_size", "config:max_attempts"]
     )
-    assert copies == [b"1", b"2", b"5"]
+    assert copies == [b"2", b"2", b"5"]
     await store.update_config("llama3.2", {"max_queue_size": 1, "queue_timeout_ms": 9000})
     assert (await store.submit(new_request())).status == "full"
     await store.update_config("llama3.2", {"max_queue_size": 3})
@@ -72,6 +73,49 @@ async def test_enqueue_reads_the_config_from_its_copies_and_makes_them_when_miss
     await store.set_paused("llama3.2", True)
     assert (await store.submit(new_request())).status == "queued"
     assert await store.claim("llama3.2", "test") is None  # paused, its copy kept
+
+
+async def test_a_models_lease_is_the_one_its_claims_take_and_its_heartbeats_renew(
+    store: QueueStore,
+) -> None:
+    """A model's lease (UpdateQueueConfig's lease_duration) is what its claims take from
+    then on, claim.lua's and the claim riding an enqueue alike, and what heartbeats renew;
+    a model without one takes the default. Copies made before the lease was copied (their
+    version '1') are made again, so a lease set then acts too."""
+    mk = ModelKeys("llama3.2")
+    await store.submit(new_request())
+    lease = await store.claim("llama3.2", "test")
+    assert lease is not None and lease.lease_ms == store.defaults.lease_ms == 30_000
+
+    await store.update_config("llama3.2", {"lease_ms": 2000})
+    await store.submit(new_request())
+    leases = [await store.claim("llama3.2", "test")]  # by claim.lua
+    # Riding an enqueue to an empty queue (the request written running at once), then to a
+    # queue holding one (the claim takes that one).
+    leases.append((await store.submit(new_request(), claim_for="test")).claimed)  # type: ignore[arg-type]
+    await store.submit(new_request())
+    leases.append((await store.submit(new_request(), claim_for="test")).claimed)  # type: ignore[arg-type]
+    for lease in leases:
+        assert isinstance(lease, Lease) and lease.lease_ms == 2000
+        await _assert_lease_ends_within(store, lease.request.id, 2000)
+    await asyncio.sleep(0.05)
+    assert isinstance(lease, Lease) and await store.heartbeat(lease) == 0
+    await _assert_lease_ends_within(store, lease.request.id, 2000)
+
+    # A lease set in the config while the copies were of version '1' (without it).
+    await store.redis.hset(mk.config, "lease_ms", 3000)
+    await store.redis.hset(mk.fairness, "config", "1")
+    await store.redis.hdel(mk.fairness, "config:lease_ms")
+    await store.submit(new_request())
+    lease = await store.claim("llama3.2", "test")
+    assert lease is not None and lease.lease_ms == 3000
+
+
+async def _assert_lease_ends_within(store: QueueStore, request_id: str, lease_ms: int) -> None:
+    model = (await store.get(request_id)).model  # type: ignore[union-attr]
+    ends = await store.redis.zscore(ModelKeys(model).leases, request_id)
+    now_ms = time.time() * 1000
+    assert ends is not None and now_ms + lease_ms - 500 <= ends <= now_ms + lease_ms
 
 
 async def test_completion_figures_move_from_the_stats_hash_and_add_up(store: QueueStore) -> None:

@@ -24,6 +24,9 @@ local fingerprint, idem = ARGV[11], ARGV[12]
 local rk = req_key(id)
 local claim_ms, claim_owner, claim_token = ARGV[20], ARGV[21], ARGV[22]
 local claiming = claim_ms ~= ''
+-- The fairness hash's 'config' once the config's copies are made; a new one for every field
+-- added to them, so the copies made before it are made again ('2': the lease).
+local COPIES_VERSION = '2'
 
 local function position_of(rid)
   local member = redis.call('HGET', req_key(rid), 'member')
@@ -77,19 +80,19 @@ local function enqueue()
 
   local length = redis.call('ZCARD', K.queue)
   -- The fairness hash is read once and written once below: this runs per request. It holds
-  -- copies of the config's fields read here ('config' = '1' once they are there: an absent
-  -- copy is then an unset field), kept by every change of the config (store.py:
-  -- update_config); until then the config itself is read, and the copies made.
+  -- copies of the config's fields the scripts read ('config' = COPIES_VERSION once they are
+  -- all there: an absent copy is then an unset field), kept by every change of the config
+  -- (store.py: update_config); until then the config itself is read, and the copies made.
   local fair = redis.call('HMGET', K.fairness, 'vtime', 'flow:' .. flow, 'act:' .. flow,
     'act_since', 'seq', 'paused', 'config', 'config:max_queue_size', 'config:max_attempts',
-    'config:queue_timeout_ms')
-  local copied = fair[7] == '1' and fair[6] ~= false
+    'config:queue_timeout_ms', 'config:lease_ms')
+  local copied = fair[7] == COPIES_VERSION and fair[6] ~= false
   local config
   if copied then
-    config = {fair[8], fair[9], fair[10], fair[6]}
+    config = {fair[8], fair[9], fair[10], fair[6], fair[11]}
   else
     config = redis.call('HMGET', K.config, 'max_queue_size', 'max_attempts', 'queue_timeout_ms',
-      'paused')
+      'paused', 'lease_ms')
   end
   local limit = tonumber(config[1] or ARGV[10])
   if length >= limit then
@@ -141,15 +144,16 @@ local function enqueue()
     fairness[#fairness + 1] = fmt(start)
   end
   if not copied then
-    local names = {'config:max_queue_size', 'config:max_attempts', 'config:queue_timeout_ms'}
+    local names = {'config:max_queue_size', 'config:max_attempts', 'config:queue_timeout_ms',
+      false, 'config:lease_ms'}
     for i, name in ipairs(names) do
-      if config[i] then
+      if name and config[i] then
         fairness[#fairness + 1] = name
         fairness[#fairness + 1] = config[i]
       end
     end
     fairness[#fairness + 1] = 'config'
-    fairness[#fairness + 1] = '1'
+    fairness[#fairness + 1] = COPIES_VERSION
   end
   redis.call('HSET', K.fairness, unpack(fairness))
   -- The flows index picks flows by when they last sent, to within minutes (eta.py:
@@ -204,6 +208,7 @@ local function enqueue()
   -- running at once holds its slot already (a wait of none: no count read).
   local running = at_once and 0 or redis.call('ZCARD', K.leases)
   if at_once then
+    claim_ms = config[5] or claim_ms  -- the model's lease, where its config sets one
     redis.call('ZADD', K.leases, NOW + tonumber(claim_ms), id)
   else
     redis.call('ZADD', K.queue, fmt(score), member)
@@ -219,6 +224,8 @@ local function enqueue()
     for i, value in ipairs(fields) do
       if type(value) == 'number' then fields[i] = fmt(value) end
     end
+    fields[#fields + 1] = 'claim_lease_ms'
+    fields[#fields + 1] = claim_ms
     fields[#fields + 1] = 'claim_event_id'
     fields[#fields + 1] = emit_first(id, 'running', RUNNING, RUNNING_AT_ONCE_EVENT_ID,
       {'attempt', '1'})

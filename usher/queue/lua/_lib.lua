@@ -179,9 +179,11 @@ local function claim_next(source, lease_ms, owner, token, advance, first)
   -- An operator paused this model's dispatching (PauseQueue): nothing is claimed. The flag is
   -- read from its copy in the fairness hash, with the fair clock in one HMGET (a model not
   -- enqueued to since the copy existed has none yet: its config says).
-  local fair = redis.call('HMGET', K.fairness, 'paused', 'vtime')
+  local fair = redis.call('HMGET', K.fairness, 'paused', 'vtime', 'config:lease_ms')
   local paused = fair[1] or redis.call('HGET', K.config, 'paused')
   if paused == '1' then return nil end
+  -- The model's lease (UpdateQueueConfig), from its copy; lease_ms is the default.
+  lease_ms = fair[3] or lease_ms
   -- The first request: its flow's answer freed this slot a moment ago and the dispatcher held
   -- it for the flow's next request (services/scheduler/anticipation.py). That flow had
   -- nothing queued and no more than its share of the slots in service, so serving it now
@@ -226,6 +228,8 @@ local function claim_next(source, lease_ms, owner, token, advance, first)
       end
       redis.call('ZADD', K.leases, NOW + tonumber(lease_ms), id)
       redis.call('ZREM', K.deadlines, id)
+      fields[#fields + 1] = 'claim_lease_ms'
+      fields[#fields + 1] = lease_ms
       fields[#fields + 1] = 'claim_event_id'
       fields[#fields + 1] = emit(id, 'running', RUNNING, {'attempt', changes[2]})
       return fields
