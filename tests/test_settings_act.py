@@ -39,6 +39,7 @@ SETTINGS_CLASSES = (
     ("services/pool/settings.py", "InstanceSpec"),
     ("services/pool/circuit.py", "CircuitConfig"),
     ("services/notifier/settings.py", "NotifierSettings"),
+    ("usher/queue/settings.py", "QueueSettings"),
     ("services/gateway/settings.py", "GatewaySettings"),
     ("usher/settings.py", "ServiceSettings"),
     ("usher/auth.py", "AuthSettings"),

@@ -15,7 +15,6 @@ from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import metrics_host, serve_metrics
 from usher.queue.reads import QueueReader
-from usher.queue.records import QueueDefaults
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
@@ -30,7 +29,7 @@ class NotifierApp:
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.redis = connect_redis(settings.redis_url)
-        self.queue = QueueReader(self.redis, QueueDefaults(), sealer_from_env())
+        self.queue = QueueReader(self.redis, settings.queue_defaults(), sealer_from_env())
         self.fanout = Fanout(
             self.queue,
             settings.position_interval_seconds,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from usher.settings import ServiceSettings
+from usher.queue.settings import QueueSettings
 
 __all__ = ["NotifierSettings"]
 
 
-class NotifierSettings(ServiceSettings):
+class NotifierSettings(QueueSettings):
+    """The queue's defaults (QueueSettings) are the Scheduler's: positions, ETAs and badges
+    are computed from them."""
+
     listen: str = Field("127.0.0.1:50053", validation_alias="USHER_NOTIFIER_LISTEN")
     #: Suggested when every local queue is long, e.g. "gpt-4o-mini".
     external_alternative: str = ""

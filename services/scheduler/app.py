@@ -17,32 +17,14 @@ from usher.connections import connect_redis
 from usher.crypto import sealer_from_env
 from usher.logs import get_logger
 from usher.metrics import metrics_host, serve_metrics
-from usher.queue.records import QueueDefaults
 from usher.readiness import redis_answers, watch_readiness
 from usher.server import GrpcServer, Registration
 from usher.tls import ServerTls
 from usher.v1 import pool_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-__all__ = ["SchedulerApp", "queue_defaults"]
+__all__ = ["SchedulerApp"]
 
 log = get_logger(__name__)
-
-
-def queue_defaults(settings: SchedulerSettings) -> QueueDefaults:
-    return QueueDefaults(
-        max_queue_size=settings.max_queue_size,
-        queue_timeout_ms=int(settings.queue_timeout_seconds * 1000),
-        max_attempts=settings.max_attempts,
-        lease_ms=int(settings.lease_seconds * 1000),
-        parallel=settings.parallel,
-        result_ttl_seconds=settings.result_ttl_seconds,
-        dead_letter_retention_seconds=settings.dead_letter_retention_seconds,
-        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
-        priority_lead=settings.priority_lead,
-        default_output_tokens=settings.default_output_tokens,
-        wait_replicas=settings.redis_wait_replicas,
-        wait_timeout_ms=settings.redis_wait_timeout_ms,
-    )
 
 
 @dataclass
@@ -54,7 +36,7 @@ class SchedulerApp:
 
     def __post_init__(self) -> None:
         self.redis = connect_redis(self.settings.redis_url)
-        self.store = QueueStore(self.redis, queue_defaults(self.settings), sealer_from_env())
+        self.store = QueueStore(self.redis, self.settings.queue_defaults(), sealer_from_env())
         auth = Authenticator.from_env(self.settings.tokens)
         self.quotas = Quotas(self.redis, self.settings.tenant_limits)
         self.audit = AuditLog(self.redis)

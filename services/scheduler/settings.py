@@ -3,6 +3,7 @@ name unless the field names its variable)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
@@ -10,8 +11,9 @@ from pydantic_settings import NoDecode
 
 from services.scheduler.quotas import Limits
 from usher.config import ConfigError
-from usher.queue.fairness import DEFAULT_PRIORITY_LEAD
-from usher.settings import ServiceSettings, comma_list, lowercase
+from usher.queue.records import QueueDefaults
+from usher.queue.settings import QueueSettings
+from usher.settings import comma_list, lowercase
 
 __all__ = ["FALLBACK_POLICIES", "SchedulerSettings"]
 
@@ -20,13 +22,13 @@ FALLBACK_POLICIES = {"none": 1, "after_timeout": 2, "local_only": 3}
 FallbackPolicyName = Literal["none", "after_timeout", "local_only"]
 
 
-class SchedulerSettings(ServiceSettings):
+class SchedulerSettings(QueueSettings):
     listen: str = Field("127.0.0.1:50051", validation_alias="USHER_SCHEDULER_LISTEN")
     #: Submit answers only once this many Redis replicas hold the request (WAIT); 0 = off.
     redis_wait_replicas: int = Field(0, ge=0)
     redis_wait_timeout_ms: int = Field(1000, ge=1)
-    #: Per-model defaults; each can be changed at runtime with UpdateQueueConfig.
-    max_queue_size: int = Field(100, ge=1, validation_alias="USHER_QUEUE_MAX_SIZE")
+    #: Per-model defaults (those the Notifier reads too are in QueueSettings); each can be
+    #: changed at runtime with UpdateQueueConfig.
     queue_timeout_seconds: float = Field(
         300.0, gt=0, validation_alias="USHER_QUEUE_TIMEOUT_SECONDS"
     )
@@ -36,18 +38,12 @@ class SchedulerSettings(ServiceSettings):
     retry_backoff_seconds: float = Field(1.0, ge=0)
     retry_backoff_max_seconds: float = Field(30.0, ge=0)
     lease_seconds: float = Field(30.0, gt=0)
-    parallel: int = Field(1, ge=1, validation_alias="USHER_DEFAULT_PARALLEL")
     #: How long finished requests (and their results and events) stay readable.
     result_ttl_seconds: int = Field(86_400, ge=1)
     #: How long a dead letter waits for an operator to retry it before it is deleted with
     #: its data; 0 = until retried.
     dead_letter_retention_seconds: int = Field(7 * 86_400, ge=0)
     idempotency_ttl_seconds: int = Field(86_400, ge=1)
-    priority_lead: float = Field(
-        DEFAULT_PRIORITY_LEAD, ge=0, validation_alias="USHER_PRIORITY_LEAD_TOKENS"
-    )
-    #: Output tokens charged for a request before the model's average is known.
-    default_output_tokens: float = Field(256.0, gt=0)
     max_prompt_chars: int = Field(1_000_000, ge=1)
     #: Comma-separated; empty = every model.
     allowed_models: Annotated[frozenset[str], NoDecode] = frozenset()
@@ -99,6 +95,19 @@ class SchedulerSettings(ServiceSettings):
                 "or no request of the largest size could be queued"
             )
         return self
+
+    def queue_defaults(self) -> QueueDefaults:
+        return replace(
+            super().queue_defaults(),
+            queue_timeout_ms=int(self.queue_timeout_seconds * 1000),
+            max_attempts=self.max_attempts,
+            lease_ms=int(self.lease_seconds * 1000),
+            result_ttl_seconds=self.result_ttl_seconds,
+            dead_letter_retention_seconds=self.dead_letter_retention_seconds,
+            idempotency_ttl_seconds=self.idempotency_ttl_seconds,
+            wait_replicas=self.redis_wait_replicas,
+            wait_timeout_ms=self.redis_wait_timeout_ms,
+        )
 
     @property
     def default_fallback(self) -> int:

@@ -7,11 +7,16 @@ import asyncio
 import grpc
 import pytest
 
+from services.notifier.app import NotifierApp
+from services.notifier.settings import NotifierSettings
 from services.scheduler.store import FinishedWork, Lease, QueueStore
 from tests.notifier.conftest import NotifierClient
 from tests.scheduler.factories import new_request
+from usher.inprocess import LocalChannel
 from usher.keys import ModelKeys
-from usher.v1 import notifier_pb2, request_pb2
+from usher.testing import free_port
+from usher.testing.redis_server import ExternalRedis, RedisServer
+from usher.v1 import notifier_pb2, notifier_pb2_grpc, request_pb2
 
 K = notifier_pb2
 MODEL = "watch-model"
@@ -451,3 +456,37 @@ async def test_a_request_just_queued_is_watched_from_its_record_with_no_event_tw
         resumed = await Watcher(notifier, request_id, last=token).finished()
         assert [u.event_id for u in resumed] == tokens[i + 1 :]
         assert resumed[-1].request.state == request_pb2.REQUEST_STATE_COMPLETED
+
+
+async def test_the_badges_take_the_queue_limit_the_scheduler_is_given(
+    redis_server: RedisServer | ExternalRedis, store: QueueStore
+) -> None:
+    """USHER_QUEUE_MAX_SIZE reaches the Notifier as it reaches the Scheduler: a queue at
+    that limit has a badge marked full (not at the built-in 100)."""
+    env = {
+        "USHER_REDIS_URL": redis_server.url,
+        "USHER_NOTIFIER_LISTEN": f"127.0.0.1:{free_port()}",
+        "USHER_API_TOKENS": "alice-token=alice@acme",
+        "USHER_QUEUE_MAX_SIZE": "3",
+        "USHER_DEFAULT_PARALLEL": "2",
+        "USHER_NOTIFIER_HEAP_FREEZE_SECONDS": "0",
+    }
+    app = NotifierApp(NotifierSettings.from_env(env))
+    assert app.queue.defaults.parallel == 2
+    for _ in range(3):
+        await _submit(store)
+    await app.start()
+    try:
+        stub = notifier_pb2_grpc.NotifierServiceStub(
+            LocalChannel.serving(app.registrations).as_channel()
+        )
+        call = stub.WatchQueues(
+            notifier_pb2.WatchQueuesRequest(models=[MODEL]),
+            metadata=(("authorization", "Bearer alice-token"),),
+        )
+        first = await asyncio.wait_for(anext(aiter(call)), 5)
+        call.cancel()
+    finally:
+        await app.stop()
+    (badge,) = first.badges
+    assert "Queue full" in badge.label, badge.label
