@@ -57,11 +57,7 @@ async def place_once(registry: Registry, slots: SlotStore) -> list[Action]:
     if not await registry.redis.set(keys.POOL_PLACEMENT_LOCK, token, nx=True, px=30_000):
         return []
     try:
-        states = [
-            s
-            for s in registry.instances.values()
-            if not s.spec.external and s.spec.kind == "ollama"
-        ]
+        states = [s for s in registry.instances.values() if s.spec.placed]
         sizes: dict[str, int] = {}
         for state in states:
             sizes.update(state.available)

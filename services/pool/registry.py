@@ -25,6 +25,7 @@ from services.pool.slots import SlotUsage
 from services.pool.upstream import LoadedModelInfo, Upstream, UpstreamError
 from services.pool.upstream_kinds import make_upstream
 from usher import keys, metrics
+from usher.config import ConfigError
 from usher.keys import ModelKeys
 from usher.logs import get_logger
 from usher.smoothing import ewma
@@ -181,13 +182,12 @@ class Registry:
                 tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes]],
                 tuple(await pipe.execute()),
             )
-        runtime = {
-            k.decode(): InstanceSpec.from_proto(pool_pb2.InstanceConfig.FromString(v))
-            for k, v in registered.items()
+        runtime: dict[str, InstanceSpec | None] = {
+            k.decode(): _stored_spec(k.decode(), v) for k, v in registered.items()
         }
         for instance_id, spec in runtime.items():
             current = self.instances.get(instance_id)
-            if current is None or current.spec != spec:
+            if spec is not None and (current is None or current.spec != spec):
                 await self._drop(instance_id)
                 self._add(spec)
         for instance_id in list(self.instances):
@@ -430,3 +430,13 @@ def _default_upstream(spec: InstanceSpec) -> Upstream:
         api_key=upstream_api_key(spec.api_key_env),
         max_connections=connection_limit(spec),
     )
+
+
+def _stored_spec(instance_id: str, stored: bytes) -> InstanceSpec | None:
+    """A registration as stored, or None when the rules have tightened since it was accepted
+    (logged; the instance is left as it is here, and the others are picked up)."""
+    try:
+        return InstanceSpec.from_proto(pool_pb2.InstanceConfig.FromString(stored))
+    except ConfigError as error:
+        log.error("stored registration refused", instance=instance_id, error=str(error))
+        return None

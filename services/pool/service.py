@@ -18,7 +18,13 @@ from google.protobuf import struct_pb2
 from services.pool import routing
 from services.pool.circuit import CircuitBreaker, CircuitState, admit_all
 from services.pool.registry import InstanceState, Registry
-from services.pool.settings import ROLE_CHAT, ROLE_EMBEDDING, InstanceSpec, PoolSettings
+from services.pool.settings import (
+    KIND_OLLAMA,
+    ROLE_CHAT,
+    ROLE_EMBEDDING,
+    InstanceSpec,
+    PoolSettings,
+)
 from services.pool.slots import USAGE_MAX_AGE_SECONDS, SlotGrant, SlotStore, grant_of
 from services.pool.stats import PoolStats
 from services.pool.upstream import (
@@ -959,6 +965,17 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
             raise NotFound(f"no instance {instance_id!r}")
         return state
 
+    def loads_its_models(self, instance_id: str) -> InstanceState:
+        """The instance, if its models are loaded and unloaded through the Pool (Ollama's
+        API); an OpenAI-compatible server decides that itself, so a load there would do
+        nothing and say it did."""
+        state = self.known(instance_id)
+        if state.spec.kind != KIND_OLLAMA:
+            raise FailedPrecondition(
+                f"{state.id} is an OpenAI-compatible server: it loads and unloads its models itself"
+            )
+        return state
+
     async def RegisterInstance(
         self, request: pool_pb2.RegisterInstanceRequest, context: Context
     ) -> pool_pb2.RegisterInstanceResponse:
@@ -1015,7 +1032,7 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         self, request: pool_pb2.LoadModelRequest, context: Context
     ) -> pool_pb2.LoadModelResponse:
         self.admin(context)
-        state = self.known(request.id)
+        state = self.loads_its_models(request.id)
         keep_alive = (
             request.keep_alive.ToMilliseconds() / 1000
             if request.HasField("keep_alive")
@@ -1034,7 +1051,7 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         self, request: pool_pb2.UnloadModelRequest, context: Context
     ) -> pool_pb2.UnloadModelResponse:
         self.admin(context)
-        state = self.known(request.id)
+        state = self.loads_its_models(request.id)
         try:
             await state.upstream.unload(request.model)
         except UpstreamError as error:
@@ -1053,11 +1070,7 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         if request.id:
             targets = [self.known(request.id)]
         else:
-            targets = [
-                s
-                for s in self.registry.instances.values()
-                if s.spec.kind == "ollama" and not s.spec.external and s.healthy
-            ]
+            targets = [s for s in self.registry.instances.values() if s.spec.placed and s.healthy]
         if not targets:
             raise FailedPrecondition("no healthy Ollama instance to pull onto")
         progress: asyncio.Queue[pool_pb2.PullModelResponse | None] = asyncio.Queue()

@@ -360,6 +360,11 @@ class InstanceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _preload_is_allowed(self) -> Self:
+        if self.preload and not self.placed:
+            raise ValueError(
+                "preload: the Pool loads models on Ollama instances of the fleet's own only; "
+                f"this one ({'external' if self.external else self.kind}) loads its own"
+            )
         if len(set(self.preload)) != len(self.preload):
             raise ValueError("preload: lists a model twice")
         outside = [m for m in self.preload if self.allowed_models and m not in self.allowed_models]
@@ -375,6 +380,13 @@ class InstanceSpec(BaseModel):
         """The generations its slots let run at once: ``parallel`` for one model, times
         ``max_loaded_models`` when that bounds the models loaded together."""
         return self.parallel * max(1, self.max_loaded_models)
+
+    @property
+    def placed(self) -> bool:
+        """The Pool loads and unloads its models (by demand and memory: placer.py): an
+        Ollama of the fleet's own. An OpenAI-compatible server loads its own, and the
+        external provider serves only the requests handed to it."""
+        return self.kind == KIND_OLLAMA and not self.external
 
     @property
     def local(self) -> bool:

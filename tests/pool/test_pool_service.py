@@ -390,6 +390,64 @@ async def test_admin_registers_drains_and_weights_instances(make_pool: Any) -> N
         assert weighted.instance.config.weight == 5
 
 
+async def test_models_are_loaded_by_hand_only_where_the_pool_loads_them(make_pool: Any) -> None:
+    """LoadModel and UnloadModel act on an Ollama; an OpenAI-compatible server loads its own
+    models, so there they are refused (they did nothing and answered OK). A preload there
+    is refused at registration, naming the field."""
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        served = pool_pb2.InstanceConfig(
+            id="vllm", base_url=f"{fleet.urls[0]}/v1", kind=pool_pb2.INSTANCE_KIND_OPENAI
+        )
+        await pool.admin.RegisterInstance(
+            pool_pb2.RegisterInstanceRequest(config=served), metadata=ROOT
+        )
+        loaded = await pool.admin.LoadModel(
+            pool_pb2.LoadModelRequest(id="ollama-0", model=MODEL), metadata=ROOT
+        )
+        assert MODEL in [m.name for m in loaded.instance.loaded]
+        for call in (
+            pool.admin.LoadModel(pool_pb2.LoadModelRequest(id="vllm", model=MODEL), metadata=ROOT),
+            pool.admin.UnloadModel(
+                pool_pb2.UnloadModelRequest(id="vllm", model=MODEL), metadata=ROOT
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "OpenAI-compatible" in (info.value.details() or "")
+        served.id, served.preload[:] = "vllm-2", [MODEL]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.admin.RegisterInstance(
+                pool_pb2.RegisterInstanceRequest(config=served), metadata=ROOT
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "preload" in (info.value.details() or "")
+
+
+async def test_a_stored_registration_the_rules_now_refuse_leaves_the_others_be(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    """A registration accepted before a rule tightened (here an OpenAI-compatible server
+    with a preload) is logged and passed over; the other registrations are picked up."""
+    async with (
+        EmulatorFleet([fast_emulator_config(), fast_emulator_config()]) as fleet,
+        make_pool(fleet.urls[:1]) as pool,
+    ):
+        old = pool_pb2.InstanceConfig(
+            id="old", base_url=f"{fleet.urls[1]}/v1", kind=pool_pb2.INSTANCE_KIND_OPENAI
+        )
+        old.preload.append(MODEL)
+        late = pool_pb2.InstanceConfig(
+            id="late", base_url=fleet.urls[1], kind=pool_pb2.INSTANCE_KIND_OLLAMA
+        )
+        await redis_client.hset(
+            keys.POOL_INSTANCES,
+            mapping={"old": old.SerializeToString(), "late": late.SerializeToString()},
+        )
+        await pool.app.registry.sync_shared()
+        assert sorted(pool.app.registry.instances) == ["late", "ollama-0"]
+
+
 def test_bad_instance_config_is_a_clear_error_at_start() -> None:
     env = {
         **os.environ,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -198,8 +199,15 @@ def test_instance_spec_defaults_and_roles() -> None:
     assert not embedder.serves_role("chat")
 
 
+def _spec(**values: Any) -> InstanceSpec:
+    """A spec of these values, its preload dropped where the Pool does not place models."""
+    if values["kind"] != "ollama" or values["external"]:
+        values["preload"] = ()
+    return InstanceSpec(**values)
+
+
 specs = st.builds(
-    InstanceSpec,
+    _spec,
     id=st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True),
     base_url=st.sampled_from(
         ["http://10.0.0.5:11434", "https://api.openai.com", "http://localhost:8000/v1"]
@@ -441,9 +449,9 @@ def test_ollama_host_bad_scheme() -> None:
 def test_usher_instances_syntax() -> None:
     specs = parse_instances(
         "gpu1=http://10.0.0.5:11434,gpu2=http://h2:11434;kind=openai;weight=2,"
-        " 10.0.0.9 ; memory=16GiB ; max_loaded=2 ; parallel=3 ; roles=chat ,"
+        " 10.0.0.9 ; memory=16GiB ; max_loaded=2 ; parallel=3 ; roles=chat ; preload=llama3.2,"
         "emb=localhost:9000;kind=openai;allowed=nomic-embed-text+bge-m3;roles=embedding;"
-        "preload=bge-m3;external=false;api_key_env=USHER_UPSTREAM_KEY_EMB",
+        "external=false;api_key_env=USHER_UPSTREAM_KEY_EMB",
         total_memory_bytes=BIG,
     )
     gpu1, gpu2, anon, emb = specs
@@ -456,11 +464,10 @@ def test_usher_instances_syntax() -> None:
     assert (gpu2.kind, gpu2.weight, gpu2.parallel) == ("openai", 2.0, 1)
     assert (anon.id, anon.base_url) == ("10.0.0.9:11434", "http://10.0.0.9:11434")
     assert (anon.memory_budget_bytes, anon.max_loaded_models, anon.parallel) == (16 * GIB, 2, 3)
-    assert anon.roles == frozenset({"chat"})
+    assert anon.roles == frozenset({"chat"}) and anon.preload == ("llama3.2",)
     assert emb.base_url == "http://localhost:9000"
     assert emb.parallel == 4  # local, auto
     assert emb.allowed_models == frozenset({"nomic-embed-text", "bge-m3"})
-    assert emb.preload == ("bge-m3",)
     assert emb.api_key_env == "USHER_UPSTREAM_KEY_EMB"
 
 
@@ -468,6 +475,8 @@ def test_usher_instances_syntax() -> None:
     ("spec", "field"),
     [
         ("a=ftp://x", "base_url"),
+        ("a=http://h:8000;kind=openai;preload=m", "preload"),
+        ("a=http://h:11434;external=true;preload=m", "preload"),
         ("a=h;weight=0", "weight"),
         ("a=h;weight=heavy", "weight"),
         ("a=h;kind=foo", "kind"),
