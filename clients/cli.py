@@ -75,6 +75,11 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def parse_keep_alive(text: str) -> float:
+    """A duration, or "forever" (-1: until unloaded by hand)."""
+    return -1.0 if text.strip().lower() == "forever" else parse_duration(text)
+
+
 def exit_code_for(error: UsherError) -> int:
     if isinstance(error, InvalidArgument):
         return EXIT_BAD_INPUT
@@ -833,7 +838,11 @@ def build_parser() -> argparse.ArgumentParser:
     load = action("load", "load a model on an instance")
     load.add_argument("id")
     load.add_argument("model")
-    load.add_argument("--keep-alive", type=parse_duration)
+    load.add_argument(
+        "--keep-alive",
+        type=parse_keep_alive,
+        help="keep it loaded at least this long (e.g. 8h), or forever (until unload)",
+    )
     unload = action("unload", "unload a model from an instance")
     unload.add_argument("id")
     unload.add_argument("model")

@@ -23,6 +23,7 @@ __all__ = [
     "POOL_CATALOGUE",
     "POOL_DRAINING",
     "POOL_EXTERNAL",
+    "POOL_HELD",
     "POOL_INSTANCES",
     "POOL_PLACEMENT_LOCK",
     "POOL_WEIGHTS",
@@ -258,6 +259,9 @@ POOL_INSTANCES = f"{PREFIX}:pool:instances"
 POOL_DRAINING = f"{PREFIX}:pool:draining"
 #: HASH instance id → weight set at runtime (overrides the configured one).
 POOL_WEIGHTS = f"{PREFIX}:pool:weights"
+#: HASH "<instance id>/<model>" → until when (epoch ms; -1: until unloaded by hand) a model
+#: loaded with LoadModel's keep_alive stays loaded there, like a preload.
+POOL_HELD = f"{PREFIX}:pool:held"
 #: HASH model → slots the healthy fleet offers for it now (written by the Pool's health
 #: pass, read by the Scheduler for ETAs and by the Notifier for badges).
 POOL_CAPACITY = f"{PREFIX}:pool:capacity"

@@ -86,7 +86,7 @@ async def place_once(registry: Registry, slots: SlotStore) -> list[Action]:
                     await target.upstream.load(
                         action.model,
                         keep_alive_seconds=registry.settings.keep_alive_for(
-                            target.spec, action.model
+                            target.spec, action.model, target.held_for(action.model, time.time())
                         ),
                     )
                     target.last_used[action.model] = time.time()

@@ -66,10 +66,18 @@ class InstanceState:
     error_rate: float = 0.0
     weight: float = 1.0
     draining: bool = False
+    #: model → until when (epoch seconds; -1: for ever) it stays loaded, from LoadModel's
+    #: keep_alive (keys.POOL_HELD).
+    held: dict[str, float] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    def held_for(self, model: str, now: float) -> float:
+        """How much longer ``model`` is held loaded here (-1: for ever; 0: not held)."""
+        until = self.held.get(model, 0.0)
+        return -1.0 if until < 0 else max(0.0, until - now)
 
     def model_circuit(self, model: str, make: Callable[[], CircuitBreaker]) -> CircuitBreaker:
         if model not in self.model_circuits:
@@ -108,7 +116,8 @@ class InstanceState:
             ),
             available_models=frozenset(self.available),
             allowed_models=self.spec.allowed_models,
-            preload=frozenset(self.spec.preload),
+            # A model held (LoadModel's keep_alive) is kept loaded as a preload is, until then.
+            preload=frozenset(self.spec.preload) | {m for m in self.held if self.held_for(m, now)},
             external=self.spec.external,
         )
 
@@ -168,6 +177,19 @@ class Registry:
             await self.redis.srem(keys.POOL_DRAINING, instance_id)
         self.instances[instance_id].draining = draining
 
+    async def hold(self, instance_id: str, model: str, keep_alive_seconds: float) -> None:
+        """Keep ``model`` loaded on the instance this long (< 0: until unloaded by hand), for
+        every replica; 0 lets it go."""
+        field_name = f"{instance_id}/{model}"
+        held = self.instances[instance_id].held
+        if keep_alive_seconds == 0:
+            await self.redis.hdel(keys.POOL_HELD, field_name)
+            held.pop(model, None)
+            return
+        until = -1.0 if keep_alive_seconds < 0 else time.time() + keep_alive_seconds
+        await self.redis.hset(keys.POOL_HELD, field_name, round(until * 1000) if until > 0 else -1)
+        held[model] = until
+
     async def set_weight(self, instance_id: str, weight: float) -> None:
         await self.redis.hset(keys.POOL_WEIGHTS, instance_id, repr(weight))
         self.instances[instance_id].weight = weight
@@ -178,8 +200,9 @@ class Registry:
             pipe.hgetall(keys.POOL_INSTANCES)
             pipe.smembers(keys.POOL_DRAINING)
             pipe.hgetall(keys.POOL_WEIGHTS)
-            registered, draining, weights = cast(
-                tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes]],
+            pipe.hgetall(keys.POOL_HELD)
+            registered, draining, weights, held = cast(
+                tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes], dict[bytes, bytes]],
                 tuple(await pipe.execute()),
             )
         runtime: dict[str, InstanceSpec | None] = {
@@ -195,9 +218,11 @@ class Registry:
                 await self._drop(instance_id)
         drained = {d.decode() for d in draining}
         overrides = {k.decode(): float(v) for k, v in weights.items()}
+        holds = _holds(held)
         for state in self.instances.values():
             state.draining = state.id in drained
             state.weight = overrides.get(state.id, state.spec.weight)
+            state.held = holds.get(state.id, {})
 
     async def check(self, state: InstanceState) -> None:
         """One health check: liveness, models offered, models loaded."""
@@ -440,3 +465,13 @@ def _stored_spec(instance_id: str, stored: bytes) -> InstanceSpec | None:
     except ConfigError as error:
         log.error("stored registration refused", instance=instance_id, error=str(error))
         return None
+
+
+def _holds(stored: Mapping[bytes, bytes]) -> dict[str, dict[str, float]]:
+    """keys.POOL_HELD as instance → model → until (epoch seconds; -1: for ever)."""
+    holds: dict[str, dict[str, float]] = {}
+    for name, until_ms in stored.items():
+        instance_id, _, model = name.decode().partition("/")
+        until = float(until_ms)
+        holds.setdefault(instance_id, {})[model] = until if until < 0 else until / 1000
+    return holds

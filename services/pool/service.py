@@ -853,7 +853,9 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                 contextlib.aclosing(
                     state.upstream.generate(
                         upstream_request,
-                        keep_alive_seconds=self.settings.keep_alive_for(state.spec, model),
+                        keep_alive_seconds=self.settings.keep_alive_for(
+                            state.spec, model, state.held_for(model, time.time())
+                        ),
                         traceparent=request.traceparent,
                         whole=not request.stream,
                     )
@@ -1033,17 +1035,20 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
     ) -> pool_pb2.LoadModelResponse:
         self.admin(context)
         state = self.loads_its_models(request.id)
-        keep_alive = (
-            request.keep_alive.ToMilliseconds() / 1000
-            if request.HasField("keep_alive")
-            else self.registry.settings.keep_alive_for(state.spec, request.model)
-        )
+        # Held this long (< 0: until UnloadModel): placement keeps it loaded as a preload,
+        # and every call to it asks the server to keep it at least that long.
+        held_for = request.keep_alive.ToMilliseconds() / 1000
+        if request.HasField("keep_alive") and held_for == 0:
+            raise InvalidArgument([FieldViolation("keep_alive", "must not be 0 (UnloadModel)")])
+        keep_alive = self.registry.settings.keep_alive_for(state.spec, request.model, held_for)
         try:
             await state.upstream.load(request.model, keep_alive_seconds=keep_alive)
         except UpstreamError as error:
             raise Unavailable(
                 f"{state.id} could not load {request.model}: {public_error(error, state)}"
             ) from None
+        if held_for:
+            await self.registry.hold(state.id, request.model, held_for)
         await self.registry.check(state)
         return pool_pb2.LoadModelResponse(instance=status_of(state))
 
@@ -1052,6 +1057,7 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
     ) -> pool_pb2.UnloadModelResponse:
         self.admin(context)
         state = self.loads_its_models(request.id)
+        await self.registry.hold(state.id, request.model, 0)  # let go: unloaded by hand
         try:
             await state.upstream.unload(request.model)
         except UpstreamError as error:

@@ -625,15 +625,16 @@ class PoolSettings(ServiceSettings):
         limit = spec.request_timeout_seconds or self.request_timeout_seconds
         return min(limit, requested_seconds) if requested_seconds > 0 else limit
 
-    def keep_alive_for(self, spec: InstanceSpec, model: str) -> float:
+    def keep_alive_for(self, spec: InstanceSpec, model: str, held_for: float = 0.0) -> float:
         """The ``keep_alive`` sent with every call to (and load of) ``model`` on ``spec``, so
         the model server never unloads before Usher does: a preload stays for ever (-1), as
         does everything when idle unloads are off; other models outlive Usher's own idle
         unload by two placement passes (Ollama's timer is only a safety net for when no
-        Pool is running)."""
-        if model in spec.preload or self.idle_unload_seconds <= 0:
+        Pool is running), and a model an operator holds loaded (``held_for`` seconds more,
+        -1: for ever; LoadModel's keep_alive) at least as long as that."""
+        if model in spec.preload or self.idle_unload_seconds <= 0 or held_for < 0:
             return -1.0
-        return self.idle_unload_seconds + 2 * self.placement_interval_seconds
+        return max(held_for, self.idle_unload_seconds + 2 * self.placement_interval_seconds)
 
     def fallback_chain(self, model: str) -> tuple[str, ...]:
         """Models to try after ``model``, in order, following fallbacks of fallbacks."""

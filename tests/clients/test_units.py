@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from rich.console import Console
 
 from clients.aio import AsyncUsherClient, _already_seen, build_submit_request
-from clients.cli import exit_code_for, parse_duration
+from clients.cli import exit_code_for, parse_duration, parse_keep_alive
 from clients.dashboard import render_dashboard
 from clients.errors import (
     InvalidArgument,
@@ -253,6 +253,8 @@ def test_durations() -> None:
     assert parse_duration("12") == 12
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration("soon")
+    assert parse_keep_alive("8h") == 28_800
+    assert parse_keep_alive("Forever") == -1  # until unloaded by hand
 
 
 def test_the_dashboard_draws_badges_instances_and_stats() -> None:

@@ -424,6 +424,38 @@ async def test_models_are_loaded_by_hand_only_where_the_pool_loads_them(make_poo
         assert "preload" in (info.value.details() or "")
 
 
+async def test_a_model_loaded_by_hand_stays_loaded_for_its_keep_alive(
+    make_pool: Any, redis_client: aioredis.Redis
+) -> None:
+    """LoadModel's keep_alive holds the model loaded at least that long, on every replica:
+    placement keeps it as a preload, and a call to it asks the server for no less (Usher's
+    own keep_alive replaced it before). UnloadModel lets it go; a keep_alive of 0 is refused."""
+    ten_days = 10 * 86_400
+    async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
+        load = pool_pb2.LoadModelRequest(id="ollama-0", model=MODEL)
+        load.keep_alive.FromSeconds(ten_days)
+        await pool.admin.LoadModel(load, metadata=ROOT)
+        assert await redis_client.hget(keys.POOL_HELD, f"ollama-0/{MODEL}") is not None
+        await pool.app.registry.sync_shared()  # as another replica reads it
+        instance = pool.app.registry.instances["ollama-0"]
+        assert MODEL in instance.view().preload
+        await run(pool)
+        await pool.app.registry.check(instance)
+        expires = instance.loaded[MODEL].expires_at
+        assert expires is not None and expires.timestamp() > time.time() + ten_days - 60
+
+        await pool.admin.UnloadModel(
+            pool_pb2.UnloadModelRequest(id="ollama-0", model=MODEL), metadata=ROOT
+        )
+        assert await redis_client.hget(keys.POOL_HELD, f"ollama-0/{MODEL}") is None
+        assert MODEL not in instance.view().preload
+        load.keep_alive.FromSeconds(0)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.admin.LoadModel(load, metadata=ROOT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "keep_alive" in (info.value.details() or "")
+
+
 async def test_a_stored_registration_the_rules_now_refuse_leaves_the_others_be(
     make_pool: Any, redis_client: aioredis.Redis
 ) -> None:

@@ -554,3 +554,14 @@ def test_settings_validate_on_construction() -> None:
         PoolSettings(unhealthy_after_failures=0)
     assert PoolSettings().instance("ollama") is not None
     assert PoolSettings().instance("nope") is None
+
+
+def test_keep_alive_outlives_usher_s_unload_and_an_operator_s_hold() -> None:
+    settings = PoolSettings(idle_unload_seconds=600, placement_interval_seconds=5)
+    spec = InstanceSpec(id="a", preload=("phi3",))
+    assert settings.keep_alive_for(spec, "llama3.2") == 610
+    assert settings.keep_alive_for(spec, "llama3.2", held_for=86_400) == 86_400
+    assert settings.keep_alive_for(spec, "llama3.2", held_for=30) == 610  # at least
+    assert settings.keep_alive_for(spec, "llama3.2", held_for=-1) == -1  # until unloaded
+    assert settings.keep_alive_for(spec, "phi3") == -1
+    assert settings.replace(idle_unload_seconds=0).keep_alive_for(spec, "llama3.2") == -1

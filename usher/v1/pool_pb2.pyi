@@ -990,7 +990,9 @@ class LoadModelRequest(_message.Message):
     model: _builtins.str
     @_builtins.property
     def keep_alive(self) -> _duration_pb2.Duration:
-        """How long the server keeps it loaded; its default when unset."""
+        """How long it stays loaded at least (negative: until UnloadModel): Usher's idle unload
+        leaves it, and calls to it keep it loaded that long; the Pool's default when unset.
+        """
 
     def __init__(
         self,
