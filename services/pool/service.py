@@ -20,6 +20,7 @@ from services.pool.circuit import CircuitBreaker, CircuitState, admit_all
 from services.pool.registry import InstanceState, Registry
 from services.pool.settings import (
     KIND_OLLAMA,
+    NOT_PLACED,
     ROLE_CHAT,
     ROLE_EMBEDDING,
     InstanceSpec,
@@ -982,6 +983,11 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         self, request: pool_pb2.RegisterInstanceRequest, context: Context
     ) -> pool_pb2.RegisterInstanceResponse:
         self.admin(context)
+        config = request.config
+        if config.memory_budget_bytes and (
+            config.kind == pool_pb2.INSTANCE_KIND_OPENAI or config.external
+        ):  # from_proto drops it there, for registrations stored before this rule
+            raise InvalidArgument([FieldViolation("config.memory_budget_bytes", NOT_PLACED)])
         try:
             spec = InstanceSpec.from_proto(request.config)
         except ConfigError as error:

@@ -92,6 +92,7 @@ __all__ = [
     "KINDS",
     "KIND_OLLAMA",
     "KIND_OPENAI",
+    "NOT_PLACED",
     "OLLAMA_DEFAULT_PORT",
     "ROLES",
     "ROLE_CHAT",
@@ -108,6 +109,11 @@ __all__ = [
 ]
 
 GIB = 1 << 30
+#: Why a key only placement reads is refused on an instance it does not place on.
+NOT_PLACED = (
+    "the Pool places models on Ollama instances of the fleet's own only (not an "
+    "OpenAI-compatible server, which loads its own, nor the external provider)"
+)
 Kind = Literal["ollama", "openai"]
 KIND_OLLAMA: Kind = "ollama"
 KIND_OPENAI: Kind = "openai"
@@ -317,13 +323,17 @@ class InstanceSpec(BaseModel):
         if not isinstance(raw, Mapping):
             return raw
         values = {_KEY_ALIASES.get(k, k): v for k, v in ((_key(k), v) for k, v in raw.items())}
+        placed = _placed_entry(values)
+        if not placed and _nonzero_memory(values.get("memory_budget_bytes", 0)):
+            raise ValueError(f"memory_budget: {NOT_PLACED}")
         if values.get("parallel", "") != "auto" and "memory_budget_bytes" in values:
             return values
         context = _CONTEXT.get() or InstanceContext()
         local = _local_entry(values)
         if isinstance(values.get("parallel"), str) and values["parallel"].lower() == "auto":
             values["parallel"] = auto_parallel(context.total_memory()) if local else 1
-        values.setdefault("memory_budget_bytes", context.default_memory_budget if local else 0)
+        budget = context.default_memory_budget if local and placed else 0
+        values.setdefault("memory_budget_bytes", budget)
         return values
 
     @field_validator("id")
@@ -361,10 +371,7 @@ class InstanceSpec(BaseModel):
     @model_validator(mode="after")
     def _preload_is_allowed(self) -> Self:
         if self.preload and not self.placed:
-            raise ValueError(
-                "preload: the Pool loads models on Ollama instances of the fleet's own only; "
-                f"this one ({'external' if self.external else self.kind}) loads its own"
-            )
+            raise ValueError(f"preload: {NOT_PLACED}")
         if len(set(self.preload)) != len(self.preload):
             raise ValueError("preload: lists a model twice")
         outside = [m for m in self.preload if self.allowed_models and m not in self.allowed_models]
@@ -437,7 +444,11 @@ class InstanceSpec(BaseModel):
                 weight=config.weight or 1.0,
                 roles=frozenset(config.roles),
                 parallel=config.parallel or "auto",
-                memory_budget_bytes=config.memory_budget_bytes,
+                # One stored with a default budget before budgets were the placed ones' alone
+                # loads still (a RegisterInstance that sets one there is refused first).
+                memory_budget_bytes=config.memory_budget_bytes
+                if config.kind != pool_pb2.INSTANCE_KIND_OPENAI and not config.external
+                else 0,
                 max_loaded_models=config.max_loaded_models,
                 preload=tuple(config.preload),
                 allowed_models=frozenset(config.allowed_models),
@@ -468,6 +479,23 @@ def _local_entry(values: Mapping[str, object]) -> bool:
     except (ValueError, ValidationError):
         return False  # the field's own validator names the problem
     return is_local_url(url) and not external
+
+
+def _nonzero_memory(value: object) -> bool:
+    try:
+        return parse_memory(value) != 0
+    except (TypeError, ValueError):
+        return False  # the field's own validator names the problem
+
+
+def _placed_entry(values: Mapping[str, object]) -> bool:
+    """A raw entry is one the Pool places models on (``InstanceSpec.placed``); a bad kind
+    or flag is left to its field's own validator."""
+    try:
+        external = TypeAdapter(bool).validate_python(values.get("external", False))
+    except ValidationError:
+        return True
+    return lowercase(values.get("kind", KIND_OLLAMA)) == KIND_OLLAMA and not external
 
 
 def _instance_error(values: Mapping[str, object], exc: ValidationError) -> str:

@@ -392,8 +392,8 @@ async def test_admin_registers_drains_and_weights_instances(make_pool: Any) -> N
 
 async def test_models_are_loaded_by_hand_only_where_the_pool_loads_them(make_pool: Any) -> None:
     """LoadModel and UnloadModel act on an Ollama; an OpenAI-compatible server loads its own
-    models, so there they are refused (they did nothing and answered OK). A preload there
-    is refused at registration, naming the field."""
+    models, so there they are refused (they did nothing and answered OK). A preload or a
+    memory budget there is refused at registration, naming the field."""
     async with EmulatorFleet([fast_emulator_config()]) as fleet, make_pool(fleet.urls) as pool:
         served = pool_pb2.InstanceConfig(
             id="vllm", base_url=f"{fleet.urls[0]}/v1", kind=pool_pb2.INSTANCE_KIND_OPENAI
@@ -415,13 +415,19 @@ async def test_models_are_loaded_by_hand_only_where_the_pool_loads_them(make_poo
                 await call
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "OpenAI-compatible" in (info.value.details() or "")
-        served.id, served.preload[:] = "vllm-2", [MODEL]
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await pool.admin.RegisterInstance(
-                pool_pb2.RegisterInstanceRequest(config=served), metadata=ROOT
-            )
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "preload" in (info.value.details() or "")
+        with_preload, with_budget = pool_pb2.InstanceConfig(), pool_pb2.InstanceConfig()
+        for refused in (with_preload, with_budget):
+            refused.CopyFrom(served)
+            refused.id = "vllm-2"
+        with_preload.preload.append(MODEL)
+        with_budget.memory_budget_bytes = 2**33
+        for refused, field in ((with_preload, "preload"), (with_budget, "memory_budget")):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pool.admin.RegisterInstance(
+                    pool_pb2.RegisterInstanceRequest(config=refused), metadata=ROOT
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in (info.value.details() or "")
 
 
 async def test_a_model_loaded_by_hand_stays_loaded_for_its_keep_alive(

@@ -200,9 +200,10 @@ def test_instance_spec_defaults_and_roles() -> None:
 
 
 def _spec(**values: Any) -> InstanceSpec:
-    """A spec of these values, its preload dropped where the Pool does not place models."""
+    """A spec of these values, its preload and budget dropped where the Pool does not place
+    models."""
     if values["kind"] != "ollama" or values["external"]:
-        values["preload"] = ()
+        values["preload"], values["memory_budget_bytes"] = (), 0
     return InstanceSpec(**values)
 
 
@@ -477,6 +478,7 @@ def test_usher_instances_syntax() -> None:
         ("a=ftp://x", "base_url"),
         ("a=http://h:8000;kind=openai;preload=m", "preload"),
         ("a=http://h:11434;external=true;preload=m", "preload"),
+        ("a=http://h:8000;kind=openai;memory=8GiB", "memory_budget"),
         ("a=h;weight=0", "weight"),
         ("a=h;weight=heavy", "weight"),
         ("a=h;kind=foo", "kind"),
@@ -565,3 +567,13 @@ def test_keep_alive_outlives_usher_s_unload_and_an_operator_s_hold() -> None:
     assert settings.keep_alive_for(spec, "llama3.2", held_for=-1) == -1  # until unloaded
     assert settings.keep_alive_for(spec, "phi3") == -1
     assert settings.replace(idle_unload_seconds=0).keep_alive_for(spec, "llama3.2") == -1
+
+
+def test_a_budget_stored_on_a_server_the_pool_does_not_place_on_is_dropped() -> None:
+    """Registrations stored before budgets were the placed instances' alone (a local
+    OpenAI-compatible server got the default one) still load, without it."""
+    stored = pool_pb2.InstanceConfig(
+        id="vllm", base_url="http://localhost:8000", kind=pool_pb2.INSTANCE_KIND_OPENAI
+    )
+    stored.memory_budget_bytes = 8 * GIB
+    assert InstanceSpec.from_proto(stored).memory_budget_bytes == 0
