@@ -983,15 +983,13 @@ class PoolAdminServicer(pool_pb2_grpc.PoolAdminServiceServicer):
         self, request: pool_pb2.RegisterInstanceRequest, context: Context
     ) -> pool_pb2.RegisterInstanceResponse:
         self.admin(context)
-        config = request.config
-        if config.memory_budget_bytes and (
-            config.kind == pool_pb2.INSTANCE_KIND_OPENAI or config.external
-        ):  # from_proto drops it there, for registrations stored before this rule
-            raise InvalidArgument([FieldViolation("config.memory_budget_bytes", NOT_PLACED)])
         try:
             spec = InstanceSpec.from_proto(request.config)
         except ConfigError as error:
             raise InvalidArgument([FieldViolation("config", str(error))]) from None
+        if request.config.memory_budget_bytes and not spec.placed:
+            # from_proto drops it there, for registrations stored before this rule.
+            raise InvalidArgument([FieldViolation("config.memory_budget_bytes", NOT_PLACED)])
         state = await self.registry.register(spec)
         return pool_pb2.RegisterInstanceResponse(instance=status_of(state))
 

@@ -393,7 +393,7 @@ class InstanceSpec(BaseModel):
         """The Pool loads and unloads its models (by demand and memory: placer.py): an
         Ollama of the fleet's own. An OpenAI-compatible server loads its own, and the
         external provider serves only the requests handed to it."""
-        return self.kind == KIND_OLLAMA and not self.external
+        return _placed(self.kind, self.external)
 
     @property
     def local(self) -> bool:
@@ -434,20 +434,21 @@ class InstanceSpec(BaseModel):
         kinds = {v: k for k, v in _KIND_TO_PROTO.items()}
         if config.kind != pool_pb2.INSTANCE_KIND_UNSPECIFIED and config.kind not in kinds:
             raise ConfigError(f"instance {config.id!r}: kind: unknown kind {config.kind}")
+        kind = kinds.get(config.kind, KIND_OLLAMA)
         if config.parallel < 0:
             raise ConfigError(f"instance {config.id!r}: parallel: must be at least 1 or 0 (auto)")
         with resolving(InstanceContext(_memory_reader(total_memory_bytes))):
             return cls(
                 id=config.id,
                 base_url=config.base_url,
-                kind=kinds.get(config.kind, KIND_OLLAMA),
+                kind=kind,
                 weight=config.weight or 1.0,
                 roles=frozenset(config.roles),
                 parallel=config.parallel or "auto",
                 # One stored with a default budget before budgets were the placed ones' alone
                 # loads still (a RegisterInstance that sets one there is refused first).
                 memory_budget_bytes=config.memory_budget_bytes
-                if config.kind != pool_pb2.INSTANCE_KIND_OPENAI and not config.external
+                if _placed(kind, config.external)
                 else 0,
                 max_loaded_models=config.max_loaded_models,
                 preload=tuple(config.preload),
@@ -475,10 +476,9 @@ def _local_entry(values: Mapping[str, object]) -> bool:
         url = normalize_base_url(
             str(values.get("base_url", DEFAULT_OLLAMA_URL)), default_port=_default_port(kind)
         )
-        external = TypeAdapter(bool).validate_python(values.get("external", False))
-    except (ValueError, ValidationError):
+    except ValueError:
         return False  # the field's own validator names the problem
-    return is_local_url(url) and not external
+    return is_local_url(url) and _entry_external(values) is False
 
 
 def _nonzero_memory(value: object) -> bool:
@@ -488,14 +488,22 @@ def _nonzero_memory(value: object) -> bool:
         return False  # the field's own validator names the problem
 
 
+def _placed(kind: object, external: bool) -> bool:
+    return kind == KIND_OLLAMA and not external
+
+
+def _entry_external(values: Mapping[str, object]) -> bool | None:
+    """A raw entry's ``external`` flag; None when it is no flag (its validator says so)."""
+    try:
+        return TypeAdapter(bool).validate_python(values.get("external", False))
+    except ValidationError:
+        return None
+
+
 def _placed_entry(values: Mapping[str, object]) -> bool:
     """A raw entry is one the Pool places models on (``InstanceSpec.placed``); a bad kind
     or flag is left to its field's own validator."""
-    try:
-        external = TypeAdapter(bool).validate_python(values.get("external", False))
-    except ValidationError:
-        return True
-    return lowercase(values.get("kind", KIND_OLLAMA)) == KIND_OLLAMA and not external
+    return _placed(lowercase(values.get("kind", KIND_OLLAMA)), bool(_entry_external(values)))
 
 
 def _instance_error(values: Mapping[str, object], exc: ValidationError) -> str:
